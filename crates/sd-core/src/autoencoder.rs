@@ -1,0 +1,70 @@
+//! The autoencoder contract (the VAE of Stable Diffusion).
+
+use burn::prelude::*;
+
+/// A diagonal Gaussian posterior `N(mean, exp(logvar))` over latents.
+///
+/// Follows diffusers' `DiagonalGaussianDistribution`: `logvar` is clamped to
+/// `[-30, 20]` when built from moments.
+#[derive(Debug, Clone)]
+pub struct DiagonalGaussian {
+    /// Mean `[batch, latent_channels, h, w]`.
+    pub mean: Tensor<4>,
+    /// Log-variance, clamped, same shape as `mean`.
+    pub logvar: Tensor<4>,
+}
+
+impl DiagonalGaussian {
+    /// Splits encoder moments `[batch, 2 * latent_channels, h, w]` into mean and
+    /// clamped log-variance.
+    pub fn from_moments(moments: Tensor<4>) -> Self {
+        let [_, c2, _, _] = moments.dims();
+        let mut parts = moments.split(c2 / 2, 1);
+        let logvar = parts.pop().expect("two halves").clamp(-30.0, 20.0);
+        let mean = parts.pop().expect("two halves");
+        Self { mean, logvar }
+    }
+
+    /// Standard deviation `exp(0.5 * logvar)`.
+    pub fn std(&self) -> Tensor<4> {
+        (self.logvar.clone() * 0.5).exp()
+    }
+
+    /// Draws `mean + std * noise` with caller-supplied standard normal `noise`
+    /// (same shape as `mean`), so the draw is reproducible and replayable.
+    pub fn sample(&self, noise: Tensor<4>) -> Tensor<4> {
+        self.mean.clone() + self.std() * noise
+    }
+
+    /// The mode of the distribution (its mean).
+    pub fn mode(&self) -> Tensor<4> {
+        self.mean.clone()
+    }
+}
+
+/// A variational autoencoder mapping images to latents and back.
+pub trait Autoencoder {
+    /// Encodes images in `[-1, 1]` to the latent posterior (unscaled latents).
+    ///
+    /// # Shapes
+    /// - `image`: `[batch, 3, H, W]`, H and W multiples of [`Self::downscale_factor`]
+    /// - output: mean and logvar `[batch, latent_channels, H / f, W / f]`
+    fn encode(&self, image: Tensor<4>) -> DiagonalGaussian;
+
+    /// Decodes unscaled latents `z` (divide the denoiser's latents by
+    /// [`Self::scaling_factor`] first) to images, roughly in `[-1, 1]`, unclamped.
+    ///
+    /// # Shapes
+    /// - `z`: `[batch, latent_channels, h, w]`
+    /// - output: `[batch, 3, h * f, w * f]`
+    fn decode(&self, z: Tensor<4>) -> Tensor<4>;
+
+    /// The factor latents are multiplied by after encoding (0.18215 for SD 1.x/2.x).
+    fn scaling_factor(&self) -> f64;
+
+    /// Spatial downscaling between images and latents (8 for SD).
+    fn downscale_factor(&self) -> usize;
+
+    /// Number of latent channels (4 for SD).
+    fn latent_channels(&self) -> usize;
+}

@@ -1,0 +1,20 @@
+//! The error type of the pipelines and other code in this crate.
+
+use thiserror::Error;
+
+/// Errors raised by the pipelines and helpers of `sd-core`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// An argument a caller passed cannot be honoured (e.g. a size not divisible by 8).
+    #[error("invalid argument `{name}`: {message}")]
+    InvalidArgument {
+        /// The argument's name.
+        name: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A combination of models or options this crate does not support.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod autoencoder;
+pub mod denoiser;
+pub mod error;
+pub mod text_encoder;
+
+pub use autoencoder::{Autoencoder, DiagonalGaussian};
+pub use denoiser::Denoiser;
+pub use error::CoreError;
+pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput};
+
+/// Re-export of the burn version these traits are written against.
+pub use burn;

@@ -1,0 +1,44 @@
+//! The text-encoder contract (CLIP in Stable Diffusion 1.x/2.x).
+
+use burn::prelude::*;
+
+/// Which hidden layer of the encoder to return as the prompt embedding.
+///
+/// `Skip(n)` follows diffusers' `clip_skip = n`: the output of the layer `n` places
+/// before the last one (`hidden_states[-(n + 1)]`), passed through the final layer norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HiddenLayer {
+    /// The last layer, through the final layer norm: the ordinary prompt embedding.
+    #[default]
+    Last,
+    /// Skip the last `n` layers (A1111 / ComfyUI "CLIP skip" is `n + 1`).
+    Skip(usize),
+}
+
+/// What a text encoder returns.
+#[derive(Debug, Clone)]
+pub struct TextEncoderOutput {
+    /// Prompt embeddings `[batch, seq_len, hidden]` of the requested layer.
+    pub hidden_states: Tensor<3>,
+    /// Pooled output `[batch, hidden]`: the final hidden state at the end-of-text token.
+    pub pooled: Tensor<2>,
+}
+
+/// A text encoder turning token ids into conditioning for the denoiser.
+pub trait TextEncoder {
+    /// Encodes token ids.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq_len]` (seq_len at most [`Self::max_position_embeddings`])
+    /// - output hidden states: `[batch, seq_len, hidden_size]`, pooled `[batch, hidden_size]`
+    fn encode(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput;
+
+    /// Width of the embeddings (768 for CLIP-L, 1024 for OpenCLIP-H).
+    fn hidden_size(&self) -> usize;
+
+    /// Longest token sequence accepted (77 for CLIP).
+    fn max_position_embeddings(&self) -> usize;
+
+    /// Number of transformer layers (the upper bound of [`HiddenLayer::Skip`]).
+    fn num_hidden_layers(&self) -> usize;
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod ldm;
+pub mod loader;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{IoError, WeightsReport};
+pub use loader::{KeyMapping, LoadOptions, load_module};
+pub use model::{ComponentOptions, DiffusersDir, SingleFile};
+pub use tokenizer::ClipTokenizer;
+pub use weights::WeightSource;

@@ -1,0 +1,397 @@
+//! Opening models from disk: diffusers folders and single-file checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use sd_models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
+    UNet2DConditionModel,
+};
+
+use crate::error::IoError;
+use crate::ldm::{self, LdmKeyMap};
+use crate::loader::{KeyMapping, LoadOptions, load_module};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::WeightSource;
+
+/// Options for building a component.
+#[derive(Debug, Clone, Default)]
+pub struct ComponentOptions {
+    /// Float dtype of the parameters (`F32` by default; `F16`/`BF16` halve memory).
+    pub dtype: Option<DType>,
+    /// Weight variant to prefer (`"fp16"` picks `*.fp16.safetensors`).
+    pub variant: Option<String>,
+}
+
+impl ComponentOptions {
+    fn load(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype.unwrap_or(DType::F32),
+        }
+    }
+}
+
+fn read_json_file(path: &Path) -> Result<String, IoError> {
+    if !path.exists() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+            what: "config file".into(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(|e| IoError::io(path, e))
+}
+
+fn config_err(path: &Path) -> impl Fn(sd_models::ConfigError) -> IoError + '_ {
+    move |source| IoError::Config {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads and validates a U-Net `config.json`.
+pub fn read_unet_config(path: &Path) -> Result<UNet2DConditionConfig, IoError> {
+    UNet2DConditionConfig::from_json(&read_json_file(path)?).map_err(config_err(path))
+}
+
+/// Reads and validates a VAE `config.json`.
+pub fn read_vae_config(path: &Path) -> Result<AutoencoderKLConfig, IoError> {
+    AutoencoderKLConfig::from_json(&read_json_file(path)?).map_err(config_err(path))
+}
+
+/// Reads and validates a text-encoder `config.json`.
+pub fn read_text_encoder_config(path: &Path) -> Result<ClipTextConfig, IoError> {
+    ClipTextConfig::from_json(&read_json_file(path)?).map_err(config_err(path))
+}
+
+/// The weight files of a diffusers component folder: `{base}[.{variant}].safetensors`
+/// or its sharded index.
+pub fn component_weights(dir: &Path, base: &str, variant: Option<&str>) -> Result<PathBuf, IoError> {
+    let mut candidates = Vec::new();
+    if let Some(v) = variant {
+        candidates.push(dir.join(format!("{base}.{v}.safetensors")));
+        candidates.push(dir.join(format!("{base}.safetensors.index.{v}.json")));
+    }
+    candidates.push(dir.join(format!("{base}.safetensors")));
+    candidates.push(dir.join(format!("{base}.safetensors.index.json")));
+    if variant.is_none() {
+        candidates.push(dir.join(format!("{base}.fp16.safetensors")));
+        candidates.push(dir.join(format!("{base}.safetensors.index.fp16.json")));
+    }
+    if let Some(found) = candidates.into_iter().find(|p| p.exists()) {
+        return Ok(found);
+    }
+    let bin = dir.join(format!("{base}.bin"));
+    if bin.exists() {
+        return Err(IoError::Unsupported(format!(
+            "{}: only .safetensors weights are read (pickle .bin files can run code); convert it first",
+            bin.display()
+        )));
+    }
+    Err(IoError::NotFound {
+        path: dir.to_path_buf(),
+        what: format!("{base}.safetensors (or a sharded index)"),
+    })
+}
+
+/// A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+/// `tokenizer/`, `scheduler/`), or a folder holding only some components / configs.
+#[derive(Debug, Clone)]
+pub struct DiffusersDir {
+    root: PathBuf,
+}
+
+impl DiffusersDir {
+    /// Opens a folder (it must exist; components are checked when built).
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, IoError> {
+        let root = root.as_ref();
+        if !root.is_dir() {
+            return Err(IoError::NotFound {
+                path: root.to_path_buf(),
+                what: "diffusers model folder".into(),
+            });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether a component folder exists.
+    pub fn has(&self, component: &str) -> bool {
+        self.root.join(component).is_dir()
+    }
+
+    /// `model_index.json`, if present.
+    pub fn model_index(&self) -> Result<Option<serde_json::Value>, IoError> {
+        let p = self.root.join("model_index.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| IoError::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| IoError::Json { path: p, source: e })
+    }
+
+    /// The U-Net config.
+    pub fn unet_config(&self) -> Result<UNet2DConditionConfig, IoError> {
+        read_unet_config(&self.root.join("unet/config.json"))
+    }
+
+    /// The VAE config.
+    pub fn vae_config(&self) -> Result<AutoencoderKLConfig, IoError> {
+        read_vae_config(&self.root.join("vae/config.json"))
+    }
+
+    /// The text-encoder config.
+    pub fn text_encoder_config(&self) -> Result<ClipTextConfig, IoError> {
+        read_text_encoder_config(&self.root.join("text_encoder/config.json"))
+    }
+
+    /// The raw text of `scheduler/scheduler_config.json`.
+    pub fn scheduler_config_text(&self) -> Result<String, IoError> {
+        read_json_file(&self.root.join("scheduler/scheduler_config.json"))
+    }
+
+    /// Path of the U-Net weights.
+    pub fn unet_weights(&self, variant: Option<&str>) -> Result<PathBuf, IoError> {
+        component_weights(&self.root.join("unet"), "diffusion_pytorch_model", variant)
+    }
+
+    /// Path of the VAE weights.
+    pub fn vae_weights(&self, variant: Option<&str>) -> Result<PathBuf, IoError> {
+        component_weights(&self.root.join("vae"), "diffusion_pytorch_model", variant)
+    }
+
+    /// Path of the text-encoder weights.
+    pub fn text_encoder_weights(&self, variant: Option<&str>) -> Result<PathBuf, IoError> {
+        component_weights(&self.root.join("text_encoder"), "model", variant)
+    }
+
+    /// Builds the U-Net and loads its weights.
+    pub fn unet(&self, device: &Device, options: &ComponentOptions) -> Result<UNet2DConditionModel, IoError> {
+        let config = self.unet_config()?;
+        let path = self.unet_weights(options.variant.as_deref())?;
+        let model = UNet2DConditionModel::new(&config, device).map_err(config_err(&path))?;
+        let source = WeightSource::open(&path)?;
+        load_module(model, &source, &KeyMapping::diffusers(), options.load(), "unet")
+    }
+
+    /// Builds the VAE and loads its weights.
+    pub fn vae(&self, device: &Device, options: &ComponentOptions) -> Result<AutoencoderKL, IoError> {
+        let config = self.vae_config()?;
+        let path = self.vae_weights(options.variant.as_deref())?;
+        let model = AutoencoderKL::new(&config, device).map_err(config_err(&path))?;
+        let source = WeightSource::open(&path)?;
+        load_module(model, &source, &KeyMapping::diffusers(), options.load(), "vae")
+    }
+
+    /// Builds the text encoder and loads its weights (keys with or without the
+    /// `text_model.` prefix).
+    pub fn text_encoder(&self, device: &Device, options: &ComponentOptions) -> Result<ClipTextModel, IoError> {
+        let config = self.text_encoder_config()?;
+        let path = self.text_encoder_weights(options.variant.as_deref())?;
+        let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
+        let source = WeightSource::open(&path)?;
+        let prefixed = source.tensors().keys().any(|k| k.starts_with("text_model."));
+        let mapping = if prefixed {
+            KeyMapping::diffusers()
+        } else {
+            KeyMapping {
+                key_of: Box::new(|p: &str| p.strip_prefix("text_model.").unwrap_or(p).to_string()),
+                ..KeyMapping::diffusers()
+            }
+        };
+        load_module(model, &source, &mapping, options.load(), "text_encoder")
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> Result<ClipTokenizer, IoError> {
+        ClipTokenizer::from_dir(self.root.join("tokenizer"))
+    }
+}
+
+/// Configs of the SD 1.5 and SD 2.1-v models, shipped with this crate.
+pub mod builtin_configs {
+    /// SD 1.5 U-Net.
+    pub const SD15_UNET: &str = include_str!("../configs/sd15/unet/config.json");
+    /// SD 1.5 VAE.
+    pub const SD15_VAE: &str = include_str!("../configs/sd15/vae/config.json");
+    /// SD 1.5 text encoder (CLIP ViT-L/14).
+    pub const SD15_TEXT_ENCODER: &str = include_str!("../configs/sd15/text_encoder/config.json");
+    /// SD 1.5 scheduler.
+    pub const SD15_SCHEDULER: &str = include_str!("../configs/sd15/scheduler/scheduler_config.json");
+    /// SD 2.1-v U-Net.
+    pub const SD21_UNET: &str = include_str!("../configs/sd21/unet/config.json");
+    /// SD 2.1 VAE.
+    pub const SD21_VAE: &str = include_str!("../configs/sd21/vae/config.json");
+    /// SD 2.1 text encoder (OpenCLIP ViT-H/14).
+    pub const SD21_TEXT_ENCODER: &str = include_str!("../configs/sd21/text_encoder/config.json");
+    /// SD 2.1-v scheduler.
+    pub const SD21_SCHEDULER: &str = include_str!("../configs/sd21/scheduler/scheduler_config.json");
+}
+
+/// A single-file original (CompVis / LDM) checkpoint: `.safetensors` with
+/// `model.diffusion_model.*`, `first_stage_model.*` and
+/// `cond_stage_model.transformer.*` keys.
+#[derive(Debug)]
+pub struct SingleFile {
+    path: PathBuf,
+    source: WeightSource,
+    unet: UNet2DConditionConfig,
+    vae: AutoencoderKLConfig,
+    text_encoder: ClipTextConfig,
+}
+
+impl SingleFile {
+    /// Opens a checkpoint, taking the architecture from a diffusers folder's configs
+    /// (as diffusers' `from_single_file(..., config=DIR)`).
+    pub fn open_with_configs(path: impl AsRef<Path>, config_dir: impl AsRef<Path>) -> Result<Self, IoError> {
+        let dir = DiffusersDir::open(config_dir)?;
+        Self::with_configs(path.as_ref(), dir.unet_config()?, dir.vae_config()?, dir.text_encoder_config()?)
+    }
+
+    /// Opens a checkpoint, recognising SD 1.x or SD 2.x from its tensors and using the
+    /// built-in SD 1.5 / 2.1 configs.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
+        let path = path.as_ref();
+        let source = open_checkpoint(path)?;
+        use builtin_configs::*;
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("built-in config");
+        let is_sd2 = source
+            .get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+            .is_some_and(|t| t.shape.get(1) == Some(&1024));
+        let (u, v, t) = if is_sd2 {
+            (SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER)
+        } else {
+            (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER)
+        };
+        let _ = parse;
+        let unet = UNet2DConditionConfig::from_json(u).expect("built-in config");
+        let vae = AutoencoderKLConfig::from_json(v).expect("built-in config");
+        let text = ClipTextConfig::from_json(t).expect("built-in config");
+        Ok(Self {
+            path: path.to_path_buf(),
+            source,
+            unet,
+            vae,
+            text_encoder: text,
+        })
+    }
+
+    fn with_configs(
+        path: &Path,
+        unet: UNet2DConditionConfig,
+        vae: AutoencoderKLConfig,
+        text_encoder: ClipTextConfig,
+    ) -> Result<Self, IoError> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            source: open_checkpoint(path)?,
+            unet,
+            vae,
+            text_encoder,
+        })
+    }
+
+    /// The checkpoint's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensors.
+    pub fn source(&self) -> &WeightSource {
+        &self.source
+    }
+
+    /// The U-Net config in use.
+    pub fn unet_config(&self) -> &UNet2DConditionConfig {
+        &self.unet
+    }
+
+    /// The VAE config in use.
+    pub fn vae_config(&self) -> &AutoencoderKLConfig {
+        &self.vae
+    }
+
+    /// The text-encoder config in use.
+    pub fn text_encoder_config(&self) -> &ClipTextConfig {
+        &self.text_encoder
+    }
+
+    /// Builds the U-Net and loads `model.diffusion_model.*`.
+    pub fn unet(&self, device: &Device, options: &ComponentOptions) -> Result<UNet2DConditionModel, IoError> {
+        let model = UNet2DConditionModel::new(&self.unet, device).map_err(config_err(&self.path))?;
+        let map = LdmKeyMap::unet(&self.unet);
+        let mapping = KeyMapping {
+            key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
+            prefix: ldm::UNET_PREFIX.into(),
+            ignorable: Box::new(|_| false),
+        };
+        load_module(model, &self.source, &mapping, options.load(), "unet")
+    }
+
+    /// Builds the VAE and loads `first_stage_model.*` (mid-block attention 1x1 convs
+    /// become linear layers).
+    pub fn vae(&self, device: &Device, options: &ComponentOptions) -> Result<AutoencoderKL, IoError> {
+        let model = AutoencoderKL::new(&self.vae, device).map_err(config_err(&self.path))?;
+        let map = LdmKeyMap::vae(&self.vae);
+        let mapping = KeyMapping {
+            key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
+            prefix: ldm::VAE_PREFIX.into(),
+            ignorable: Box::new(|_| false),
+        };
+        load_module(model, &self.source, &mapping, options.load(), "vae")
+    }
+
+    /// Builds the CLIP text encoder and loads `cond_stage_model.transformer.*`.
+    pub fn text_encoder(&self, device: &Device, options: &ComponentOptions) -> Result<ClipTextModel, IoError> {
+        if self.source.tensors().keys().any(|k| k.starts_with(ldm::OPEN_CLIP_PREFIX)) {
+            return Err(IoError::Unsupported(format!(
+                "{}: the OpenCLIP text encoder of SD 2.x single files (`{}*`) is not read yet; \
+                 use the diffusers folder's text_encoder/",
+                self.path.display(),
+                ldm::OPEN_CLIP_PREFIX
+            )));
+        }
+        let model = ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
+        let prefixed = self
+            .source
+            .tensors()
+            .keys()
+            .any(|k| k.starts_with("cond_stage_model.transformer.text_model."));
+        let mapping = KeyMapping {
+            key_of: Box::new(move |p: &str| {
+                if prefixed {
+                    format!("{}{p}", ldm::TEXT_ENCODER_PREFIX)
+                } else {
+                    format!("{}{}", ldm::TEXT_ENCODER_PREFIX, p.strip_prefix("text_model.").unwrap_or(p))
+                }
+            }),
+            prefix: ldm::TEXT_ENCODER_PREFIX.into(),
+            ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
+        };
+        load_module(model, &self.source, &mapping, options.load(), "text_encoder")
+    }
+}
+
+fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".ckpt") || name.ends_with(".pt") || name.ends_with(".bin") {
+        return Err(IoError::Unsupported(format!(
+            "{name}: only .safetensors checkpoints are read (pickle files can run code); convert it first"
+        )));
+    }
+    if !path.is_file() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+            what: "single-file checkpoint".into(),
+        });
+    }
+    WeightSource::open(path)
+}

@@ -1,0 +1,257 @@
+//! Memory-mapped safetensors files (single or sharded) and conversion of their
+//! tensors to the model's float type.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::IoError;
+
+/// Dtype and shape of one stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    /// The on-disk dtype.
+    pub dtype: Dtype,
+    /// The shape.
+    pub shape: Vec<usize>,
+    file: usize,
+    start: usize,
+    end: usize,
+}
+
+impl StoredTensor {
+    /// Whether the tensor holds floats this crate converts (f16, bf16, f32, f64).
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+}
+
+/// One or more safetensors files seen as one set of named tensors, memory-mapped:
+/// reading a tensor converts it straight from the mapping, so the file is never
+/// copied into RAM as a whole.
+pub struct WeightSource {
+    files: Vec<MappedFile>,
+    tensors: BTreeMap<String, StoredTensor>,
+}
+
+impl std::fmt::Debug for WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightSource")
+            .field("files", &self.files.iter().map(|f| &f.path).collect::<Vec<_>>())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+fn map_file(path: &Path) -> Result<(Mmap, safetensors::tensor::Metadata, usize), IoError> {
+    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
+    // SAFETY: the mapping is read-only; as with every memory-mapped loader, the file
+    // must not be truncated by another process while the model loads.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
+    let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| IoError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok((mmap, metadata, 8 + n))
+}
+
+impl WeightSource {
+    /// Opens one `.safetensors` file, or a sharded set through its
+    /// `*.safetensors.index.json`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
+        let path = path.as_ref();
+        if path.to_string_lossy().ends_with(".index.json") {
+            return Self::open_sharded(path);
+        }
+        Self::open_files(&[path.to_path_buf()])
+    }
+
+    /// Opens the shards listed in a `*.safetensors.index.json` (`weight_map`).
+    pub fn open_sharded(index: &Path) -> Result<Self, IoError> {
+        let text = std::fs::read_to_string(index).map_err(|e| IoError::io(index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| IoError::Json {
+            path: index.to_path_buf(),
+            source: e,
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| IoError::Safetensors {
+                path: index.to_path_buf(),
+                message: "index has no `weight_map` object".into(),
+            })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|s| dir.join(s))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let source = Self::open_files(&shards)?;
+        for key in map.keys() {
+            if !source.tensors.contains_key(key) {
+                return Err(IoError::Safetensors {
+                    path: index.to_path_buf(),
+                    message: format!("`{key}` is listed in the index but in no shard"),
+                });
+            }
+        }
+        Ok(source)
+    }
+
+    /// Opens several files as one set; a key present twice is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self, IoError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = BTreeMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let (mmap, metadata, data_start) = map_file(path)?;
+            for (name, info) in metadata.tensors() {
+                let stored = StoredTensor {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    file: i,
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                };
+                if tensors.insert(name.clone(), stored).is_some() {
+                    return Err(IoError::Safetensors {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` appears in more than one shard"),
+                    });
+                }
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+                data_start,
+            });
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// The files behind this source.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path.as_path()).collect()
+    }
+
+    /// Every tensor, by key.
+    pub fn tensors(&self) -> &BTreeMap<String, StoredTensor> {
+        &self.tensors
+    }
+
+    /// One tensor's dtype and shape.
+    pub fn get(&self, key: &str) -> Option<&StoredTensor> {
+        self.tensors.get(key)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.end - t.start).sum()
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, key: &str) -> Option<&[u8]> {
+        let t = self.tensors.get(key)?;
+        let f = &self.files[t.file];
+        debug_assert!(t.start >= f.data_start);
+        f.mmap.get(t.start..t.end)
+    }
+
+    /// Reads a float tensor converted to `dtype` (F32, F16 or BF16), with `shape`
+    /// (which must have the stored number of elements).
+    pub fn read_float(&self, key: &str, dtype: DType, shape: Vec<usize>) -> Result<TensorData, IoError> {
+        let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
+            path: self.files.first().map(|f| f.path.clone()).unwrap_or_default(),
+            what: format!("tensor `{key}`"),
+        })?;
+        let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
+            path: self.files[t.file].path.clone(),
+            message: format!("data of `{key}` lies outside the file"),
+        })?;
+        let values = decode_f64_capable(bytes, t.dtype).ok_or_else(|| {
+            IoError::Unsupported(format!("tensor `{key}` has dtype {:?}, not a float", t.dtype))
+        })?;
+        Ok(match dtype {
+            DType::F16 => TensorData::new(values.map_to(f16::from_f32), shape),
+            DType::BF16 => TensorData::new(values.map_to(bf16::from_f32), shape),
+            _ => TensorData::new(values.into_f32(), shape),
+        })
+    }
+}
+
+/// Float values decoded from bytes, kept in the narrowest type that holds them.
+enum Decoded {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Decoded {
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Decoded::F32(v) => v,
+            Decoded::F16(v) => v.into_iter().map(f16::to_f32).collect(),
+            Decoded::BF16(v) => v.into_iter().map(bf16::to_f32).collect(),
+        }
+    }
+
+    fn map_to<T>(self, from_f32: fn(f32) -> T) -> Vec<T>
+    where
+        T: Copy + 'static,
+    {
+        // Same-type copies keep the bits exactly (no f32 round trip is lossy here:
+        // f16 -> f32 -> f16 and bf16 -> f32 -> bf16 are exact).
+        match self {
+            Decoded::F32(v) => v.into_iter().map(from_f32).collect(),
+            Decoded::F16(v) => v.into_iter().map(|x| from_f32(x.to_f32())).collect(),
+            Decoded::BF16(v) => v.into_iter().map(|x| from_f32(x.to_f32())).collect(),
+        }
+    }
+}
+
+fn decode_f64_capable(bytes: &[u8], dtype: Dtype) -> Option<Decoded> {
+    Some(match dtype {
+        Dtype::F32 => Decoded::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::F64 => Decoded::F32(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+        ),
+        Dtype::F16 => Decoded::F16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        Dtype::BF16 => Decoded::BF16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        _ => return None,
+    })
+}

@@ -1,0 +1,107 @@
+//! Multi-head attention: diffusers' `Attention` (U-Net transformers and the VAE mid
+//! block) and the scaled-dot-product kernel shared with CLIP.
+
+use burn::nn::{Linear, LinearConfig, LinearLayout};
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::norm::{to_dtype, to_f32};
+
+/// A `Linear` whose weight is stored as PyTorch stores it (`[out, in]`), so weight
+/// files load without a transpose table.
+pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_layout(LinearLayout::Col)
+        .init(device)
+}
+
+/// Softmax attention `softmax(q kᵀ / sqrt(d)) v` through burn's fused attention op,
+/// computed in f32 whatever the inputs' dtype.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, n_q, head_dim]`, `k`/`v`: `[batch, heads, n_k, head_dim]`
+/// - output: `[batch, heads, n_q, head_dim]`
+pub fn scaled_dot_product_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    is_causal: bool,
+) -> Tensor<4> {
+    let dtype = q.dtype();
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    if dtype == DType::F32 {
+        attention(q, k, v, None, None, options)
+    } else {
+        let out = attention(to_f32(q), to_f32(k), to_f32(v), None, None, options);
+        to_dtype(out, dtype)
+    }
+}
+
+/// Splits `[b, n, heads * d]` into `[b, heads, n, d]`.
+pub(crate) fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = x.dims();
+    x.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
+/// Merges `[b, heads, n, d]` into `[b, n, heads * d]`.
+pub(crate) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// diffusers' `Attention` with `AttnProcessor2_0`: self-attention, or cross-attention
+/// when given a context. Keys: `to_q`, `to_k`, `to_v`, `to_out.0`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub to_q: Linear,
+    /// Key projection.
+    pub to_k: Linear,
+    /// Value projection.
+    pub to_v: Linear,
+    /// Output projection (`to_out.0` in diffusers).
+    pub to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `query_dim` wide queries over `context_dim` wide keys/values, `heads` heads of
+    /// `head_dim` each. `qkv_bias`: U-Net attentions have none, the VAE's have them.
+    pub fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        device: &Device,
+    ) -> Self {
+        let inner = heads * head_dim;
+        Self {
+            to_q: linear(query_dim, inner, qkv_bias, device),
+            to_k: linear(context_dim, inner, qkv_bias, device),
+            to_v: linear(context_dim, inner, qkv_bias, device),
+            to_out: linear(inner, query_dim, true, device),
+            heads,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, n, query_dim]`
+    /// - `context`: `[batch, m, context_dim]` (self-attention when `None`)
+    /// - output: `[batch, n, query_dim]`
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = split_heads(self.to_q.forward(x), self.heads);
+        let k = split_heads(self.to_k.forward(context.clone()), self.heads);
+        let v = split_heads(self.to_v.forward(context), self.heads);
+        let out = scaled_dot_product_attention(q, k, v, false);
+        self.to_out.forward(merge_heads(out))
+    }
+}

@@ -1,0 +1,15 @@
+//! diffusers / transformers `config.json` structs.
+//!
+//! Each struct accepts every field the real SD 1.x / 2.x configs carry (unknown extra
+//! fields are ignored, as diffusers does) and `validate` rejects the values this crate
+//! cannot honour with an error naming the field.
+
+mod clip;
+mod one_or_many;
+mod unet;
+mod vae;
+
+pub use clip::{ClipActivation, ClipTextConfig};
+pub use one_or_many::OneOrMany;
+pub use unet::{DownBlockType, UNet2DConditionConfig, UpBlockType};
+pub use vae::AutoencoderKLConfig;

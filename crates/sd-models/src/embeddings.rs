@@ -1,0 +1,68 @@
+//! Timestep embeddings: diffusers' `Timesteps` (sinusoidal) and `TimestepEmbedding`.
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use crate::attention::linear;
+
+/// Sinusoidal timestep features, diffusers' `get_timestep_embedding`.
+///
+/// The frequencies are computed in f32 exactly as PyTorch does; `t` may be fractional.
+///
+/// # Shapes
+/// - `timesteps`: `[batch]`
+/// - output: `[batch, dim]`, cos first when `flip_sin_to_cos`
+pub fn timestep_embedding(
+    timesteps: Tensor<1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+) -> Tensor<2> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let ln = -(10000f32.ln());
+    let denom = half as f32 - downscale_freq_shift as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((ln * i as f32) / denom).exp())
+        .collect();
+    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device);
+    let [b] = timesteps.dims();
+    let args = timesteps.reshape([b, 1]) * freqs.reshape([1, half]);
+    let (sin, cos) = (args.clone().sin(), args.cos());
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(vec![cos, sin], 1)
+    } else {
+        Tensor::cat(vec![sin, cos], 1)
+    };
+    if dim % 2 == 1 {
+        Tensor::cat(vec![emb, Tensor::zeros([b, 1], &device)], 1)
+    } else {
+        emb
+    }
+}
+
+/// `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
+#[derive(Module, Debug)]
+pub struct TimestepEmbedding {
+    /// First projection.
+    pub linear_1: Linear,
+    /// Second projection.
+    pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    /// From `in_channels` sinusoidal features to `time_embed_dim`.
+    pub fn new(in_channels: usize, time_embed_dim: usize, device: &Device) -> Self {
+        Self {
+            linear_1: linear(in_channels, time_embed_dim, true, device),
+            linear_2: linear(time_embed_dim, time_embed_dim, true, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `[b, in_channels]` to `[b, time_embed_dim]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear_2.forward(silu(self.linear_1.forward(x)))
+    }
+}

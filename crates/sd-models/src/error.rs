@@ -1,0 +1,29 @@
+//! Errors raised while reading or validating a model config.
+
+use thiserror::Error;
+
+/// A config value this crate cannot honour, or a config file that does not parse.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The JSON does not parse into the config struct.
+    #[error("config does not parse: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A field holds a value the model cannot honour.
+    #[error("config field `{field}`: {message}")]
+    Unsupported {
+        /// The field's name as it appears in `config.json`.
+        field: &'static str,
+        /// Why the value cannot be honoured.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn unsupported(field: &'static str, message: impl Into<String>) -> Self {
+        Self::Unsupported {
+            field,
+            message: message.into(),
+        }
+    }
+}

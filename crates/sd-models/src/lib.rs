@@ -1,0 +1,65 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod autoencoder_kl;
+pub mod clip;
+pub mod config;
+pub mod embeddings;
+pub mod error;
+pub mod norm;
+pub mod resnet;
+pub mod transformer_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+
+pub use autoencoder_kl::AutoencoderKL;
+pub use clip::ClipTextModel;
+pub use config::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+pub use error::ConfigError;
+pub use unet_2d_condition::UNet2DConditionModel;
+
+/// Maps a burn module path of the models in this crate (`a.b.c.weight`) to the
+/// diffusers / transformers weight key.
+///
+/// Only three names differ: `to_out` is `to_out.0` (diffusers keeps a dropout at
+/// `to_out.1`), and the feed-forward's `net_0` / `net_2` are `net.0` / `net.2`.
+pub fn diffusers_key(path: &str) -> String {
+    let mut out = Vec::new();
+    for seg in path.split('.') {
+        match seg {
+            "to_out" => {
+                out.push("to_out");
+                out.push("0");
+            }
+            "net_0" => {
+                out.push("net");
+                out.push("0");
+            }
+            "net_2" => {
+                out.push("net");
+                out.push("2");
+            }
+            s => out.push(s),
+        }
+    }
+    out.join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diffusers_key;
+
+    #[test]
+    fn keys_map_to_diffusers_names() {
+        assert_eq!(
+            diffusers_key("down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.weight"),
+            "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight"
+        );
+        assert_eq!(
+            diffusers_key("mid_block.attentions.0.transformer_blocks.0.ff.net_0.proj.bias"),
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.bias"
+        );
+        assert_eq!(diffusers_key("conv_in.weight"), "conv_in.weight");
+    }
+}

@@ -1,0 +1,107 @@
+//! Normalisation layers with PyTorch parameter names (`weight`, `bias`).
+//!
+//! Statistics are always computed in f32, so f16 models never overflow to NaN.
+
+use burn::module::Param;
+use burn::nn::Initializer;
+use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
+
+pub(crate) fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    }
+}
+
+pub(crate) fn to_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(FloatDType::from(dtype))
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters.
+#[derive(Module, Debug)]
+pub struct GroupNorm {
+    /// Scale `[channels]`.
+    pub weight: Param<Tensor<1>>,
+    /// Shift `[channels]`.
+    pub bias: Param<Tensor<1>>,
+    num_groups: usize,
+    epsilon: f64,
+}
+
+impl GroupNorm {
+    /// A GroupNorm over `channels` split into `num_groups` groups.
+    pub fn new(num_groups: usize, channels: usize, epsilon: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Ones.init([channels], device),
+            bias: Initializer::Zeros.init([channels], device),
+            num_groups,
+            epsilon,
+        }
+    }
+
+    /// Normalises each group of channels over channels and space.
+    ///
+    /// # Shapes
+    /// - input and output: `[batch, channels, ...]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let dims = x.dims();
+        let (b, c) = (dims[0], dims[1]);
+        let n: usize = dims.iter().product::<usize>() / (b * self.num_groups);
+        let xr = to_f32(x).reshape([b, self.num_groups, n]);
+        let (var, mean) = xr.clone().var_mean_bias(2);
+        let y = (xr - mean) * (var + self.epsilon).sqrt().recip();
+        let y = to_dtype(y.reshape(dims), dtype);
+        let mut shape = [1usize; D];
+        shape[1] = c;
+        y * self.weight.val().reshape(shape) + self.bias.val().reshape(shape)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last axis.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale `[d]`.
+    pub weight: Param<Tensor<1>>,
+    /// Shift `[d]`.
+    pub bias: Param<Tensor<1>>,
+    epsilon: f64,
+}
+
+impl LayerNorm {
+    /// A LayerNorm over a last axis of width `d`.
+    pub fn new(d: usize, epsilon: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Ones.init([d], device),
+            bias: Initializer::Zeros.init([d], device),
+            epsilon,
+        }
+    }
+
+    /// # Shapes
+    /// - input and output: `[..., d]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        if dtype == DType::F32 {
+            return burn::tensor::module::layer_norm(
+                x,
+                self.weight.val(),
+                Some(self.bias.val()),
+                self.epsilon,
+            );
+        }
+        let y = burn::tensor::module::layer_norm(
+            to_f32(x),
+            to_f32(self.weight.val()),
+            Some(to_f32(self.bias.val())),
+            self.epsilon,
+        );
+        to_dtype(y, dtype)
+    }
+}

@@ -1,0 +1,219 @@
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x / 2.x.
+
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use crate::config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
+use crate::embeddings::{TimestepEmbedding, timestep_embedding};
+use crate::error::ConfigError;
+use crate::norm::{GroupNorm, to_dtype};
+use crate::resnet::{ResnetSettings, conv};
+use crate::unet_2d_blocks::{BlockAttention, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
+
+/// The conditional U-Net. Field names are diffusers' module names.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel {
+    /// Input conv.
+    pub conv_in: Conv2d,
+    /// MLP on the sinusoidal timestep features.
+    pub time_embedding: TimestepEmbedding,
+    /// Down blocks, highest resolution first.
+    pub down_blocks: Vec<DownBlock2D>,
+    /// Mid block.
+    pub mid_block: UNetMidBlock2DCrossAttn,
+    /// Up blocks, lowest resolution first.
+    pub up_blocks: Vec<UpBlock2D>,
+    /// Output norm.
+    pub conv_norm_out: GroupNorm,
+    /// Output conv.
+    pub conv_out: Conv2d,
+    time_proj_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    center_input_sample: bool,
+    in_channels: usize,
+    out_channels: usize,
+    cross_attention_dim: usize,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model from a config (weights lazily initialised at random, to be
+    /// replaced by loading).
+    pub fn new(config: &UNet2DConditionConfig, device: &Device) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let blocks = config.blocks()?;
+        let boc = &config.block_out_channels;
+        let n = boc.len();
+        let temb_dim = boc[0] * 4;
+        let resnet = ResnetSettings {
+            temb_channels: Some(temb_dim),
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            output_scale_factor: config.resnet_out_scale_factor,
+        };
+        let attention = |i: usize| BlockAttention {
+            heads: blocks.num_heads[i],
+            layers: blocks.transformer_layers[i],
+            context_dim: blocks.cross_attention_dim[i],
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut c_out = boc[0];
+        for (i, kind) in config.down_block_types.iter().enumerate() {
+            let c_in = c_out;
+            c_out = boc[i];
+            let attn = (*kind == DownBlockType::CrossAttnDownBlock2D).then(|| attention(i));
+            down_blocks.push(DownBlock2D::new(
+                c_in,
+                c_out,
+                blocks.layers_per_block[i],
+                resnet,
+                attn,
+                i + 1 < n,
+                config.downsample_padding,
+                device,
+            ));
+        }
+
+        let mid_resnet = ResnetSettings {
+            output_scale_factor: config.mid_block_scale_factor,
+            ..resnet
+        };
+        let mid_block = UNetMidBlock2DCrossAttn::new(boc[n - 1], mid_resnet, attention(n - 1), device);
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut c_out = boc[n - 1];
+        for (i, kind) in config.up_block_types.iter().enumerate() {
+            let rev = n - 1 - i;
+            let prev = c_out;
+            c_out = boc[rev];
+            let c_in = boc[rev.saturating_sub(1)];
+            let attn = (*kind == UpBlockType::CrossAttnUpBlock2D).then(|| attention(rev));
+            up_blocks.push(UpBlock2D::new(
+                c_in,
+                c_out,
+                prev,
+                blocks.layers_per_block[rev] + 1,
+                resnet,
+                attn,
+                i + 1 < n,
+                device,
+            ));
+        }
+
+        Ok(Self {
+            conv_in: conv(config.in_channels, boc[0], config.conv_in_kernel, device),
+            time_embedding: TimestepEmbedding::new(boc[0], temb_dim, device),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(config.norm_num_groups, boc[0], config.norm_eps, device),
+            conv_out: conv(boc[0], config.out_channels, config.conv_out_kernel, device),
+            time_proj_dim: boc[0],
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+            center_input_sample: config.center_input_sample,
+            in_channels: config.in_channels,
+            out_channels: config.out_channels,
+            cross_attention_dim: blocks.cross_attention_dim[0],
+        })
+    }
+
+    /// The sinusoidal features (`time_proj`) and their embedding (`time_embedding`).
+    ///
+    /// # Shapes
+    /// - `timesteps`: `[b]`; outputs `[b, c0]` and `[b, 4 * c0]`
+    pub fn time_embed(&self, timesteps: Tensor<1>) -> (Tensor<2>, Tensor<2>) {
+        let dtype = self.conv_in.weight.val().dtype();
+        let t = crate::norm::to_f32(timesteps);
+        let proj = timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+        let emb = self.time_embedding.forward(to_dtype(proj.clone(), dtype));
+        (proj, emb)
+    }
+
+    /// Predicts the noise (or `v`) for noisy latents.
+    ///
+    /// # Shapes
+    /// - `sample`: `[b, in_channels, h, w]` (any h, w; SD uses multiples of 8)
+    /// - `timesteps`: `[b]` (fractional allowed)
+    /// - `encoder_hidden_states`: `[b, seq, cross_attention_dim]`
+    /// - output: `[b, out_channels, h, w]`, in `sample`'s dtype
+    pub fn forward(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
+        self.forward_with_intermediates(sample, timesteps, encoder_hidden_states, |_, _| {})
+    }
+
+    /// [`Self::forward`], handing each named intermediate (`conv_in`, `down_blocks.i`,
+    /// `mid_block`, `up_blocks.i`, `conv_norm_out`) to `observe`, to localise a mismatch.
+    pub fn forward_with_intermediates(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        mut observe: impl FnMut(&str, &Tensor<4>),
+    ) -> Tensor<4> {
+        let in_dtype = sample.dtype();
+        let dtype = self.conv_in.weight.val().dtype();
+        let sample = to_dtype(sample, dtype);
+        let context = to_dtype(encoder_hidden_states, dtype);
+        let sample = if self.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample
+        };
+        let (_, temb) = self.time_embed(timesteps);
+
+        let mut h = self.conv_in.forward(sample);
+        observe("conv_in", &h);
+        let mut skips = vec![h.clone()];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let (out, states) = block.forward(h, &temb, &context);
+            h = out;
+            skips.extend(states);
+            observe(&format!("down_blocks.{i}"), &h);
+        }
+        h = self.mid_block.forward(h, &temb, &context);
+        observe("mid_block", &h);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let remaining = skips.len() - block.resnets.len();
+            let upsample_size = (remaining > 0).then(|| {
+                let [_, _, sh, sw] = skips[remaining - 1].dims();
+                [sh, sw]
+            });
+            h = block.forward(h, &mut skips, &temb, &context, upsample_size);
+            observe(&format!("up_blocks.{i}"), &h);
+        }
+        let h = self.conv_norm_out.forward(h);
+        observe("conv_norm_out", &h);
+        let out = self.conv_out.forward(silu(h));
+        to_dtype(out, in_dtype)
+    }
+}
+
+impl sd_core::Denoiser for UNet2DConditionModel {
+    fn forward(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
+        UNet2DConditionModel::forward(self, sample, timesteps, encoder_hidden_states)
+    }
+
+    fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    fn cross_attention_dim(&self) -> usize {
+        self.cross_attention_dim
+    }
+}

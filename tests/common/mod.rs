@@ -1,0 +1,108 @@
+//! Shared helpers of the parity tests: fixture paths, reference tensors, devices and
+//! tolerance checks.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::DType;
+use stable_diffusion::io::WeightSource;
+
+/// `tests/fixtures/...`
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// The devices the component parity tests run on: flex always, and wgpu when the
+/// `wgpu` feature is on.
+pub fn devices() -> Vec<(&'static str, Device)> {
+    #[allow(unused_mut)]
+    let mut v = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    v.push(("wgpu", Device::wgpu(Default::default())));
+    v
+}
+
+/// Tolerance for a device: the CPU figure, or the README's GPU figure.
+pub fn tol(device_name: &str, cpu: f32, gpu: f32) -> f32 {
+    if device_name == "flex" { cpu } else { gpu }
+}
+
+/// A reference safetensors file.
+pub struct Reference {
+    source: WeightSource,
+}
+
+impl Reference {
+    pub fn open(rel: &str) -> Self {
+        Self {
+            source: WeightSource::open(fixture(rel)).expect("reference file"),
+        }
+    }
+
+    pub fn shape(&self, key: &str) -> Vec<usize> {
+        self.source.get(key).unwrap_or_else(|| panic!("no `{key}`")).shape.clone()
+    }
+
+    /// A float tensor as host f32 values.
+    pub fn floats(&self, key: &str) -> Vec<f32> {
+        let shape = self.shape(key);
+        self.source
+            .read_float(key, DType::F32, shape)
+            .unwrap()
+            .try_to_vec::<f32>()
+            .unwrap()
+    }
+
+    /// An int64 tensor's values.
+    pub fn ints(&self, key: &str) -> Vec<i64> {
+        self.source
+            .bytes(key)
+            .unwrap()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    pub fn tensor<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D> {
+        let shape = self.shape(key);
+        Tensor::from_data(TensorData::new(self.floats(key), shape), device)
+    }
+
+    pub fn int_tensor<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D, Int> {
+        let shape = self.shape(key);
+        Tensor::from_data(TensorData::new(self.ints(key), shape), device)
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.source.get(key).is_some()
+    }
+}
+
+/// Max |a - b| between a tensor and reference values (shapes must agree).
+pub fn max_abs_diff<const D: usize>(actual: &Tensor<D>, expected: &[f32]) -> f32 {
+    let got = actual
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(got.len(), expected.len(), "element count");
+    got.iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+}
+
+/// Asserts `max |a - b| <= tol`, printing the figure for the test log.
+pub fn assert_close<const D: usize>(what: &str, actual: &Tensor<D>, expected: &[f32], tol: f32) -> f32 {
+    assert_eq!(
+        actual.dims().iter().product::<usize>(),
+        expected.len(),
+        "{what}: shape {:?}",
+        actual.dims()
+    );
+    let d = max_abs_diff(actual, expected);
+    eprintln!("{what}: max abs diff {d:.3e} (tolerance {tol:.1e})");
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+    d
+}
