@@ -1,0 +1,219 @@
+//! Component parity against diffusers (fixtures README sections 4a-4c, tolerances of
+//! section 6): text encoder, U-Net (all outputs and intermediates), VAE, inpainting
+//! U-Net, single-file checkpoint, f16.
+
+mod common;
+
+use common::{Reference, assert_close, devices, fixture, tol};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::DType;
+use stable_diffusion::core::{Autoencoder, HiddenLayer};
+use stable_diffusion::io::{ComponentOptions, DiffusersDir, SingleFile};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+
+fn tiny() -> DiffusersDir {
+    DiffusersDir::open(fixture("tiny-sd15")).unwrap()
+}
+
+fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
+    let r = Reference::open("reference/text_encoder.safetensors");
+    let ids = r.int_tensor::<2>("input_ids", device);
+    let t = tol(name, 1e-4, 1e-3);
+    let out = te.forward(ids.clone(), HiddenLayer::Last);
+    assert_close(&format!("[{name}] last_hidden_state"), &out.hidden_states, &r.floats("last_hidden_state"), t);
+    assert_close(&format!("[{name}] pooler_output"), &out.pooled, &r.floats("pooler_output"), t);
+    let skip = te.forward(ids.clone(), HiddenLayer::Skip(1));
+    assert_close(
+        &format!("[{name}] penultimate_hidden_state_final_ln"),
+        &skip.hidden_states,
+        &r.floats("penultimate_hidden_state_final_ln"),
+        t,
+    );
+    let states = te.hidden_states(ids);
+    let all = Tensor::stack::<4>(states.clone(), 0);
+    assert_close(&format!("[{name}] all_hidden_states"), &all, &r.floats("all_hidden_states"), t);
+    let n = states.len();
+    assert_close(
+        &format!("[{name}] penultimate_hidden_state"),
+        &states[n - 2],
+        &r.floats("penultimate_hidden_state"),
+        t,
+    );
+}
+
+#[test]
+fn text_encoder_matches_diffusers() {
+    for (name, device) in devices() {
+        let te = tiny().text_encoder(&device, &ComponentOptions::default()).unwrap();
+        check_text_encoder(name, &device, &te);
+    }
+}
+
+fn check_unet(name: &str, device: &Device, unet: &UNet2DConditionModel, file: &str, t_cpu: f32) {
+    let r = Reference::open(file);
+    let sample = r.tensor::<4>("sample", device);
+    let ctx = r.tensor::<3>("encoder_hidden_states", device);
+    let t = tol(name, t_cpu, 2e-3);
+    for case in ["t999", "t500", "t1"] {
+        for kind in ["float", "int"] {
+            let key = format!("timestep_{case}_{kind}");
+            let ts = if kind == "float" {
+                r.tensor::<1>(&key, device)
+            } else {
+                r.int_tensor::<1>(&key, device).float()
+            };
+            let out = unet.forward(sample.clone(), ts, ctx.clone());
+            assert_close(&format!("[{name}] {file} out_{case} ({kind} t)"), &out, &r.floats(&format!("out_{case}")), t);
+        }
+    }
+    for case in ["mixed", "frac"] {
+        let out = unet.forward(sample.clone(), r.tensor::<1>(&format!("timestep_{case}"), device), ctx.clone());
+        assert_close(&format!("[{name}] {file} out_{case}"), &out, &r.floats(&format!("out_{case}")), t);
+    }
+    // Intermediates at t = 500.
+    let ts = r.tensor::<1>("timestep_t500_float", device);
+    let (proj, emb) = unet.time_embed(ts.clone());
+    assert_close(&format!("[{name}] time_proj"), &proj, &r.floats("intermediate_t500.time_proj"), t);
+    assert_close(&format!("[{name}] time_embedding"), &emb, &r.floats("intermediate_t500.time_embedding"), t);
+    let mut seen = Vec::new();
+    unet.forward_with_intermediates(sample, ts, ctx, |key, x| {
+        let full = format!("intermediate_t500.{key}");
+        if r.has(&full) {
+            assert_close(&format!("[{name}] {file} {key}"), x, &r.floats(&full), t);
+            seen.push(key.to_string());
+        }
+    });
+    assert!(seen.len() >= 8, "intermediates checked: {seen:?}");
+}
+
+#[test]
+fn unet_matches_diffusers() {
+    for (name, device) in devices() {
+        let unet = tiny().unet(&device, &ComponentOptions::default()).unwrap();
+        check_unet(name, &device, &unet, "reference/unet.safetensors", 1e-4);
+    }
+}
+
+#[test]
+fn inpaint_unet_matches_diffusers() {
+    for (name, device) in devices() {
+        let dir = DiffusersDir::open(fixture("tiny-sd15-inpaint")).unwrap();
+        let unet = dir.unet(&device, &ComponentOptions::default()).unwrap();
+        assert_eq!(stable_diffusion::core::Denoiser::in_channels(&unet), 9);
+        check_unet(name, &device, &unet, "reference/unet_inpaint.safetensors", 1e-4);
+    }
+}
+
+fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
+    let r = Reference::open("reference/vae.safetensors");
+    let t = tol(name, 1e-4, 2e-3);
+    let z = r.tensor::<4>("decode_in_latents", device) / vae.scaling_factor();
+    assert_close(&format!("[{name}] decode_in_z"), &z, &r.floats("decode_in_z"), 1e-6);
+    let mut checked = 0;
+    let out = vae.decode_with_intermediates(z.clone(), |key, x| {
+        let full = format!("intermediate_decode.decoder.{key}");
+        if r.has(&full) {
+            let [_, c, h, w] = x.dims();
+            let first = x.clone().slice([0..1, 0..c, 0..h, 0..w]);
+            assert_close(&format!("[{name}] decoder.{key}"), &first, &r.floats(&full), t);
+            checked += 1;
+        }
+    });
+    assert_eq!(checked, 5);
+    assert_close(&format!("[{name}] decode_out"), &out, &r.floats("decode_out"), t);
+
+    let image = r.tensor::<4>("encode_in_image", device);
+    let moments = vae.encode_moments(image.clone());
+    assert_close(&format!("[{name}] encode_moments"), &moments, &r.floats("encode_moments"), t);
+    let dist = vae.encode(image);
+    assert_close(&format!("[{name}] encode_mean"), &dist.mean, &r.floats("encode_mean"), t);
+    assert_close(&format!("[{name}] encode_logvar"), &dist.logvar, &r.floats("encode_logvar"), t);
+    assert_close(&format!("[{name}] encode_std"), &dist.std(), &r.floats("encode_std"), t);
+    let sample = dist.sample(r.tensor::<4>("encode_sample_noise", device));
+    assert_close(&format!("[{name}] encode_sample"), &sample, &r.floats("encode_sample"), t);
+    assert_close(
+        &format!("[{name}] encode_sample_scaled"),
+        &(sample * vae.scaling_factor()),
+        &r.floats("encode_sample_scaled"),
+        t,
+    );
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    for (name, device) in devices() {
+        let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
+        check_vae(name, &device, &vae);
+    }
+}
+
+#[test]
+fn vae_handles_non_square_inputs() {
+    let device = Device::flex();
+    let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
+    let image = Tensor::<4>::zeros([1, 3, 16, 40], &device);
+    let dist = vae.encode(image);
+    assert_eq!(dist.mean.dims(), [1, 4, 8, 20]);
+    assert_eq!(vae.decode(dist.mean).dims(), [1, 3, 16, 40]);
+}
+
+#[test]
+fn unet_handles_non_square_latents() {
+    let device = Device::flex();
+    let unet = tiny().unet(&device, &ComponentOptions::default()).unwrap();
+    let out = unet.forward(
+        Tensor::zeros([1, 4, 8, 24], &device),
+        Tensor::from_floats([10.0], &device),
+        Tensor::zeros([1, 77, 32], &device),
+    );
+    assert_eq!(out.dims(), [1, 4, 8, 24]);
+}
+
+#[test]
+fn single_file_checkpoint_matches_the_folder() {
+    let device = Device::flex();
+    let ckpt = SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15")).unwrap();
+    let opts = ComponentOptions::default();
+    let unet = ckpt.unet(&device, &opts).unwrap();
+    check_unet("flex", &device, &unet, "reference/unet.safetensors", 1e-4);
+    let vae = ckpt.vae(&device, &opts).unwrap();
+    check_vae("flex", &device, &vae);
+    let te = ckpt.text_encoder(&device, &opts).unwrap();
+    check_text_encoder("flex", &device, &te);
+}
+
+#[test]
+fn fp16_variant_runs_in_f16_within_tolerance() {
+    let device = Device::flex();
+    let opts = ComponentOptions {
+        dtype: Some(DType::F16),
+        variant: Some("fp16".into()),
+    };
+    let dir = tiny();
+    assert!(dir.unet_weights(Some("fp16")).unwrap().to_string_lossy().ends_with(".fp16.safetensors"));
+    let unet = dir.unet(&device, &opts).unwrap();
+    assert_eq!(unet.conv_in.weight.val().dtype(), DType::F16, "parameters must be f16");
+    let r = Reference::open("reference/unet.safetensors");
+    let sample = r.tensor::<4>("sample", &device);
+    let ctx = r.tensor::<3>("encoder_hidden_states", &device);
+    for case in ["t999", "t500", "t1"] {
+        let out = unet.forward(sample.clone(), r.tensor::<1>(&format!("timestep_{case}_float"), &device), ctx.clone());
+        assert_eq!(out.dtype(), DType::F32, "output comes back in the input dtype");
+        assert_close(&format!("f16 unet out_{case}"), &out, &r.floats(&format!("out_{case}")), 5e-2);
+    }
+    // The VAE stays f32 next to an f16 U-Net.
+    let vae = dir.vae(&device, &ComponentOptions::default()).unwrap();
+    check_vae("flex", &device, &vae);
+}
+
+#[test]
+fn f16_file_loads_as_f32_when_asked() {
+    let device = Device::flex();
+    let opts = ComponentOptions {
+        dtype: Some(DType::F32),
+        variant: Some("fp16".into()),
+    };
+    let unet = tiny().unet(&device, &opts).unwrap();
+    assert_eq!(unet.conv_in.weight.val().dtype(), DType::F32, "an f16 file must not stay f16");
+    check_unet("flex", &device, &unet, "reference/unet.safetensors", 1e-4);
+}
