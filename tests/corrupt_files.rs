@@ -1,0 +1,260 @@
+//! Bad weight files give clear errors naming the problem, never a panic: for each
+//! fixture weight file a truncated copy, a copy with one tensor renamed and a copy
+//! with one tensor's shape changed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::fixture;
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::io::{ComponentOptions, DiffusersDir, IoError, SingleFile};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            let mut perms = std::fs::metadata(&target).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(&target, perms).unwrap();
+        }
+    }
+}
+
+/// Rewrites a safetensors header through `edit`, keeping the data.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn truncate(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() - 1000]).unwrap();
+}
+
+fn rename_tensor(path: &Path, from: &str, to: &str) {
+    edit_header(path, |h| {
+        let v = h.remove(from).unwrap_or_else(|| panic!("no {from}"));
+        h.insert(to.to_string(), v);
+    });
+}
+
+/// Swaps the first two axes of a tensor's declared shape (same byte size).
+fn reshape_tensor(path: &Path, key: &str) {
+    edit_header(path, |h| {
+        let shape = h[key]["shape"].as_array_mut().unwrap();
+        shape.swap(0, 1);
+    });
+}
+
+enum Component {
+    Unet,
+    Vae,
+    TextEncoder,
+}
+
+fn load(dir: &Path, c: &Component, variant: Option<&str>) -> Result<(), IoError> {
+    let device = Device::flex();
+    let d = DiffusersDir::open(dir)?;
+    let opts = ComponentOptions {
+        variant: variant.map(String::from),
+        ..Default::default()
+    };
+    match c {
+        Component::Unet => d.unet(&device, &opts).map(|_| ()),
+        Component::Vae => d.vae(&device, &opts).map(|_| ()),
+        Component::TextEncoder => d.text_encoder(&device, &opts).map(|_| ()),
+    }
+}
+
+fn check_component(folder: &str, file: &str, c: Component, variant: Option<&str>, key: &str, swappable: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("model");
+    copy_dir(&fixture(folder), &root);
+    let path: PathBuf = root.join(file);
+    let pristine = std::fs::read(&path).unwrap();
+    load(&root, &c, variant).expect("the pristine copy loads");
+
+    truncate(&path);
+    let err = load(&root, &c, variant).unwrap_err();
+    eprintln!("truncated: {err}");
+    assert!(matches!(err, IoError::Safetensors { .. }), "{err}");
+    assert!(err.to_string().contains("not a valid safetensors file"), "{err}");
+
+    std::fs::write(&path, &pristine).unwrap();
+    rename_tensor(&path, key, "renamed.tensor");
+    let err = load(&root, &c, variant).unwrap_err();
+    eprintln!("renamed: {err}");
+    let IoError::Weights { report, .. } = &err else {
+        panic!("expected a weights error, got {err}")
+    };
+    assert!(report.missing.iter().any(|k| k == key), "{err}");
+    assert_eq!(report.unused, vec!["renamed.tensor".to_string()], "{err}");
+    assert!(err.to_string().contains(key) && err.to_string().contains("renamed.tensor"));
+
+    std::fs::write(&path, &pristine).unwrap();
+    reshape_tensor(&path, swappable);
+    let err = load(&root, &c, variant).unwrap_err();
+    eprintln!("reshaped: {err}");
+    let IoError::Weights { report, .. } = &err else {
+        panic!("expected a weights error, got {err}")
+    };
+    assert_eq!(report.mismatched.len(), 1, "{err}");
+    assert!(report.mismatched[0].starts_with(swappable), "{err}");
+}
+
+#[test]
+fn corrupt_unet_files_are_reported() {
+    check_component(
+        "tiny-sd15",
+        "unet/diffusion_pytorch_model.safetensors",
+        Component::Unet,
+        None,
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
+        "conv_in.weight",
+    );
+}
+
+#[test]
+fn corrupt_fp16_unet_files_are_reported() {
+    check_component(
+        "tiny-sd15",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        Component::Unet,
+        Some("fp16"),
+        "mid_block.resnets.1.conv2.bias",
+        "up_blocks.0.resnets.0.conv1.weight",
+    );
+}
+
+#[test]
+fn corrupt_inpaint_unet_files_are_reported() {
+    check_component(
+        "tiny-sd15-inpaint",
+        "unet/diffusion_pytorch_model.safetensors",
+        Component::Unet,
+        None,
+        "conv_in.bias",
+        "conv_in.weight",
+    );
+}
+
+#[test]
+fn corrupt_vae_files_are_reported() {
+    check_component(
+        "tiny-sd15",
+        "vae/diffusion_pytorch_model.safetensors",
+        Component::Vae,
+        None,
+        "decoder.mid_block.attentions.0.to_q.weight",
+        "encoder.conv_out.weight",
+    );
+}
+
+#[test]
+fn corrupt_text_encoder_files_are_reported() {
+    check_component(
+        "tiny-sd15",
+        "text_encoder/model.safetensors",
+        Component::TextEncoder,
+        None,
+        "text_model.final_layer_norm.weight",
+        "text_model.encoder.layers.0.mlp.fc1.weight",
+    );
+}
+
+#[test]
+fn corrupt_single_file_checkpoints_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let load_all = |p: &Path| -> Result<(), IoError> {
+        let ckpt = SingleFile::open_with_configs(p, fixture("tiny-sd15"))?;
+        ckpt.unet(&device, &opts)?;
+        ckpt.vae(&device, &opts)?;
+        ckpt.text_encoder(&device, &opts)?;
+        Ok(())
+    };
+    let pristine = std::fs::read(fixture("tiny-sd15.safetensors")).unwrap();
+
+    std::fs::write(&path, &pristine).unwrap();
+    truncate(&path);
+    let err = load_all(&path).unwrap_err();
+    assert!(matches!(err, IoError::Safetensors { .. }), "{err}");
+
+    let key = "first_stage_model.decoder.mid.attn_1.q.weight";
+    std::fs::write(&path, &pristine).unwrap();
+    rename_tensor(&path, key, "first_stage_model.decoder.mid.attn_1.query.weight");
+    let err = load_all(&path).unwrap_err();
+    eprintln!("{err}");
+    let IoError::Weights { component, report, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(component, "vae");
+    assert_eq!(report.missing, vec![key.to_string()]);
+    assert_eq!(report.unused, vec!["first_stage_model.decoder.mid.attn_1.query.weight".to_string()]);
+
+    let key = "model.diffusion_model.input_blocks.0.0.weight";
+    std::fs::write(&path, &pristine).unwrap();
+    reshape_tensor(&path, key);
+    let err = load_all(&path).unwrap_err();
+    eprintln!("{err}");
+    let IoError::Weights { component, report, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(component, "unet");
+    assert!(report.mismatched[0].starts_with(key), "{err}");
+}
+
+#[test]
+fn missing_files_and_pickles_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = DiffusersDir::open(tmp.path().join("nope")).unwrap_err();
+    assert!(matches!(err, IoError::NotFound { .. }), "{err}");
+    let dir = DiffusersDir::open(tmp.path()).unwrap();
+    let err = dir.unet(&Device::flex(), &ComponentOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+    let ckpt = tmp.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"not really").unwrap();
+    let err = SingleFile::open(&ckpt).unwrap_err();
+    assert!(matches!(err, IoError::Unsupported(_)), "{err}");
+    let garbage = tmp.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\xffxx").unwrap();
+    let err = SingleFile::open(&garbage).unwrap_err();
+    assert!(matches!(err, IoError::Safetensors { .. }), "{err}");
+}
+
+#[test]
+fn int_tensor_in_place_of_a_float_is_a_dtype_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("model");
+    copy_dir(&fixture("tiny-sd15"), &root);
+    let path = root.join("vae/diffusion_pytorch_model.safetensors");
+    edit_header(&path, |h| {
+        // Same byte size: 4 x f32 = 2 x i64.
+        let t = h.get_mut("post_quant_conv.bias").unwrap();
+        t["dtype"] = "I64".into();
+        t["shape"] = serde_json::json!([2]);
+    });
+    let err = load(&root, &Component::Vae, None).unwrap_err();
+    eprintln!("{err}");
+    assert!(err.to_string().contains("post_quant_conv.bias: dtype I64"), "{err}");
+}
