@@ -12,16 +12,29 @@ use stable_diffusion::models::{
 
 fn check_counts(name: &str) {
     let dir = DiffusersDir::open(fixture(&format!("configs/{name}"))).unwrap();
-    let text = std::fs::read_to_string(fixture(&format!("configs/{name}/param_counts.json"))).unwrap();
+    let text =
+        std::fs::read_to_string(fixture(&format!("configs/{name}/param_counts.json"))).unwrap();
     let counts: serde_json::Value = serde_json::from_str(&text).unwrap();
     let device = Device::flex();
     // Parameters are initialised lazily: counting does not allocate ~1 B floats.
     let unet = UNet2DConditionModel::new(&dir.unet_config().unwrap(), &device).unwrap();
-    assert_eq!(unet.num_params() as u64, counts["unet"].as_u64().unwrap(), "{name} unet");
+    assert_eq!(
+        unet.num_params() as u64,
+        counts["unet"].as_u64().unwrap(),
+        "{name} unet"
+    );
     let vae = AutoencoderKL::new(&dir.vae_config().unwrap(), &device).unwrap();
-    assert_eq!(vae.num_params() as u64, counts["vae"].as_u64().unwrap(), "{name} vae");
+    assert_eq!(
+        vae.num_params() as u64,
+        counts["vae"].as_u64().unwrap(),
+        "{name} vae"
+    );
     let te = ClipTextModel::new(&dir.text_encoder_config().unwrap(), &device).unwrap();
-    assert_eq!(te.num_params() as u64, counts["text_encoder"].as_u64().unwrap(), "{name} text encoder");
+    assert_eq!(
+        te.num_params() as u64,
+        counts["text_encoder"].as_u64().unwrap(),
+        "{name} text encoder"
+    );
 }
 
 #[test]
@@ -61,13 +74,31 @@ fn unet_error(patch: serde_json::Value) -> String {
 #[test]
 fn unsupported_unet_values_name_the_field() {
     let cases = [
-        (serde_json::json!({"addition_embed_type": "text_time"}), "addition_embed_type"),
-        (serde_json::json!({"class_embed_type": "timestep"}), "class_embed_type"),
-        (serde_json::json!({"resnet_time_scale_shift": "scale_shift"}), "resnet_time_scale_shift"),
-        (serde_json::json!({"attention_head_dim": [8, 8]}), "attention_head_dim"),
-        (serde_json::json!({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}), "mid_block_type"),
+        (
+            serde_json::json!({"addition_embed_type": "text_time"}),
+            "addition_embed_type",
+        ),
+        (
+            serde_json::json!({"class_embed_type": "timestep"}),
+            "class_embed_type",
+        ),
+        (
+            serde_json::json!({"resnet_time_scale_shift": "scale_shift"}),
+            "resnet_time_scale_shift",
+        ),
+        (
+            serde_json::json!({"attention_head_dim": [8, 8]}),
+            "attention_head_dim",
+        ),
+        (
+            serde_json::json!({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}),
+            "mid_block_type",
+        ),
         (serde_json::json!({"norm_num_groups": 7}), "norm_num_groups"),
-        (serde_json::json!({"only_cross_attention": true}), "only_cross_attention"),
+        (
+            serde_json::json!({"only_cross_attention": true}),
+            "only_cross_attention",
+        ),
         (serde_json::json!({"act_fn": "gelu"}), "act_fn"),
     ];
     for (patch, field) in cases {

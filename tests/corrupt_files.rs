@@ -84,7 +84,14 @@ fn load(dir: &Path, c: &Component, variant: Option<&str>) -> Result<(), IoError>
     }
 }
 
-fn check_component(folder: &str, file: &str, c: Component, variant: Option<&str>, key: &str, swappable: &str) {
+fn check_component(
+    folder: &str,
+    file: &str,
+    c: Component,
+    variant: Option<&str>,
+    key: &str,
+    swappable: &str,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("model");
     copy_dir(&fixture(folder), &root);
@@ -96,7 +103,10 @@ fn check_component(folder: &str, file: &str, c: Component, variant: Option<&str>
     let err = load(&root, &c, variant).unwrap_err();
     eprintln!("truncated: {err}");
     assert!(matches!(err, IoError::Safetensors { .. }), "{err}");
-    assert!(err.to_string().contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.to_string().contains("not a valid safetensors file"),
+        "{err}"
+    );
 
     std::fs::write(&path, &pristine).unwrap();
     rename_tensor(&path, key, "renamed.tensor");
@@ -202,22 +212,35 @@ fn corrupt_single_file_checkpoints_are_reported() {
 
     let key = "first_stage_model.decoder.mid.attn_1.q.weight";
     std::fs::write(&path, &pristine).unwrap();
-    rename_tensor(&path, key, "first_stage_model.decoder.mid.attn_1.query.weight");
+    rename_tensor(
+        &path,
+        key,
+        "first_stage_model.decoder.mid.attn_1.query.weight",
+    );
     let err = load_all(&path).unwrap_err();
     eprintln!("{err}");
-    let IoError::Weights { component, report, .. } = &err else {
+    let IoError::Weights {
+        component, report, ..
+    } = &err
+    else {
         panic!("{err}")
     };
     assert_eq!(component, "vae");
     assert_eq!(report.missing, vec![key.to_string()]);
-    assert_eq!(report.unused, vec!["first_stage_model.decoder.mid.attn_1.query.weight".to_string()]);
+    assert_eq!(
+        report.unused,
+        vec!["first_stage_model.decoder.mid.attn_1.query.weight".to_string()]
+    );
 
     let key = "model.diffusion_model.input_blocks.0.0.weight";
     std::fs::write(&path, &pristine).unwrap();
     reshape_tensor(&path, key);
     let err = load_all(&path).unwrap_err();
     eprintln!("{err}");
-    let IoError::Weights { component, report, .. } = &err else {
+    let IoError::Weights {
+        component, report, ..
+    } = &err
+    else {
         panic!("{err}")
     };
     assert_eq!(component, "unet");
@@ -230,7 +253,9 @@ fn missing_files_and_pickles_are_reported() {
     let err = DiffusersDir::open(tmp.path().join("nope")).unwrap_err();
     assert!(matches!(err, IoError::NotFound { .. }), "{err}");
     let dir = DiffusersDir::open(tmp.path()).unwrap();
-    let err = dir.unet(&Device::flex(), &ComponentOptions::default()).unwrap_err();
+    let err = dir
+        .unet(&Device::flex(), &ComponentOptions::default())
+        .unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
     let ckpt = tmp.path().join("model.ckpt");
     std::fs::write(&ckpt, b"not really").unwrap();
@@ -256,5 +281,8 @@ fn int_tensor_in_place_of_a_float_is_a_dtype_mismatch() {
     });
     let err = load(&root, &Component::Vae, None).unwrap_err();
     eprintln!("{err}");
-    assert!(err.to_string().contains("post_quant_conv.bias: dtype I64"), "{err}");
+    assert!(
+        err.to_string().contains("post_quant_conv.bias: dtype I64"),
+        "{err}"
+    );
 }

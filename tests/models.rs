@@ -20,8 +20,18 @@ fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
     let ids = r.int_tensor::<2>("input_ids", device);
     let t = tol(name, 1e-4, 1e-3);
     let out = te.forward(ids.clone(), HiddenLayer::Last);
-    assert_close(&format!("[{name}] last_hidden_state"), &out.hidden_states, &r.floats("last_hidden_state"), t);
-    assert_close(&format!("[{name}] pooler_output"), &out.pooled, &r.floats("pooler_output"), t);
+    assert_close(
+        &format!("[{name}] last_hidden_state"),
+        &out.hidden_states,
+        &r.floats("last_hidden_state"),
+        t,
+    );
+    assert_close(
+        &format!("[{name}] pooler_output"),
+        &out.pooled,
+        &r.floats("pooler_output"),
+        t,
+    );
     let skip = te.forward(ids.clone(), HiddenLayer::Skip(1));
     assert_close(
         &format!("[{name}] penultimate_hidden_state_final_ln"),
@@ -31,7 +41,12 @@ fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
     );
     let states = te.hidden_states(ids);
     let all = Tensor::stack::<4>(states.clone(), 0);
-    assert_close(&format!("[{name}] all_hidden_states"), &all, &r.floats("all_hidden_states"), t);
+    assert_close(
+        &format!("[{name}] all_hidden_states"),
+        &all,
+        &r.floats("all_hidden_states"),
+        t,
+    );
     let n = states.len();
     assert_close(
         &format!("[{name}] penultimate_hidden_state"),
@@ -44,7 +59,9 @@ fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
 #[test]
 fn text_encoder_matches_diffusers() {
     for (name, device) in devices() {
-        let te = tiny().text_encoder(&device, &ComponentOptions::default()).unwrap();
+        let te = tiny()
+            .text_encoder(&device, &ComponentOptions::default())
+            .unwrap();
         check_text_encoder(name, &device, &te);
     }
 }
@@ -63,18 +80,42 @@ fn check_unet(name: &str, device: &Device, unet: &UNet2DConditionModel, file: &s
                 r.int_tensor::<1>(&key, device).float()
             };
             let out = unet.forward(sample.clone(), ts, ctx.clone());
-            assert_close(&format!("[{name}] {file} out_{case} ({kind} t)"), &out, &r.floats(&format!("out_{case}")), t);
+            assert_close(
+                &format!("[{name}] {file} out_{case} ({kind} t)"),
+                &out,
+                &r.floats(&format!("out_{case}")),
+                t,
+            );
         }
     }
     for case in ["mixed", "frac"] {
-        let out = unet.forward(sample.clone(), r.tensor::<1>(&format!("timestep_{case}"), device), ctx.clone());
-        assert_close(&format!("[{name}] {file} out_{case}"), &out, &r.floats(&format!("out_{case}")), t);
+        let out = unet.forward(
+            sample.clone(),
+            r.tensor::<1>(&format!("timestep_{case}"), device),
+            ctx.clone(),
+        );
+        assert_close(
+            &format!("[{name}] {file} out_{case}"),
+            &out,
+            &r.floats(&format!("out_{case}")),
+            t,
+        );
     }
     // Intermediates at t = 500.
     let ts = r.tensor::<1>("timestep_t500_float", device);
     let (proj, emb) = unet.time_embed(ts.clone());
-    assert_close(&format!("[{name}] time_proj"), &proj, &r.floats("intermediate_t500.time_proj"), t);
-    assert_close(&format!("[{name}] time_embedding"), &emb, &r.floats("intermediate_t500.time_embedding"), t);
+    assert_close(
+        &format!("[{name}] time_proj"),
+        &proj,
+        &r.floats("intermediate_t500.time_proj"),
+        t,
+    );
+    assert_close(
+        &format!("[{name}] time_embedding"),
+        &emb,
+        &r.floats("intermediate_t500.time_embedding"),
+        t,
+    );
     let mut seen = Vec::new();
     unet.forward_with_intermediates(sample, ts, ctx, |key, x| {
         let full = format!("intermediate_t500.{key}");
@@ -100,7 +141,13 @@ fn inpaint_unet_matches_diffusers() {
         let dir = DiffusersDir::open(fixture("tiny-sd15-inpaint")).unwrap();
         let unet = dir.unet(&device, &ComponentOptions::default()).unwrap();
         assert_eq!(stable_diffusion::core::Denoiser::in_channels(&unet), 9);
-        check_unet(name, &device, &unet, "reference/unet_inpaint.safetensors", 1e-4);
+        check_unet(
+            name,
+            &device,
+            &unet,
+            "reference/unet_inpaint.safetensors",
+            1e-4,
+        );
     }
 }
 
@@ -108,29 +155,69 @@ fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
     let r = Reference::open("reference/vae.safetensors");
     let t = tol(name, 1e-4, 2e-3);
     let z = r.tensor::<4>("decode_in_latents", device) / vae.scaling_factor();
-    assert_close(&format!("[{name}] decode_in_z"), &z, &r.floats("decode_in_z"), 1e-6);
+    assert_close(
+        &format!("[{name}] decode_in_z"),
+        &z,
+        &r.floats("decode_in_z"),
+        1e-6,
+    );
     let mut checked = 0;
     let out = vae.decode_with_intermediates(z.clone(), |key, x| {
         let full = format!("intermediate_decode.decoder.{key}");
         if r.has(&full) {
             let [_, c, h, w] = x.dims();
             let first = x.clone().slice([0..1, 0..c, 0..h, 0..w]);
-            assert_close(&format!("[{name}] decoder.{key}"), &first, &r.floats(&full), t);
+            assert_close(
+                &format!("[{name}] decoder.{key}"),
+                &first,
+                &r.floats(&full),
+                t,
+            );
             checked += 1;
         }
     });
     assert_eq!(checked, 5);
-    assert_close(&format!("[{name}] decode_out"), &out, &r.floats("decode_out"), t);
+    assert_close(
+        &format!("[{name}] decode_out"),
+        &out,
+        &r.floats("decode_out"),
+        t,
+    );
 
     let image = r.tensor::<4>("encode_in_image", device);
     let moments = vae.encode_moments(image.clone());
-    assert_close(&format!("[{name}] encode_moments"), &moments, &r.floats("encode_moments"), t);
+    assert_close(
+        &format!("[{name}] encode_moments"),
+        &moments,
+        &r.floats("encode_moments"),
+        t,
+    );
     let dist = vae.encode(image);
-    assert_close(&format!("[{name}] encode_mean"), &dist.mean, &r.floats("encode_mean"), t);
-    assert_close(&format!("[{name}] encode_logvar"), &dist.logvar, &r.floats("encode_logvar"), t);
-    assert_close(&format!("[{name}] encode_std"), &dist.std(), &r.floats("encode_std"), t);
+    assert_close(
+        &format!("[{name}] encode_mean"),
+        &dist.mean,
+        &r.floats("encode_mean"),
+        t,
+    );
+    assert_close(
+        &format!("[{name}] encode_logvar"),
+        &dist.logvar,
+        &r.floats("encode_logvar"),
+        t,
+    );
+    assert_close(
+        &format!("[{name}] encode_std"),
+        &dist.std(),
+        &r.floats("encode_std"),
+        t,
+    );
     let sample = dist.sample(r.tensor::<4>("encode_sample_noise", device));
-    assert_close(&format!("[{name}] encode_sample"), &sample, &r.floats("encode_sample"), t);
+    assert_close(
+        &format!("[{name}] encode_sample"),
+        &sample,
+        &r.floats("encode_sample"),
+        t,
+    );
     assert_close(
         &format!("[{name}] encode_sample_scaled"),
         &(sample * vae.scaling_factor()),
@@ -172,7 +259,9 @@ fn unet_handles_non_square_latents() {
 #[test]
 fn single_file_checkpoint_matches_the_folder() {
     let device = Device::flex();
-    let ckpt = SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15")).unwrap();
+    let ckpt =
+        SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15"))
+            .unwrap();
     let opts = ComponentOptions::default();
     let unet = ckpt.unet(&device, &opts).unwrap();
     check_unet("flex", &device, &unet, "reference/unet.safetensors", 1e-4);
@@ -190,16 +279,38 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
         variant: Some("fp16".into()),
     };
     let dir = tiny();
-    assert!(dir.unet_weights(Some("fp16")).unwrap().to_string_lossy().ends_with(".fp16.safetensors"));
+    assert!(
+        dir.unet_weights(Some("fp16"))
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(".fp16.safetensors")
+    );
     let unet = dir.unet(&device, &opts).unwrap();
-    assert_eq!(unet.conv_in.weight.val().dtype(), DType::F16, "parameters must be f16");
+    assert_eq!(
+        unet.conv_in.weight.val().dtype(),
+        DType::F16,
+        "parameters must be f16"
+    );
     let r = Reference::open("reference/unet.safetensors");
     let sample = r.tensor::<4>("sample", &device);
     let ctx = r.tensor::<3>("encoder_hidden_states", &device);
     for case in ["t999", "t500", "t1"] {
-        let out = unet.forward(sample.clone(), r.tensor::<1>(&format!("timestep_{case}_float"), &device), ctx.clone());
-        assert_eq!(out.dtype(), DType::F32, "output comes back in the input dtype");
-        assert_close(&format!("f16 unet out_{case}"), &out, &r.floats(&format!("out_{case}")), 5e-2);
+        let out = unet.forward(
+            sample.clone(),
+            r.tensor::<1>(&format!("timestep_{case}_float"), &device),
+            ctx.clone(),
+        );
+        assert_eq!(
+            out.dtype(),
+            DType::F32,
+            "output comes back in the input dtype"
+        );
+        assert_close(
+            &format!("f16 unet out_{case}"),
+            &out,
+            &r.floats(&format!("out_{case}")),
+            5e-2,
+        );
     }
     // The VAE stays f32 next to an f16 U-Net.
     let vae = dir.vae(&device, &ComponentOptions::default()).unwrap();
@@ -214,6 +325,10 @@ fn f16_file_loads_as_f32_when_asked() {
         variant: Some("fp16".into()),
     };
     let unet = tiny().unet(&device, &opts).unwrap();
-    assert_eq!(unet.conv_in.weight.val().dtype(), DType::F32, "an f16 file must not stay f16");
+    assert_eq!(
+        unet.conv_in.weight.val().dtype(),
+        DType::F32,
+        "an f16 file must not stay f16"
+    );
     check_unet("flex", &device, &unet, "reference/unet.safetensors", 1e-4);
 }

@@ -21,7 +21,11 @@ fn check(tokenizer: &ClipTokenizer) {
         let ids = tokenizer.encode(prompt).unwrap();
         assert_eq!(ids, expected, "prompt {prompt:?}");
         let content = tokenizer.content_ids(prompt).unwrap();
-        assert_eq!(content.len(), record["num_content_tokens"].as_u64().unwrap() as usize, "{prompt:?}");
+        assert_eq!(
+            content.len(),
+            record["num_content_tokens"].as_u64().unwrap() as usize,
+            "{prompt:?}"
+        );
     }
 }
 
@@ -53,6 +57,10 @@ fn sd2_pads_with_exclamation_mark_and_splits_it() {
     assert_eq!(tokenizer.pad_id(), 0);
     let ids = tokenizer.encode("wow!!").unwrap();
     assert_eq!(ids.len(), 77);
-    assert_eq!(&ids[2..5], &[0, 0, 49407], "`!!` must be two pad-special tokens");
+    assert_eq!(
+        &ids[2..5],
+        &[0, 0, 49407],
+        "`!!` must be two pad-special tokens"
+    );
     assert!(ids[5..].iter().all(|&i| i == 0));
 }

@@ -10,7 +10,9 @@ use stable_diffusion::io::WeightSource;
 
 /// `tests/fixtures/...`
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// The devices the component parity tests run on: flex always, and wgpu when the
@@ -41,7 +43,11 @@ impl Reference {
     }
 
     pub fn shape(&self, key: &str) -> Vec<usize> {
-        self.source.get(key).unwrap_or_else(|| panic!("no `{key}`")).shape.clone()
+        self.source
+            .get(key)
+            .unwrap_or_else(|| panic!("no `{key}`"))
+            .shape
+            .clone()
     }
 
     /// A float tensor as host f32 values.
@@ -74,6 +80,14 @@ impl Reference {
         Tensor::from_data(TensorData::new(self.ints(key), shape), device)
     }
 
+    pub fn source_dtype_is_int(&self, key: &str) -> bool {
+        !self
+            .source
+            .get(key)
+            .unwrap_or_else(|| panic!("no `{key}`"))
+            .is_float()
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.source.get(key).is_some()
     }
@@ -90,11 +104,19 @@ pub fn max_abs_diff<const D: usize>(actual: &Tensor<D>, expected: &[f32]) -> f32
     got.iter()
         .zip(expected)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
 }
 
 /// Asserts `max |a - b| <= tol`, printing the figure for the test log.
-pub fn assert_close<const D: usize>(what: &str, actual: &Tensor<D>, expected: &[f32], tol: f32) -> f32 {
+pub fn assert_close<const D: usize>(
+    what: &str,
+    actual: &Tensor<D>,
+    expected: &[f32],
+    tol: f32,
+) -> f32 {
     assert_eq!(
         actual.dims().iter().product::<usize>(),
         expected.len(),

@@ -14,6 +14,14 @@ pub enum CoreError {
         /// What is wrong with it.
         message: String,
     },
+    /// A config value that cannot be honoured (scheduler configs, ...).
+    #[error("config field `{field}`: {message}")]
+    Config {
+        /// The field's name as in the JSON file.
+        field: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
     /// A combination of models or options this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

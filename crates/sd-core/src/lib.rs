@@ -4,11 +4,15 @@
 pub mod autoencoder;
 pub mod denoiser;
 pub mod error;
+pub mod noise;
+pub mod scheduler;
 pub mod text_encoder;
 
 pub use autoencoder::{Autoencoder, DiagonalGaussian};
 pub use denoiser::Denoiser;
 pub use error::CoreError;
+pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
+pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, img2img_start};
 pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput};
 
 /// Re-export of the burn version these traits are written against.

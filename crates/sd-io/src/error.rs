@@ -26,7 +26,11 @@ impl WeightsReport {
 }
 
 fn list(keys: &[String]) -> String {
-    let shown: Vec<&str> = keys.iter().take(MAX_LISTED_KEYS).map(|s| s.as_str()).collect();
+    let shown: Vec<&str> = keys
+        .iter()
+        .take(MAX_LISTED_KEYS)
+        .map(|s| s.as_str())
+        .collect();
     let more = keys.len().saturating_sub(MAX_LISTED_KEYS);
     if more > 0 {
         format!("{} (and {more} more)", shown.join(", "))
@@ -39,13 +43,25 @@ impl std::fmt::Display for WeightsReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
         if !self.missing.is_empty() {
-            parts.push(format!("{} missing: {}", self.missing.len(), list(&self.missing)));
+            parts.push(format!(
+                "{} missing: {}",
+                self.missing.len(),
+                list(&self.missing)
+            ));
         }
         if !self.unused.is_empty() {
-            parts.push(format!("{} unused: {}", self.unused.len(), list(&self.unused)));
+            parts.push(format!(
+                "{} unused: {}",
+                self.unused.len(),
+                list(&self.unused)
+            ));
         }
         if !self.mismatched.is_empty() {
-            parts.push(format!("{} mismatched: {}", self.mismatched.len(), list(&self.mismatched)));
+            parts.push(format!(
+                "{} mismatched: {}",
+                self.mismatched.len(),
+                list(&self.mismatched)
+            ));
         }
         f.write_str(&parts.join("; "))
     }

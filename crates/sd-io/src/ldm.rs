@@ -67,30 +67,62 @@ impl LdmKeyMap {
                     Kind::UnetResnet,
                 );
                 if *kind == DownBlockType::CrossAttnDownBlock2D {
-                    m.add(format!("down_blocks.{i}.attentions.{j}."), format!("input_blocks.{idx}.1."), p);
+                    m.add(
+                        format!("down_blocks.{i}.attentions.{j}."),
+                        format!("input_blocks.{idx}.1."),
+                        p,
+                    );
                 }
                 idx += 1;
             }
             if i + 1 < n {
-                m.add(format!("down_blocks.{i}.downsamplers.0.conv."), format!("input_blocks.{idx}.0.op."), p);
+                m.add(
+                    format!("down_blocks.{i}.downsamplers.0.conv."),
+                    format!("input_blocks.{idx}.0.op."),
+                    p,
+                );
                 idx += 1;
             }
         }
-        m.add("mid_block.resnets.0.".into(), "middle_block.0.".into(), Kind::UnetResnet);
-        m.add("mid_block.attentions.0.".into(), "middle_block.1.".into(), p);
-        m.add("mid_block.resnets.1.".into(), "middle_block.2.".into(), Kind::UnetResnet);
+        m.add(
+            "mid_block.resnets.0.".into(),
+            "middle_block.0.".into(),
+            Kind::UnetResnet,
+        );
+        m.add(
+            "mid_block.attentions.0.".into(),
+            "middle_block.1.".into(),
+            p,
+        );
+        m.add(
+            "mid_block.resnets.1.".into(),
+            "middle_block.2.".into(),
+            Kind::UnetResnet,
+        );
         let mut idx = 0;
         for (i, kind) in config.up_block_types.iter().enumerate() {
             let layers = lpb[n - 1 - i] + 1;
             let attn = *kind == UpBlockType::CrossAttnUpBlock2D;
             for j in 0..layers {
-                m.add(format!("up_blocks.{i}.resnets.{j}."), format!("output_blocks.{idx}.0."), Kind::UnetResnet);
+                m.add(
+                    format!("up_blocks.{i}.resnets.{j}."),
+                    format!("output_blocks.{idx}.0."),
+                    Kind::UnetResnet,
+                );
                 if attn {
-                    m.add(format!("up_blocks.{i}.attentions.{j}."), format!("output_blocks.{idx}.1."), p);
+                    m.add(
+                        format!("up_blocks.{i}.attentions.{j}."),
+                        format!("output_blocks.{idx}.1."),
+                        p,
+                    );
                 }
                 if j + 1 == layers && i + 1 < n {
                     let slot = if attn { 2 } else { 1 };
-                    m.add(format!("up_blocks.{i}.upsamplers.0."), format!("output_blocks.{idx}.{slot}."), p);
+                    m.add(
+                        format!("up_blocks.{i}.upsamplers.0."),
+                        format!("output_blocks.{idx}.{slot}."),
+                        p,
+                    );
                 }
                 idx += 1;
             }
@@ -107,21 +139,53 @@ impl LdmKeyMap {
         let p = Kind::Plain;
         let n = config.block_out_channels.len();
         for part in ["encoder", "decoder"] {
-            m.add(format!("{part}.conv_norm_out."), format!("{part}.norm_out."), p);
-            m.add(format!("{part}.mid_block.resnets.0."), format!("{part}.mid.block_1."), Kind::VaeResnet);
-            m.add(format!("{part}.mid_block.resnets.1."), format!("{part}.mid.block_2."), Kind::VaeResnet);
-            m.add(format!("{part}.mid_block.attentions.0."), format!("{part}.mid.attn_1."), Kind::VaeAttention);
+            m.add(
+                format!("{part}.conv_norm_out."),
+                format!("{part}.norm_out."),
+                p,
+            );
+            m.add(
+                format!("{part}.mid_block.resnets.0."),
+                format!("{part}.mid.block_1."),
+                Kind::VaeResnet,
+            );
+            m.add(
+                format!("{part}.mid_block.resnets.1."),
+                format!("{part}.mid.block_2."),
+                Kind::VaeResnet,
+            );
+            m.add(
+                format!("{part}.mid_block.attentions.0."),
+                format!("{part}.mid.attn_1."),
+                Kind::VaeAttention,
+            );
         }
         for i in 0..n {
             for j in 0..config.layers_per_block {
-                m.add(format!("encoder.down_blocks.{i}.resnets.{j}."), format!("encoder.down.{i}.block.{j}."), Kind::VaeResnet);
+                m.add(
+                    format!("encoder.down_blocks.{i}.resnets.{j}."),
+                    format!("encoder.down.{i}.block.{j}."),
+                    Kind::VaeResnet,
+                );
             }
-            m.add(format!("encoder.down_blocks.{i}.downsamplers.0."), format!("encoder.down.{i}.downsample."), p);
+            m.add(
+                format!("encoder.down_blocks.{i}.downsamplers.0."),
+                format!("encoder.down.{i}.downsample."),
+                p,
+            );
             let r = n - 1 - i;
             for j in 0..=config.layers_per_block {
-                m.add(format!("decoder.up_blocks.{i}.resnets.{j}."), format!("decoder.up.{r}.block.{j}."), Kind::VaeResnet);
+                m.add(
+                    format!("decoder.up_blocks.{i}.resnets.{j}."),
+                    format!("decoder.up.{r}.block.{j}."),
+                    Kind::VaeResnet,
+                );
             }
-            m.add(format!("decoder.up_blocks.{i}.upsamplers.0."), format!("decoder.up.{r}.upsample."), p);
+            m.add(
+                format!("decoder.up_blocks.{i}.upsamplers.0."),
+                format!("decoder.up.{r}.upsample."),
+                p,
+            );
         }
         m
     }
@@ -139,20 +203,31 @@ impl LdmKeyMap {
         let rest = &key[prefix.len()..];
         let rest = match kind {
             Kind::Plain => rest.to_string(),
-            Kind::UnetResnet => rename_first(rest, &[
-                ("norm1", "in_layers.0"),
-                ("conv1", "in_layers.2"),
-                ("time_emb_proj", "emb_layers.1"),
-                ("norm2", "out_layers.0"),
-                ("conv2", "out_layers.3"),
-                ("conv_shortcut", "skip_connection"),
-            ]),
+            Kind::UnetResnet => rename_first(
+                rest,
+                &[
+                    ("norm1", "in_layers.0"),
+                    ("conv1", "in_layers.2"),
+                    ("time_emb_proj", "emb_layers.1"),
+                    ("norm2", "out_layers.0"),
+                    ("conv2", "out_layers.3"),
+                    ("conv_shortcut", "skip_connection"),
+                ],
+            ),
             Kind::VaeResnet => rename_first(rest, &[("conv_shortcut", "nin_shortcut")]),
             Kind::VaeAttention => {
                 if let Some(r) = rest.strip_prefix("to_out.0.") {
                     format!("proj_out.{r}")
                 } else {
-                    rename_first(rest, &[("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v")])
+                    rename_first(
+                        rest,
+                        &[
+                            ("group_norm", "norm"),
+                            ("to_q", "q"),
+                            ("to_k", "k"),
+                            ("to_v", "v"),
+                        ],
+                    )
                 }
             }
         };
@@ -183,15 +258,42 @@ mod tests {
         let m = LdmKeyMap::unet(&UNet2DConditionConfig::default());
         let cases = [
             ("conv_in.weight", "input_blocks.0.0.weight"),
-            ("down_blocks.0.resnets.1.norm1.bias", "input_blocks.2.0.in_layers.0.bias"),
-            ("down_blocks.0.attentions.1.proj_in.weight", "input_blocks.2.1.proj_in.weight"),
-            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
-            ("down_blocks.3.resnets.1.conv2.weight", "input_blocks.11.0.out_layers.3.weight"),
-            ("mid_block.resnets.1.time_emb_proj.bias", "middle_block.2.emb_layers.1.bias"),
-            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
-            ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
-            ("up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight", "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"),
-            ("up_blocks.1.resnets.0.conv_shortcut.weight", "output_blocks.3.0.skip_connection.weight"),
+            (
+                "down_blocks.0.resnets.1.norm1.bias",
+                "input_blocks.2.0.in_layers.0.bias",
+            ),
+            (
+                "down_blocks.0.attentions.1.proj_in.weight",
+                "input_blocks.2.1.proj_in.weight",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "down_blocks.3.resnets.1.conv2.weight",
+                "input_blocks.11.0.out_layers.3.weight",
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.bias",
+                "middle_block.2.emb_layers.1.bias",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.1.conv.weight",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.weight",
+                "output_blocks.5.2.conv.weight",
+            ),
+            (
+                "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight",
+                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "up_blocks.1.resnets.0.conv_shortcut.weight",
+                "output_blocks.3.0.skip_connection.weight",
+            ),
             ("conv_out.bias", "out.2.bias"),
         ];
         for (d, l) in cases {
@@ -207,12 +309,30 @@ mod tests {
         .unwrap();
         let m = LdmKeyMap::vae(&config);
         let cases = [
-            ("decoder.up_blocks.0.resnets.2.norm1.weight", "decoder.up.3.block.2.norm1.weight"),
-            ("decoder.up_blocks.3.resnets.0.conv_shortcut.bias", "decoder.up.0.block.0.nin_shortcut.bias"),
-            ("decoder.up_blocks.2.upsamplers.0.conv.weight", "decoder.up.1.upsample.conv.weight"),
-            ("encoder.mid_block.attentions.0.to_out.0.weight", "encoder.mid.attn_1.proj_out.weight"),
-            ("encoder.mid_block.attentions.0.group_norm.bias", "encoder.mid.attn_1.norm.bias"),
-            ("encoder.down_blocks.1.downsamplers.0.conv.bias", "encoder.down.1.downsample.conv.bias"),
+            (
+                "decoder.up_blocks.0.resnets.2.norm1.weight",
+                "decoder.up.3.block.2.norm1.weight",
+            ),
+            (
+                "decoder.up_blocks.3.resnets.0.conv_shortcut.bias",
+                "decoder.up.0.block.0.nin_shortcut.bias",
+            ),
+            (
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                "decoder.up.1.upsample.conv.weight",
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_out.0.weight",
+                "encoder.mid.attn_1.proj_out.weight",
+            ),
+            (
+                "encoder.mid_block.attentions.0.group_norm.bias",
+                "encoder.mid.attn_1.norm.bias",
+            ),
+            (
+                "encoder.down_blocks.1.downsamplers.0.conv.bias",
+                "encoder.down.1.downsample.conv.bias",
+            ),
             ("quant_conv.weight", "quant_conv.weight"),
         ];
         for (d, l) in cases {

@@ -70,7 +70,9 @@ fn shape_fits(stored: &[usize], expected: &[usize]) -> bool {
         }
         v
     };
-    stored.len() != expected.len() && trim(stored) == trim(expected) && stored.iter().product::<usize>() == expected.iter().product::<usize>()
+    stored.len() != expected.len()
+        && trim(stored) == trim(expected)
+        && stored.iter().product::<usize>() == expected.iter().product::<usize>()
 }
 
 impl ModuleMapper for Binder<'_, '_> {
@@ -93,16 +95,18 @@ impl ModuleMapper for Binder<'_, '_> {
             return param;
         };
         if !stored.is_float() {
-            self.report
-                .mismatched
-                .push(format!("{key}: dtype {:?} in the file, a float expected", stored.dtype));
+            self.report.mismatched.push(format!(
+                "{key}: dtype {:?} in the file, a float expected",
+                stored.dtype
+            ));
             self.used.insert(key);
             return param;
         }
         if !shape_fits(&stored.shape, &expected) {
-            self.report
-                .mismatched
-                .push(format!("{key}: shape {:?} in the file, {:?} expected", stored.shape, expected));
+            self.report.mismatched.push(format!(
+                "{key}: shape {:?} in the file, {:?} expected",
+                stored.shape, expected
+            ));
             self.used.insert(key);
             return param;
         }
@@ -160,7 +164,11 @@ pub fn load_module<M: Module>(
     } else {
         Err(IoError::Weights {
             component: component.to_string(),
-            path: source.paths().first().map(|p| p.to_path_buf()).unwrap_or_else(PathBuf::new),
+            path: source
+                .paths()
+                .first()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_else(PathBuf::new),
             report,
         })
     }

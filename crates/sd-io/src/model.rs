@@ -66,7 +66,11 @@ pub fn read_text_encoder_config(path: &Path) -> Result<ClipTextConfig, IoError> 
 
 /// The weight files of a diffusers component folder: `{base}[.{variant}].safetensors`
 /// or its sharded index.
-pub fn component_weights(dir: &Path, base: &str, variant: Option<&str>) -> Result<PathBuf, IoError> {
+pub fn component_weights(
+    dir: &Path,
+    base: &str,
+    variant: Option<&str>,
+) -> Result<PathBuf, IoError> {
     let mut candidates = Vec::new();
     if let Some(v) = variant {
         candidates.push(dir.join(format!("{base}.{v}.safetensors")));
@@ -174,31 +178,58 @@ impl DiffusersDir {
     }
 
     /// Builds the U-Net and loads its weights.
-    pub fn unet(&self, device: &Device, options: &ComponentOptions) -> Result<UNet2DConditionModel, IoError> {
+    pub fn unet(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<UNet2DConditionModel, IoError> {
         let config = self.unet_config()?;
         let path = self.unet_weights(options.variant.as_deref())?;
         let model = UNet2DConditionModel::new(&config, device).map_err(config_err(&path))?;
         let source = WeightSource::open(&path)?;
-        load_module(model, &source, &KeyMapping::diffusers(), options.load(), "unet")
+        load_module(
+            model,
+            &source,
+            &KeyMapping::diffusers(),
+            options.load(),
+            "unet",
+        )
     }
 
     /// Builds the VAE and loads its weights.
-    pub fn vae(&self, device: &Device, options: &ComponentOptions) -> Result<AutoencoderKL, IoError> {
+    pub fn vae(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<AutoencoderKL, IoError> {
         let config = self.vae_config()?;
         let path = self.vae_weights(options.variant.as_deref())?;
         let model = AutoencoderKL::new(&config, device).map_err(config_err(&path))?;
         let source = WeightSource::open(&path)?;
-        load_module(model, &source, &KeyMapping::diffusers(), options.load(), "vae")
+        load_module(
+            model,
+            &source,
+            &KeyMapping::diffusers(),
+            options.load(),
+            "vae",
+        )
     }
 
     /// Builds the text encoder and loads its weights (keys with or without the
     /// `text_model.` prefix).
-    pub fn text_encoder(&self, device: &Device, options: &ComponentOptions) -> Result<ClipTextModel, IoError> {
+    pub fn text_encoder(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<ClipTextModel, IoError> {
         let config = self.text_encoder_config()?;
         let path = self.text_encoder_weights(options.variant.as_deref())?;
         let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
         let source = WeightSource::open(&path)?;
-        let prefixed = source.tensors().keys().any(|k| k.starts_with("text_model."));
+        let prefixed = source
+            .tensors()
+            .keys()
+            .any(|k| k.starts_with("text_model."));
         let mapping = if prefixed {
             KeyMapping::diffusers()
         } else {
@@ -225,7 +256,8 @@ pub mod builtin_configs {
     /// SD 1.5 text encoder (CLIP ViT-L/14).
     pub const SD15_TEXT_ENCODER: &str = include_str!("../configs/sd15/text_encoder/config.json");
     /// SD 1.5 scheduler.
-    pub const SD15_SCHEDULER: &str = include_str!("../configs/sd15/scheduler/scheduler_config.json");
+    pub const SD15_SCHEDULER: &str =
+        include_str!("../configs/sd15/scheduler/scheduler_config.json");
     /// SD 2.1-v U-Net.
     pub const SD21_UNET: &str = include_str!("../configs/sd21/unet/config.json");
     /// SD 2.1 VAE.
@@ -233,7 +265,8 @@ pub mod builtin_configs {
     /// SD 2.1 text encoder (OpenCLIP ViT-H/14).
     pub const SD21_TEXT_ENCODER: &str = include_str!("../configs/sd21/text_encoder/config.json");
     /// SD 2.1-v scheduler.
-    pub const SD21_SCHEDULER: &str = include_str!("../configs/sd21/scheduler/scheduler_config.json");
+    pub const SD21_SCHEDULER: &str =
+        include_str!("../configs/sd21/scheduler/scheduler_config.json");
 }
 
 /// A single-file original (CompVis / LDM) checkpoint: `.safetensors` with
@@ -251,9 +284,17 @@ pub struct SingleFile {
 impl SingleFile {
     /// Opens a checkpoint, taking the architecture from a diffusers folder's configs
     /// (as diffusers' `from_single_file(..., config=DIR)`).
-    pub fn open_with_configs(path: impl AsRef<Path>, config_dir: impl AsRef<Path>) -> Result<Self, IoError> {
+    pub fn open_with_configs(
+        path: impl AsRef<Path>,
+        config_dir: impl AsRef<Path>,
+    ) -> Result<Self, IoError> {
         let dir = DiffusersDir::open(config_dir)?;
-        Self::with_configs(path.as_ref(), dir.unet_config()?, dir.vae_config()?, dir.text_encoder_config()?)
+        Self::with_configs(
+            path.as_ref(),
+            dir.unet_config()?,
+            dir.vae_config()?,
+            dir.text_encoder_config()?,
+        )
     }
 
     /// Opens a checkpoint, recognising SD 1.x or SD 2.x from its tensors and using the
@@ -262,7 +303,8 @@ impl SingleFile {
         let path = path.as_ref();
         let source = open_checkpoint(path)?;
         use builtin_configs::*;
-        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("built-in config");
+        let parse =
+            |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("built-in config");
         let is_sd2 = source
             .get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
             .is_some_and(|t| t.shape.get(1) == Some(&1024));
@@ -325,8 +367,13 @@ impl SingleFile {
     }
 
     /// Builds the U-Net and loads `model.diffusion_model.*`.
-    pub fn unet(&self, device: &Device, options: &ComponentOptions) -> Result<UNet2DConditionModel, IoError> {
-        let model = UNet2DConditionModel::new(&self.unet, device).map_err(config_err(&self.path))?;
+    pub fn unet(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<UNet2DConditionModel, IoError> {
+        let model =
+            UNet2DConditionModel::new(&self.unet, device).map_err(config_err(&self.path))?;
         let map = LdmKeyMap::unet(&self.unet);
         let mapping = KeyMapping {
             key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
@@ -338,7 +385,11 @@ impl SingleFile {
 
     /// Builds the VAE and loads `first_stage_model.*` (mid-block attention 1x1 convs
     /// become linear layers).
-    pub fn vae(&self, device: &Device, options: &ComponentOptions) -> Result<AutoencoderKL, IoError> {
+    pub fn vae(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<AutoencoderKL, IoError> {
         let model = AutoencoderKL::new(&self.vae, device).map_err(config_err(&self.path))?;
         let map = LdmKeyMap::vae(&self.vae);
         let mapping = KeyMapping {
@@ -350,8 +401,17 @@ impl SingleFile {
     }
 
     /// Builds the CLIP text encoder and loads `cond_stage_model.transformer.*`.
-    pub fn text_encoder(&self, device: &Device, options: &ComponentOptions) -> Result<ClipTextModel, IoError> {
-        if self.source.tensors().keys().any(|k| k.starts_with(ldm::OPEN_CLIP_PREFIX)) {
+    pub fn text_encoder(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<ClipTextModel, IoError> {
+        if self
+            .source
+            .tensors()
+            .keys()
+            .any(|k| k.starts_with(ldm::OPEN_CLIP_PREFIX))
+        {
             return Err(IoError::Unsupported(format!(
                 "{}: the OpenCLIP text encoder of SD 2.x single files (`{}*`) is not read yet; \
                  use the diffusers folder's text_encoder/",
@@ -359,7 +419,8 @@ impl SingleFile {
                 ldm::OPEN_CLIP_PREFIX
             )));
         }
-        let model = ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
+        let model =
+            ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
         let prefixed = self
             .source
             .tensors()
@@ -370,13 +431,23 @@ impl SingleFile {
                 if prefixed {
                     format!("{}{p}", ldm::TEXT_ENCODER_PREFIX)
                 } else {
-                    format!("{}{}", ldm::TEXT_ENCODER_PREFIX, p.strip_prefix("text_model.").unwrap_or(p))
+                    format!(
+                        "{}{}",
+                        ldm::TEXT_ENCODER_PREFIX,
+                        p.strip_prefix("text_model.").unwrap_or(p)
+                    )
                 }
             }),
             prefix: ldm::TEXT_ENCODER_PREFIX.into(),
             ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
         };
-        load_module(model, &self.source, &mapping, options.load(), "text_encoder")
+        load_module(
+            model,
+            &self.source,
+            &mapping,
+            options.load(),
+            "text_encoder",
+        )
     }
 }
 

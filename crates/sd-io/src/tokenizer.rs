@@ -36,12 +36,19 @@ fn read(path: &Path) -> Result<String, IoError> {
 
 /// The `tokenizer.json` pipeline transformers' CLIP converter writes, around a
 /// vocabulary and merges.
-fn clip_tokenizer_json(vocab: Value, merges: Vec<Value>, extra_special: Option<(&str, u32)>) -> Value {
+fn clip_tokenizer_json(
+    vocab: Value,
+    merges: Vec<Value>,
+    extra_special: Option<(&str, u32)>,
+) -> Value {
     let mut added = vec![
         json!({"id": 49406, "content": BOS_TOKEN, "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true}),
         json!({"id": 49407, "content": EOS_TOKEN, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
     ];
-    if let (Some(id), Some(vocab_map)) = (vocab.get(BOS_TOKEN).and_then(Value::as_u64), vocab.as_object()) {
+    if let (Some(id), Some(vocab_map)) = (
+        vocab.get(BOS_TOKEN).and_then(Value::as_u64),
+        vocab.as_object(),
+    ) {
         added[0]["id"] = json!(id);
         if let Some(e) = vocab_map.get(EOS_TOKEN).and_then(Value::as_u64) {
             added[1]["id"] = json!(e);
@@ -80,13 +87,18 @@ impl ClipTokenizer {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
         let (pad, max_length) = if config_path.exists() {
-            let cfg: Value = serde_json::from_str(&read(&config_path)?).map_err(|e| IoError::Json {
-                path: config_path.clone(),
-                source: e,
-            })?;
+            let cfg: Value =
+                serde_json::from_str(&read(&config_path)?).map_err(|e| IoError::Json {
+                    path: config_path.clone(),
+                    source: e,
+                })?;
             let pad = match cfg.get("pad_token") {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or(EOS_TOKEN).to_string(),
+                Some(Value::Object(o)) => o
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or(EOS_TOKEN)
+                    .to_string(),
                 _ => EOS_TOKEN.to_string(),
             };
             let max = cfg
@@ -111,15 +123,21 @@ impl ClipTokenizer {
                 what: "tokenizer.json, or vocab.json and merges.txt".into(),
             });
         }
-        let vocab: Value = serde_json::from_str(&read(&vocab_path)?).map_err(|e| IoError::Json {
-            path: vocab_path.clone(),
-            source: e,
-        })?;
+        let vocab: Value =
+            serde_json::from_str(&read(&vocab_path)?).map_err(|e| IoError::Json {
+                path: vocab_path.clone(),
+                source: e,
+            })?;
         Self::from_vocab_merges(vocab, &read(&merges_path)?, &pad, max_length)
     }
 
     /// Builds the tokenizer from a parsed `vocab.json` and the text of `merges.txt`.
-    pub fn from_vocab_merges(vocab: Value, merges: &str, pad: &str, max_length: usize) -> Result<Self, IoError> {
+    pub fn from_vocab_merges(
+        vocab: Value,
+        merges: &str,
+        pad: &str,
+        max_length: usize,
+    ) -> Result<Self, IoError> {
         let merges: Vec<Value> = merges
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -129,10 +147,9 @@ impl ClipTokenizer {
             })
             .collect();
         let extra = if pad != EOS_TOKEN && pad != BOS_TOKEN {
-            let id = vocab
-                .get(pad)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| IoError::Tokenizer(format!("pad token `{pad}` is not in the vocabulary")))?;
+            let id = vocab.get(pad).and_then(Value::as_u64).ok_or_else(|| {
+                IoError::Tokenizer(format!("pad token `{pad}` is not in the vocabulary"))
+            })?;
             Some((pad, id as u32))
         } else {
             None

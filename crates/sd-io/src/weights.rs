@@ -27,7 +27,10 @@ pub struct StoredTensor {
 impl StoredTensor {
     /// Whether the tensor holds floats this crate converts (f16, bf16, f32, f64).
     pub fn is_float(&self) -> bool {
-        matches!(self.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        matches!(
+            self.dtype,
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+        )
     }
 
     /// Number of elements.
@@ -53,7 +56,10 @@ pub struct WeightSource {
 impl std::fmt::Debug for WeightSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightSource")
-            .field("files", &self.files.iter().map(|f| &f.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -176,9 +182,18 @@ impl WeightSource {
 
     /// Reads a float tensor converted to `dtype` (F32, F16 or BF16), with `shape`
     /// (which must have the stored number of elements).
-    pub fn read_float(&self, key: &str, dtype: DType, shape: Vec<usize>) -> Result<TensorData, IoError> {
+    pub fn read_float(
+        &self,
+        key: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Result<TensorData, IoError> {
         let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
-            path: self.files.first().map(|f| f.path.clone()).unwrap_or_default(),
+            path: self
+                .files
+                .first()
+                .map(|f| f.path.clone())
+                .unwrap_or_default(),
             what: format!("tensor `{key}`"),
         })?;
         let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
@@ -186,7 +201,10 @@ impl WeightSource {
             message: format!("data of `{key}` lies outside the file"),
         })?;
         let values = decode_f64_capable(bytes, t.dtype).ok_or_else(|| {
-            IoError::Unsupported(format!("tensor `{key}` has dtype {:?}, not a float", t.dtype))
+            IoError::Unsupported(format!(
+                "tensor `{key}` has dtype {:?}, not a float",
+                t.dtype
+            ))
         })?;
         Ok(match dtype {
             DType::F16 => TensorData::new(values.map_to(f16::from_f32), shape),

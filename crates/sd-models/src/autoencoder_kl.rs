@@ -49,7 +49,9 @@ impl VaeAttention {
         let q = split_heads(self.to_q.forward(hs.clone()), 1);
         let k = split_heads(self.to_k.forward(hs.clone()), 1);
         let v = split_heads(self.to_v.forward(hs), 1);
-        let out = self.to_out.forward(merge_heads(scaled_dot_product_attention(q, k, v, false)));
+        let out = self
+            .to_out
+            .forward(merge_heads(scaled_dot_product_attention(q, k, v, false)));
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 }
@@ -233,7 +235,9 @@ impl AutoencoderKL {
             c_out = boc[i];
             down_blocks.push(DownEncoderBlock2D {
                 resnets: (0..config.layers_per_block)
-                    .map(|j| ResnetBlock2D::new(if j == 0 { c_in } else { c_out }, c_out, s, device))
+                    .map(|j| {
+                        ResnetBlock2D::new(if j == 0 { c_in } else { c_out }, c_out, s, device)
+                    })
                     .collect(),
                 downsamplers: if i + 1 < n {
                     vec![Downsample2D::new(c_out, None, device)]
@@ -257,7 +261,9 @@ impl AutoencoderKL {
             c_out = boc[n - 1 - i];
             up_blocks.push(UpDecoderBlock2D {
                 resnets: (0..config.layers_per_block + 1)
-                    .map(|j| ResnetBlock2D::new(if j == 0 { prev } else { c_out }, c_out, s, device))
+                    .map(|j| {
+                        ResnetBlock2D::new(if j == 0 { prev } else { c_out }, c_out, s, device)
+                    })
                     .collect(),
                 upsamplers: if i + 1 < n {
                     vec![Upsample2D::new(c_out, device)]
@@ -276,8 +282,12 @@ impl AutoencoderKL {
         Ok(Self {
             encoder,
             decoder,
-            quant_conv: config.use_quant_conv.then(|| conv(2 * lat, 2 * lat, 1, device)),
-            post_quant_conv: config.use_post_quant_conv.then(|| conv(lat, lat, 1, device)),
+            quant_conv: config
+                .use_quant_conv
+                .then(|| conv(2 * lat, 2 * lat, 1, device)),
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| conv(lat, lat, 1, device)),
             scaling_factor: config.scaling_factor,
             latent_channels: lat,
             downscale_factor: config.downscale_factor(),
@@ -312,7 +322,10 @@ impl AutoencoderKL {
             Some(p) => p.forward(z),
             None => z,
         };
-        to_dtype(self.decoder.forward_with_intermediates(z, observe), in_dtype)
+        to_dtype(
+            self.decoder.forward_with_intermediates(z, observe),
+            in_dtype,
+        )
     }
 }
 

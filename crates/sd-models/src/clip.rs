@@ -131,7 +131,9 @@ impl ClipTextModel {
         let q = split_heads(a.q_proj.forward(h.clone()), a.heads);
         let k = split_heads(a.k_proj.forward(h.clone()), a.heads);
         let v = split_heads(a.v_proj.forward(h), a.heads);
-        let attn = a.out_proj.forward(merge_heads(scaled_dot_product_attention(q, k, v, true)));
+        let attn = a
+            .out_proj
+            .forward(merge_heads(scaled_dot_product_attention(q, k, v, true)));
         let x = x + attn;
         let h = layer.mlp.fc1.forward(layer.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
@@ -155,7 +157,8 @@ impl ClipTextModel {
         let device = input_ids.device();
         let emb = &self.text_model.embeddings;
         let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
-        let mut x = emb.token_embedding.forward(input_ids) + emb.position_embedding.forward(positions);
+        let mut x =
+            emb.token_embedding.forward(input_ids) + emb.position_embedding.forward(positions);
         let mut states = vec![x.clone()];
         for layer in self.text_model.encoder.layers.iter().take(n_layers) {
             x = self.layer_forward(layer, x);

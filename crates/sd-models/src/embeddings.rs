@@ -23,9 +23,7 @@ pub fn timestep_embedding(
     let device = timesteps.device();
     let ln = -(10000f32.ln());
     let denom = half as f32 - downscale_freq_shift as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((ln * i as f32) / denom).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((ln * i as f32) / denom).exp()).collect();
     let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device);
     let [b] = timesteps.dims();
     let args = timesteps.reshape([b, 1]) * freqs.reshape([1, half]);

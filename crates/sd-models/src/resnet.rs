@@ -1,9 +1,9 @@
 //! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`.
 
+use burn::nn::Linear;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 

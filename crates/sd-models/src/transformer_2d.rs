@@ -82,7 +82,10 @@ impl BasicTransformerBlock {
     /// - `x`: `[b, n, dim]`, `context`: `[b, m, context_dim]`; output `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), Some(context))
+            + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }

@@ -51,7 +51,14 @@ impl DownBlock2D {
         let attentions = match attention {
             Some(a) => (0..num_layers)
                 .map(|_| {
-                    Transformer2DModel::new(c_out, a.heads, a.layers, a.context_dim, resnet.groups, device)
+                    Transformer2DModel::new(
+                        c_out,
+                        a.heads,
+                        a.layers,
+                        a.context_dim,
+                        resnet.groups,
+                        device,
+                    )
                 })
                 .collect(),
             None => Vec::new(),
@@ -175,7 +182,14 @@ impl UpBlock2D {
         let attentions = match attention {
             Some(a) => (0..num_layers)
                 .map(|_| {
-                    Transformer2DModel::new(c_out, a.heads, a.layers, a.context_dim, resnet.groups, device)
+                    Transformer2DModel::new(
+                        c_out,
+                        a.heads,
+                        a.layers,
+                        a.context_dim,
+                        resnet.groups,
+                        device,
+                    )
                 })
                 .collect(),
             None => Vec::new(),

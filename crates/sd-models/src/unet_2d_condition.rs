@@ -80,7 +80,8 @@ impl UNet2DConditionModel {
             output_scale_factor: config.mid_block_scale_factor,
             ..resnet
         };
-        let mid_block = UNetMidBlock2DCrossAttn::new(boc[n - 1], mid_resnet, attention(n - 1), device);
+        let mid_block =
+            UNetMidBlock2DCrossAttn::new(boc[n - 1], mid_resnet, attention(n - 1), device);
 
         let mut up_blocks = Vec::with_capacity(n);
         let mut c_out = boc[n - 1];

@@ -1,2 +1,20 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
+
+pub mod any;
+pub mod config;
+pub mod ddim;
+pub mod dpm_solver;
+pub mod k_diffusion;
+pub mod pndm;
+pub mod schedule;
+pub mod sigmas;
+
+pub use any::{AnyScheduler, SCHEDULER_NAMES};
+pub use config::SchedulerConfig;
+pub use ddim::Ddim;
+pub use dpm_solver::DpmSolverMultistep;
+pub use k_diffusion::{KDiffusion, KMethod};
+pub use pndm::Pndm;
+pub use schedule::{NoiseSchedule, PredictionType, TimestepSpacing};
+pub use sigmas::{AysPreset, SigmaSchedule};

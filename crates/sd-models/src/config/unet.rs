@@ -300,13 +300,19 @@ impl UNet2DConditionConfig {
         if self.down_block_types.len() != n {
             return Err(u(
                 "down_block_types",
-                format!("{} entries for {n} block_out_channels", self.down_block_types.len()),
+                format!(
+                    "{} entries for {n} block_out_channels",
+                    self.down_block_types.len()
+                ),
             ));
         }
         if self.up_block_types.len() != n {
             return Err(u(
                 "up_block_types",
-                format!("{} entries for {n} block_out_channels", self.up_block_types.len()),
+                format!(
+                    "{} entries for {n} block_out_channels",
+                    self.up_block_types.len()
+                ),
             ));
         }
         let blocks = self.blocks()?;
@@ -314,7 +320,10 @@ impl UNet2DConditionConfig {
             if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
                 return Err(u(
                     "norm_num_groups",
-                    format!("{} does not divide block_out_channels[{i}] = {c}", self.norm_num_groups),
+                    format!(
+                        "{} does not divide block_out_channels[{i}] = {c}",
+                        self.norm_num_groups
+                    ),
                 ));
             }
             if blocks.num_heads[i] == 0 || c % blocks.num_heads[i] != 0 {
@@ -352,7 +361,10 @@ impl UNet2DConditionConfig {
         if let Some(t) = &self.resnet_time_scale_shift
             && t != "default"
         {
-            return Err(u("resnet_time_scale_shift", format!("`{t}` is not supported")));
+            return Err(u(
+                "resnet_time_scale_shift",
+                format!("`{t}` is not supported"),
+            ));
         }
         if let Some(t) = &self.time_embedding_type
             && t != "positional"
@@ -383,7 +395,10 @@ impl UNet2DConditionConfig {
             ("time_embedding_act_fn", &self.time_embedding_act_fn),
             ("timestep_post_act", &self.timestep_post_act),
             ("time_cond_proj_dim", &self.time_cond_proj_dim),
-            ("projection_class_embeddings_input_dim", &self.projection_class_embeddings_input_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                &self.projection_class_embeddings_input_dim,
+            ),
         ];
         for (field, v) in nulls {
             if !is_null_or(v, |_| false) {
@@ -391,13 +406,21 @@ impl UNet2DConditionConfig {
             }
         }
         if !is_null_or(&self.reverse_transformer_layers_per_block, |_| false) {
-            return Err(u("reverse_transformer_layers_per_block", "only `null` is supported"));
+            return Err(u(
+                "reverse_transformer_layers_per_block",
+                "only `null` is supported",
+            ));
         }
         if !is_null_or(&self.cross_attention_norm, |_| false) {
             return Err(u("cross_attention_norm", "only `null` is supported"));
         }
-        if !is_null_or(&self.mid_block_only_cross_attention, |v| v == &Value::Bool(false)) {
-            return Err(u("mid_block_only_cross_attention", "only `null` or `false` is supported"));
+        if !is_null_or(&self.mid_block_only_cross_attention, |v| {
+            v == &Value::Bool(false)
+        }) {
+            return Err(u(
+                "mid_block_only_cross_attention",
+                "only `null` or `false` is supported",
+            ));
         }
         for (field, k) in [
             ("conv_in_kernel", self.conv_in_kernel),

@@ -112,10 +112,18 @@ impl AutoencoderKLConfig {
         if !self.up_block_types.is_empty() && self.up_block_types.len() != n {
             return Err(u("up_block_types", format!("expected {n} entries")));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(u("down_block_types", format!("`{t}` is not supported")));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(u("up_block_types", format!("`{t}` is not supported")));
         }
         if let Some(a) = &self.act_fn
@@ -128,7 +136,10 @@ impl AutoencoderKLConfig {
             if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
                 return Err(u(
                     "norm_num_groups",
-                    format!("{} does not divide block_out_channels[{i}] = {c}", self.norm_num_groups),
+                    format!(
+                        "{} does not divide block_out_channels[{i}] = {c}",
+                        self.norm_num_groups
+                    ),
                 ));
             }
         }

@@ -1,0 +1,108 @@
+//! The scheduler contract, after diffusers' schedulers but with the per-run state
+//! owned by a run object instead of hidden in a shared scheduler.
+
+use burn::prelude::*;
+
+use crate::error::CoreError;
+use crate::noise::NoiseSource;
+
+/// How the steps of a run are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Steps {
+    /// A step count, spaced by the config's `timestep_spacing` (and sigma schedule).
+    Count(usize),
+    /// Explicit (descending) timesteps, e.g. Align Your Steps timesteps.
+    Timesteps(Vec<f64>),
+    /// Explicit (descending) sigmas ending in 0, e.g. Align Your Steps sigmas
+    /// (k-diffusion style schedulers); timesteps follow by log-sigma interpolation.
+    Sigmas(Vec<f64>),
+}
+
+/// What one scheduler step returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The latents for the next step.
+    pub prev_sample: Tensor<4>,
+    /// The predicted denoised latents, where the scheduler computes them.
+    pub pred_original_sample: Option<Tensor<4>>,
+}
+
+/// A scheduler: a shared, immutable object (`Send + Sync`) that hands out owned
+/// per-generation runs, so several generations can run at once.
+pub trait Scheduler: Send + Sync {
+    /// Starts a run with the given steps.
+    fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError>;
+
+    /// diffusers class this scheduler follows (e.g. `"EulerDiscreteScheduler"`).
+    fn class_name(&self) -> &'static str;
+}
+
+/// The state of one generation's denoising loop. Steps go by index `i` into
+/// [`SchedulerRun::timesteps`].
+pub trait SchedulerRun: Send {
+    /// Number of `step` calls (PNDM runs one more than the step count).
+    fn len(&self) -> usize {
+        self.timesteps().len()
+    }
+
+    /// Whether the run has no steps.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The timesteps the denoiser is called with, one per step (may be fractional).
+    fn timesteps(&self) -> &[f64];
+
+    /// Timestep of step `i`.
+    fn timestep(&self, i: usize) -> f64 {
+        self.timesteps()[i]
+    }
+
+    /// Sigmas (`len() + 1` values ending in the final sigma) for k-diffusion style
+    /// schedulers and DPM-Solver; `None` for DDIM and PNDM.
+    fn sigmas(&self) -> Option<&[f64]>;
+
+    /// Standard deviation of the initial noise.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// Scales the denoiser input at step `i` (identity for DDIM / PNDM / DPM).
+    ///
+    /// # Shapes
+    /// - `[b, c, h, w]` to `[b, c, h, w]`
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4>;
+
+    /// One denoising step from `sample` at step `i` to the next latents. Schedulers
+    /// that add noise (DDIM with eta > 0, Euler ancestral) draw it from `noise`.
+    ///
+    /// # Shapes
+    /// - `model_output`, `sample`: `[b, c, h, w]`; output the same
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        i: usize,
+        sample: Tensor<4>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<StepOutput, CoreError>;
+
+    /// Noises clean latents to the noise level of step `i` (img2img, inpainting).
+    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4>;
+
+    /// Drops the first `begin` steps (img2img starts part-way).
+    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError>;
+
+    /// Index of the first step still to run after [`Self::skip_to`] (0 otherwise).
+    fn begin_index(&self) -> usize;
+}
+
+/// diffusers' img2img rule: with `steps` steps and `strength` in (0, 1], the first
+/// `steps - int(steps * strength)` steps are skipped.
+pub fn img2img_start(steps: usize, strength: f64) -> Result<usize, CoreError> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(CoreError::InvalidArgument {
+            name: "strength",
+            message: format!("{strength} is outside (0, 1]"),
+        });
+    }
+    let init = ((steps as f64) * strength).floor() as usize;
+    Ok(steps - init.min(steps))
+}

@@ -1,0 +1,163 @@
+//! `AnyScheduler`: a scheduler picked at run time from a config's `_class_name` or
+//! a user-facing name.
+
+use sd_core::{CoreError, Scheduler, SchedulerRun, Steps};
+
+use crate::config::SchedulerConfig;
+use crate::ddim::Ddim;
+use crate::dpm_solver::DpmSolverMultistep;
+use crate::k_diffusion::{KDiffusion, KMethod};
+use crate::pndm::Pndm;
+use crate::sigmas::SigmaSchedule;
+
+/// One of the schedulers of this crate.
+#[derive(Debug, Clone)]
+pub enum AnyScheduler {
+    /// `DDIMScheduler`.
+    Ddim(Ddim),
+    /// `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `LMSDiscreteScheduler`.
+    KDiffusion(KDiffusion),
+    /// `DPMSolverMultistepScheduler`.
+    DpmSolver(DpmSolverMultistep),
+    /// `PNDMScheduler` (PLMS).
+    Pndm(Pndm),
+}
+
+/// The user-facing names [`AnyScheduler::from_name`] knows, with the A1111 / ComfyUI
+/// names they correspond to.
+pub const SCHEDULER_NAMES: [(&str, &str); 7] = [
+    ("ddim", "DDIM"),
+    ("euler", "Euler"),
+    ("euler-a", "Euler a"),
+    ("dpmpp-2m", "DPM++ 2M"),
+    ("dpmpp-2m-karras", "DPM++ 2M Karras"),
+    ("lms", "LMS"),
+    ("pndm", "PLMS"),
+];
+
+impl AnyScheduler {
+    /// Builds the class named by `config.class_name`.
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self, CoreError> {
+        let class = config
+            .class_name
+            .as_deref()
+            .ok_or_else(|| CoreError::Config {
+                field: "_class_name",
+                message: "missing".into(),
+            })?;
+        Self::from_class(class, config)
+    }
+
+    /// Parses a `scheduler_config.json` and builds its class.
+    pub fn from_json(text: &str) -> Result<Self, CoreError> {
+        Self::from_config(&SchedulerConfig::from_json(text)?)
+    }
+
+    /// Builds diffusers class `class` from `config` (the way `Class.from_config` swaps
+    /// schedulers: keys the class does not define are ignored).
+    pub fn from_class(class: &str, config: &SchedulerConfig) -> Result<Self, CoreError> {
+        Ok(match class {
+            "DDIMScheduler" => Self::Ddim(Ddim::from_config(config)?),
+            "EulerDiscreteScheduler" => {
+                Self::KDiffusion(KDiffusion::from_config(config, KMethod::Euler)?)
+            }
+            "EulerAncestralDiscreteScheduler" => {
+                Self::KDiffusion(KDiffusion::from_config(config, KMethod::EulerAncestral)?)
+            }
+            "LMSDiscreteScheduler" => {
+                Self::KDiffusion(KDiffusion::from_config(config, KMethod::Lms)?)
+            }
+            "DPMSolverMultistepScheduler" => {
+                Self::DpmSolver(DpmSolverMultistep::from_config(config)?)
+            }
+            "PNDMScheduler" => Self::Pndm(Pndm::from_config(config)?),
+            other => {
+                return Err(CoreError::Config {
+                    field: "_class_name",
+                    message: format!(
+                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM)"
+                    ),
+                });
+            }
+        })
+    }
+
+    /// Builds a scheduler by user-facing name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
+    /// `dpmpp-2m-karras`, `lms`, `pndm`; A1111 spellings like "Euler a" and
+    /// "DPM++ 2M Karras" too) over a model's scheduler config.
+    pub fn from_name(name: &str, base: &SchedulerConfig) -> Result<Self, CoreError> {
+        let key: String = name
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c == ' ' || c == '_' { '-' } else { c })
+            .collect();
+        let key = key.replace("++", "pp").replace("-ancestral", "-a");
+        Ok(match key.as_str() {
+            "ddim" => Self::from_class("DDIMScheduler", base)?,
+            "euler" => Self::from_class("EulerDiscreteScheduler", base)?,
+            "euler-a" | "eulera" => Self::from_class("EulerAncestralDiscreteScheduler", base)?,
+            "lms" => Self::from_class("LMSDiscreteScheduler", base)?,
+            "pndm" | "plms" => Self::from_class("PNDMScheduler", base)?,
+            "dpmpp-2m" | "dpm-solver++" | "dpmpp2m" => {
+                let mut c = base.clone();
+                c.use_karras_sigmas = Some(false);
+                Self::from_class("DPMSolverMultistepScheduler", &c)?
+            }
+            "dpmpp-2m-karras" => {
+                let mut c = base.clone();
+                c.use_karras_sigmas = Some(true);
+                Self::from_class("DPMSolverMultistepScheduler", &c)?
+            }
+            _ => {
+                return Err(CoreError::InvalidArgument {
+                    name: "scheduler",
+                    message: format!(
+                        "unknown scheduler `{name}`; known: {}",
+                        SCHEDULER_NAMES.map(|(n, _)| n).join(", ")
+                    ),
+                });
+            }
+        })
+    }
+
+    /// Replaces the sigma schedule where the scheduler walks sigmas (Euler family,
+    /// LMS, DPM++); DDIM takes the Align Your Steps timesteps; PNDM has none.
+    pub fn with_sigmas(self, sigmas: SigmaSchedule) -> Result<Self, CoreError> {
+        Ok(match self {
+            Self::KDiffusion(k) => Self::KDiffusion(k.with_sigmas(sigmas)),
+            Self::DpmSolver(d) => Self::DpmSolver(d.with_sigmas(sigmas)),
+            Self::Ddim(d) => match sigmas {
+                SigmaSchedule::AlignYourSteps(p) => Self::Ddim(d.with_ays(p)),
+                SigmaSchedule::Model => Self::Ddim(d),
+                _ => {
+                    return Err(CoreError::Unsupported(
+                        "DDIM walks timesteps: only Align Your Steps applies; pass explicit sigmas as Steps::Sigmas".into(),
+                    ));
+                }
+            },
+            Self::Pndm(p) => match sigmas {
+                SigmaSchedule::Model => Self::Pndm(p),
+                _ => return Err(CoreError::Unsupported("PNDM has no sigma schedule".into())),
+            },
+        })
+    }
+
+    fn inner(&self) -> &dyn Scheduler {
+        match self {
+            Self::Ddim(s) => s,
+            Self::KDiffusion(s) => s,
+            Self::DpmSolver(s) => s,
+            Self::Pndm(s) => s,
+        }
+    }
+}
+
+impl Scheduler for AnyScheduler {
+    fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
+        self.inner().start(steps)
+    }
+
+    fn class_name(&self) -> &'static str {
+        self.inner().class_name()
+    }
+}

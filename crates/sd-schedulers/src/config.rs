@@ -1,0 +1,148 @@
+//! diffusers' `scheduler_config.json`, read leniently (diffusers writes `-Infinity`).
+
+use sd_core::CoreError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The union of the scheduler-config fields of the classes this crate implements.
+///
+/// Every field is optional: each scheduler fills in its own class defaults, and, like
+/// diffusers, ignores the keys its class does not define.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    /// The diffusers class (`"EulerDiscreteScheduler"`, ...).
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    /// Training timesteps (1000).
+    pub num_train_timesteps: Option<usize>,
+    /// First beta.
+    pub beta_start: Option<f64>,
+    /// Last beta.
+    pub beta_end: Option<f64>,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+    pub beta_schedule: Option<String>,
+    /// Explicit betas (override `beta_schedule`).
+    pub trained_betas: Option<Vec<f64>>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: Option<String>,
+    /// `leading`, `trailing` or `linspace`.
+    pub timestep_spacing: Option<String>,
+    /// Added to leading-spaced timesteps.
+    pub steps_offset: Option<usize>,
+    /// Rescale betas to zero terminal SNR.
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// DDIM / PNDM: the final "previous" alpha is 1 (else `alphas_cumprod[0]`).
+    pub set_alpha_to_one: Option<bool>,
+    /// DDIM: clip the predicted x0.
+    pub clip_sample: Option<bool>,
+    /// DDIM: clip range.
+    pub clip_sample_range: Option<f64>,
+    /// DDIM / DPM: dynamic thresholding (unsupported when true).
+    pub thresholding: Option<bool>,
+    /// PNDM: skip the Runge-Kutta warm-up (PLMS only). Only `true` is supported.
+    pub skip_prk_steps: Option<bool>,
+    /// Karras sigmas.
+    pub use_karras_sigmas: Option<bool>,
+    /// Exponential sigmas.
+    pub use_exponential_sigmas: Option<bool>,
+    /// Beta sigmas (unsupported when true).
+    pub use_beta_sigmas: Option<bool>,
+    /// Euler: `linear` (or `log_linear`, unsupported).
+    pub interpolation_type: Option<String>,
+    /// Euler: `discrete` only.
+    pub timestep_type: Option<String>,
+    /// `zero` or `sigma_min`.
+    pub final_sigmas_type: Option<String>,
+    /// Override of the smallest sigma of Karras / exponential schedules.
+    pub sigma_min: Option<f64>,
+    /// Override of the largest sigma.
+    pub sigma_max: Option<f64>,
+    /// DPM-Solver order (only 2 here, DPM++ 2M; 1 is DPM++ 1S).
+    pub solver_order: Option<usize>,
+    /// DPM-Solver: `dpmsolver++` only.
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver: `midpoint` or `heun`.
+    pub solver_type: Option<String>,
+    /// DPM-Solver: first-order final steps.
+    pub lower_order_final: Option<bool>,
+    /// DPM-Solver: Euler at the final step.
+    pub euler_at_final: Option<bool>,
+    /// DPM-Solver: lambda clipping (only -inf, i.e. none).
+    pub lambda_min_clipped: Option<Value>,
+    /// DPM-Solver: Lu lambdas (unsupported when true).
+    pub use_lu_lambdas: Option<bool>,
+    /// DPM-Solver: flow sigmas (unsupported when true).
+    pub use_flow_sigmas: Option<bool>,
+    /// DPM-Solver: variance type (only null).
+    pub variance_type: Option<Value>,
+    /// DPM-Solver: dynamic shifting (unsupported when true).
+    pub use_dynamic_shifting: Option<bool>,
+}
+
+/// Replaces the bare `Infinity`, `-Infinity` and `NaN` tokens diffusers writes (outside
+/// strings) by JSON-legal stand-ins: `±1e999` overflows to `±inf` in serde_json... which
+/// rejects it, so they become strings `"Infinity"` / `"-Infinity"` / `"NaN"` instead.
+pub fn sanitize_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut in_string = false;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if in_string {
+            out.push(c as char);
+            if c == b'\\' && i + 1 < bytes.len() {
+                out.push(bytes[i + 1] as char);
+                i += 2;
+                continue;
+            }
+            if c == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' {
+            in_string = true;
+            out.push('"');
+            i += 1;
+            continue;
+        }
+        let rest = &text[i..];
+        let mut replaced = false;
+        for token in ["-Infinity", "Infinity", "NaN"] {
+            if rest.starts_with(token) {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                i += token.len();
+                replaced = true;
+                break;
+            }
+        }
+        if !replaced {
+            // Multi-byte UTF-8 outside strings is invalid JSON anyway; copy char-wise.
+            let ch = rest.chars().next().expect("non-empty");
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+impl SchedulerConfig {
+    /// Parses a `scheduler_config.json` (accepting `Infinity` / `-Infinity` / `NaN`).
+    pub fn from_json(text: &str) -> Result<Self, CoreError> {
+        serde_json::from_str(&sanitize_json(text)).map_err(|e| CoreError::InvalidArgument {
+            name: "scheduler_config",
+            message: e.to_string(),
+        })
+    }
+}
+
+pub(crate) fn unsupported(field: &'static str, message: impl Into<String>) -> CoreError {
+    CoreError::Config {
+        field,
+        message: message.into(),
+    }
+}

@@ -1,0 +1,199 @@
+//! Prints what a Stable Diffusion checkpoint holds: each component's class,
+//! parameter count, on-disk dtypes and size.
+//!
+//! ```text
+//! cargo run --release --example inspect -- PATH [--json]
+//! ```
+//!
+//! PATH is a diffusers folder, a folder of configs only (the parameters are counted
+//! from the models the configs build), or a single-file `.safetensors` checkpoint.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::io::ldm::{TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use stable_diffusion::io::{DiffusersDir, IoError, SingleFile, WeightSource};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+
+#[derive(Parser)]
+#[command(
+    about = "Inspect a Stable Diffusion checkpoint (diffusers folder, configs folder or single file)"
+)]
+struct Args {
+    /// Diffusers folder, folder of config.json files, or single-file checkpoint.
+    path: PathBuf,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Row {
+    component: &'static str,
+    class: String,
+    params: u64,
+    dtypes: Vec<String>,
+    bytes: u64,
+    source: String,
+}
+
+fn weight_summary(source: &WeightSource, prefix: &str) -> (u64, Vec<String>, u64) {
+    let mut params = 0u64;
+    let mut bytes = 0u64;
+    let mut dtypes = BTreeSet::new();
+    for (key, t) in source.tensors() {
+        if key.starts_with(prefix) {
+            if !key.ends_with("position_ids") {
+                params += t.numel() as u64;
+            }
+            bytes += (t.numel() * t.dtype.bitsize() / 8) as u64;
+            dtypes.insert(format!("{:?}", t.dtype).to_lowercase());
+        }
+    }
+    (params, dtypes.into_iter().collect(), bytes)
+}
+
+fn class_of(config: &Path, default: &str) -> String {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|j| {
+            j.get("_class_name")
+                .and_then(|c| c.as_str().map(String::from))
+                .or_else(|| j.get("architectures")?.get(0)?.as_str().map(String::from))
+        })
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
+    let dir = DiffusersDir::open(path)?;
+    let device = Device::flex();
+    let mut rows = Vec::new();
+    let components: [(&'static str, &str); 3] = [
+        ("unet", "UNet2DConditionModel"),
+        ("vae", "AutoencoderKL"),
+        ("text_encoder", "CLIPTextModel"),
+    ];
+    for (component, default_class) in components {
+        let config = path.join(component).join("config.json");
+        if !config.exists() {
+            continue;
+        }
+        // Parameters are initialised lazily, so counting them costs no memory.
+        let params = match component {
+            "unet" => {
+                UNet2DConditionModel::new(&dir.unet_config()?, &device).map(|m| m.num_params())
+            }
+            "vae" => AutoencoderKL::new(&dir.vae_config()?, &device).map(|m| m.num_params()),
+            _ => ClipTextModel::new(&dir.text_encoder_config()?, &device).map(|m| m.num_params()),
+        }
+        .map_err(|source| IoError::Config {
+            path: config.clone(),
+            source,
+        })? as u64;
+        let weights = match component {
+            "unet" => dir.unet_weights(None),
+            "vae" => dir.vae_weights(None),
+            _ => dir.text_encoder_weights(None),
+        };
+        let (dtypes, bytes, source) = match weights {
+            Ok(w) => {
+                let s = WeightSource::open(&w)?;
+                let (_, dtypes, bytes) = weight_summary(&s, "");
+                (dtypes, bytes, w.display().to_string())
+            }
+            Err(IoError::NotFound { .. }) => (Vec::new(), 0, "config only".to_string()),
+            Err(e) => return Err(e),
+        };
+        rows.push(Row {
+            component,
+            class: class_of(&config, default_class),
+            params,
+            dtypes,
+            bytes,
+            source,
+        });
+    }
+    if rows.is_empty() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+            what: "unet/, vae/ or text_encoder/ with a config.json".into(),
+        });
+    }
+    Ok(rows)
+}
+
+fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
+    let ckpt = SingleFile::open(path)?;
+    let source = ckpt.source();
+    let mut rows = Vec::new();
+    for (component, class, prefix) in [
+        ("unet", "UNet2DConditionModel", UNET_PREFIX),
+        ("vae", "AutoencoderKL", VAE_PREFIX),
+        ("text_encoder", "CLIPTextModel", TEXT_ENCODER_PREFIX),
+        (
+            "text_encoder",
+            "OpenCLIP (SD 2.x)",
+            "cond_stage_model.model.",
+        ),
+    ] {
+        let (params, dtypes, bytes) = weight_summary(source, prefix);
+        if params > 0 {
+            rows.push(Row {
+                component,
+                class: class.to_string(),
+                params,
+                dtypes,
+                bytes,
+                source: format!("{} ({prefix}*)", path.display()),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rows = if args.path.is_dir() {
+        inspect_dir(&args.path)
+    } else {
+        inspect_file(&args.path)
+    };
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for r in rows {
+        if args.json {
+            let line = serde_json::json!({
+                "component": r.component,
+                "class": r.class,
+                "params": r.params,
+                "dtypes": r.dtypes,
+                "bytes": r.bytes,
+                "source": r.source,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{:<13} {:<22} {:>14} params  {:<10} {:>10.1} MB  {}",
+                r.component,
+                r.class,
+                r.params,
+                if r.dtypes.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.dtypes.join(",")
+                },
+                r.bytes as f64 / 1e6,
+                r.source
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
