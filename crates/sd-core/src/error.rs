@@ -22,6 +22,12 @@ pub enum CoreError {
         /// What is wrong with its value.
         message: String,
     },
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The run was cancelled by the step callback.
+    #[error("cancelled at step {0}")]
+    Cancelled(usize),
     /// A combination of models or options this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -5,6 +5,7 @@ pub mod autoencoder;
 pub mod denoiser;
 pub mod error;
 pub mod noise;
+pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
 
@@ -12,6 +13,9 @@ pub use autoencoder::{Autoencoder, DiagonalGaussian};
 pub use denoiser::Denoiser;
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
+pub use pipeline::{
+    GenerationOptions, GenerationOutput, PromptTokenizer, StableDiffusion, StepCallback, StepInfo,
+};
 pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, img2img_start};
 pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput};
 

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod image;
 pub mod ldm;
 pub mod loader;
 pub mod model;

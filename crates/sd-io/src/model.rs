@@ -98,6 +98,69 @@ pub fn component_weights(
     })
 }
 
+/// Builds a U-Net from a component folder (`config.json` + weights), e.g. `unet/`.
+pub fn unet_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<UNet2DConditionModel, IoError> {
+    let config = read_unet_config(&dir.join("config.json"))?;
+    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
+    let model = UNet2DConditionModel::new(&config, device).map_err(config_err(&path))?;
+    let source = WeightSource::open(&path)?;
+    load_module(
+        model,
+        &source,
+        &KeyMapping::diffusers(),
+        options.load(),
+        "unet",
+    )
+}
+
+/// Builds a VAE from a component folder, e.g. `vae/` (or a standalone VAE repo).
+pub fn vae_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<AutoencoderKL, IoError> {
+    let config = read_vae_config(&dir.join("config.json"))?;
+    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
+    let model = AutoencoderKL::new(&config, device).map_err(config_err(&path))?;
+    let source = WeightSource::open(&path)?;
+    load_module(
+        model,
+        &source,
+        &KeyMapping::diffusers(),
+        options.load(),
+        "vae",
+    )
+}
+
+/// Builds a CLIP text encoder from a component folder, e.g. `text_encoder/`.
+pub fn text_encoder_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<ClipTextModel, IoError> {
+    let config = read_text_encoder_config(&dir.join("config.json"))?;
+    let path = component_weights(dir, "model", options.variant.as_deref())?;
+    let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
+    let source = WeightSource::open(&path)?;
+    let prefixed = source
+        .tensors()
+        .keys()
+        .any(|k| k.starts_with("text_model."));
+    let mapping = if prefixed {
+        KeyMapping::diffusers()
+    } else {
+        KeyMapping {
+            key_of: Box::new(|p: &str| p.strip_prefix("text_model.").unwrap_or(p).to_string()),
+            ..KeyMapping::diffusers()
+        }
+    };
+    load_module(model, &source, &mapping, options.load(), "text_encoder")
+}
+
 /// A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
 /// `tokenizer/`, `scheduler/`), or a folder holding only some components / configs.
 #[derive(Debug, Clone)]
@@ -183,17 +246,7 @@ impl DiffusersDir {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<UNet2DConditionModel, IoError> {
-        let config = self.unet_config()?;
-        let path = self.unet_weights(options.variant.as_deref())?;
-        let model = UNet2DConditionModel::new(&config, device).map_err(config_err(&path))?;
-        let source = WeightSource::open(&path)?;
-        load_module(
-            model,
-            &source,
-            &KeyMapping::diffusers(),
-            options.load(),
-            "unet",
-        )
+        unet_from_dir(&self.root.join("unet"), device, options)
     }
 
     /// Builds the VAE and loads its weights.
@@ -202,17 +255,7 @@ impl DiffusersDir {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<AutoencoderKL, IoError> {
-        let config = self.vae_config()?;
-        let path = self.vae_weights(options.variant.as_deref())?;
-        let model = AutoencoderKL::new(&config, device).map_err(config_err(&path))?;
-        let source = WeightSource::open(&path)?;
-        load_module(
-            model,
-            &source,
-            &KeyMapping::diffusers(),
-            options.load(),
-            "vae",
-        )
+        vae_from_dir(&self.root.join("vae"), device, options)
     }
 
     /// Builds the text encoder and loads its weights (keys with or without the
@@ -222,23 +265,7 @@ impl DiffusersDir {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<ClipTextModel, IoError> {
-        let config = self.text_encoder_config()?;
-        let path = self.text_encoder_weights(options.variant.as_deref())?;
-        let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
-        let source = WeightSource::open(&path)?;
-        let prefixed = source
-            .tensors()
-            .keys()
-            .any(|k| k.starts_with("text_model."));
-        let mapping = if prefixed {
-            KeyMapping::diffusers()
-        } else {
-            KeyMapping {
-                key_of: Box::new(|p: &str| p.strip_prefix("text_model.").unwrap_or(p).to_string()),
-                ..KeyMapping::diffusers()
-            }
-        };
-        load_module(model, &source, &mapping, options.load(), "text_encoder")
+        text_encoder_from_dir(&self.root.join("text_encoder"), device, options)
     }
 
     /// The tokenizer.

@@ -131,6 +131,14 @@ impl ClipTokenizer {
         Self::from_vocab_merges(vocab, &read(&merges_path)?, &pad, max_length)
     }
 
+    /// OpenAI's CLIP BPE tokenizer (shipped with this crate), for SD 1.x (`pad` =
+    /// `<|endoftext|>`) or SD 2.x (`pad` = `!`), 77 tokens.
+    pub fn clip(pad: &str) -> Result<Self, IoError> {
+        let vocab: Value = serde_json::from_str(include_str!("../assets/clip/vocab.json"))
+            .map_err(|e| IoError::Tokenizer(e.to_string()))?;
+        Self::from_vocab_merges(vocab, include_str!("../assets/clip/merges.txt"), pad, 77)
+    }
+
     /// Builds the tokenizer from a parsed `vocab.json` and the text of `merges.txt`.
     pub fn from_vocab_merges(
         vocab: Value,
@@ -231,5 +239,16 @@ impl ClipTokenizer {
     /// `<|endoftext|>` id.
     pub fn eos_id(&self) -> u32 {
         self.eos_id
+    }
+}
+
+impl sd_core::PromptTokenizer for ClipTokenizer {
+    fn encode_padded(&self, prompt: &str) -> Result<Vec<u32>, sd_core::CoreError> {
+        self.encode(prompt)
+            .map_err(|e| sd_core::CoreError::Tokenizer(e.to_string()))
+    }
+
+    fn max_length(&self) -> usize {
+        self.max_length
     }
 }

@@ -1,0 +1,502 @@
+//! The Stable Diffusion pipelines: txt2img, img2img and inpainting, composed from the
+//! traits of this crate and behaving as diffusers' `StableDiffusionPipeline`,
+//! `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`.
+
+use burn::prelude::*;
+
+use crate::autoencoder::Autoencoder;
+use crate::denoiser::Denoiser;
+use crate::error::CoreError;
+use crate::noise::NoiseSource;
+use crate::scheduler::{Scheduler, SchedulerRun, Steps, img2img_start};
+use crate::text_encoder::{HiddenLayer, TextEncoder};
+
+/// Turns a prompt into token ids (`[BOS] + content + [EOS]`, padded to
+/// [`PromptTokenizer::max_length`]).
+pub trait PromptTokenizer {
+    /// The padded ids of one prompt.
+    fn encode_padded(&self, prompt: &str) -> Result<Vec<u32>, CoreError>;
+
+    /// The sequence length (77 for CLIP).
+    fn max_length(&self) -> usize;
+}
+
+/// Options shared by every pipeline.
+#[derive(Debug, Clone)]
+pub struct GenerationOptions {
+    /// What to draw.
+    pub prompt: String,
+    /// What to avoid; `None` is the empty prompt (diffusers' default).
+    pub negative_prompt: Option<String>,
+    /// How the scheduler picks its steps.
+    pub steps: Steps,
+    /// Classifier-free guidance scale; `<= 1` runs no unconditional pass.
+    pub guidance_scale: f64,
+    /// Image width in pixels (a multiple of 8).
+    pub width: usize,
+    /// Image height in pixels (a multiple of 8).
+    pub height: usize,
+    /// diffusers' `clip_skip` (applied to the positive prompt only).
+    pub clip_skip: Option<usize>,
+    /// Images per prompt.
+    pub batch_size: usize,
+    /// Initial latents `[batch, 4, h / 8, w / 8]` instead of drawing them (before
+    /// scaling by `init_noise_sigma`, as diffusers' `latents=`).
+    pub init_latents: Option<Tensor<4>>,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: Steps::Count(50),
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            clip_skip: None,
+            batch_size: 1,
+            init_latents: None,
+        }
+    }
+}
+
+/// What a step callback sees.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// Index of the step just taken (into the run's timesteps).
+    pub step: usize,
+    /// Total steps of the run.
+    pub total: usize,
+    /// The step's timestep.
+    pub timestep: f64,
+    /// The latents after the step.
+    pub latents: &'a Tensor<4>,
+}
+
+/// A per-step callback; returning `false` cancels the run.
+pub type StepCallback<'c> = &'c mut dyn FnMut(&StepInfo<'_>) -> bool;
+
+/// The result of a pipeline.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// The final latents, before decoding.
+    pub latents: Tensor<4>,
+    /// Decoded images `[batch, 3, H, W]` in `[0, 1]`.
+    pub images: Tensor<4>,
+}
+
+/// A Stable Diffusion model assembled from its parts (any implementations of the traits).
+pub struct StableDiffusion<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a dyn PromptTokenizer,
+    /// The text encoder.
+    pub text_encoder: &'a dyn TextEncoder,
+    /// The denoiser (a 4-channel or a 9-channel inpainting U-Net).
+    pub unet: &'a dyn Denoiser,
+    /// The autoencoder.
+    pub vae: &'a dyn Autoencoder,
+    /// The scheduler.
+    pub scheduler: &'a dyn Scheduler,
+    /// Where tensors are created.
+    pub device: Device,
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> CoreError {
+    CoreError::InvalidArgument {
+        name,
+        message: message.into(),
+    }
+}
+
+/// Checks an image size is positive and divisible by 8.
+pub fn check_size(width: usize, height: usize) -> Result<(), CoreError> {
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % 8 != 0 {
+            return Err(invalid(
+                name,
+                format!("{v} is not a positive multiple of 8"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl StableDiffusion<'_> {
+    fn ids(&self, prompt: &str, batch: usize) -> Result<Tensor<2, Int>, CoreError> {
+        let ids = self.tokenizer.encode_padded(prompt)?;
+        let n = ids.len();
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
+        Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
+    }
+
+    /// Prompt embeddings `[2 * batch, seq, d]` = `[negative; positive]` with guidance,
+    /// else `[batch, seq, d]` of the prompt.
+    pub fn encode_prompt(&self, options: &GenerationOptions) -> Result<Tensor<3>, CoreError> {
+        let layer = match options.clip_skip {
+            None | Some(0) => HiddenLayer::Last,
+            Some(k) => {
+                if k >= self.text_encoder.num_hidden_layers() {
+                    return Err(invalid(
+                        "clip_skip",
+                        format!("{k} skips every layer of the text encoder"),
+                    ));
+                }
+                HiddenLayer::Skip(k)
+            }
+        };
+        let b = options.batch_size.max(1);
+        let cond = self
+            .text_encoder
+            .encode(self.ids(&options.prompt, b)?, layer)
+            .hidden_states;
+        if options.guidance_scale <= 1.0 {
+            return Ok(cond);
+        }
+        let negative = options.negative_prompt.as_deref().unwrap_or("");
+        let uncond = self
+            .text_encoder
+            .encode(self.ids(negative, b)?, HiddenLayer::Last)
+            .hidden_states;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
+    /// Decodes scaled latents to images in `[0, 1]`.
+    ///
+    /// # Shapes
+    /// - `[b, 4, h, w]` to `[b, 3, h * 8, w * 8]`
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let raw = self.vae.decode(latents / self.vae.scaling_factor());
+        (raw / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+
+    fn latent_shape(&self, o: &GenerationOptions) -> Result<[usize; 4], CoreError> {
+        check_size(o.width, o.height)?;
+        if o.batch_size == 0 {
+            return Err(invalid("batch_size", "must be at least 1"));
+        }
+        let f = self.vae.downscale_factor();
+        if o.width % f != 0 || o.height % f != 0 {
+            return Err(invalid(
+                "width",
+                format!("must be a multiple of the VAE factor {f}"),
+            ));
+        }
+        Ok([
+            o.batch_size,
+            self.vae.latent_channels(),
+            o.height / f,
+            o.width / f,
+        ])
+    }
+
+    /// Text to image.
+    pub fn txt2img(
+        &self,
+        options: &GenerationOptions,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        if self.unet.in_channels() != self.vae.latent_channels() {
+            return Err(invalid(
+                "unet",
+                format!(
+                    "txt2img needs a {}-channel U-Net (this one takes {}); use inpaint",
+                    self.vae.latent_channels(),
+                    self.unet.in_channels()
+                ),
+            ));
+        }
+        let shape = self.latent_shape(options)?;
+        let embeds = self.encode_prompt(options)?;
+        let mut run = self.scheduler.start(&options.steps)?;
+        let latents = match &options.init_latents {
+            Some(l) => {
+                if l.dims() != shape {
+                    return Err(invalid(
+                        "init_latents",
+                        format!("shape {:?}, expected {:?}", l.dims(), shape),
+                    ));
+                }
+                l.clone()
+            }
+            None => noise.normal(shape, &self.device)?,
+        } * run.init_noise_sigma();
+        let latents = self.denoise(
+            run.as_mut(),
+            latents,
+            &embeds,
+            options.guidance_scale,
+            None,
+            noise,
+            callback,
+        )?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone()),
+            latents,
+        })
+    }
+
+    /// Image to image: `image` in `[-1, 1]`, `[b, 3, H, W]`; `strength` in (0, 1].
+    pub fn img2img(
+        &self,
+        options: &GenerationOptions,
+        image: Tensor<4>,
+        strength: f64,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let [_, c, h, w] = image.dims();
+        if c != 3 {
+            return Err(invalid("image", format!("{c} channels, 3 expected")));
+        }
+        let options = &GenerationOptions {
+            width: w,
+            height: h,
+            ..options.clone()
+        };
+        let shape = self.latent_shape(options)?;
+        let embeds = self.encode_prompt(options)?;
+        let mut run = self.scheduler.start(&options.steps)?;
+        let start = img2img_start(run.len(), strength)?;
+        if start >= run.len() {
+            return Err(invalid(
+                "strength",
+                format!("{strength} leaves no step to run"),
+            ));
+        }
+        run.skip_to(start)?;
+        let image_latents = self.encode_image(image, shape[0], noise)?;
+        let n = noise.normal(shape, &self.device)?;
+        let latents = run.add_noise(image_latents, n, start);
+        let latents = self.denoise(
+            run.as_mut(),
+            latents,
+            &embeds,
+            options.guidance_scale,
+            None,
+            noise,
+            callback,
+        )?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone()),
+            latents,
+        })
+    }
+
+    /// `vae.encode(image)` posterior sample times the scaling factor, repeated to `batch`.
+    fn encode_image(
+        &self,
+        image: Tensor<4>,
+        batch: usize,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor<4>, CoreError> {
+        let dist = self.vae.encode(image);
+        let eps = noise.normal(dist.mean.dims(), &self.device)?;
+        let l = dist.sample(eps) * self.vae.scaling_factor();
+        let b = l.dims()[0];
+        Ok(if b == batch {
+            l
+        } else {
+            l.repeat_dim(0, batch / b.max(1))
+        })
+    }
+
+    /// Inpainting: repaint where `mask` (`[1, 1, H, W]`, 1 = repaint) is set.
+    ///
+    /// With a 9-channel inpainting U-Net the mask and the masked image's latents are
+    /// concatenated to its input as diffusers does; with an ordinary 4-channel U-Net the
+    /// known region is blended back after every step (the legacy method).
+    #[allow(clippy::too_many_arguments)]
+    pub fn inpaint(
+        &self,
+        options: &GenerationOptions,
+        image: Tensor<4>,
+        mask: Tensor<4>,
+        strength: f64,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let [_, _, h, w] = image.dims();
+        let [mb, mc, mh, mw] = mask.dims();
+        if mc != 1 || mh != h || mw != w || mb != 1 {
+            return Err(invalid(
+                "mask",
+                format!("shape {:?}, expected [1, 1, {h}, {w}]", mask.dims()),
+            ));
+        }
+        let options = &GenerationOptions {
+            width: w,
+            height: h,
+            ..options.clone()
+        };
+        let shape = self.latent_shape(options)?;
+        let [b, _, lh, lw] = shape;
+        let nine = self.unet.in_channels() == 2 * shape[1] + 1;
+        if !nine && self.unet.in_channels() != shape[1] {
+            return Err(invalid(
+                "unet",
+                format!(
+                    "{} input channels: neither a plain nor an inpainting U-Net",
+                    self.unet.in_channels()
+                ),
+            ));
+        }
+        let embeds = self.encode_prompt(options)?;
+        let mut run = self.scheduler.start(&options.steps)?;
+        let start = img2img_start(run.len(), strength)?;
+        if start >= run.len() {
+            return Err(invalid(
+                "strength",
+                format!("{strength} leaves no step to run"),
+            ));
+        }
+        run.skip_to(start)?;
+        let mask = mask.greater_equal_elem(0.5).float();
+        let full_strength = strength >= 1.0;
+
+        // Initial latents, as diffusers' prepare_latents.
+        let (latents, image_latents, fixed_noise) = if nine {
+            let latents = match &options.init_latents {
+                Some(l) if full_strength => l.clone() * run.init_noise_sigma(),
+                _ if full_strength => noise.normal(shape, &self.device)? * run.init_noise_sigma(),
+                _ => {
+                    let il = self.encode_image(image.clone(), b, noise)?;
+                    let n = noise.normal(shape, &self.device)?;
+                    run.add_noise(il, n, start)
+                }
+            };
+            (latents, None, None)
+        } else {
+            let il = self.encode_image(image.clone(), b, noise)?;
+            let n = match &options.init_latents {
+                Some(l) => l.clone(),
+                None => noise.normal(shape, &self.device)?,
+            };
+            let latents = if full_strength {
+                n.clone() * run.init_noise_sigma()
+            } else {
+                run.add_noise(il.clone(), n.clone(), start)
+            };
+            (latents, Some(il), Some(n))
+        };
+
+        let keep = mask.clone().neg().add_scalar(1.0);
+        let latent_mask = burn::tensor::module::interpolate(
+            mask.clone(),
+            burn::tensor::ops::InterpolateOptions::new(burn::tensor::ops::InterpolateMode::Nearest)
+                .with_output_size([lh, lw]),
+        );
+        let extra = if nine {
+            let masked = image * keep;
+            let masked_latents = self.encode_image(masked, b, noise)?;
+            let m = latent_mask.clone().repeat_dim(0, b);
+            Some(Tensor::cat(vec![m, masked_latents], 1))
+        } else {
+            None
+        };
+        let blend = match (image_latents, fixed_noise) {
+            (Some(il), Some(n)) => Some((il, n, latent_mask.repeat_dim(0, b))),
+            _ => None,
+        };
+        let latents = self.denoise_blend(
+            run.as_mut(),
+            latents,
+            &embeds,
+            options.guidance_scale,
+            extra,
+            blend,
+            noise,
+            callback,
+        )?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone()),
+            latents,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        run: &mut dyn SchedulerRun,
+        latents: Tensor<4>,
+        embeds: &Tensor<3>,
+        guidance: f64,
+        extra: Option<Tensor<4>>,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<Tensor<4>, CoreError> {
+        self.denoise_blend(run, latents, embeds, guidance, extra, None, noise, callback)
+    }
+
+    /// The denoising loop: CFG with one batched U-Net call (`[uncond, cond]`),
+    /// optional extra input channels, optional legacy inpainting blend.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_blend(
+        &self,
+        run: &mut dyn SchedulerRun,
+        mut latents: Tensor<4>,
+        embeds: &Tensor<3>,
+        guidance: f64,
+        extra: Option<Tensor<4>>,
+        blend: Option<(Tensor<4>, Tensor<4>, Tensor<4>)>,
+        noise: &mut dyn NoiseSource,
+        mut callback: Option<StepCallback<'_>>,
+    ) -> Result<Tensor<4>, CoreError> {
+        let cfg = guidance > 1.0;
+        let total = run.len();
+        for i in run.begin_index()..total {
+            let t = run.timestep(i);
+            let x = run.scale_model_input(latents.clone(), i);
+            let x = if cfg {
+                Tensor::cat(vec![x.clone(), x], 0)
+            } else {
+                x
+            };
+            let x = match &extra {
+                Some(e) => {
+                    let e = if cfg {
+                        Tensor::cat(vec![e.clone(), e.clone()], 0)
+                    } else {
+                        e.clone()
+                    };
+                    Tensor::cat(vec![x, e], 1)
+                }
+                None => x,
+            };
+            let b = x.dims()[0];
+            let ts = Tensor::<1>::full([b], t, &self.device);
+            let out = self.unet.forward(x, ts, embeds.clone());
+            let pred = if cfg {
+                let mut halves = out.chunk(2, 0);
+                let c = halves.pop().expect("two halves");
+                let u = halves.pop().expect("two halves");
+                u.clone() + (c - u) * guidance
+            } else {
+                out
+            };
+            latents = run.step(pred, i, latents, noise)?.prev_sample;
+            if let Some((image_latents, n, mask)) = &blend {
+                let known = if i + 1 < total {
+                    run.add_noise(image_latents.clone(), n.clone(), i + 1)
+                } else {
+                    image_latents.clone()
+                };
+                latents = known * mask.clone().neg().add_scalar(1.0) + latents * mask.clone();
+            }
+            if let Some(cb) = callback.as_mut() {
+                let info = StepInfo {
+                    step: i,
+                    total,
+                    timestep: t,
+                    latents: &latents,
+                };
+                if !cb(&info) {
+                    return Err(CoreError::Cancelled(i));
+                }
+            }
+        }
+        Ok(latents)
+    }
+}

@@ -1,0 +1,360 @@
+//! What the generation examples share: the common flags, model loading, scheduler
+//! choice, noise, progress bar and output.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::DType;
+use stable_diffusion::core::{
+    CoreError, GenerationOptions, NoiseRng, NoiseSource, RecordedNoise, StepInfo, Steps,
+};
+use stable_diffusion::io::image::GenerationParameters;
+use stable_diffusion::io::model::{
+    builtin_configs, text_encoder_from_dir, unet_from_dir, vae_from_dir,
+};
+use stable_diffusion::io::{
+    ClipTokenizer, ComponentOptions, DiffusersDir, SingleFile, WeightSource,
+};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
+
+/// The model shipped in the repository, used without `--model`.
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd15");
+
+/// Flags every generation example takes.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Diffusers folder or single-file .safetensors checkpoint (default: the tiny test model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Take the U-Net from this folder (a pipeline folder or a `unet/` folder).
+    #[arg(long)]
+    pub unet: Option<PathBuf>,
+    /// Take the VAE from this folder (a pipeline folder or a `vae/` folder).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// What to draw.
+    #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
+    pub prompt: String,
+    /// What to avoid.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Width in pixels (multiple of 8; default: the model's size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels (multiple of 8; default: the model's size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// CLIP skip (diffusers' clip_skip: layers skipped at the end).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// A diffusers scheduler_config.json whose `_class_name` picks the scheduler.
+    #[arg(long)]
+    pub scheduler_config: Option<PathBuf>,
+    /// Explicit timesteps, comma separated, descending.
+    #[arg(long, value_delimiter = ',')]
+    pub timesteps: Option<Vec<f64>>,
+    /// Explicit sigmas, comma separated, descending, ending in 0.
+    #[arg(long, value_delimiter = ',')]
+    pub sigmas: Option<Vec<f64>>,
+    /// Align Your Steps schedule: sd15 or sdxl.
+    #[arg(long)]
+    pub ays: Option<String>,
+    /// Initial latents (safetensors, tensor `latents`).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Recorded noise (safetensors `noise_000`, `noise_001`, ...) replayed in draw order.
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Write the final latents (before decoding) to this safetensors file.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+    /// cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Run the U-Net in f16 (the VAE stays f32).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+/// Errors of the examples: one line for the user.
+pub type AnyError = Box<dyn std::error::Error>;
+
+/// The loaded model.
+pub struct Loaded {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub sample_size: usize,
+    pub name: String,
+}
+
+pub fn device(name: &str) -> Result<Device, AnyError> {
+    match name {
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(0)),
+        "wgpu" | "cuda" => Err(format!("--device {name}: rebuild with `--features {name}`").into()),
+        o => Err(format!("--device {o}: expected cpu, wgpu or cuda").into()),
+    }
+}
+
+fn component_dir(dir: &Path, component: &str) -> PathBuf {
+    if dir.join(component).join("config.json").exists() {
+        dir.join(component)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            eprintln!(
+                "no --model given: using the tiny random-weight model shipped in the repo ({DEFAULT_MODEL}); expect noise, not a picture"
+            );
+            PathBuf::from(DEFAULT_MODEL)
+        }
+    };
+    if !model.exists() {
+        return Err(format!("--model {}: no such file or folder", model.display()).into());
+    }
+    let f32_opts = ComponentOptions::default();
+    let unet_opts = ComponentOptions {
+        dtype: args.f16.then_some(DType::F16),
+        ..Default::default()
+    };
+    let name = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut loaded = if model.is_dir() {
+        let dir = DiffusersDir::open(&model)?;
+        let unet_cfg = dir.unet_config()?;
+        Loaded {
+            tokenizer: dir.tokenizer()?,
+            text_encoder: dir.text_encoder(device, &f32_opts)?,
+            unet: dir.unet(device, &unet_opts)?,
+            vae: dir.vae(device, &f32_opts)?,
+            scheduler_config: SchedulerConfig::from_json(&dir.scheduler_config_text()?)?,
+            sample_size: unet_cfg.sample_size.unwrap_or(64) * 8,
+            name,
+        }
+    } else {
+        let ckpt = SingleFile::open(&model)?;
+        let sd2 = ckpt.text_encoder_config().hidden_size == 1024;
+        let (pad, sched) = if sd2 {
+            ("!", builtin_configs::SD21_SCHEDULER)
+        } else {
+            ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
+        };
+        Loaded {
+            tokenizer: ClipTokenizer::clip(pad)?,
+            text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+            unet: ckpt.unet(device, &unet_opts)?,
+            vae: ckpt.vae(device, &f32_opts)?,
+            scheduler_config: SchedulerConfig::from_json(sched)?,
+            sample_size: ckpt.unet_config().sample_size.unwrap_or(64) * 8,
+            name,
+        }
+    };
+    if let Some(dir) = &args.unet {
+        loaded.unet = unet_from_dir(&component_dir(dir, "unet"), device, &unet_opts)?;
+    }
+    if let Some(dir) = &args.vae {
+        loaded.vae = vae_from_dir(&component_dir(dir, "vae"), device, &f32_opts)?;
+    }
+    let _ = text_encoder_from_dir;
+    Ok(loaded)
+}
+
+pub fn scheduler(args: &CommonArgs, loaded: &Loaded) -> Result<(AnyScheduler, String), AnyError> {
+    let (s, label) = if let Some(path) = &args.scheduler_config {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let s = AnyScheduler::from_json(&text)?;
+        let class = s.class_name_str();
+        (s, class)
+    } else if let Some(name) = &args.scheduler {
+        (
+            AnyScheduler::from_name(name, &loaded.scheduler_config)?,
+            name.clone(),
+        )
+    } else {
+        let s = AnyScheduler::from_config(&loaded.scheduler_config)?;
+        let class = s.class_name_str();
+        (s, class)
+    };
+    let s = match args.ays.as_deref() {
+        Some(p) => {
+            let preset = AysPreset::from_name(p)
+                .ok_or_else(|| format!("--ays {p}: expected sd15 or sdxl"))?;
+            s.with_sigmas(SigmaSchedule::AlignYourSteps(preset))?
+        }
+        None => s,
+    };
+    Ok((s, label))
+}
+
+trait ClassName {
+    fn class_name_str(&self) -> String;
+}
+
+impl ClassName for AnyScheduler {
+    fn class_name_str(&self) -> String {
+        use stable_diffusion::core::Scheduler;
+        self.class_name().to_string()
+    }
+}
+
+pub fn steps(args: &CommonArgs) -> Result<Steps, AnyError> {
+    match (&args.timesteps, &args.sigmas) {
+        (Some(_), Some(_)) => Err("--timesteps and --sigmas exclude each other".into()),
+        (Some(t), None) => Ok(Steps::Timesteps(t.clone())),
+        (None, Some(s)) => Ok(Steps::Sigmas(s.clone())),
+        (None, None) => Ok(Steps::Count(args.steps)),
+    }
+}
+
+fn read_tensor(path: &Path, key: &str, device: &Device) -> Result<Tensor<4>, AnyError> {
+    let source = WeightSource::open(path)?;
+    let t = source
+        .get(key)
+        .ok_or_else(|| format!("{}: no tensor `{key}`", path.display()))?;
+    if t.shape.len() != 4 {
+        return Err(format!(
+            "{}: `{key}` has shape {:?}, 4 axes expected",
+            path.display(),
+            t.shape
+        )
+        .into());
+    }
+    let shape = t.shape.clone();
+    let data = source.read_float(key, DType::F32, shape)?;
+    Ok(Tensor::from_data(data, device))
+}
+
+pub fn options(
+    args: &CommonArgs,
+    loaded: &Loaded,
+    device: &Device,
+) -> Result<GenerationOptions, AnyError> {
+    Ok(GenerationOptions {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: steps(args)?,
+        guidance_scale: args.guidance,
+        width: args.width.unwrap_or(loaded.sample_size),
+        height: args.height.unwrap_or(loaded.sample_size),
+        clip_skip: args.clip_skip,
+        batch_size: 1,
+        init_latents: match &args.init_latents {
+            Some(p) => Some(read_tensor(p, "latents", device)?),
+            None => None,
+        },
+    })
+}
+
+pub fn noise(args: &CommonArgs, device: &Device) -> Result<Box<dyn NoiseSource>, AnyError> {
+    match &args.noise {
+        Some(path) => {
+            let source = WeightSource::open(path)?;
+            let mut tensors = Vec::new();
+            for i in 0.. {
+                let key = format!("noise_{i:03}");
+                if source.get(&key).is_none() {
+                    break;
+                }
+                tensors.push(read_tensor(path, &key, device)?);
+            }
+            Ok(Box::new(RecordedNoise::new(tensors)))
+        }
+        None => Ok(Box::new(NoiseRng::seed(args.seed))),
+    }
+}
+
+pub fn progress(total: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// A step callback advancing `bar`.
+pub fn on_step(bar: &ProgressBar) -> impl FnMut(&StepInfo<'_>) -> bool + '_ {
+    move |info| {
+        bar.set_length(info.total as u64);
+        bar.set_position((info.step + 1) as u64);
+        true
+    }
+}
+
+pub fn save(
+    args: &CommonArgs,
+    loaded: &Loaded,
+    sampler: &str,
+    latents: &Tensor<4>,
+    images: &Tensor<4>,
+) -> Result<(), AnyError> {
+    if let Some(path) = &args.save_latents {
+        let [b, c, h, w] = latents.dims();
+        let values = latents
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![b, c, h, w],
+            &bytes,
+        )?;
+        safetensors::serialize_to_file([("latents", view)], None, path)?;
+    }
+    let [_, _, h, w] = images.dims();
+    let params = GenerationParameters {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
+        steps: args.steps,
+        sampler: sampler.to_string(),
+        cfg_scale: args.guidance,
+        seed: args.seed,
+        width: w,
+        height: h,
+        model: loaded.name.clone(),
+    };
+    stable_diffusion::io::image::save_png(images, 0, &args.out, Some(&params))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+pub fn core_err(e: CoreError) -> AnyError {
+    Box::new(e)
+}
