@@ -1,0 +1,283 @@
+//! The example binaries reproduce diffusers' reference pipelines from the command
+//! line (txt2img DDIM, Euler ancestral with recorded noise, img2img, inpaint), and
+//! images carry their generation parameters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Reference, fixture};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::io::WeightSource;
+use stable_diffusion::io::image::{GenerationParameters, load_image, load_mask, read_parameters};
+
+/// `target/<profile>/examples/<name>`, built by `cargo test` with the tests.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is not built (cargo test builds the examples)",
+        path.display()
+    );
+    path
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Vec<f32>, Vec<usize>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, _, shape), b)| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn scheduler_config(case: &str) -> String {
+    let text = std::fs::read_to_string(fixture("reference/index.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    index["cases"][format!("pipelines/{case}")]["params"]["scheduler_config"].to_string()
+}
+
+/// Runs `example` on the reference case and compares the saved latents.
+fn run(example_name: &str, case: &str, extra: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Reference::open(&format!("reference/pipelines/{case}.safetensors"));
+    let sched = tmp.path().join("scheduler_config.json");
+    std::fs::write(&sched, scheduler_config(case)).unwrap();
+    let mut noise = Vec::new();
+    for i in 0.. {
+        let k = format!("noise_{i:03}");
+        if !r.has(&k) {
+            break;
+        }
+        noise.push((k.clone(), r.floats(&k), r.shape(&k)));
+    }
+    let out = tmp.path().join("out.png");
+    let latents = tmp.path().join("latents.safetensors");
+    let mut cmd = Command::new(example(example_name));
+    cmd.args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--negative-prompt", "blurry, low quality"])
+        .args([
+            "--steps",
+            "10",
+            "--guidance",
+            "7.5",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args(["--scheduler-config", sched.to_str().unwrap()])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--save-latents",
+            latents.to_str().unwrap(),
+        ]);
+    if !noise.is_empty() {
+        let p = tmp.path().join("noise.safetensors");
+        write_tensors(&p, &noise);
+        cmd.args(["--noise", p.to_str().unwrap()]);
+    }
+    if r.has("init_latents") {
+        let p = tmp.path().join("init.safetensors");
+        write_tensors(
+            &p,
+            &[(
+                "latents".into(),
+                r.floats("init_latents"),
+                r.shape("init_latents"),
+            )],
+        );
+        cmd.args(["--init-latents", p.to_str().unwrap()]);
+    }
+    cmd.args(extra);
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{example_name} {case} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got = WeightSource::open(&latents).unwrap();
+    let shape = got.get("latents").unwrap().shape.clone();
+    let got = got
+        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want = r.floats("final_latents");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("{example_name} {case}: final_latents max abs diff {d:.3e}");
+    assert!(d <= 1e-3 * scale, "{case}: {d}");
+    // The PNG carries its parameters.
+    let params = read_parameters(&out).unwrap().expect("parameters chunk");
+    assert_eq!(params.prompt, "a photograph of an astronaut riding a horse");
+    assert_eq!(params.steps, 10);
+    assert_eq!((params.width, params.height), (32, 32));
+}
+
+#[test]
+fn txt2img_ddim_through_the_example() {
+    run("txt2img", "txt2img_ddim_10", &[]);
+}
+
+#[test]
+fn txt2img_euler_ancestral_recorded_noise_through_the_example() {
+    run("txt2img", "txt2img_euler_ancestral_10", &[]);
+}
+
+#[test]
+fn img2img_through_the_example() {
+    let image = fixture("reference/pipelines/img2img_ddim_s0.6_input.png");
+    run(
+        "img2img",
+        "img2img_ddim_s0.6",
+        &["--image", image.to_str().unwrap(), "--strength", "0.6"],
+    );
+}
+
+#[test]
+fn inpaint_through_the_example() {
+    let image = fixture("reference/pipelines/inpaint_ddim_10_input.png");
+    let mask = fixture("reference/pipelines/inpaint_ddim_10_mask.png");
+    let unet = fixture("tiny-sd15-inpaint");
+    run(
+        "inpaint",
+        "inpaint_ddim_10",
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--unet",
+            unet.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn png_inputs_match_diffusers_preprocessing() {
+    let device = Device::flex();
+    let r = Reference::open("reference/pipelines/inpaint_ddim_10.safetensors");
+    let image = load_image(
+        fixture("reference/pipelines/inpaint_ddim_10_input.png"),
+        &device,
+    )
+    .unwrap();
+    common::assert_close(
+        "image preprocessing",
+        &image,
+        &r.floats("input_image_preprocessed"),
+        1e-6,
+    );
+    let mask = load_mask(
+        fixture("reference/pipelines/inpaint_ddim_10_mask.png"),
+        &device,
+    )
+    .unwrap();
+    let mask = mask.greater_equal_elem(0.5).float();
+    common::assert_close(
+        "mask preprocessing",
+        &mask,
+        &r.floats("mask_preprocessed"),
+        0.0,
+    );
+}
+
+#[test]
+fn png_parameters_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = GenerationParameters {
+        prompt: "a red fox in snow, (masterpiece:1.2)".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: 25,
+        sampler: "DPM++ 2M Karras".into(),
+        cfg_scale: 7.5,
+        seed: 1234567890123,
+        width: 512,
+        height: 768,
+        model: "v1-5-pruned-emaonly".into(),
+    };
+    let image = Tensor::<4>::full([1, 3, 8, 16], 0.5, &Device::flex());
+    let path = tmp.path().join("x.png");
+    stable_diffusion::io::image::save_png(&image, 0, &path, Some(&p)).unwrap();
+    assert_eq!(read_parameters(&path).unwrap(), Some(p.clone()));
+    assert!(p.to_a1111().contains("\nNegative prompt: blurry, low quality\nSteps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5"));
+}
+
+#[test]
+fn bad_input_gives_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "txt2img",
+            vec!["--width", "30", "--steps", "2", "--out", o],
+            "width",
+        ),
+        (
+            "txt2img",
+            vec!["--model", "/nonexistent/model", "--out", o],
+            "no such file",
+        ),
+        (
+            "txt2img",
+            vec!["--scheduler", "heun-karras", "--steps", "2", "--out", o],
+            "unknown scheduler",
+        ),
+        (
+            "img2img",
+            vec!["--image", "/nonexistent.png", "--out", o],
+            "nonexistent.png",
+        ),
+    ];
+    for (ex, args, needle) in cases {
+        let output = Command::new(example(ex)).args(&args).output().unwrap();
+        assert!(!output.status.success(), "{ex} {args:?} should fail");
+        let err = String::from_utf8_lossy(&output.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(needle),
+            "{ex} {args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let img = fixture("reference/pipelines/img2img_ddim_s0.6_input.png");
+    let output = Command::new(example("img2img"))
+        .args([
+            "--image",
+            img.to_str().unwrap(),
+            "--strength",
+            "1.5",
+            "--steps",
+            "2",
+            "--out",
+            o,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("strength"),
+        "{err}"
+    );
+}
