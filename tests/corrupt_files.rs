@@ -286,3 +286,133 @@ fn int_tensor_in_place_of_a_float_is_a_dtype_mismatch() {
         "{err}"
     );
 }
+
+/// Rewrites a safetensors file with every float tensor converted by `convert`
+/// (`dtype` is the new on-disk dtype), or split into shards.
+fn rewrite(
+    path: &Path,
+    out: &Path,
+    dtype: safetensors::Dtype,
+    convert: impl Fn(f32) -> Vec<u8>,
+    keep: impl Fn(&str) -> bool,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if !keep(&name) {
+            continue;
+        }
+        let vals: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let b: Vec<u8> = vals.iter().flat_map(|v| convert(*v)).collect();
+        data.push((name, view.shape().to_vec(), b));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, out).unwrap();
+}
+
+#[test]
+fn sharded_weights_load_like_one_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("model");
+    copy_dir(&fixture("tiny-sd15"), &root);
+    let unet = root.join("unet");
+    let whole = unet.join("diffusion_pytorch_model.safetensors");
+    let f32le = |v: f32| v.to_le_bytes().to_vec();
+    rewrite(
+        &whole,
+        &unet.join("part-1.safetensors"),
+        safetensors::Dtype::F32,
+        f32le,
+        |k| k.starts_with("down_blocks"),
+    );
+    rewrite(
+        &whole,
+        &unet.join("part-2.safetensors"),
+        safetensors::Dtype::F32,
+        f32le,
+        |k| !k.starts_with("down_blocks"),
+    );
+    let bytes = std::fs::read(&whole).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = st
+        .names()
+        .into_iter()
+        .map(|k| {
+            let f = if k.starts_with("down_blocks") {
+                "part-1.safetensors"
+            } else {
+                "part-2.safetensors"
+            };
+            (k.to_string(), serde_json::Value::from(f))
+        })
+        .collect();
+    std::fs::remove_file(&whole).unwrap();
+    std::fs::remove_file(unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let device = Device::flex();
+    let dir = DiffusersDir::open(&root).unwrap();
+    assert!(
+        dir.unet_weights(None)
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(".index.json")
+    );
+    let unet = dir.unet(&device, &ComponentOptions::default()).unwrap();
+    let r = common::Reference::open("reference/unet.safetensors");
+    let out = unet.forward(
+        r.tensor::<4>("sample", &device),
+        r.tensor::<1>("timestep_t500_float", &device),
+        r.tensor::<3>("encoder_hidden_states", &device),
+    );
+    common::assert_close("sharded unet out_t500", &out, &r.floats("out_t500"), 1e-4);
+}
+
+#[test]
+fn bf16_weights_are_converted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("model");
+    copy_dir(&fixture("tiny-sd15"), &root);
+    let path = root.join("vae/diffusion_pytorch_model.safetensors");
+    let original = root.join("vae/original.safetensors");
+    std::fs::rename(&path, &original).unwrap();
+    rewrite(
+        &original,
+        &path,
+        safetensors::Dtype::BF16,
+        |v| half::bf16::from_f32(v).to_le_bytes().to_vec(),
+        |_| true,
+    );
+    std::fs::remove_file(&original).unwrap();
+    let device = Device::flex();
+    let vae = DiffusersDir::open(&root)
+        .unwrap()
+        .vae(&device, &ComponentOptions::default())
+        .unwrap();
+    let w = vae.encoder.conv_in.weight.val();
+    assert_eq!(w.dtype(), stable_diffusion::burn::tensor::DType::F32);
+    // Every value is exactly the bf16 rounding of the f32 original.
+    let src = common::Reference::open("tiny-sd15/vae/diffusion_pytorch_model.safetensors");
+    let want: Vec<f32> = src
+        .floats("encoder.conv_in.weight")
+        .into_iter()
+        .map(|v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(w.to_data().try_to_vec::<f32>().unwrap(), want);
+}

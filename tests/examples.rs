@@ -281,3 +281,48 @@ fn bad_input_gives_a_one_line_error() {
         "{err}"
     );
 }
+
+#[test]
+fn inspect_reports_classes_and_parameter_counts() {
+    let out = Command::new(example("inspect"))
+        .args([fixture("configs/sd15").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let params = |c: &str| {
+        lines.iter().find(|l| l["component"] == c).unwrap()["params"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(params("unet"), 859_520_964);
+    assert_eq!(params("vae"), 83_653_863);
+    assert_eq!(params("text_encoder"), 123_060_480);
+
+    let out = Command::new(example("inspect"))
+        .args([fixture("tiny-sd15.safetensors").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let unet = lines.iter().find(|l| l["component"] == "unet").unwrap();
+    assert_eq!(unet["params"].as_u64().unwrap(), 1_388_548);
+    assert_eq!(unet["dtypes"], serde_json::json!(["f16"]));
+    assert_eq!(unet["class"], "UNet2DConditionModel");
+}

@@ -419,3 +419,29 @@ fn ays_sigma_schedule_with_euler_gives_published_sigmas() {
     assert_eq!(run.sigmas().unwrap(), want.as_slice());
     assert!((run.init_noise_sigma() - 14.615).abs() < 1e-5);
 }
+
+#[test]
+fn zero_terminal_snr_gives_finite_schedules() {
+    let mut c = SchedulerConfig::from_json(&base_config_json().to_string()).unwrap();
+    c.rescale_betas_zero_snr = Some(true);
+    c.timestep_spacing = Some("trailing".into());
+    let raw = NoiseSchedule::from_config(&c).unwrap();
+    assert_eq!(
+        *raw.alphas_cumprod.last().unwrap(),
+        0.0,
+        "zero terminal SNR"
+    );
+    for name in ["ddim", "euler", "euler-a", "dpmpp-2m", "pndm"] {
+        let s = AnyScheduler::from_name(name, &c).unwrap();
+        let run = s.start(&Steps::Count(10)).unwrap();
+        assert!(run.init_noise_sigma().is_finite(), "{name}");
+        if let Some(sig) = run.sigmas() {
+            assert!(sig.iter().all(|x| x.is_finite()), "{name}: {sig:?}");
+        }
+        assert_eq!(
+            run.timestep(0),
+            999.0,
+            "{name}: trailing starts at the last timestep"
+        );
+    }
+}

@@ -116,7 +116,12 @@ pub fn device(name: &str) -> Result<Device, AnyError> {
         "wgpu" => Ok(Device::wgpu(Default::default())),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
-        "wgpu" | "cuda" => Err(format!("--device {name}: rebuild with `--features {name}`").into()),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => Err("--device wgpu: rebuild with `--features wgpu`".into()),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(
+            "--device cuda: rebuild with `--features cuda` (needs network at build time)".into(),
+        ),
         o => Err(format!("--device {o}: expected cpu, wgpu or cuda").into()),
     }
 }

@@ -111,8 +111,10 @@ impl DpmSolverMultistep {
         } else {
             SigmaSchedule::Model
         };
+        let mut schedule = NoiseSchedule::from_config(c)?;
+        schedule.fix_zero_terminal_snr(c);
         Ok(Self {
-            schedule: NoiseSchedule::from_config(c)?,
+            schedule,
             prediction: PredictionType::from_config(c)?,
             spacing: TimestepSpacing::from_config(c, TimestepSpacing::Linspace)?,
             steps_offset: c.steps_offset.unwrap_or(0),

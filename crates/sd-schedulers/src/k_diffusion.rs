@@ -26,8 +26,15 @@ pub(crate) struct SigmaBase {
 }
 
 impl SigmaBase {
-    pub fn from_config(c: &SchedulerConfig, karras_allowed: bool) -> Result<Self, CoreError> {
-        let schedule = NoiseSchedule::from_config(c)?;
+    pub fn from_config(
+        c: &SchedulerConfig,
+        karras_allowed: bool,
+        zero_snr_fix: bool,
+    ) -> Result<Self, CoreError> {
+        let mut schedule = NoiseSchedule::from_config(c)?;
+        if zero_snr_fix {
+            schedule.fix_zero_terminal_snr(c);
+        }
         let mut sigmas = SigmaSchedule::Model;
         if karras_allowed {
             if c.use_beta_sigmas == Some(true) {
@@ -222,7 +229,11 @@ impl KDiffusion {
             ));
         }
         Ok(Self {
-            base: SigmaBase::from_config(c, method != KMethod::EulerAncestral)?,
+            base: SigmaBase::from_config(
+                c,
+                method != KMethod::EulerAncestral,
+                method != KMethod::Lms,
+            )?,
             method,
         })
     }

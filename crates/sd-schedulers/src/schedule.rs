@@ -144,6 +144,17 @@ impl NoiseSchedule {
         })
     }
 
+    /// With zero terminal SNR the last `alphas_cumprod` is 0 and its sigma infinite;
+    /// diffusers' sigma-based schedulers (Euler, Euler ancestral, DPM-Solver) replace
+    /// it by `2^-24`, as done here.
+    pub(crate) fn fix_zero_terminal_snr(&mut self, config: &SchedulerConfig) {
+        if config.rescale_betas_zero_snr == Some(true)
+            && let Some(last) = self.alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
+        }
+    }
+
     /// `alphas_cumprod[t]` as f64 (t clamped to the table).
     pub fn alpha_cumprod(&self, t: i64) -> f64 {
         let i = t.clamp(0, self.alphas_cumprod.len() as i64 - 1) as usize;
