@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{
-    Autoencoder, Denoiser, HiddenLayer, NoiseRng, NoiseSource, Scheduler, Steps, TextEncoder,
+    Autoencoder, HiddenLayer, NoiseRng, NoiseSource, Scheduler, Steps, TextEncoder,
 };
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};

@@ -91,6 +91,7 @@ fn run_case(name: &str, case: &serde_json::Value, m: &Models, device: &Device) {
         init_latents: r
             .has("init_latents")
             .then(|| r.tensor::<4>("init_latents", device)),
+        ..Default::default()
     };
     let embeds = sd.encode_prompt(&options).unwrap();
     let want = r.floats("prompt_embeds");
@@ -220,4 +221,93 @@ fn same_seed_same_result_and_sizes_are_checked() {
         .unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
     assert_eq!(steps_seen, vec![0, 1]);
+}
+
+#[test]
+fn long_prompts_and_weighting() {
+    let device = Device::flex();
+    let m = models(&device);
+    let config = SchedulerConfig::from_json(
+        &std::fs::read_to_string(fixture("tiny-sd15/scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    let scheduler = AnyScheduler::from_name("ddim", &config).unwrap();
+    let sd = StableDiffusion {
+        tokenizer: &m.tokenizer,
+        text_encoder: &m.text_encoder,
+        unet: &m.unet,
+        vae: &m.vae,
+        scheduler: &scheduler,
+        device: device.clone(),
+    };
+    let plain = GenerationOptions {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: Some("blurry".into()),
+        ..Default::default()
+    };
+    let base = sd.encode_prompt(&plain).unwrap();
+    // Off by default; on, a short prompt gives the same embeddings as diffusers.
+    for (long, weighting) in [(true, false), (false, true), (true, true)] {
+        let o = GenerationOptions {
+            long_prompts: long,
+            prompt_weighting: weighting,
+            ..plain.clone()
+        };
+        let e = sd.encode_prompt(&o).unwrap();
+        assert_eq!(
+            e.to_data().try_to_vec::<f32>().unwrap(),
+            base.to_data().try_to_vec::<f32>().unwrap(),
+            "long={long} weighting={weighting}"
+        );
+    }
+    // A weight of 1 is neutral; another weight changes the embeddings.
+    let neutral = GenerationOptions {
+        prompt: "a photograph of an (astronaut:1.0) riding a horse".into(),
+        prompt_weighting: true,
+        ..plain.clone()
+    };
+    let e = sd.encode_prompt(&neutral).unwrap();
+    assert_eq!(
+        e.to_data().try_to_vec::<f32>().unwrap(),
+        base.to_data().try_to_vec::<f32>().unwrap()
+    );
+    let heavy = GenerationOptions {
+        prompt: "a photograph of an (astronaut:1.5) riding a horse".into(),
+        ..neutral.clone()
+    };
+    assert_ne!(
+        sd.encode_prompt(&heavy)
+            .unwrap()
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap(),
+        base.to_data().try_to_vec::<f32>().unwrap()
+    );
+    // 100 words: two windows for the prompt, the negative padded to two as well.
+    let long_prompt = vec!["horse"; 100].join(" ");
+    let o = GenerationOptions {
+        prompt: long_prompt.clone(),
+        long_prompts: true,
+        ..plain.clone()
+    };
+    assert_eq!(sd.encode_prompt(&o).unwrap().dims(), [2, 154, 32]);
+    let truncated = GenerationOptions {
+        prompt: long_prompt,
+        ..plain.clone()
+    };
+    assert_eq!(sd.encode_prompt(&truncated).unwrap().dims(), [2, 77, 32]);
+    // And the U-Net takes the longer context.
+    let out = sd
+        .txt2img(
+            &GenerationOptions {
+                steps: Steps::Count(2),
+                width: 32,
+                height: 32,
+                ..o
+            },
+            &mut NoiseRng::seed(3),
+            None,
+        )
+        .unwrap();
+    assert_eq!(out.images.dims(), [1, 3, 32, 32]);
 }

@@ -93,6 +93,12 @@ pub struct CommonArgs {
     /// Run the U-Net in f16 (the VAE stays f32).
     #[arg(long)]
     pub f16: bool,
+    /// Encode prompts longer than 77 tokens in 75-token windows (A1111 style).
+    #[arg(long)]
+    pub long_prompts: bool,
+    /// A1111 prompt weighting: `(word:1.3)`, `(word)`, `[word]`.
+    #[arg(long)]
+    pub prompt_weighting: bool,
 }
 
 /// Errors of the examples: one line for the user.
@@ -279,6 +285,8 @@ pub fn options(
             Some(p) => Some(read_tensor(p, "latents", device)?),
             None => None,
         },
+        long_prompts: args.long_prompts,
+        prompt_weighting: args.prompt_weighting,
     })
 }
 

@@ -6,6 +6,7 @@ pub mod denoiser;
 pub mod error;
 pub mod noise;
 pub mod pipeline;
+pub mod prompt;
 pub mod scheduler;
 pub mod text_encoder;
 

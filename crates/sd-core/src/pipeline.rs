@@ -19,6 +19,18 @@ pub trait PromptTokenizer {
 
     /// The sequence length (77 for CLIP).
     fn max_length(&self) -> usize;
+
+    /// The content ids of a text, without BOS/EOS and untruncated.
+    fn content_ids(&self, text: &str) -> Result<Vec<u32>, CoreError>;
+
+    /// Beginning-of-text id.
+    fn bos_id(&self) -> u32;
+
+    /// End-of-text id.
+    fn eos_id(&self) -> u32;
+
+    /// Padding id.
+    fn pad_id(&self) -> u32;
 }
 
 /// Options shared by every pipeline.
@@ -43,6 +55,11 @@ pub struct GenerationOptions {
     /// Initial latents `[batch, 4, h / 8, w / 8]` instead of drawing them (before
     /// scaling by `init_noise_sigma`, as diffusers' `latents=`).
     pub init_latents: Option<Tensor<4>>,
+    /// Prompts longer than 75 tokens are encoded in 75-token windows and concatenated
+    /// (A1111 / ComfyUI); off by default, where diffusers truncates.
+    pub long_prompts: bool,
+    /// A1111 attention syntax `(word:1.3)`, `(word)`, `[word]`; off by default.
+    pub prompt_weighting: bool,
 }
 
 impl Default for GenerationOptions {
@@ -57,6 +74,8 @@ impl Default for GenerationOptions {
             clip_skip: None,
             batch_size: 1,
             init_latents: None,
+            long_prompts: false,
+            prompt_weighting: false,
         }
     }
 }
@@ -112,7 +131,7 @@ fn invalid(name: &'static str, message: impl Into<String>) -> CoreError {
 /// Checks an image size is positive and divisible by 8.
 pub fn check_size(width: usize, height: usize) -> Result<(), CoreError> {
     for (name, v) in [("width", width), ("height", height)] {
-        if v == 0 || v % 8 != 0 {
+        if v == 0 || !v.is_multiple_of(8) {
             return Err(invalid(
                 name,
                 format!("{v} is not a positive multiple of 8"),
@@ -147,6 +166,9 @@ impl StableDiffusion<'_> {
             }
         };
         let b = options.batch_size.max(1);
+        if options.long_prompts || options.prompt_weighting {
+            return self.encode_prompt_chunked(options, layer, b);
+        }
         let cond = self
             .text_encoder
             .encode(self.ids(&options.prompt, b)?, layer)
@@ -159,6 +181,98 @@ impl StableDiffusion<'_> {
             .text_encoder
             .encode(self.ids(negative, b)?, HiddenLayer::Last)
             .hidden_states;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
+    fn weighted_tokens(&self, prompt: &str, weighting: bool) -> Result<Vec<(u32, f64)>, CoreError> {
+        let pieces = if weighting {
+            crate::prompt::parse_prompt_attention(prompt)
+        } else {
+            vec![crate::prompt::WeightedText {
+                text: prompt.to_string(),
+                weight: 1.0,
+            }]
+        };
+        let mut tokens = Vec::new();
+        for p in pieces {
+            for id in self.tokenizer.content_ids(&p.text)? {
+                tokens.push((id, p.weight));
+            }
+        }
+        Ok(tokens)
+    }
+
+    fn encode_chunks(
+        &self,
+        chunks: &[Vec<(u32, f64)>],
+        layer: HiddenLayer,
+        weighting: bool,
+        batch: usize,
+    ) -> Result<Tensor<3>, CoreError> {
+        let len = self.tokenizer.max_length();
+        let mut parts = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut ids = vec![i64::from(self.tokenizer.bos_id())];
+            let mut weights = vec![1.0f32];
+            for (id, w) in chunk.iter().take(len - 2) {
+                ids.push(i64::from(*id));
+                weights.push(*w as f32);
+            }
+            ids.push(i64::from(self.tokenizer.eos_id()));
+            ids.resize(len, i64::from(self.tokenizer.pad_id()));
+            weights.resize(len, 1.0);
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device);
+            let z = self.text_encoder.encode(ids, layer).hidden_states;
+            let z = if weighting && weights.iter().any(|w| *w != 1.0) {
+                // A1111: scale by the weights, then restore the original mean.
+                let before = z.clone().mean().into_scalar::<f32>() as f64;
+                let w = Tensor::<1>::from_data(TensorData::new(weights, [len]), &self.device)
+                    .reshape([1, len, 1]);
+                let z = z * w;
+                let after = z.clone().mean().into_scalar::<f32>() as f64;
+                if after != 0.0 {
+                    z * (before / after)
+                } else {
+                    z
+                }
+            } else {
+                z
+            };
+            parts.push(z);
+        }
+        let z = Tensor::cat(parts, 1);
+        Ok(if batch > 1 { z.repeat_dim(0, batch) } else { z })
+    }
+
+    fn encode_prompt_chunked(
+        &self,
+        o: &GenerationOptions,
+        layer: HiddenLayer,
+        b: usize,
+    ) -> Result<Tensor<3>, CoreError> {
+        let window = self.tokenizer.max_length() - 2;
+        let split = |tokens: Vec<(u32, f64)>| {
+            if o.long_prompts {
+                crate::prompt::chunk_tokens(&tokens, window)
+            } else {
+                vec![tokens.into_iter().take(window).collect()]
+            }
+        };
+        let mut pos = split(self.weighted_tokens(&o.prompt, o.prompt_weighting)?);
+        if o.guidance_scale <= 1.0 {
+            return self.encode_chunks(&pos, layer, o.prompt_weighting, b);
+        }
+        let negative = o.negative_prompt.as_deref().unwrap_or("");
+        let mut neg = split(self.weighted_tokens(negative, o.prompt_weighting)?);
+        // Positive and negative get the same number of windows.
+        while neg.len() < pos.len() {
+            neg.push(Vec::new());
+        }
+        while pos.len() < neg.len() {
+            pos.push(Vec::new());
+        }
+        let cond = self.encode_chunks(&pos, layer, o.prompt_weighting, b)?;
+        let uncond = self.encode_chunks(&neg, HiddenLayer::Last, o.prompt_weighting, b)?;
         Ok(Tensor::cat(vec![uncond, cond], 0))
     }
 
@@ -177,7 +291,7 @@ impl StableDiffusion<'_> {
             return Err(invalid("batch_size", "must be at least 1"));
         }
         let f = self.vae.downscale_factor();
-        if o.width % f != 0 || o.height % f != 0 {
+        if !o.width.is_multiple_of(f) || !o.height.is_multiple_of(f) {
             return Err(invalid(
                 "width",
                 format!("must be a multiple of the VAE factor {f}"),

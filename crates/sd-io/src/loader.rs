@@ -1,7 +1,6 @@
 //! Binding stored tensors to a burn module's parameters, accounting for every key.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
@@ -168,7 +167,7 @@ pub fn load_module<M: Module>(
                 .paths()
                 .first()
                 .map(|p| p.to_path_buf())
-                .unwrap_or_else(PathBuf::new),
+                .unwrap_or_default(),
             report,
         })
     }

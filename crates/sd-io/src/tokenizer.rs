@@ -251,4 +251,21 @@ impl sd_core::PromptTokenizer for ClipTokenizer {
     fn max_length(&self) -> usize {
         self.max_length
     }
+
+    fn content_ids(&self, text: &str) -> Result<Vec<u32>, sd_core::CoreError> {
+        ClipTokenizer::content_ids(self, text)
+            .map_err(|e| sd_core::CoreError::Tokenizer(e.to_string()))
+    }
+
+    fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+
+    fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
 }

@@ -230,9 +230,9 @@ impl AutoencoderKL {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_out = boc[0];
-        for i in 0..n {
+        for (i, &c) in boc.iter().enumerate() {
             let c_in = c_out;
-            c_out = boc[i];
+            c_out = c;
             down_blocks.push(DownEncoderBlock2D {
                 resnets: (0..config.layers_per_block)
                     .map(|j| {

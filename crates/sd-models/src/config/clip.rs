@@ -114,7 +114,9 @@ impl ClipTextConfig {
 
     /// Rejects values the model cannot honour.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(ConfigError::unsupported(
                 "num_attention_heads",
                 format!(

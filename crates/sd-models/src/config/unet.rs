@@ -317,7 +317,7 @@ impl UNet2DConditionConfig {
         }
         let blocks = self.blocks()?;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return Err(u(
                     "norm_num_groups",
                     format!(
@@ -326,7 +326,7 @@ impl UNet2DConditionConfig {
                     ),
                 ));
             }
-            if blocks.num_heads[i] == 0 || c % blocks.num_heads[i] != 0 {
+            if blocks.num_heads[i] == 0 || !c.is_multiple_of(blocks.num_heads[i]) {
                 return Err(u(
                     "attention_head_dim",
                     format!(

@@ -133,7 +133,7 @@ impl AutoencoderKLConfig {
             return Err(u("act_fn", format!("`{a}` is not supported (only silu)")));
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return Err(u(
                     "norm_num_groups",
                     format!(
