@@ -24,6 +24,8 @@ struct Args {
     prompt: String,
     #[arg(long, default_value = "custom_loop.png")]
     out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -57,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         0,
     );
     let mut rng = NoiseRng::seed(42);
-    let mut run = schedule.start(&Steps::Count(10))?;
+    let mut run = schedule.start(&Steps::Count(args.steps))?;
     let size = model.unet_config()?.sample_size.unwrap_or(64);
     let mut x = rng.normal([1, 4, size, size], &device)? * run.init_noise_sigma();
     for i in 0..run.len() {

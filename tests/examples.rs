@@ -326,3 +326,63 @@ fn inspect_reports_classes_and_parameter_counts() {
     assert_eq!(unet["dtypes"], serde_json::json!(["f16"]));
     assert_eq!(unet["class"], "UNet2DConditionModel");
 }
+
+#[test]
+fn outpaint_and_interpolate_examples_write_their_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixture("reference/pipelines/img2img_ddim_s0.6_input.png");
+    let out = tmp.path().join("wide.png");
+    let o = Command::new(example("outpaint"))
+        .args([
+            "--image",
+            img.to_str().unwrap(),
+            "--right",
+            "16",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read_parameters(&out).unwrap().is_some());
+
+    let anim = tmp.path().join("morph.png");
+    let o = Command::new(example("interpolate"))
+        .args([
+            "--prompt",
+            "a cat",
+            "--prompt-b",
+            "a dog",
+            "--frames",
+            "3",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            anim.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for k in 0..3 {
+        assert!(tmp.path().join(format!("morph_{k:03}.png")).exists());
+    }
+    let bytes = std::fs::read(&anim).unwrap();
+    assert!(bytes.windows(4).any(|w| w == b"acTL"), "animated PNG");
+
+    let o = Command::new(example("custom_loop"))
+        .args([
+            "--steps",
+            "2",
+            "--out",
+            tmp.path().join("loop.png").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -214,6 +214,8 @@ fn same_seed_same_result_and_sizes_are_checked() {
     let mut steps_seen = Vec::new();
     let mut cb = |info: &stable_diffusion::core::StepInfo<'_>| {
         steps_seen.push(info.step);
+        let preview = stable_diffusion::core::latent_preview(info.latents);
+        assert_eq!(preview.dims(), [2, 3, 12, 20]);
         info.step < 1
     };
     let err = sd
@@ -310,4 +312,180 @@ fn long_prompts_and_weighting() {
         )
         .unwrap();
     assert_eq!(out.images.dims(), [1, 3, 32, 32]);
+}
+
+fn tiny_sd<'a>(
+    m: &'a Models,
+    scheduler: &'a AnyScheduler,
+    device: &Device,
+    inpaint: bool,
+) -> StableDiffusion<'a> {
+    StableDiffusion {
+        tokenizer: &m.tokenizer,
+        text_encoder: &m.text_encoder,
+        unet: if inpaint { &m.inpaint_unet } else { &m.unet },
+        vae: &m.vae,
+        scheduler,
+        device: device.clone(),
+    }
+}
+
+fn base_scheduler(name: &str) -> AnyScheduler {
+    let config = SchedulerConfig::from_json(
+        &std::fs::read_to_string(fixture("tiny-sd15/scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    AnyScheduler::from_name(name, &config).unwrap()
+}
+
+#[test]
+fn outpainting_keeps_the_original_pixels() {
+    use stable_diffusion::core::Extend;
+    let device = Device::flex();
+    let m = models(&device);
+    let scheduler = base_scheduler("ddim");
+    let image = stable_diffusion::io::image::load_image(
+        fixture("reference/pipelines/img2img_ddim_s0.6_input.png"),
+        &device,
+    )
+    .unwrap();
+    let extend = Extend {
+        left: 8,
+        right: 16,
+        top: 0,
+        bottom: 8,
+    };
+    let seam = 4;
+    for inpaint_unet in [false, true] {
+        let sd = tiny_sd(&m, &scheduler, &device, inpaint_unet);
+        let options = GenerationOptions {
+            prompt: "a horse".into(),
+            steps: Steps::Count(3),
+            ..Default::default()
+        };
+        let out = sd
+            .outpaint(
+                &options,
+                image.clone(),
+                extend,
+                seam,
+                &mut NoiseRng::seed(5),
+                None,
+            )
+            .unwrap();
+        assert_eq!(out.images.dims(), [1, 3, 40, 56]);
+        let got = out.images.to_data().try_to_vec::<f32>().unwrap();
+        let orig = (image.clone() / 2.0 + 0.5)
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let (mut kept, mut changed) = (0, 0);
+        for c in 0..3 {
+            for y in 0..32 {
+                for x in 0..32 {
+                    let (cy, cx) = (y, x + 8);
+                    let g = got[c * 40 * 56 + cy * 56 + cx];
+                    let o = orig[c * 32 * 32 + y * 32 + x];
+                    let far = x >= seam && x + seam < 32 && y + seam < 32;
+                    if far {
+                        assert!(
+                            (g - o).abs() < 1e-6,
+                            "pixel ({c},{y},{x}) changed: {g} vs {o}"
+                        );
+                        kept += 1;
+                    }
+                }
+            }
+            // The new right-hand area is generated, not a copy of the edge.
+            for y in 0..40 {
+                for x in 40..56 {
+                    let g = got[c * 40 * 56 + y * 56 + x];
+                    let edge = orig[c * 32 * 32 + y.min(31) * 32 + 31];
+                    if (g - edge).abs() > 1e-3 {
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            kept > 2000 && changed > 100,
+            "kept {kept}, changed {changed}"
+        );
+    }
+    let sd = tiny_sd(&m, &scheduler, &device, false);
+    let err = sd
+        .outpaint(
+            &GenerationOptions::default(),
+            image,
+            Extend {
+                left: 5,
+                ..Default::default()
+            },
+            4,
+            &mut NoiseRng::seed(1),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("left"), "{err}");
+}
+
+#[test]
+fn interpolation_endpoints_equal_plain_generations() {
+    use stable_diffusion::core::NoiseSource;
+    let device = Device::flex();
+    let m = models(&device);
+    let scheduler = base_scheduler("euler");
+    let sd = tiny_sd(&m, &scheduler, &device, false);
+    let a = GenerationOptions {
+        prompt: "a red circle".into(),
+        steps: Steps::Count(3),
+        width: 32,
+        height: 32,
+        ..Default::default()
+    };
+    let b = GenerationOptions {
+        prompt: "a blue square".into(),
+        ..a.clone()
+    };
+    let na = NoiseRng::seed(1).normal([1, 4, 16, 16], &device).unwrap();
+    let nb = NoiseRng::seed(2).normal([1, 4, 16, 16], &device).unwrap();
+    let frames = sd
+        .interpolate(
+            &a,
+            &b,
+            na.clone(),
+            nb.clone(),
+            4,
+            &mut NoiseRng::seed(0),
+            None,
+        )
+        .unwrap();
+    assert_eq!(frames.len(), 4);
+    let plain = |o: &GenerationOptions, n: &Tensor<4>| {
+        let o = GenerationOptions {
+            init_latents: Some(n.clone()),
+            ..o.clone()
+        };
+        sd.txt2img(&o, &mut NoiseRng::seed(0), None)
+            .unwrap()
+            .latents
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let first = frames[0].latents.to_data().try_to_vec::<f32>().unwrap();
+    let last = frames[3].latents.to_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(first, plain(&a, &na));
+    assert_eq!(last, plain(&b, &nb));
+    let mid = frames[1].latents.to_data().try_to_vec::<f32>().unwrap();
+    assert_ne!(mid, first);
+    // slerp keeps the noise norm (unlike lerp, which shrinks it).
+    let s = stable_diffusion::core::slerp(na.clone(), nb.clone(), 0.5);
+    let norm = |t: &Tensor<4>| (t.clone() * t.clone()).sum().into_scalar::<f32>().sqrt();
+    assert!(
+        (norm(&s) / norm(&na) - 1.0).abs() < 0.05,
+        "{} vs {}",
+        norm(&s),
+        norm(&na)
+    );
 }

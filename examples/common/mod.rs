@@ -115,6 +115,14 @@ pub struct Loaded {
     pub name: String,
 }
 
+impl Loaded {
+    /// Pixels per latent.
+    pub fn vae_factor(&self) -> usize {
+        use stable_diffusion::core::Autoencoder;
+        self.vae.downscale_factor()
+    }
+}
+
 pub fn device(name: &str) -> Result<Device, AnyError> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),

@@ -15,7 +15,8 @@ pub use denoiser::Denoiser;
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
 pub use pipeline::{
-    GenerationOptions, GenerationOutput, PromptTokenizer, StableDiffusion, StepCallback, StepInfo,
+    Extend, GenerationOptions, GenerationOutput, PromptTokenizer, StableDiffusion, StepCallback,
+    StepInfo, latent_preview, slerp,
 };
 pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, img2img_start};
 pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput};

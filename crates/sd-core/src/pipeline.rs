@@ -93,6 +93,105 @@ pub struct StepInfo<'a> {
     pub latents: &'a Tensor<4>,
 }
 
+/// Pixels added on each side by [`StableDiffusion::outpaint`] (multiples of 8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extend {
+    /// Added columns on the left.
+    pub left: usize,
+    /// Added columns on the right.
+    pub right: usize,
+    /// Added rows on top.
+    pub top: usize,
+    /// Added rows at the bottom.
+    pub bottom: usize,
+}
+
+/// The outpainting blend weight of each canvas pixel: 1 in the new area, falling
+/// linearly to 0 over `seam` pixels into the original, 0 beyond.
+pub fn outpaint_alpha(
+    ch: usize,
+    cw: usize,
+    h: usize,
+    w: usize,
+    e: Extend,
+    seam: usize,
+) -> Vec<f32> {
+    let mut alpha = vec![0f32; ch * cw];
+    for y in 0..ch {
+        for x in 0..cw {
+            let inside = y >= e.top && y < e.top + h && x >= e.left && x < e.left + w;
+            alpha[y * cw + x] = if !inside {
+                1.0
+            } else {
+                let mut d = usize::MAX;
+                if e.left > 0 {
+                    d = d.min(x - e.left);
+                }
+                if e.right > 0 {
+                    d = d.min(e.left + w - 1 - x);
+                }
+                if e.top > 0 {
+                    d = d.min(y - e.top);
+                }
+                if e.bottom > 0 {
+                    d = d.min(e.top + h - 1 - y);
+                }
+                if d >= seam {
+                    0.0
+                } else {
+                    (seam - d) as f32 / (seam + 1) as f32
+                }
+            };
+        }
+    }
+    alpha
+}
+
+/// A cheap preview of SD 1.x/2.x latents without the VAE: a fixed linear map from the
+/// 4 latent channels to RGB (A1111's "Approx cheap"), at latent resolution.
+///
+/// # Shapes
+/// - `[b, 4, h, w]` to `[b, 3, h, w]` in `[0, 1]`
+pub fn latent_preview(latents: &Tensor<4>) -> Tensor<4> {
+    const FACTORS: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    let [b, c, h, w] = latents.dims();
+    let device = latents.device();
+    let m = Tensor::<2>::from_data(
+        TensorData::new(
+            FACTORS.iter().flatten().copied().collect::<Vec<f32>>(),
+            [4, 3],
+        ),
+        &device,
+    );
+    let x = latents
+        .clone()
+        .slice([0..b, 0..c.min(4), 0..h, 0..w])
+        .permute([0, 2, 3, 1])
+        .reshape([b * h * w, c.min(4)]);
+    let m = m.slice([0..c.min(4), 0..3]);
+    let rgb = x.matmul(m).reshape([b, h, w, 3]).permute([0, 3, 1, 2]);
+    ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+}
+
+/// Spherical interpolation of two noise tensors (linear when nearly parallel).
+pub fn slerp(a: Tensor<4>, b: Tensor<4>, t: f64) -> Tensor<4> {
+    let dot = (a.clone() * b.clone()).sum().into_scalar::<f32>() as f64;
+    let na = (a.clone() * a.clone()).sum().into_scalar::<f32>() as f64;
+    let nb = (b.clone() * b.clone()).sum().into_scalar::<f32>() as f64;
+    let cos = dot / (na.sqrt() * nb.sqrt()).max(1e-12);
+    if cos.abs() > 0.9995 {
+        return a.clone() + (b - a) * t;
+    }
+    let theta = cos.acos();
+    let s = theta.sin();
+    a * (((1.0 - t) * theta).sin() / s) + b * ((t * theta).sin() / s)
+}
+
 /// A per-step callback; returning `false` cancels the run.
 pub type StepCallback<'c> = &'c mut dyn FnMut(&StepInfo<'_>) -> bool;
 
@@ -312,6 +411,26 @@ impl StableDiffusion<'_> {
         noise: &mut dyn NoiseSource,
         callback: Option<StepCallback<'_>>,
     ) -> Result<GenerationOutput, CoreError> {
+        let embeds = self.encode_prompt(options)?;
+        self.txt2img_with_embeds(
+            options,
+            embeds,
+            options.init_latents.clone(),
+            noise,
+            callback,
+        )
+    }
+
+    /// Text to image from precomputed prompt embeddings (see [`Self::encode_prompt`])
+    /// and optional initial latents (unscaled noise).
+    pub fn txt2img_with_embeds(
+        &self,
+        options: &GenerationOptions,
+        embeds: Tensor<3>,
+        init_latents: Option<Tensor<4>>,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
         if self.unet.in_channels() != self.vae.latent_channels() {
             return Err(invalid(
                 "unet",
@@ -323,9 +442,8 @@ impl StableDiffusion<'_> {
             ));
         }
         let shape = self.latent_shape(options)?;
-        let embeds = self.encode_prompt(options)?;
         let mut run = self.scheduler.start(&options.steps)?;
-        let latents = match &options.init_latents {
+        let latents = match init_latents {
             Some(l) => {
                 if l.dims() != shape {
                     return Err(invalid(
@@ -333,7 +451,7 @@ impl StableDiffusion<'_> {
                         format!("shape {:?}, expected {:?}", l.dims(), shape),
                     ));
                 }
-                l.clone()
+                l
             }
             None => noise.normal(shape, &self.device)?,
         } * run.init_noise_sigma();
@@ -349,6 +467,154 @@ impl StableDiffusion<'_> {
         Ok(GenerationOutput {
             images: self.decode(latents.clone()),
             latents,
+        })
+    }
+
+    /// Latent interpolation between two generations: frame `k` of `frames` uses the
+    /// prompt embeddings interpolated linearly and the initial noise spherically
+    /// (`slerp`) at `t = k / (frames - 1)`. The end frames equal the plain
+    /// generations of `a` with `noise_a` and of `b` with `noise_b`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn interpolate(
+        &self,
+        a: &GenerationOptions,
+        b: &GenerationOptions,
+        noise_a: Tensor<4>,
+        noise_b: Tensor<4>,
+        frames: usize,
+        noise: &mut dyn NoiseSource,
+        mut callback: Option<StepCallback<'_>>,
+    ) -> Result<Vec<GenerationOutput>, CoreError> {
+        if frames == 0 {
+            return Err(invalid("frames", "must be at least 1"));
+        }
+        if noise_a.dims() != noise_b.dims() {
+            return Err(invalid("noise_b", "must have the shape of noise_a"));
+        }
+        let ea = self.encode_prompt(a)?;
+        let eb = self.encode_prompt(b)?;
+        if ea.dims() != eb.dims() {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "the two prompts encode to shapes {:?} and {:?}",
+                    ea.dims(),
+                    eb.dims()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(frames);
+        for k in 0..frames {
+            let t = if frames == 1 {
+                0.0
+            } else {
+                k as f64 / (frames - 1) as f64
+            };
+            let (e, x) = if t == 0.0 {
+                (ea.clone(), noise_a.clone())
+            } else if t == 1.0 {
+                (eb.clone(), noise_b.clone())
+            } else {
+                (
+                    ea.clone() + (eb.clone() - ea.clone()) * t,
+                    slerp(noise_a.clone(), noise_b.clone(), t),
+                )
+            };
+            let cb = callback
+                .as_mut()
+                .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
+            out.push(self.txt2img_with_embeds(a, e, Some(x), noise, cb)?);
+        }
+        Ok(out)
+    }
+
+    /// Outpainting: extends `image` (`[1, 3, H, W]` in `[-1, 1]`) by `extend` pixels
+    /// (multiples of 8) filled by edge replication, inpaints the new area plus a seam of
+    /// `seam` pixels into the original, and blends linearly over the seam. Original
+    /// pixels farther than `seam` from the new area come back unchanged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outpaint(
+        &self,
+        options: &GenerationOptions,
+        image: Tensor<4>,
+        extend: Extend,
+        seam: usize,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let [_, c, h, w] = image.dims();
+        if c != 3 {
+            return Err(invalid("image", format!("{c} channels, 3 expected")));
+        }
+        for (name, v) in [
+            ("left", extend.left),
+            ("right", extend.right),
+            ("top", extend.top),
+            ("bottom", extend.bottom),
+        ] {
+            if !v.is_multiple_of(8) {
+                return Err(invalid(name, format!("{v} is not a multiple of 8")));
+            }
+        }
+        if extend.left + extend.right + extend.top + extend.bottom == 0 {
+            return Err(invalid("extend", "extend at least one side"));
+        }
+        let (ch, cw) = (
+            h + extend.top + extend.bottom,
+            w + extend.left + extend.right,
+        );
+        let mut x = image.clone();
+        if extend.left > 0 {
+            let strip = x
+                .clone()
+                .slice([0..1, 0..3, 0..h, 0..1])
+                .repeat_dim(3, extend.left);
+            x = Tensor::cat(vec![strip, x], 3);
+        }
+        if extend.right > 0 {
+            let wx = x.dims()[3];
+            let strip = x
+                .clone()
+                .slice([0..1, 0..3, 0..h, wx - 1..wx])
+                .repeat_dim(3, extend.right);
+            x = Tensor::cat(vec![x, strip], 3);
+        }
+        if extend.top > 0 {
+            let strip = x
+                .clone()
+                .slice([0..1, 0..3, 0..1, 0..cw])
+                .repeat_dim(2, extend.top);
+            x = Tensor::cat(vec![strip, x], 2);
+        }
+        if extend.bottom > 0 {
+            let hx = x.dims()[2];
+            let strip = x
+                .clone()
+                .slice([0..1, 0..3, hx - 1..hx, 0..cw])
+                .repeat_dim(2, extend.bottom);
+            x = Tensor::cat(vec![x, strip], 2);
+        }
+        let alpha = outpaint_alpha(ch, cw, h, w, extend, seam);
+        let mask: Vec<f32> = alpha
+            .iter()
+            .map(|&a| if a > 0.0 { 1.0 } else { 0.0 })
+            .collect();
+        let alpha = Tensor::<4>::from_data(TensorData::new(alpha, [1, 1, ch, cw]), &self.device);
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, ch, cw]), &self.device);
+        let o = GenerationOptions {
+            width: cw,
+            height: ch,
+            ..options.clone()
+        };
+        let out = self.inpaint(&o, x.clone(), mask, 1.0, noise, callback)?;
+        let b = out.images.dims()[0];
+        let original = (x / 2.0 + 0.5).repeat_dim(0, b);
+        let alpha = alpha.repeat_dim(0, b);
+        let keep = alpha.clone().neg().add_scalar(1.0);
+        let images = out.images * alpha + original * keep;
+        Ok(GenerationOutput {
+            latents: out.latents,
+            images,
         })
     }
 

@@ -228,3 +228,40 @@ pub fn load_mask(path: impl AsRef<Path>, device: &Device) -> Result<Tensor<4>, I
         device,
     ))
 }
+
+/// Writes frames (each `(width, height, rgb8)`, all the same size) as an animated PNG
+/// (APNG) that loops forever, `delay_ms` per frame.
+pub fn save_apng(
+    path: impl AsRef<Path>,
+    frames: &[(usize, usize, Vec<u8>)],
+    delay_ms: u16,
+    parameters: Option<&GenerationParameters>,
+) -> Result<(), IoError> {
+    let path = path.as_ref();
+    let Some((w, h, _)) = frames.first() else {
+        return Err(IoError::Unsupported(
+            "an animation needs at least one frame".into(),
+        ));
+    };
+    if frames.iter().any(|(fw, fh, _)| fw != w || fh != h) {
+        return Err(IoError::Unsupported(
+            "animation frames differ in size".into(),
+        ));
+    }
+    let file = File::create(path).map_err(|e| IoError::io(path, e))?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), *w as u32, *h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let bad = |e: png::EncodingError| IoError::io(path, std::io::Error::other(e.to_string()));
+    enc.set_animated(frames.len() as u32, 0).map_err(bad)?;
+    enc.set_frame_delay(delay_ms, 1000).map_err(bad)?;
+    if let Some(p) = parameters {
+        enc.add_itxt_chunk("parameters".to_string(), p.to_a1111())
+            .map_err(bad)?;
+    }
+    let mut writer = enc.write_header().map_err(bad)?;
+    for (_, _, rgb) in frames {
+        writer.write_image_data(rgb).map_err(bad)?;
+    }
+    writer.finish().map_err(bad)
+}

@@ -1,0 +1,87 @@
+//! Outpainting: extend an image on any side (multiples of 8 pixels) and let the model
+//! fill the new area; the original pixels are kept outside a small seam.
+//!
+//! ```text
+//! cargo run --release --example outpaint -- --image in.png --right 128 --prompt "a beach at sunset" --out wide.png
+//! ```
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::{AnyError, CommonArgs};
+use stable_diffusion::core::{Extend, StableDiffusion};
+use stable_diffusion::io::image::load_image;
+
+#[derive(Parser)]
+#[command(about = "Extend an image beyond its borders with Stable Diffusion")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The input image (PNG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Pixels to add on the left (multiple of 8).
+    #[arg(long, default_value_t = 0)]
+    left: usize,
+    /// Pixels to add on the right (multiple of 8).
+    #[arg(long, default_value_t = 0)]
+    right: usize,
+    /// Pixels to add on top (multiple of 8).
+    #[arg(long, default_value_t = 0)]
+    top: usize,
+    /// Pixels to add at the bottom (multiple of 8).
+    #[arg(long, default_value_t = 0)]
+    bottom: usize,
+    /// Width of the blended seam inside the original, in pixels.
+    #[arg(long, default_value_t = 8)]
+    seam: usize,
+}
+
+fn run(args: Args) -> Result<(), AnyError> {
+    let a = &args.common;
+    let device = common::device(&a.device)?;
+    let image = load_image(&args.image, &device)?;
+    let m = common::load(a, &device)?;
+    let (scheduler, sampler) = common::scheduler(a, &m)?;
+    let options = common::options(a, &m, &device)?;
+    let sd = StableDiffusion {
+        tokenizer: &m.tokenizer,
+        text_encoder: &m.text_encoder,
+        unet: &m.unet,
+        vae: &m.vae,
+        scheduler: &scheduler,
+        device: device.clone(),
+    };
+    let extend = Extend {
+        left: args.left,
+        right: args.right,
+        top: args.top,
+        bottom: args.bottom,
+    };
+    let mut noise = common::noise(a, &device)?;
+    let bar = common::progress(a.steps);
+    let mut cb = common::on_step(&bar);
+    let out = sd.outpaint(
+        &options,
+        image,
+        extend,
+        args.seam,
+        noise.as_mut(),
+        Some(&mut cb),
+    )?;
+    bar.finish_and_clear();
+    common::save(a, &m, &sampler, &out.latents, &out.images)
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
