@@ -489,3 +489,57 @@ fn interpolation_endpoints_equal_plain_generations() {
         norm(&na)
     );
 }
+
+#[test]
+fn wrong_inputs_are_errors_not_panics() {
+    let device = Device::flex();
+    let m = models(&device);
+    let scheduler = base_scheduler("ddim");
+    let sd = tiny_sd(&m, &scheduler, &device, true);
+    let image = Tensor::<4>::zeros([1, 3, 32, 32], &device);
+    let o = GenerationOptions {
+        steps: Steps::Count(2),
+        ..Default::default()
+    };
+    let err = sd
+        .inpaint(
+            &o,
+            image.clone(),
+            Tensor::zeros([1, 1, 16, 32], &device),
+            1.0,
+            &mut NoiseRng::seed(0),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("mask"), "{err}");
+    for strength in [0.0, -0.5, 1.5, f64::NAN] {
+        let err = sd
+            .inpaint(
+                &o,
+                image.clone(),
+                Tensor::zeros([1, 1, 32, 32], &device),
+                strength,
+                &mut NoiseRng::seed(0),
+                None,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("strength"), "{strength}: {err}");
+    }
+    // A 9-channel U-Net cannot do txt2img.
+    let err = sd.txt2img(&o, &mut NoiseRng::seed(0), None).unwrap_err();
+    assert!(err.to_string().contains("9"), "{err}");
+    // A recording that runs out is an error.
+    let plain = tiny_sd(&m, &scheduler, &device, false);
+    let err = plain
+        .txt2img(
+            &GenerationOptions {
+                width: 32,
+                height: 32,
+                ..o.clone()
+            },
+            &mut RecordedNoise::new(Vec::new()),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("noise"), "{err}");
+}
