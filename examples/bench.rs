@@ -1,0 +1,287 @@
+//! Speed and memory of the Stable Diffusion components at real sizes.
+//!
+//! ```text
+//! cargo run --release --example bench -- --config tests/fixtures/configs/sd15 --component all --json
+//! cargo run --release --example bench -- --model weights/sd15 --component unet --runs 5
+//! ```
+//!
+//! With `--config` the models are built from `config.json` files with random weights
+//! (no weight files needed); with `--model` real weights are loaded. Each component
+//! is warmed up once, then timed `--runs` times (after `device.sync()`); the figures
+//! are min / median / max seconds and the process's peak resident memory.
+//! U-Net: batch `--batch` (2 = classifier-free guidance), latents 4 x H/8 x W/8,
+//! context batch x 77 x cross_attention_dim, t = 500. VAE: decode 1 x 4 x H/8 x W/8.
+//! Text encoder: 1 x 77.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use stable_diffusion::burn::module::{Module, ModuleMapper, Param};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::{DType, FloatDType};
+use stable_diffusion::core::{
+    Autoencoder, GenerationOptions, HiddenLayer, NoiseRng, StableDiffusion, Steps, TextEncoder,
+};
+use stable_diffusion::io::model::{read_text_encoder_config, read_unet_config, read_vae_config};
+use stable_diffusion::io::{ClipTokenizer, ComponentOptions, DiffusersDir};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+
+#[derive(Parser)]
+#[command(about = "Benchmark the Stable Diffusion components")]
+struct Args {
+    /// A folder of config.json files (random weights).
+    #[arg(long, conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// A diffusers folder with weights.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// unet, vae, text_encoder, pipeline or all.
+    #[arg(long, default_value = "all")]
+    component: String,
+    /// U-Net batch (2 = CFG).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    /// Pipeline steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Timed runs after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// U-Net (and text encoder) in f16.
+    #[arg(long)]
+    f16: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Casts every float parameter to a dtype.
+struct Cast(FloatDType);
+
+impl ModuleMapper for Cast {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(move |t| t.cast(dtype))
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn time(device: &Device, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f();
+    let _ = device.sync();
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            let _ = device.sync();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str) {
+    times.sort_by(|a, b| a.total_cmp(b));
+    let (min, max) = (times[0], times[times.len() - 1]);
+    let median = times[times.len() / 2];
+    let rss = peak_rss_mb();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "component": component, "median_s": median, "min_s": min, "max_s": max,
+                "peak_rss_mb": rss, "device": args.device, "dtype": dtype,
+                "height": args.height, "width": args.width, "batch": args.batch, "runs": times.len(),
+            })
+        );
+    } else {
+        println!(
+            "{component:<13} median {median:8.3} s  min {min:8.3} s  max {max:8.3} s  peak RSS {rss:8.0} MB  ({}, {dtype})",
+            args.device
+        );
+    }
+}
+
+fn run(args: Args) -> Result<(), common::AnyError> {
+    let device = common::device(&args.device)?;
+    if args.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    if !args.height.is_multiple_of(8) || !args.width.is_multiple_of(8) {
+        return Err("--height and --width must be multiples of 8".into());
+    }
+    let dir = match (&args.config, &args.model) {
+        (Some(c), None) => c.clone(),
+        (None, Some(m)) => m.clone(),
+        _ => return Err("give --config DIR or --model DIR".into()),
+    };
+    let real = args.model.is_some();
+    let half = if args.f16 { Some(DType::F16) } else { None };
+    let dtype_name = if args.f16 { "f16" } else { "f32" };
+    let want = |c: &str| args.component == "all" || args.component == c;
+    let d = DiffusersDir::open(&dir)?;
+    let cast = |dt: Option<DType>| dt.map(|d| Cast(FloatDType::from(d)));
+
+    let load_unet = || -> Result<UNet2DConditionModel, common::AnyError> {
+        Ok(if real {
+            d.unet(
+                &device,
+                &ComponentOptions {
+                    dtype: half,
+                    ..Default::default()
+                },
+            )?
+        } else {
+            let m = UNet2DConditionModel::new(
+                &read_unet_config(&dir.join("unet/config.json"))?,
+                &device,
+            )?;
+            match cast(half) {
+                Some(mut c) => m.map(&mut c),
+                None => m,
+            }
+        })
+    };
+    let load_vae = || -> Result<AutoencoderKL, common::AnyError> {
+        Ok(if real {
+            d.vae(&device, &ComponentOptions::default())?
+        } else {
+            AutoencoderKL::new(&read_vae_config(&dir.join("vae/config.json"))?, &device)?
+        })
+    };
+    let load_te = || -> Result<ClipTextModel, common::AnyError> {
+        Ok(if real {
+            d.text_encoder(&device, &ComponentOptions::default())?
+        } else {
+            ClipTextModel::new(
+                &read_text_encoder_config(&dir.join("text_encoder/config.json"))?,
+                &device,
+            )?
+        })
+    };
+    let (lh, lw) = (args.height / 8, args.width / 8);
+
+    if want("text_encoder") {
+        let te = load_te()?;
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
+        let t = time(&device, args.runs, || {
+            let _ = te
+                .encode(ids.clone(), HiddenLayer::Last)
+                .hidden_states
+                .into_data();
+        });
+        report(&args, "text_encoder", t, "f32");
+    }
+    if want("unet") {
+        let unet = load_unet()?;
+        let cross = stable_diffusion::core::Denoiser::cross_attention_dim(&unet);
+        let b = args.batch;
+        let x = NoiseRng::seed(0).normal_tensor([b, 4, lh, lw], &device);
+        let ctx = Tensor::<3>::zeros([b, 77, cross], &device);
+        let ts = Tensor::<1>::full([b], 500.0, &device);
+        let t = time(&device, args.runs, || {
+            let _ = unet.forward(x.clone(), ts.clone(), ctx.clone()).into_data();
+        });
+        report(&args, "unet", t, dtype_name);
+    }
+    if want("vae") {
+        let vae = load_vae()?;
+        let z = NoiseRng::seed(1).normal_tensor([1, 4, lh, lw], &device);
+        let t = time(&device, args.runs, || {
+            let _ = vae.decode(z.clone()).into_data();
+        });
+        report(&args, "vae", t, "f32");
+    }
+    if want("pipeline") {
+        let (unet, vae, te) = (load_unet()?, load_vae()?, load_te()?);
+        let tokenizer = if dir.join("tokenizer").exists() && real {
+            d.tokenizer()?
+        } else {
+            let pad = if stable_diffusion::core::TextEncoder::hidden_size(&te) == 1024 {
+                "!"
+            } else {
+                "<|endoftext|>"
+            };
+            ClipTokenizer::clip(pad)?
+        };
+        let sched_text = std::fs::read_to_string(dir.join("scheduler/scheduler_config.json"))
+            .unwrap_or_else(|_| {
+                stable_diffusion::io::model::builtin_configs::SD15_SCHEDULER.to_string()
+            });
+        let scheduler = AnyScheduler::from_config(&SchedulerConfig::from_json(&sched_text)?)?;
+        let sd = StableDiffusion {
+            tokenizer: &tokenizer,
+            text_encoder: &te,
+            unet: &unet,
+            vae: &vae,
+            scheduler: &scheduler,
+            device: device.clone(),
+        };
+        let options = GenerationOptions {
+            prompt: "a photograph of an astronaut riding a horse".into(),
+            steps: Steps::Count(args.steps),
+            width: args.width,
+            height: args.height,
+            ..Default::default()
+        };
+        let mut failure = None;
+        let t = time(&device, args.runs, || {
+            if let Err(e) = sd
+                .txt2img(&options, &mut NoiseRng::seed(0), None)
+                .map(|o| o.images.into_data())
+            {
+                failure = Some(e);
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        report(&args, "pipeline", t, dtype_name);
+    }
+    Ok(())
+}
+
+trait NormalTensor {
+    fn normal_tensor(self, shape: [usize; 4], device: &Device) -> Tensor<4>;
+}
+
+impl NormalTensor for NoiseRng {
+    fn normal_tensor(mut self, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        use stable_diffusion::core::NoiseSource;
+        self.normal(shape, device)
+            .expect("a seeded RNG never runs out")
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
