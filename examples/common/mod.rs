@@ -111,6 +111,7 @@ pub struct Loaded {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
+    /// Default image size in pixels (set from the U-Net's latent `sample_size`).
     pub sample_size: usize,
     pub name: String,
 }
@@ -179,7 +180,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
             unet: dir.unet(device, &unet_opts)?,
             vae: dir.vae(device, &f32_opts)?,
             scheduler_config: SchedulerConfig::from_json(&dir.scheduler_config_text()?)?,
-            sample_size: unet_cfg.sample_size.unwrap_or(64) * 8,
+            sample_size: unet_cfg.sample_size.unwrap_or(64),
             name,
         }
     } else {
@@ -196,7 +197,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
             unet: ckpt.unet(device, &unet_opts)?,
             vae: ckpt.vae(device, &f32_opts)?,
             scheduler_config: SchedulerConfig::from_json(sched)?,
-            sample_size: ckpt.unet_config().sample_size.unwrap_or(64) * 8,
+            sample_size: ckpt.unet_config().sample_size.unwrap_or(64),
             name,
         }
     };
@@ -206,6 +207,8 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
     if let Some(dir) = &args.vae {
         loaded.vae = vae_from_dir(&component_dir(dir, "vae"), device, &f32_opts)?;
     }
+    // diffusers' default size: unet.sample_size x the VAE's scale factor.
+    loaded.sample_size *= loaded.vae_factor();
     let _ = text_encoder_from_dir;
     Ok(loaded)
 }
