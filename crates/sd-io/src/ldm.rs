@@ -17,7 +17,7 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Prefix of the CLIP-L text encoder's keys (SD 1.x).
 pub const TEXT_ENCODER_PREFIX: &str = "cond_stage_model.transformer.";
-/// Prefix of the OpenCLIP text encoder's keys (SD 2.x), not supported yet.
+/// Prefix of the OpenCLIP text encoder's keys (SD 2.x).
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 
 /// What a mapped prefix holds, deciding how the rest of the key is renamed.
@@ -247,6 +247,36 @@ fn rename_first(rest: &str, table: &[(&str, &str)]) -> String {
     } else {
         format!("{first}.{tail}")
     }
+}
+
+/// The OpenCLIP (SD 2.x single file) key of a CLIP text-model parameter path;
+/// q/k/v projections are parts `#0`, `#1`, `#2` of the fused `in_proj_*` tensors.
+pub fn open_clip_key(path: &str) -> Option<String> {
+    let p = OPEN_CLIP_PREFIX;
+    let rest = path.strip_prefix("text_model.")?;
+    if let Some(leaf) = rest.strip_prefix("final_layer_norm.") {
+        return Some(format!("{p}ln_final.{leaf}"));
+    }
+    match rest {
+        "embeddings.token_embedding.weight" => return Some(format!("{p}token_embedding.weight")),
+        "embeddings.position_embedding.weight" => return Some(format!("{p}positional_embedding")),
+        _ => {}
+    }
+    let rest = rest.strip_prefix("encoder.layers.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let base = format!("{p}transformer.resblocks.{i}.");
+    let (module, leaf) = tail.rsplit_once('.')?;
+    Some(match module {
+        "self_attn.q_proj" => format!("{base}attn.in_proj_{leaf}#0"),
+        "self_attn.k_proj" => format!("{base}attn.in_proj_{leaf}#1"),
+        "self_attn.v_proj" => format!("{base}attn.in_proj_{leaf}#2"),
+        "self_attn.out_proj" => format!("{base}attn.out_proj.{leaf}"),
+        "layer_norm1" => format!("{base}ln_1.{leaf}"),
+        "layer_norm2" => format!("{base}ln_2.{leaf}"),
+        "mlp.fc1" => format!("{base}mlp.c_fc.{leaf}"),
+        "mlp.fc2" => format!("{base}mlp.c_proj.{leaf}"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,22 @@ pub struct KeyMapping<'a> {
     /// Stored keys that may stay unused without an error (known buffers such as
     /// `text_model.embeddings.position_ids`).
     pub ignorable: Box<dyn Fn(&str) -> bool + 'a>,
+    /// For fused stored tensors (OpenCLIP's `in_proj_weight` holds q, k and v): maps a
+    /// stored key to `(part, parts)` when the parameter is rows
+    /// `[part * n / parts, (part + 1) * n / parts)` of its first axis. `key_of` then
+    /// returns `"{stored key}#{part}"`.
+    pub fused_parts: usize,
+}
+
+/// Splits `"{key}#{part}"` (a part of a fused tensor) into the stored key and part.
+fn split_part(key: &str) -> (&str, Option<usize>) {
+    match key.rsplit_once('#') {
+        Some((k, p)) => match p.parse() {
+            Ok(part) => (k, Some(part)),
+            Err(_) => (key, None),
+        },
+        None => (key, None),
+    }
 }
 
 impl<'a> KeyMapping<'a> {
@@ -29,6 +45,7 @@ impl<'a> KeyMapping<'a> {
             key_of: Box::new(sd_models::diffusers_key),
             prefix: String::new(),
             ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
+            fused_parts: 1,
         }
     }
 }
@@ -87,11 +104,25 @@ impl ModuleMapper for Binder<'_, '_> {
         if self.error.is_some() {
             return param;
         }
-        let key = (self.mapping.key_of)(&self.path.join("."));
+        let full_key = (self.mapping.key_of)(&self.path.join("."));
+        let (key, part) = split_part(&full_key);
+        let key = key.to_string();
         let expected: Vec<usize> = param.lazy_shape().iter().copied().collect();
         let Some(stored) = self.source.get(&key) else {
             self.report.missing.push(key);
             return param;
+        };
+        let mut stored_shape = stored.shape.clone();
+        let rows = match part {
+            Some(p)
+                if !stored_shape.is_empty()
+                    && stored_shape[0] % self.mapping.fused_parts.max(1) == 0 =>
+            {
+                let n = stored_shape[0] / self.mapping.fused_parts.max(1);
+                stored_shape[0] = n;
+                Some((p * n, n))
+            }
+            _ => None,
         };
         if !stored.is_float() {
             self.report.mismatched.push(format!(
@@ -101,15 +132,21 @@ impl ModuleMapper for Binder<'_, '_> {
             self.used.insert(key);
             return param;
         }
-        if !shape_fits(&stored.shape, &expected) {
+        if !shape_fits(&stored_shape, &expected) {
             self.report.mismatched.push(format!(
-                "{key}: shape {:?} in the file, {:?} expected",
-                stored.shape, expected
+                "{full_key}: shape {:?} in the file, {:?} expected",
+                stored_shape, expected
             ));
             self.used.insert(key);
             return param;
         }
-        let data = match self.source.read_float(&key, self.dtype, expected) {
+        let read = match rows {
+            Some((start, n)) => self
+                .source
+                .read_float_rows(&key, self.dtype, expected, start, n),
+            None => self.source.read_float(&key, self.dtype, expected),
+        };
+        let data = match read {
             Ok(d) => d,
             Err(e) => {
                 self.error = Some(e);
@@ -151,6 +188,8 @@ pub fn load_module<M: Module>(
         return Err(e);
     }
     let mut report = binder.report;
+    // Parts of one fused tensor are reported once.
+    report.missing.dedup();
     report.unused = source
         .tensors()
         .keys()

@@ -406,6 +406,7 @@ impl SingleFile {
             key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
             prefix: ldm::UNET_PREFIX.into(),
             ignorable: Box::new(|_| false),
+            fused_parts: 1,
         };
         load_module(model, &self.source, &mapping, options.load(), "unet")
     }
@@ -423,6 +424,7 @@ impl SingleFile {
             key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
             prefix: ldm::VAE_PREFIX.into(),
             ignorable: Box::new(|_| false),
+            fused_parts: 1,
         };
         load_module(model, &self.source, &mapping, options.load(), "vae")
     }
@@ -439,12 +441,7 @@ impl SingleFile {
             .keys()
             .any(|k| k.starts_with(ldm::OPEN_CLIP_PREFIX))
         {
-            return Err(IoError::Unsupported(format!(
-                "{}: the OpenCLIP text encoder of SD 2.x single files (`{}*`) is not read yet; \
-                 use the diffusers folder's text_encoder/",
-                self.path.display(),
-                ldm::OPEN_CLIP_PREFIX
-            )));
+            return self.open_clip_text_encoder(device, options);
         }
         let model =
             ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
@@ -467,6 +464,7 @@ impl SingleFile {
             }),
             prefix: ldm::TEXT_ENCODER_PREFIX.into(),
             ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
+            fused_parts: 1,
         };
         load_module(
             model,
@@ -492,4 +490,46 @@ fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {
         });
     }
     WeightSource::open(path)
+}
+
+impl SingleFile {
+    /// SD 2.x: the OpenCLIP ViT-H text encoder under `cond_stage_model.model.*`, with
+    /// fused `in_proj_weight` / `in_proj_bias` split into q, k, v. Layers past the
+    /// config's `num_hidden_layers` (SD 2.x uses 23 of OpenCLIP's 24), the projection
+    /// and `logit_scale` are not used by the text model and may stay unused.
+    fn open_clip_text_encoder(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<ClipTextModel, IoError> {
+        let model =
+            ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
+        let layers = self.text_encoder.num_hidden_layers;
+        let p = ldm::OPEN_CLIP_PREFIX;
+        let mapping = KeyMapping {
+            key_of: Box::new(move |path: &str| {
+                ldm::open_clip_key(path).unwrap_or_else(|| format!("{p}{path}"))
+            }),
+            prefix: p.into(),
+            ignorable: Box::new(move |k| {
+                let rest = &k[p.len().min(k.len())..];
+                rest == "text_projection"
+                    || rest == "logit_scale"
+                    || rest == "attn_mask"
+                    || rest
+                        .strip_prefix("transformer.resblocks.")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i >= layers)
+            }),
+            fused_parts: 3,
+        };
+        load_module(
+            model,
+            &self.source,
+            &mapping,
+            options.load(),
+            "text_encoder",
+        )
+    }
 }

@@ -180,6 +180,40 @@ impl WeightSource {
         f.mmap.get(t.start..t.end)
     }
 
+    /// Reads `count` rows from `start` along the first axis of a float tensor (a part of
+    /// a fused tensor), converted to `dtype`, with `shape`.
+    pub fn read_float_rows(
+        &self,
+        key: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        start: usize,
+        count: usize,
+    ) -> Result<TensorData, IoError> {
+        let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
+            path: self
+                .files
+                .first()
+                .map(|f| f.path.clone())
+                .unwrap_or_default(),
+            what: format!("tensor `{key}`"),
+        })?;
+        let rows = *t.shape.first().unwrap_or(&1);
+        if start + count > rows {
+            return Err(IoError::Unsupported(format!(
+                "rows {start}..{} of `{key}` with {rows} rows",
+                start + count
+            )));
+        }
+        let row_bytes = (t.end - t.start) / rows.max(1);
+        let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
+            path: self.files[t.file].path.clone(),
+            message: format!("data of `{key}` lies outside the file"),
+        })?;
+        let bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
+        convert(bytes, t.dtype, key, dtype, shape)
+    }
+
     /// Reads a float tensor converted to `dtype` (F32, F16 or BF16), with `shape`
     /// (which must have the stored number of elements).
     pub fn read_float(
@@ -200,18 +234,25 @@ impl WeightSource {
             path: self.files[t.file].path.clone(),
             message: format!("data of `{key}` lies outside the file"),
         })?;
-        let values = decode_f64_capable(bytes, t.dtype).ok_or_else(|| {
-            IoError::Unsupported(format!(
-                "tensor `{key}` has dtype {:?}, not a float",
-                t.dtype
-            ))
-        })?;
-        Ok(match dtype {
-            DType::F16 => TensorData::new(values.map_to(f16::from_f32), shape),
-            DType::BF16 => TensorData::new(values.map_to(bf16::from_f32), shape),
-            _ => TensorData::new(values.into_f32(), shape),
-        })
+        convert(bytes, t.dtype, key, dtype, shape)
     }
+}
+
+fn convert(
+    bytes: &[u8],
+    stored: Dtype,
+    key: &str,
+    dtype: DType,
+    shape: Vec<usize>,
+) -> Result<TensorData, IoError> {
+    let values = decode_f64_capable(bytes, stored).ok_or_else(|| {
+        IoError::Unsupported(format!("tensor `{key}` has dtype {stored:?}, not a float"))
+    })?;
+    Ok(match dtype {
+        DType::F16 => TensorData::new(values.map_to(f16::from_f32), shape),
+        DType::BF16 => TensorData::new(values.map_to(bf16::from_f32), shape),
+        _ => TensorData::new(values.into_f32(), shape),
+    })
 }
 
 /// Float values decoded from bytes, kept in the narrowest type that holds them.
