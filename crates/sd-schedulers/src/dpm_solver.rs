@@ -364,13 +364,7 @@ impl SchedulerRun for DpmRun {
     }
 
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        if begin >= self.timesteps.len() {
-            return Err(CoreError::InvalidArgument {
-                name: "begin",
-                message: format!("{begin} is past the {} steps", self.timesteps.len()),
-            });
-        }
-        self.begin = begin;
+        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
         Ok(())
     }
 

@@ -295,6 +295,17 @@ pub(crate) fn check_count(n: usize, t: usize) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// `skip_to(begin)` must leave at least one step.
+pub(crate) fn check_begin(begin: usize, len: usize) -> Result<usize, CoreError> {
+    if begin >= len {
+        return Err(CoreError::InvalidArgument {
+            name: "begin",
+            message: format!("{begin} is past the {len} steps"),
+        });
+    }
+    Ok(begin)
+}
+
 pub(crate) fn check_descending(name: &'static str, v: &[f64]) -> Result<(), CoreError> {
     if v.is_empty() || v.iter().any(|x| !x.is_finite()) || v.windows(2).any(|w| w[1] > w[0]) {
         return Err(CoreError::InvalidArgument {
