@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::core::{NoiseRng, NoiseSource, StableDiffusion};
+use stable_diffusion::core::{NoiseRng, NoiseSource};
 use stable_diffusion::io::image::{GenerationParameters, save_apng, save_png, to_rgb8};
 
 #[derive(Parser)]
@@ -43,14 +43,7 @@ fn run(args: Args) -> Result<(), AnyError> {
         prompt: args.prompt_b.clone().unwrap_or_else(|| a.prompt.clone()),
         ..options_a.clone()
     };
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: &m.unet,
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let sd = m.pipeline(&scheduler, &device);
     let f = m.vae_factor();
     let shape = [1, 4, options_a.height / f, options_a.width / f];
     let noise_a = NoiseRng::seed(a.seed).normal(shape, &device)?;
@@ -104,11 +97,5 @@ fn run(args: Args) -> Result<(), AnyError> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

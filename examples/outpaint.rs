@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::core::{Extend, StableDiffusion};
+use stable_diffusion::core::Extend;
 use stable_diffusion::io::image::load_image;
 
 #[derive(Parser)]
@@ -47,14 +47,7 @@ fn run(args: Args) -> Result<(), AnyError> {
     let m = common::load(a, &device)?;
     let (scheduler, sampler) = common::scheduler(a, &m)?;
     let options = common::options(a, &m, &device)?;
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: &m.unet,
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let sd = m.pipeline(&scheduler, &device);
     let extend = Extend {
         left: args.left,
         right: args.right,
@@ -77,11 +70,5 @@ fn run(args: Args) -> Result<(), AnyError> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

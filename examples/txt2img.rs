@@ -11,7 +11,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::core::StableDiffusion;
 
 #[derive(Parser)]
 #[command(about = "Generate an image from a prompt with Stable Diffusion")]
@@ -26,14 +25,7 @@ fn run(args: Args) -> Result<(), AnyError> {
     let m = common::load(a, &device)?;
     let (scheduler, sampler) = common::scheduler(a, &m)?;
     let options = common::options(a, &m, &device)?;
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: &m.unet,
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let sd = m.pipeline(&scheduler, &device);
     let mut noise = common::noise(a, &device)?;
     let bar = common::progress(a.steps);
     let mut cb = common::on_step(&bar);
@@ -43,11 +35,5 @@ fn run(args: Args) -> Result<(), AnyError> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

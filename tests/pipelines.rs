@@ -68,14 +68,7 @@ fn run_case(name: &str, case: &serde_json::Value, m: &Models, device: &Device) {
         None => Steps::Count(call["num_inference_steps"].as_u64().unwrap() as usize),
     };
     let inpaint = params["pipeline"] == "StableDiffusionInpaintPipeline";
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: if inpaint { &m.inpaint_unet } else { &m.unet },
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let sd = tiny_sd(m, &scheduler, device, inpaint);
     let options = GenerationOptions {
         prompt: call["prompt"].as_str().unwrap().into(),
         negative_prompt: call["negative_prompt"].as_str().map(String::from),
@@ -172,19 +165,8 @@ fn every_pipeline_case_matches_diffusers() {
 fn same_seed_same_result_and_sizes_are_checked() {
     let device = Device::flex();
     let m = models(&device);
-    let config = SchedulerConfig::from_json(
-        &std::fs::read_to_string(fixture("tiny-sd15/scheduler/scheduler_config.json")).unwrap(),
-    )
-    .unwrap();
-    let scheduler = AnyScheduler::from_name("euler-a", &config).unwrap();
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: &m.unet,
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let scheduler = base_scheduler("euler-a");
+    let sd = tiny_sd(&m, &scheduler, &device, false);
     let options = GenerationOptions {
         prompt: "a red fox".into(),
         steps: Steps::Count(4),
@@ -229,19 +211,8 @@ fn same_seed_same_result_and_sizes_are_checked() {
 fn long_prompts_and_weighting() {
     let device = Device::flex();
     let m = models(&device);
-    let config = SchedulerConfig::from_json(
-        &std::fs::read_to_string(fixture("tiny-sd15/scheduler/scheduler_config.json")).unwrap(),
-    )
-    .unwrap();
-    let scheduler = AnyScheduler::from_name("ddim", &config).unwrap();
-    let sd = StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
-        unet: &m.unet,
-        vae: &m.vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
+    let scheduler = base_scheduler("ddim");
+    let sd = tiny_sd(&m, &scheduler, &device, false);
     let plain = GenerationOptions {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: Some("blurry".into()),

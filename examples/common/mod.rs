@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::DType;
 use stable_diffusion::core::{
-    CoreError, GenerationOptions, NoiseRng, NoiseSource, RecordedNoise, StepInfo, Steps,
+    CoreError, GenerationOptions, NoiseRng, NoiseSource, RecordedNoise, StableDiffusion, StepInfo,
+    Steps,
 };
 use stable_diffusion::io::image::GenerationParameters;
 use stable_diffusion::io::model::{
@@ -117,6 +118,22 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// The pipeline over these models.
+    pub fn pipeline<'a>(
+        &'a self,
+        scheduler: &'a AnyScheduler,
+        device: &Device,
+    ) -> StableDiffusion<'a> {
+        StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            unet: &self.unet,
+            vae: &self.vae,
+            scheduler,
+            device: device.clone(),
+        }
+    }
+
     /// Pixels per latent.
     pub fn vae_factor(&self) -> usize {
         use stable_diffusion::core::Autoencoder;
@@ -381,4 +398,15 @@ pub fn save(
 
 pub fn core_err(e: CoreError) -> AnyError {
     Box::new(e)
+}
+
+/// The examples' `main`: the run's error as one line on stderr, and the exit code.
+pub fn exit(result: Result<(), AnyError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

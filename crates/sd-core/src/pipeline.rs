@@ -461,6 +461,7 @@ impl StableDiffusion<'_> {
             &embeds,
             options.guidance_scale,
             None,
+            None,
             noise,
             callback,
         )?;
@@ -638,15 +639,7 @@ impl StableDiffusion<'_> {
         };
         let shape = self.latent_shape(options)?;
         let embeds = self.encode_prompt(options)?;
-        let mut run = self.scheduler.start(&options.steps)?;
-        let start = img2img_start(run.len(), strength)?;
-        if start >= run.len() {
-            return Err(invalid(
-                "strength",
-                format!("{strength} leaves no step to run"),
-            ));
-        }
-        run.skip_to(start)?;
+        let (mut run, start) = self.start_at_strength(&options.steps, strength)?;
         let image_latents = self.encode_image(image, shape[0], noise)?;
         let n = noise.normal(shape, &self.device)?;
         let latents = run.add_noise(image_latents, n, start);
@@ -655,6 +648,7 @@ impl StableDiffusion<'_> {
             latents,
             &embeds,
             options.guidance_scale,
+            None,
             None,
             noise,
             callback,
@@ -724,15 +718,7 @@ impl StableDiffusion<'_> {
             ));
         }
         let embeds = self.encode_prompt(options)?;
-        let mut run = self.scheduler.start(&options.steps)?;
-        let start = img2img_start(run.len(), strength)?;
-        if start >= run.len() {
-            return Err(invalid(
-                "strength",
-                format!("{strength} leaves no step to run"),
-            ));
-        }
-        run.skip_to(start)?;
+        let (mut run, start) = self.start_at_strength(&options.steps, strength)?;
         let mask = mask.greater_equal_elem(0.5).float();
         let full_strength = strength >= 1.0;
 
@@ -780,7 +766,7 @@ impl StableDiffusion<'_> {
             (Some(il), Some(n)) => Some((il, n, latent_mask.repeat_dim(0, b))),
             _ => None,
         };
-        let latents = self.denoise_blend(
+        let latents = self.denoise(
             run.as_mut(),
             latents,
             &embeds,
@@ -796,24 +782,28 @@ impl StableDiffusion<'_> {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn denoise(
+    /// Starts a run and skips to diffusers' img2img `t_start` for `strength`.
+    fn start_at_strength(
         &self,
-        run: &mut dyn SchedulerRun,
-        latents: Tensor<4>,
-        embeds: &Tensor<3>,
-        guidance: f64,
-        extra: Option<Tensor<4>>,
-        noise: &mut dyn NoiseSource,
-        callback: Option<StepCallback<'_>>,
-    ) -> Result<Tensor<4>, CoreError> {
-        self.denoise_blend(run, latents, embeds, guidance, extra, None, noise, callback)
+        steps: &Steps,
+        strength: f64,
+    ) -> Result<(Box<dyn SchedulerRun>, usize), CoreError> {
+        let mut run = self.scheduler.start(steps)?;
+        let start = img2img_start(run.len(), strength)?;
+        if start >= run.len() {
+            return Err(invalid(
+                "strength",
+                format!("{strength} leaves no step to run"),
+            ));
+        }
+        run.skip_to(start)?;
+        Ok((run, start))
     }
 
     /// The denoising loop: CFG with one batched U-Net call (`[uncond, cond]`),
     /// optional extra input channels, optional legacy inpainting blend.
     #[allow(clippy::too_many_arguments)]
-    fn denoise_blend(
+    fn denoise(
         &self,
         run: &mut dyn SchedulerRun,
         mut latents: Tensor<4>,
@@ -826,6 +816,19 @@ impl StableDiffusion<'_> {
     ) -> Result<Tensor<4>, CoreError> {
         let cfg = guidance > 1.0;
         let total = run.len();
+        // Loop invariants: the extra channels (doubled for CFG) and the blend's
+        // complement mask.
+        let extra = extra.map(|e| {
+            if cfg {
+                Tensor::cat(vec![e.clone(), e], 0)
+            } else {
+                e
+            }
+        });
+        let blend = blend.map(|(image_latents, n, mask)| {
+            let keep = mask.clone().neg().add_scalar(1.0);
+            (image_latents, n, mask, keep)
+        });
         for i in run.begin_index()..total {
             let t = run.timestep(i);
             let x = run.scale_model_input(latents.clone(), i);
@@ -835,14 +838,7 @@ impl StableDiffusion<'_> {
                 x
             };
             let x = match &extra {
-                Some(e) => {
-                    let e = if cfg {
-                        Tensor::cat(vec![e.clone(), e.clone()], 0)
-                    } else {
-                        e.clone()
-                    };
-                    Tensor::cat(vec![x, e], 1)
-                }
+                Some(e) => Tensor::cat(vec![x, e.clone()], 1),
                 None => x,
             };
             let b = x.dims()[0];
@@ -857,13 +853,13 @@ impl StableDiffusion<'_> {
                 out
             };
             latents = run.step(pred, i, latents, noise)?.prev_sample;
-            if let Some((image_latents, n, mask)) = &blend {
+            if let Some((image_latents, n, mask, keep)) = &blend {
                 let known = if i + 1 < total {
                     run.add_noise(image_latents.clone(), n.clone(), i + 1)
                 } else {
                     image_latents.clone()
                 };
-                latents = known * mask.clone().neg().add_scalar(1.0) + latents * mask.clone();
+                latents = known * keep.clone() + latents * mask.clone();
             }
             if let Some(cb) = callback.as_mut() {
                 let info = StepInfo {

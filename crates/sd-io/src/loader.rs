@@ -48,6 +48,17 @@ impl<'a> KeyMapping<'a> {
             fused_parts: 1,
         }
     }
+
+    /// Single-file (LDM) checkpoints: diffusers names through `map`, only keys under
+    /// `prefix` belong to the component.
+    pub fn ldm(map: crate::ldm::LdmKeyMap, prefix: &str) -> Self {
+        Self {
+            key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
+            prefix: prefix.into(),
+            ignorable: Box::new(|_| false),
+            fused_parts: 1,
+        }
+    }
 }
 
 /// Options of [`load_module`].

@@ -401,13 +401,7 @@ impl SingleFile {
     ) -> Result<UNet2DConditionModel, IoError> {
         let model =
             UNet2DConditionModel::new(&self.unet, device).map_err(config_err(&self.path))?;
-        let map = LdmKeyMap::unet(&self.unet);
-        let mapping = KeyMapping {
-            key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
-            prefix: ldm::UNET_PREFIX.into(),
-            ignorable: Box::new(|_| false),
-            fused_parts: 1,
-        };
+        let mapping = KeyMapping::ldm(LdmKeyMap::unet(&self.unet), ldm::UNET_PREFIX);
         load_module(model, &self.source, &mapping, options.load(), "unet")
     }
 
@@ -419,13 +413,7 @@ impl SingleFile {
         options: &ComponentOptions,
     ) -> Result<AutoencoderKL, IoError> {
         let model = AutoencoderKL::new(&self.vae, device).map_err(config_err(&self.path))?;
-        let map = LdmKeyMap::vae(&self.vae);
-        let mapping = KeyMapping {
-            key_of: Box::new(move |p: &str| map.map(&sd_models::diffusers_key(p))),
-            prefix: ldm::VAE_PREFIX.into(),
-            ignorable: Box::new(|_| false),
-            fused_parts: 1,
-        };
+        let mapping = KeyMapping::ldm(LdmKeyMap::vae(&self.vae), ldm::VAE_PREFIX);
         load_module(model, &self.source, &mapping, options.load(), "vae")
     }
 

@@ -180,6 +180,23 @@ impl WeightSource {
         f.mmap.get(t.start..t.end)
     }
 
+    /// A tensor's entry and its raw bytes, or an error naming the key.
+    fn stored(&self, key: &str) -> Result<(&StoredTensor, &[u8]), IoError> {
+        let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
+            path: self
+                .files
+                .first()
+                .map(|f| f.path.clone())
+                .unwrap_or_default(),
+            what: format!("tensor `{key}`"),
+        })?;
+        let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
+            path: self.files[t.file].path.clone(),
+            message: format!("data of `{key}` lies outside the file"),
+        })?;
+        Ok((t, bytes))
+    }
+
     /// Reads `count` rows from `start` along the first axis of a float tensor (a part of
     /// a fused tensor), converted to `dtype`, with `shape`.
     pub fn read_float_rows(
@@ -190,14 +207,7 @@ impl WeightSource {
         start: usize,
         count: usize,
     ) -> Result<TensorData, IoError> {
-        let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
-            path: self
-                .files
-                .first()
-                .map(|f| f.path.clone())
-                .unwrap_or_default(),
-            what: format!("tensor `{key}`"),
-        })?;
+        let (t, bytes) = self.stored(key)?;
         let rows = *t.shape.first().unwrap_or(&1);
         if start + count > rows {
             return Err(IoError::Unsupported(format!(
@@ -205,11 +215,7 @@ impl WeightSource {
                 start + count
             )));
         }
-        let row_bytes = (t.end - t.start) / rows.max(1);
-        let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
-            path: self.files[t.file].path.clone(),
-            message: format!("data of `{key}` lies outside the file"),
-        })?;
+        let row_bytes = bytes.len() / rows.max(1);
         let bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
         convert(bytes, t.dtype, key, dtype, shape)
     }
@@ -222,18 +228,7 @@ impl WeightSource {
         dtype: DType,
         shape: Vec<usize>,
     ) -> Result<TensorData, IoError> {
-        let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
-            path: self
-                .files
-                .first()
-                .map(|f| f.path.clone())
-                .unwrap_or_default(),
-            what: format!("tensor `{key}`"),
-        })?;
-        let bytes = self.bytes(key).ok_or_else(|| IoError::Safetensors {
-            path: self.files[t.file].path.clone(),
-            message: format!("data of `{key}` lies outside the file"),
-        })?;
+        let (t, bytes) = self.stored(key)?;
         convert(bytes, t.dtype, key, dtype, shape)
     }
 }
