@@ -20,6 +20,30 @@ pub struct BlockAttention {
     pub context_dim: usize,
 }
 
+impl BlockAttention {
+    /// `n` transformers over `channels` channels, one per ResNet of a block.
+    fn transformers(
+        self,
+        n: usize,
+        channels: usize,
+        groups: usize,
+        device: &Device,
+    ) -> Vec<Transformer2DModel> {
+        (0..n)
+            .map(|_| {
+                Transformer2DModel::new(
+                    channels,
+                    self.heads,
+                    self.layers,
+                    self.context_dim,
+                    groups,
+                    device,
+                )
+            })
+            .collect()
+    }
+}
+
 /// A down block: `num_layers` (ResNet, optional transformer) pairs, then an optional
 /// stride-2 downsampler.
 #[derive(Module, Debug)]
@@ -48,21 +72,9 @@ impl DownBlock2D {
         let resnets = (0..num_layers)
             .map(|i| ResnetBlock2D::new(if i == 0 { c_in } else { c_out }, c_out, resnet, device))
             .collect();
-        let attentions = match attention {
-            Some(a) => (0..num_layers)
-                .map(|_| {
-                    Transformer2DModel::new(
-                        c_out,
-                        a.heads,
-                        a.layers,
-                        a.context_dim,
-                        resnet.groups,
-                        device,
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let attentions = attention
+            .map(|a| a.transformers(num_layers, c_out, resnet.groups, device))
+            .unwrap_or_default();
         let downsamplers = if add_downsample {
             vec![Downsample2D::new(c_out, Some(downsample_padding), device)]
         } else {
@@ -121,14 +133,7 @@ impl UNetMidBlock2DCrossAttn {
         device: &Device,
     ) -> Self {
         Self {
-            attentions: vec![Transformer2DModel::new(
-                channels,
-                attention.heads,
-                attention.layers,
-                attention.context_dim,
-                resnet.groups,
-                device,
-            )],
+            attentions: attention.transformers(1, channels, resnet.groups, device),
             resnets: (0..2)
                 .map(|_| ResnetBlock2D::new(channels, channels, resnet, device))
                 .collect(),
@@ -179,21 +184,9 @@ impl UpBlock2D {
                 ResnetBlock2D::new(res_in + skip, c_out, resnet, device)
             })
             .collect();
-        let attentions = match attention {
-            Some(a) => (0..num_layers)
-                .map(|_| {
-                    Transformer2DModel::new(
-                        c_out,
-                        a.heads,
-                        a.layers,
-                        a.context_dim,
-                        resnet.groups,
-                        device,
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let attentions = attention
+            .map(|a| a.transformers(num_layers, c_out, resnet.groups, device))
+            .unwrap_or_default();
         let upsamplers = if add_upsample {
             vec![Upsample2D::new(c_out, device)]
         } else {
