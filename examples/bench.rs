@@ -65,6 +65,9 @@ struct Args {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// VAE tiling: auto (above 1024x1024 pixels), on or off.
+    #[arg(long, default_value = "auto")]
+    vae_tiling: String,
 }
 
 /// Casts every float parameter to a dtype.
@@ -164,12 +167,14 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             }
         })
     };
+    let tiling = common::vae_tiling(&args.vae_tiling)?;
     let load_vae = || -> Result<AutoencoderKL, common::AnyError> {
         Ok(if real {
             d.vae(&device, &ComponentOptions::default())?
         } else {
             AutoencoderKL::new(&read_vae_config(&dir.join("vae/config.json"))?, &device)?
-        })
+        }
+        .with_tiling(tiling))
     };
     let load_te = || -> Result<ClipTextModel, common::AnyError> {
         Ok(if real {

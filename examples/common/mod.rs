@@ -19,7 +19,7 @@ use stable_diffusion::io::model::{
 use stable_diffusion::io::{
     ClipTokenizer, ComponentOptions, DiffusersDir, SingleFile, WeightSource,
 };
-use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel, VaeTiling};
 use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
 
 /// The model shipped in the repository, used without `--model`.
@@ -100,6 +100,19 @@ pub struct CommonArgs {
     /// A1111 prompt weighting: `(word:1.3)`, `(word)`, `[word]`.
     #[arg(long)]
     pub prompt_weighting: bool,
+    /// VAE in tiles: auto (above 1024x1024 pixels), on (diffusers' enable_tiling) or off.
+    #[arg(long, default_value = "auto")]
+    pub vae_tiling: String,
+}
+
+/// The `--vae-tiling` value.
+pub fn vae_tiling(name: &str) -> Result<VaeTiling, AnyError> {
+    Ok(match name {
+        "auto" => VaeTiling::default(),
+        "on" => VaeTiling::On,
+        "off" => VaeTiling::Off,
+        other => return Err(format!("--vae-tiling {other}: expected auto, on or off").into()),
+    })
 }
 
 /// Errors of the examples: one line for the user.
@@ -224,6 +237,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
     if let Some(dir) = &args.vae {
         loaded.vae = vae_from_dir(&component_dir(dir, "vae"), device, &f32_opts)?;
     }
+    loaded.vae = loaded.vae.with_tiling(vae_tiling(&args.vae_tiling)?);
     // diffusers' default size: unet.sample_size x the VAE's scale factor.
     loaded.sample_size *= loaded.vae_factor();
     let _ = text_encoder_from_dir;

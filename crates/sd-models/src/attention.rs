@@ -44,6 +44,50 @@ pub fn scaled_dot_product_attention(
     }
 }
 
+/// Multi-head attention on packed projections: `q` `[batch, n, heads * d]`, `k` and `v`
+/// `[batch, m, heads * d]`, output `[batch, n, heads * d]` (heads merged), scale
+/// `1 / sqrt(d)`, computed in f32.
+///
+/// On the CPU backend this runs the flash-attention kernel of [`crate::host`] straight
+/// on the projections' layout (memory linear in `n` and `m`, no head permutes); on
+/// other devices it splits heads and calls burn's fused attention.
+pub fn multi_head_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    is_causal: bool,
+) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if crate::host::applies(&q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
+        let [batch, n_q, width] = q.dims();
+        let n_kv = k.dims()[1];
+        let device = q.device();
+        let shape = crate::host::attention::AttentionShape {
+            batch,
+            heads,
+            n_q,
+            n_kv,
+            head_dim: width / heads,
+            causal: is_causal,
+        };
+        let out = crate::host::attention::attention(
+            &crate::host::into_vec(q),
+            &crate::host::into_vec(k),
+            &crate::host::into_vec(v),
+            shape,
+        );
+        return crate::host::from_vec(out, [batch, n_q, width], &device);
+    }
+    let out = scaled_dot_product_attention(
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+        is_causal,
+    );
+    merge_heads(out)
+}
+
 /// Splits `[b, n, heads * d]` into `[b, heads, n, d]`.
 pub(crate) fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
     let [b, n, c] = x.dims();
@@ -98,10 +142,10 @@ impl Attention {
     /// - output: `[batch, n, query_dim]`
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
-        let q = split_heads(self.to_q.forward(x), self.heads);
-        let k = split_heads(self.to_k.forward(context.clone()), self.heads);
-        let v = split_heads(self.to_v.forward(context), self.heads);
-        let out = scaled_dot_product_attention(q, k, v, false);
-        self.to_out.forward(merge_heads(out))
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        self.to_out
+            .forward(multi_head_attention(q, k, v, self.heads, false))
     }
 }

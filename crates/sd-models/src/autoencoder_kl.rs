@@ -7,7 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use sd_core::DiagonalGaussian;
 
-use crate::attention::{linear, merge_heads, scaled_dot_product_attention, split_heads};
+use crate::attention::{linear, multi_head_attention};
+use crate::vae_tiling::{TilePlan, VaeTiling};
 use crate::config::AutoencoderKLConfig;
 use crate::error::ConfigError;
 use crate::norm::{GroupNorm, to_dtype};
@@ -46,12 +47,10 @@ impl VaeAttention {
         let [b, c, h, w] = x.dims();
         let hs = self.group_norm.forward(x.clone().reshape([b, c, h * w]));
         let hs = hs.swap_dims(1, 2);
-        let q = split_heads(self.to_q.forward(hs.clone()), 1);
-        let k = split_heads(self.to_k.forward(hs.clone()), 1);
-        let v = split_heads(self.to_v.forward(hs), 1);
-        let out = self
-            .to_out
-            .forward(merge_heads(scaled_dot_product_attention(q, k, v, false)));
+        let q = self.to_q.forward(hs.clone());
+        let k = self.to_k.forward(hs.clone());
+        let v = self.to_v.forward(hs);
+        let out = self.to_out.forward(multi_head_attention(q, k, v, 1, false));
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 }
@@ -150,7 +149,7 @@ impl Encoder {
             }
         }
         let h = self.mid_block.forward(h);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(h))
     }
 }
 
@@ -196,6 +195,8 @@ impl Decoder {
             }
             observe(&format!("up_blocks.{i}"), &h);
         }
+        // Unfused: the fixtures record `conv_norm_out` before the activation (one
+        // small norm at the end of the network).
         let h = self.conv_norm_out.forward(h);
         observe("conv_norm_out", &h);
         self.conv_out.forward(silu(h))
@@ -216,6 +217,10 @@ pub struct AutoencoderKL {
     scaling_factor: f64,
     latent_channels: usize,
     downscale_factor: usize,
+    /// Tile size in pixels (`sample_size` of the config).
+    tile_pixels: usize,
+    #[module(skip)]
+    tiling: VaeTiling,
 }
 
 impl AutoencoderKL {
@@ -291,7 +296,30 @@ impl AutoencoderKL {
             scaling_factor: config.scaling_factor,
             latent_channels: lat,
             downscale_factor: config.downscale_factor(),
+            tile_pixels: config.sample_size.unwrap_or(512),
+            tiling: VaeTiling::default(),
         })
+    }
+
+    /// When decoding and encoding run in tiles (default: [`VaeTiling::default`],
+    /// images above 1024x1024 pixels).
+    pub fn with_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.tiling = tiling;
+        self
+    }
+
+    /// The tiling in effect.
+    pub fn tiling(&self) -> VaeTiling {
+        self.tiling
+    }
+
+    /// Tile size in pixels: the config's `sample_size` (512 for SD 1.5, 768 for 2.1).
+    pub fn tile_pixels(&self) -> usize {
+        self.tile_pixels
+    }
+
+    fn tile_latents(&self) -> usize {
+        (self.tile_pixels / self.downscale_factor).max(1)
     }
 
     fn dtype(&self) -> burn::tensor::DType {
@@ -302,8 +330,19 @@ impl AutoencoderKL {
     ///
     /// # Shapes
     /// - `[b, 3, H, W]` to `[b, 2 * latent, H / f, W / f]`
+    /// Tiled as [`Self::tiling`] says for the image size.
     pub fn encode_moments(&self, image: Tensor<4>) -> Tensor<4> {
-        let h = self.encoder.forward(to_dtype(image, self.dtype()));
+        let [_, _, h, w] = image.dims();
+        let image = to_dtype(image, self.dtype());
+        if self.tiling.applies(h, w, self.tile_pixels) {
+            let plan = TilePlan::new(self.tile_pixels, self.tile_latents());
+            return plan.run(image, |tile| self.encode_moments_whole(tile));
+        }
+        self.encode_moments_whole(image)
+    }
+
+    fn encode_moments_whole(&self, image: Tensor<4>) -> Tensor<4> {
+        let h = self.encoder.forward(image);
         match &self.quant_conv {
             Some(q) => q.forward(h),
             None => h,
@@ -337,6 +376,15 @@ impl sd_core::Autoencoder for AutoencoderKL {
     }
 
     fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let [_, _, h, w] = z.dims();
+        let f = self.downscale_factor;
+        if self.tiling.applies(h * f, w * f, self.tile_pixels) {
+            let in_dtype = z.dtype();
+            let plan = TilePlan::new(self.tile_latents(), self.tile_pixels);
+            let z = to_dtype(z, self.dtype());
+            let out = plan.run(z, |tile| self.decode_with_intermediates(tile, |_, _| {}));
+            return to_dtype(out, in_dtype);
+        }
         self.decode_with_intermediates(z, |_, _| {})
     }
 

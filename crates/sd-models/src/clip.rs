@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use sd_core::{HiddenLayer, TextEncoderOutput};
 
-use crate::attention::{linear, merge_heads, scaled_dot_product_attention, split_heads};
+use crate::attention::{linear, multi_head_attention};
 use crate::config::{ClipActivation, ClipTextConfig};
 use crate::error::ConfigError;
 use crate::norm::LayerNorm;
@@ -128,12 +128,12 @@ impl ClipTextModel {
     fn layer_forward(&self, layer: &ClipEncoderLayer, x: Tensor<3>) -> Tensor<3> {
         let a = &layer.self_attn;
         let h = layer.layer_norm1.forward(x.clone());
-        let q = split_heads(a.q_proj.forward(h.clone()), a.heads);
-        let k = split_heads(a.k_proj.forward(h.clone()), a.heads);
-        let v = split_heads(a.v_proj.forward(h), a.heads);
+        let q = a.q_proj.forward(h.clone());
+        let k = a.k_proj.forward(h.clone());
+        let v = a.v_proj.forward(h);
         let attn = a
             .out_proj
-            .forward(merge_heads(scaled_dot_product_attention(q, k, v, true)));
+            .forward(multi_head_attention(q, k, v, a.heads, true));
         let x = x + attn;
         let h = layer.mlp.fc1.forward(layer.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {

@@ -7,17 +7,21 @@ pub mod clip;
 pub mod config;
 pub mod embeddings;
 pub mod error;
+#[cfg(feature = "flex")]
+pub mod host;
 pub mod norm;
 pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+pub mod vae_tiling;
 
 pub use autoencoder_kl::AutoencoderKL;
 pub use clip::ClipTextModel;
 pub use config::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
 pub use error::ConfigError;
 pub use unet_2d_condition::UNet2DConditionModel;
+pub use vae_tiling::VaeTiling;
 
 /// Maps a burn module path of the models in this crate (`a.b.c.weight`) to the
 /// diffusers / transformers weight key.

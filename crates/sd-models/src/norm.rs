@@ -50,6 +50,45 @@ impl GroupNorm {
     /// # Shapes
     /// - input and output: `[batch, channels, ...]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_act(x, false)
+    }
+
+    /// `silu(group_norm(x))`, the pair every ResNet block and output head runs; one
+    /// fused pass on the CPU backend.
+    ///
+    /// # Shapes
+    /// - input and output: `[batch, channels, ...]`
+    pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
+        #[cfg(feature = "flex")]
+        if crate::host::applies(&x) && self.weight.val().dtype() == DType::F32 {
+            let dims = x.dims();
+            let device = x.device();
+            let mut values = crate::host::into_vec(x);
+            crate::host::group_norm::group_norm(
+                &mut values,
+                dims[0],
+                dims[1],
+                self.num_groups,
+                &crate::host::into_vec(self.weight.val()),
+                &crate::host::into_vec(self.bias.val()),
+                self.epsilon,
+                silu,
+            );
+            return crate::host::from_vec(values, dims, &device);
+        }
+        let y = self.forward_generic(x);
+        if silu {
+            burn::tensor::activation::silu(y)
+        } else {
+            y
+        }
+    }
+
+    fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);

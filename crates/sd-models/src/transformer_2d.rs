@@ -39,6 +39,15 @@ impl FeedForward {
     /// - `[b, n, dim]` to `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.net_0.proj.forward(x);
+        #[cfg(feature = "flex")]
+        if crate::host::applies(&h) {
+            let [b, n, c2] = h.dims();
+            let device = h.device();
+            let out = crate::host::geglu::geglu(&crate::host::into_vec(h), c2 / 2);
+            return self
+                .net_2
+                .forward(crate::host::from_vec(out, [b, n, c2 / 2], &device));
+        }
         let [_, _, c2] = h.dims();
         let mut parts = h.split(c2 / 2, 2);
         let gate = parts.pop().expect("two halves");
@@ -66,7 +75,8 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(dim: usize, context_dim: usize, heads: usize, device: &Device) -> Self {
+    /// A block `dim` wide with `heads` heads, attending to `context_dim` wide conditioning.
+    pub fn new(dim: usize, context_dim: usize, heads: usize, device: &Device) -> Self {
         let head_dim = dim / heads;
         Self {
             norm1: LayerNorm::new(dim, 1e-5, device),

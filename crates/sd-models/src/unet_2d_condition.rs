@@ -189,6 +189,8 @@ impl UNet2DConditionModel {
             h = block.forward(h, &mut skips, &temb, &context, upsample_size);
             observe(&format!("up_blocks.{i}"), &h);
         }
+        // Unfused: the fixtures record `conv_norm_out` before the activation (one
+        // small norm at the end of the network).
         let h = self.conv_norm_out.forward(h);
         observe("conv_norm_out", &h);
         let out = self.conv_out.forward(silu(h));

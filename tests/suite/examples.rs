@@ -2,7 +2,7 @@
 //! line (txt2img DDIM, Euler ancestral with recorded noise, img2img, inpaint), and
 //! images carry their generation parameters.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

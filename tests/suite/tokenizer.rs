@@ -1,7 +1,7 @@
 //! Tokenizer parity: all 30 prompts of `tokenizer/tokens.json`, from both the
 //! hub layout (vocab.json + merges.txt) and tokenizer.json.
 
-mod common;
+use crate::common;
 
 use stable_diffusion::io::ClipTokenizer;
 

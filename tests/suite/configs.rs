@@ -1,7 +1,7 @@
 //! The real SD 1.5 and SD 2.1 configs build models with diffusers' exact parameter
 //! counts, and unsupported config values are rejected naming the field.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use stable_diffusion::burn::prelude::*;

@@ -2,14 +2,14 @@
 //! section 6): text encoder, U-Net (all outputs and intermediates), VAE, inpainting
 //! U-Net, single-file checkpoint, f16.
 
-mod common;
+use crate::common;
 
-use common::{Reference, assert_close, devices, fixture, tol};
+use common::{Reference, assert_close, devices, fixture, max_abs_diff, tol};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::DType;
 use stable_diffusion::core::{Autoencoder, HiddenLayer};
 use stable_diffusion::io::{ComponentOptions, DiffusersDir, SingleFile};
-use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel, VaeTiling};
 
 fn tiny() -> DiffusersDir {
     DiffusersDir::open(fixture("tiny-sd15")).unwrap()
@@ -231,6 +231,28 @@ fn vae_matches_diffusers() {
     for (name, device) in devices() {
         let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
         check_vae(name, &device, &vae);
+    }
+}
+
+/// diffusers' `enable_tiling()` on the tiny VAE (16-latent / 32-pixel tiles): decode
+/// and encode of inputs several tiles wide, seams blended as diffusers blends them.
+#[test]
+fn tiled_vae_matches_diffusers() {
+    let r = Reference::open("reference/vae_tiled.safetensors");
+    for (name, device) in devices() {
+        let vae = tiny()
+            .vae(&device, &ComponentOptions::default())
+            .unwrap()
+            .with_tiling(VaeTiling::On);
+        let t = tol(name, 1e-4, 2e-3);
+        let decoded = vae.decode(r.tensor::<4>("latents", &device));
+        assert_close(&format!("[{name}] tiled decode"), &decoded, &r.floats("decoded"), t);
+        let moments = vae.encode_moments(r.tensor::<4>("image", &device));
+        assert_close(&format!("[{name}] tiled encode"), &moments, &r.floats("moments"), t);
+        // The default (auto) leaves images this small whole.
+        let whole = vae.clone().with_tiling(VaeTiling::default());
+        let untiled = whole.decode(r.tensor::<4>("latents", &device));
+        assert!(max_abs_diff(&untiled, &r.floats("decoded")) > 1e-3);
     }
 }
 

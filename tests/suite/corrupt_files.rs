@@ -2,7 +2,7 @@
 //! fixture weight file a truncated copy, a copy with one tensor renamed and a copy
 //! with one tensor's shape changed.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

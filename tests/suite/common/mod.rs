@@ -8,11 +8,15 @@ use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::DType;
 use stable_diffusion::io::WeightSource;
 
-/// `tests/fixtures/...`
+/// `tests/fixtures/...`, or `$SD_FIXTURES/...` where set (the test binary run away from
+/// its build tree, as `scripts/gpu-check.sh` does).
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    match std::env::var_os("SD_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(rel),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel),
+    }
 }
 
 /// The devices the component parity tests run on: flex always, and wgpu when the

@@ -2,7 +2,7 @@
 //! count of `reference/schedulers/*.safetensors`, the tables, Align Your Steps, and
 //! properties of the schedules.
 
-mod common;
+use crate::common;
 
 use common::{Reference, fixture};
 use stable_diffusion::burn::prelude::*;

@@ -1,7 +1,7 @@
 //! Pipeline parity with diffusers (fixtures README 4e): every case of
 //! `reference/pipelines/` through the library API, with the recorded noise.
 
-mod common;
+use crate::common;
 
 use common::{Reference, fixture};
 use stable_diffusion::burn::prelude::*;

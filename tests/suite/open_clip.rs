@@ -2,7 +2,7 @@
 //! (`cond_stage_model.model.*`, fused q/k/v). A file in that layout made from the tiny
 //! fixture's weights must give the same text-encoder outputs as the diffusers folder.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

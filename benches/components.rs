@@ -1,0 +1,118 @@
+//! criterion benches of the pieces that decide Stable Diffusion's speed, at SD 1.5
+//! sizes (512x512, so 64x64 latents), on the CPU backend:
+//!
+//! ```text
+//! cargo bench --bench components               # all
+//! cargo bench --bench components -- attention  # one group
+//! ```
+//!
+//! Whole-model figures against PyTorch come from the `bench` example
+//! (docs/performance.md); these exist so a regression in one piece is visible.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::Distribution;
+use stable_diffusion::core::{NoiseRng, Scheduler, Steps};
+use stable_diffusion::io::ClipTokenizer;
+use stable_diffusion::models::attention::multi_head_attention;
+use stable_diffusion::models::norm::GroupNorm;
+use stable_diffusion::models::resnet::{ResnetBlock2D, ResnetSettings};
+use stable_diffusion::models::transformer_2d::BasicTransformerBlock;
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+
+fn randn<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+/// Forces the lazy work of `x` to finish before the timer stops.
+fn done<const D: usize>(x: Tensor<D>) {
+    let device = x.device();
+    std::hint::black_box(x);
+    device.sync().expect("device sync");
+}
+
+fn attention(c: &mut Criterion) {
+    let device = Device::flex();
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    // (name, batch, n_q, n_kv, width, heads): SD 1.5 U-Net levels and the VAE mid block.
+    let cases = [
+        ("self_4096x320_h8", 2, 4096, 4096, 320, 8),
+        ("self_1024x640_h8", 2, 1024, 1024, 640, 8),
+        ("cross_4096x320_ctx77", 2, 4096, 77, 320, 8),
+        ("vae_4096x512_h1", 1, 4096, 4096, 512, 1),
+        ("clip_77x768_h12_causal", 1, 77, 77, 768, 12),
+    ];
+    for (name, b, n, m, w, heads) in cases {
+        let q = randn([b, n, w], &device);
+        let k = randn([b, m, w], &device);
+        let v = randn([b, m, w], &device);
+        let causal = name.ends_with("causal");
+        g.bench_function(name, |bench| {
+            bench.iter(|| done(multi_head_attention(q.clone(), k.clone(), v.clone(), heads, causal)))
+        });
+    }
+    g.finish();
+}
+
+fn blocks(c: &mut Criterion) {
+    let device = Device::flex();
+    let mut g = c.benchmark_group("blocks");
+    g.sample_size(10);
+    let settings = ResnetSettings {
+        temb_channels: Some(1280),
+        groups: 32,
+        eps: 1e-5,
+        output_scale_factor: 1.0,
+    };
+    let resnet = ResnetBlock2D::new(320, 320, settings, &device);
+    let x = randn([2, 320, 64, 64], &device);
+    let temb = randn([2, 1280], &device);
+    g.bench_function("resnet_320_64x64_b2", |b| {
+        b.iter(|| done(resnet.forward(x.clone(), Some(temb.clone()))))
+    });
+    let norm = GroupNorm::new(32, 320, 1e-5, &device);
+    g.bench_function("group_norm_silu_320_64x64_b2", |b| {
+        b.iter(|| done(norm.forward_silu(x.clone())))
+    });
+    let block = BasicTransformerBlock::new(320, 768, 8, &device);
+    let hs = randn([2, 4096, 320], &device);
+    let context = randn([2, 77, 768], &device);
+    g.bench_function("transformer_block_4096x320_b2", |b| {
+        b.iter(|| done(block.forward(hs.clone(), context.clone())))
+    });
+    g.finish();
+}
+
+fn scheduler_and_tokenizer(c: &mut Criterion) {
+    let device = Device::flex();
+    let mut g = c.benchmark_group("host");
+    let config = SchedulerConfig::default();
+    for name in ["euler-a", "dpmpp-2m"] {
+        let scheduler = AnyScheduler::from_name(name, &config).expect("known scheduler");
+        let sample = randn([1, 4, 64, 64], &device);
+        let output = randn([1, 4, 64, 64], &device);
+        g.bench_function(format!("scheduler_step_{name}"), |b| {
+            b.iter(|| {
+                let mut run = scheduler.start(&Steps::Count(20)).expect("20 steps");
+                let mut noise = NoiseRng::seed(0);
+                let out = run
+                    .step(output.clone(), 0, sample.clone(), &mut noise)
+                    .expect("step");
+                done(out.prev_sample)
+            })
+        });
+    }
+    let tokenizer = ClipTokenizer::clip("<|endoftext|>").expect("embedded CLIP tokenizer");
+    g.bench_function("tokenize_prompt", |b| {
+        b.iter(|| {
+            tokenizer
+                .encode("a photograph of an astronaut riding a horse on mars, highly detailed")
+                .expect("tokenize")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, attention, blocks, scheduler_and_tokenizer);
+criterion_main!(benches);

@@ -1,0 +1,292 @@
+//! Flash attention on the CPU: `softmax(q kᵀ / sqrt(d)) v` computed in blocks of
+//! queries and keys with an online softmax, so no `n_q x n_kv` score matrix is ever
+//! held (scratch per worker: one `BLOCK_Q x BLOCK_KV` tile). Both products of a tile
+//! go through the `gemm` crate; `exp` is vectorised ([`super::exp`]).
+
+use rayon::prelude::*;
+
+use super::exp;
+
+/// Query rows per task (one task = one batch item, one head, one query block).
+const BLOCK_Q: usize = 128;
+/// Keys per tile.
+const BLOCK_KV: usize = 256;
+
+/// Sizes of one attention call. Queries are `[batch, n_q, heads * head_dim]`, keys and
+/// values `[batch, n_kv, heads * head_dim]`, all row-major: the layout of the q/k/v
+/// projections' outputs, so heads are read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Query positions.
+    pub n_q: usize,
+    /// Key / value positions.
+    pub n_kv: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Causal mask: query `i` sees keys `j <= i + (n_kv - n_q)` (CLIP).
+    pub causal: bool,
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of output elements (its own batch item,
+// head and query rows).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the output buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+struct Scratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+}
+
+/// Multi-head attention with scale `1 / sqrt(head_dim)`.
+///
+/// # Shapes
+/// - `q`: `[batch, n_q, heads * head_dim]`; `k`, `v`: `[batch, n_kv, heads * head_dim]`
+/// - returns `[batch, n_q, heads * head_dim]`
+///
+/// # Panics
+/// When a slice's length does not match `shape` (a caller bug).
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+    let AttentionShape { batch, heads, n_q, n_kv, head_dim: d, .. } = shape;
+    let width = heads * d;
+    assert_eq!(q.len(), batch * n_q * width, "attention: query length");
+    assert_eq!(k.len(), batch * n_kv * width, "attention: key length");
+    assert_eq!(v.len(), batch * n_kv * width, "attention: value length");
+    let mut out = vec![0.0f32; q.len()];
+    if out.is_empty() {
+        return out;
+    }
+    let q_blocks = n_q.div_ceil(BLOCK_Q);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let tasks = batch * heads * q_blocks;
+    let run = |scratch: &mut Scratch, task: usize| {
+        let (bh, qb) = (task / q_blocks, task % q_blocks);
+        let (b, h) = (bh / heads, bh % heads);
+        let q0 = qb * BLOCK_Q;
+        let rows = BLOCK_Q.min(n_q - q0);
+        let q_off = (b * n_q + q0) * width + h * d;
+        let kv_off = b * n_kv * width + h * d;
+        let out_ptr = out_ptr.at(q_off);
+        attention_block(
+            &q[q_off..],
+            &k[kv_off..],
+            &v[kv_off..],
+            out_ptr,
+            Block { rows, q0, width, shape },
+            scratch,
+        );
+    };
+    let new_scratch = || Scratch {
+        scores: vec![0.0; BLOCK_Q * BLOCK_KV],
+        acc: vec![0.0; BLOCK_Q * d],
+        row_max: vec![0.0; BLOCK_Q],
+        row_sum: vec![0.0; BLOCK_Q],
+    };
+    let work = batch * heads * n_q * n_kv * d;
+    if tasks > 1 && work >= 1 << 18 {
+        (0..tasks).into_par_iter().for_each_init(new_scratch, run);
+    } else {
+        let mut scratch = new_scratch();
+        (0..tasks).for_each(|t| run(&mut scratch, t));
+    }
+    out
+}
+
+struct Block {
+    rows: usize,
+    q0: usize,
+    width: usize,
+    shape: AttentionShape,
+}
+
+/// One head's block of `rows` queries against all keys. `q`, `k`, `v` start at the
+/// block's first element of the head; rows are `width` apart.
+fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s: &mut Scratch) {
+    let Block { rows, q0, width, shape } = blk;
+    let (d, n_kv) = (shape.head_dim, shape.n_kv);
+    let scale = 1.0 / (d as f32).sqrt();
+    let offset = n_kv as isize - shape.n_q as isize;
+    // Keys visible to query row `i` of the block (all of them without a causal mask).
+    let visible = |i: usize| -> usize {
+        if shape.causal {
+            ((q0 + i) as isize + offset + 1).clamp(0, n_kv as isize) as usize
+        } else {
+            n_kv
+        }
+    };
+    let kv_end = visible(rows - 1);
+    s.acc[..rows * d].fill(0.0);
+    s.row_max[..rows].fill(f32::NEG_INFINITY);
+    s.row_sum[..rows].fill(0.0);
+    let mut k0 = 0;
+    while k0 < kv_end {
+        let cols = BLOCK_KV.min(kv_end - k0);
+        // scores[i, j] = scale * q_i · k_{k0 + j}
+        // SAFETY: all pointers address `rows x d`, `cols x d` and `rows x cols`
+        // matrices inside their slices with the strides given.
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                d,
+                s.scores.as_mut_ptr(),
+                1,
+                BLOCK_KV as isize,
+                false,
+                q.as_ptr(),
+                1,
+                width as isize,
+                k.as_ptr().add(k0 * width),
+                width as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for i in 0..rows {
+            let row = &mut s.scores[i * BLOCK_KV..i * BLOCK_KV + cols];
+            let valid = visible(i).saturating_sub(k0).min(cols);
+            row[valid..].fill(0.0);
+            if valid == 0 {
+                continue;
+            }
+            let row = &mut row[..valid];
+            let old_max = s.row_max[i];
+            let new_max = old_max.max(exp::max(row));
+            let sum = exp::exp_sub_sum(row, new_max);
+            if old_max != f32::NEG_INFINITY && old_max != new_max {
+                let correction = exp::exp(old_max - new_max);
+                exp::scale(&mut s.acc[i * d..(i + 1) * d], correction);
+                s.row_sum[i] *= correction;
+            }
+            s.row_sum[i] += sum;
+            s.row_max[i] = new_max;
+        }
+        // acc += p · v[k0..k0 + cols]
+        // SAFETY: as above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                d,
+                cols,
+                s.acc.as_mut_ptr(),
+                1,
+                d as isize,
+                true,
+                s.scores.as_ptr(),
+                1,
+                BLOCK_KV as isize,
+                v.as_ptr().add(k0 * width),
+                1,
+                width as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        k0 += cols;
+    }
+    for i in 0..rows {
+        let inv = if s.row_sum[i] > 0.0 { 1.0 / s.row_sum[i] } else { 0.0 };
+        let acc = &s.acc[i * d..(i + 1) * d];
+        // SAFETY: row `i` of this head in the output, `d` elements.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * width), d) };
+        for (o, a) in dst.iter_mut().zip(acc) {
+            *o = a * inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Straightforward attention in f64 for comparison.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
+        let w = s.heads * s.head_dim;
+        let mut out = vec![0.0f32; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.n_q {
+                    let qi = &q[(b * s.n_q + i) * w + h * s.head_dim..][..s.head_dim];
+                    let limit = if s.causal {
+                        (i as isize + s.n_kv as isize - s.n_q as isize + 1).max(0) as usize
+                    } else {
+                        s.n_kv
+                    };
+                    let scores: Vec<f64> = (0..limit.min(s.n_kv))
+                        .map(|j| {
+                            let kj = &k[(b * s.n_kv + j) * w + h * s.head_dim..][..s.head_dim];
+                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                                / (s.head_dim as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..s.head_dim {
+                        let acc: f64 = e
+                            .iter()
+                            .enumerate()
+                            .map(|(j, p)| p * v[(b * s.n_kv + j) * w + h * s.head_dim + c] as f64)
+                            .sum();
+                        out[(b * s.n_q + i) * w + h * s.head_dim + c] = (acc / z) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .map(|x| x * 3.0)
+            .collect()
+    }
+
+    fn check(shape: AttentionShape) {
+        let w = shape.heads * shape.head_dim;
+        let q = data(shape.batch * shape.n_q * w, 1);
+        let k = data(shape.batch * shape.n_kv * w, 2);
+        let v = data(shape.batch * shape.n_kv * w, 3);
+        let ours = attention(&q, &k, &v, shape);
+        let want = reference(&q, &k, &v, shape);
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 2e-5, "{shape:?}: max error {worst}");
+    }
+
+    #[test]
+    fn matches_reference_across_block_edges() {
+        for (n_q, n_kv) in [(1, 1), (77, 77), (300, 77), (129, 513), (257, 300)] {
+            for causal in [false, true] {
+                check(AttentionShape { batch: 2, heads: 3, n_q, n_kv, head_dim: 8, causal });
+            }
+        }
+        check(AttentionShape { batch: 1, heads: 1, n_q: 64, n_kv: 64, head_dim: 40, causal: false });
+    }
+}

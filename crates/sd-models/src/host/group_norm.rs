@@ -1,0 +1,144 @@
+//! GroupNorm with its affine parameters and an optional SiLU, fused into one kernel
+//! that works in place: one pass for the statistics (accumulated in f64, so large
+//! groups keep full f32 accuracy), one pass that normalises, scales, shifts and
+//! activates.
+
+use rayon::prelude::*;
+
+use super::exp::{self, simd_dispatch};
+
+/// `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`, then `y * sigmoid(y)`
+/// when `silu`, per group of `channels / groups` channels over all `spatial` positions.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, spatial]`, row-major, overwritten with the result
+/// - `weight`, `bias`: `[channels]`
+///
+/// # Panics
+/// When the lengths do not match the sizes or `groups` does not divide `channels`
+/// (a caller bug: configs are validated before models are built).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &mut [f32],
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    weight: &[f32],
+    bias: &[f32],
+    epsilon: f64,
+    silu: bool,
+) {
+    assert!(channels.is_multiple_of(groups), "group_norm: groups must divide channels");
+    assert_eq!(weight.len(), channels, "group_norm: weight length");
+    assert_eq!(bias.len(), channels, "group_norm: bias length");
+    if x.is_empty() || batch == 0 {
+        return;
+    }
+    let per_group = channels / groups;
+    let spatial = x.len() / (batch * channels);
+    assert_eq!(x.len(), batch * channels * spatial, "group_norm: input length");
+    let group_len = per_group * spatial;
+    x.par_chunks_mut(group_len).enumerate().for_each(|(g, chunk)| {
+        let c0 = (g % groups) * per_group;
+        let (mean, var) = mean_var(chunk);
+        let rstd = 1.0 / (var + epsilon).sqrt();
+        for (ci, row) in chunk.chunks_mut(spatial).enumerate() {
+            let w = weight[c0 + ci] as f64;
+            // y = x * a + b with a = rstd * w, b = bias - mean * a
+            let a = (rstd * w) as f32;
+            let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
+            affine(row, a, b, silu);
+        }
+    });
+}
+
+fn mean_var(x: &[f32]) -> (f64, f64) {
+    simd_dispatch!(avx2, mean_var_generic, (x: &[f32]) -> (f64, f64))
+}
+
+#[inline(always)]
+fn mean_var_generic(x: &[f32]) -> (f64, f64) {
+    // f32 lanes over short runs, folded into f64, keep the sums exact enough and SIMD.
+    let n = x.len() as f64;
+    let mut sum = 0.0f64;
+    for run in x.chunks(1024) {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = run.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += *v;
+            }
+        }
+        sum += acc.iter().map(|v| *v as f64).sum::<f64>()
+            + chunks.remainder().iter().map(|v| *v as f64).sum::<f64>();
+    }
+    let mean = sum / n;
+    let m = mean as f32;
+    let mut sq = 0.0f64;
+    for run in x.chunks(1024) {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = run.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                let d = *v - m;
+                *a += d * d;
+            }
+        }
+        sq += acc.iter().map(|v| *v as f64).sum::<f64>()
+            + chunks.remainder().iter().map(|v| ((*v - m) as f64).powi(2)).sum::<f64>();
+    }
+    (mean, sq / n)
+}
+
+fn affine(x: &mut [f32], a: f32, b: f32, silu: bool) {
+    simd_dispatch!(avx2, affine_generic, (x: &mut [f32], a: f32, b: f32, silu: bool) -> ())
+}
+
+#[inline(always)]
+fn affine_generic(x: &mut [f32], a: f32, b: f32, silu: bool) {
+    if silu {
+        for v in x {
+            let y = *v * a + b;
+            *v = y / (1.0 + exp::exp(-y));
+        }
+    } else {
+        for v in x {
+            *v = *v * a + b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_direct_computation() {
+        let (batch, channels, groups, spatial) = (2, 6, 3, 37);
+        let x: Vec<f32> = (0..batch * channels * spatial)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 3.0)
+            .collect();
+        let weight: Vec<f32> = (0..channels).map(|c| 0.5 + c as f32 * 0.1).collect();
+        let bias: Vec<f32> = (0..channels).map(|c| c as f32 * -0.2).collect();
+        for silu in [false, true] {
+            let mut ours = x.clone();
+            group_norm(&mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu);
+            let per = channels / groups * spatial;
+            for (g, chunk) in x.chunks(per).enumerate() {
+                let n = chunk.len() as f64;
+                let mean = chunk.iter().map(|v| *v as f64).sum::<f64>() / n;
+                let var = chunk.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+                for (i, v) in chunk.iter().enumerate() {
+                    let c = (g % groups) * (channels / groups) + i / spatial;
+                    let mut y = (*v as f64 - mean) / (var + 1e-5).sqrt() * weight[c] as f64
+                        + bias[c] as f64;
+                    if silu {
+                        y /= 1.0 + (-y).exp();
+                    }
+                    let got = ours[g * per + i] as f64;
+                    assert!((got - y).abs() < 2e-6, "silu={silu} {got} vs {y}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Hand-written CPU kernels for the hot spots of Stable Diffusion, used when a tensor
+//! lives on burn's CPU backend (`flex`) without autodiff.
+//!
+//! burn's generic CPU ops run one pass over memory per op and evaluate `exp` one
+//! element at a time; these kernels fuse what the models do back to back and use
+//! vectorised `exp`:
+//! - [`attention`]: tiled attention with online softmax (flash attention) reading
+//!   queries, keys and values in the `[batch, n, heads * head_dim]` layout the
+//!   projections produce, so no head permutation is ever copied; memory is linear in
+//!   the sequence length;
+//! - [`group_norm`]: GroupNorm with the affine parameters and an optional SiLU in one
+//!   pass (two reads, one write), in place;
+//! - [`geglu`]: the feed-forward's `a * gelu(b)` in one pass.
+//!
+//! On any other device (GPU, autodiff for training) the models use burn's ops; the
+//! results agree to f32 rounding (the parity tests run both).
+
+pub mod attention;
+pub mod exp;
+pub mod geglu;
+pub mod group_norm;
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+
+/// Whether `device` is burn's CPU backend without autodiff, where these kernels run.
+pub fn is_host(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch(),
+        burn_dispatch::DispatchDevice::Flex(_)
+    )
+}
+
+/// Whether `x` is an f32 tensor on the CPU backend (the kernels' domain).
+pub(crate) fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && is_host(&x.device())
+}
+
+/// The tensor's values as an owned, contiguous `Vec<f32>` (no copy when the tensor is
+/// contiguous and not shared).
+pub(crate) fn into_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    let data = x.into_data();
+    match data.try_into_vec::<f32>() {
+        Ok(v) => v,
+        Err(e) => unreachable!("f32 tensor on the CPU backend: {e:?}"),
+    }
+}
+
+/// A tensor of `shape` on `device` from row-major values.
+pub(crate) fn from_vec<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}

@@ -1,0 +1,13 @@
+//! The integration and parity tests, linked into one test binary (`cargo test --test
+//! suite`): one link of the whole library per run instead of one per file, which keeps
+//! build time and disk use down (each binary carries all of burn and wgpu).
+mod common;
+
+mod configs;
+mod corrupt_files;
+mod examples;
+mod models;
+mod open_clip;
+mod pipelines;
+mod schedulers;
+mod tokenizer;
