@@ -49,7 +49,15 @@ fn attention(c: &mut Criterion) {
         let v = randn([b, m, w], &device);
         let causal = name.ends_with("causal");
         g.bench_function(name, |bench| {
-            bench.iter(|| done(multi_head_attention(q.clone(), k.clone(), v.clone(), heads, causal)))
+            bench.iter(|| {
+                done(multi_head_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    heads,
+                    causal,
+                ))
+            })
         });
     }
     g.finish();

@@ -246,9 +246,19 @@ fn tiled_vae_matches_diffusers() {
             .with_tiling(VaeTiling::On);
         let t = tol(name, 1e-4, 2e-3);
         let decoded = vae.decode(r.tensor::<4>("latents", &device));
-        assert_close(&format!("[{name}] tiled decode"), &decoded, &r.floats("decoded"), t);
+        assert_close(
+            &format!("[{name}] tiled decode"),
+            &decoded,
+            &r.floats("decoded"),
+            t,
+        );
         let moments = vae.encode_moments(r.tensor::<4>("image", &device));
-        assert_close(&format!("[{name}] tiled encode"), &moments, &r.floats("moments"), t);
+        assert_close(
+            &format!("[{name}] tiled encode"),
+            &moments,
+            &r.floats("moments"),
+            t,
+        );
         // The default (auto) leaves images this small whole.
         let whole = vae.clone().with_tiling(VaeTiling::default());
         let untiled = whole.decode(r.tensor::<4>("latents", &device));

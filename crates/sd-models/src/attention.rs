@@ -18,6 +18,111 @@ pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> 
         .init(device)
 }
 
+/// `linear.forward(x)`: on the CPU backend one multi-threaded GEMM reading the input
+/// and the weight in place whatever their strides ([`crate::host::linear`]);
+/// elsewhere burn's op.
+///
+/// # Shapes
+/// - `x`: `[..., d_in]` to `[..., d_out]`
+pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if (D == 2 || D == 3)
+        && crate::host::applies(&x)
+        && let Some(y) = host_linear(linear, &x)
+    {
+        return y;
+    }
+    linear.forward(x)
+}
+
+#[cfg(feature = "flex")]
+fn host_linear<const D: usize>(linear: &Linear, x: &Tensor<D>) -> Option<Tensor<D>> {
+    host_linear_with(linear, x, false)
+}
+
+/// `a * gelu(b)` for `[a, b] = linear(x)`, fused on the CPU backend (`None` where the
+/// kernel does not apply).
+#[cfg(feature = "flex")]
+pub(crate) fn host_linear_geglu<const D: usize>(
+    linear: &Linear,
+    x: &Tensor<D>,
+) -> Option<Tensor<D>> {
+    if !crate::host::applies(x) || !(D == 2 || D == 3) {
+        return None;
+    }
+    host_linear_with(linear, x, true)
+}
+
+#[cfg(feature = "flex")]
+fn host_linear_with<const D: usize>(
+    linear: &Linear,
+    x: &Tensor<D>,
+    geglu: bool,
+) -> Option<Tensor<D>> {
+    use crate::host::linear::{Matrix, linear as gemm_linear, linear_geglu};
+    use crate::host::with_view;
+    let weight = linear.weight.val();
+    if weight.dtype() != DType::F32 {
+        return None;
+    }
+    let [d_in, d_out] = weight.dims();
+    let dims = x.dims();
+    let (batch, rows) = if D == 3 {
+        (dims[0], dims[1])
+    } else {
+        (1, dims[0])
+    };
+    let bias = linear.bias.as_ref().map(|b| b.val());
+    let out = with_view(&weight, |w| {
+        // The [d_out, d_in] matrix PyTorch stores: element (o, i) is weight[i, o].
+        let wm = Matrix {
+            data: w.data,
+            row_stride: w.strides[1],
+            col_stride: w.strides[0],
+        };
+        let run = |b: Option<&[f32]>| {
+            with_view(x, |xv| {
+                let st = &xv.strides;
+                let (sb, sr, sc) = if D == 3 {
+                    (st[0], st[1], st[2])
+                } else {
+                    (0, st[0], st[1])
+                };
+                let mut out = Vec::new();
+                for bi in 0..batch {
+                    let data = &xv.data[bi * sb as usize..];
+                    let xm = Matrix {
+                        data,
+                        row_stride: sr,
+                        col_stride: sc,
+                    };
+                    if geglu {
+                        out.extend(linear_geglu(xm, rows, d_in, wm, d_out / 2, b));
+                    } else {
+                        out.extend(gemm_linear(xm, rows, d_in, wm, d_out, b));
+                    }
+                }
+                out
+            })
+        };
+        match &bias {
+            Some(b) => with_view(b, |bv| {
+                if bv.strides[0] == 1 {
+                    run(Some(&bv.data[..d_out]))
+                } else {
+                    None
+                }
+            })
+            .flatten(),
+            None => run(None),
+        }
+    })
+    .flatten()?;
+    let mut shape = dims;
+    shape[D - 1] = if geglu { d_out / 2 } else { d_out };
+    Some(crate::host::from_vec(out, shape, &x.device()))
+}
+
 /// Softmax attention `softmax(q kᵀ / sqrt(d)) v` through burn's fused attention op,
 /// computed in f32 whatever the inputs' dtype.
 ///
@@ -142,10 +247,12 @@ impl Attention {
     /// - output: `[batch, n, query_dim]`
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
-        self.to_out
-            .forward(multi_head_attention(q, k, v, self.heads, false))
+        let q = linear_forward(&self.to_q, x);
+        let k = linear_forward(&self.to_k, context.clone());
+        let v = linear_forward(&self.to_v, context);
+        linear_forward(
+            &self.to_out,
+            multi_head_attention(q, k, v, self.heads, false),
+        )
     }
 }

@@ -7,12 +7,12 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use sd_core::DiagonalGaussian;
 
-use crate::attention::{linear, multi_head_attention};
-use crate::vae_tiling::{TilePlan, VaeTiling};
+use crate::attention::{linear, linear_forward, multi_head_attention};
 use crate::config::AutoencoderKLConfig;
 use crate::error::ConfigError;
 use crate::norm::{GroupNorm, to_dtype};
-use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D, conv};
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D, conv, conv_forward};
+use crate::vae_tiling::{TilePlan, VaeTiling};
 
 /// The VAE mid-block `Attention`: single-head self-attention over pixels with a
 /// GroupNorm in front and a residual connection.
@@ -47,10 +47,10 @@ impl VaeAttention {
         let [b, c, h, w] = x.dims();
         let hs = self.group_norm.forward(x.clone().reshape([b, c, h * w]));
         let hs = hs.swap_dims(1, 2);
-        let q = self.to_q.forward(hs.clone());
-        let k = self.to_k.forward(hs.clone());
-        let v = self.to_v.forward(hs);
-        let out = self.to_out.forward(multi_head_attention(q, k, v, 1, false));
+        let q = linear_forward(&self.to_q, hs.clone());
+        let k = linear_forward(&self.to_k, hs.clone());
+        let v = linear_forward(&self.to_v, hs);
+        let out = linear_forward(&self.to_out, multi_head_attention(q, k, v, 1, false));
         out.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 }
@@ -139,7 +139,7 @@ impl Encoder {
     /// # Shapes
     /// - `[b, 3, H, W]` to `[b, 2 * latent, H / f, W / f]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut h = self.conv_in.forward(x);
+        let mut h = conv_forward(&self.conv_in, x);
         for block in &self.down_blocks {
             for r in &block.resnets {
                 h = r.forward(h, None);
@@ -149,7 +149,7 @@ impl Encoder {
             }
         }
         let h = self.mid_block.forward(h);
-        self.conv_out.forward(self.conv_norm_out.forward_silu(h))
+        conv_forward(&self.conv_out, self.conv_norm_out.forward_silu(h))
     }
 }
 
@@ -182,7 +182,7 @@ impl Decoder {
         z: Tensor<4>,
         mut observe: impl FnMut(&str, &Tensor<4>),
     ) -> Tensor<4> {
-        let mut h = self.conv_in.forward(z);
+        let mut h = conv_forward(&self.conv_in, z);
         observe("conv_in", &h);
         h = self.mid_block.forward(h);
         observe("mid_block", &h);
@@ -199,7 +199,7 @@ impl Decoder {
         // small norm at the end of the network).
         let h = self.conv_norm_out.forward(h);
         observe("conv_norm_out", &h);
-        self.conv_out.forward(silu(h))
+        conv_forward(&self.conv_out, silu(h))
     }
 }
 
@@ -326,11 +326,11 @@ impl AutoencoderKL {
         self.encoder.conv_in.weight.val().dtype()
     }
 
-    /// Encoder moments `quant_conv(encoder(x))`.
+    /// Encoder moments `quant_conv(encoder(x))`, tiled as [`Self::tiling`] says for
+    /// the image size.
     ///
     /// # Shapes
     /// - `[b, 3, H, W]` to `[b, 2 * latent, H / f, W / f]`
-    /// Tiled as [`Self::tiling`] says for the image size.
     pub fn encode_moments(&self, image: Tensor<4>) -> Tensor<4> {
         let [_, _, h, w] = image.dims();
         let image = to_dtype(image, self.dtype());
@@ -344,7 +344,7 @@ impl AutoencoderKL {
     fn encode_moments_whole(&self, image: Tensor<4>) -> Tensor<4> {
         let h = self.encoder.forward(image);
         match &self.quant_conv {
-            Some(q) => q.forward(h),
+            Some(q) => conv_forward(q, h),
             None => h,
         }
     }
@@ -358,7 +358,7 @@ impl AutoencoderKL {
         let in_dtype = z.dtype();
         let z = to_dtype(z, self.dtype());
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z),
+            Some(p) => conv_forward(p, z),
             None => z,
         };
         to_dtype(

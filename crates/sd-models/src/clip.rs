@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use sd_core::{HiddenLayer, TextEncoderOutput};
 
-use crate::attention::{linear, multi_head_attention};
+use crate::attention::{linear, linear_forward, multi_head_attention};
 use crate::config::{ClipActivation, ClipTextConfig};
 use crate::error::ConfigError;
 use crate::norm::LayerNorm;
@@ -128,20 +128,20 @@ impl ClipTextModel {
     fn layer_forward(&self, layer: &ClipEncoderLayer, x: Tensor<3>) -> Tensor<3> {
         let a = &layer.self_attn;
         let h = layer.layer_norm1.forward(x.clone());
-        let q = a.q_proj.forward(h.clone());
-        let k = a.k_proj.forward(h.clone());
-        let v = a.v_proj.forward(h);
+        let q = linear_forward(&a.q_proj, h.clone());
+        let k = linear_forward(&a.k_proj, h.clone());
+        let v = linear_forward(&a.v_proj, h);
         let attn = a
             .out_proj
             .forward(multi_head_attention(q, k, v, a.heads, true));
         let x = x + attn;
-        let h = layer.mlp.fc1.forward(layer.layer_norm2.forward(x.clone()));
+        let h = linear_forward(&layer.mlp.fc1, layer.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
             gelu(h)
         };
-        x + layer.mlp.fc2.forward(h)
+        x + linear_forward(&layer.mlp.fc2, h)
     }
 
     /// All hidden states: the embeddings, then each layer's output (no final norm).

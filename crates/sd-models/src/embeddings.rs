@@ -4,7 +4,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
-use crate::attention::linear;
+use crate::attention::{linear, linear_forward};
 
 /// Sinusoidal timestep features, diffusers' `get_timestep_embedding`.
 ///
@@ -61,6 +61,6 @@ impl TimestepEmbedding {
     /// # Shapes
     /// - `[b, in_channels]` to `[b, time_embed_dim]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        linear_forward(&self.linear_2, silu(linear_forward(&self.linear_1, x)))
     }
 }

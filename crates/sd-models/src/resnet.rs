@@ -18,6 +18,83 @@ pub(crate) fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv
         .init(device)
 }
 
+/// `conv.forward(x)`: on the CPU backend im2col + a multi-threaded GEMM
+/// ([`crate::host::conv`]); elsewhere (and for configurations it does not cover:
+/// groups, dilation, `Same` padding) burn's op.
+///
+/// # Shapes
+/// - `[b, c_in, h, w]` to `[b, c_out, oh, ow]`
+pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if crate::host::applies(&x)
+        && let Some(y) = host_conv(conv, &x)
+    {
+        return y;
+    }
+    conv.forward(x)
+}
+
+#[cfg(feature = "flex")]
+fn host_conv(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+    use crate::host::conv::{ConvShape, conv2d};
+    use crate::host::with_view;
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Same => return None,
+    };
+    if conv.groups != 1 || conv.dilation != [1, 1] {
+        return None;
+    }
+    let weight = conv.weight.val();
+    let [c_out, c_in, kh, kw] = weight.dims();
+    let [batch, xc, h, w] = x.dims();
+    if xc != c_in || h + padding[0] + padding[2] < kh || w + padding[1] + padding[3] < kw {
+        return None;
+    }
+    let shape = ConvShape {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        stride: conv.stride,
+        padding,
+    };
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    let run = |xs: &[f32], ws: &[f32]| match &bias {
+        Some(b) => with_view(b, |bv| {
+            (bv.strides[0] == 1).then(|| conv2d(xs, ws, Some(&bv.data[..c_out]), shape))
+        })
+        .flatten(),
+        None => Some(conv2d(xs, ws, None, shape)),
+    };
+    let out = with_view(&weight, |wv| {
+        if !wv.is_contiguous(&[c_out, c_in, kh, kw]) {
+            return None;
+        }
+        let ws = &wv.data[..c_out * c_in * kh * kw];
+        let n = batch * c_in * h * w;
+        with_view(x, |xv| {
+            if xv.is_contiguous(&[batch, c_in, h, w]) {
+                run(&xv.data[..n], ws)
+            } else {
+                run(&crate::host::into_vec(x.clone()), ws)
+            }
+        })
+        .flatten()
+    })
+    .flatten()?;
+    let (oh, ow) = shape.out_hw();
+    Some(crate::host::from_vec(
+        out,
+        [batch, c_out, oh, ow],
+        &x.device(),
+    ))
+}
+
 /// `ResnetBlock2D` with `time_embedding_norm = "default"`: GroupNorm, SiLU, conv,
 /// plus the projected time embedding, GroupNorm, SiLU, conv, and a 1x1 shortcut when
 /// the channel count changes.
@@ -69,7 +146,7 @@ impl ResnetBlock2D {
     /// - `x`: `[b, c_in, h, w]`, `temb`: `[b, temb_channels]` (ignored by the VAE)
     /// - output: `[b, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = conv_forward(&self.conv1, self.norm1.forward_silu(x.clone()));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(silu(temb));
@@ -78,9 +155,9 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(self.norm2.forward_silu(h));
+        let h = conv_forward(&self.conv2, self.norm2.forward_silu(h));
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => conv_forward(c, x),
             None => x,
         };
         let out = shortcut + h;
@@ -118,7 +195,7 @@ impl Downsample2D {
     /// # Shapes
     /// - `[b, c, h, w]` to `[b, c, ceil(h / 2), ceil(w / 2)]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        conv_forward(&self.conv, x)
     }
 }
 
@@ -149,6 +226,6 @@ impl Upsample2D {
             .with_mode(InterpolateMode::Nearest)
             .init()
             .forward(x);
-        self.conv.forward(x)
+        conv_forward(&self.conv, x)
     }
 }

@@ -4,7 +4,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use crate::attention::{Attention, linear};
+use crate::attention::{Attention, linear, linear_forward};
 use crate::norm::{GroupNorm, LayerNorm};
 
 /// `GEGLU`: `a * gelu(b)` where `[a, b] = proj(x)`.
@@ -38,21 +38,16 @@ impl FeedForward {
     /// # Shapes
     /// - `[b, n, dim]` to `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.net_0.proj.forward(x);
         #[cfg(feature = "flex")]
-        if crate::host::applies(&h) {
-            let [b, n, c2] = h.dims();
-            let device = h.device();
-            let out = crate::host::geglu::geglu(&crate::host::into_vec(h), c2 / 2);
-            return self
-                .net_2
-                .forward(crate::host::from_vec(out, [b, n, c2 / 2], &device));
+        if let Some(h) = crate::attention::host_linear_geglu(&self.net_0.proj, &x) {
+            return linear_forward(&self.net_2, h);
         }
+        let h = linear_forward(&self.net_0.proj, x);
         let [_, _, c2] = h.dims();
         let mut parts = h.split(c2 / 2, 2);
         let gate = parts.pop().expect("two halves");
         let h = parts.pop().expect("two halves");
-        self.net_2.forward(h * gelu(gate))
+        linear_forward(&self.net_2, h * gelu(gate))
     }
 }
 
@@ -145,11 +140,11 @@ impl Transformer2DModel {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let hs = self.norm.forward(x).reshape([b, c, h * w]).swap_dims(1, 2);
-        let mut hs = self.proj_in.forward(hs);
+        let mut hs = linear_forward(&self.proj_in, hs);
         for block in &self.transformer_blocks {
             hs = block.forward(hs, context.clone());
         }
-        let hs = self.proj_out.forward(hs);
+        let hs = linear_forward(&self.proj_out, hs);
         hs.swap_dims(1, 2).reshape([b, c, h, w]) + residual
     }
 }

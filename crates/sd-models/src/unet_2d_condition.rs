@@ -8,7 +8,7 @@ use crate::config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 use crate::embeddings::{TimestepEmbedding, timestep_embedding};
 use crate::error::ConfigError;
 use crate::norm::{GroupNorm, to_dtype};
-use crate::resnet::{ResnetSettings, conv};
+use crate::resnet::{ResnetSettings, conv, conv_forward};
 use crate::unet_2d_blocks::{BlockAttention, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 
 /// The conditional U-Net. Field names are diffusers' module names.
@@ -169,7 +169,7 @@ impl UNet2DConditionModel {
         };
         let (_, temb) = self.time_embed(timesteps);
 
-        let mut h = self.conv_in.forward(sample);
+        let mut h = conv_forward(&self.conv_in, sample);
         observe("conv_in", &h);
         let mut skips = vec![h.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
@@ -193,7 +193,7 @@ impl UNet2DConditionModel {
         // small norm at the end of the network).
         let h = self.conv_norm_out.forward(h);
         observe("conv_norm_out", &h);
-        let out = self.conv_out.forward(silu(h));
+        let out = conv_forward(&self.conv_out, silu(h));
         to_dtype(out, in_dtype)
     }
 }

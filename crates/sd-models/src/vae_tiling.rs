@@ -165,7 +165,11 @@ mod tests {
     #[test]
     fn identity_tiles_stitch_back_to_the_input() {
         let device = Device::default();
-        let x = Tensor::<4>::random([1, 2, 150, 97], burn::tensor::Distribution::Default, &device);
+        let x = Tensor::<4>::random(
+            [1, 2, 150, 97],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
         // An identity "decoder": overlapping copies blend to themselves.
         let plan = TilePlan::new(64, 64);
         let y = plan.run(x.clone(), |t| t);

@@ -61,7 +61,14 @@ struct Scratch {
 /// # Panics
 /// When a slice's length does not match `shape` (a caller bug).
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
-    let AttentionShape { batch, heads, n_q, n_kv, head_dim: d, .. } = shape;
+    let AttentionShape {
+        batch,
+        heads,
+        n_q,
+        n_kv,
+        head_dim: d,
+        ..
+    } = shape;
     let width = heads * d;
     assert_eq!(q.len(), batch * n_q * width, "attention: query length");
     assert_eq!(k.len(), batch * n_kv * width, "attention: key length");
@@ -86,7 +93,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
             &k[kv_off..],
             &v[kv_off..],
             out_ptr,
-            Block { rows, q0, width, shape },
+            Block {
+                rows,
+                q0,
+                width,
+                shape,
+            },
             scratch,
         );
     };
@@ -116,7 +128,12 @@ struct Block {
 /// One head's block of `rows` queries against all keys. `q`, `k`, `v` start at the
 /// block's first element of the head; rows are `width` apart.
 fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s: &mut Scratch) {
-    let Block { rows, q0, width, shape } = blk;
+    let Block {
+        rows,
+        q0,
+        width,
+        shape,
+    } = blk;
     let (d, n_kv) = (shape.head_dim, shape.n_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let offset = n_kv as isize - shape.n_q as isize;
@@ -208,7 +225,11 @@ fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s
         k0 += cols;
     }
     for i in 0..rows {
-        let inv = if s.row_sum[i] > 0.0 { 1.0 / s.row_sum[i] } else { 0.0 };
+        let inv = if s.row_sum[i] > 0.0 {
+            1.0 / s.row_sum[i]
+        } else {
+            0.0
+        };
         let acc = &s.acc[i * d..(i + 1) * d];
         // SAFETY: row `i` of this head in the output, `d` elements.
         let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * width), d) };
@@ -238,7 +259,10 @@ mod tests {
                     let scores: Vec<f64> = (0..limit.min(s.n_kv))
                         .map(|j| {
                             let kj = &k[(b * s.n_kv + j) * w + h * s.head_dim..][..s.head_dim];
-                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
                                 / (s.head_dim as f64).sqrt()
                         })
                         .collect();
@@ -276,7 +300,11 @@ mod tests {
         let v = data(shape.batch * shape.n_kv * w, 3);
         let ours = attention(&q, &k, &v, shape);
         let want = reference(&q, &k, &v, shape);
-        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(worst < 2e-5, "{shape:?}: max error {worst}");
     }
 
@@ -284,9 +312,23 @@ mod tests {
     fn matches_reference_across_block_edges() {
         for (n_q, n_kv) in [(1, 1), (77, 77), (300, 77), (129, 513), (257, 300)] {
             for causal in [false, true] {
-                check(AttentionShape { batch: 2, heads: 3, n_q, n_kv, head_dim: 8, causal });
+                check(AttentionShape {
+                    batch: 2,
+                    heads: 3,
+                    n_q,
+                    n_kv,
+                    head_dim: 8,
+                    causal,
+                });
             }
         }
-        check(AttentionShape { batch: 1, heads: 1, n_q: 64, n_kv: 64, head_dim: 40, causal: false });
+        check(AttentionShape {
+            batch: 1,
+            heads: 1,
+            n_q: 64,
+            n_kv: 64,
+            head_dim: 40,
+            causal: false,
+        });
     }
 }

@@ -22,7 +22,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if underflow { 0.0 } else { y * scale }
@@ -51,9 +51,27 @@ pub(crate) use simd_dispatch;
 
 const LANES: usize = 8;
 
+/// Whether the explicit AVX2 + FMA kernels can run on this CPU.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `row[i] = exp(row[i] - max)`; returns the sum of the new values.
 pub fn exp_sub_sum(row: &mut [f32], max: f32) -> f32 {
-    simd_dispatch!(avx2, exp_sub_sum_generic, (row: &mut [f32], max: f32) -> f32)
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { x86::exp_sub_sum(row, max) };
+    }
+    exp_sub_sum_generic(row, max)
 }
 
 #[inline(always)]
@@ -104,6 +122,133 @@ pub fn scale(x: &mut [f32], s: f32) {
 fn scale_generic(x: &mut [f32], s: f32) {
     for v in x {
         *v *= s;
+    }
+}
+
+/// Explicit AVX2 + FMA versions (the compiler does not vectorise the polynomial with
+/// its float-to-int conversion on its own).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, LOG2E};
+
+    /// `exp` of eight lanes, the same polynomial as [`super::exp`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp8(x: __m256) -> __m256 {
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_MIN));
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX)),
+            _mm256_set1_ps(EXP_MIN),
+        );
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(LOG2E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+        let y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
+        let pow = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(pow)))
+    }
+
+    /// Horizontal sum of eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn sum8(v: __m256) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum()
+    }
+
+    /// See [`super::exp_sub_sum`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp_sub_sum(row: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` holds eight f32.
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        let mut sum = sum8(acc);
+        for v in chunks.into_remainder() {
+            *v = super::exp(*v - max);
+            sum += *v;
+        }
+        sum
+    }
+
+    /// `x = x * a + b`, then `x * sigmoid(x)` when `silu`.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn affine(x: &mut [f32], a: f32, b: f32, silu: bool) {
+        let (va, vb, one) = (_mm256_set1_ps(a), _mm256_set1_ps(b), _mm256_set1_ps(1.0));
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` holds eight f32.
+            unsafe {
+                let mut y = _mm256_fmadd_ps(_mm256_loadu_ps(c.as_ptr()), va, vb);
+                if silu {
+                    let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), y));
+                    y = _mm256_div_ps(y, _mm256_add_ps(one, e));
+                }
+                _mm256_storeu_ps(c.as_mut_ptr(), y);
+            }
+        }
+        for v in chunks.into_remainder() {
+            let y = *v * a + b;
+            *v = if silu { y / (1.0 + super::exp(-y)) } else { y };
+        }
+    }
+
+    /// `o = a * gelu(b)` with the erf of [`crate::host::geglu::erf`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn geglu_row(o: &mut [f32], a: &[f32], b: &[f32]) {
+        let n = o.len().min(a.len()).min(b.len());
+        let full = n / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        let half = _mm256_set1_ps(0.5);
+        let sign_mask = _mm256_set1_ps(-0.0);
+        for i in (0..full).step_by(8) {
+            // SAFETY: `i + 8 <= n` for all three slices.
+            unsafe {
+                let va = _mm256_loadu_ps(a.as_ptr().add(i));
+                let vb = _mm256_loadu_ps(b.as_ptr().add(i));
+                let x = _mm256_mul_ps(vb, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+                let ax = _mm256_andnot_ps(sign_mask, x);
+                let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.327_591_1), ax, one));
+                let mut p = _mm256_set1_ps(1.061_405_4);
+                p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453_152_1));
+                p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421_413_8));
+                p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284_496_74));
+                p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254_829_6));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
+                let erf_abs = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), e, one);
+                let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign_mask, x));
+                let gelu = _mm256_mul_ps(_mm256_mul_ps(half, vb), _mm256_add_ps(one, erf));
+                _mm256_storeu_ps(o.as_mut_ptr().add(i), _mm256_mul_ps(va, gelu));
+            }
+        }
+        for i in full..n {
+            o[i] = a[i] * crate::host::geglu::gelu(b[i]);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::exp::{self, simd_dispatch};
+use super::exp;
 
 /// # Shapes
 /// - `x`: `[rows, 2 * inner]` row-major (hidden half first, gate half second)
@@ -14,7 +14,10 @@ use super::exp::{self, simd_dispatch};
 /// # Panics
 /// When `x.len()` is not a multiple of `2 * inner` (a caller bug).
 pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
-    assert!(inner > 0 && x.len().is_multiple_of(2 * inner), "geglu: input length");
+    assert!(
+        inner > 0 && x.len().is_multiple_of(2 * inner),
+        "geglu: input length"
+    );
     let rows = x.len() / (2 * inner);
     let mut out = vec![0.0f32; rows * inner];
     out.par_chunks_mut(inner)
@@ -27,8 +30,18 @@ pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
     out
 }
 
+/// `o = a * gelu(b)`, element-wise.
+pub fn geglu_into(o: &mut [f32], a: &[f32], b: &[f32]) {
+    geglu_row(o, a, b)
+}
+
 fn geglu_row(o: &mut [f32], a: &[f32], b: &[f32]) {
-    simd_dispatch!(avx2, geglu_row_generic, (o: &mut [f32], a: &[f32], b: &[f32]) -> ())
+    #[cfg(target_arch = "x86_64")]
+    if exp::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { exp::x86::geglu_row(o, a, b) };
+    }
+    geglu_row_generic(o, a, b)
 }
 
 #[inline(always)]
@@ -78,7 +91,10 @@ mod tests {
         let out = geglu(&x, inner);
         for r in 0..3 {
             for i in 0..inner {
-                let (a, b) = (x[r * 2 * inner + i] as f64, x[r * 2 * inner + inner + i] as f64);
+                let (a, b) = (
+                    x[r * 2 * inner + i] as f64,
+                    x[r * 2 * inner + inner + i] as f64,
+                );
                 let want = a * 0.5 * b * (1.0 + erf_f64(b / 2f64.sqrt()));
                 assert!((out[r * inner + i] as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
             }

@@ -28,7 +28,10 @@ pub fn group_norm(
     epsilon: f64,
     silu: bool,
 ) {
-    assert!(channels.is_multiple_of(groups), "group_norm: groups must divide channels");
+    assert!(
+        channels.is_multiple_of(groups),
+        "group_norm: groups must divide channels"
+    );
     assert_eq!(weight.len(), channels, "group_norm: weight length");
     assert_eq!(bias.len(), channels, "group_norm: bias length");
     if x.is_empty() || batch == 0 {
@@ -36,20 +39,26 @@ pub fn group_norm(
     }
     let per_group = channels / groups;
     let spatial = x.len() / (batch * channels);
-    assert_eq!(x.len(), batch * channels * spatial, "group_norm: input length");
+    assert_eq!(
+        x.len(),
+        batch * channels * spatial,
+        "group_norm: input length"
+    );
     let group_len = per_group * spatial;
-    x.par_chunks_mut(group_len).enumerate().for_each(|(g, chunk)| {
-        let c0 = (g % groups) * per_group;
-        let (mean, var) = mean_var(chunk);
-        let rstd = 1.0 / (var + epsilon).sqrt();
-        for (ci, row) in chunk.chunks_mut(spatial).enumerate() {
-            let w = weight[c0 + ci] as f64;
-            // y = x * a + b with a = rstd * w, b = bias - mean * a
-            let a = (rstd * w) as f32;
-            let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
-            affine(row, a, b, silu);
-        }
-    });
+    x.par_chunks_mut(group_len)
+        .enumerate()
+        .for_each(|(g, chunk)| {
+            let c0 = (g % groups) * per_group;
+            let (mean, var) = mean_var(chunk);
+            let rstd = 1.0 / (var + epsilon).sqrt();
+            for (ci, row) in chunk.chunks_mut(spatial).enumerate() {
+                let w = weight[c0 + ci] as f64;
+                // y = x * a + b with a = rstd * w, b = bias - mean * a
+                let a = (rstd * w) as f32;
+                let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
+                affine(row, a, b, silu);
+            }
+        });
 }
 
 fn mean_var(x: &[f32]) -> (f64, f64) {
@@ -85,13 +94,22 @@ fn mean_var_generic(x: &[f32]) -> (f64, f64) {
             }
         }
         sq += acc.iter().map(|v| *v as f64).sum::<f64>()
-            + chunks.remainder().iter().map(|v| ((*v - m) as f64).powi(2)).sum::<f64>();
+            + chunks
+                .remainder()
+                .iter()
+                .map(|v| ((*v - m) as f64).powi(2))
+                .sum::<f64>();
     }
     (mean, sq / n)
 }
 
 fn affine(x: &mut [f32], a: f32, b: f32, silu: bool) {
-    simd_dispatch!(avx2, affine_generic, (x: &mut [f32], a: f32, b: f32, silu: bool) -> ())
+    #[cfg(target_arch = "x86_64")]
+    if exp::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { exp::x86::affine(x, a, b, silu) };
+    }
+    affine_generic(x, a, b, silu)
 }
 
 #[inline(always)]
@@ -122,12 +140,18 @@ mod tests {
         let bias: Vec<f32> = (0..channels).map(|c| c as f32 * -0.2).collect();
         for silu in [false, true] {
             let mut ours = x.clone();
-            group_norm(&mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu);
+            group_norm(
+                &mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu,
+            );
             let per = channels / groups * spatial;
             for (g, chunk) in x.chunks(per).enumerate() {
                 let n = chunk.len() as f64;
                 let mean = chunk.iter().map(|v| *v as f64).sum::<f64>() / n;
-                let var = chunk.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let var = chunk
+                    .iter()
+                    .map(|v| (*v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
                 for (i, v) in chunk.iter().enumerate() {
                     let c = (g % groups) * (channels / groups) + i / spatial;
                     let mut y = (*v as f64 - mean) / (var + 1e-5).sqrt() * weight[c] as f64

@@ -10,25 +10,73 @@
 //!   the sequence length;
 //! - [`group_norm`]: GroupNorm with the affine parameters and an optional SiLU in one
 //!   pass (two reads, one write), in place;
-//! - [`geglu`]: the feed-forward's `a * gelu(b)` in one pass.
+//! - [`conv`]: convolutions as im2col + a multi-threaded GEMM in bands of rows;
+//! - [`geglu`]: the feed-forward's `a * gelu(b)` in one pass;
+//! - [`linear`]: `x wᵀ + b` as one multi-threaded GEMM with the bias as its
+//!   initial value, reading the weight in place (burn's CPU matmul runs on one core).
 //!
 //! On any other device (GPU, autodiff for training) the models use burn's ops; the
 //! results agree to f32 rounding (the parity tests run both).
 
 pub mod attention;
+pub mod conv;
 pub mod exp;
 pub mod geglu;
 pub mod group_norm;
+pub mod linear;
 
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
+/// A borrowed view of a tensor's values on the CPU backend: the storage from the
+/// first element on, and the element strides of each axis.
+pub(crate) struct HostView<'a> {
+    /// Values from the tensor's first element on.
+    pub data: &'a [f32],
+    /// Stride of each axis, in elements.
+    pub strides: Vec<isize>,
+}
+
+impl HostView<'_> {
+    /// Whether the view is row-major contiguous.
+    pub fn is_contiguous(&self, shape: &[usize]) -> bool {
+        let mut expected = 1isize;
+        for (d, s) in shape.iter().zip(&self.strides).rev() {
+            if *d != 1 && *s != expected {
+                return false;
+            }
+            expected *= *d as isize;
+        }
+        true
+    }
+}
+
+/// Calls `f` with a borrowed view of `x` (no copy, whatever its layout) when `x` is an
+/// f32 tensor of the CPU backend with non-negative strides; `None` otherwise.
+pub(crate) fn with_view<const D: usize, R>(
+    x: &Tensor<D>,
+    f: impl FnOnce(HostView<'_>) -> R,
+) -> Option<R> {
+    use burn_dispatch::{BackendTensor, DispatchTensorKind};
+    let bridge = x.clone().into_bridge();
+    let (_, dispatch) = bridge.as_parts();
+    let DispatchTensorKind::Flex(BackendTensor::Float(t)) = &dispatch.kind else {
+        return None;
+    };
+    if t.dtype() != DType::F32 || t.layout().strides().iter().any(|s| *s < 0) {
+        return None;
+    }
+    let data: &[f32] = t.storage::<f32>();
+    let data = &data[t.layout().start_offset()..];
+    Some(f(HostView {
+        data,
+        strides: t.layout().strides().to_vec(),
+    }))
+}
+
 /// Whether `device` is burn's CPU backend without autodiff, where these kernels run.
 pub fn is_host(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch(),
-        burn_dispatch::DispatchDevice::Flex(_)
-    )
+    matches!(device.as_dispatch(), burn_dispatch::DispatchDevice::Flex(_))
 }
 
 /// Whether `x` is an f32 tensor on the CPU backend (the kernels' domain).
@@ -47,6 +95,10 @@ pub(crate) fn into_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
 }
 
 /// A tensor of `shape` on `device` from row-major values.
-pub(crate) fn from_vec<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+pub(crate) fn from_vec<const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }

@@ -1,0 +1,241 @@
+//! Fully connected layers, `y = x wᵀ + b`, as one multi-threaded GEMM (the `gemm`
+//! crate) whose destination starts as the bias, so the bias add costs no pass.
+
+use rayon::prelude::*;
+
+/// A matrix operand: values and the element strides of its rows and columns.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    /// Values; element `(r, c)` is at `r * row_stride + c * col_stride`.
+    pub data: &'a [f32],
+    /// Stride between rows.
+    pub row_stride: isize,
+    /// Stride between columns.
+    pub col_stride: isize,
+}
+
+/// `y = x wᵀ + b`.
+///
+/// # Shapes
+/// - `x`: `[rows, d_in]` (any strides), `weight`: `[d_out, d_in]` as PyTorch stores it
+///   (any strides), `bias`: `[d_out]`
+/// - returns `[rows, d_out]`, row-major
+///
+/// # Panics
+/// When an operand's slice is too short for its shape and strides (a caller bug).
+pub fn linear(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    check(x, rows, d_in, weight, d_out, bias);
+    let mut out = match bias {
+        Some(b) => b.repeat(rows),
+        None => vec![0.0; rows * d_out],
+    };
+    if rows == 0 || d_out == 0 {
+        return out;
+    }
+    // Blocks of rows run in parallel, each a single-threaded GEMM (faster than one
+    // GEMM synchronising its threads internally).
+    let threads = rayon::current_num_threads().max(1);
+    let block = if rows * d_in * d_out >= 1 << 20 {
+        rows.div_ceil(threads * 2).max(16)
+    } else {
+        rows
+    };
+    out.par_chunks_mut(block * d_out)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let r0 = i * block;
+            let n_rows = dst.len() / d_out;
+            // SAFETY: the asserts above keep every operand access inside its slice; the
+            // rows r0..r0 + n_rows of x start at r0 * row_stride.
+            unsafe {
+                gemm::gemm(
+                    n_rows,
+                    d_out,
+                    d_in,
+                    dst.as_mut_ptr(),
+                    1,
+                    d_out as isize,
+                    bias.is_some(),
+                    x.data.as_ptr().offset(r0 as isize * x.row_stride),
+                    x.col_stride,
+                    x.row_stride,
+                    // wᵀ: element (i, o) of the [d_in, d_out] operand is weight (o, i).
+                    weight.data.as_ptr(),
+                    weight.row_stride,
+                    weight.col_stride,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    out
+}
+
+fn check(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+) {
+    let extent = |m: &Matrix<'_>, r: usize, c: usize| {
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (r - 1) * m.row_stride as usize + (c - 1) * m.col_stride as usize + 1
+        }
+    };
+    assert!(
+        x.data.len() >= extent(&x, rows, d_in),
+        "linear: input too short"
+    );
+    assert!(
+        weight.data.len() >= extent(&weight, d_out, d_in),
+        "linear: weight too short"
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), d_out, "linear: bias length");
+    }
+}
+
+/// GEGLU feed-forward input: `y = a * gelu(b)` where `[a, b] = x wᵀ + bias`, computed
+/// in blocks of rows through a per-thread scratch, so the `2 * inner` wide
+/// projection is never materialised.
+///
+/// # Shapes
+/// - `x`: `[rows, d_in]`, `weight`: `[2 * inner, d_in]`, `bias`: `[2 * inner]`
+/// - returns `[rows, inner]`
+pub fn linear_geglu(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    inner: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let d_out = 2 * inner;
+    check(x, rows, d_in, weight, d_out, bias);
+    let mut out = vec![0.0f32; rows * inner];
+    let block = 64;
+    out.par_chunks_mut(block * inner).enumerate().for_each_init(
+        || vec![0.0f32; block * d_out],
+        |scratch, (i, dst)| {
+            let r0 = i * block;
+            let n_rows = dst.len() / inner;
+            let x_block = Matrix {
+                data: &x.data[(r0 as isize * x.row_stride) as usize..],
+                ..x
+            };
+            let h = &mut scratch[..n_rows * d_out];
+            linear_into(h, x_block, n_rows, d_in, weight, d_out, bias);
+            for (o, row) in dst.chunks_mut(inner).zip(h.chunks(d_out)) {
+                let (a, b) = row.split_at(inner);
+                super::geglu::geglu_into(o, a, b);
+            }
+        },
+    );
+    out
+}
+
+/// One single-threaded GEMM `dst = x wᵀ + bias` into `dst` (`[rows, d_out]`).
+fn linear_into(
+    dst: &mut [f32],
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+) {
+    if let Some(b) = bias {
+        for row in dst.chunks_mut(d_out) {
+            row.copy_from_slice(b);
+        }
+    }
+    // SAFETY: `dst` holds rows x d_out; `x` and `weight` cover their shapes (checked
+    // by the callers' asserts).
+    unsafe {
+        gemm::gemm(
+            rows,
+            d_out,
+            d_in,
+            dst.as_mut_ptr(),
+            1,
+            d_out as isize,
+            bias.is_some(),
+            x.data.as_ptr(),
+            x.col_stride,
+            x.row_stride,
+            weight.data.as_ptr(),
+            weight.row_stride,
+            weight.col_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_direct_product_for_both_weight_layouts() {
+        let (rows, d_in, d_out) = (37, 19, 23);
+        let x: Vec<f32> = (0..rows * d_in)
+            .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let w: Vec<f32> = (0..d_out * d_in)
+            .map(|i| (i % 7) as f32 * 0.2 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..d_out).map(|i| i as f32 * 0.01).collect();
+        let wt: Vec<f32> = (0..d_in * d_out)
+            .map(|k| w[(k % d_out) * d_in + k / d_out])
+            .collect();
+        let xm = Matrix {
+            data: &x,
+            row_stride: d_in as isize,
+            col_stride: 1,
+        };
+        let row_major = Matrix {
+            data: &w,
+            row_stride: d_in as isize,
+            col_stride: 1,
+        };
+        let transposed = Matrix {
+            data: &wt,
+            row_stride: 1,
+            col_stride: d_out as isize,
+        };
+        for weight in [row_major, transposed] {
+            for bias in [None, Some(b.as_slice())] {
+                let y = linear(xm, rows, d_in, weight, d_out, bias);
+                for r in 0..rows {
+                    for o in 0..d_out {
+                        let want: f32 = (0..d_in)
+                            .map(|i| x[r * d_in + i] * w[o * d_in + i])
+                            .sum::<f32>()
+                            + bias.map_or(0.0, |b| b[o]);
+                        assert!((y[r * d_out + o] - want).abs() < 1e-4);
+                    }
+                }
+            }
+        }
+    }
+}
