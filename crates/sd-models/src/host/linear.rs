@@ -39,35 +39,59 @@ pub fn linear(
     if rows == 0 || d_out == 0 {
         return out;
     }
-    // Blocks of rows run in parallel, each a single-threaded GEMM (faster than one
-    // GEMM synchronising its threads internally).
     let threads = rayon::current_num_threads().max(1);
-    let block = if rows * d_in * d_out >= 1 << 20 {
-        rows.div_ceil(threads * 2).max(16)
+    if rows * d_in * d_out < 1 << 20 || threads == 1 {
+        linear_into(&mut out, x, rows, d_in, weight, d_out, bias.is_some());
+        return out;
+    }
+    if rows >= 256 {
+        // Blocks of rows run in parallel, each a single-threaded GEMM (faster than
+        // one GEMM synchronising its threads internally).
+        let block = rows.div_ceil(threads * 2).max(16);
+        out.par_chunks_mut(block * d_out)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let r0 = i * block;
+                let x_block = Matrix {
+                    data: &x.data[(r0 as isize * x.row_stride) as usize..],
+                    ..x
+                };
+                linear_into(
+                    dst,
+                    x_block,
+                    dst.len() / d_out,
+                    d_in,
+                    weight,
+                    d_out,
+                    bias.is_some(),
+                );
+            });
     } else {
-        rows
-    };
-    out.par_chunks_mut(block * d_out)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let r0 = i * block;
-            let n_rows = dst.len() / d_out;
-            // SAFETY: the asserts above keep every operand access inside its slice; the
-            // rows r0..r0 + n_rows of x start at r0 * row_stride.
+        // Few rows (the text encoder's 77 tokens): split the output columns instead,
+        // so each thread packs only its share of the weight.
+        let cols = d_out.div_ceil(threads);
+        let ptr = super::SharedMut(out.as_mut_ptr());
+        (0..threads).into_par_iter().for_each(|t| {
+            let c0 = t * cols;
+            if c0 >= d_out {
+                return;
+            }
+            let n = cols.min(d_out - c0);
+            // SAFETY: column block c0..c0 + n of the [rows, d_out] output, disjoint
+            // between threads; the weight rows c0..c0 + n.
             unsafe {
                 gemm::gemm(
-                    n_rows,
-                    d_out,
+                    rows,
+                    n,
                     d_in,
-                    dst.as_mut_ptr(),
+                    ptr.at(c0),
                     1,
                     d_out as isize,
                     bias.is_some(),
-                    x.data.as_ptr().offset(r0 as isize * x.row_stride),
+                    x.data.as_ptr(),
                     x.col_stride,
                     x.row_stride,
-                    // wᵀ: element (i, o) of the [d_in, d_out] operand is weight (o, i).
-                    weight.data.as_ptr(),
+                    weight.data.as_ptr().offset(c0 as isize * weight.row_stride),
                     weight.row_stride,
                     weight.col_stride,
                     1.0,
@@ -79,6 +103,7 @@ pub fn linear(
                 );
             }
         });
+    }
     out
 }
 
@@ -139,7 +164,12 @@ pub fn linear_geglu(
                 ..x
             };
             let h = &mut scratch[..n_rows * d_out];
-            linear_into(h, x_block, n_rows, d_in, weight, d_out, bias);
+            if let Some(b) = bias {
+                for row in h.chunks_mut(d_out) {
+                    row.copy_from_slice(b);
+                }
+            }
+            linear_into(h, x_block, n_rows, d_in, weight, d_out, bias.is_some());
             for (o, row) in dst.chunks_mut(inner).zip(h.chunks(d_out)) {
                 let (a, b) = row.split_at(inner);
                 super::geglu::geglu_into(o, a, b);
@@ -149,7 +179,8 @@ pub fn linear_geglu(
     out
 }
 
-/// One single-threaded GEMM `dst = x wᵀ + bias` into `dst` (`[rows, d_out]`).
+/// One single-threaded GEMM `dst = x wᵀ (+ dst when accumulate)` into `dst`
+/// (`[rows, d_out]`, prefilled with the bias by the callers that have one).
 fn linear_into(
     dst: &mut [f32],
     x: Matrix<'_>,
@@ -157,13 +188,8 @@ fn linear_into(
     d_in: usize,
     weight: Matrix<'_>,
     d_out: usize,
-    bias: Option<&[f32]>,
+    accumulate: bool,
 ) {
-    if let Some(b) = bias {
-        for row in dst.chunks_mut(d_out) {
-            row.copy_from_slice(b);
-        }
-    }
     // SAFETY: `dst` holds rows x d_out; `x` and `weight` cover their shapes (checked
     // by the callers' asserts).
     unsafe {
@@ -174,7 +200,7 @@ fn linear_into(
             dst.as_mut_ptr(),
             1,
             d_out as isize,
-            bias.is_some(),
+            accumulate,
             x.data.as_ptr(),
             x.col_stride,
             x.row_stride,

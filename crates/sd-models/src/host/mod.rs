@@ -74,6 +74,20 @@ pub(crate) fn with_view<const D: usize, R>(
     }))
 }
 
+/// A raw output pointer shared by parallel tasks that write disjoint elements.
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: users guarantee disjoint writes within the buffer's lifetime.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer at `offset` (a method, so closures capture the whole wrapper).
+    pub fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// Whether `device` is burn's CPU backend without autodiff, where these kernels run.
 pub fn is_host(device: &Device) -> bool {
     matches!(device.as_dispatch(), burn_dispatch::DispatchDevice::Flex(_))
