@@ -31,20 +31,6 @@ pub struct AttentionShape {
     pub causal: bool,
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of output elements (its own batch item,
-// head and query rows).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the output buffer.
-        unsafe { self.0.add(offset) }
-    }
-}
-
 struct Scratch {
     scores: Vec<f32>,
     acc: Vec<f32>,
@@ -78,7 +64,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         return out;
     }
     let q_blocks = n_q.div_ceil(BLOCK_Q);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = super::SharedMut(out.as_mut_ptr());
     let tasks = batch * heads * q_blocks;
     let run = |scratch: &mut Scratch, task: usize| {
         let (bh, qb) = (task / q_blocks, task % q_blocks);
@@ -156,27 +142,22 @@ fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s
         // SAFETY: all pointers address `rows x d`, `cols x d` and `rows x cols`
         // matrices inside their slices with the strides given.
         unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                d,
-                s.scores.as_mut_ptr(),
-                1,
-                BLOCK_KV as isize,
-                false,
-                q.as_ptr(),
-                1,
-                width as isize,
-                k.as_ptr().add(k0 * width),
-                width as isize,
-                1,
-                0.0,
+            super::Gemm {
+                m: rows,
+                n: cols,
+                k: d,
+                dst: s.scores.as_mut_ptr(),
+                dst_rs: BLOCK_KV as isize,
+                accumulate: false,
+                lhs: q.as_ptr(),
+                lhs_rs: width as isize,
+                lhs_cs: 1,
+                rhs: k.as_ptr().add(k0 * width),
+                rhs_rs: 1,
+                rhs_cs: width as isize,
                 scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            }
+            .run();
         }
         for i in 0..rows {
             let row = &mut s.scores[i * BLOCK_KV..i * BLOCK_KV + cols];
@@ -200,27 +181,22 @@ fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s
         // acc += p · v[k0..k0 + cols]
         // SAFETY: as above.
         unsafe {
-            gemm::gemm(
-                rows,
-                d,
-                cols,
-                s.acc.as_mut_ptr(),
-                1,
-                d as isize,
-                true,
-                s.scores.as_ptr(),
-                1,
-                BLOCK_KV as isize,
-                v.as_ptr().add(k0 * width),
-                1,
-                width as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            super::Gemm {
+                m: rows,
+                n: d,
+                k: cols,
+                dst: s.acc.as_mut_ptr(),
+                dst_rs: d as isize,
+                accumulate: true,
+                lhs: s.scores.as_ptr(),
+                lhs_rs: BLOCK_KV as isize,
+                lhs_cs: 1,
+                rhs: v.as_ptr().add(k0 * width),
+                rhs_rs: width as isize,
+                rhs_cs: 1,
+                scale: 1.0,
+            }
+            .run();
         }
         k0 += cols;
     }

@@ -39,18 +39,6 @@ impl ConvShape {
     }
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: bands write disjoint output columns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the output buffer.
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// Bytes of im2col scratch per band.
 const BAND_BYTES: usize = 8 << 20;
 
@@ -101,7 +89,7 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> 
     let bands: Vec<(usize, usize)> = (0..batch)
         .flat_map(|b| (0..oh).step_by(band_rows).map(move |oy0| (b, oy0)))
         .collect();
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = super::SharedMut(out.as_mut_ptr());
     let run = |col: &mut Vec<f32>, &(b, oy0): &(usize, usize)| {
         let rows = band_rows.min(oh - oy0);
         let n = rows * ow;
@@ -117,27 +105,22 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> 
         // plane] output (row stride `plane`), disjoint between bands; lhs the
         // [c_out, k] weight; rhs the [k, n] columns (row stride `rhs_rs`).
         unsafe {
-            gemm::gemm(
-                c_out,
+            super::Gemm {
+                m: c_out,
                 n,
                 k,
-                out_ptr.at(b * c_out * plane + oy0 * ow),
-                1,
-                plane as isize,
-                bias.is_some(),
-                weight.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr(),
-                1,
-                rhs_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+                dst: out_ptr.at(b * c_out * plane + oy0 * ow),
+                dst_rs: plane as isize,
+                accumulate: bias.is_some(),
+                lhs: weight.as_ptr(),
+                lhs_rs: k as isize,
+                lhs_cs: 1,
+                rhs: rhs.as_ptr(),
+                rhs_rs: rhs_rs as isize,
+                rhs_cs: 1,
+                scale: 1.0,
+            }
+            .run();
         }
     };
     bands.par_iter().for_each_init(Vec::new, run);

@@ -80,27 +80,22 @@ pub fn linear(
             // SAFETY: column block c0..c0 + n of the [rows, d_out] output, disjoint
             // between threads; the weight rows c0..c0 + n.
             unsafe {
-                gemm::gemm(
-                    rows,
+                super::Gemm {
+                    m: rows,
                     n,
-                    d_in,
-                    ptr.at(c0),
-                    1,
-                    d_out as isize,
-                    bias.is_some(),
-                    x.data.as_ptr(),
-                    x.col_stride,
-                    x.row_stride,
-                    weight.data.as_ptr().offset(c0 as isize * weight.row_stride),
-                    weight.row_stride,
-                    weight.col_stride,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                    k: d_in,
+                    dst: ptr.at(c0),
+                    dst_rs: d_out as isize,
+                    accumulate: bias.is_some(),
+                    lhs: x.data.as_ptr(),
+                    lhs_rs: x.row_stride,
+                    lhs_cs: x.col_stride,
+                    rhs: weight.data.as_ptr().offset(c0 as isize * weight.row_stride),
+                    rhs_rs: weight.col_stride,
+                    rhs_cs: weight.row_stride,
+                    scale: 1.0,
+                }
+                .run();
             }
         });
     }
@@ -193,27 +188,22 @@ fn linear_into(
     // SAFETY: `dst` holds rows x d_out; `x` and `weight` cover their shapes (checked
     // by the callers' asserts).
     unsafe {
-        gemm::gemm(
-            rows,
-            d_out,
-            d_in,
-            dst.as_mut_ptr(),
-            1,
-            d_out as isize,
+        super::Gemm {
+            m: rows,
+            n: d_out,
+            k: d_in,
+            dst: dst.as_mut_ptr(),
+            dst_rs: d_out as isize,
             accumulate,
-            x.data.as_ptr(),
-            x.col_stride,
-            x.row_stride,
-            weight.data.as_ptr(),
-            weight.row_stride,
-            weight.col_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+            lhs: x.data.as_ptr(),
+            lhs_rs: x.row_stride,
+            lhs_cs: x.col_stride,
+            rhs: weight.data.as_ptr(),
+            rhs_rs: weight.col_stride,
+            rhs_cs: weight.row_stride,
+            scale: 1.0,
+        }
+        .run();
     }
 }
 

@@ -74,6 +74,57 @@ pub(crate) fn with_view<const D: usize, R>(
     }))
 }
 
+/// One single-threaded f32 GEMM, `dst = scale * lhs · rhs (+ dst when accumulate)`,
+/// every operand given by its first element and (row, column) strides; `dst` is
+/// row-major with row stride `dst_rs`. The one call shape every kernel here uses.
+pub(crate) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dst: *mut f32,
+    pub dst_rs: isize,
+    pub accumulate: bool,
+    pub lhs: *const f32,
+    pub lhs_rs: isize,
+    pub lhs_cs: isize,
+    pub rhs: *const f32,
+    pub rhs_rs: isize,
+    pub rhs_cs: isize,
+    pub scale: f32,
+}
+
+impl Gemm {
+    /// # Safety
+    /// Every pointer must address its whole matrix with the strides given, and `dst`
+    /// must not be written concurrently by anyone else.
+    pub unsafe fn run(self) {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            gemm::gemm(
+                self.m,
+                self.n,
+                self.k,
+                self.dst,
+                1,
+                self.dst_rs,
+                self.accumulate,
+                self.lhs,
+                self.lhs_cs,
+                self.lhs_rs,
+                self.rhs,
+                self.rhs_cs,
+                self.rhs_rs,
+                1.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+}
+
 /// A raw output pointer shared by parallel tasks that write disjoint elements.
 pub(crate) struct SharedMut(pub *mut f32);
 // SAFETY: users guarantee disjoint writes within the buffer's lifetime.
