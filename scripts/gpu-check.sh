@@ -10,7 +10,9 @@
 # (no weight files travel), times the U-Net (batch 2 = CFG, f16 and f32), the VAE
 # decode and the 20-step 512x512 f16 pipeline, and samples the GPU memory with
 # nvidia-smi. It must finish in under 8 minutes; each stage has its own timeout.
-# BIN_DIR overrides where the binaries are (e.g. target/debug for a dry run on lavapipe).
+# BIN_DIR overrides where the binaries are (a folder with `bench` and `suite`, e.g. links
+# to target/debug builds for a dry run on lavapipe: there the parity stage passes and
+# the SD 1.5 stages time out or hit lavapipe's 128 MiB buffer limit, as expected).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=target/gpu-check
@@ -36,7 +38,7 @@ build() {
 # Makes wgpu find the NVIDIA driver through Vulkan.
 setup_vulkan() {
   if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'; then
-    export LD_LIBRARY_PATH="$PWD/$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
   local icd=""
   for f in /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json; do
@@ -67,7 +69,7 @@ sample_gpu_memory() {
 }
 
 run() {
-  BIN_DIR="${BIN_DIR:-$OUT_DIR}"
+  BIN_DIR="$(cd "${BIN_DIR:-$OUT_DIR}" && pwd)"
   setup_vulkan
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   local cfg=tests/fixtures/configs/sd15 results=/tmp/gpu-check.jsonl mem=/tmp/gpu-check-mem.txt
@@ -81,15 +83,16 @@ run() {
     parity="passed"
   fi
 
-  sample_gpu_memory "$mem" & local sampler=$!
-  trap 'kill $sampler 2>/dev/null || true' EXIT
+  sample_gpu_memory "$mem" &
+  SAMPLER=$!
+  trap 'kill "${SAMPLER:-}" 2>/dev/null || true' EXIT
   bench() { timeout "$1" "$BIN_DIR/bench" --config "$cfg" --device wgpu --json "${@:2}" | tee -a "$results" || echo "bench $* failed or timed out"; }
   echo "== SD 1.5 512x512 on wgpu"
   bench 90 --component unet --f16 --runs 20
   bench 90 --component unet --runs 10
   bench 60 --component vae --runs 5
   bench 120 --component pipeline --f16 --steps 20 --runs 3
-  kill $sampler 2>/dev/null || true
+  kill "$SAMPLER" 2>/dev/null || true
 
   local peak
   peak=$(sort -n "$mem" | tail -1)
