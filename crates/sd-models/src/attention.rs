@@ -18,49 +18,34 @@ pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> 
         .init(device)
 }
 
-/// `linear.forward(x)`: on the CPU backend one multi-threaded GEMM reading the input
-/// and the weight in place whatever their strides ([`crate::host::linear`]);
-/// elsewhere burn's op.
+/// `linear.forward(x)`: on the CPU backend parallel GEMMs reading the input and the
+/// weight in place whatever their strides (`host::linear`, with the `flex` feature); elsewhere burn's
+/// op.
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` to `[..., d_out]`
 pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if (D == 2 || D == 3)
-        && crate::host::applies(&x)
-        && let Some(y) = host_linear(linear, &x)
-    {
+    if let Some(y) = host_linear(linear, &x, false) {
         return y;
     }
     linear.forward(x)
 }
 
+/// `linear(x)` on the CPU backend, or with `geglu` the fused `a * gelu(b)` for
+/// `[a, b] = linear(x)`; `None` where the kernels do not apply (other devices or
+/// dtypes, ranks other than 2 and 3, negative strides).
 #[cfg(feature = "flex")]
-fn host_linear<const D: usize>(linear: &Linear, x: &Tensor<D>) -> Option<Tensor<D>> {
-    host_linear_with(linear, x, false)
-}
-
-/// `a * gelu(b)` for `[a, b] = linear(x)`, fused on the CPU backend (`None` where the
-/// kernel does not apply).
-#[cfg(feature = "flex")]
-pub(crate) fn host_linear_geglu<const D: usize>(
-    linear: &Linear,
-    x: &Tensor<D>,
-) -> Option<Tensor<D>> {
-    if !crate::host::applies(x) || !(D == 2 || D == 3) {
-        return None;
-    }
-    host_linear_with(linear, x, true)
-}
-
-#[cfg(feature = "flex")]
-fn host_linear_with<const D: usize>(
+pub(crate) fn host_linear<const D: usize>(
     linear: &Linear,
     x: &Tensor<D>,
     geglu: bool,
 ) -> Option<Tensor<D>> {
     use crate::host::linear::{Matrix, linear as gemm_linear, linear_geglu};
     use crate::host::with_view;
+    if !(D == 2 || D == 3) || !crate::host::applies(x) {
+        return None;
+    }
     let weight = linear.weight.val();
     if weight.dtype() != DType::F32 {
         return None;
@@ -153,7 +138,7 @@ pub fn scaled_dot_product_attention(
 /// `[batch, m, heads * d]`, output `[batch, n, heads * d]` (heads merged), scale
 /// `1 / sqrt(d)`, computed in f32.
 ///
-/// On the CPU backend this runs the flash-attention kernel of [`crate::host`] straight
+/// On the CPU backend this runs the flash-attention kernel of `host::attention` (with the `flex` feature) straight
 /// on the projections' layout (memory linear in `n` and `m`, no head permutes); on
 /// other devices it splits heads and calls burn's fused attention.
 pub fn multi_head_attention(

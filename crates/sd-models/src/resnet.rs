@@ -18,8 +18,8 @@ pub(crate) fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv
         .init(device)
 }
 
-/// `conv.forward(x)`: on the CPU backend im2col + a multi-threaded GEMM
-/// ([`crate::host::conv`]); elsewhere (and for configurations it does not cover:
+/// `conv.forward(x)`: on the CPU backend im2col + GEMMs in parallel bands of rows
+/// (`host::conv`, with the `flex` feature); elsewhere (and for configurations it does not cover:
 /// groups, dilation, `Same` padding) burn's op.
 ///
 /// # Shapes

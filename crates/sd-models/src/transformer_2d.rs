@@ -39,7 +39,7 @@ impl FeedForward {
     /// - `[b, n, dim]` to `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         #[cfg(feature = "flex")]
-        if let Some(h) = crate::attention::host_linear_geglu(&self.net_0.proj, &x) {
+        if let Some(h) = crate::attention::host_linear(&self.net_0.proj, &x, true) {
             return linear_forward(&self.net_2, h);
         }
         let h = linear_forward(&self.net_0.proj, x);

@@ -1,7 +1,8 @@
-//! 2-D convolution (NCHW, groups 1, dilation 1) as im2col + one multi-threaded GEMM
-//! per band of output rows. The band keeps the im2col buffer near 16 MB whatever the
-//! image size (a 512x512 VAE layer would otherwise need gigabytes); the bias is the
-//! GEMM's initial value. 1x1 stride-1 convolutions skip im2col.
+//! 2-D convolution (NCHW, groups 1, dilation 1) as im2col + GEMM in bands of output
+//! rows: the bands run in parallel, each with its own im2col buffer of at most
+//! `BAND_BYTES` (a 512x512 VAE layer whole would need gigabytes) and one
+//! single-threaded GEMM whose initial value is the bias. 1x1 stride-1 convolutions
+//! skip im2col.
 
 use rayon::prelude::*;
 

@@ -37,9 +37,7 @@ macro_rules! simd_dispatch {
             unsafe fn $avx2($($arg: $ty),*) -> $ret {
                 $generic($($arg),*)
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if $crate::host::exp::has_avx2() {
                 // SAFETY: the CPU supports the enabled target features.
                 return unsafe { $avx2($($arg),*) };
             }

@@ -1,41 +1,14 @@
-//! GEGLU, `a * gelu(b)` for `[a, b]` the two halves of the last axis, in one pass
-//! (burn's ops would split, evaluate erf element by element and multiply in three).
+//! GEGLU, `a * gelu(b)` for `[a, b]` the two halves of the feed-forward's projection,
+//! in one pass (burn's ops would split, evaluate erf element by element and multiply
+//! in three).
 //! `gelu` is the exact (erf) form; erf uses the Abramowitz-Stegun 7.1.26 polynomial
 //! (absolute error below 1.5e-7), as PyTorch's vectorised CPU `erf` does.
 
-use rayon::prelude::*;
-
 use super::exp;
 
-/// # Shapes
-/// - `x`: `[rows, 2 * inner]` row-major (hidden half first, gate half second)
-/// - returns `[rows, inner]`
-///
-/// # Panics
-/// When `x.len()` is not a multiple of `2 * inner` (a caller bug).
-pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
-    assert!(
-        inner > 0 && x.len().is_multiple_of(2 * inner),
-        "geglu: input length"
-    );
-    let rows = x.len() / (2 * inner);
-    let mut out = vec![0.0f32; rows * inner];
-    out.par_chunks_mut(inner)
-        .zip(x.par_chunks(2 * inner))
-        .with_min_len(16)
-        .for_each(|(o, row)| {
-            let (a, b) = row.split_at(inner);
-            geglu_row(o, a, b);
-        });
-    out
-}
-
-/// `o = a * gelu(b)`, element-wise.
+/// `o = a * gelu(b)`, element-wise (the halves of one row of the feed-forward's
+/// projection; see [`super::linear::linear_geglu`]).
 pub fn geglu_into(o: &mut [f32], a: &[f32], b: &[f32]) {
-    geglu_row(o, a, b)
-}
-
-fn geglu_row(o: &mut [f32], a: &[f32], b: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if exp::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -86,9 +59,14 @@ mod tests {
             assert!((ours - want).abs() < 3e-7, "erf({x}) = {ours}, want {want}");
             x += 0.0137;
         }
-        let inner = 5;
-        let x: Vec<f32> = (0..3 * 2 * inner).map(|i| i as f32 * 0.3 - 4.0).collect();
-        let out = geglu(&x, inner);
+        // 13 wide: one vector of eight plus a scalar remainder per row.
+        let inner = 13;
+        let x: Vec<f32> = (0..3 * 2 * inner).map(|i| i as f32 * 0.15 - 4.0).collect();
+        let mut out = vec![0.0f32; 3 * inner];
+        for (o, row) in out.chunks_mut(inner).zip(x.chunks(2 * inner)) {
+            let (a, b) = row.split_at(inner);
+            geglu_into(o, a, b);
+        }
         for r in 0..3 {
             for i in 0..inner {
                 let (a, b) = (

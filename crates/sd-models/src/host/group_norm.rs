@@ -67,40 +67,29 @@ fn mean_var(x: &[f32]) -> (f64, f64) {
 
 #[inline(always)]
 fn mean_var_generic(x: &[f32]) -> (f64, f64) {
-    // f32 lanes over short runs, folded into f64, keep the sums exact enough and SIMD.
     let n = x.len() as f64;
+    let mean = lane_sum(x, |v| v) / n;
+    let m = mean as f32;
+    (mean, lane_sum(x, |v| (v - m) * (v - m)) / n)
+}
+
+/// `Σ f(x_i)`: eight f32 lanes over runs of 1024 values, each run folded into f64, so
+/// the sum vectorises and stays accurate for large groups.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut sum = 0.0f64;
     for run in x.chunks(1024) {
         let mut acc = [0.0f32; 8];
         let mut chunks = run.chunks_exact(8);
         for c in &mut chunks {
             for (a, v) in acc.iter_mut().zip(c) {
-                *a += *v;
+                *a += f(*v);
             }
         }
         sum += acc.iter().map(|v| *v as f64).sum::<f64>()
-            + chunks.remainder().iter().map(|v| *v as f64).sum::<f64>();
+            + chunks.remainder().iter().map(|v| f(*v) as f64).sum::<f64>();
     }
-    let mean = sum / n;
-    let m = mean as f32;
-    let mut sq = 0.0f64;
-    for run in x.chunks(1024) {
-        let mut acc = [0.0f32; 8];
-        let mut chunks = run.chunks_exact(8);
-        for c in &mut chunks {
-            for (a, v) in acc.iter_mut().zip(c) {
-                let d = *v - m;
-                *a += d * d;
-            }
-        }
-        sq += acc.iter().map(|v| *v as f64).sum::<f64>()
-            + chunks
-                .remainder()
-                .iter()
-                .map(|v| ((*v - m) as f64).powi(2))
-                .sum::<f64>();
-    }
-    (mean, sq / n)
+    sum
 }
 
 fn affine(x: &mut [f32], a: f32, b: f32, silu: bool) {

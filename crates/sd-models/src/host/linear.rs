@@ -1,5 +1,6 @@
-//! Fully connected layers, `y = x wᵀ + b`, as one multi-threaded GEMM (the `gemm`
-//! crate) whose destination starts as the bias, so the bias add costs no pass.
+//! Fully connected layers, `y = x wᵀ + b`, as single-threaded GEMMs (the `gemm`
+//! crate) over blocks of rows, or of output columns when there are few rows, run in
+//! parallel; each destination starts as the bias, so the bias add costs no pass.
 
 use rayon::prelude::*;
 
