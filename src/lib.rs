@@ -6,7 +6,8 @@
 //! - [`core`] (`sd-core`): the traits a text encoder, denoiser and autoencoder implement;
 //! - [`models`] (`sd-models`): CLIP, `UNet2DConditionModel`, `AutoencoderKL` as burn modules;
 //! - [`io`] (`sd-io`): diffusers folders, single-file checkpoints, the CLIP tokenizer;
-//! - [`schedulers`] (`sd-schedulers`): the samplers.
+//! - [`schedulers`] (`sd-schedulers`): the samplers;
+//! - [`train`] (`sd-train`): training and LoRA fine-tuning on burn's autodiff.
 //!
 //! The backend is a run-time [`burn::tensor::Device`]; the cargo features `flex`
 //! (CPU, default), `wgpu` and `cuda` make the backends available.
@@ -28,3 +29,4 @@ pub use sd_core as core;
 pub use sd_io as io;
 pub use sd_models as models;
 pub use sd_schedulers as schedulers;
+pub use sd_train as train;

@@ -11,3 +11,5 @@ mod open_clip;
 mod pipelines;
 mod schedulers;
 mod tokenizer;
+mod training;
+mod lora;

@@ -124,6 +124,14 @@ pub enum IoError {
     /// The tokenizer could not be built or run.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A LoRA file does not fit the model it is applied to.
+    #[error("LoRA {}: {source}", path.display())]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What does not fit.
+        source: sd_models::lora::LoraError,
+    },
     /// A model or file layout this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -5,12 +5,16 @@ pub mod error;
 pub mod image;
 pub mod ldm;
 pub mod loader;
+pub mod lora;
 pub mod model;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{IoError, WeightsReport};
 pub use loader::{KeyMapping, LoadOptions, load_module};
+pub use lora::{LoraComponent, LoraFile, LoraFormat, LoraToSave, save_lora};
+pub use save::{save_text_encoder, save_unet, save_vae, write_safetensors};
 pub use model::{ComponentOptions, DiffusersDir, SingleFile};
 pub use tokenizer::ClipTokenizer;
 pub use weights::WeightSource;

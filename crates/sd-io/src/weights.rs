@@ -51,6 +51,7 @@ struct MappedFile {
 pub struct WeightSource {
     files: Vec<MappedFile>,
     tensors: BTreeMap<String, StoredTensor>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for WeightSource {
@@ -126,8 +127,12 @@ impl WeightSource {
     pub fn open_files(paths: &[PathBuf]) -> Result<Self, IoError> {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors = BTreeMap::new();
+        let mut header = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
             let (mmap, metadata, data_start) = map_file(path)?;
+            if let Some(m) = metadata.metadata() {
+                header.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
             for (name, info) in metadata.tensors() {
                 let stored = StoredTensor {
                     dtype: info.dtype,
@@ -149,7 +154,16 @@ impl WeightSource {
                 data_start,
             });
         }
-        Ok(Self { files, tensors })
+        Ok(Self {
+            files,
+            tensors,
+            metadata: header,
+        })
+    }
+
+    /// The string metadata of the files' headers (`__metadata__`), merged.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     /// The files behind this source.

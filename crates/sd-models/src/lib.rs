@@ -6,6 +6,7 @@ pub mod autoencoder_kl;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
+pub mod lora;
 pub mod error;
 #[cfg(feature = "flex")]
 pub mod host;
