@@ -91,6 +91,10 @@ pub struct CommonArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// A LoRA file (kohya or diffusers layout), optionally `PATH:STRENGTH`
+    /// (default 1.0); repeatable. Merged into the weights.
+    #[arg(long)]
+    pub lora: Vec<String>,
     /// Run the U-Net in f16 (the VAE stays f32).
     #[arg(long)]
     pub f16: bool,
@@ -238,10 +242,38 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
         loaded.vae = vae_from_dir(&component_dir(dir, "vae"), device, &f32_opts)?;
     }
     loaded.vae = loaded.vae.with_tiling(vae_tiling(&args.vae_tiling)?);
+    apply_loras(&args.lora, &mut loaded)?;
     // diffusers' default size: unet.sample_size x the VAE's scale factor.
     loaded.sample_size *= loaded.vae_factor();
     let _ = text_encoder_from_dir;
     Ok(loaded)
+}
+
+/// Merges `--lora PATH[:STRENGTH]` files into the U-Net and text encoder.
+fn apply_loras(specs: &[String], loaded: &mut Loaded) -> Result<(), AnyError> {
+    use stable_diffusion::io::{LoraComponent, LoraFile};
+    use stable_diffusion::models::lora::{LoraMode, apply_lora};
+    for spec in specs {
+        let (path, strength) = match spec.rsplit_once(':') {
+            Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>()?),
+            _ => (spec.as_str(), 1.0),
+        };
+        let file = LoraFile::open(path)?;
+        if file.has(LoraComponent::Unet) {
+            let w = file.weights_for(LoraComponent::Unet, &loaded.unet)?;
+            loaded.unet = apply_lora(loaded.unet.clone(), &[(&w, strength)], LoraMode::Merge)?;
+        }
+        if file.has(LoraComponent::TextEncoder) {
+            let w = file.weights_for(LoraComponent::TextEncoder, &loaded.text_encoder)?;
+            loaded.text_encoder = apply_lora(
+                loaded.text_encoder.clone(),
+                &[(&w, strength)],
+                LoraMode::Merge,
+            )?;
+        }
+        eprintln!("LoRA {path} merged at strength {strength}");
+    }
+    Ok(())
 }
 
 pub fn scheduler(args: &CommonArgs, loaded: &Loaded) -> Result<(AnyScheduler, String), AnyError> {

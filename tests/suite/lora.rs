@@ -4,6 +4,7 @@
 //! checkpoints read back identically.
 
 use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::DType;
 use stable_diffusion::io::{
     ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat, LoraToSave, save_lora,
     save_unet,
@@ -12,7 +13,6 @@ use stable_diffusion::models::UNet2DConditionModel;
 use stable_diffusion::models::lora::{
     LoraConfig, LoraMode, LoraTargets, apply_lora, attach_trainable_lora, extract_lora, merge_lora,
 };
-use stable_diffusion::burn::tensor::DType;
 
 use crate::common::{Reference, fixture};
 
@@ -48,13 +48,20 @@ fn diffusers_and_kohya_loras_match_diffusers() {
     let out = model.forward(x.clone(), t.clone(), ctx.clone());
     assert!(max_diff(out, base.clone()) < 1e-5);
     for (file, format) in [
-        ("lora/tiny_unet_lora_diffusers.safetensors", LoraFormat::Diffusers),
+        (
+            "lora/tiny_unet_lora_diffusers.safetensors",
+            LoraFormat::Diffusers,
+        ),
         ("lora/tiny_unet_lora_kohya.safetensors", LoraFormat::Kohya),
     ] {
         let lora = LoraFile::open(fixture(file)).unwrap();
         assert_eq!(lora.format(), format);
         let weights = lora.weights_for(LoraComponent::Unet, &model).unwrap();
-        assert_eq!(weights.len(), 11 * 2 * 4, "{file}: every attention projection");
+        assert_eq!(
+            weights.len(),
+            11 * 2 * 4,
+            "{file}: every attention projection"
+        );
         for mode in [LoraMode::Merge, LoraMode::OnTheFly] {
             let m = apply_lora(model.clone(), &[(&weights, 1.0)], mode).unwrap();
             let y = m.forward(x.clone(), t.clone(), ctx.clone());
@@ -74,10 +81,18 @@ fn lora_for_another_model_is_a_clear_error() {
     let device = Device::flex();
     let lora = LoraFile::open(fixture("lora/tiny_unet_lora_kohya.safetensors")).unwrap();
     let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
-    let te = dir.text_encoder(&device, &ComponentOptions::default()).unwrap();
+    let te = dir
+        .text_encoder(&device, &ComponentOptions::default())
+        .unwrap();
     // The U-Net layers do not name text-encoder modules.
-    let err = lora.weights_for(LoraComponent::Unet, &te).unwrap_err().to_string();
-    assert!(err.contains("name weights this model does not have"), "{err}");
+    let err = lora
+        .weights_for(LoraComponent::Unet, &te)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("name weights this model does not have"),
+        "{err}"
+    );
     assert!(!lora.has(LoraComponent::TextEncoder));
 }
 
@@ -94,7 +109,11 @@ fn zero_initialised_lora_changes_nothing_and_merging_equals_on_the_fly() {
     };
     let trainable = attach_trainable_lora(model.clone(), &config).unwrap();
     let y = trainable.forward(x.clone(), t.clone(), ctx.clone());
-    assert_eq!(max_diff(y, base.clone()), 0.0, "up = 0 leaves the outputs as they were");
+    assert_eq!(
+        max_diff(y, base.clone()),
+        0.0,
+        "up = 0 leaves the outputs as they were"
+    );
 
     // Give the up factors values, as training would, then compare merge and on-the-fly.
     let mut weights = extract_lora(&trainable, &config);
@@ -157,9 +176,10 @@ fn saved_checkpoint_reloads_bit_identically() {
         out.path().join("unet/diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
-    let theirs =
-        stable_diffusion::io::WeightSource::open(fixture("tiny-sd15/unet/diffusion_pytorch_model.safetensors"))
-            .unwrap();
+    let theirs = stable_diffusion::io::WeightSource::open(fixture(
+        "tiny-sd15/unet/diffusion_pytorch_model.safetensors",
+    ))
+    .unwrap();
     assert_eq!(
         ours.tensors().keys().collect::<Vec<_>>(),
         theirs.tensors().keys().collect::<Vec<_>>()

@@ -14,7 +14,7 @@ pub mod weights;
 pub use error::{IoError, WeightsReport};
 pub use loader::{KeyMapping, LoadOptions, load_module};
 pub use lora::{LoraComponent, LoraFile, LoraFormat, LoraToSave, save_lora};
-pub use save::{save_text_encoder, save_unet, save_vae, write_safetensors};
 pub use model::{ComponentOptions, DiffusersDir, SingleFile};
+pub use save::{save_text_encoder, save_unet, save_vae, write_safetensors};
 pub use tokenizer::ClipTokenizer;
 pub use weights::WeightSource;

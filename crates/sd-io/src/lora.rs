@@ -70,7 +70,14 @@ pub struct LoraFile {
 }
 
 const UNSUPPORTED_NETWORKS: [&str; 8] = [
-    "hada_w1", "hada_w2", "lokr_w1", "lokr_w2", "dora_scale", ".diff", "oft_", "lora_mid",
+    "hada_w1",
+    "hada_w2",
+    "lokr_w1",
+    "lokr_w2",
+    "dora_scale",
+    ".diff",
+    "oft_",
+    "lora_mid",
 ];
 
 fn unsupported(path: &Path, what: String) -> IoError {
@@ -216,7 +223,9 @@ impl LoraFile {
                 (LoraComponent::Unet, "unet"),
                 (LoraComponent::TextEncoder, "text_encoder"),
             ] {
-                if let Some(a) = json.get(format!("{prefix}.lora_alpha")).and_then(|v| v.as_f64())
+                if let Some(a) = json
+                    .get(format!("{prefix}.lora_alpha"))
+                    .and_then(|v| v.as_f64())
                 {
                     default_alpha.insert(component, a as f32);
                 }
@@ -491,20 +500,28 @@ mod tests {
 
     #[test]
     fn diffusers_keys_parse() {
-        let (c, m, r) =
-            parse_diffusers("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.up.weight")
-                .unwrap();
+        let (c, m, r) = parse_diffusers(
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.up.weight",
+        )
+        .unwrap();
         assert_eq!(c, LoraComponent::Unet);
-        assert_eq!(m, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
+        assert_eq!(
+            m,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+        );
         assert_eq!(r, Role::Up);
         let (_, m, r) =
             parse_diffusers("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.down.weight")
                 .unwrap();
-        assert_eq!(m, "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0");
+        assert_eq!(
+            m,
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
+        );
         assert_eq!(r, Role::Down);
-        let (c, m, r) =
-            parse_diffusers("text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight")
-                .unwrap();
+        let (c, m, r) = parse_diffusers(
+            "text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight",
+        )
+        .unwrap();
         assert_eq!(c, LoraComponent::TextEncoder);
         assert_eq!(m, "text_model.encoder.layers.3.self_attn.q_proj");
         assert_eq!(r, Role::Down);
@@ -518,10 +535,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c, LoraComponent::Unet);
-        assert_eq!(m, "up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k");
+        assert_eq!(
+            m,
+            "up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k"
+        );
         assert_eq!(r, Role::Down);
-        let (c, _, r) =
-            parse_kohya("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha").unwrap();
+        let (c, _, r) = parse_kohya("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha").unwrap();
         assert_eq!(c, LoraComponent::TextEncoder);
         assert_eq!(r, Role::Alpha);
         assert!(parse_kohya("lora_unet_x.hada_w1_a").is_none());

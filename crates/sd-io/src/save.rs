@@ -88,12 +88,11 @@ pub fn write_safetensors(
     }
     let mut views = Vec::with_capacity(encoded.len());
     for (key, shape, (st_dtype, bytes)) in &encoded {
-        let view = TensorView::new(*st_dtype, shape.clone(), bytes).map_err(|e| {
-            IoError::Safetensors {
+        let view =
+            TensorView::new(*st_dtype, shape.clone(), bytes).map_err(|e| IoError::Safetensors {
                 path: path.to_path_buf(),
                 message: format!("`{key}`: {e}"),
-            }
-        })?;
+            })?;
         views.push((*key, view));
     }
     let metadata: Option<HashMap<String, String>> = if metadata.is_empty() {
@@ -138,10 +137,7 @@ pub fn module_tensors<M: Module>(
                 return;
             }
             let tensor = param.transform_for_save().val();
-            let data = tensor
-                .cast(DType::F32)
-                .into_data()
-                .convert::<f32>();
+            let data = tensor.cast(DType::F32).into_data().convert::<f32>();
             let shape = data.shape().to_vec();
             let values = data.try_into_vec::<f32>().expect("f32 tensor data");
             let key = (self.key_of)(&path);

@@ -6,10 +6,10 @@ pub mod autoencoder_kl;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
-pub mod lora;
 pub mod error;
 #[cfg(feature = "flex")]
 pub mod host;
+pub mod lora;
 pub mod norm;
 pub mod resnet;
 pub mod transformer_2d;

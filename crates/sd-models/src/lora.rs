@@ -72,7 +72,10 @@ impl LoraWeights {
 
     /// Number of LoRA parameters.
     pub fn num_params(&self) -> usize {
-        self.layers.values().map(|l| l.down.len() + l.up.len()).sum()
+        self.layers
+            .values()
+            .map(|l| l.down.len() + l.up.len())
+            .sum()
     }
 }
 
@@ -489,10 +492,7 @@ impl Reparameterizer for AttachTrainable<'_> {
 /// Freezes every parameter of `module` and attaches trainable LoRA factors (down
 /// Gaussian with std `1 / rank`, up zero) to the targeted weights. Put the module on an
 /// autodiff device first; only the factors then receive gradients.
-pub fn attach_trainable_lora<M: Module>(
-    module: M,
-    config: &LoraConfig,
-) -> Result<M, LoraError> {
+pub fn attach_trainable_lora<M: Module>(module: M, config: &LoraConfig) -> Result<M, LoraError> {
     if has_lora(&module) {
         return Err(LoraError::AlreadyAttached);
     }
@@ -561,4 +561,63 @@ pub fn extract_lora<M: Module>(module: &M, config: &LoraConfig) -> LoraWeights {
         );
     }
     LoraWeights { layers }
+}
+
+/// Sets the factors made by [`attach_trainable_lora`] to `weights` (a saved training
+/// state), keeping the parameters' ids and trainability. Layers `weights` lacks keep
+/// their values.
+pub fn load_lora_factors<M: Module>(module: M, weights: &LoraWeights) -> Result<M, LoraError> {
+    struct Set<'a> {
+        path: Vec<String>,
+        weights: &'a LoraWeights,
+        error: Option<LoraError>,
+    }
+    impl ModuleMapper for Set<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let path = self.path.join(".");
+            let Some((weight, part)) = path.split_once(".lora.factors.0.") else {
+                return param;
+            };
+            let Some(layer) = self.weights.layers.get(weight) else {
+                return param;
+            };
+            let (values, shape) = match part {
+                "down" => (&layer.down, [layer.rank, layer.fan_in]),
+                "up" => (&layer.up, [layer.fan_out, layer.rank]),
+                _ => return param,
+            };
+            let dims: Vec<usize> = param.lazy_shape().iter().copied().collect();
+            if dims != shape {
+                self.error = Some(LoraError::Mismatch {
+                    key: path.clone(),
+                    reason: format!("saved {shape:?}, the model has {dims:?}"),
+                });
+                return param;
+            }
+            let values = values.clone();
+            param.map(|t| {
+                let device = t.device();
+                let dtype = t.dtype();
+                let n: Tensor<D> =
+                    Tensor::from_data(TensorData::new(values, dims), (&device, DType::F32));
+                n.cast(dtype)
+            })
+        }
+    }
+    let mut set = Set {
+        path: Vec::new(),
+        weights,
+        error: None,
+    };
+    let module = module.map(&mut set);
+    match set.error {
+        Some(e) => Err(e),
+        None => Ok(module),
+    }
 }

@@ -42,7 +42,12 @@ impl Objective {
         self.alphas_cumprod.len()
     }
 
-    fn per_sample(&self, timesteps: &[usize], f: impl Fn(f64) -> f64, device: &Device) -> Tensor<4> {
+    fn per_sample(
+        &self,
+        timesteps: &[usize],
+        f: impl Fn(f64) -> f64,
+        device: &Device,
+    ) -> Tensor<4> {
         let v: Vec<f32> = timesteps
             .iter()
             .map(|&t| f(self.alphas_cumprod[t] as f64) as f32)

@@ -218,8 +218,10 @@ impl<M: Module> Ema<M> {
         impl ModuleVisitor for Values {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 if param.val().is_require_grad() {
-                    self.out
-                        .insert(param.id, TensorAny::new(param.val().without_autodiff().detach()));
+                    self.out.insert(
+                        param.id,
+                        TensorAny::new(param.val().without_autodiff().detach()),
+                    );
                 }
             }
         }

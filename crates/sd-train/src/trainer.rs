@@ -1,0 +1,803 @@
+//! The training loop: full fine-tuning or LoRA of a diffusers model's U-Net on an
+//! image-caption folder, with checkpoints in the diffusers layout and resumable runs.
+//!
+//! What a run writes under `output`:
+//! - `log.csv` (see [`crate::monitor::CsvLog`]) and `loss.png`, redrawn at each log row;
+//! - `samples/step-NNNNNN.png`: a grid of the sample prompts, fixed seeds;
+//! - `checkpoint-N/`: `unet/` (full) or `pytorch_lora_weights.safetensors` (LoRA),
+//!   `ema_unet/` with EMA, `optimizer.bpk` and `trainer_state.json`; a run started
+//!   again with the same `output` resumes from the last one;
+//! - at the end, a complete diffusers pipeline folder `output/model/` (full
+//!   fine-tuning; the U-Net is the EMA one when EMA is on), or the LoRA as
+//!   `pytorch_lora_weights.safetensors` (diffusers layout) and
+//!   `lora_kohya.safetensors` (kohya layout).
+//!
+//! Data order, timesteps and noise are drawn from generators seeded by `seed` and
+//! the step, so a resumed run continues exactly as an uninterrupted one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::DType;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use sd_core::{GenerationOptions, HiddenLayer, NoiseRng, PromptTokenizer, StableDiffusion, Steps};
+use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat, LoraToSave};
+use sd_models::lora::{
+    LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
+};
+use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Example, load_training_image, read_folder};
+use crate::error::TrainError;
+use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
+use crate::objective::Objective;
+use crate::optim::{Ema, LrSchedule, clip_grad_norm, num_trainable, stable_param_ids};
+
+fn d_true() -> bool {
+    true
+}
+fn d_resolution() -> usize {
+    512
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_wd() -> f64 {
+    1e-2
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn d_schedule() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn d_checkpoint() -> usize {
+    500
+}
+fn d_every() -> usize {
+    100
+}
+fn d_log() -> usize {
+    10
+}
+fn d_sample_steps() -> usize {
+    20
+}
+fn d_guidance() -> f64 {
+    7.5
+}
+
+/// LoRA training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraTrainConfig {
+    /// Rank of the factors.
+    pub rank: usize,
+    /// The delta is scaled by `alpha / rank`.
+    pub alpha: f32,
+}
+
+/// Everything a run needs; read from JSON (`TrainConfig::from_json`) or built in code.
+/// Steps count optimizer steps (each `gradient_accumulation` micro-batches).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The diffusers pipeline folder to start from.
+    pub model: PathBuf,
+    /// The image-caption folder.
+    pub data: PathBuf,
+    /// Where logs, samples, checkpoints and the result go.
+    pub output: PathBuf,
+    /// Caption of images without a `.txt` (a DreamBooth instance prompt such as
+    /// "a photo of sks dog").
+    #[serde(default)]
+    pub default_caption: Option<String>,
+    /// Training image size (square, a multiple of 8).
+    #[serde(default = "d_resolution")]
+    pub resolution: usize,
+    /// Crop the centre (else the top-left) after resizing the shorter side.
+    #[serde(default = "d_true")]
+    pub center_crop: bool,
+    /// Also train on mirrored images (each image is used both ways).
+    #[serde(default)]
+    pub random_flip: bool,
+    /// Images per micro-batch.
+    #[serde(default = "d_one")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_one")]
+    pub gradient_accumulation: usize,
+    /// Optimizer steps of the run.
+    pub max_steps: usize,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// Learning-rate schedule.
+    #[serde(default = "d_schedule")]
+    pub lr_schedule: LrSchedule,
+    /// AdamW beta 1.
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    /// AdamW beta 2.
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// AdamW epsilon.
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (`null`: no clipping).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: Option<f64>,
+    /// Keep an EMA of the weights with this decay (e.g. 0.9999).
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// min-SNR loss weighting gamma (5.0 is the paper's).
+    #[serde(default)]
+    pub snr_gamma: Option<f32>,
+    /// Override the scheduler config's `prediction_type` (`epsilon`, `v_prediction`).
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    /// Seed of data order, timesteps and noise.
+    #[serde(default)]
+    pub seed: u64,
+    /// Train a LoRA instead of the whole U-Net.
+    #[serde(default)]
+    pub lora: Option<LoraTrainConfig>,
+    /// Encode the images with the VAE once, before training (else every step).
+    #[serde(default = "d_true")]
+    pub cache_latents: bool,
+    /// Save a checkpoint every this many steps (and at the end).
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint_every: usize,
+    /// Hold out this many images (the last ones by file name) for the validation loss.
+    #[serde(default)]
+    pub validation_images: usize,
+    /// Measure the validation loss every this many steps.
+    #[serde(default = "d_every")]
+    pub validation_every: usize,
+    /// Prompts of the sample grid (none: no samples).
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    /// Draw the sample grid every this many steps.
+    #[serde(default = "d_every")]
+    pub sample_every: usize,
+    /// Sampler steps of the samples.
+    #[serde(default = "d_sample_steps")]
+    pub sample_steps: usize,
+    /// Guidance scale of the samples.
+    #[serde(default = "d_guidance")]
+    pub sample_guidance: f64,
+    /// Write a log row every this many steps.
+    #[serde(default = "d_log")]
+    pub log_every: usize,
+}
+
+impl TrainConfig {
+    /// Parses a JSON config.
+    pub fn from_json(text: &str) -> Result<Self, TrainError> {
+        serde_json::from_str(text).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.gradient_accumulation == 0 {
+            return bad("batch_size and gradient_accumulation must be at least 1".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(format!(
+                "learning_rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        if self.checkpoint_every == 0 || self.log_every == 0 {
+            return bad("checkpoint_every and log_every must be at least 1".into());
+        }
+        if let Some(l) = &self.lora
+            && (l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0))
+        {
+            return bad("lora.rank and lora.alpha must be positive".into());
+        }
+        if let Some(d) = self.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return bad(format!("ema_decay {d} must be in [0, 1)"));
+        }
+        Ok(())
+    }
+}
+
+/// What `trainer_state.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// EMA updates done.
+    pub ema_step: usize,
+    /// The config of the run.
+    pub config: TrainConfig,
+}
+
+/// Progress reported after each optimizer step.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The step's log row (`val_loss` set when measured).
+    pub row: LogRow,
+    /// The run's total steps.
+    pub max_steps: usize,
+    /// A file written at this step (checkpoint, samples), if any.
+    pub wrote: Option<PathBuf>,
+}
+
+/// A prepared training example.
+struct Item {
+    /// VAE moments `[1, 2c, h, w]` (cached latents), or the image `[1, 3, H, W]`.
+    pixels_or_moments: Tensor<4>,
+    /// Prompt embedding `[1, 77, d]`.
+    embedding: Tensor<3>,
+}
+
+/// A training run over loaded models.
+pub struct Trainer {
+    config: TrainConfig,
+    device: Device,
+    vae: AutoencoderKL,
+    scaling_factor: f64,
+    text_encoder: ClipTextModel,
+    tokenizer: sd_io::ClipTokenizer,
+    scheduler_config: SchedulerConfig,
+    objective: Objective,
+    train: Vec<Item>,
+    validation: Vec<Item>,
+    /// The examples used, training then validation.
+    pub examples: Vec<Example>,
+}
+
+fn latest_checkpoint(output: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(output)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(to).map_err(|e| TrainError::file(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| TrainError::file(from, e))? {
+        let entry = entry.map_err(|e| TrainError::file(from, e))?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(|e| TrainError::file(&target, e))?;
+        }
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// Loads the frozen parts (VAE, text encoder, tokenizer, scheduler config) of
+    /// `config.model` on `device`, reads the data set and prepares every example
+    /// (prompt embeddings always cached; latents with `cache_latents`).
+    pub fn new(config: TrainConfig, device: Device) -> Result<Self, TrainError> {
+        config.validate()?;
+        let dir = DiffusersDir::open(&config.model)?;
+        let options = ComponentOptions::default();
+        let device = device.without_autodiff();
+        let vae = dir.vae(&device, &options)?;
+        let scaling_factor = dir.vae_config()?.scaling_factor;
+        let text_encoder = dir.text_encoder(&device, &options)?;
+        let tokenizer = dir.tokenizer()?;
+        let mut scheduler_config = SchedulerConfig::from_json(&dir.scheduler_config_text()?)?;
+        if let Some(p) = &config.prediction_type {
+            scheduler_config.prediction_type = Some(p.clone());
+        }
+        let mut objective = Objective::from_config(&scheduler_config)?;
+        objective.snr_gamma = config.snr_gamma;
+        let examples = read_folder(&config.data, config.default_caption.as_deref())?;
+        if config.validation_images >= examples.len() {
+            return Err(TrainError::Data {
+                path: config.data.clone(),
+                message: format!(
+                    "{} images, {} held out for validation: none left to train on",
+                    examples.len(),
+                    config.validation_images
+                ),
+            });
+        }
+        let mut trainer = Self {
+            config,
+            device,
+            vae,
+            scaling_factor,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            objective,
+            train: Vec::new(),
+            validation: Vec::new(),
+            examples,
+        };
+        let n_val = trainer.config.validation_images;
+        let n_train = trainer.examples.len() - n_val;
+        for (i, ex) in trainer.examples.clone().iter().enumerate() {
+            let flips: &[bool] = if trainer.config.random_flip && i < n_train {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &flip in flips {
+                let item = trainer.prepare(ex, flip)?;
+                if i < n_train {
+                    trainer.train.push(item);
+                } else {
+                    trainer.validation.push(item);
+                }
+            }
+        }
+        Ok(trainer)
+    }
+
+    fn embed(&self, caption: &str) -> Result<Tensor<3>, TrainError> {
+        let ids = self.tokenizer.encode_padded(caption)?;
+        let n = ids.len();
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
+        Ok(self
+            .text_encoder
+            .forward(ids, HiddenLayer::Last)
+            .hidden_states)
+    }
+
+    fn prepare(&self, ex: &Example, flip: bool) -> Result<Item, TrainError> {
+        let image = load_training_image(
+            &ex.image,
+            self.config.resolution,
+            self.config.center_crop,
+            flip,
+            &self.device,
+        )?;
+        let pixels_or_moments = if self.config.cache_latents {
+            self.vae.encode_moments(image)
+        } else {
+            image
+        };
+        Ok(Item {
+            pixels_or_moments,
+            embedding: self.embed(&ex.caption)?,
+        })
+    }
+
+    /// Latents `scaling_factor * (mean + std * eps)` of an item.
+    fn latents(&self, item: &Item, rng: &mut StdRng) -> Tensor<4> {
+        let moments = if self.config.cache_latents {
+            item.pixels_or_moments.clone()
+        } else {
+            self.vae.encode_moments(item.pixels_or_moments.clone())
+        };
+        let [b, c2, h, w] = moments.dims();
+        let c = c2 / 2;
+        let mut parts = moments.split(c, 1);
+        let logvar = parts.pop().unwrap().clamp(-30.0, 20.0);
+        let mean = parts.pop().unwrap();
+        let eps = gaussian([b, c, h, w], rng, &self.device);
+        (mean + logvar.mul_scalar(0.5).exp() * eps).mul_scalar(self.scaling_factor)
+    }
+
+    /// The U-Net to train: `config.model`'s, with LoRA factors attached when asked,
+    /// parameter ids stable across runs, on the autodiff version of the device.
+    fn trainable_unet(&self, weights: Option<&Path>) -> Result<UNet2DConditionModel, TrainError> {
+        let device = self.device.clone().autodiff();
+        let options = ComponentOptions::default();
+        let unet = match (&self.config.lora, weights) {
+            (None, Some(dir)) => sd_io::model::unet_from_dir(dir, &device, &options)?,
+            _ => DiffusersDir::open(&self.config.model)?.unet(&device, &options)?,
+        };
+        let unet = match &self.config.lora {
+            None => unet,
+            Some(l) => {
+                let unet = attach_trainable_lora(unet, &self.lora_config(l))?;
+                match weights {
+                    Some(file) => {
+                        let saved =
+                            LoraFile::open(file)?.weights_for(LoraComponent::Unet, &unet)?;
+                        load_lora_factors(unet, &saved)?
+                    }
+                    None => unet,
+                }
+            }
+        };
+        Ok(stable_param_ids(unet))
+    }
+
+    fn lora_config(&self, l: &LoraTrainConfig) -> LoraConfig {
+        LoraConfig {
+            rank: l.rank,
+            alpha: l.alpha,
+            targets: LoraTargets::unet_attention(),
+        }
+    }
+
+    /// The mean loss over the validation images at timesteps 100, 300, 500, 700 and 900
+    /// with fixed noise, so values are comparable across the run.
+    pub fn validation_loss(&self, unet: &UNet2DConditionModel) -> Option<f64> {
+        if self.validation.is_empty() {
+            return None;
+        }
+        let unet = unet.valid();
+        let mut total = 0.0;
+        let mut n = 0;
+        for (i, item) in self.validation.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(0x5eed_0000 + i as u64);
+            let x0 = self.latents(item, &mut rng);
+            let ts = [100, 300, 500, 700, 900]
+                .map(|t: usize| t.min(self.objective.num_train_timesteps() - 1));
+            for t in ts {
+                let noise = gaussian(x0.dims(), &mut rng, &self.device);
+                let noisy = self.objective.add_noise(x0.clone(), noise.clone(), &[t]);
+                let target = self.objective.target(x0.clone(), noise, &[t]);
+                let tt = Tensor::<1>::from_floats([t as f32], &self.device);
+                let pred = unet.forward(noisy, tt, item.embedding.clone());
+                total += self.objective.loss(pred, target, &[t]).into_scalar::<f32>() as f64;
+                n += 1;
+            }
+        }
+        Some(total / n as f64)
+    }
+
+    /// A grid of the sample prompts, one seed each (0, 1, ...).
+    pub fn sample_grid(&self, unet: &UNet2DConditionModel, path: &Path) -> Result<(), TrainError> {
+        let unet = unet.valid();
+        let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
+        let sd = StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            unet: &unet,
+            vae: &self.vae,
+            scheduler: &scheduler,
+            device: self.device.clone(),
+        };
+        let mut images = Vec::new();
+        for (i, prompt) in self.config.sample_prompts.iter().enumerate() {
+            let options = GenerationOptions {
+                prompt: prompt.clone(),
+                steps: Steps::Count(self.config.sample_steps),
+                guidance_scale: self.config.sample_guidance,
+                width: self.config.resolution,
+                height: self.config.resolution,
+                ..Default::default()
+            };
+            let out = sd.txt2img(&options, &mut NoiseRng::seed(i as u64), None)?;
+            images.push(out.images);
+        }
+        if images.is_empty() {
+            return Ok(());
+        }
+        let n = images.len();
+        let grid = Tensor::cat(images, 0);
+        let columns = (n as f64).sqrt().ceil() as usize;
+        let (w, h, rgb) = image_grid(&grid, columns);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
+        }
+        sd_io::image::write_png_rgb8(path, w, h, &rgb, None)?;
+        Ok(())
+    }
+
+    fn save_unet_or_lora(
+        &self,
+        unet: &UNet2DConditionModel,
+        dir: &Path,
+        kohya_too: bool,
+    ) -> Result<(), TrainError> {
+        match &self.config.lora {
+            None => {
+                let config = DiffusersDir::open(&self.config.model)?.unet_config()?;
+                sd_io::save_unet(unet, &config, dir.join("unet"), DType::F32)?;
+            }
+            Some(l) => {
+                let weights = extract_lora(unet, &self.lora_config(l));
+                let part = [LoraToSave {
+                    component: LoraComponent::Unet,
+                    weights: &weights,
+                    model: unet,
+                }];
+                sd_io::save_lora(
+                    dir.join("pytorch_lora_weights.safetensors"),
+                    &part,
+                    LoraFormat::Diffusers,
+                    DType::F32,
+                )?;
+                if kohya_too {
+                    sd_io::save_lora(
+                        dir.join("lora_kohya.safetensors"),
+                        &part,
+                        LoraFormat::Kohya,
+                        DType::F32,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs (or resumes) the training, calling `on_step` after each optimizer step;
+    /// returns the trained U-Net (the EMA one when EMA is on).
+    pub fn run(
+        &self,
+        mut on_step: impl FnMut(&Progress),
+    ) -> Result<UNet2DConditionModel, TrainError> {
+        let c = &self.config;
+        let out = &c.output;
+        std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
+        let resume = latest_checkpoint(out);
+        let mut optim = AdamWConfig::new()
+            .with_beta_1(c.adam_beta1 as f32)
+            .with_beta_2(c.adam_beta2 as f32)
+            .with_epsilon(c.adam_epsilon as f32)
+            .with_weight_decay(c.weight_decay as f32)
+            .init();
+        let (mut unet, mut ema, start) = match &resume {
+            None => {
+                let unet = self.trainable_unet(None)?;
+                let ema = c.ema_decay.map(|d| Ema::new(&unet, d));
+                (unet, ema, 0)
+            }
+            Some((step, dir)) => {
+                let weights = match c.lora {
+                    None => dir.join("unet"),
+                    Some(_) => dir.join("pytorch_lora_weights.safetensors"),
+                };
+                let unet = self.trainable_unet(Some(&weights))?;
+                let state_path = dir.join("trainer_state.json");
+                let text = std::fs::read_to_string(&state_path)
+                    .map_err(|e| TrainError::file(&state_path, e))?;
+                let state: TrainerState =
+                    serde_json::from_str(&text).map_err(|e| TrainError::file(&state_path, e))?;
+                let opt_path = dir.join("optimizer.bpk");
+                optim = optim
+                    .load(&opt_path)
+                    .map_err(|e| TrainError::file(&opt_path, format!("{e:?}")))?;
+                let ema = match c.ema_decay {
+                    None => None,
+                    Some(d) => {
+                        let ema_unet = match c.lora {
+                            None => stable_param_ids(sd_io::model::unet_from_dir(
+                                &dir.join("ema_unet"),
+                                &self.device,
+                                &ComponentOptions::default(),
+                            )?),
+                            Some(_) => {
+                                let file = dir.join("ema_lora.safetensors");
+                                let base = self.trainable_unet(None)?;
+                                let saved = LoraFile::open(&file)?
+                                    .weights_for(LoraComponent::Unet, &base)?;
+                                load_lora_factors(base, &saved)?.valid()
+                            }
+                        };
+                        Some(Ema {
+                            model: ema_unet,
+                            decay: d,
+                            step: state.ema_step,
+                        })
+                    }
+                };
+                (unet, ema, *step)
+            }
+        };
+        let log = CsvLog::open(out.join("log.csv"), start)?;
+        let _ = num_trainable(&unet);
+        let n_train = self.train.len();
+        let micro = c.batch_size;
+        let mut last_time = Instant::now();
+        let mut last_step = start;
+        for step in start..c.max_steps {
+            let mut rng = StdRng::seed_from_u64(
+                c.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let mut accumulator = GradientsAccumulator::<UNet2DConditionModel>::new();
+            let mut loss_sum = 0.0;
+            let mut epoch = 0;
+            for m in 0..c.gradient_accumulation {
+                let first = (step * c.gradient_accumulation + m) * micro;
+                let mut latents = Vec::with_capacity(micro);
+                let mut embeds = Vec::with_capacity(micro);
+                for k in 0..micro {
+                    let global = first + k;
+                    epoch = global / n_train;
+                    let mut order: Vec<usize> = (0..n_train).collect();
+                    order.shuffle(&mut StdRng::seed_from_u64(
+                        c.seed.wrapping_add(epoch as u64),
+                    ));
+                    let item = &self.train[order[global % n_train]];
+                    latents.push(self.latents(item, &mut rng));
+                    embeds.push(item.embedding.clone());
+                }
+                let x0 = Tensor::cat(latents, 0);
+                let context = Tensor::cat(embeds, 0);
+                let timesteps: Vec<usize> = (0..micro)
+                    .map(|_| rng.random_range(0..self.objective.num_train_timesteps()))
+                    .collect();
+                let noise = gaussian(x0.dims(), &mut rng, &self.device);
+                let noisy = self
+                    .objective
+                    .add_noise(x0.clone(), noise.clone(), &timesteps);
+                let target = self.objective.target(x0, noise, &timesteps);
+                let t = Tensor::<1>::from_floats(
+                    timesteps
+                        .iter()
+                        .map(|&t| t as f32)
+                        .collect::<Vec<_>>()
+                        .as_slice(),
+                    &self.device,
+                );
+                let pred = unet.forward(noisy, t, context);
+                let loss = self
+                    .objective
+                    .loss(pred, target, &timesteps)
+                    .div_scalar(c.gradient_accumulation as f64);
+                loss_sum += loss.clone().into_scalar::<f32>() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &unet);
+                accumulator.accumulate(&unet, grads);
+            }
+            let (grads, grad_norm) = clip_grad_norm(&unet, accumulator.grads(), c.max_grad_norm);
+            let lr = c.learning_rate * c.lr_schedule.factor(step);
+            unet = optim.step(lr, unet, grads);
+            if let Some(ema) = ema.as_mut() {
+                ema.update(&unet);
+            }
+            let done = step + 1;
+            let mut wrote = None;
+            let val_loss = if c.validation_images > 0
+                && (done % c.validation_every == 0 || done == c.max_steps)
+            {
+                self.validation_loss(ema.as_ref().map(|e| &e.model).unwrap_or(&unet))
+            } else {
+                None
+            };
+            let elapsed = last_time.elapsed().as_secs_f64();
+            let row = LogRow {
+                step: done,
+                epoch,
+                loss: loss_sum,
+                lr,
+                grad_norm,
+                steps_per_s: (done - last_step) as f64 / elapsed.max(1e-9),
+                val_loss,
+            };
+            if done % c.log_every == 0 || val_loss.is_some() || done == c.max_steps {
+                log.append(&row)?;
+                write_loss_plot(&out.join("loss.png"), &log.rows()?)?;
+                last_time = Instant::now();
+                last_step = done;
+            }
+            if !c.sample_prompts.is_empty() && (done % c.sample_every == 0 || done == c.max_steps) {
+                let path = out.join("samples").join(format!("step-{done:06}.png"));
+                self.sample_grid(ema.as_ref().map(|e| &e.model).unwrap_or(&unet), &path)?;
+                wrote = Some(path);
+            }
+            if done % c.checkpoint_every == 0 || done == c.max_steps {
+                let dir = out.join(format!("checkpoint-{done}"));
+                self.save_unet_or_lora(&unet, &dir, false)?;
+                if let Some(e) = &ema {
+                    match &c.lora {
+                        None => {
+                            let config = DiffusersDir::open(&c.model)?.unet_config()?;
+                            sd_io::save_unet(&e.model, &config, dir.join("ema_unet"), DType::F32)?;
+                        }
+                        Some(l) => {
+                            let weights = extract_lora(&e.model, &self.lora_config(l));
+                            sd_io::save_lora(
+                                dir.join("ema_lora.safetensors"),
+                                &[LoraToSave {
+                                    component: LoraComponent::Unet,
+                                    weights: &weights,
+                                    model: &e.model,
+                                }],
+                                LoraFormat::Diffusers,
+                                DType::F32,
+                            )?;
+                        }
+                    }
+                }
+                let opt_path = dir.join("optimizer.bpk");
+                optim
+                    .save(&opt_path)
+                    .map_err(|e| TrainError::file(&opt_path, format!("{e:?}")))?;
+                let state = TrainerState {
+                    step: done,
+                    ema_step: ema.as_ref().map_or(0, |e| e.step),
+                    config: c.clone(),
+                };
+                let state_path = dir.join("trainer_state.json");
+                std::fs::write(
+                    &state_path,
+                    serde_json::to_string_pretty(&state).expect("serialisable state"),
+                )
+                .map_err(|e| TrainError::file(&state_path, e))?;
+                wrote = Some(dir);
+            }
+            on_step(&Progress {
+                row,
+                max_steps: c.max_steps,
+                wrote,
+            });
+        }
+        let result = match ema {
+            Some(e) => e.model,
+            None => unet.valid(),
+        };
+        self.export(&result)?;
+        Ok(result)
+    }
+
+    /// Writes the result: a diffusers pipeline folder `output/model/` (full
+    /// fine-tuning) or the LoRA files in `output/`.
+    fn export(&self, unet: &UNet2DConditionModel) -> Result<(), TrainError> {
+        let out = &self.config.output;
+        match &self.config.lora {
+            Some(_) => self.save_unet_or_lora(unet, out, true),
+            None => {
+                let model = out.join("model");
+                for part in ["text_encoder", "vae", "tokenizer", "scheduler"] {
+                    let from = self.config.model.join(part);
+                    if from.is_dir() {
+                        copy_dir(&from, &model.join(part))?;
+                    }
+                }
+                let index = self.config.model.join("model_index.json");
+                if index.exists() {
+                    std::fs::copy(&index, model.join("model_index.json"))
+                        .map_err(|e| TrainError::file(&index, e))?;
+                }
+                self.save_unet_or_lora(unet, &model, false)
+            }
+        }
+    }
+
+    /// The prediction the U-Net is trained for.
+    pub fn prediction_type(&self) -> PredictionType {
+        self.objective.prediction_type
+    }
+
+    /// Number of prepared training and validation examples (flips count twice).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.validation.len())
+    }
+}
+
+/// Standard normal noise from `rng`.
+pub fn gaussian(shape: [usize; 4], rng: &mut StdRng, device: &Device) -> Tensor<4> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
