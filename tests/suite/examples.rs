@@ -386,3 +386,81 @@ fn outpaint_and_interpolate_examples_write_their_files() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// DreamBooth-style LoRA fine-tune from 5 uncaptioned images with the `train`
+/// example, then generation with the result through `txt2img --lora`.
+#[test]
+fn train_example_fine_tunes_a_lora_that_txt2img_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("subject");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..5u8 {
+        let mut px = vec![250u8; 32 * 32 * 3];
+        for y in 6 + i as usize..22 {
+            for x in 10..26 {
+                px[(y * 32 + x) * 3..(y * 32 + x) * 3 + 3].copy_from_slice(&[200, 40 + 30 * i, 60]);
+            }
+        }
+        stable_diffusion::io::image::write_png_rgb8(
+            &data.join(format!("{i}.png")),
+            32,
+            32,
+            &px,
+            None,
+        )
+        .unwrap();
+    }
+    let out = tmp.path().join("run");
+    let o = Command::new(example("train"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap()])
+        .args(["--instance-prompt", "a photo of sks block"])
+        .args([
+            "--lora-rank",
+            "4",
+            "--resolution",
+            "32",
+            "--max-steps",
+            "2",
+            "--every",
+            "1",
+        ])
+        .args(["--sample-prompt", "a photo of sks block"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "log.csv",
+        "loss.png",
+        "samples/step-000002.png",
+        "checkpoint-2/trainer_state.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let img = tmp.path().join("sks.png");
+    let o = Command::new(example("txt2img"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args([
+            "--lora",
+            &format!("{}:0.7", out.join("lora_kohya.safetensors").display()),
+        ])
+        .args([
+            "--prompt",
+            "a photo of sks block",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args(["--out", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("merged at strength 0.7"));
+    assert!(img.exists());
+}
