@@ -388,7 +388,8 @@ fn outpaint_and_interpolate_examples_write_their_files() {
 }
 
 /// DreamBooth-style LoRA fine-tune from 5 uncaptioned images with the `train`
-/// example, then generation with the result through `txt2img --lora`.
+/// example, with prior preservation (class images generated first), then generation
+/// with the result through `txt2img --lora`.
 #[test]
 fn train_example_fine_tunes_a_lora_that_txt2img_loads() {
     let tmp = tempfile::tempdir().unwrap();
@@ -427,6 +428,13 @@ fn train_example_fine_tunes_a_lora_that_txt2img_loads() {
             "1",
         ])
         .args(["--sample-prompt", "a photo of sks block"])
+        .args(["--class-data", tmp.path().join("class").to_str().unwrap()])
+        .args([
+            "--class-prompt",
+            "a photo of a block",
+            "--num-class-images",
+            "2",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

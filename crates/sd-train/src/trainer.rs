@@ -190,6 +190,24 @@ pub struct TrainConfig {
     /// Write a log row every this many steps.
     #[serde(default = "d_log")]
     pub log_every: usize,
+    /// DreamBooth prior preservation: a folder of class images ("a photo of a dog").
+    /// Missing images up to `num_class_images` are generated there with the base
+    /// model first, as diffusers' DreamBooth script does.
+    #[serde(default)]
+    pub class_data: Option<PathBuf>,
+    /// Caption of the class images (required with `class_data`).
+    #[serde(default)]
+    pub class_prompt: Option<String>,
+    /// How many class images to have (generating the missing ones).
+    #[serde(default)]
+    pub num_class_images: usize,
+    /// Weight of the class images' loss.
+    #[serde(default = "d_prior")]
+    pub prior_loss_weight: f64,
+}
+
+fn d_prior() -> f64 {
+    1.0
 }
 
 impl TrainConfig {
@@ -219,6 +237,9 @@ impl TrainConfig {
             && (l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0))
         {
             return bad("lora.rank and lora.alpha must be positive".into());
+        }
+        if self.class_data.is_some() && self.class_prompt.is_none() {
+            return bad("class_data needs a class_prompt".into());
         }
         if let Some(d) = self.ema_decay
             && !(0.0..1.0).contains(&d)
@@ -271,6 +292,7 @@ pub struct Trainer {
     objective: Objective,
     train: Vec<Item>,
     validation: Vec<Item>,
+    class: Vec<Item>,
     /// The examples used, training then validation.
     pub examples: Vec<Example>,
 }
@@ -345,6 +367,7 @@ impl Trainer {
             objective,
             train: Vec::new(),
             validation: Vec::new(),
+            class: Vec::new(),
             examples,
         };
         let n_val = trainer.config.validation_images;
@@ -364,7 +387,55 @@ impl Trainer {
                 }
             }
         }
+        if let (Some(dir), Some(prompt)) =
+            (&trainer.config.class_data, &trainer.config.class_prompt)
+        {
+            trainer.generate_class_images(dir, prompt)?;
+            for ex in read_folder(dir, Some(prompt))? {
+                let item = trainer.prepare(&ex, false)?;
+                trainer.class.push(item);
+            }
+        }
         Ok(trainer)
+    }
+
+    /// Fills `dir` with generated images of `prompt` up to `num_class_images`
+    /// (`class-NNNN.png` + `.txt`), with the base model and the sample settings.
+    fn generate_class_images(&self, dir: &Path, prompt: &str) -> Result<(), TrainError> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
+        let have = read_folder(dir, Some(prompt)).map(|v| v.len()).unwrap_or(0);
+        if have >= self.config.num_class_images {
+            return Ok(());
+        }
+        let unet = DiffusersDir::open(&self.config.model)?
+            .unet(&self.device, &ComponentOptions::default())?;
+        let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
+        let sd = StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            unet: &unet,
+            vae: &self.vae,
+            scheduler: &scheduler,
+            device: self.device.clone(),
+        };
+        for i in have..self.config.num_class_images {
+            let options = GenerationOptions {
+                prompt: prompt.to_string(),
+                steps: Steps::Count(self.config.sample_steps),
+                guidance_scale: self.config.sample_guidance,
+                width: self.config.resolution,
+                height: self.config.resolution,
+                ..Default::default()
+            };
+            let seed = self.config.seed.wrapping_add(0xC1A55 + i as u64);
+            let out = sd.txt2img(&options, &mut NoiseRng::seed(seed), None)?;
+            let (w, h, rgb) = sd_io::image::to_rgb8(&out.images, 0);
+            let path = dir.join(format!("class-{i:04}.png"));
+            sd_io::image::write_png_rgb8(&path, w, h, &rgb, None)?;
+            let txt = path.with_extension("txt");
+            std::fs::write(&txt, prompt).map_err(|e| TrainError::file(&txt, e))?;
+        }
+        Ok(())
     }
 
     fn embed(&self, caption: &str) -> Result<Tensor<3>, TrainError> {
@@ -642,9 +713,28 @@ impl Trainer {
                     latents.push(self.latents(item, &mut rng));
                     embeds.push(item.embedding.clone());
                 }
+                // Prior preservation: as many class images, after the instance ones.
+                let n_class = self.class.len();
+                let with_prior = n_class > 0;
+                if with_prior {
+                    for k in 0..micro {
+                        let global = first + k;
+                        let class_epoch = global / n_class;
+                        let mut order: Vec<usize> = (0..n_class).collect();
+                        order.shuffle(&mut StdRng::seed_from_u64(
+                            c.seed
+                                .wrapping_add(0xC1A55)
+                                .wrapping_add(class_epoch as u64),
+                        ));
+                        let item = &self.class[order[global % n_class]];
+                        latents.push(self.latents(item, &mut rng));
+                        embeds.push(item.embedding.clone());
+                    }
+                }
+                let rows = latents.len();
                 let x0 = Tensor::cat(latents, 0);
                 let context = Tensor::cat(embeds, 0);
-                let timesteps: Vec<usize> = (0..micro)
+                let timesteps: Vec<usize> = (0..rows)
                     .map(|_| rng.random_range(0..self.objective.num_train_timesteps()))
                     .collect();
                 let noise = gaussian(x0.dims(), &mut rng, &self.device);
@@ -661,10 +751,23 @@ impl Trainer {
                     &self.device,
                 );
                 let pred = unet.forward(noisy, t, context);
-                let loss = self
-                    .objective
-                    .loss(pred, target, &timesteps)
-                    .div_scalar(c.gradient_accumulation as f64);
+                let loss = if with_prior {
+                    let (ts_i, ts_c) = timesteps.split_at(micro);
+                    let instance = self.objective.loss(
+                        pred.clone().narrow(0, 0, micro),
+                        target.clone().narrow(0, 0, micro),
+                        ts_i,
+                    );
+                    let prior = self.objective.loss(
+                        pred.narrow(0, micro, micro),
+                        target.narrow(0, micro, micro),
+                        ts_c,
+                    );
+                    instance + prior.mul_scalar(c.prior_loss_weight)
+                } else {
+                    self.objective.loss(pred, target, &timesteps)
+                };
+                let loss = loss.div_scalar(c.gradient_accumulation as f64);
                 loss_sum += loss.clone().into_scalar::<f32>() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &unet);
                 accumulator.accumulate(&unet, grads);
@@ -792,6 +895,11 @@ impl Trainer {
     /// Number of prepared training and validation examples (flips count twice).
     pub fn sizes(&self) -> (usize, usize) {
         (self.train.len(), self.validation.len())
+    }
+
+    /// Number of prepared class images (prior preservation).
+    pub fn class_images(&self) -> usize {
+        self.class.len()
     }
 }
 
