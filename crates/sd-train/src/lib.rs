@@ -17,6 +17,7 @@ pub mod error;
 pub mod monitor;
 pub mod objective;
 pub mod optim;
+pub mod synthetic;
 pub mod trainer;
 
 pub use error::TrainError;
