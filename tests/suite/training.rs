@@ -394,3 +394,76 @@ fn lora_training_writes_loras_our_pipelines_and_diffusers_read() {
         );
     }
 }
+
+#[test]
+fn vae_training_lowers_the_reconstruction_error() {
+    use stable_diffusion::train::synthetic::Scene;
+    use stable_diffusion::train::vae::{VaeTrainConfig, latent_scaling_factor, train_vae};
+    let device = Device::flex();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let images: Vec<Tensor<4>> = Scene::all(&mut rng)
+        .iter()
+        .take(8)
+        .map(|s| {
+            let v: Vec<f32> = s
+                .render(32)
+                .iter()
+                .map(|&b| b as f32 / 127.5 - 1.0)
+                .collect();
+            Tensor::<3>::from_data(TensorData::new(v, [32, 32, 3]), &device)
+                .permute([2, 0, 1])
+                .unsqueeze::<4>()
+        })
+        .collect();
+    let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
+    let vae = dir
+        .vae(&device.clone().autodiff(), &ComponentOptions::default())
+        .unwrap();
+    let mut rec = Vec::new();
+    let config = VaeTrainConfig {
+        steps: 6,
+        batch_size: 4,
+        learning_rate: 1e-3,
+        kl_weight: 1e-6,
+        seed: 0,
+    };
+    let vae = train_vae(vae, &images, &config, |_, r, kl| {
+        assert!(r.is_finite() && kl.is_finite());
+        rec.push(r)
+    });
+    eprintln!("VAE reconstruction error: {rec:?}");
+    assert!(rec[5] < rec[0], "training lowers the reconstruction error");
+    let s = latent_scaling_factor(&vae, &images);
+    assert!(s.is_finite() && s > 0.0);
+}
+
+#[test]
+fn prompt_match_runs_the_pipeline_and_the_classifier() {
+    use stable_diffusion::core::StableDiffusion;
+    use stable_diffusion::schedulers::AnyScheduler;
+    use stable_diffusion::train::synthetic::prompt_match;
+    let device = Device::flex();
+    let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
+    let opts = ComponentOptions::default();
+    let (tok, te, unet, vae) = (
+        dir.tokenizer().unwrap(),
+        dir.text_encoder(&device, &opts).unwrap(),
+        dir.unet(&device, &opts).unwrap(),
+        dir.vae(&device, &opts).unwrap(),
+    );
+    let scheduler = AnyScheduler::from_config(
+        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let sd = StableDiffusion {
+        tokenizer: &tok,
+        text_encoder: &te,
+        unet: &unet,
+        vae: &vae,
+        scheduler: &scheduler,
+        device: device.clone(),
+    };
+    let r = prompt_match(&sd, 3, 2, 7.5, 32).unwrap();
+    assert_eq!(r.images, 3);
+    assert!(r.colour_and_shape <= r.colour.min(r.shape));
+}

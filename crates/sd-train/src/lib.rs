@@ -19,6 +19,7 @@ pub mod objective;
 pub mod optim;
 pub mod synthetic;
 pub mod trainer;
+pub mod vae;
 
 pub use error::TrainError;
 pub use objective::Objective;

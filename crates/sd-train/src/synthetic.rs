@@ -163,7 +163,12 @@ impl Scene {
 
 /// Writes `copies` renderings (different sizes and jitters) of every combination,
 /// `side` pixels square, as `NNNNN.png` + `NNNNN.txt` into `dir`; returns the count.
-pub fn write_data_set(dir: &Path, side: usize, copies: usize, seed: u64) -> Result<usize, TrainError> {
+pub fn write_data_set(
+    dir: &Path,
+    side: usize,
+    copies: usize,
+    seed: u64,
+) -> Result<usize, TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n = 0;
@@ -223,13 +228,13 @@ pub fn classify(rgb: &[u8], side: usize) -> Option<Classified> {
     let mut row_count = vec![0usize; side];
     let (mut x0, mut y0, mut x1, mut y1) = (side, side, 0, 0);
     let (mut sx, mut sy) = (0.0, 0.0);
-    for y in 0..side {
+    for (y, count) in row_count.iter_mut().enumerate() {
         for x in 0..side {
             let p = px(x, y);
             let d: f32 = (0..3).map(|c| (p[c] - bg[c]).powi(2)).sum();
             if d > 60.0 * 60.0 {
                 fg.push(p);
-                row_count[y] += 1;
+                *count += 1;
                 x0 = x0.min(x);
                 y0 = y0.min(y);
                 x1 = x1.max(x);
@@ -314,4 +319,66 @@ mod tests {
     fn a_blank_image_has_no_foreground() {
         assert!(classify(&vec![128u8; 32 * 32 * 3], 32).is_none());
     }
+}
+
+/// Prompt-match figures of a model over the data set's captions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MatchReport {
+    /// Images generated.
+    pub images: usize,
+    /// Images whose colour and shape both match the prompt (the headline figure).
+    pub colour_and_shape: usize,
+    /// Colour matches.
+    pub colour: usize,
+    /// Shape matches.
+    pub shape: usize,
+    /// Position matches.
+    pub position: usize,
+}
+
+impl MatchReport {
+    /// The share of images matching colour and shape.
+    pub fn rate(&self) -> f64 {
+        self.colour_and_shape as f64 / self.images.max(1) as f64
+    }
+}
+
+/// Generates `n` images with `sd` for the data set's captions (cycled through in a
+/// fixed shuffled order, seed `i` for the `i`-th image), `side` pixels, and
+/// classifies each against its prompt.
+pub fn prompt_match(
+    sd: &sd_core::StableDiffusion<'_>,
+    n: usize,
+    steps: usize,
+    guidance: f64,
+    side: usize,
+) -> Result<MatchReport, TrainError> {
+    use rand::seq::SliceRandom;
+    let mut rng = StdRng::seed_from_u64(2024);
+    let mut scenes = Scene::all(&mut rng);
+    scenes.shuffle(&mut rng);
+    let mut report = MatchReport::default();
+    for i in 0..n {
+        let scene = scenes[i % scenes.len()];
+        let options = sd_core::GenerationOptions {
+            prompt: scene.caption(),
+            steps: sd_core::Steps::Count(steps),
+            guidance_scale: guidance,
+            width: side,
+            height: side,
+            ..Default::default()
+        };
+        let out = sd.txt2img(&options, &mut sd_core::NoiseRng::seed(i as u64), None)?;
+        let (_, _, rgb) = sd_io::image::to_rgb8(&out.images, 0);
+        report.images += 1;
+        if let Some(c) = classify(&rgb, side) {
+            let colour = c.colour == scene.colour;
+            let shape = c.shape == scene.shape;
+            report.colour += colour as usize;
+            report.shape += shape as usize;
+            report.position += (c.position == scene.position) as usize;
+            report.colour_and_shape += (colour && shape) as usize;
+        }
+    }
+    Ok(report)
 }

@@ -1,0 +1,226 @@
+//! The recipe of the demo model: a synthetic data set of coloured shapes, a VAE and a
+//! U-Net trained from scratch on it (with the tiny CLIP text encoder, frozen, over the
+//! real CLIP tokenizer), then the prompt-match rate measured with the deterministic
+//! classifier of `stable_diffusion::train::synthetic`.
+//!
+//! ```text
+//! cargo run --release --example train_demo -- --output runs/demo \
+//!     --vae-steps 3000 --unet-steps 20000 --eval 120
+//! ```
+//!
+//! Writes `output/data/` (the data set), `output/init/` (the pipeline before U-Net
+//! training: trained VAE, random U-Net), `output/unet-run/` (the U-Net run: log,
+//! loss curve, samples, checkpoints; resumable) and `output/unet-run/model/`, the
+//! finished diffusers pipeline. Stages already done are skipped.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::AnyError;
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::burn::tensor::DType;
+use stable_diffusion::core::StableDiffusion;
+use stable_diffusion::io::{ComponentOptions, DiffusersDir};
+use stable_diffusion::models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
+};
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+use stable_diffusion::train::data::{load_training_image, read_folder};
+use stable_diffusion::train::synthetic::{prompt_match, write_data_set};
+use stable_diffusion::train::vae::{VaeTrainConfig, latent_scaling_factor, train_vae};
+use stable_diffusion::train::{LrSchedule, TrainConfig, Trainer};
+
+/// Image side of the demo model.
+const SIDE: usize = 64;
+
+const VAE_CONFIG: &str = r#"{
+  "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+  "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "act_fn": "silu",
+  "norm_num_groups": 32, "sample_size": 64, "scaling_factor": 1.0
+}"#;
+
+const UNET_CONFIG: &str = r#"{
+  "sample_size": 8, "in_channels": 4, "out_channels": 4,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+  "block_out_channels": [64, 128, 128], "layers_per_block": 1,
+  "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 32,
+  "act_fn": "silu", "flip_sin_to_cos": true, "freq_shift": 0, "downsample_padding": 1,
+  "mid_block_scale_factor": 1, "norm_eps": 1e-05, "use_linear_projection": false
+}"#;
+
+#[derive(Parser)]
+#[command(about = "Train the demo model (synthetic shapes) from scratch and measure it")]
+struct Args {
+    /// Where everything goes.
+    #[arg(long, default_value = "runs/demo")]
+    output: PathBuf,
+    /// Renderings of each of the 180 scenes in the data set.
+    #[arg(long, default_value_t = 8)]
+    copies: usize,
+    /// VAE optimizer steps.
+    #[arg(long, default_value_t = 3000)]
+    vae_steps: usize,
+    /// U-Net optimizer steps.
+    #[arg(long, default_value_t = 20000)]
+    unet_steps: usize,
+    /// U-Net batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// U-Net peak learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Images generated to measure the prompt-match rate (0: skip).
+    #[arg(long, default_value_t = 120)]
+    eval: usize,
+    /// Sampler steps of the evaluation.
+    #[arg(long, default_value_t = 20)]
+    eval_steps: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), AnyError> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.path().is_file() && !e.file_name().to_string_lossy().contains(".fp16.") {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pipeline folder before U-Net training: trained VAE, random U-Net, the tiny
+/// CLIP and the tokenizer.
+fn build_init(a: &Args, data: &Path, init: &Path, device: &Device) -> Result<(), AnyError> {
+    let tiny = PathBuf::from(common::DEFAULT_MODEL);
+    let examples = read_folder(data, None)?;
+    let images: Vec<Tensor<4>> = examples
+        .iter()
+        .map(|e| load_training_image(&e.image, SIDE, true, false, device))
+        .collect::<Result<_, _>>()?;
+    let mut vae_config = AutoencoderKLConfig::from_json(VAE_CONFIG)?;
+    let vae = AutoencoderKL::new(&vae_config, &device.clone().autodiff())?;
+    let cfg = VaeTrainConfig {
+        steps: a.vae_steps,
+        batch_size: 16,
+        learning_rate: 1e-3,
+        kl_weight: 1e-6,
+        seed: a.seed,
+    };
+    let vae = train_vae(vae, &images, &cfg, |step, rec, kl| {
+        if step % 100 == 0 || step + 1 == a.vae_steps {
+            eprintln!("vae step {step}: reconstruction {rec:.5}, kl {kl:.3}");
+        }
+    });
+    vae_config.scaling_factor = latent_scaling_factor(&vae, &images[..images.len().min(256)]);
+    eprintln!("vae scaling_factor {:.5}", vae_config.scaling_factor);
+    stable_diffusion::io::save_vae(&vae, &vae_config, init.join("vae"), DType::F32)?;
+
+    let unet_config = UNet2DConditionConfig::from_json(UNET_CONFIG)?;
+    let unet = UNet2DConditionModel::new(&unet_config, device)?;
+    stable_diffusion::io::save_unet(&unet, &unet_config, init.join("unet"), DType::F32)?;
+    for part in ["text_encoder", "tokenizer", "scheduler"] {
+        copy_dir(&tiny.join(part), &init.join(part))?;
+    }
+    std::fs::copy(tiny.join("model_index.json"), init.join("model_index.json"))?;
+    Ok(())
+}
+
+fn evaluate(a: &Args, model: &Path, device: &Device) -> Result<(), AnyError> {
+    let dir = DiffusersDir::open(model)?;
+    let opts = ComponentOptions::default();
+    let (tok, te, unet, vae) = (
+        dir.tokenizer()?,
+        dir.text_encoder(device, &opts)?,
+        dir.unet(device, &opts)?,
+        dir.vae(device, &opts)?,
+    );
+    let scheduler =
+        AnyScheduler::from_config(&SchedulerConfig::from_json(&dir.scheduler_config_text()?)?)?;
+    let sd = StableDiffusion {
+        tokenizer: &tok,
+        text_encoder: &te,
+        unet: &unet,
+        vae: &vae,
+        scheduler: &scheduler,
+        device: device.clone(),
+    };
+    let r = prompt_match(&sd, a.eval, a.eval_steps, 7.5, SIDE)?;
+    println!(
+        "prompt match over {} images: colour+shape {:.1}% (colour {:.1}%, shape {:.1}%, position {:.1}%)",
+        r.images,
+        100.0 * r.rate(),
+        100.0 * r.colour as f64 / r.images as f64,
+        100.0 * r.shape as f64 / r.images as f64,
+        100.0 * r.position as f64 / r.images as f64,
+    );
+    Ok(())
+}
+
+fn run(a: Args) -> Result<(), AnyError> {
+    let device = Device::flex();
+    let data = a.output.join("data");
+    if !data.join("00000.txt").exists() {
+        let n = write_data_set(&data, SIDE, a.copies, a.seed)?;
+        eprintln!("wrote {n} images to {}", data.display());
+    }
+    let init = a.output.join("init");
+    if !init.join("unet/config.json").exists() {
+        build_init(&a, &data, &init, &device)?;
+    }
+    let run_dir = a.output.join("unet-run");
+    let config = TrainConfig::from_json(&format!(
+        r#"{{"model": {init:?}, "data": {data:?}, "output": {run_dir:?}, "max_steps": 1}}"#
+    ))?;
+    let config = TrainConfig {
+        resolution: SIDE,
+        batch_size: a.batch_size,
+        max_steps: a.unet_steps,
+        learning_rate: a.lr,
+        lr_schedule: LrSchedule::Cosine {
+            warmup_steps: (a.unet_steps / 50).max(1),
+            total_steps: a.unet_steps,
+        },
+        weight_decay: 0.0,
+        ema_decay: Some(0.999),
+        snr_gamma: Some(5.0),
+        checkpoint_every: (a.unet_steps / 10).max(100),
+        sample_prompts: vec![
+            "a red circle on a white background, top left".into(),
+            "a blue square on a black background, center".into(),
+            "a yellow triangle on a gray background, bottom right".into(),
+            "a green circle on a black background, top right".into(),
+        ],
+        sample_every: (a.unet_steps / 20).max(100),
+        sample_steps: 20,
+        log_every: 20,
+        seed: a.seed,
+        ..config
+    };
+    let trainer = Trainer::new(config, device.clone())?;
+    eprintln!("training the U-Net on {} examples", trainer.sizes().0);
+    trainer.run(|p| {
+        if p.row.step % 100 == 0 || p.wrote.is_some() {
+            eprintln!(
+                "unet step {}/{}: loss {:.4}, lr {:.2e}, {:.2} steps/s",
+                p.row.step, p.max_steps, p.row.loss, p.row.lr, p.row.steps_per_s
+            );
+        }
+    })?;
+    if a.eval > 0 {
+        evaluate(&a, &run_dir.join("model"), &device)?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    common::exit(run(Args::parse()))
+}
