@@ -300,6 +300,19 @@ fn factors(layer: &LoraLayer, strength: f32, device: &Device) -> LoraFactors {
     }
 }
 
+/// The layers of every LoRA for the weight at `path`, or `None` if none adapts it.
+fn delta_of(loras: &[(&LoraWeights, f32)], path: &str, device: &Device) -> Option<LoraDelta> {
+    let factors: Vec<LoraFactors> = loras
+        .iter()
+        .filter_map(|(lora, strength)| {
+            lora.layers
+                .get(path)
+                .map(|layer| factors(layer, *strength, device))
+        })
+        .collect();
+    (!factors.is_empty()).then_some(LoraDelta { factors })
+}
+
 struct Attach<'a> {
     loras: &'a [(&'a LoraWeights, f32)],
 }
@@ -312,21 +325,8 @@ impl Reparameterizer for Attach<'_> {
         path: &str,
         param: Param<Tensor<D>>,
     ) -> (Param<Tensor<D>>, Option<LoraDelta>) {
-        let device = param.lazy_device();
-        let factors: Vec<LoraFactors> = self
-            .loras
-            .iter()
-            .filter_map(|(lora, strength)| {
-                lora.layers
-                    .get(path)
-                    .map(|layer| factors(layer, *strength, &device))
-            })
-            .collect();
-        if factors.is_empty() {
-            (param, None)
-        } else {
-            (param, Some(LoraDelta { factors }))
-        }
+        let delta = delta_of(self.loras, path, &param.lazy_device());
+        (param, delta)
     }
 }
 
@@ -344,20 +344,9 @@ impl ModuleMapper for Merge<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.join(".");
-        let device = param.lazy_device();
-        let factors: Vec<LoraFactors> = self
-            .loras
-            .iter()
-            .filter_map(|(lora, strength)| {
-                lora.layers
-                    .get(&path)
-                    .map(|layer| factors(layer, *strength, &device))
-            })
-            .collect();
-        if factors.is_empty() {
+        let Some(delta) = delta_of(self.loras, &path, &param.lazy_device()) else {
             return param;
-        }
-        let delta = LoraDelta { factors };
+        };
         param.map(|w| {
             let w_dtype = w.dtype();
             let merged = delta.apply(w.cast(DType::F32));
