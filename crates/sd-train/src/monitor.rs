@@ -109,7 +109,8 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRow>, TrainError> {
     Ok(rows)
 }
 
-/// Draws the loss curve (training loss light blue, its running mean dark blue,
+/// Draws the loss curve (training loss light blue, its bias-corrected running mean
+/// (0.9 per row) dark blue,
 /// validation loss red) over steps into an RGB image of `width` x `height`, on a log
 /// scale with a grid line per decade.
 pub fn plot_losses(rows: &[LogRow], width: usize, height: usize) -> Vec<u8> {
@@ -191,12 +192,11 @@ pub fn plot_losses(rows: &[LogRow], width: usize, height: usize) -> Vec<u8> {
             line(&mut img, q, p, [160, 190, 235]);
         }
         prev = Some(p);
-        let m = match mean {
-            None => r.loss,
-            Some(m) => 0.9 * m + 0.1 * r.loss,
-        };
-        mean = Some(m);
-        let pm = (sx(r.step), sy(m));
+        // Bias-corrected running mean (as Adam's moments): no lag from a start at 0.
+        let (m, k) = mean.unwrap_or((0.0, 0));
+        let (m, k) = (0.9 * m + 0.1 * r.loss, k + 1);
+        mean = Some((m, k));
+        let pm = (sx(r.step), sy(m / (1.0 - 0.9f64.powi(k))));
         if let Some(q) = prev_mean {
             line(&mut img, q, pm, [20, 60, 160]);
         }
