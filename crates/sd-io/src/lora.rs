@@ -33,6 +33,28 @@ pub enum LoraComponent {
     TextEncoder,
 }
 
+impl LoraComponent {
+    /// Both components.
+    pub const ALL: [LoraComponent; 2] = [LoraComponent::Unet, LoraComponent::TextEncoder];
+
+    /// The key prefix of the diffusers layout (`unet`, `text_encoder`), also the
+    /// component's name in `lora_adapter_metadata`.
+    pub fn diffusers_prefix(self) -> &'static str {
+        match self {
+            LoraComponent::Unet => "unet",
+            LoraComponent::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// The key prefix of the kohya layout (`lora_unet_`, `lora_te_`).
+    pub fn kohya_prefix(self) -> &'static str {
+        match self {
+            LoraComponent::Unet => "lora_unet_",
+            LoraComponent::TextEncoder => "lora_te_",
+        }
+    }
+}
+
 /// The key layout of a LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraFormat {
@@ -219,10 +241,8 @@ impl LoraFile {
         if let Some(meta) = source.metadata().get("lora_adapter_metadata")
             && let Ok(json) = serde_json::from_str::<serde_json::Value>(meta)
         {
-            for (component, prefix) in [
-                (LoraComponent::Unet, "unet"),
-                (LoraComponent::TextEncoder, "text_encoder"),
-            ] {
+            for component in LoraComponent::ALL {
+                let prefix = component.diffusers_prefix();
                 if let Some(a) = json
                     .get(format!("{prefix}.lora_alpha"))
                     .and_then(|v| v.as_f64())
@@ -416,11 +436,11 @@ pub fn save_lora<M: Module>(
             let (down_shape, up_shape) = factor_shapes(layer, Some(weight_shape));
             let (down_key, up_key) = match format {
                 LoraFormat::Kohya => {
-                    let prefix = match part.component {
-                        LoraComponent::Unet => "lora_unet_",
-                        LoraComponent::TextEncoder => "lora_te_",
-                    };
-                    let name = format!("{prefix}{}", module.replace('.', "_"));
+                    let name = format!(
+                        "{}{}",
+                        part.component.kohya_prefix(),
+                        module.replace('.', "_")
+                    );
                     tensors.push(NamedTensor {
                         key: format!("{name}.alpha"),
                         shape: vec![],
@@ -432,10 +452,7 @@ pub fn save_lora<M: Module>(
                     )
                 }
                 LoraFormat::Diffusers => {
-                    let prefix = match part.component {
-                        LoraComponent::Unet => "unet",
-                        LoraComponent::TextEncoder => "text_encoder",
-                    };
+                    let prefix = part.component.diffusers_prefix();
                     match rank_alpha {
                         None => rank_alpha = Some((layer.rank, alpha)),
                         Some(ra) if ra == (layer.rank, alpha) => {}
@@ -469,10 +486,7 @@ pub fn save_lora<M: Module>(
             }
         }
         if let Some((rank, alpha)) = rank_alpha {
-            let prefix = match part.component {
-                LoraComponent::Unet => "unet",
-                LoraComponent::TextEncoder => "text_encoder",
-            };
+            let prefix = part.component.diffusers_prefix();
             adapter_meta.insert(format!("{prefix}.r"), rank.into());
             adapter_meta.insert(format!("{prefix}.lora_alpha"), alpha.into());
         }

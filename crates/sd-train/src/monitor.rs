@@ -31,6 +31,7 @@ pub struct LogRow {
 #[derive(Debug)]
 pub struct CsvLog {
     path: PathBuf,
+    rows: Vec<LogRow>,
 }
 
 /// The CSV header.
@@ -41,54 +42,56 @@ impl CsvLog {
     /// so a run resumed from a checkpoint does not log steps twice.
     pub fn open(path: impl Into<PathBuf>, resume_step: usize) -> Result<Self, TrainError> {
         let path = path.into();
-        let kept: Vec<String> = match std::fs::read_to_string(&path) {
-            Ok(text) => text
-                .lines()
-                .skip(1)
-                .filter(|l| {
-                    l.split(',')
-                        .next()
-                        .and_then(|s| s.parse::<usize>().ok())
-                        .is_some_and(|s| s <= resume_step)
-                })
-                .map(String::from)
+        let rows: Vec<LogRow> = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_rows(&text)
+                .into_iter()
+                .filter(|r| r.step <= resume_step)
                 .collect(),
             Err(_) => Vec::new(),
         };
         let mut text = String::from(CSV_HEADER);
         text.push('\n');
-        for l in kept {
-            text.push_str(&l);
+        for row in &rows {
+            text.push_str(&format_row(row));
             text.push('\n');
         }
         std::fs::write(&path, text).map_err(|e| TrainError::file(&path, e))?;
-        Ok(Self { path })
+        Ok(Self { path, rows })
     }
 
     /// Appends a row.
-    pub fn append(&self, row: &LogRow) -> Result<(), TrainError> {
+    pub fn append(&mut self, row: &LogRow) -> Result<(), TrainError> {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .map_err(|e| TrainError::file(&self.path, e))?;
-        let val = row.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
-        writeln!(
-            f,
-            "{},{},{:.6},{:.3e},{:.4},{:.3},{}",
-            row.step, row.epoch, row.loss, row.lr, row.grad_norm, row.steps_per_s, val
-        )
-        .map_err(|e| TrainError::file(&self.path, e))
+        writeln!(f, "{}", format_row(row)).map_err(|e| TrainError::file(&self.path, e))?;
+        self.rows.push(*row);
+        Ok(())
     }
 
-    /// Reads every row back.
-    pub fn rows(&self) -> Result<Vec<LogRow>, TrainError> {
-        read_log(&self.path)
+    /// Every row of the log, as written.
+    pub fn rows(&self) -> &[LogRow] {
+        &self.rows
     }
+}
+
+fn format_row(row: &LogRow) -> String {
+    let val = row.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
+    format!(
+        "{},{},{:.6},{:.3e},{:.4},{:.3},{}",
+        row.step, row.epoch, row.loss, row.lr, row.grad_norm, row.steps_per_s, val
+    )
 }
 
 /// Parses a `log.csv`.
 pub fn read_log(path: &Path) -> Result<Vec<LogRow>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?;
+    Ok(parse_rows(&text))
+}
+
+/// The rows of a log's text (after the header); malformed lines are skipped.
+fn parse_rows(text: &str) -> Vec<LogRow> {
     let mut rows = Vec::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
@@ -106,7 +109,7 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRow>, TrainError> {
             val_loss: (!f[6].is_empty()).then(|| num(f[6])),
         });
     }
-    Ok(rows)
+    rows
 }
 
 /// Draws the loss curve (training loss light blue, its bias-corrected running mean

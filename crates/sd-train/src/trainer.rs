@@ -31,7 +31,7 @@ use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat,
 use sd_models::lora::{
     LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
 };
-use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
 use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ use crate::data::{Example, load_training_image, read_folder};
 use crate::error::TrainError;
 use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
 use crate::objective::Objective;
-use crate::optim::{Ema, LrSchedule, clip_grad_norm, num_trainable, stable_param_ids};
+use crate::optim::{Ema, LrSchedule, clip_grad_norm, stable_param_ids};
 
 fn d_true() -> bool {
     true
@@ -289,6 +289,7 @@ pub struct Trainer {
     text_encoder: ClipTextModel,
     tokenizer: sd_io::ClipTokenizer,
     scheduler_config: SchedulerConfig,
+    unet_config: UNet2DConditionConfig,
     objective: Objective,
     train: Vec<Item>,
     validation: Vec<Item>,
@@ -343,6 +344,7 @@ impl Trainer {
         if let Some(p) = &config.prediction_type {
             scheduler_config.prediction_type = Some(p.clone());
         }
+        let unet_config = dir.unet_config()?;
         let mut objective = Objective::from_config(&scheduler_config)?;
         objective.snr_gamma = config.snr_gamma;
         let examples = read_folder(&config.data, config.default_caption.as_deref())?;
@@ -364,6 +366,7 @@ impl Trainer {
             text_encoder,
             tokenizer,
             scheduler_config,
+            unet_config,
             objective,
             train: Vec::new(),
             validation: Vec::new(),
@@ -409,16 +412,36 @@ impl Trainer {
         }
         let unet = DiffusersDir::open(&self.config.model)?
             .unet(&self.device, &ComponentOptions::default())?;
+        for i in have..self.config.num_class_images {
+            let seed = self.config.seed.wrapping_add(0xC1A55 + i as u64);
+            let images = self.generate(&unet, &[(prompt, seed)])?;
+            let (w, h, rgb) = sd_io::image::to_rgb8(&images, 0);
+            let path = dir.join(format!("class-{i:04}.png"));
+            sd_io::image::write_png_rgb8(&path, w, h, &rgb, None)?;
+            let txt = path.with_extension("txt");
+            std::fs::write(&txt, prompt).map_err(|e| TrainError::file(&txt, e))?;
+        }
+        Ok(())
+    }
+
+    /// One image per `(prompt, seed)` with `unet` (off autodiff) and the sample
+    /// settings, `[n, 3, resolution, resolution]` in `[0, 1]`.
+    fn generate(
+        &self,
+        unet: &UNet2DConditionModel,
+        prompts: &[(&str, u64)],
+    ) -> Result<Tensor<4>, TrainError> {
         let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
         let sd = StableDiffusion {
             tokenizer: &self.tokenizer,
             text_encoder: &self.text_encoder,
-            unet: &unet,
+            unet,
             vae: &self.vae,
             scheduler: &scheduler,
             device: self.device.clone(),
         };
-        for i in have..self.config.num_class_images {
+        let mut images = Vec::with_capacity(prompts.len());
+        for &(prompt, seed) in prompts {
             let options = GenerationOptions {
                 prompt: prompt.to_string(),
                 steps: Steps::Count(self.config.sample_steps),
@@ -427,15 +450,12 @@ impl Trainer {
                 height: self.config.resolution,
                 ..Default::default()
             };
-            let seed = self.config.seed.wrapping_add(0xC1A55 + i as u64);
-            let out = sd.txt2img(&options, &mut NoiseRng::seed(seed), None)?;
-            let (w, h, rgb) = sd_io::image::to_rgb8(&out.images, 0);
-            let path = dir.join(format!("class-{i:04}.png"));
-            sd_io::image::write_png_rgb8(&path, w, h, &rgb, None)?;
-            let txt = path.with_extension("txt");
-            std::fs::write(&txt, prompt).map_err(|e| TrainError::file(&txt, e))?;
+            images.push(
+                sd.txt2img(&options, &mut NoiseRng::seed(seed), None)?
+                    .images,
+            );
         }
-        Ok(())
+        Ok(Tensor::cat(images, 0))
     }
 
     fn embed(&self, caption: &str) -> Result<Tensor<3>, TrainError> {
@@ -547,34 +567,15 @@ impl Trainer {
 
     /// A grid of the sample prompts, one seed each (0, 1, ...).
     pub fn sample_grid(&self, unet: &UNet2DConditionModel, path: &Path) -> Result<(), TrainError> {
-        let unet = unet.valid();
-        let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
-        let sd = StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
-            unet: &unet,
-            vae: &self.vae,
-            scheduler: &scheduler,
-            device: self.device.clone(),
-        };
-        let mut images = Vec::new();
-        for (i, prompt) in self.config.sample_prompts.iter().enumerate() {
-            let options = GenerationOptions {
-                prompt: prompt.clone(),
-                steps: Steps::Count(self.config.sample_steps),
-                guidance_scale: self.config.sample_guidance,
-                width: self.config.resolution,
-                height: self.config.resolution,
-                ..Default::default()
-            };
-            let out = sd.txt2img(&options, &mut NoiseRng::seed(i as u64), None)?;
-            images.push(out.images);
-        }
-        if images.is_empty() {
+        if self.config.sample_prompts.is_empty() {
             return Ok(());
         }
-        let n = images.len();
-        let grid = Tensor::cat(images, 0);
+        let prompts: Vec<(&str, u64)> = (self.config.sample_prompts.iter())
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), i as u64))
+            .collect();
+        let grid = self.generate(&unet.valid(), &prompts)?;
+        let n = prompts.len();
         let columns = (n as f64).sqrt().ceil() as usize;
         let (w, h, rgb) = image_grid(&grid, columns);
         if let Some(dir) = path.parent() {
@@ -592,8 +593,7 @@ impl Trainer {
     ) -> Result<(), TrainError> {
         match &self.config.lora {
             None => {
-                let config = DiffusersDir::open(&self.config.model)?.unet_config()?;
-                sd_io::save_unet(unet, &config, dir.join("unet"), DType::F32)?;
+                sd_io::save_unet(unet, &self.unet_config, dir.join("unet"), DType::F32)?;
             }
             Some(l) => {
                 let weights = extract_lora(unet, &self.lora_config(l));
@@ -685,12 +685,13 @@ impl Trainer {
                 (unet, ema, *step)
             }
         };
-        let log = CsvLog::open(out.join("log.csv"), start)?;
-        let _ = num_trainable(&unet);
+        let mut log = CsvLog::open(out.join("log.csv"), start)?;
         let n_train = self.train.len();
         let micro = c.batch_size;
         let mut last_time = Instant::now();
         let mut last_step = start;
+        let mut train_order = EpochOrder::new(c.seed, n_train);
+        let mut class_order = EpochOrder::new(c.seed.wrapping_add(0xC1A55), self.class.len());
         for step in start..c.max_steps {
             let mut rng = StdRng::seed_from_u64(
                 c.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -705,28 +706,15 @@ impl Trainer {
                 for k in 0..micro {
                     let global = first + k;
                     epoch = global / n_train;
-                    let mut order: Vec<usize> = (0..n_train).collect();
-                    order.shuffle(&mut StdRng::seed_from_u64(
-                        c.seed.wrapping_add(epoch as u64),
-                    ));
-                    let item = &self.train[order[global % n_train]];
+                    let item = &self.train[train_order.pick(global)];
                     latents.push(self.latents(item, &mut rng));
                     embeds.push(item.embedding.clone());
                 }
                 // Prior preservation: as many class images, after the instance ones.
-                let n_class = self.class.len();
-                let with_prior = n_class > 0;
+                let with_prior = !self.class.is_empty();
                 if with_prior {
                     for k in 0..micro {
-                        let global = first + k;
-                        let class_epoch = global / n_class;
-                        let mut order: Vec<usize> = (0..n_class).collect();
-                        order.shuffle(&mut StdRng::seed_from_u64(
-                            c.seed
-                                .wrapping_add(0xC1A55)
-                                .wrapping_add(class_epoch as u64),
-                        ));
-                        let item = &self.class[order[global % n_class]];
+                        let item = &self.class[class_order.pick(first + k)];
                         latents.push(self.latents(item, &mut rng));
                         embeds.push(item.embedding.clone());
                     }
@@ -799,7 +787,7 @@ impl Trainer {
             };
             if done % c.log_every == 0 || val_loss.is_some() || done == c.max_steps {
                 log.append(&row)?;
-                write_loss_plot(&out.join("loss.png"), &log.rows()?)?;
+                write_loss_plot(&out.join("loss.png"), log.rows())?;
                 last_time = Instant::now();
                 last_step = done;
             }
@@ -814,8 +802,12 @@ impl Trainer {
                 if let Some(e) = &ema {
                     match &c.lora {
                         None => {
-                            let config = DiffusersDir::open(&c.model)?.unet_config()?;
-                            sd_io::save_unet(&e.model, &config, dir.join("ema_unet"), DType::F32)?;
+                            sd_io::save_unet(
+                                &e.model,
+                                &self.unet_config,
+                                dir.join("ema_unet"),
+                                DType::F32,
+                            )?;
                         }
                         Some(l) => {
                             let weights = extract_lora(&e.model, &self.lora_config(l));
@@ -900,6 +892,38 @@ impl Trainer {
     /// Number of prepared class images (prior preservation).
     pub fn class_images(&self) -> usize {
         self.class.len()
+    }
+}
+
+/// The shuffled order of `n` examples in each epoch (a permutation seeded by
+/// `seed + epoch`), drawn again only when the epoch changes.
+struct EpochOrder {
+    seed: u64,
+    epoch: Option<usize>,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    fn new(seed: u64, n: usize) -> Self {
+        Self {
+            seed,
+            epoch: None,
+            order: (0..n).collect(),
+        }
+    }
+
+    /// The example of the `global`-th draw of the run.
+    fn pick(&mut self, global: usize) -> usize {
+        let n = self.order.len();
+        let epoch = global / n;
+        if self.epoch != Some(epoch) {
+            self.order = (0..n).collect();
+            self.order.shuffle(&mut StdRng::seed_from_u64(
+                self.seed.wrapping_add(epoch as u64),
+            ));
+            self.epoch = Some(epoch);
+        }
+        self.order[global % n]
     }
 }
 
