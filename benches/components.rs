@@ -92,6 +92,50 @@ fn blocks(c: &mut Criterion) {
     g.finish();
 }
 
+/// 3x3 "same" convolutions at the U-Net's levels (batch 2) and the VAE decoder's
+/// (batch 1): the im2col path against Winograd F(4x4, 3x3), on raw slices.
+fn conv3x3(c: &mut Criterion) {
+    use stable_diffusion::models::host::conv::{ConvShape, conv2d_im2col};
+    use stable_diffusion::models::host::winograd::conv3x3;
+    let mut g = c.benchmark_group("conv3x3");
+    g.sample_size(10);
+    for (batch, ch, side) in [
+        (2, 320, 64),
+        (2, 640, 32),
+        (2, 1280, 16),
+        (2, 1280, 8),
+        (1, 512, 64),
+        (1, 256, 256),
+    ] {
+        let s = ConvShape {
+            batch,
+            c_in: ch,
+            h: side,
+            w: side,
+            c_out: ch,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            padding: [1; 4],
+        };
+        let x: Vec<f32> = (0..batch * ch * side * side)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..ch * ch * 9)
+            .map(|i| ((i * 13) % 17) as f32 / 80.0 - 0.1)
+            .collect();
+        let bias = vec![0.1f32; ch];
+        let name = format!("{ch}_{side}x{side}_b{batch}");
+        g.bench_function(format!("im2col_{name}"), |b| {
+            b.iter(|| std::hint::black_box(conv2d_im2col(&x, &w, Some(&bias), s)))
+        });
+        g.bench_function(format!("winograd_{name}"), |b| {
+            b.iter(|| std::hint::black_box(conv3x3(&x, &w, Some(&bias), s)))
+        });
+    }
+    g.finish();
+}
+
 fn scheduler_and_tokenizer(c: &mut Criterion) {
     let device = Device::flex();
     let mut g = c.benchmark_group("host");
@@ -122,5 +166,5 @@ fn scheduler_and_tokenizer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, blocks, scheduler_and_tokenizer);
+criterion_group!(benches, attention, blocks, conv3x3, scheduler_and_tokenizer);
 criterion_main!(benches);

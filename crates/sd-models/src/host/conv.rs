@@ -2,7 +2,7 @@
 //! rows: the bands run in parallel, each with its own im2col buffer of at most
 //! `BAND_BYTES` (a 512x512 VAE layer whole would need gigabytes) and one
 //! single-threaded GEMM whose initial value is the bias. 1x1 stride-1 convolutions
-//! skip im2col.
+//! skip im2col; large 3x3 "same" convolutions go to [`super::winograd`].
 
 use rayon::prelude::*;
 
@@ -52,6 +52,15 @@ const BAND_BYTES: usize = 8 << 20;
 /// When a slice length does not match the shape, or the kernel exceeds the padded
 /// input (caller bugs: the models check shapes first).
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+    if super::winograd::applies(&s) {
+        return super::winograd::conv3x3(x, weight, bias, s);
+    }
+    conv2d_im2col(x, weight, bias, s)
+}
+
+/// [`conv2d`] by im2col + GEMM whatever the shape (benches compare it with
+/// [`super::winograd`]); same shapes and panics.
+pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
     let ConvShape {
         batch,
         c_in,

@@ -10,7 +10,9 @@
 //!   the sequence length;
 //! - [`group_norm`]: GroupNorm with the affine parameters and an optional SiLU in one
 //!   pass (two reads, one write), in place;
-//! - [`conv`]: convolutions as im2col + GEMM in bands of output rows run in parallel;
+//! - [`conv`]: convolutions as im2col + GEMM in bands of output rows run in parallel,
+//!   and [`winograd`]: large 3x3 ones by Winograd's F(4x4, 3x3), a quarter of the
+//!   multiplications;
 //! - [`linear`]: `x wᵀ + b` as blocks of rows (or of columns, for few rows) run in
 //!   parallel, the bias as the GEMMs' initial value, the weight read in place
 //!   (burn's CPU matmul reached about half this throughput here); and the GEGLU
@@ -25,6 +27,7 @@ pub mod exp;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
+pub mod winograd;
 
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
@@ -167,4 +170,39 @@ pub(crate) fn from_vec<const D: usize>(
     device: &Device,
 ) -> Tensor<D> {
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Scratch buffers kept between kernel calls. Fresh allocations of tens of MB cost
+/// a page fault per 4 KiB on first touch (zeroing included), which measured as much
+/// as the arithmetic of a Winograd convolution; reusing mapped buffers avoids it.
+/// At most [`POOL_BUFFERS`] buffers are kept; contents are stale, never zeroed.
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Buffers the scratch pool keeps.
+const POOL_BUFFERS: usize = 4;
+
+/// A scratch buffer of `len` floats (stale contents), from the pool when one is free.
+pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
+    let mut v = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest buffer that is large enough, else the largest.
+        let pick = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity())
+            .or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
+        pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+    };
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Returns a buffer from [`take_scratch`] to the pool (dropped when the pool is full).
+pub(crate) fn give_scratch(v: Vec<f32>) {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_BUFFERS {
+        pool.push(v);
+    }
 }
