@@ -101,6 +101,9 @@ struct Args {
     /// Weight of the prior-preservation loss.
     #[arg(long)]
     prior_loss_weight: Option<f64>,
+    /// Share of captions replaced by the empty prompt (for guidance; 0.1 from scratch).
+    #[arg(long)]
+    caption_dropout: Option<f64>,
     /// cpu, wgpu or cuda (as compiled in).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -137,7 +140,8 @@ fn config(a: &Args) -> Result<TrainConfig, AnyError> {
     }
     set!(resolution => resolution, max_steps => max_steps, lr => learning_rate,
          batch_size => batch_size, gradient_accumulation => gradient_accumulation,
-         validation_images => validation_images, seed => seed);
+         validation_images => validation_images, seed => seed,
+         caption_dropout => caption_dropout);
     if a.class_data.is_some() {
         c.class_data = a.class_data.clone();
     }

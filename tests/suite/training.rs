@@ -251,7 +251,7 @@ fn train_config(data: &std::path::Path, output: &std::path::Path) -> TrainConfig
             "ema_decay": 0.99, "snr_gamma": 5.0, "random_flip": true,
             "checkpoint_every": 2, "validation_images": 1, "validation_every": 2,
             "sample_prompts": ["a red square", "a blue square"], "sample_every": 2,
-            "sample_steps": 2, "log_every": 1, "seed": 3
+            "sample_steps": 2, "log_every": 1, "seed": 3, "caption_dropout": 0.5
         }}"#,
         model = fixture("tiny-sd15"),
     ))

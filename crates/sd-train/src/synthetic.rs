@@ -337,9 +337,38 @@ pub struct MatchReport {
 }
 
 impl MatchReport {
+    /// Counts one image `rgb` (`side` pixels square) meant to show `scene`.
+    pub fn add(&mut self, scene: &Scene, rgb: &[u8], side: usize) {
+        self.images += 1;
+        if let Some(c) = classify(rgb, side) {
+            let colour = c.colour == scene.colour;
+            let shape = c.shape == scene.shape;
+            self.colour += colour as usize;
+            self.shape += shape as usize;
+            self.position += (c.position == scene.position) as usize;
+            self.colour_and_shape += (colour && shape) as usize;
+        }
+    }
+
     /// The share of images matching colour and shape.
     pub fn rate(&self) -> f64 {
         self.colour_and_shape as f64 / self.images.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for MatchReport {
+    /// "colour+shape 81.0% (colour 90.0%, shape 85.0%, position 70.0%) over 120 images".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |k: usize| 100.0 * k as f64 / self.images.max(1) as f64;
+        write!(
+            f,
+            "colour+shape {:.1}% (colour {:.1}%, shape {:.1}%, position {:.1}%) over {} images",
+            pct(self.colour_and_shape),
+            pct(self.colour),
+            pct(self.shape),
+            pct(self.position),
+            self.images
+        )
     }
 }
 
@@ -370,15 +399,38 @@ pub fn prompt_match(
         };
         let out = sd.txt2img(&options, &mut sd_core::NoiseRng::seed(i as u64), None)?;
         let (_, _, rgb) = sd_io::image::to_rgb8(&out.images, 0);
-        report.images += 1;
-        if let Some(c) = classify(&rgb, side) {
-            let colour = c.colour == scene.colour;
-            let shape = c.shape == scene.shape;
-            report.colour += colour as usize;
-            report.shape += shape as usize;
-            report.position += (c.position == scene.position) as usize;
-            report.colour_and_shape += (colour && shape) as usize;
-        }
+        report.add(&scene, &rgb, side);
     }
     Ok(report)
+}
+
+/// Encodes every scene of the data set (a fresh rendering, `side` pixels) with `vae`,
+/// decodes the posterior mean and classifies the result against the scene: how much
+/// of the prompt the latent space keeps, an upper bound for a U-Net trained on it.
+pub fn reconstruction_match(vae: &sd_models::AutoencoderKL, side: usize) -> MatchReport {
+    use burn::prelude::*;
+    use sd_core::Autoencoder;
+    let device = vae.encoder.conv_in.weight.val().device();
+    let mut rng = StdRng::seed_from_u64(7);
+    let scenes = Scene::all(&mut rng);
+    let mut report = MatchReport::default();
+    for chunk in scenes.chunks(16) {
+        let pixels: Vec<f32> = chunk
+            .iter()
+            .flat_map(|s| s.render(side))
+            .map(|v| v as f32 / 127.5 - 1.0)
+            .collect();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(pixels, [chunk.len(), side, side, 3]),
+            &device,
+        )
+        .permute([0, 3, 1, 2]);
+        let mean = vae.encode(x).mean;
+        let images = (vae.decode(mean) + 1.0) / 2.0;
+        for (i, scene) in chunk.iter().enumerate() {
+            let (_, _, rgb) = sd_io::image::to_rgb8(&images, i);
+            report.add(scene, &rgb, side);
+        }
+    }
+    report
 }

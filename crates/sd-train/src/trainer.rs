@@ -204,6 +204,12 @@ pub struct TrainConfig {
     /// Weight of the class images' loss.
     #[serde(default = "d_prior")]
     pub prior_loss_weight: f64,
+    /// Share of training examples whose caption is replaced by the empty prompt
+    /// (diffusers' `--proportion_empty_prompts`), so the model also learns the
+    /// unconditional prediction that classifier-free guidance needs; 0.1 is usual
+    /// when training from scratch.
+    #[serde(default)]
+    pub caption_dropout: f64,
 }
 
 fn d_prior() -> f64 {
@@ -240,6 +246,12 @@ impl TrainConfig {
         }
         if self.class_data.is_some() && self.class_prompt.is_none() {
             return bad("class_data needs a class_prompt".into());
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return bad(format!(
+                "caption_dropout {} must be in [0, 1]",
+                self.caption_dropout
+            ));
         }
         if let Some(d) = self.ema_decay
             && !(0.0..1.0).contains(&d)
@@ -294,6 +306,8 @@ pub struct Trainer {
     train: Vec<Item>,
     validation: Vec<Item>,
     class: Vec<Item>,
+    /// The empty prompt's embedding `[1, 77, d]` (caption dropout).
+    empty_embedding: Tensor<3>,
     /// The examples used, training then validation.
     pub examples: Vec<Example>,
 }
@@ -311,6 +325,20 @@ fn latest_checkpoint(output: &Path) -> Option<(usize, PathBuf)> {
                 .then(|| (step, e.path()))
         })
         .max_by_key(|(s, _)| *s)
+}
+
+/// The last hidden state `[1, 77, d]` of `caption`.
+fn embed(
+    tokenizer: &sd_io::ClipTokenizer,
+    text_encoder: &ClipTextModel,
+    caption: &str,
+    device: &Device,
+) -> Result<Tensor<3>, TrainError> {
+    let ids = tokenizer.encode_padded(caption)?;
+    let n = ids.len();
+    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+    Ok(text_encoder.forward(ids, HiddenLayer::Last).hidden_states)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
@@ -358,7 +386,9 @@ impl Trainer {
                 ),
             });
         }
+        let empty_embedding = embed(&tokenizer, &text_encoder, "", &device)?;
         let mut trainer = Self {
+            empty_embedding,
             config,
             device,
             vae,
@@ -459,14 +489,7 @@ impl Trainer {
     }
 
     fn embed(&self, caption: &str) -> Result<Tensor<3>, TrainError> {
-        let ids = self.tokenizer.encode_padded(caption)?;
-        let n = ids.len();
-        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
-        Ok(self
-            .text_encoder
-            .forward(ids, HiddenLayer::Last)
-            .hidden_states)
+        embed(&self.tokenizer, &self.text_encoder, caption, &self.device)
     }
 
     fn prepare(&self, ex: &Example, flip: bool) -> Result<Item, TrainError> {
@@ -708,7 +731,13 @@ impl Trainer {
                     epoch = global / n_train;
                     let item = &self.train[train_order.pick(global)];
                     latents.push(self.latents(item, &mut rng));
-                    embeds.push(item.embedding.clone());
+                    // Drawn only when asked, so runs without dropout keep their
+                    // random stream.
+                    let drop = c.caption_dropout > 0.0 && rng.random::<f64>() < c.caption_dropout;
+                    embeds.push(match drop {
+                        true => self.empty_embedding.clone(),
+                        false => item.embedding.clone(),
+                    });
                 }
                 // Prior preservation: as many class images, after the instance ones.
                 let with_prior = !self.class.is_empty();

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sd_models::AutoencoderKL;
 
+use crate::optim::LrSchedule;
 use crate::trainer::gaussian;
 
 /// Settings of [`train_vae`].
@@ -16,7 +17,7 @@ pub struct VaeTrainConfig {
     pub steps: usize,
     /// Images per step.
     pub batch_size: usize,
-    /// AdamW learning rate (constant after a linear warm-up of 5% of the steps).
+    /// Peak AdamW learning rate (linear warm-up over 5% of the steps, then cosine decay to 0).
     pub learning_rate: f64,
     /// Weight of the KL term (small: the latents stay informative).
     pub kl_weight: f64,
@@ -63,7 +64,12 @@ pub fn train_vae(
             kl.into_scalar::<f32>() as f64,
         );
         let grads = GradientsParams::from_grads(loss.backward(), &vae);
-        let lr = config.learning_rate * ((step + 1) as f64 / warmup as f64).min(1.0);
+        let lr = config.learning_rate
+            * LrSchedule::Cosine {
+                warmup_steps: warmup,
+                total_steps: config.steps,
+            }
+            .factor(step);
         vae = optim.step(lr, vae, grads);
     }
     vae.valid()
