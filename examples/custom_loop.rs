@@ -1,8 +1,9 @@
 //! The denoising loop written by hand from the public traits: what the pipelines do,
-//! in a screenful. Runs on the tiny model shipped in the repo, or `--model DIR`.
+//! in a screenful. Runs on the demo model shipped in the repo (`models/demo-shapes`), or
+//! `--model DIR`.
 //!
 //! ```text
-//! cargo run --release --example custom_loop -- --prompt "a red fox in snow"
+//! cargo run --release --example custom_loop -- --prompt "a green square on a black background, center"
 //! ```
 
 use std::path::PathBuf;
@@ -17,10 +18,10 @@ use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, Sig
 
 #[derive(Parser)]
 struct Args {
-    /// A diffusers folder (default: the tiny model shipped in the repo).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd15"))]
+    /// A diffusers folder (default: the demo model shipped in the repo).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo-shapes"))]
     model: PathBuf,
-    #[arg(long, default_value = "a red fox in snow")]
+    #[arg(long, default_value = "a green square on a black background, center")]
     prompt: String,
     #[arg(long, default_value = "custom_loop.png")]
     out: PathBuf,

@@ -13,7 +13,7 @@ use stable_diffusion::io::WeightSource;
 use stable_diffusion::io::image::{GenerationParameters, load_image, load_mask, read_parameters};
 
 /// `target/<profile>/examples/<name>`, built by `cargo test` with the tests.
-fn example(name: &str) -> PathBuf {
+pub(crate) fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().join("examples");
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));

@@ -5,6 +5,7 @@ mod common;
 
 mod configs;
 mod corrupt_files;
+mod demo_model;
 mod examples;
 mod lora;
 mod models;

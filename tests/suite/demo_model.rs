@@ -1,0 +1,85 @@
+//! The demo model shipped in `models/demo-shapes` (trained by `--example train_demo`):
+//! it loads as a diffusers folder and draws what its prompts say, as measured by the
+//! deterministic classifier of `train::synthetic`.
+
+use std::path::PathBuf;
+
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::core::StableDiffusion;
+use stable_diffusion::io::{ComponentOptions, DiffusersDir};
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+use stable_diffusion::train::synthetic::{prompt_match, reconstruction_match};
+
+fn demo_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo-shapes")
+}
+
+/// The share of images whose colour and shape match the prompt, over 100 prompts
+/// and seeds (20 steps, guidance 2.5), must stay near the figure the README reports
+/// (77% measured with `train_demo --eval-model models/demo-shapes --eval 100`); a
+/// regression in any part of the pipeline shows up as a drop.
+#[test]
+fn demo_model_draws_its_prompts() {
+    let device = Device::flex();
+    let dir = DiffusersDir::open(demo_model()).unwrap();
+    let opts = ComponentOptions::default();
+    let (tok, te, unet, vae) = (
+        dir.tokenizer().unwrap(),
+        dir.text_encoder(&device, &opts).unwrap(),
+        dir.unet(&device, &opts).unwrap(),
+        dir.vae(&device, &opts).unwrap(),
+    );
+    let recon = reconstruction_match(&vae, 64);
+    assert!(
+        recon.rate() >= 0.7,
+        "the VAE keeps colour and shape: {recon}"
+    );
+    let scheduler = AnyScheduler::from_config(
+        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let sd = StableDiffusion {
+        tokenizer: &tok,
+        text_encoder: &te,
+        unet: &unet,
+        vae: &vae,
+        scheduler: &scheduler,
+        device: device.clone(),
+    };
+    let r = prompt_match(&sd, 100, 20, 2.5, 64).unwrap();
+    eprintln!("demo model prompt match: {r}");
+    assert!(r.rate() >= MIN_RATE, "prompt match fell: {r}");
+}
+
+/// A floor under the measured rate (77% over these 100 images, README), with room
+/// for float differences between machines.
+const MIN_RATE: f64 = 0.65;
+
+/// The README's generation command (`txt2img` without `--model`, so on the demo
+/// model; default seed and steps, guidance 2.5) draws the shape and colour it asks
+/// for.
+#[test]
+fn readme_command_draws_the_prompt() {
+    use stable_diffusion::io::image::{load_image, to_rgb8};
+    use stable_diffusion::train::synthetic::{COLOURS, classify};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shape.png");
+    let status = std::process::Command::new(crate::examples::example("txt2img"))
+        .args(["--prompt", README_PROMPT, "--guidance", "2.5"])
+        .args(["--out", out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let image = load_image(&out, &Device::flex()).unwrap();
+    let (w, h, rgb) = to_rgb8(&image, 0);
+    assert_eq!((w, h), (64, 64), "the demo model's native size");
+    let seen = classify(&rgb, 64).expect("a shape on a background");
+    let (colour, shape) = README_EXPECTS;
+    assert_eq!(COLOURS[seen.colour].0, colour, "{seen:?}");
+    assert_eq!(seen.shape, shape, "{seen:?}");
+}
+
+/// The prompt of the README's generation command, and what it must show.
+const README_PROMPT: &str = "a red circle on a white background, top left";
+const README_EXPECTS: (&str, stable_diffusion::train::synthetic::Shape) =
+    ("red", stable_diffusion::train::synthetic::Shape::Circle);
