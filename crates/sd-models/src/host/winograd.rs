@@ -23,6 +23,9 @@
 //! 102 -> 73; 1280 ch 8x8 b2: 26 -> 60 (so not used there); VAE 512 ch 64x64: 150 ->
 //! 48; 256 ch 256x256: 600 -> 231.
 
+// The transforms index several small arrays by the same lane/row number.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use super::conv::ConvShape;
