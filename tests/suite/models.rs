@@ -226,9 +226,23 @@ fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
     );
 }
 
+/// The devices of the VAE parity tests: [`devices`] without wgpu unless
+/// `SD_TEST_WGPU_VAE=1`. On Mesa's lavapipe on a 2-core AVX-512 Xeon (2026-12-01) the
+/// VAE on wgpu deadlocked inside cubecl 0.11 every time (alone, at any autotune level:
+/// an autotune thread waiting for exclusive access to the device while the test
+/// thread waited for room in the device's queue), which hangs the whole suite; on the
+/// EPYC machines before it passed. See docs/performance.md.
+fn vae_devices() -> Vec<(&'static str, Device)> {
+    let wgpu_too = std::env::var("SD_TEST_WGPU_VAE").is_ok_and(|v| v == "1");
+    devices()
+        .into_iter()
+        .filter(|(name, _)| *name == "flex" || wgpu_too)
+        .collect()
+}
+
 #[test]
 fn vae_matches_diffusers() {
-    for (name, device) in devices() {
+    for (name, device) in vae_devices() {
         let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
         check_vae(name, &device, &vae);
     }
@@ -239,7 +253,7 @@ fn vae_matches_diffusers() {
 #[test]
 fn tiled_vae_matches_diffusers() {
     let r = Reference::open("reference/vae_tiled.safetensors");
-    for (name, device) in devices() {
+    for (name, device) in vae_devices() {
         let vae = tiny()
             .vae(&device, &ComponentOptions::default())
             .unwrap()
