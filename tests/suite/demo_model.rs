@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::core::StableDiffusion;
-use stable_diffusion::io::{ComponentOptions, DiffusersDir};
-use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 use stable_diffusion::train::synthetic::{prompt_match, reconstruction_match};
+
+use crate::common::LoadedPipeline;
 
 fn demo_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo-shapes")
@@ -21,32 +20,13 @@ fn demo_model() -> PathBuf {
 #[test]
 fn demo_model_draws_its_prompts() {
     let device = Device::flex();
-    let dir = DiffusersDir::open(demo_model()).unwrap();
-    let opts = ComponentOptions::default();
-    let (tok, te, unet, vae) = (
-        dir.tokenizer().unwrap(),
-        dir.text_encoder(&device, &opts).unwrap(),
-        dir.unet(&device, &opts).unwrap(),
-        dir.vae(&device, &opts).unwrap(),
-    );
-    let recon = reconstruction_match(&vae, 64);
+    let p = LoadedPipeline::open(demo_model(), &device);
+    let recon = reconstruction_match(&p.vae, 64);
     assert!(
         recon.rate() >= 0.7,
         "the VAE keeps colour and shape: {recon}"
     );
-    let scheduler = AnyScheduler::from_config(
-        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
-    )
-    .unwrap();
-    let sd = StableDiffusion {
-        tokenizer: &tok,
-        text_encoder: &te,
-        unet: &unet,
-        vae: &vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
-    let r = prompt_match(&sd, 100, 20, 2.5, 64).unwrap();
+    let r = prompt_match(&p.sd(), 100, 20, 2.5, 64).unwrap();
     eprintln!("demo model prompt match: {r}");
     assert!(r.rate() >= MIN_RATE, "prompt match fell: {r}");
 }

@@ -439,31 +439,9 @@ fn vae_training_lowers_the_reconstruction_error() {
 
 #[test]
 fn prompt_match_runs_the_pipeline_and_the_classifier() {
-    use stable_diffusion::core::StableDiffusion;
-    use stable_diffusion::schedulers::AnyScheduler;
     use stable_diffusion::train::synthetic::prompt_match;
-    let device = Device::flex();
-    let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
-    let opts = ComponentOptions::default();
-    let (tok, te, unet, vae) = (
-        dir.tokenizer().unwrap(),
-        dir.text_encoder(&device, &opts).unwrap(),
-        dir.unet(&device, &opts).unwrap(),
-        dir.vae(&device, &opts).unwrap(),
-    );
-    let scheduler = AnyScheduler::from_config(
-        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
-    )
-    .unwrap();
-    let sd = StableDiffusion {
-        tokenizer: &tok,
-        text_encoder: &te,
-        unet: &unet,
-        vae: &vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
-    let r = prompt_match(&sd, 3, 2, 7.5, 32).unwrap();
+    let p = crate::common::LoadedPipeline::open(fixture("tiny-sd15"), &Device::flex());
+    let r = prompt_match(&p.sd(), 3, 2, 7.5, 32).unwrap();
     assert_eq!(r.images, 3);
     assert!(r.colour_and_shape <= r.colour.min(r.shape));
 }

@@ -132,3 +132,45 @@ pub fn assert_close<const D: usize>(
     assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
     d
 }
+
+/// Every component of a diffusers folder, loaded in f32 on `device`, and the
+/// pipeline over them ([`LoadedPipeline::sd`]).
+pub struct LoadedPipeline {
+    pub tokenizer: stable_diffusion::io::ClipTokenizer,
+    pub text_encoder: stable_diffusion::models::ClipTextModel,
+    pub unet: stable_diffusion::models::UNet2DConditionModel,
+    pub vae: stable_diffusion::models::AutoencoderKL,
+    pub scheduler: stable_diffusion::schedulers::AnyScheduler,
+    pub device: Device,
+}
+
+impl LoadedPipeline {
+    /// Loads the folder at `path` (panics on any error: tests only).
+    pub fn open(path: impl AsRef<std::path::Path>, device: &Device) -> Self {
+        use stable_diffusion::io::{ComponentOptions, DiffusersDir};
+        use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+        let dir = DiffusersDir::open(path.as_ref()).unwrap();
+        let opts = ComponentOptions::default();
+        let config = SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap();
+        Self {
+            tokenizer: dir.tokenizer().unwrap(),
+            text_encoder: dir.text_encoder(device, &opts).unwrap(),
+            unet: dir.unet(device, &opts).unwrap(),
+            vae: dir.vae(device, &opts).unwrap(),
+            scheduler: AnyScheduler::from_config(&config).unwrap(),
+            device: device.clone(),
+        }
+    }
+
+    /// The pipeline over the loaded components.
+    pub fn sd(&self) -> stable_diffusion::core::StableDiffusion<'_> {
+        stable_diffusion::core::StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            unet: &self.unet,
+            vae: &self.vae,
+            scheduler: &self.scheduler,
+            device: self.device.clone(),
+        }
+    }
+}
