@@ -136,6 +136,50 @@ fn conv3x3(c: &mut Criterion) {
     g.finish();
 }
 
+/// The transformer blocks' linear layers at the 64x64 level (batch 2, 8192 rows):
+/// a 320 -> 320 projection, the GEGLU projection 320 -> 2 x 1280 with its
+/// `a * gelu(gate)`, and the feed-forward's 1280 -> 320; plus the text encoder's
+/// 77 x 768 -> 3072. On raw slices; the weight packing is part of each call.
+fn linear(c: &mut Criterion) {
+    use stable_diffusion::models::host::linear::{Matrix, linear, linear_geglu};
+    let mut g = c.benchmark_group("linear");
+    g.sample_size(10);
+    for (name, rows, d_in, d_out, geglu) in [
+        ("8192x320_to_320", 8192, 320, 320, false),
+        ("8192x320_geglu_2x1280", 8192, 320, 2560, true),
+        ("8192x1280_to_320", 8192, 1280, 320, false),
+        ("77x768_to_3072", 77, 768, 3072, false),
+    ] {
+        let x: Vec<f32> = (0..rows * d_in)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..d_out * d_in)
+            .map(|i| ((i * 13) % 17) as f32 / 80.0 - 0.1)
+            .collect();
+        let bias = vec![0.1f32; d_out];
+        let xm = Matrix {
+            data: &x,
+            row_stride: d_in as isize,
+            col_stride: 1,
+        };
+        let wm = Matrix {
+            data: &w,
+            row_stride: d_in as isize,
+            col_stride: 1,
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                std::hint::black_box(if geglu {
+                    linear_geglu(xm, rows, d_in, wm, d_out / 2, Some(&bias))
+                } else {
+                    linear(xm, rows, d_in, wm, d_out, Some(&bias))
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
 fn scheduler_and_tokenizer(c: &mut Criterion) {
     let device = Device::flex();
     let mut g = c.benchmark_group("host");
@@ -166,5 +210,12 @@ fn scheduler_and_tokenizer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, blocks, conv3x3, scheduler_and_tokenizer);
+criterion_group!(
+    benches,
+    attention,
+    blocks,
+    conv3x3,
+    linear,
+    scheduler_and_tokenizer
+);
 criterion_main!(benches);

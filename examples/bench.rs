@@ -68,6 +68,10 @@ struct Args {
     /// VAE tiling: auto (above 1024x1024 pixels), on or off.
     #[arg(long, default_value = "auto")]
     vae_tiling: String,
+    /// Also print the time per run spent in each CPU kernel (attention, Winograd
+    /// and im2col convolutions, linear layers, GroupNorm) and outside them.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Casts every float parameter to a dtype.
@@ -95,6 +99,8 @@ fn peak_rss_mb() -> f64 {
 fn time(device: &Device, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
     let _ = device.sync();
+    #[cfg(feature = "flex")]
+    stable_diffusion::models::host::profile::reset();
     (0..runs)
         .map(|_| {
             let t = Instant::now();
@@ -110,6 +116,7 @@ fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str) {
     let (min, max) = (times[0], times[times.len() - 1]);
     let median = times[times.len() / 2];
     let rss = peak_rss_mb();
+    let kernels = kernel_times(args, &times);
     if args.json {
         println!(
             "{}",
@@ -125,10 +132,55 @@ fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str) {
             args.device
         );
     }
+    for (name, calls, seconds) in kernels {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "component": component, "kernel": name, "calls_per_run": calls, "s_per_run": seconds,
+                })
+            );
+        } else {
+            println!("  {name:<20} {seconds:8.3} s per run  ({calls:.0} calls)");
+        }
+    }
+}
+
+/// With `--profile`: (kernel, calls per run, seconds per run) for the timed runs,
+/// plus the time outside the kernels; empty otherwise.
+fn kernel_times(args: &Args, times: &[f64]) -> Vec<(String, f64, f64)> {
+    if !args.profile {
+        return Vec::new();
+    }
+    #[cfg(feature = "flex")]
+    {
+        let runs = times.len() as f64;
+        let mut rows: Vec<(String, f64, f64)> = stable_diffusion::models::host::profile::report()
+            .into_iter()
+            .map(|k| {
+                (
+                    k.name.to_string(),
+                    k.calls as f64 / runs,
+                    k.total.as_secs_f64() / runs,
+                )
+            })
+            .collect();
+        let inside: f64 = rows.iter().map(|r| r.2).sum();
+        let per_run = times.iter().sum::<f64>() / runs;
+        rows.push(("outside_kernels".into(), 0.0, per_run - inside));
+        rows
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = times;
+        Vec::new()
+    }
 }
 
 fn run(args: Args) -> Result<(), common::AnyError> {
     let device = common::device(&args.device)?;
+    #[cfg(feature = "flex")]
+    stable_diffusion::models::host::profile::enable(args.profile);
     if args.runs == 0 {
         return Err("--runs must be at least 1".into());
     }

@@ -73,19 +73,31 @@ pub(crate) fn host_linear<const D: usize>(
                 } else {
                     (0, st[0], st[1])
                 };
-                let mut out = Vec::new();
-                for bi in 0..batch {
+                // A batch whose items follow each other is one matrix of
+                // `batch * rows` rows: one call, no per-item outputs to join.
+                let (items, item_rows) = if batch == 1 || sb == rows as isize * sr {
+                    (1, batch * rows)
+                } else {
+                    (batch, rows)
+                };
+                let width = if geglu { d_out / 2 } else { d_out };
+                let mut out = Vec::with_capacity(batch * rows * width);
+                for bi in 0..items {
                     let data = &xv.data[bi * sb as usize..];
                     let xm = Matrix {
                         data,
                         row_stride: sr,
                         col_stride: sc,
                     };
-                    if geglu {
-                        out.extend(linear_geglu(xm, rows, d_in, wm, d_out / 2, b));
+                    let y = if geglu {
+                        linear_geglu(xm, item_rows, d_in, wm, d_out / 2, b)
                     } else {
-                        out.extend(gemm_linear(xm, rows, d_in, wm, d_out, b));
+                        gemm_linear(xm, item_rows, d_in, wm, d_out, b)
+                    };
+                    if items == 1 {
+                        return y;
                     }
+                    out.extend_from_slice(&y);
                 }
                 out
             })

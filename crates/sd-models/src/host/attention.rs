@@ -55,6 +55,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         head_dim: d,
         ..
     } = shape;
+    let _prof = super::profile::scope(if n_kv == n_q {
+        "attention_self"
+    } else {
+        "attention_cross"
+    });
     let width = heads * d;
     assert_eq!(q.len(), batch * n_q * width, "attention: query length");
     assert_eq!(k.len(), batch * n_kv * width, "attention: key length");

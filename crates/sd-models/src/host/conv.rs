@@ -61,6 +61,11 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> 
 /// [`conv2d`] by im2col + GEMM whatever the shape (benches compare it with
 /// [`super::winograd`]); same shapes and panics.
 pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+    let _prof = super::profile::scope(if s.kh == 1 && s.kw == 1 {
+        "conv1x1"
+    } else {
+        "conv_im2col"
+    });
     let ConvShape {
         batch,
         c_in,

@@ -62,8 +62,26 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
+/// Whether the explicit AVX-512F kernels can run on this CPU.
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `row[i] = exp(row[i] - max)`; returns the sum of the new values.
 pub fn exp_sub_sum(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { x86_512::exp_sub_sum(row, max) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -92,6 +110,11 @@ fn exp_sub_sum_generic(row: &mut [f32], max: f32) -> f32 {
 
 /// The largest value of `row` (`-inf` when empty).
 pub fn max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { x86_512::max(row) };
+    }
     simd_dispatch!(avx2, max_generic, (row: &[f32]) -> f32)
 }
 
@@ -246,6 +269,128 @@ pub(crate) mod x86 {
         }
         for i in full..n {
             o[i] = a[i] * crate::host::geglu::gelu(b[i]);
+        }
+    }
+}
+
+/// Explicit AVX-512F versions of the attention softmax and GEGLU helpers: the same
+/// polynomials as the AVX2 ones, sixteen lanes at a time.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_512 {
+    use std::arch::x86_64::*;
+
+    use super::{EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, LOG2E};
+
+    /// `exp` of sixteen lanes, the same polynomial as [`super::exp`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp16(x: __m512) -> __m512 {
+        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_MIN));
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX)),
+            _mm512_set1_ps(EXP_MIN),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+        let y = _mm512_add_ps(y, _mm512_set1_ps(1.0));
+        let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let e = _mm512_mul_ps(y, _mm512_castsi512_ps(pow));
+        _mm512_mask_mov_ps(e, underflow, _mm512_setzero_ps())
+    }
+
+    /// See [`super::exp_sub_sum`].
+    #[target_feature(enable = "avx512f")]
+    pub fn exp_sub_sum(row: &mut [f32], max: f32) -> f32 {
+        let m = _mm512_set1_ps(max);
+        let mut acc = _mm512_setzero_ps();
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // SAFETY: `c` holds sixteen f32.
+            unsafe {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), m));
+                _mm512_storeu_ps(c.as_mut_ptr(), e);
+                acc = _mm512_add_ps(acc, e);
+            }
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mask: __mmask16 = (1u32 << rest.len()).wrapping_sub(1) as u16;
+            // SAFETY: the masked lanes are the remainder's elements only.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
+                let e = exp16(_mm512_sub_ps(v, m));
+                _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, e);
+                acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mask, e));
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// See [`super::max`].
+    #[target_feature(enable = "avx512f")]
+    pub fn max(row: &[f32]) -> f32 {
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            // SAFETY: `c` holds sixteen f32.
+            acc = _mm512_max_ps(acc, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+        }
+        let mut m = _mm512_reduce_max_ps(acc);
+        for v in chunks.remainder() {
+            m = if *v > m { *v } else { m };
+        }
+        m
+    }
+
+    /// `o = a * gelu(b)` with the erf of [`crate::host::geglu::erf`].
+    #[target_feature(enable = "avx512f")]
+    pub fn geglu_row(o: &mut [f32], a: &[f32], b: &[f32]) {
+        let n = o.len().min(a.len()).min(b.len());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let mask: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            // SAFETY: the masked lanes lie inside all three slices.
+            unsafe {
+                let va = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
+                let vb = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(i));
+                let x = _mm512_mul_ps(vb, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+                let ax = _mm512_abs_ps(x);
+                let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), ax, one));
+                let mut p = _mm512_set1_ps(1.061_405_4);
+                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453_152_1));
+                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421_413_8));
+                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284_496_74));
+                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254_829_6));
+                let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
+                let erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);
+                // erf takes x's sign: flip where x < 0.
+                let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+                let erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
+                let gelu = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_set1_ps(0.5), vb),
+                    _mm512_add_ps(one, erf),
+                );
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, _mm512_mul_ps(va, gelu));
+            }
+            i += 16;
         }
     }
 }

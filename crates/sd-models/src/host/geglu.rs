@@ -10,6 +10,11 @@ use super::exp;
 /// projection; see [`super::linear::linear_geglu`]).
 pub fn geglu_into(o: &mut [f32], a: &[f32], b: &[f32]) {
     #[cfg(target_arch = "x86_64")]
+    if exp::has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { exp::x86_512::geglu_row(o, a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if exp::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { exp::x86::geglu_row(o, a, b) };

@@ -28,6 +28,7 @@ pub fn group_norm(
     epsilon: f64,
     silu: bool,
 ) {
+    let _prof = super::profile::scope("group_norm");
     assert!(
         channels.is_multiple_of(groups),
         "group_norm: groups must divide channels"

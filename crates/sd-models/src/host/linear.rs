@@ -4,6 +4,35 @@
 
 use rayon::prelude::*;
 
+use super::panel_gemm::{self, Epilogue, PackedWeight};
+
+/// Fewest rows for which packing the weight into panels pays (below, the `gemm`
+/// crate over the few rows is as fast).
+const PANEL_MIN_ROWS: usize = 8;
+
+/// The product through [`panel_gemm`] when the CPU and the operands allow it.
+fn panel_linear(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) -> Option<Vec<f32>> {
+    if !(panel_gemm::available()
+        && x.col_stride == 1
+        && x.row_stride >= 0
+        && rows >= PANEL_MIN_ROWS)
+    {
+        return None;
+    }
+    let packed = PackedWeight::pack(weight, d_out, d_in, bias, epilogue);
+    let mut out = vec![0.0f32; rows * packed.cols()];
+    packed.matmul_into(x, rows, &mut out);
+    Some(out)
+}
+
 /// A matrix operand: values and the element strides of its rows and columns.
 #[derive(Debug, Clone, Copy)]
 pub struct Matrix<'a> {
@@ -32,6 +61,7 @@ pub fn linear(
     d_out: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    let _prof = super::profile::scope("linear");
     check(x, rows, d_in, weight, d_out, bias);
     let mut out = match bias {
         Some(b) => b.repeat(rows),
@@ -45,10 +75,14 @@ pub fn linear(
         linear_into(&mut out, x, rows, d_in, weight, d_out, bias.is_some());
         return out;
     }
-    if rows >= 256 {
-        // Blocks of rows run in parallel, each a single-threaded GEMM (faster than
-        // one GEMM synchronising its threads internally).
-        let block = rows.div_ceil(threads * 2).max(16);
+    // Every single-threaded GEMM packs both of its operands. Blocks of rows each pack
+    // the whole weight; blocks of columns each pack the whole input: split the
+    // operand whose copies cost less (one task per thread, so nothing is packed
+    // more often than needed).
+    let row_split_packs = threads * d_out * d_in + rows * d_in;
+    let col_split_packs = threads * rows * d_in + d_out * d_in;
+    if rows >= 2 * threads && row_split_packs <= col_split_packs {
+        let block = rows.div_ceil(threads);
         out.par_chunks_mut(block * d_out)
             .enumerate()
             .for_each(|(i, dst)| {
@@ -146,8 +180,12 @@ pub fn linear_geglu(
     inner: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    let _prof = super::profile::scope("linear_geglu");
     let d_out = 2 * inner;
     check(x, rows, d_in, weight, d_out, bias);
+    if let Some(out) = panel_linear(x, rows, d_in, weight, d_out, bias, Epilogue::Geglu) {
+        return out;
+    }
     let mut out = vec![0.0f32; rows * inner];
     let block = 64;
     out.par_chunks_mut(block * inner).enumerate().for_each_init(

@@ -27,6 +27,8 @@ pub mod exp;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
+pub mod panel_gemm;
+pub mod profile;
 pub mod winograd;
 
 use burn::prelude::*;

@@ -287,6 +287,7 @@ pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) ->
         c_out,
         ..
     } = s;
+    let _prof = super::profile::scope("conv3x3_winograd");
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == [1, 1] && s.padding == [1; 4],
         "winograd: 3x3 stride 1 padding 1 only"
