@@ -111,7 +111,16 @@ fn time(device: &Device, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
-fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str) {
+/// Runs `f` and returns its value with the seconds it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed().as_secs_f64())
+}
+
+/// Prints one component's figures; `load_s` is the time its construction (random
+/// weights) or loading (`--model`) took.
+fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str, load_s: f64) {
     times.sort_by(|a, b| a.total_cmp(b));
     let (min, max) = (times[0], times[times.len() - 1]);
     let median = times[times.len() / 2];
@@ -122,13 +131,13 @@ fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str) {
             "{}",
             serde_json::json!({
                 "component": component, "median_s": median, "min_s": min, "max_s": max,
-                "peak_rss_mb": rss, "device": args.device, "dtype": dtype,
+                "peak_rss_mb": rss, "device": args.device, "dtype": dtype, "load_s": load_s,
                 "height": args.height, "width": args.width, "batch": args.batch, "runs": times.len(),
             })
         );
     } else {
         println!(
-            "{component:<13} median {median:8.3} s  min {min:8.3} s  max {max:8.3} s  peak RSS {rss:8.0} MB  ({}, {dtype})",
+            "{component:<13} median {median:8.3} s  min {min:8.3} s  max {max:8.3} s  peak RSS {rss:8.0} MB  load {load_s:6.2} s  ({}, {dtype})",
             args.device
         );
     }
@@ -241,7 +250,8 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     let (lh, lw) = (args.height / 8, args.width / 8);
 
     if want("text_encoder") {
-        let te = load_te()?;
+        let (te, load_s) = timed(load_te);
+        let te = te?;
         let ids =
             Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
         let t = time(&device, args.runs, || {
@@ -250,10 +260,11 @@ fn run(args: Args) -> Result<(), common::AnyError> {
                 .hidden_states
                 .into_data();
         });
-        report(&args, "text_encoder", t, "f32");
+        report(&args, "text_encoder", t, "f32", load_s);
     }
     if want("unet") {
-        let unet = load_unet()?;
+        let (unet, load_s) = timed(load_unet);
+        let unet = unet?;
         let cross = stable_diffusion::core::Denoiser::cross_attention_dim(&unet);
         let b = args.batch;
         let x = NoiseRng::seed(0).normal_tensor([b, 4, lh, lw], &device);
@@ -262,18 +273,20 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         let t = time(&device, args.runs, || {
             let _ = unet.forward(x.clone(), ts.clone(), ctx.clone()).into_data();
         });
-        report(&args, "unet", t, dtype_name);
+        report(&args, "unet", t, dtype_name, load_s);
     }
     if want("vae") {
-        let vae = load_vae()?;
+        let (vae, load_s) = timed(load_vae);
+        let vae = vae?;
         let z = NoiseRng::seed(1).normal_tensor([1, 4, lh, lw], &device);
         let t = time(&device, args.runs, || {
             let _ = vae.decode(z.clone()).into_data();
         });
-        report(&args, "vae", t, "f32");
+        report(&args, "vae", t, "f32", load_s);
     }
     if want("pipeline") {
-        let (unet, vae, te) = (load_unet()?, load_vae()?, load_te()?);
+        let ((unet, vae, te), load_s) = timed(|| (load_unet(), load_vae(), load_te()));
+        let (unet, vae, te) = (unet?, vae?, te?);
         let tokenizer = if dir.join("tokenizer").exists() && real {
             d.tokenizer()?
         } else {
@@ -316,7 +329,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         if let Some(e) = failure {
             return Err(e.into());
         }
-        report(&args, "pipeline", t, dtype_name);
+        report(&args, "pipeline", t, dtype_name, load_s);
     }
     Ok(())
 }

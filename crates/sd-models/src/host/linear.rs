@@ -252,7 +252,13 @@ mod tests {
 
     #[test]
     fn matches_a_direct_product_for_both_weight_layouts() {
-        let (rows, d_in, d_out) = (37, 19, 23);
+        // Small (one GEMM), many rows (row blocks), few rows (column blocks).
+        for (rows, d_in, d_out) in [(37, 19, 23), (600, 64, 40), (77, 128, 130)] {
+            check_product(rows, d_in, d_out);
+        }
+    }
+
+    fn check_product(rows: usize, d_in: usize, d_out: usize) {
         let x: Vec<f32> = (0..rows * d_in)
             .map(|i| (i % 13) as f32 * 0.1 - 0.6)
             .collect();
@@ -287,7 +293,11 @@ mod tests {
                             .map(|i| x[r * d_in + i] * w[o * d_in + i])
                             .sum::<f32>()
                             + bias.map_or(0.0, |b| b[o]);
-                        assert!((y[r * d_out + o] - want).abs() < 1e-4);
+                        let got = y[r * d_out + o];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{rows}x{d_in}->{d_out} ({r}, {o})"
+                        );
                     }
                 }
             }

@@ -22,6 +22,8 @@
 //! results agree to f32 rounding (the parity tests run both).
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod attention_avx512;
 pub mod conv;
 pub mod exp;
 pub mod geglu;
