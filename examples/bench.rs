@@ -8,7 +8,10 @@
 //! With `--config` the models are built from `config.json` files with random weights
 //! (no weight files needed); with `--model` real weights are loaded. Each component
 //! is warmed up once, then timed `--runs` times (after `device.sync()`); the figures
-//! are min / median / max seconds and the process's peak resident memory.
+//! are min / median / max seconds, the process's peak resident memory and `load_s`,
+//! the time loading the weights took (with `--config`, parameters are initialised
+//! lazily on first use, so that figure is near zero and the warm-up pays for it).
+//! `--profile` adds the time per run spent in each CPU kernel.
 //! U-Net: batch `--batch` (2 = classifier-free guidance), latents 4 x H/8 x W/8,
 //! context batch x 77 x cross_attention_dim, t = 500. VAE: decode 1 x 4 x H/8 x W/8.
 //! Text encoder: 1 x 77.
@@ -118,8 +121,8 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (v, t.elapsed().as_secs_f64())
 }
 
-/// Prints one component's figures; `load_s` is the time its construction (random
-/// weights) or loading (`--model`) took.
+/// Prints one component's figures; `load_s` is the time its loading (`--model`) or
+/// construction (`--config`: lazy, so near zero) took.
 fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str, load_s: f64) {
     times.sort_by(|a, b| a.total_cmp(b));
     let (min, max) = (times[0], times[times.len() - 1]);

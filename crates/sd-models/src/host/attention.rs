@@ -64,8 +64,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
     assert_eq!(q.len(), batch * n_q * width, "attention: query length");
     assert_eq!(k.len(), batch * n_kv * width, "attention: key length");
     assert_eq!(v.len(), batch * n_kv * width, "attention: value length");
-    let mut out = vec![0.0f32; q.len()];
-    if out.is_empty() {
+    // Every element is written by exactly one task (one head of one block of
+    // queries), so the output is not zeroed first.
+    let len = q.len();
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
         return out;
     }
     let work = batch * heads * n_q * n_kv * d;
@@ -107,6 +110,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
             let mut scratch = Scratch::new(d);
             (0..tasks).for_each(|t| run(&mut scratch, t));
         }
+        // SAFETY: the tasks wrote every row of every head of every batch item.
+        unsafe { out.set_len(len) };
         return out;
     }
     let q_blocks = n_q.div_ceil(BLOCK_Q);
@@ -146,6 +151,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         let mut scratch = new_scratch();
         (0..tasks).for_each(|t| run(&mut scratch, t));
     }
+    // SAFETY: the tasks wrote every row of every head of every batch item.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -269,10 +276,10 @@ fn attention_block(q: &[f32], k: &[f32], v: &[f32], out: *mut f32, blk: Block, s
             0.0
         };
         let acc = &s.acc[i * d..(i + 1) * d];
-        // SAFETY: row `i` of this head in the output, `d` elements.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * width), d) };
-        for (o, a) in dst.iter_mut().zip(acc) {
-            *o = a * inv;
+        for (c, a) in acc.iter().enumerate() {
+            // SAFETY: row `i` of this head in the output (not yet initialised: raw
+            // writes only).
+            unsafe { out.add(i * width + c).write(a * inv) };
         }
     }
 }

@@ -212,10 +212,10 @@ pub unsafe fn block(
         unsafe { _mm512_storeu_ps(inv.as_mut_ptr().add(g * 16), safe) };
     }
     for i in 0..rows {
-        // SAFETY: row i of this head's output block (caller).
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * width), d) };
-        for (dd, o) in dst.iter_mut().enumerate() {
-            *o = s.ot[dd * QB + i] * inv[i];
+        for dd in 0..d {
+            // SAFETY: row i of this head's output block (caller); not yet
+            // initialised, so raw writes only.
+            unsafe { out.add(i * width + dd).write(s.ot[dd * QB + i] * inv[i]) };
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - [`attention`]: tiled attention with online softmax (flash attention) reading
 //!   queries, keys and values in the `[batch, n, heads * head_dim]` layout the
 //!   projections produce, so no head permutation is ever copied; memory is linear in
-//!   the sequence length;
+//!   the sequence length; on AVX-512 CPUs computed transposed, queries along the
+//!   lanes (`attention_avx512`);
 //! - [`group_norm`]: GroupNorm with the affine parameters and an optional SiLU in one
 //!   pass (two reads, one write), in place;
 //! - [`conv`]: convolutions as im2col + GEMM in bands of output rows run in parallel,
@@ -16,7 +17,9 @@
 //! - [`linear`]: `x wᵀ + b` as blocks of rows (or of columns, for few rows) run in
 //!   parallel, the bias as the GEMMs' initial value, the weight read in place
 //!   (burn's CPU matmul reached about half this throughput here); and the GEGLU
-//!   feed-forward's projection fused with [`geglu`]'s `a * gelu(b)`.
+//!   feed-forward's projection fused with [`geglu`]'s `a * gelu(b)` (on AVX-512 CPUs
+//!   in the epilogue of [`panel_gemm`]'s microkernel);
+//! - [`profile`]: opt-in time per kernel (`bench --profile`).
 //!
 //! On any other device (GPU, autodiff for training) the models use burn's ops; the
 //! results agree to f32 rounding (the parity tests run both).

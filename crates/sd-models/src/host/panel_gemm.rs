@@ -77,7 +77,6 @@ impl PackedWeight {
         bias: Option<&[f32]>,
         epilogue: Epilogue,
     ) -> Self {
-        let _prof = super::profile::scope("pack_weight");
         let (cols, half) = match epilogue {
             Epilogue::Linear => (d_out, NR),
             Epilogue::Geglu => {

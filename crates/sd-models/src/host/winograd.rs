@@ -327,7 +327,11 @@ pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) ->
     let band_rows = (BAND_BYTES / per_row.max(1)).clamp(1, batch * th);
     let one_band = band_rows == batch * th;
     let plane = h * w;
-    let mut out = vec![0.0f32; batch * c_out * plane];
+    // Every element is written below (each output channel's tiles cover its planes),
+    // so the output is not zeroed first (a pass over up to 1 GB for the VAE's last
+    // layers).
+    let len = batch * c_out * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let out_ptr = super::SharedMut(out.as_mut_ptr());
     let band_p = band_rows * tw;
     let mut u = super::take_scratch(XI * k_block * c_in);
@@ -393,7 +397,10 @@ pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) ->
             });
         }
     }
-    debug_assert!(tiles > 0 || out.is_empty());
+    debug_assert!(tiles > 0 || len == 0);
+    // SAFETY: the loops above wrote all `len` elements (every band of tile rows of
+    // every block of output channels, each tile clipped to the plane).
+    unsafe { out.set_len(len) };
     for buffer in [u, v, m] {
         super::give_scratch(buffer);
     }
