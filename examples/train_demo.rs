@@ -24,12 +24,11 @@ use clap::Parser;
 use common::AnyError;
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::DType;
-use stable_diffusion::core::StableDiffusion;
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::models::{
     AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
 };
-use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+use stable_diffusion::schedulers::AnyScheduler;
 use stable_diffusion::train::data::{load_training_image, read_folder};
 use stable_diffusion::train::synthetic::{prompt_match, reconstruction_match, write_data_set};
 use stable_diffusion::train::vae::{VaeTrainConfig, latent_scaling_factor, train_vae};
@@ -152,25 +151,13 @@ fn build_init(a: &Args, data: &Path, init: &Path, device: &Device) -> Result<(),
 }
 
 fn evaluate(a: &Args, model: &Path, device: &Device) -> Result<(), AnyError> {
-    let dir = DiffusersDir::open(model)?;
-    let opts = ComponentOptions::default();
-    let (tok, te, unet, vae) = (
-        dir.tokenizer()?,
-        dir.text_encoder(device, &opts)?,
-        dir.unet(device, &opts)?,
-        dir.vae(device, &opts)?,
+    let loaded = common::load_dir(model, device, &ComponentOptions::default())?;
+    let scheduler = AnyScheduler::from_config(&loaded.scheduler_config)?;
+    let sd = loaded.pipeline(&scheduler, device);
+    eprintln!(
+        "VAE reconstructions: {}",
+        reconstruction_match(&loaded.vae, SIDE)
     );
-    let scheduler =
-        AnyScheduler::from_config(&SchedulerConfig::from_json(&dir.scheduler_config_text()?)?)?;
-    let sd = StableDiffusion {
-        tokenizer: &tok,
-        text_encoder: &te,
-        unet: &unet,
-        vae: &vae,
-        scheduler: &scheduler,
-        device: device.clone(),
-    };
-    eprintln!("VAE reconstructions: {}", reconstruction_match(&vae, SIDE));
     let r = prompt_match(&sd, a.eval, a.eval_steps, a.eval_guidance, SIDE)?;
     println!("prompt match: {r}");
     Ok(())

@@ -232,6 +232,30 @@ fn component_dir(dir: &Path, component: &str) -> PathBuf {
     }
 }
 
+/// A diffusers folder as it is (no `--unet`/`--vae` overrides, LoRAs or tiling):
+/// f32 components, the U-Net with `unet_opts`; `sample_size` in latents.
+pub fn load_dir(
+    model: &Path,
+    device: &Device,
+    unet_opts: &ComponentOptions,
+) -> Result<Loaded, AnyError> {
+    let f32_opts = ComponentOptions::default();
+    let dir = DiffusersDir::open(model)?;
+    let unet_cfg = dir.unet_config()?;
+    Ok(Loaded {
+        tokenizer: dir.tokenizer()?,
+        text_encoder: dir.text_encoder(device, &f32_opts)?,
+        unet: dir.unet(device, unet_opts)?,
+        vae: dir.vae(device, &f32_opts)?,
+        scheduler_config: SchedulerConfig::from_json(&dir.scheduler_config_text()?)?,
+        sample_size: unet_cfg.sample_size.unwrap_or(64),
+        name: model
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+    })
+}
+
 pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -259,17 +283,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
     let mut loaded = if model.is_dir() {
-        let dir = DiffusersDir::open(&model)?;
-        let unet_cfg = dir.unet_config()?;
-        Loaded {
-            tokenizer: dir.tokenizer()?,
-            text_encoder: dir.text_encoder(device, &f32_opts)?,
-            unet: dir.unet(device, &unet_opts)?,
-            vae: dir.vae(device, &f32_opts)?,
-            scheduler_config: SchedulerConfig::from_json(&dir.scheduler_config_text()?)?,
-            sample_size: unet_cfg.sample_size.unwrap_or(64),
-            name,
-        }
+        load_dir(&model, device, &unet_opts)?
     } else {
         let ckpt = SingleFile::open(&model)?;
         let sd2 = ckpt.text_encoder_config().hidden_size == 1024;

@@ -306,8 +306,8 @@ pub struct Trainer {
     train: Vec<Item>,
     validation: Vec<Item>,
     class: Vec<Item>,
-    /// The empty prompt's embedding `[1, 77, d]` (caption dropout).
-    empty_embedding: Tensor<3>,
+    /// The empty prompt's embedding `[1, 77, d]`, when caption dropout is on.
+    empty_embedding: Option<Tensor<3>>,
     /// The examples used, training then validation.
     pub examples: Vec<Example>,
 }
@@ -386,7 +386,10 @@ impl Trainer {
                 ),
             });
         }
-        let empty_embedding = embed(&tokenizer, &text_encoder, "", &device)?;
+        let empty_embedding = match config.caption_dropout > 0.0 {
+            true => Some(embed(&tokenizer, &text_encoder, "", &device)?),
+            false => None,
+        };
         let mut trainer = Self {
             empty_embedding,
             config,
@@ -733,11 +736,11 @@ impl Trainer {
                     latents.push(self.latents(item, &mut rng));
                     // Drawn only when asked, so runs without dropout keep their
                     // random stream.
-                    let drop = c.caption_dropout > 0.0 && rng.random::<f64>() < c.caption_dropout;
-                    embeds.push(match drop {
-                        true => self.empty_embedding.clone(),
-                        false => item.embedding.clone(),
-                    });
+                    let empty = self
+                        .empty_embedding
+                        .as_ref()
+                        .filter(|_| rng.random::<f64>() < c.caption_dropout);
+                    embeds.push(empty.unwrap_or(&item.embedding).clone());
                 }
                 // Prior preservation: as many class images, after the instance ones.
                 let with_prior = !self.class.is_empty();

@@ -79,12 +79,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         let q_blocks = n_q.div_ceil(QB);
         let out_ptr = super::SharedMut(out.as_mut_ptr());
         let run = |scratch: &mut Scratch, task: usize| {
-            let (bh, qb) = (task / q_blocks, task % q_blocks);
-            let (b, h) = (bh / heads, bh % heads);
-            let q0 = qb * QB;
-            let rows = QB.min(n_q - q0);
-            let q_off = (b * n_q + q0) * width + h * d;
-            let kv_off = b * n_kv * width + h * d;
+            let Task {
+                q0,
+                rows,
+                q_off,
+                kv_off,
+            } = Task::new(task, QB, &shape);
             // SAFETY: AVX-512F is available; the task writes rows q0..q0 + rows of
             // head h of batch item b only.
             unsafe {
@@ -118,12 +118,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
     let out_ptr = super::SharedMut(out.as_mut_ptr());
     let tasks = batch * heads * q_blocks;
     let run = |scratch: &mut Scratch, task: usize| {
-        let (bh, qb) = (task / q_blocks, task % q_blocks);
-        let (b, h) = (bh / heads, bh % heads);
-        let q0 = qb * BLOCK_Q;
-        let rows = BLOCK_Q.min(n_q - q0);
-        let q_off = (b * n_q + q0) * width + h * d;
-        let kv_off = b * n_kv * width + h * d;
+        let Task {
+            q0,
+            rows,
+            q_off,
+            kv_off,
+        } = Task::new(task, BLOCK_Q, &shape);
         let out_ptr = out_ptr.at(q_off);
         attention_block(
             &q[q_off..],
@@ -154,6 +154,35 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
     // SAFETY: the tasks wrote every row of every head of every batch item.
     unsafe { out.set_len(len) };
     out
+}
+
+/// Where one task (one batch item, one head, one block of queries) works: tasks run
+/// over blocks of `block` queries, then heads, then batch items.
+struct Task {
+    /// First query of the block.
+    q0: usize,
+    /// Queries in the block.
+    rows: usize,
+    /// Offset of the block's first query (and output) element of the head.
+    q_off: usize,
+    /// Offset of the head's first key / value element.
+    kv_off: usize,
+}
+
+impl Task {
+    fn new(task: usize, block: usize, s: &AttentionShape) -> Self {
+        let q_blocks = s.n_q.div_ceil(block);
+        let (bh, qb) = (task / q_blocks, task % q_blocks);
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let width = s.heads * s.head_dim;
+        let q0 = qb * block;
+        Self {
+            q0,
+            rows: block.min(s.n_q - q0),
+            q_off: (b * s.n_q + q0) * width + h * s.head_dim,
+            kv_off: b * s.n_kv * width + h * s.head_dim,
+        }
+    }
 }
 
 /// Whether to skip the AVX-512 kernel (for the tests, which compare both paths).
