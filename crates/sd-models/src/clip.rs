@@ -131,17 +131,31 @@ impl ClipTextModel {
         let q = linear_forward(&a.q_proj, h.clone());
         let k = linear_forward(&a.k_proj, h.clone());
         let v = linear_forward(&a.v_proj, h);
-        let attn = a
-            .out_proj
-            .forward(multi_head_attention(q, k, v, a.heads, true));
+        let attn = linear_forward(&a.out_proj, multi_head_attention(q, k, v, a.heads, true));
         let x = x + attn;
         let h = linear_forward(&layer.mlp.fc1, layer.layer_norm2.forward(x.clone()));
-        let h = if self.quick_gelu {
+        x + linear_forward(&layer.mlp.fc2, self.activation(h))
+    }
+
+    /// The MLP's activation: `quick_gelu` (OpenAI CLIP) or the exact `gelu`
+    /// (OpenCLIP); one in-place pass on the CPU backend.
+    fn activation(&self, h: Tensor<3>) -> Tensor<3> {
+        #[cfg(feature = "flex")]
+        if crate::host::applies(&h) {
+            let (dims, device) = (h.dims(), h.device());
+            let mut values = crate::host::into_vec(h);
+            if self.quick_gelu {
+                crate::host::activation::quick_gelu(&mut values);
+            } else {
+                crate::host::activation::gelu(&mut values);
+            }
+            return crate::host::from_vec(values, dims, &device);
+        }
+        if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
             gelu(h)
-        };
-        x + linear_forward(&layer.mlp.fc2, h)
+        }
     }
 
     /// All hidden states: the embeddings, then each layer's output (no final norm).

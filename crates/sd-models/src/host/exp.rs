@@ -355,6 +355,29 @@ pub(crate) mod x86_512 {
         m
     }
 
+    /// `x = x * sigmoid(1.702 x)` in place (CLIP's `quick_gelu`).
+    #[target_feature(enable = "avx512f")]
+    pub fn quick_gelu_row(x: &mut [f32]) {
+        let n = x.len();
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let mask: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            // SAFETY: the masked lanes lie inside the slice.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
+                let e = exp16(_mm512_mul_ps(v, _mm512_set1_ps(-1.702)));
+                let y = _mm512_div_ps(v, _mm512_add_ps(one, e));
+                _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), mask, y);
+            }
+            i += 16;
+        }
+    }
+
     /// `o = a * gelu(b)` with the erf of [`crate::host::geglu::erf`].
     #[target_feature(enable = "avx512f")]
     pub fn geglu_row(o: &mut [f32], a: &[f32], b: &[f32]) {

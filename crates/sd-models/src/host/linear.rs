@@ -63,6 +63,11 @@ pub fn linear(
 ) -> Vec<f32> {
     let _prof = super::profile::scope("linear");
     check(x, rows, d_in, weight, d_out, bias);
+    if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows)
+        && let Some(out) = panel_gemm::linear_streamed(x, rows, d_in, weight, d_out, bias)
+    {
+        return out;
+    }
     let mut out = match bias {
         Some(b) => b.repeat(rows),
         None => vec![0.0; rows * d_out],
@@ -252,8 +257,16 @@ mod tests {
 
     #[test]
     fn matches_a_direct_product_for_both_weight_layouts() {
-        // Small (one GEMM), many rows (row blocks), few rows (column blocks).
-        for (rows, d_in, d_out) in [(37, 19, 23), (600, 64, 40), (77, 128, 130)] {
+        // Small (one GEMM), many rows (row blocks), few rows (the streamed panel
+        // kernel on AVX-512 CPUs: partial panels, k tails, transposed and in-place
+        // panels), rows past the streamed kernel's limit (column blocks).
+        for (rows, d_in, d_out) in [
+            (37, 19, 23),
+            (600, 64, 40),
+            (77, 128, 130),
+            (77, 40, 64),
+            (300, 64, 1000),
+        ] {
             check_product(rows, d_in, d_out);
         }
     }

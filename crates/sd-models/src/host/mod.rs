@@ -16,14 +16,17 @@
 //!   multiplications;
 //! - [`linear`]: `x wᵀ + b` as blocks of rows (or of columns, for few rows) run in
 //!   parallel, the bias as the GEMMs' initial value, the weight read in place
-//!   (burn's CPU matmul reached about half this throughput here); and the GEGLU
-//!   feed-forward's projection fused with [`geglu`]'s `a * gelu(b)` (on AVX-512 CPUs
-//!   in the epilogue of [`panel_gemm`]'s microkernel);
+//!   (burn's CPU matmul reached about half this throughput here); on AVX-512 CPUs
+//!   few rows stream the weight through [`panel_gemm::linear_streamed`]; and the
+//!   GEGLU feed-forward's projection fused with [`geglu`]'s `a * gelu(b)` (on
+//!   AVX-512 CPUs in the epilogue of [`panel_gemm`]'s microkernel);
+//! - [`activation`]: CLIP's `quick_gelu` and OpenCLIP's `gelu` in place;
 //! - [`profile`]: opt-in time per kernel (`bench --profile`).
 //!
 //! On any other device (GPU, autodiff for training) the models use burn's ops; the
 //! results agree to f32 rounding (the parity tests run both).
 
+pub mod activation;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx512;

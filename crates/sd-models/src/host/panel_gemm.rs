@@ -1,18 +1,24 @@
-//! `y = x wᵀ + b` with the weight packed once per call into panels of 32 output
-//! columns, blocks of 192 rows of `x` copied into 12-row tiles, and an AVX-512
-//! microkernel (12 rows x 32 columns, 24 accumulators). Used by
-//! [`super::linear::linear_geglu`] on CPUs with AVX-512F.
+//! `y = x wᵀ + b` on CPUs with AVX-512F through one microkernel (12 rows x 32
+//! columns, 24 accumulators) over weight panels of 32 output columns laid out
+//! `[k][32]` and row tiles laid out `[k][12]`, multiplied in blocks of [`KC`] values
+//! of `k` so a panel's block stays in L1 while every tile uses it. Two drivers:
 //!
-//! What it is for: the GEGLU feed-forward's `a * gelu(gate)` applied to each finished
-//! tile. Panel `p` of a GEGLU weight holds `a`'s columns `16p..16p + 16` and the
-//! gate's same columns, so one tile yields 16 finished outputs and the `2 * inner`
-//! wide projection is never written anywhere; the weight is packed once per call
-//! and shared by the threads (the `gemm` crate packs it again in every parallel
-//! block). For plain linear layers the `gemm` crate's kernels were faster (8192 x
-//! 320 -> 320: 4.9 ms against 5.6 ms here), so they keep it.
+//! - [`PackedWeight`]: the weight packed once per call (16 x 16 register transposes),
+//!   blocks of 192 rows in parallel. Used by [`super::linear::linear_geglu`]: panel
+//!   `p` of a GEGLU weight holds `a`'s columns `16p..16p + 16` and the gate's same
+//!   columns, so one tile yields 16 finished `a * gelu(gate)` outputs and the
+//!   `2 * inner` wide projection is never written anywhere. For plain linear layers
+//!   with many rows the `gemm` crate's kernels were faster (8192 x 320 -> 320: 4.9 ms
+//!   against 5.6 ms here), so they keep it.
+//! - [`linear_streamed`]: few rows (the text encoder's 77 tokens, the U-Net's
+//!   `2 x 77` context): the weight is packed a block at a time as it streams past,
+//!   read from memory once and never written back. The `gemm` crate packed the whole
+//!   weight per call, which cost as much as the product.
 //!
-//! Measured on a 2-core AVX-512 Xeon: GEGLU projection 8192 x 320 -> 2 x 1280, 61 ms
-//! through the `gemm` crate in 64-row blocks, 52 ms here (criterion `linear` group).
+//! Measured on a 2-core AVX-512 Xeon (criterion `linear` group): GEGLU projection
+//! 8192 x 320 -> 2 x 1280, 61 ms through the `gemm` crate in 64-row blocks, 52 ms
+//! here; 512 x 1280 -> 2 x 5120 61 -> 54 ms with the `k` blocks; 77 x 3072 -> 768
+//! 2.06 -> 1.43 ms and 77 x 768 -> 3072 1.61 -> 1.32 ms streamed.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -102,21 +108,17 @@ impl PackedWeight {
             })
             .collect();
         let mut data = super::take_scratch(panels * d_in * NR);
+        let avx512 = available();
         data.par_chunks_mut(d_in * NR)
             .enumerate()
             .for_each(|(p, panel)| {
-                // k outer: the 32 source rows are read as 32 sequential streams (one
-                // cache line serves 16 k) and the panel is written sequentially.
-                let src: [Option<isize>; NR] =
-                    std::array::from_fn(|j| source(p, j).map(|o| o as isize * weight.row_stride));
-                for (k, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                    let kc = k as isize * weight.col_stride;
-                    for (d, s) in dst.iter_mut().zip(&src) {
-                        *d = match s {
-                            Some(row) => weight.data[(row + kc) as usize],
-                            None => 0.0,
-                        };
-                    }
+                let lanes: [Option<usize>; NR] = std::array::from_fn(|j| source(p, j));
+                if avx512 {
+                    // SAFETY: AVX-512F checked; the lanes' rows lie inside the weight
+                    // (`source`), the panel holds d_in x 32 values.
+                    unsafe { pack_lanes(weight, &lanes, 0, d_in, panel) };
+                } else {
+                    pack_lanes_scalar(weight, &lanes, 0..NR, 0, 0..d_in, panel);
                 }
             });
         Self {
@@ -184,11 +186,9 @@ impl PackedWeight {
         }
     }
 
-    /// Panel `p`'s two 16-column halves and the distance between their rows.
-    fn panel(&self, p: usize) -> (*const f32, *const f32, usize) {
-        let b = self.data[p * self.d_in * NR..].as_ptr();
-        // SAFETY: the panel's second half, inside the panel.
-        (b, unsafe { b.add(16) }, NR)
+    /// Panel `p`'s first value (its rows are `NR` apart).
+    fn panel(&self, p: usize) -> *const f32 {
+        self.data[p * self.d_in * NR..].as_ptr()
     }
 
     /// One block of `n <= MC` rows against `panels`; `dst` is the block's first
@@ -220,34 +220,31 @@ impl PackedWeight {
                     }
                 }
             }
-            let mut out = [[0.0f32; NR]; MR];
+            // One tile of outputs per tile of rows: the panel is multiplied in
+            // blocks of KC values of k (32 KB of the panel, kept in L1 while every
+            // tile uses it), so the tiles accumulate across blocks.
+            let mut out = vec![[[0.0f32; NR]; MR]; tiles];
             for p in panels {
-                let (b0, b1, ldb) = self.panel(p);
+                let (b0, ldb) = (self.panel(p), NR);
                 let bias = &self.bias[p * NR..(p + 1) * NR];
-                for t in 0..tiles {
-                    let m = MR.min(n - t * MR);
-                    let at = ap[t * k * MR..].as_ptr();
-                    let args = (at, b0, b1, ldb, k, bias, &mut out);
-                    // SAFETY: the tile holds k x MR values, the panel k rows of two
-                    // 16-column halves `ldb` apart.
-                    unsafe {
-                        match m {
-                            12 => kernel::<12>(args),
-                            11 => kernel::<11>(args),
-                            10 => kernel::<10>(args),
-                            9 => kernel::<9>(args),
-                            8 => kernel::<8>(args),
-                            7 => kernel::<7>(args),
-                            6 => kernel::<6>(args),
-                            5 => kernel::<5>(args),
-                            4 => kernel::<4>(args),
-                            3 => kernel::<3>(args),
-                            2 => kernel::<2>(args),
-                            _ => kernel::<1>(args),
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let init = if k0 == 0 { Init::Bias(bias) } else { Init::Out };
+                    for (t, tile) in out.iter_mut().enumerate() {
+                        let m = MR.min(n - t * MR);
+                        let at = ap[t * k * MR + k0 * MR..].as_ptr();
+                        // SAFETY: the tile holds k x MR values, the panel k rows of
+                        // two 16-column halves `ldb` apart; rows k0..k0 + kc of both.
+                        unsafe {
+                            let b = b0.add(k0 * ldb);
+                            tile_kernel(m, (at, b, b.add(16), ldb, kc, init, tile));
                         }
                     }
+                }
+                for (t, tile) in out.iter().enumerate() {
+                    let m = MR.min(n - t * MR);
                     // SAFETY: rows t*MR.. t*MR + m of the block's output (caller).
-                    unsafe { self.store(&out[..m], p, dst.add(t * MR * self.cols)) };
+                    unsafe { self.store(&tile[..m], p, dst.add(t * MR * self.cols)) };
                 }
             }
         });
@@ -291,16 +288,56 @@ thread_local! {
 }
 
 /// Kernel operands: a tile of `a` (`[k][MR]`), the panel's halves and their row
-/// distance, `k`, the panel's bias, and the tile to write.
+/// distance, `k`, what the accumulators start from, and the tile to write.
 type KernelArgs<'t> = (
     *const f32,
     *const f32,
     *const f32,
     usize,
     usize,
-    &'t [f32],
+    Init<'t>,
     &'t mut [[f32; NR]; MR],
 );
+
+/// What a kernel call's accumulators start from.
+#[derive(Clone, Copy)]
+enum Init<'t> {
+    /// The same 32 values (the panel's bias) in every row.
+    Bias(&'t [f32]),
+    /// The output tile's current values (a later block of `k`).
+    Out,
+}
+
+/// [`kernel`] for the first `m` (1..=12) rows of a tile.
+///
+/// # Safety
+/// As for [`kernel`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_kernel(m: usize, args: KernelArgs<'_>) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        match m {
+            12 => kernel::<12>(args),
+            11 => kernel::<11>(args),
+            10 => kernel::<10>(args),
+            9 => kernel::<9>(args),
+            8 => kernel::<8>(args),
+            7 => kernel::<7>(args),
+            6 => kernel::<6>(args),
+            5 => kernel::<5>(args),
+            4 => kernel::<4>(args),
+            3 => kernel::<3>(args),
+            2 => kernel::<2>(args),
+            _ => kernel::<1>(args),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_kernel(_: usize, _: KernelArgs<'_>) {
+    unreachable!("panel GEMM needs x86-64 AVX-512F")
+}
 
 /// `out[r] = bias + Σ_k a[k][r] · [b0[k], b1[k]]` for the first `R` rows of a tile.
 ///
@@ -310,13 +347,23 @@ type KernelArgs<'t> = (
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn kernel<const R: usize>((a, b0, b1, ldb, k, bias, out): KernelArgs<'_>) {
+unsafe fn kernel<const R: usize>((a, b0, b1, ldb, k, init, out): KernelArgs<'_>) {
     use std::arch::x86_64::*;
-    debug_assert!(bias.len() >= NR);
     // SAFETY: every address below is inside the operands (caller).
     unsafe {
-        let mut acc0 = [_mm512_loadu_ps(bias.as_ptr()); R];
-        let mut acc1 = [_mm512_loadu_ps(bias.as_ptr().add(16)); R];
+        let (mut acc0, mut acc1) = match init {
+            Init::Bias(bias) => {
+                debug_assert!(bias.len() >= NR);
+                (
+                    [_mm512_loadu_ps(bias.as_ptr()); R],
+                    [_mm512_loadu_ps(bias.as_ptr().add(16)); R],
+                )
+            }
+            Init::Out => (
+                std::array::from_fn(|r| _mm512_loadu_ps(out[r].as_ptr())),
+                std::array::from_fn(|r| _mm512_loadu_ps(out[r].as_ptr().add(16))),
+            ),
+        };
         let (mut a, mut b0, mut b1) = (a, b0, b1);
         for _ in 0..k {
             let w0 = _mm512_loadu_ps(b0);
@@ -333,6 +380,256 @@ unsafe fn kernel<const R: usize>((a, b0, b1, ldb, k, bias, out): KernelArgs<'_>)
         for r in 0..R {
             _mm512_storeu_ps(out[r].as_mut_ptr(), acc0[r]);
             _mm512_storeu_ps(out[r].as_mut_ptr().add(16), acc1[r]);
+        }
+    }
+}
+
+/// Most rows for which [`linear_streamed`] is used: its weight panels are packed once
+/// per call and used by every row while they sit in L2, which pays when the rows are
+/// few (the text encoder's 77 tokens, the U-Net's `2 x 77` context) and the
+/// weight's packing would otherwise cost as much as the product.
+pub const STREAMED_MAX_ROWS: usize = 256;
+
+/// Depth of the blocks of `k` [`linear_streamed`] multiplies at a time, so the
+/// panel's block (32 KB) and a tile's (12 KB) stay in L1.
+pub const KC: usize = 256;
+
+/// `y = x wᵀ + b` for few rows (at most [`STREAMED_MAX_ROWS`]): `x` is copied once
+/// into 12-row tiles, then each thread walks its share of the weight's 32-column
+/// panels, packing [`KC`] rows of `k` of one panel at a time into L1 (16 x 16
+/// register transposes when the weight is stored as PyTorch stores it; read in
+/// place when it is stored input-major) and multiplying every tile by them. The
+/// weight is read from memory exactly once and nothing of it is written back.
+///
+/// Returns `None` when the CPU lacks AVX-512F or `x`'s columns are not contiguous.
+///
+/// # Shapes
+/// - `x`: `[rows, d_in]`, `weight`: `[d_out, d_in]` (any strides), `bias`: `[d_out]`
+/// - returns `[rows, d_out]`
+pub fn linear_streamed(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+) -> Option<Vec<f32>> {
+    if !available() || x.col_stride != 1 || x.row_stride < 0 || rows == 0 || d_out == 0 {
+        return None;
+    }
+    let k = d_in;
+    // Rows spread evenly over the fewest tiles (77 rows: 7 tiles of 11, no idle
+    // lanes), each laid out with MR rows.
+    let tiles = rows.div_ceil(MR);
+    let tile_rows = rows.div_ceil(tiles);
+    let mut a_tiles = vec![0.0f32; tiles * k * MR];
+    let pack_tile = |(t, tile): (usize, &mut [f32])| {
+        for r in 0..tile_rows.min(rows - t * tile_rows) {
+            let at = (t * tile_rows + r) as isize * x.row_stride;
+            let row = &x.data[at as usize..at as usize + k];
+            for (kk, v) in row.iter().enumerate() {
+                tile[kk * MR + r] = *v;
+            }
+        }
+    };
+    // In parallel only when it outweighs handing the work to the pool's threads.
+    if rows * k >= 1 << 17 {
+        a_tiles
+            .par_chunks_mut(k * MR)
+            .enumerate()
+            .for_each(pack_tile);
+    } else {
+        a_tiles.chunks_mut(k * MR).enumerate().for_each(pack_tile);
+    }
+    let panels = d_out.div_ceil(NR);
+    let mut padded_bias = vec![0.0f32; panels * NR];
+    if let Some(b) = bias {
+        padded_bias[..d_out].copy_from_slice(&b[..d_out]);
+    }
+    let mut out = Vec::with_capacity(rows * d_out);
+    let dst = super::SharedMut(out.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    // Several groups per thread so a slow core does not hold the others up.
+    let per_group = panels.div_ceil(4 * threads).max(1);
+    let groups = panels.div_ceil(per_group);
+    let task = |g: usize| {
+        let range = g * per_group..((g + 1) * per_group).min(panels);
+        PANEL.with_borrow_mut(|buf| {
+            if buf.len() < KC * NR {
+                buf.resize(KC * NR, 0.0);
+            }
+            let mut tile_out = vec![[[0.0f32; NR]; MR]; tiles];
+            for p in range.clone() {
+                let c0 = p * NR;
+                let width = NR.min(d_out - c0);
+                // In place when the weight is input-major and the panel whole.
+                let in_place = weight.row_stride == 1 && width == NR;
+                let bias = &padded_bias[c0..c0 + NR];
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    // The panel's rows k0..k0 + kc, packed into `buf` (L1) unless
+                    // read in place.
+                    let (b, ldb) = if in_place {
+                        let at = c0 as isize + k0 as isize * weight.col_stride;
+                        (
+                            weight.data[at as usize..].as_ptr(),
+                            weight.col_stride as usize,
+                        )
+                    } else {
+                        let lanes = std::array::from_fn(|j| (j < width).then_some(c0 + j));
+                        // SAFETY: AVX-512F checked above; rows c0..c0 + width exist.
+                        unsafe { pack_lanes(weight, &lanes, k0, kc, buf) };
+                        (buf.as_ptr(), NR)
+                    };
+                    for t in 0..tiles {
+                        let m = tile_rows.min(rows - t * tile_rows);
+                        let at = a_tiles[t * k * MR + k0 * MR..].as_ptr();
+                        let init = if k0 == 0 { Init::Bias(bias) } else { Init::Out };
+                        // SAFETY: AVX-512F checked above; the tile holds kc x MR
+                        // values from k0 on, the panel kc rows of 32 values `ldb`
+                        // apart.
+                        unsafe {
+                            let args = (at, b, b.add(16), ldb, kc, init, &mut tile_out[t]);
+                            tile_kernel(m, args);
+                        }
+                    }
+                }
+                for (t, tile) in tile_out.iter().enumerate() {
+                    let m = tile_rows.min(rows - t * tile_rows);
+                    for (i, row) in tile[..m].iter().enumerate() {
+                        let o = (t * tile_rows + i) * d_out + c0;
+                        // SAFETY: columns c0..c0 + width of row t * tile_rows + i, written
+                        // by this task only, inside the rows x d_out buffer.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(o), width);
+                        }
+                    }
+                }
+            }
+        });
+    };
+    if groups > 1 && rows * d_in * d_out >= 1 << 18 {
+        (0..groups).into_par_iter().for_each(task);
+    } else {
+        (0..groups).for_each(task);
+    }
+    // SAFETY: every element was written by exactly one task above.
+    unsafe { out.set_len(rows * d_out) };
+    Some(out)
+}
+
+thread_local! {
+    /// Each thread's packed weight panel for [`linear_streamed`].
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Packs columns `k0..k0 + kc` of the weight rows feeding each of a panel's 32
+/// lanes (`None`: zeros) into `buf` as `[kc][32]`. Halves of 16 lanes fed by rows
+/// with unit column stride go through 16 x 16 register transposes.
+///
+/// # Safety
+/// AVX-512F must be available; every row in `lanes` and columns `k0..k0 + kc` must
+/// lie inside `weight`, `buf` hold `kc * 32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_lanes(
+    weight: Matrix<'_>,
+    lanes: &[Option<usize>; NR],
+    k0: usize,
+    kc: usize,
+    buf: &mut [f32],
+) {
+    let whole = kc / 16 * 16;
+    for half in 0..2 {
+        let rows = &lanes[half * 16..half * 16 + 16];
+        if weight.col_stride != 1 || rows.iter().any(Option::is_none) {
+            pack_lanes_scalar(weight, lanes, half * 16..half * 16 + 16, k0, 0..kc, buf);
+            continue;
+        }
+        let base: [isize; 16] = std::array::from_fn(|i| {
+            rows[i].unwrap_or(0) as isize * weight.row_stride + k0 as isize
+        });
+        for kk in (0..whole).step_by(16) {
+            // SAFETY: 16 rows of 16 values from column k0 + kk (caller), 16 rows of
+            // 16 panel values at offset kk * 32 + 16 * half.
+            unsafe {
+                let src: [*const f32; 16] =
+                    std::array::from_fn(|i| weight.data.as_ptr().offset(base[i] + kk as isize));
+                transpose16(src, buf.as_mut_ptr().add(kk * NR + half * 16), NR);
+            }
+        }
+        pack_lanes_scalar(weight, lanes, half * 16..half * 16 + 16, k0, whole..kc, buf);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_lanes(_: Matrix<'_>, _: &[Option<usize>; NR], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("panel GEMM needs x86-64 AVX-512F")
+}
+
+/// [`pack_lanes`] one value at a time, for lanes `lanes_packed` and panel rows
+/// `rows` of the block starting at column `k0`.
+fn pack_lanes_scalar(
+    weight: Matrix<'_>,
+    lanes: &[Option<usize>; NR],
+    lanes_packed: std::ops::Range<usize>,
+    k0: usize,
+    rows: std::ops::Range<usize>,
+    buf: &mut [f32],
+) {
+    for kk in rows {
+        let col = (k0 + kk) as isize * weight.col_stride;
+        for j in lanes_packed.clone() {
+            buf[kk * NR + j] = match lanes[j] {
+                Some(o) => weight.data[(o as isize * weight.row_stride + col) as usize],
+                None => 0.0,
+            };
+        }
+    }
+}
+
+/// Writes the transpose of the 16 x 16 block whose rows start at `src` to `dst`
+/// (rows `ld` apart): `dst[j * ld + i] = src[i][j]`.
+///
+/// # Safety
+/// AVX-512F must be available; each `src[i]` must address 16 values, `dst` 16 rows of
+/// 16 values `ld` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(src: [*const f32; 16], dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: addresses as documented (caller).
+    unsafe {
+        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src[i]));
+        // Pairs of rows interleaved within 128-bit lanes.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // Four rows' element j in each 128-bit lane.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+        // 128-bit lanes gathered across row groups.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for j in 0..4 {
+            v[j] = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+            v[4 + j] = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+            v[8 + j] = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+            v[12 + j] = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+        }
+        for j in 0..8 {
+            let lo = _mm512_shuffle_f32x4::<0x88>(v[j], v[8 + j]);
+            let hi = _mm512_shuffle_f32x4::<0xDD>(v[j], v[8 + j]);
+            _mm512_storeu_ps(dst.add(j * ld), lo);
+            _mm512_storeu_ps(dst.add((j + 8) * ld), hi);
         }
     }
 }
