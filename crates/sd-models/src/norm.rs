@@ -67,14 +67,44 @@ impl GroupNorm {
         if crate::host::applies(&x) && self.weight.val().dtype() == DType::F32 {
             let dims = x.dims();
             let device = x.device();
+            let weight = crate::host::into_vec(self.weight.val());
+            let bias = crate::host::into_vec(self.bias.val());
+            // Read in place and written to a new buffer: the input is usually still
+            // needed (the residual), and copying it first cost a pass.
+            let len: usize = dims.iter().product();
+            let out = crate::host::with_view(&x, |v| {
+                v.is_contiguous(&dims).then(|| {
+                    let mut out = Vec::with_capacity(len);
+                    // SAFETY: f32 has no invalid bit patterns; group_norm_into
+                    // writes every element (it only copies into and then
+                    // transforms `out`, never reading what was there).
+                    unsafe { out.set_len(len) };
+                    crate::host::group_norm::group_norm_into(
+                        &v.data[..len],
+                        &mut out,
+                        dims[0],
+                        dims[1],
+                        self.num_groups,
+                        &weight,
+                        &bias,
+                        self.epsilon,
+                        silu,
+                    );
+                    out
+                })
+            })
+            .flatten();
+            if let Some(out) = out {
+                return crate::host::from_vec(out, dims, &device);
+            }
             let mut values = crate::host::into_vec(x);
             crate::host::group_norm::group_norm(
                 &mut values,
                 dims[0],
                 dims[1],
                 self.num_groups,
-                &crate::host::into_vec(self.weight.val()),
-                &crate::host::into_vec(self.bias.val()),
+                &weight,
+                &bias,
                 self.epsilon,
                 silu,
             );

@@ -62,6 +62,68 @@ pub fn group_norm(
         });
 }
 
+/// [`group_norm`] out of place: `dst` receives the result and `src` is only read, so a
+/// tensor that is still needed (a residual) is not copied first.
+///
+/// # Shapes
+/// - `src`, `dst`: `[batch, channels, spatial]`, row-major
+/// - `weight`, `bias`: `[channels]`
+///
+/// # Panics
+/// As [`group_norm`], and when `dst` and `src` differ in length.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_into(
+    src: &[f32],
+    dst: &mut [f32],
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    weight: &[f32],
+    bias: &[f32],
+    epsilon: f64,
+    silu: bool,
+) {
+    let _prof = super::profile::scope("group_norm");
+    assert!(
+        channels.is_multiple_of(groups),
+        "group_norm: groups must divide channels"
+    );
+    assert_eq!(weight.len(), channels, "group_norm: weight length");
+    assert_eq!(bias.len(), channels, "group_norm: bias length");
+    assert_eq!(src.len(), dst.len(), "group_norm: output length");
+    if src.is_empty() || batch == 0 {
+        return;
+    }
+    let per_group = channels / groups;
+    let spatial = src.len() / (batch * channels);
+    assert_eq!(
+        src.len(),
+        batch * channels * spatial,
+        "group_norm: input length"
+    );
+    let group_len = per_group * spatial;
+    dst.par_chunks_mut(group_len)
+        .zip(src.par_chunks(group_len))
+        .enumerate()
+        .for_each(|(g, (out, chunk))| {
+            let c0 = (g % groups) * per_group;
+            let (mean, var) = mean_var(chunk);
+            let rstd = 1.0 / (var + epsilon).sqrt();
+            for (ci, (o, row)) in out
+                .chunks_mut(spatial)
+                .zip(chunk.chunks(spatial))
+                .enumerate()
+            {
+                let w = weight[c0 + ci] as f64;
+                let a = (rstd * w) as f32;
+                let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
+                // One channel's row (a few KB): copied, then transformed while in L1.
+                o.copy_from_slice(row);
+                affine(o, a, b, silu);
+            }
+        });
+}
+
 fn mean_var(x: &[f32]) -> (f64, f64) {
     simd_dispatch!(avx2, mean_var_generic, (x: &[f32]) -> (f64, f64))
 }
@@ -133,6 +195,19 @@ mod tests {
             group_norm(
                 &mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu,
             );
+            let mut out_of_place = vec![f32::NAN; x.len()];
+            group_norm_into(
+                &x,
+                &mut out_of_place,
+                batch,
+                channels,
+                groups,
+                &weight,
+                &bias,
+                1e-5,
+                silu,
+            );
+            assert_eq!(ours, out_of_place);
             let per = channels / groups * spatial;
             for (g, chunk) in x.chunks(per).enumerate() {
                 let n = chunk.len() as f64;

@@ -145,12 +145,29 @@ impl PackedWeight {
     /// When [`available`] is false, `x`'s columns are not contiguous or a slice is
     /// too short (caller bugs).
     pub fn matmul_into(&self, x: Matrix<'_>, rows: usize, out: &mut [f32]) {
-        assert!(available(), "panel GEMM: the CPU lacks AVX-512F");
-        assert_eq!(x.col_stride, 1, "panel GEMM: x needs contiguous rows");
         assert!(
             out.len() >= rows * self.cols,
             "panel GEMM: output too short"
         );
+        self.run(x, rows, super::SharedMut(out.as_mut_ptr()));
+    }
+
+    /// [`Self::matmul_into`] into a new `[rows, cols()]` buffer (not zeroed first:
+    /// every element is written once).
+    pub fn matmul(&self, x: Matrix<'_>, rows: usize) -> Vec<f32> {
+        let len = rows * self.cols;
+        let mut out = Vec::with_capacity(len);
+        self.run(x, rows, super::SharedMut(out.as_mut_ptr()));
+        // SAFETY: `run` wrote all rows x cols values (every panel's columns of every
+        // row block).
+        unsafe { out.set_len(len) };
+        out
+    }
+
+    /// The product into `dst`, which must hold `rows * cols()` values.
+    fn run(&self, x: Matrix<'_>, rows: usize, dst: super::SharedMut) {
+        assert!(available(), "panel GEMM: the CPU lacks AVX-512F");
+        assert_eq!(x.col_stride, 1, "panel GEMM: x needs contiguous rows");
         if rows > 0 {
             let last = (rows - 1) as isize * x.row_stride + self.d_in as isize;
             assert!(
@@ -166,7 +183,6 @@ impl PackedWeight {
             .div_ceil(row_blocks.max(1))
             .clamp(1, self.panels);
         let per_group = self.panels.div_ceil(groups);
-        let dst = super::SharedMut(out.as_mut_ptr());
         let task = |t: usize| {
             let (rb, g) = (t / groups, t % groups);
             let (r0, p0) = (rb * MC, g * per_group);
@@ -175,7 +191,7 @@ impl PackedWeight {
             let a = &x.data[(r0 as isize * x.row_stride) as usize..];
             // SAFETY: AVX-512F checked above; `a` holds `n` rows of `d_in` values
             // `row_stride` apart; the task writes rows r0..r0 + n of its panels'
-            // columns only, inside `out` (asserts above).
+            // columns only, inside `dst` (the callers' contract).
             unsafe { self.block(a, x.row_stride as usize, n, panels, dst.at(r0 * cols)) };
         };
         let tasks = row_blocks * groups;
