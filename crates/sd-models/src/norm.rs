@@ -75,13 +75,9 @@ impl GroupNorm {
             let out = crate::host::with_view(&x, |v| {
                 v.is_contiguous(&dims).then(|| {
                     let mut out = Vec::with_capacity(len);
-                    // SAFETY: f32 has no invalid bit patterns; group_norm_into
-                    // writes every element (it only copies into and then
-                    // transforms `out`, never reading what was there).
-                    unsafe { out.set_len(len) };
                     crate::host::group_norm::group_norm_into(
                         &v.data[..len],
-                        &mut out,
+                        &mut out.spare_capacity_mut()[..len],
                         dims[0],
                         dims[1],
                         self.num_groups,
@@ -90,6 +86,8 @@ impl GroupNorm {
                         self.epsilon,
                         silu,
                     );
+                    // SAFETY: group_norm_into wrote all `len` values.
+                    unsafe { out.set_len(len) };
                     out
                 })
             })

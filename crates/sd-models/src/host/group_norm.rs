@@ -63,7 +63,8 @@ pub fn group_norm(
 }
 
 /// [`group_norm`] out of place: `dst` receives the result and `src` is only read, so a
-/// tensor that is still needed (a residual) is not copied first.
+/// tensor that is still needed (a residual) is not copied first. `dst` may be
+/// uninitialised (a new buffer's spare capacity); all of it is written.
 ///
 /// # Shapes
 /// - `src`, `dst`: `[batch, channels, spatial]`, row-major
@@ -74,7 +75,7 @@ pub fn group_norm(
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_into(
     src: &[f32],
-    dst: &mut [f32],
+    dst: &mut [std::mem::MaybeUninit<f32>],
     batch: usize,
     channels: usize,
     groups: usize,
@@ -118,7 +119,11 @@ pub fn group_norm_into(
                 let a = (rstd * w) as f32;
                 let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
                 // One channel's row (a few KB): copied, then transformed while in L1.
-                o.copy_from_slice(row);
+                for (d, v) in o.iter_mut().zip(row) {
+                    d.write(*v);
+                }
+                // SAFETY: every element of `o` was just written.
+                let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
                 affine(o, a, b, silu);
             }
         });
@@ -195,10 +200,10 @@ mod tests {
             group_norm(
                 &mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu,
             );
-            let mut out_of_place = vec![f32::NAN; x.len()];
+            let mut out_of_place = Vec::with_capacity(x.len());
             group_norm_into(
                 &x,
-                &mut out_of_place,
+                &mut out_of_place.spare_capacity_mut()[..x.len()],
                 batch,
                 channels,
                 groups,
@@ -207,6 +212,8 @@ mod tests {
                 1e-5,
                 silu,
             );
+            // SAFETY: group_norm_into wrote all x.len() values.
+            unsafe { out_of_place.set_len(x.len()) };
             assert_eq!(ours, out_of_place);
             let per = channels / groups * spatial;
             for (g, chunk) in x.chunks(per).enumerate() {

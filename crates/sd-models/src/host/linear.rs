@@ -66,57 +66,54 @@ pub fn linear(
     {
         return out;
     }
+    let len = rows * d_out;
+    // With a bias the output starts as it (the GEMMs accumulate onto it); without,
+    // the GEMMs run with `accumulate` off and write every element, so the buffer is
+    // not zeroed first (that cost a pass over 10-40 MB per call).
     let mut out = match bias {
         Some(b) => b.repeat(rows),
-        None => {
-            let len = rows * d_out;
-            let mut v = Vec::with_capacity(len);
-            // SAFETY: f32 has no invalid bit patterns, and without a bias every
-            // GEMM below runs with `accumulate` off: each element is written before
-            // anything reads it (zeroing 10-40 MB per call cost a pass).
-            unsafe { v.set_len(len) };
-            v
-        }
+        None => Vec::with_capacity(len),
     };
-    if rows == 0 || d_out == 0 {
-        return out;
-    }
+    let ptr = super::SharedMut(out.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
-    if rows * d_in * d_out < 1 << 20 || threads == 1 {
-        linear_into(&mut out, x, rows, d_in, weight, d_out, bias.is_some());
-        return out;
-    }
-    // Every single-threaded GEMM packs both of its operands. Blocks of rows each pack
-    // the whole weight; blocks of columns each pack the whole input: split the
-    // operand whose copies cost less (one task per thread, so nothing is packed
-    // more often than needed).
-    let row_split_packs = threads * d_out * d_in + rows * d_in;
-    let col_split_packs = threads * rows * d_in + d_out * d_in;
-    if rows >= 2 * threads && row_split_packs <= col_split_packs {
+    let accumulate = bias.is_some();
+    if len == 0 {
+        // Nothing to compute.
+    } else if rows * d_in * d_out < 1 << 20 || threads == 1 {
+        // SAFETY: `out` has room for rows x d_out values (capacity or length).
+        unsafe { linear_into(ptr.at(0), x, rows, d_in, weight, d_out, accumulate) };
+    } else if rows >= 2 * threads
+        // Every single-threaded GEMM packs both of its operands. Blocks of rows
+        // each pack the whole weight; blocks of columns each pack the whole input:
+        // split the operand whose copies cost less (one task per thread, so nothing
+        // is packed more often than needed).
+        && threads * d_out * d_in + rows * d_in <= threads * rows * d_in + d_out * d_in
+    {
         let block = rows.div_ceil(threads);
-        out.par_chunks_mut(block * d_out)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let r0 = i * block;
-                let x_block = Matrix {
-                    data: &x.data[(r0 as isize * x.row_stride) as usize..],
-                    ..x
-                };
+        (0..rows.div_ceil(block)).into_par_iter().for_each(|i| {
+            let r0 = i * block;
+            let x_block = Matrix {
+                data: &x.data[(r0 as isize * x.row_stride) as usize..],
+                ..x
+            };
+            let n = block.min(rows - r0);
+            // SAFETY: rows r0..r0 + n of the output, disjoint between tasks.
+            unsafe {
                 linear_into(
-                    dst,
+                    ptr.at(r0 * d_out),
                     x_block,
-                    dst.len() / d_out,
+                    n,
                     d_in,
                     weight,
                     d_out,
-                    bias.is_some(),
-                );
-            });
+                    accumulate,
+                )
+            };
+        });
     } else {
         // Few rows (the text encoder's 77 tokens): split the output columns instead,
         // so each thread packs only its share of the weight.
         let cols = d_out.div_ceil(threads);
-        let ptr = super::SharedMut(out.as_mut_ptr());
         (0..threads).into_par_iter().for_each(|t| {
             let c0 = t * cols;
             if c0 >= d_out {
@@ -132,7 +129,7 @@ pub fn linear(
                     k: d_in,
                     dst: ptr.at(c0),
                     dst_rs: d_out as isize,
-                    accumulate: bias.is_some(),
+                    accumulate,
                     lhs: x.data.as_ptr(),
                     lhs_rs: x.row_stride,
                     lhs_cs: x.col_stride,
@@ -145,6 +142,8 @@ pub fn linear(
             }
         });
     }
+    // SAFETY: every path above wrote all rows x d_out values (or there are none).
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -214,7 +213,18 @@ pub fn linear_geglu(
                     row.copy_from_slice(b);
                 }
             }
-            linear_into(h, x_block, n_rows, d_in, weight, d_out, bias.is_some());
+            // SAFETY: `h` holds n_rows x d_out values (the bias when there is one).
+            unsafe {
+                linear_into(
+                    h.as_mut_ptr(),
+                    x_block,
+                    n_rows,
+                    d_in,
+                    weight,
+                    d_out,
+                    bias.is_some(),
+                )
+            };
             for (o, row) in dst.chunks_mut(inner).zip(h.chunks(d_out)) {
                 let (a, b) = row.split_at(inner);
                 super::geglu::geglu_into(o, a, b);
@@ -226,8 +236,12 @@ pub fn linear_geglu(
 
 /// One single-threaded GEMM `dst = x wᵀ (+ dst when accumulate)` into `dst`
 /// (`[rows, d_out]`, prefilled with the bias by the callers that have one).
-fn linear_into(
-    dst: &mut [f32],
+///
+/// # Safety
+/// `dst` must address `rows * d_out` values (initialised when `accumulate`) that no
+/// one else touches meanwhile; `x` and `weight` must cover their shapes.
+unsafe fn linear_into(
+    dst: *mut f32,
     x: Matrix<'_>,
     rows: usize,
     d_in: usize,
@@ -235,14 +249,13 @@ fn linear_into(
     d_out: usize,
     accumulate: bool,
 ) {
-    // SAFETY: `dst` holds rows x d_out; `x` and `weight` cover their shapes (checked
-    // by the callers' asserts).
+    // SAFETY: forwarded to the caller.
     unsafe {
         super::Gemm {
             m: rows,
             n: d_out,
             k: d_in,
-            dst: dst.as_mut_ptr(),
+            dst,
             dst_rs: d_out as isize,
             accumulate,
             lhs: x.data.as_ptr(),
