@@ -26,10 +26,27 @@ pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> 
 /// - `x`: `[..., d_in]` to `[..., d_out]`
 pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if let Some(y) = host_linear(linear, &x, false) {
+    if let Some(y) = host_linear(linear, &x, false, None) {
         return y;
     }
     linear.forward(x)
+}
+
+/// `linear.forward(x) + residual`, the residual add folded into the product on the
+/// CPU backend (the output starts as `residual + bias`).
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`, `residual` and output: `[..., d_out]`
+pub fn linear_forward_residual<const D: usize>(
+    linear: &Linear,
+    x: Tensor<D>,
+    residual: Tensor<D>,
+) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = host_linear(linear, &x, false, Some(&residual)) {
+        return y;
+    }
+    linear.forward(x) + residual
 }
 
 /// `linear(x)` on the CPU backend, or with `geglu` the fused `a * gelu(b)` for
@@ -40,10 +57,16 @@ pub(crate) fn host_linear<const D: usize>(
     linear: &Linear,
     x: &Tensor<D>,
     geglu: bool,
+    residual: Option<&Tensor<D>>,
 ) -> Option<Tensor<D>> {
-    use crate::host::linear::{Matrix, linear as gemm_linear, linear_geglu};
+    use crate::host::linear::{Matrix, linear as gemm_linear, linear_geglu, linear_residual};
     use crate::host::with_view;
     if !(D == 2 || D == 3) || !crate::host::applies(x) {
+        return None;
+    }
+    if let Some(r) = residual
+        && (geglu || !crate::host::applies(r))
+    {
         return None;
     }
     let weight = linear.weight.val();
@@ -81,26 +104,44 @@ pub(crate) fn host_linear<const D: usize>(
                     (batch, rows)
                 };
                 let width = if geglu { d_out / 2 } else { d_out };
-                let mut out = Vec::with_capacity(batch * rows * width);
-                for bi in 0..items {
-                    let data = &xv.data[bi * sb as usize..];
-                    let xm = Matrix {
-                        data,
-                        row_stride: sr,
-                        col_stride: sc,
-                    };
-                    let y = if geglu {
-                        linear_geglu(xm, item_rows, d_in, wm, d_out / 2, b)
-                    } else {
-                        gemm_linear(xm, item_rows, d_in, wm, d_out, b)
-                    };
-                    if items == 1 {
-                        return y;
+                let run_items = |res: Option<&[f32]>| {
+                    let mut out = Vec::with_capacity(batch * rows * width);
+                    for bi in 0..items {
+                        let data = &xv.data[bi * sb as usize..];
+                        let xm = Matrix {
+                            data,
+                            row_stride: sr,
+                            col_stride: sc,
+                        };
+                        let y = match res {
+                            _ if geglu => linear_geglu(xm, item_rows, d_in, wm, d_out / 2, b),
+                            Some(r) => {
+                                let r = &r[bi * item_rows * d_out..];
+                                linear_residual(xm, item_rows, d_in, wm, d_out, b, r)
+                            }
+                            None => gemm_linear(xm, item_rows, d_in, wm, d_out, b),
+                        };
+                        if items == 1 {
+                            return y;
+                        }
+                        out.extend_from_slice(&y);
                     }
-                    out.extend_from_slice(&y);
+                    out
+                };
+                match residual {
+                    // The residual read in place when contiguous (else the generic
+                    // path adds it).
+                    Some(r) => with_view(r, |rv| {
+                        let mut shape = dims;
+                        shape[D - 1] = d_out;
+                        rv.is_contiguous(&shape)
+                            .then(|| run_items(Some(&rv.data[..batch * rows * d_out])))
+                    })
+                    .flatten(),
+                    None => Some(run_items(None)),
                 }
-                out
             })
+            .flatten()
         };
         match &bias {
             Some(b) => with_view(b, |bv| {
@@ -250,6 +291,28 @@ impl Attention {
         linear_forward(
             &self.to_out,
             multi_head_attention(q, k, v, self.heads, false),
+        )
+    }
+
+    /// `forward(x, context) + residual`, the add folded into the output projection
+    /// on the CPU backend.
+    ///
+    /// # Shapes
+    /// As [`Self::forward`]; `residual`: `[batch, n, query_dim]`.
+    pub fn forward_residual(
+        &self,
+        x: Tensor<3>,
+        context: Option<Tensor<3>>,
+        residual: Tensor<3>,
+    ) -> Tensor<3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = linear_forward(&self.to_q, x);
+        let k = linear_forward(&self.to_k, context.clone());
+        let v = linear_forward(&self.to_v, context);
+        linear_forward_residual(
+            &self.to_out,
+            multi_head_attention(q, k, v, self.heads, false),
+            residual,
         )
     }
 }

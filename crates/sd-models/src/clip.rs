@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use sd_core::{HiddenLayer, TextEncoderOutput};
 
-use crate::attention::{linear, linear_forward, multi_head_attention};
+use crate::attention::{linear, linear_forward, linear_forward_residual, multi_head_attention};
 use crate::config::{ClipActivation, ClipTextConfig};
 use crate::error::ConfigError;
 use crate::norm::LayerNorm;
@@ -131,10 +131,10 @@ impl ClipTextModel {
         let q = linear_forward(&a.q_proj, h.clone());
         let k = linear_forward(&a.k_proj, h.clone());
         let v = linear_forward(&a.v_proj, h);
-        let attn = linear_forward(&a.out_proj, multi_head_attention(q, k, v, a.heads, true));
-        let x = x + attn;
+        let attn = multi_head_attention(q, k, v, a.heads, true);
+        let x = linear_forward_residual(&a.out_proj, attn, x);
         let h = linear_forward(&layer.mlp.fc1, layer.layer_norm2.forward(x.clone()));
-        x + linear_forward(&layer.mlp.fc2, self.activation(h))
+        linear_forward_residual(&layer.mlp.fc2, self.activation(h), x)
     }
 
     /// The MLP's activation: `quick_gelu` (OpenAI CLIP) or the exact `gelu`

@@ -25,18 +25,47 @@ pub(crate) fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv
 /// # Shapes
 /// - `[b, c_in, h, w]` to `[b, c_out, oh, ow]`
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv_forward_add(conv, x, None, None)
+}
+
+/// `conv.forward(x) + image_bias[b, c] + residual`: a ResNet block's time embedding
+/// and shortcut folded into its convolutions on the CPU backend (no pass of their
+/// own); elsewhere burn's ops.
+///
+/// # Shapes
+/// - `x`: `[b, c_in, h, w]`; `image_bias`: `[b, c_out]`; `residual` and output:
+///   `[b, c_out, oh, ow]`
+pub fn conv_forward_add(
+    conv: &Conv2d,
+    x: Tensor<4>,
+    image_bias: Option<Tensor<2>>,
+    residual: Option<Tensor<4>>,
+) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if crate::host::applies(&x)
-        && let Some(y) = host_conv(conv, &x)
+        && let Some(y) = host_conv(conv, &x, image_bias.as_ref(), residual.as_ref())
     {
         return y;
     }
-    conv.forward(x)
+    let mut y = conv.forward(x);
+    if let Some(t) = image_bias {
+        let [b, c] = t.dims();
+        y = y + t.reshape([b, c, 1, 1]);
+    }
+    match residual {
+        Some(r) => r + y,
+        None => y,
+    }
 }
 
 #[cfg(feature = "flex")]
-fn host_conv(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
-    use crate::host::conv::{ConvShape, conv2d};
+fn host_conv(
+    conv: &Conv2d,
+    x: &Tensor<4>,
+    image_bias: Option<&Tensor<2>>,
+    residual: Option<&Tensor<4>>,
+) -> Option<Tensor<4>> {
+    use crate::host::conv::{ConvAdd, ConvShape, conv2d_add};
     use crate::host::with_view;
     let padding = match conv.padding {
         PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
@@ -64,12 +93,46 @@ fn host_conv(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
         padding,
     };
     let bias = conv.bias.as_ref().map(|b| b.val());
-    let run = |xs: &[f32], ws: &[f32]| match &bias {
-        Some(b) => with_view(b, |bv| {
-            (bv.strides[0] == 1).then(|| conv2d(xs, ws, Some(&bv.data[..c_out]), shape))
+    let (oh, ow) = shape.out_hw();
+    // A contiguous view of an optional addend, `Some(None)` when absent, `None`
+    // when it cannot be read in place (then the generic path runs).
+    fn view<const D: usize, R>(
+        t: Option<&Tensor<D>>,
+        shape: [usize; D],
+        f: impl FnOnce(Option<&[f32]>) -> Option<R>,
+    ) -> Option<R> {
+        match t {
+            None => f(None),
+            Some(t) => {
+                let len = shape.iter().product();
+                with_view(t, |v| {
+                    if v.is_contiguous(&shape) {
+                        f(Some(&v.data[..len]))
+                    } else {
+                        None
+                    }
+                })
+                .flatten()
+            }
+        }
+    }
+    let run = |xs: &[f32], ws: &[f32]| {
+        view(image_bias, [batch, c_out], |ib| {
+            view(residual, [batch, c_out, oh, ow], |res| {
+                let add = ConvAdd {
+                    image_bias: ib,
+                    residual: res,
+                };
+                match &bias {
+                    Some(b) => with_view(b, |bv| {
+                        (bv.strides[0] == 1)
+                            .then(|| conv2d_add(xs, ws, Some(&bv.data[..c_out]), shape, add))
+                    })
+                    .flatten(),
+                    None => Some(conv2d_add(xs, ws, None, shape, add)),
+                }
+            })
         })
-        .flatten(),
-        None => Some(conv2d(xs, ws, None, shape)),
     };
     let out = with_view(&weight, |wv| {
         if !wv.is_contiguous(&[c_out, c_in, kh, kw]) {
@@ -87,7 +150,6 @@ fn host_conv(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
         .flatten()
     })
     .flatten()?;
-    let (oh, ow) = shape.out_hw();
     Some(crate::host::from_vec(
         out,
         [batch, c_out, oh, ow],
@@ -146,25 +208,22 @@ impl ResnetBlock2D {
     /// - `x`: `[b, c_in, h, w]`, `temb`: `[b, temb_channels]` (ignored by the VAE)
     /// - output: `[b, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let h = conv_forward(&self.conv1, self.norm1.forward_silu(x.clone()));
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(silu(temb));
-                let [b, c] = t.dims();
-                h + t.reshape([b, c, 1, 1])
-            }
-            _ => h,
+        // The time embedding is a bias per image and channel of conv1's output.
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(silu(temb))),
+            _ => None,
         };
-        let h = conv_forward(&self.conv2, self.norm2.forward_silu(h));
+        let h = conv_forward_add(&self.conv1, self.norm1.forward_silu(x.clone()), t, None);
         let shortcut = match &self.conv_shortcut {
             Some(c) => conv_forward(c, x),
             None => x,
         };
-        let out = shortcut + h;
+        let h = self.norm2.forward_silu(h);
         if self.output_scale_factor == 1.0 {
-            out
+            // The shortcut added as conv2's output is written.
+            conv_forward_add(&self.conv2, h, None, Some(shortcut))
         } else {
-            out / self.output_scale_factor
+            (shortcut + conv_forward(&self.conv2, h)) / self.output_scale_factor
         }
     }
 }

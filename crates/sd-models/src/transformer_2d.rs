@@ -4,7 +4,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use crate::attention::{Attention, linear, linear_forward};
+use crate::attention::{Attention, linear, linear_forward, linear_forward_residual};
 use crate::norm::{GroupNorm, LayerNorm};
 
 /// `GEGLU`: `a * gelu(b)` where `[a, b] = proj(x)`.
@@ -38,16 +38,31 @@ impl FeedForward {
     /// # Shapes
     /// - `[b, n, dim]` to `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        linear_forward(&self.net_2, self.hidden(x))
+    }
+
+    /// `forward(x) + residual`, the add folded into the output projection on the CPU
+    /// backend.
+    ///
+    /// # Shapes
+    /// - `x`, `residual` and output: `[b, n, dim]`
+    pub fn forward_residual(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        linear_forward_residual(&self.net_2, self.hidden(x), residual)
+    }
+
+    /// `a * gelu(gate)` for `[a, gate] = net_0.proj(x)`: `[b, n, dim]` to
+    /// `[b, n, inner]`.
+    fn hidden(&self, x: Tensor<3>) -> Tensor<3> {
         #[cfg(feature = "flex")]
-        if let Some(h) = crate::attention::host_linear(&self.net_0.proj, &x, true) {
-            return linear_forward(&self.net_2, h);
+        if let Some(h) = crate::attention::host_linear(&self.net_0.proj, &x, true, None) {
+            return h;
         }
         let h = linear_forward(&self.net_0.proj, x);
         let [_, _, c2] = h.dims();
         let mut parts = h.split(c2 / 2, 2);
         let gate = parts.pop().expect("two halves");
         let h = parts.pop().expect("two halves");
-        linear_forward(&self.net_2, h * gelu(gate))
+        h * gelu(gate)
     }
 }
 
@@ -86,12 +101,13 @@ impl BasicTransformerBlock {
     /// # Shapes
     /// - `x`: `[b, n, dim]`, `context`: `[b, m, context_dim]`; output `[b, n, dim]`
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self
+            .attn1
+            .forward_residual(self.norm1.forward(x.clone()), None, x);
         let x = self
             .attn2
-            .forward(self.norm2.forward(x.clone()), Some(context))
-            + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+            .forward_residual(self.norm2.forward(x.clone()), Some(context), x);
+        self.ff.forward_residual(self.norm3.forward(x.clone()), x)
     }
 }
 

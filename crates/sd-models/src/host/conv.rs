@@ -43,6 +43,45 @@ impl ConvShape {
 /// Bytes of im2col scratch per band.
 const BAND_BYTES: usize = 8 << 20;
 
+/// What a convolution adds to its product besides the bias, folded into the kernel
+/// so it costs no pass of its own: a ResNet block's projected time embedding (a
+/// bias per image and channel) and its shortcut (a residual).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvAdd<'a> {
+    /// Added to output channel `c` of image `b`: `[batch, c_out]`.
+    pub image_bias: Option<&'a [f32]>,
+    /// Added element-wise: `[batch, c_out, oh, ow]`.
+    pub residual: Option<&'a [f32]>,
+}
+
+impl ConvAdd<'_> {
+    /// The per-(image, channel) constant: `bias[c] + image_bias[b, c]`, as a
+    /// `[batch, c_out]` table (`None` when both are absent).
+    pub(crate) fn bias_table(
+        &self,
+        bias: Option<&[f32]>,
+        batch: usize,
+        c_out: usize,
+    ) -> Option<Vec<f32>> {
+        if let Some(b) = bias {
+            assert_eq!(b.len(), c_out, "conv2d: bias length");
+        }
+        if let Some(t) = self.image_bias {
+            assert_eq!(t.len(), batch * c_out, "conv2d: image bias length");
+        }
+        match (bias, self.image_bias) {
+            (None, None) => None,
+            (Some(b), None) => Some((0..batch).flat_map(|_| b.iter().copied()).collect()),
+            (None, Some(t)) => Some(t.to_vec()),
+            (Some(b), Some(t)) => Some(
+                t.chunks_exact(c_out)
+                    .flat_map(|row| row.iter().zip(b).map(|(t, b)| t + b))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// # Shapes
 /// - `x`: `[batch, c_in, h, w]` row-major; `weight`: `[c_out, c_in, kh, kw]` row-major;
 ///   `bias`: `[c_out]`
@@ -52,15 +91,42 @@ const BAND_BYTES: usize = 8 << 20;
 /// When a slice length does not match the shape, or the kernel exceeds the padded
 /// input (caller bugs: the models check shapes first).
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+    conv2d_add(x, weight, bias, s, ConvAdd::default())
+}
+
+/// [`conv2d`] plus `add` (see [`ConvAdd`]).
+///
+/// # Shapes
+/// As [`conv2d`]; `add.image_bias`: `[batch, c_out]`, `add.residual`: the output's.
+///
+/// # Panics
+/// As [`conv2d`], and when an addend's length does not match.
+pub fn conv2d_add(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    add: ConvAdd<'_>,
+) -> Vec<f32> {
     if super::winograd::applies(&s) {
-        return super::winograd::conv3x3(x, weight, bias, s);
+        return super::winograd::conv3x3_add(x, weight, bias, s, add);
     }
-    conv2d_im2col(x, weight, bias, s)
+    conv2d_im2col_add(x, weight, bias, s, add)
 }
 
 /// [`conv2d`] by im2col + GEMM whatever the shape (benches compare it with
 /// [`super::winograd`]); same shapes and panics.
 pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+    conv2d_im2col_add(x, weight, bias, s, ConvAdd::default())
+}
+
+fn conv2d_im2col_add(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    add: ConvAdd<'_>,
+) -> Vec<f32> {
     let _prof = super::profile::scope(if s.kh == 1 && s.kw == 1 {
         "conv1x1"
     } else {
@@ -86,12 +152,25 @@ pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvSha
     );
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
-    let mut out = vec![0.0f32; batch * c_out * plane];
-    if let Some(b) = bias {
-        assert_eq!(b.len(), c_out, "conv2d: bias length");
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, o)| o.fill(b[i % c_out]));
+    // The GEMMs accumulate onto the output's initial value: the residual plus the
+    // bias of each (image, channel) plane, or zeros.
+    let table = add.bias_table(bias, batch, c_out);
+    let mut out = match add.residual {
+        Some(r) => {
+            assert_eq!(r.len(), batch * c_out * plane, "conv2d: residual length");
+            r.to_vec()
+        }
+        None => vec![0.0f32; batch * c_out * plane],
+    };
+    if let Some(t) = &table {
+        let fresh = add.residual.is_none();
+        out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
+            if fresh {
+                o.fill(t[i]);
+            } else {
+                o.iter_mut().for_each(|v| *v += t[i]);
+            }
+        });
     }
     let pointwise = kh == 1 && kw == 1 && stride == [1, 1] && padding == [0; 4];
     // Bands of output rows run in parallel, each a single-threaded GEMM with its own
@@ -126,7 +205,7 @@ pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvSha
                 k,
                 dst: out_ptr.at(b * c_out * plane + oy0 * ow),
                 dst_rs: plane as isize,
-                accumulate: bias.is_some(),
+                accumulate: true,
                 lhs: weight.as_ptr(),
                 lhs_rs: k as isize,
                 lhs_cs: 1,
@@ -260,6 +339,47 @@ mod tests {
             assert_eq!(ours.len(), want.len());
             for (a, b) in ours.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "k={k} stride={stride:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn folds_image_bias_and_residual_into_both_paths() {
+        // 16x16 (Winograd applies) and 5x7 (im2col), 3x3 same padding.
+        for (h, w) in [(16, 16), (5, 7)] {
+            let s = ConvShape {
+                batch: 2,
+                c_in: 3,
+                h,
+                w,
+                c_out: 4,
+                kh: 3,
+                kw: 3,
+                stride: [1, 1],
+                padding: [1; 4],
+            };
+            let x: Vec<f32> = (0..2 * 3 * h * w)
+                .map(|i| (i % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let wt: Vec<f32> = (0..4 * 3 * 9)
+                .map(|i| (i % 7) as f32 * 0.05 - 0.1)
+                .collect();
+            let bias = [0.1, -0.2, 0.3, 0.0];
+            let image_bias: Vec<f32> = (0..8).map(|i| i as f32 * 0.25).collect();
+            let residual: Vec<f32> = (0..2 * 4 * h * w).map(|i| (i % 5) as f32).collect();
+            let plain = conv2d(&x, &wt, Some(&bias), s);
+            let add = ConvAdd {
+                image_bias: Some(&image_bias),
+                residual: Some(&residual),
+            };
+            for fused in [
+                conv2d_add(&x, &wt, Some(&bias), s, add),
+                conv2d_im2col_add(&x, &wt, Some(&bias), s, add),
+            ] {
+                for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+                    let want = p + image_bias[i / (h * w)] + residual[i];
+                    assert!((f - want).abs() < 1e-5, "{h}x{w} [{i}]: {f} vs {want}");
+                }
             }
         }
     }

@@ -59,24 +59,66 @@ pub fn linear(
     d_out: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    linear_impl(x, rows, d_in, weight, d_out, bias, None)
+}
+
+/// `y = x wᵀ + b + residual`: the residual add of a transformer block folded into
+/// the product (the output starts as `residual + b`), so it costs no pass of its own.
+///
+/// # Shapes
+/// As [`linear`]; `residual`: `[rows, d_out]`, row-major.
+///
+/// # Panics
+/// As [`linear`], and when `residual` is shorter than `rows * d_out`.
+pub fn linear_residual(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+    residual: &[f32],
+) -> Vec<f32> {
+    assert!(residual.len() >= rows * d_out, "linear: residual too short");
+    linear_impl(x, rows, d_in, weight, d_out, bias, Some(residual))
+}
+
+fn linear_impl(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    weight: Matrix<'_>,
+    d_out: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let _prof = super::profile::scope("linear");
     check(x, rows, d_in, weight, d_out, bias);
     if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows)
-        && let Some(out) = panel_gemm::linear_streamed(x, rows, d_in, weight, d_out, bias)
+        && let Some(out) = panel_gemm::linear_streamed(x, rows, d_in, weight, d_out, bias, residual)
     {
         return out;
     }
     let len = rows * d_out;
-    // With a bias the output starts as it (the GEMMs accumulate onto it); without,
-    // the GEMMs run with `accumulate` off and write every element, so the buffer is
-    // not zeroed first (that cost a pass over 10-40 MB per call).
-    let mut out = match bias {
-        Some(b) => b.repeat(rows),
-        None => Vec::with_capacity(len),
+    // With a bias or a residual the output starts as their sum (the GEMMs accumulate
+    // onto it); without, the GEMMs run with `accumulate` off and write every
+    // element, so the buffer is not zeroed first (that cost a pass over 10-40 MB per
+    // call).
+    let mut out = match (bias, residual) {
+        (None, None) => Vec::with_capacity(len),
+        (Some(b), None) => b.repeat(rows),
+        (None, Some(r)) => r[..len].to_vec(),
+        (Some(b), Some(r)) => {
+            let mut v = Vec::with_capacity(len);
+            for row in r[..len].chunks_exact(d_out) {
+                v.extend(row.iter().zip(b).map(|(r, b)| r + b));
+            }
+            v
+        }
     };
     let ptr = super::SharedMut(out.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
-    let accumulate = bias.is_some();
+    let accumulate = bias.is_some() || residual.is_some();
     if len == 0 {
         // Nothing to compute.
     } else if rows * d_in * d_out < 1 << 20 || threads == 1 {

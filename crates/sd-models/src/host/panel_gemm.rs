@@ -417,10 +417,13 @@ pub const KC: usize = 256;
 /// place when it is stored input-major) and multiplying every tile by them. The
 /// weight is read from memory exactly once and nothing of it is written back.
 ///
+/// With `residual`, returns `x wᵀ + b + residual`.
+///
 /// Returns `None` when the CPU lacks AVX-512F or `x`'s columns are not contiguous.
 ///
 /// # Shapes
-/// - `x`: `[rows, d_in]`, `weight`: `[d_out, d_in]` (any strides), `bias`: `[d_out]`
+/// - `x`: `[rows, d_in]`, `weight`: `[d_out, d_in]` (any strides), `bias`: `[d_out]`,
+///   `residual`: `[rows, d_out]` row-major
 /// - returns `[rows, d_out]`
 pub fn linear_streamed(
     x: Matrix<'_>,
@@ -429,6 +432,7 @@ pub fn linear_streamed(
     weight: Matrix<'_>,
     d_out: usize,
     bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
     if !available() || x.col_stride != 1 || x.row_stride < 0 || rows == 0 || d_out == 0 {
         return None;
@@ -517,7 +521,15 @@ pub fn linear_streamed(
                         // SAFETY: columns c0..c0 + width of row t * tile_rows + i, written
                         // by this task only, inside the rows x d_out buffer.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(o), width);
+                            let out = dst.at(o);
+                            match residual {
+                                Some(r) => {
+                                    for (j, v) in row[..width].iter().enumerate() {
+                                        out.add(j).write(v + r[o + j]);
+                                    }
+                                }
+                                None => std::ptr::copy_nonoverlapping(row.as_ptr(), out, width),
+                            }
                         }
                     }
                 }

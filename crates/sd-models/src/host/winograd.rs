@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::ConvShape;
+use super::conv::{ConvAdd, ConvShape};
 
 /// Output pixels per tile side.
 const M: usize = 4;
@@ -232,9 +232,10 @@ unsafe fn transform_inputs(
     }
 }
 
-/// Adds `bias` to `Aᵀ M A` of output channel `k`'s tiles in the band of global
-/// tile rows `g0..g0 + rows` and writes them into `out` (`[batch, c_out, h, w]`);
-/// `M` (`[36, kn, tiles]`) holds output channels `block = (k0, kn)`.
+/// Adds the bias (`table[b, k]`) and the residual (same layout as `out`), if any, to
+/// `Aᵀ M A` of output channel `k`'s tiles in the band of global tile rows
+/// `g0..g0 + rows` and writes them into `out` (`[batch, c_out, h, w]`); `M`
+/// (`[36, kn, tiles]`) holds output channels `block = (k0, kn)`.
 ///
 /// # Safety
 /// `out` must address the whole output; channel `k`'s planes must not be written by
@@ -243,7 +244,7 @@ unsafe fn transform_inputs(
 unsafe fn transform_outputs(
     m: &[f32],
     out: *mut f32,
-    bias: f32,
+    (table, residual): (&[f32], Option<&[f32]>),
     s: &ConvShape,
     k: usize,
     block: (usize, usize),
@@ -257,8 +258,11 @@ unsafe fn transform_outputs(
     let p_n = rows * tw;
     for r in 0..rows {
         let (b, ty) = ((g0 + r) / th, (g0 + r) % th);
+        let plane_at = (b * c_out + k) * h * w;
         // SAFETY: the plane of (b, k) (caller).
-        let out = unsafe { out.add((b * c_out + k) * h * w) };
+        let out = unsafe { out.add(plane_at) };
+        let bias = table[b * c_out + k];
+        let residual = residual.map(|r| &r[plane_at..plane_at + h * w]);
         let oy0 = ty * M;
         for tx0 in (0..tw).step_by(L) {
             let n = L.min(tw - tx0);
@@ -282,8 +286,14 @@ unsafe fn transform_outputs(
                 for l in 0..n {
                     let ox0 = (tx0 + l) * M;
                     for (j, lanes) in row.iter().enumerate().take(M.min(w - ox0)) {
+                        let at = y * w + ox0 + j;
+                        let v = lanes[l] + bias;
+                        let v = match residual {
+                            Some(r) => v + r[at],
+                            None => v,
+                        };
                         // SAFETY: (y, ox0 + j) is inside the plane (caller).
-                        unsafe { *out.add(y * w + ox0 + j) = lanes[l] + bias };
+                        unsafe { *out.add(at) = v };
                     }
                 }
             }
@@ -299,6 +309,21 @@ unsafe fn transform_outputs(
 /// When `s` is not a 3x3 stride-1 padding-1 convolution or a slice length does not
 /// match it (caller bugs).
 pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+    conv3x3_add(x, weight, bias, s, ConvAdd::default())
+}
+
+/// [`conv3x3`] plus `add` (see [`ConvAdd`]), added as the output tiles are
+/// transformed back.
+///
+/// # Panics
+/// As [`conv3x3`], and when an addend's length does not match.
+pub fn conv3x3_add(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    add: ConvAdd<'_>,
+) -> Vec<f32> {
     let ConvShape {
         batch,
         c_in,
@@ -314,8 +339,12 @@ pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) ->
     );
     assert_eq!(x.len(), batch * c_in * h * w, "winograd: input length");
     assert_eq!(weight.len(), c_out * c_in * 9, "winograd: weight length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), c_out, "winograd: bias length");
+    // bias[c] + image_bias[b, c], per image and channel.
+    let table = add
+        .bias_table(bias, batch, c_out)
+        .unwrap_or_else(|| vec![0.0; batch * c_out]);
+    if let Some(r) = add.residual {
+        assert_eq!(r.len(), batch * c_out * h * w, "winograd: residual length");
     }
     let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let tiles = batch * th * tw;
@@ -386,7 +415,7 @@ pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) ->
                     transform_outputs(
                         m,
                         out_ptr.at(0),
-                        bias.map_or(0.0, |b| b[k]),
+                        (&table, add.residual),
                         &s,
                         k,
                         (k0, kn),
