@@ -444,11 +444,28 @@ pub fn linear_streamed(
     let tile_rows = rows.div_ceil(tiles);
     let mut a_tiles = vec![0.0f32; tiles * k * MR];
     let pack_tile = |(t, tile): (usize, &mut [f32])| {
-        for r in 0..tile_rows.min(rows - t * tile_rows) {
-            let at = (t * tile_rows + r) as isize * x.row_stride;
-            let row = &x.data[at as usize..at as usize + k];
-            for (kk, v) in row.iter().enumerate() {
-                tile[kk * MR + r] = *v;
+        let m = tile_rows.min(rows - t * tile_rows);
+        let row_at = |r: usize| ((t * tile_rows + r) as isize * x.row_stride) as usize;
+        // Whole blocks of 16 values of k by register transposes (rows past `m` read
+        // zeros), the rest one value at a time.
+        let whole = k / 16 * 16;
+        static ZEROS: [f32; 16] = [0.0; 16];
+        for k0 in (0..whole).step_by(16) {
+            let src: [*const f32; 16] = std::array::from_fn(|i| {
+                if i < m {
+                    x.data[row_at(i) + k0..row_at(i) + k0 + 16].as_ptr()
+                } else {
+                    ZEROS.as_ptr()
+                }
+            });
+            // SAFETY: AVX-512F checked above; 16 values behind each source, the
+            // tile's rows k0..k0 + 16 of MR values (the first 12 lanes stored).
+            unsafe { transpose16(src, tile[k0 * MR..].as_mut_ptr(), MR, 0x0fff) };
+        }
+        for r in 0..m {
+            let row = &x.data[row_at(r)..row_at(r) + k];
+            for kk in whole..k {
+                tile[kk * MR + r] = row[kk];
             }
         }
     };
@@ -583,7 +600,7 @@ unsafe fn pack_lanes(
             unsafe {
                 let src: [*const f32; 16] =
                     std::array::from_fn(|i| weight.data.as_ptr().offset(base[i] + kk as isize));
-                transpose16(src, buf.as_mut_ptr().add(kk * NR + half * 16), NR);
+                transpose16(src, buf.as_mut_ptr().add(kk * NR + half * 16), NR, 0xffff);
             }
         }
         pack_lanes_scalar(weight, lanes, half * 16..half * 16 + 16, k0, whole..kc, buf);
@@ -616,16 +633,22 @@ fn pack_lanes_scalar(
     }
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose16(_: [*const f32; 16], _: *mut f32, _: usize, _: u16) {
+    unreachable!("panel GEMM needs x86-64 AVX-512F")
+}
+
 /// Writes the transpose of the 16 x 16 block whose rows start at `src` to `dst`
-/// (rows `ld` apart): `dst[j * ld + i] = src[i][j]`.
+/// (rows `ld` apart): `dst[j * ld + i] = src[i][j]` for the lanes `i` set in
+/// `lanes`.
 ///
 /// # Safety
-/// AVX-512F must be available; each `src[i]` must address 16 values, `dst` 16 rows of
-/// 16 values `ld` apart.
+/// AVX-512F must be available; each `src[i]` must address 16 values, `dst` 16 rows,
+/// `ld` apart, of the lanes set in `lanes`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn transpose16(src: [*const f32; 16], dst: *mut f32, ld: usize) {
+unsafe fn transpose16(src: [*const f32; 16], dst: *mut f32, ld: usize, lanes: u16) {
     use std::arch::x86_64::*;
     // SAFETY: addresses as documented (caller).
     unsafe {
@@ -656,8 +679,8 @@ unsafe fn transpose16(src: [*const f32; 16], dst: *mut f32, ld: usize) {
         for j in 0..8 {
             let lo = _mm512_shuffle_f32x4::<0x88>(v[j], v[8 + j]);
             let hi = _mm512_shuffle_f32x4::<0xDD>(v[j], v[8 + j]);
-            _mm512_storeu_ps(dst.add(j * ld), lo);
-            _mm512_storeu_ps(dst.add((j + 8) * ld), hi);
+            _mm512_mask_storeu_ps(dst.add(j * ld), lanes, lo);
+            _mm512_mask_storeu_ps(dst.add((j + 8) * ld), lanes, hi);
         }
     }
 }
