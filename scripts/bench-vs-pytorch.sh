@@ -34,5 +34,5 @@ for comp, key in [("text_encoder", "text"), ("unet", "unet"), ("vae", "vae")]:
     t = next((v for k, v in flat.items() if key in k), None)
     o = ours[comp]
     ratio = f"{o['median_s'] / t:.2f}x" if t else "?"
-    print(f"{comp:<14}{o['median_s']:9.2f}{(t or float('nan')):9.2f}{ratio:>7}{o['peak_rss_mb']:13.0f}")
+    print(f"{comp:<14}{o['median_s']:9.3f}{(t or float('nan')):9.3f}{ratio:>7}{o['peak_rss_mb']:13.0f}")
 PY

@@ -69,29 +69,35 @@ impl GroupNorm {
             let device = x.device();
             let weight = crate::host::into_vec(self.weight.val());
             let bias = crate::host::into_vec(self.bias.val());
-            // Read in place and written to a new buffer: the input is usually still
-            // needed (the residual), and copying it first cost a pass.
+            // In place when `x` is the only reference to its values; else read in
+            // place and written to a new buffer (the input is still needed, as a
+            // residual: copying it first cost a pass).
+            let (unique, x) = crate::host::is_unique(x);
             let len: usize = dims.iter().product();
-            let out = crate::host::with_view(&x, |v| {
-                v.is_contiguous(&dims).then(|| {
-                    let mut out = Vec::with_capacity(len);
-                    crate::host::group_norm::group_norm_into(
-                        &v.data[..len],
-                        &mut out.spare_capacity_mut()[..len],
-                        dims[0],
-                        dims[1],
-                        self.num_groups,
-                        &weight,
-                        &bias,
-                        self.epsilon,
-                        silu,
-                    );
-                    // SAFETY: group_norm_into wrote all `len` values.
-                    unsafe { out.set_len(len) };
-                    out
+            let out = (!unique)
+                .then(|| {
+                    crate::host::with_view(&x, |v| {
+                        v.is_contiguous(&dims).then(|| {
+                            let mut out = Vec::with_capacity(len);
+                            crate::host::group_norm::group_norm_into(
+                                &v.data[..len],
+                                &mut out.spare_capacity_mut()[..len],
+                                dims[0],
+                                dims[1],
+                                self.num_groups,
+                                &weight,
+                                &bias,
+                                self.epsilon,
+                                silu,
+                            );
+                            // SAFETY: group_norm_into wrote all `len` values.
+                            unsafe { out.set_len(len) };
+                            out
+                        })
+                    })
                 })
-            })
-            .flatten();
+                .flatten()
+                .flatten();
             if let Some(out) = out {
                 return crate::host::from_vec(out, dims, &device);
             }

@@ -88,6 +88,18 @@ pub(crate) fn with_view<const D: usize, R>(
     }))
 }
 
+/// Whether `x` alone references its storage (so it can be overwritten in place
+/// without a copy), and `x` back.
+pub(crate) fn is_unique<const D: usize>(x: Tensor<D>) -> (bool, Tensor<D>) {
+    use burn_dispatch::{BackendTensor, DispatchTensorKind};
+    let bridge = x.into_bridge();
+    let unique = {
+        let (_, dispatch) = bridge.as_parts();
+        matches!(&dispatch.kind, DispatchTensorKind::Flex(BackendTensor::Float(t)) if t.is_unique())
+    };
+    (unique, Tensor::from_bridge(bridge))
+}
+
 /// One single-threaded f32 GEMM, `dst = scale * lhs · rhs (+ dst when accumulate)`,
 /// every operand given by its first element and (row, column) strides; `dst` is
 /// row-major with row stride `dst_rs`. The one call shape every kernel here uses.
