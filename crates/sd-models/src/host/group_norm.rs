@@ -29,37 +29,52 @@ pub fn group_norm(
     silu: bool,
 ) {
     let _prof = super::profile::scope("group_norm");
+    let Some((group_len, spatial)) = layout(x.len(), batch, channels, groups, weight, bias) else {
+        return;
+    };
+    let per_group = channels / groups;
+    x.par_chunks_mut(group_len)
+        .enumerate()
+        .for_each(|(g, chunk)| {
+            let c0 = (g % groups) * per_group;
+            let (mean, var) = mean_var(chunk);
+            for (ci, row) in chunk.chunks_mut(spatial).enumerate() {
+                let (a, b) = coefficients(mean, var, epsilon, weight[c0 + ci], bias[c0 + ci]);
+                affine(row, a, b, silu);
+            }
+        });
+}
+
+/// Checks the sizes; `None` when there is nothing to normalise, else the length of
+/// one group's values and of one channel's.
+fn layout(
+    len: usize,
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    weight: &[f32],
+    bias: &[f32],
+) -> Option<(usize, usize)> {
     assert!(
         channels.is_multiple_of(groups),
         "group_norm: groups must divide channels"
     );
     assert_eq!(weight.len(), channels, "group_norm: weight length");
     assert_eq!(bias.len(), channels, "group_norm: bias length");
-    if x.is_empty() || batch == 0 {
-        return;
+    if len == 0 || batch == 0 {
+        return None;
     }
-    let per_group = channels / groups;
-    let spatial = x.len() / (batch * channels);
-    assert_eq!(
-        x.len(),
-        batch * channels * spatial,
-        "group_norm: input length"
-    );
-    let group_len = per_group * spatial;
-    x.par_chunks_mut(group_len)
-        .enumerate()
-        .for_each(|(g, chunk)| {
-            let c0 = (g % groups) * per_group;
-            let (mean, var) = mean_var(chunk);
-            let rstd = 1.0 / (var + epsilon).sqrt();
-            for (ci, row) in chunk.chunks_mut(spatial).enumerate() {
-                let w = weight[c0 + ci] as f64;
-                // y = x * a + b with a = rstd * w, b = bias - mean * a
-                let a = (rstd * w) as f32;
-                let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
-                affine(row, a, b, silu);
-            }
-        });
+    let spatial = len / (batch * channels);
+    assert_eq!(len, batch * channels * spatial, "group_norm: input length");
+    Some((channels / groups * spatial, spatial))
+}
+
+/// `y = x * a + b` with `a = rstd * w`, `b = bias - mean * a`: one channel's
+/// normalisation and affine map.
+fn coefficients(mean: f64, var: f64, epsilon: f64, w: f32, bias: f32) -> (f32, f32) {
+    let rstd = 1.0 / (var + epsilon).sqrt();
+    let a = rstd * w as f64;
+    (a as f32, (bias as f64 - mean * a) as f32)
 }
 
 /// [`group_norm`] out of place: `dst` receives the result and `src` is only read, so a
@@ -85,39 +100,24 @@ pub fn group_norm_into(
     silu: bool,
 ) {
     let _prof = super::profile::scope("group_norm");
-    assert!(
-        channels.is_multiple_of(groups),
-        "group_norm: groups must divide channels"
-    );
-    assert_eq!(weight.len(), channels, "group_norm: weight length");
-    assert_eq!(bias.len(), channels, "group_norm: bias length");
     assert_eq!(src.len(), dst.len(), "group_norm: output length");
-    if src.is_empty() || batch == 0 {
+    let Some((group_len, spatial)) = layout(src.len(), batch, channels, groups, weight, bias)
+    else {
         return;
-    }
+    };
     let per_group = channels / groups;
-    let spatial = src.len() / (batch * channels);
-    assert_eq!(
-        src.len(),
-        batch * channels * spatial,
-        "group_norm: input length"
-    );
-    let group_len = per_group * spatial;
     dst.par_chunks_mut(group_len)
         .zip(src.par_chunks(group_len))
         .enumerate()
         .for_each(|(g, (out, chunk))| {
             let c0 = (g % groups) * per_group;
             let (mean, var) = mean_var(chunk);
-            let rstd = 1.0 / (var + epsilon).sqrt();
             for (ci, (o, row)) in out
                 .chunks_mut(spatial)
                 .zip(chunk.chunks(spatial))
                 .enumerate()
             {
-                let w = weight[c0 + ci] as f64;
-                let a = (rstd * w) as f32;
-                let b = (bias[c0 + ci] as f64 - mean * rstd * w) as f32;
+                let (a, b) = coefficients(mean, var, epsilon, weight[c0 + ci], bias[c0 + ci]);
                 // One channel's row (a few KB): copied, then transformed while in L1.
                 for (d, v) in o.iter_mut().zip(row) {
                     d.write(*v);
