@@ -284,14 +284,7 @@ impl Attention {
     /// - `context`: `[batch, m, context_dim]` (self-attention when `None`)
     /// - output: `[batch, n, query_dim]`
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
-        let context = context.unwrap_or_else(|| x.clone());
-        let q = linear_forward(&self.to_q, x);
-        let k = linear_forward(&self.to_k, context.clone());
-        let v = linear_forward(&self.to_v, context);
-        linear_forward(
-            &self.to_out,
-            multi_head_attention(q, k, v, self.heads, false),
-        )
+        linear_forward(&self.to_out, self.attend(x, context))
     }
 
     /// `forward(x, context) + residual`, the add folded into the output projection
@@ -305,14 +298,15 @@ impl Attention {
         context: Option<Tensor<3>>,
         residual: Tensor<3>,
     ) -> Tensor<3> {
+        linear_forward_residual(&self.to_out, self.attend(x, context), residual)
+    }
+
+    /// The heads' outputs before the output projection: `[batch, n, heads * head_dim]`.
+    fn attend(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = linear_forward(&self.to_q, x);
         let k = linear_forward(&self.to_k, context.clone());
         let v = linear_forward(&self.to_v, context);
-        linear_forward_residual(
-            &self.to_out,
-            multi_head_attention(q, k, v, self.heads, false),
-            residual,
-        )
+        multi_head_attention(q, k, v, self.heads, false)
     }
 }
