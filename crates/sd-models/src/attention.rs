@@ -49,6 +49,87 @@ pub fn linear_forward_residual<const D: usize>(
     linear.forward(x) + residual
 }
 
+/// `[linear.forward(x) for linear in linears]`: on the CPU backend one pass over all
+/// the weights when the rows are few (`q`, `k`, `v` of the text encoder, `k`, `v` of
+/// cross-attention; see `host::linear::linear_many`); elsewhere one product each.
+///
+/// # Shapes
+/// - `x`: `[b, n, d_in]`; output `i`: `[b, n, d_out_i]`
+pub fn linear_forward_many<const N: usize>(linears: [&Linear; N], x: Tensor<3>) -> [Tensor<3>; N] {
+    #[cfg(feature = "flex")]
+    if let Some(ys) = host_linear_many(&linears, &x) {
+        return ys;
+    }
+    linears.map(|l| linear_forward(l, x.clone()))
+}
+
+#[cfg(feature = "flex")]
+fn host_linear_many<const N: usize>(
+    linears: &[&Linear; N],
+    x: &Tensor<3>,
+) -> Option<[Tensor<3>; N]> {
+    use crate::host::linear::{Matrix, linear_many};
+    use crate::host::panel_gemm::StreamPart;
+    if !crate::host::applies(x) {
+        return None;
+    }
+    let weights: Vec<Tensor<2>> = linears.iter().map(|l| l.weight.val()).collect();
+    let biases: Vec<Option<Tensor<1>>> = linears
+        .iter()
+        .map(|l| l.bias.as_ref().map(|b| b.val()))
+        .collect();
+    let f32_only = weights.iter().all(|w| w.dtype() == DType::F32)
+        && biases.iter().flatten().all(|b| b.dtype() == DType::F32);
+    let [batch, rows, d_in] = x.dims();
+    if !f32_only || weights.iter().any(|w| w.dims()[0] != d_in) {
+        return None;
+    }
+    // Biases are a few KB: copied rather than viewed.
+    let biases: Vec<Option<Vec<f32>>> = biases
+        .into_iter()
+        .map(|b| b.map(crate::host::into_vec))
+        .collect();
+    let outs = crate::host::with_views(&weights, |ws| {
+        crate::host::with_view(x, |xv| {
+            let st = &xv.strides;
+            // The batch's items one after another: one matrix of batch * rows rows.
+            if batch > 1 && st[0] != rows as isize * st[1] {
+                return None;
+            }
+            let parts: Vec<StreamPart<'_>> = ws
+                .iter()
+                .zip(&weights)
+                .zip(&biases)
+                .map(|((w, wt), b)| StreamPart {
+                    // The [d_out, d_in] matrix PyTorch stores (see `host_linear`).
+                    weight: Matrix {
+                        data: w.data,
+                        row_stride: w.strides[1],
+                        col_stride: w.strides[0],
+                    },
+                    d_out: wt.dims()[1],
+                    bias: b.as_deref(),
+                    residual: None,
+                })
+                .collect();
+            let xm = Matrix {
+                data: xv.data,
+                row_stride: st[1],
+                col_stride: st[2],
+            };
+            Some(linear_many(xm, batch * rows, d_in, &parts))
+        })
+        .flatten()
+    })
+    .flatten()?;
+    let device = x.device();
+    let mut outs = outs.into_iter().zip(&weights);
+    Some(std::array::from_fn(|_| {
+        let (values, w) = outs.next().expect("one output per weight");
+        crate::host::from_vec(values, [batch, rows, w.dims()[1]], &device)
+    }))
+}
+
 /// `linear(x)` on the CPU backend, or with `geglu` the fused `a * gelu(b)` for
 /// `[a, b] = linear(x)`; `None` where the kernels do not apply (other devices or
 /// dtypes, ranks other than 2 and 3, negative strides).
@@ -303,10 +384,13 @@ impl Attention {
 
     /// The heads' outputs before the output projection: `[batch, n, heads * head_dim]`.
     fn attend(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
-        let context = context.unwrap_or_else(|| x.clone());
-        let q = linear_forward(&self.to_q, x);
-        let k = linear_forward(&self.to_k, context.clone());
-        let v = linear_forward(&self.to_v, context);
+        let [q, k, v] = match context {
+            None => linear_forward_many([&self.to_q, &self.to_k, &self.to_v], x),
+            Some(context) => {
+                let [k, v] = linear_forward_many([&self.to_k, &self.to_v], context);
+                [linear_forward(&self.to_q, x), k, v]
+            }
+        };
         multi_head_attention(q, k, v, self.heads, false)
     }
 }

@@ -6,7 +6,9 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use sd_core::{HiddenLayer, TextEncoderOutput};
 
-use crate::attention::{linear, linear_forward, linear_forward_residual, multi_head_attention};
+use crate::attention::{
+    linear, linear_forward, linear_forward_many, linear_forward_residual, multi_head_attention,
+};
 use crate::config::{ClipActivation, ClipTextConfig};
 use crate::error::ConfigError;
 use crate::norm::LayerNorm;
@@ -128,9 +130,7 @@ impl ClipTextModel {
     fn layer_forward(&self, layer: &ClipEncoderLayer, x: Tensor<3>) -> Tensor<3> {
         let a = &layer.self_attn;
         let h = layer.layer_norm1.forward(x.clone());
-        let q = linear_forward(&a.q_proj, h.clone());
-        let k = linear_forward(&a.k_proj, h.clone());
-        let v = linear_forward(&a.v_proj, h);
+        let [q, k, v] = linear_forward_many([&a.q_proj, &a.k_proj, &a.v_proj], h);
         let attn = multi_head_attention(q, k, v, a.heads, true);
         let x = linear_forward_residual(&a.out_proj, attn, x);
         let h = linear_forward(&layer.mlp.fc1, layer.layer_norm2.forward(x.clone()));

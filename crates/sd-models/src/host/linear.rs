@@ -83,6 +83,40 @@ pub fn linear_residual(
     linear_impl(x, rows, d_in, weight, d_out, bias, Some(residual))
 }
 
+/// Several products of the same rows, `[x w_iᵀ + b_i (+ residual_i)]` (attention's
+/// `q`, `k`, `v`): on AVX-512 CPUs with few rows one streamed pass over all the
+/// weights ([`panel_gemm::linear_streamed_parts`]), else [`linear`] per weight.
+///
+/// # Shapes
+/// - `x`: `[rows, d_in]`; each part as [`linear_residual`]'s operands; returns one
+///   `[rows, part.d_out]` buffer per part
+///
+/// # Panics
+/// As [`linear`], for any part.
+pub fn linear_many(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    parts: &[panel_gemm::StreamPart<'_>],
+) -> Vec<Vec<f32>> {
+    for p in parts {
+        check(x, rows, d_in, p.weight, p.d_out, p.bias);
+        if let Some(r) = p.residual {
+            assert!(r.len() >= rows * p.d_out, "linear: residual too short");
+        }
+    }
+    if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows) {
+        let _prof = super::profile::scope("linear");
+        if let Some(outs) = panel_gemm::linear_streamed_parts(x, rows, d_in, parts) {
+            return outs;
+        }
+    }
+    parts
+        .iter()
+        .map(|p| linear_impl(x, rows, d_in, p.weight, p.d_out, p.bias, p.residual))
+        .collect()
+}
+
 fn linear_impl(
     x: Matrix<'_>,
     rows: usize,
@@ -374,6 +408,55 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn many_products_equal_one_at_a_time() {
+        use super::panel_gemm::StreamPart;
+        let d_in = 40;
+        for rows in [77, 300] {
+            let x: Vec<f32> = (0..rows * d_in)
+                .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let xm = Matrix {
+                data: &x,
+                row_stride: d_in as isize,
+                col_stride: 1,
+            };
+            let ws: Vec<Vec<f32>> = [64, 33, 96]
+                .iter()
+                .map(|&d_out| {
+                    (0..d_out * d_in)
+                        .map(|i| (i % 7) as f32 * 0.2 - 0.5)
+                        .collect()
+                })
+                .collect();
+            let bias: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+            let residual: Vec<f32> = (0..rows * 96).map(|i| (i % 5) as f32).collect();
+            let parts: Vec<StreamPart<'_>> = ws
+                .iter()
+                .zip([64, 33, 96])
+                .enumerate()
+                .map(|(i, (w, d_out))| StreamPart {
+                    weight: Matrix {
+                        data: w,
+                        row_stride: d_in as isize,
+                        col_stride: 1,
+                    },
+                    d_out,
+                    bias: (i == 0).then_some(bias.as_slice()),
+                    residual: (i == 2).then_some(residual.as_slice()),
+                })
+                .collect();
+            let many = linear_many(xm, rows, d_in, &parts);
+            for (p, got) in parts.iter().zip(&many) {
+                let want = match p.residual {
+                    Some(r) => linear_residual(xm, rows, d_in, p.weight, p.d_out, p.bias, r),
+                    None => linear(xm, rows, d_in, p.weight, p.d_out, p.bias),
+                };
+                assert_eq!(got, &want, "{rows} rows, {} outputs", p.d_out);
             }
         }
     }

@@ -100,6 +100,35 @@ pub(crate) fn is_unique<const D: usize>(x: Tensor<D>) -> (bool, Tensor<D>) {
     (unique, Tensor::from_bridge(bridge))
 }
 
+/// [`with_view`] for several tensors at once: `f` gets their views in order; `None`
+/// when any of them is not an f32 tensor of the CPU backend.
+pub(crate) fn with_views<const D: usize, R>(
+    tensors: &[Tensor<D>],
+    f: impl FnOnce(&[HostView<'_>]) -> R,
+) -> Option<R> {
+    fn nest<const D: usize, R>(
+        tensors: &[Tensor<D>],
+        held: Vec<HostView<'_>>,
+        f: &mut dyn FnMut(&[HostView<'_>]) -> R,
+    ) -> Option<R> {
+        match tensors.split_first() {
+            None => Some(f(&held)),
+            Some((t, rest)) => with_view(t, move |v| {
+                // The views so far and this one, at the shorter of their lifetimes.
+                let mut all = Vec::with_capacity(held.len() + 1);
+                all.extend(held);
+                all.push(v);
+                nest(rest, all, f)
+            })
+            .flatten(),
+        }
+    }
+    let mut f = Some(f);
+    nest(tensors, Vec::new(), &mut |views: &[HostView<'_>]| {
+        (f.take().expect("called once"))(views)
+    })
+}
+
 /// One single-threaded f32 GEMM, `dst = scale * lhs · rhs (+ dst when accumulate)`,
 /// every operand given by its first element and (row, column) strides; `dst` is
 /// row-major with row stride `dst_rs`. The one call shape every kernel here uses.

@@ -434,7 +434,48 @@ pub fn linear_streamed(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
-    if !available() || x.col_stride != 1 || x.row_stride < 0 || rows == 0 || d_out == 0 {
+    let part = StreamPart {
+        weight,
+        d_out,
+        bias,
+        residual,
+    };
+    linear_streamed_parts(x, rows, d_in, &[part]).map(|mut outs| outs.remove(0))
+}
+
+/// One product of [`linear_streamed_parts`]: `x wᵀ + b (+ residual)`.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamPart<'a> {
+    /// `[d_out, d_in]`, any strides.
+    pub weight: Matrix<'a>,
+    /// Output columns.
+    pub d_out: usize,
+    /// `[d_out]`.
+    pub bias: Option<&'a [f32]>,
+    /// `[rows, d_out]`, row-major.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// [`linear_streamed`] for several weights applied to the same rows (attention's
+/// `q`, `k` and `v`): the rows are copied into tiles once and all the weights'
+/// panels are shared out among the threads in one parallel pass.
+///
+/// Returns `None` as [`linear_streamed`] does.
+///
+/// # Shapes
+/// - `x`: `[rows, d_in]`; returns one `[rows, part.d_out]` buffer per part
+pub fn linear_streamed_parts(
+    x: Matrix<'_>,
+    rows: usize,
+    d_in: usize,
+    parts: &[StreamPart<'_>],
+) -> Option<Vec<Vec<f32>>> {
+    if !available()
+        || x.col_stride != 1
+        || x.row_stride < 0
+        || rows == 0
+        || parts.iter().any(|p| p.d_out == 0)
+    {
         return None;
     }
     let k = d_in;
@@ -478,13 +519,32 @@ pub fn linear_streamed(
     } else {
         a_tiles.chunks_mut(k * MR).enumerate().for_each(pack_tile);
     }
-    let panels = d_out.div_ceil(NR);
-    let mut padded_bias = vec![0.0f32; panels * NR];
-    if let Some(b) = bias {
-        padded_bias[..d_out].copy_from_slice(&b[..d_out]);
-    }
-    let mut out = Vec::with_capacity(rows * d_out);
-    let dst = super::SharedMut(out.as_mut_ptr());
+    // Every part's panels in one list: (part, first output column).
+    let panel_list: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (0..p.d_out).step_by(NR).map(move |c0| (i, c0)))
+        .collect();
+    let padded_bias: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| {
+            let mut padded = vec![0.0f32; p.d_out.div_ceil(NR) * NR];
+            if let Some(b) = p.bias {
+                padded[..p.d_out].copy_from_slice(&b[..p.d_out]);
+            }
+            padded
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| Vec::with_capacity(rows * p.d_out))
+        .collect();
+    let dsts: Vec<super::SharedMut> = outs
+        .iter_mut()
+        .map(|o| super::SharedMut(o.as_mut_ptr()))
+        .collect();
+    let panels = panel_list.len();
+    let work: usize = parts.iter().map(|p| rows * d_in * p.d_out).sum();
     let threads = rayon::current_num_threads().max(1);
     // Several groups per thread so a slow core does not hold the others up.
     let per_group = panels.div_ceil(4 * threads).max(1);
@@ -496,12 +556,18 @@ pub fn linear_streamed(
                 buf.resize(KC * NR, 0.0);
             }
             let mut tile_out = vec![[[0.0f32; NR]; MR]; tiles];
-            for p in range.clone() {
-                let c0 = p * NR;
+            for &(part, c0) in &panel_list[range] {
+                let StreamPart {
+                    weight,
+                    d_out,
+                    residual,
+                    ..
+                } = parts[part];
+                let dst = &dsts[part];
                 let width = NR.min(d_out - c0);
                 // In place when the weight is input-major and the panel whole.
                 let in_place = weight.row_stride == 1 && width == NR;
-                let bias = &padded_bias[c0..c0 + NR];
+                let bias = &padded_bias[part][c0..c0 + NR];
                 for k0 in (0..k).step_by(KC) {
                     let kc = KC.min(k - k0);
                     // The panel's rows k0..k0 + kc, packed into `buf` (L1) unless
@@ -553,14 +619,17 @@ pub fn linear_streamed(
             }
         });
     };
-    if groups > 1 && rows * d_in * d_out >= 1 << 18 {
+    if groups > 1 && work >= 1 << 18 {
         (0..groups).into_par_iter().for_each(task);
     } else {
         (0..groups).for_each(task);
     }
-    // SAFETY: every element was written by exactly one task above.
-    unsafe { out.set_len(rows * d_out) };
-    Some(out)
+    for (out, part) in outs.iter_mut().zip(parts) {
+        // SAFETY: every element was written by exactly one task above (each
+        // part's panels cover its columns, each tile its rows).
+        unsafe { out.set_len(rows * part.d_out) };
+    }
+    Some(outs)
 }
 
 thread_local! {
