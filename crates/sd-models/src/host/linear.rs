@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::panel_gemm::{self, Epilogue, PackedWeight};
+use super::panel_gemm::{self, Epilogue, PackedWeight, StreamPart};
 
 /// Fewest rows for which packing the weight into panels pays (below, the `gemm`
 /// crate over the few rows is as fast).
@@ -59,7 +59,13 @@ pub fn linear(
     d_out: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    linear_impl(x, rows, d_in, weight, d_out, bias, None)
+    let part = StreamPart {
+        weight,
+        d_out,
+        bias,
+        residual: None,
+    };
+    one(linear_many(x, rows, d_in, &[part]))
 }
 
 /// `y = x wᵀ + b + residual`: the residual add of a transformer block folded into
@@ -79,13 +85,23 @@ pub fn linear_residual(
     bias: Option<&[f32]>,
     residual: &[f32],
 ) -> Vec<f32> {
-    assert!(residual.len() >= rows * d_out, "linear: residual too short");
-    linear_impl(x, rows, d_in, weight, d_out, bias, Some(residual))
+    let part = StreamPart {
+        weight,
+        d_out,
+        bias,
+        residual: Some(residual),
+    };
+    one(linear_many(x, rows, d_in, &[part]))
+}
+
+/// The only product of a one-part [`linear_many`].
+fn one(mut outs: Vec<Vec<f32>>) -> Vec<f32> {
+    outs.pop().expect("one output per part")
 }
 
 /// Several products of the same rows, `[x w_iᵀ + b_i (+ residual_i)]` (attention's
 /// `q`, `k`, `v`): on AVX-512 CPUs with few rows one streamed pass over all the
-/// weights ([`panel_gemm::linear_streamed_parts`]), else [`linear`] per weight.
+/// weights ([`panel_gemm::linear_streamed`]), else [`linear`] per weight.
 ///
 /// # Shapes
 /// - `x`: `[rows, d_in]`; each part as [`linear_residual`]'s operands; returns one
@@ -97,27 +113,28 @@ pub fn linear_many(
     x: Matrix<'_>,
     rows: usize,
     d_in: usize,
-    parts: &[panel_gemm::StreamPart<'_>],
+    parts: &[StreamPart<'_>],
 ) -> Vec<Vec<f32>> {
+    let _prof = super::profile::scope("linear");
     for p in parts {
         check(x, rows, d_in, p.weight, p.d_out, p.bias);
         if let Some(r) = p.residual {
             assert!(r.len() >= rows * p.d_out, "linear: residual too short");
         }
     }
-    if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows) {
-        let _prof = super::profile::scope("linear");
-        if let Some(outs) = panel_gemm::linear_streamed_parts(x, rows, d_in, parts) {
-            return outs;
-        }
+    if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows)
+        && let Some(outs) = panel_gemm::linear_streamed(x, rows, d_in, parts)
+    {
+        return outs;
     }
     parts
         .iter()
-        .map(|p| linear_impl(x, rows, d_in, p.weight, p.d_out, p.bias, p.residual))
+        .map(|p| linear_gemm(x, rows, d_in, p.weight, p.d_out, p.bias, p.residual))
         .collect()
 }
 
-fn linear_impl(
+/// One product through the `gemm` crate (operands checked by the caller).
+fn linear_gemm(
     x: Matrix<'_>,
     rows: usize,
     d_in: usize,
@@ -126,13 +143,6 @@ fn linear_impl(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    let _prof = super::profile::scope("linear");
-    check(x, rows, d_in, weight, d_out, bias);
-    if (PANEL_MIN_ROWS..=panel_gemm::STREAMED_MAX_ROWS).contains(&rows)
-        && let Some(out) = panel_gemm::linear_streamed(x, rows, d_in, weight, d_out, bias, residual)
-    {
-        return out;
-    }
     let len = rows * d_out;
     // With a bias or a residual the output starts as their sum (the GEMMs accumulate
     // onto it); without, the GEMMs run with `accumulate` off and write every
@@ -414,7 +424,6 @@ mod tests {
 
     #[test]
     fn many_products_equal_one_at_a_time() {
-        use super::panel_gemm::StreamPart;
         let d_in = 40;
         for rows in [77, 300] {
             let x: Vec<f32> = (0..rows * d_in)

@@ -229,12 +229,8 @@ impl PackedWeight {
             for t in 0..tiles {
                 let m = MR.min(n - t * MR);
                 let tile = &mut ap[t * k * MR..(t + 1) * k * MR];
-                for r in 0..m {
-                    let row = &a[(t * MR + r) * lda..(t * MR + r) * lda + k];
-                    for (kk, v) in row.iter().enumerate() {
-                        tile[kk * MR + r] = *v;
-                    }
-                }
+                // SAFETY: AVX-512F (this function's); `a` holds the tile's rows.
+                unsafe { pack_rows(&a[t * MR * lda..], lda, m, k, tile) };
             }
             // One tile of outputs per tile of rows: the panel is multiplied in
             // blocks of KC values of k (32 KB of the panel, kept in L1 while every
@@ -282,12 +278,18 @@ impl PackedWeight {
             Epilogue::Geglu => (p * NR / 2, (NR / 2).min(self.cols - p * NR / 2), NR / 2),
         };
         for (i, t) in tile.iter().enumerate() {
+            // The output may be uninitialised (`matmul`): finished values are
+            // written through the raw pointer only.
+            let mut geglu = [0.0f32; NR / 2];
+            let row: &[f32] = match self.epilogue {
+                Epilogue::Linear => &t[..w],
+                Epilogue::Geglu => {
+                    super::geglu::geglu_into(&mut geglu[..w], &t[..w], &t[half..half + w]);
+                    &geglu[..w]
+                }
+            };
             // SAFETY: columns c0..c0 + w of row i (caller).
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * self.cols + c0), w) };
-            match self.epilogue {
-                Epilogue::Linear => o.copy_from_slice(&t[..w]),
-                Epilogue::Geglu => super::geglu::geglu_into(o, &t[..w], &t[half..half + w]),
-            }
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(i * self.cols + c0), w) };
         }
     }
 }
@@ -410,40 +412,7 @@ pub const STREAMED_MAX_ROWS: usize = 256;
 /// panel's block (32 KB) and a tile's (12 KB) stay in L1.
 pub const KC: usize = 256;
 
-/// `y = x wᵀ + b` for few rows (at most [`STREAMED_MAX_ROWS`]): `x` is copied once
-/// into 12-row tiles, then each thread walks its share of the weight's 32-column
-/// panels, packing [`KC`] rows of `k` of one panel at a time into L1 (16 x 16
-/// register transposes when the weight is stored as PyTorch stores it; read in
-/// place when it is stored input-major) and multiplying every tile by them. The
-/// weight is read from memory exactly once and nothing of it is written back.
-///
-/// With `residual`, returns `x wᵀ + b + residual`.
-///
-/// Returns `None` when the CPU lacks AVX-512F or `x`'s columns are not contiguous.
-///
-/// # Shapes
-/// - `x`: `[rows, d_in]`, `weight`: `[d_out, d_in]` (any strides), `bias`: `[d_out]`,
-///   `residual`: `[rows, d_out]` row-major
-/// - returns `[rows, d_out]`
-pub fn linear_streamed(
-    x: Matrix<'_>,
-    rows: usize,
-    d_in: usize,
-    weight: Matrix<'_>,
-    d_out: usize,
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
-) -> Option<Vec<f32>> {
-    let part = StreamPart {
-        weight,
-        d_out,
-        bias,
-        residual,
-    };
-    linear_streamed_parts(x, rows, d_in, &[part]).map(|mut outs| outs.remove(0))
-}
-
-/// One product of [`linear_streamed_parts`]: `x wᵀ + b (+ residual)`.
+/// One product of [`linear_streamed`]: `x wᵀ + b (+ residual)`.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamPart<'a> {
     /// `[d_out, d_in]`, any strides.
@@ -456,15 +425,20 @@ pub struct StreamPart<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
-/// [`linear_streamed`] for several weights applied to the same rows (attention's
-/// `q`, `k` and `v`): the rows are copied into tiles once and all the weights'
-/// panels are shared out among the threads in one parallel pass.
+/// `y_i = x w_iᵀ + b_i (+ residual_i)` for few rows (at most [`STREAMED_MAX_ROWS`])
+/// and one or more weights (attention's `q`, `k` and `v`): `x` is copied once into
+/// 12-row tiles, then each thread walks its share of all the weights' 32-column
+/// panels, packing [`KC`] rows of `k` of one panel at a time into L1 (16 x 16
+/// register transposes when the weight is stored as PyTorch stores it; read in
+/// place when it is stored input-major) and multiplying every tile by them. Each
+/// weight is read from memory exactly once and nothing of it is written back.
 ///
-/// Returns `None` as [`linear_streamed`] does.
+/// Returns `None` when the CPU lacks AVX-512F or `x`'s columns are not contiguous.
 ///
 /// # Shapes
-/// - `x`: `[rows, d_in]`; returns one `[rows, part.d_out]` buffer per part
-pub fn linear_streamed_parts(
+/// - `x`: `[rows, d_in]`; each part as [`StreamPart`] says; returns one
+///   `[rows, part.d_out]` buffer per part
+pub fn linear_streamed(
     x: Matrix<'_>,
     rows: usize,
     d_in: usize,
@@ -486,29 +460,9 @@ pub fn linear_streamed_parts(
     let mut a_tiles = vec![0.0f32; tiles * k * MR];
     let pack_tile = |(t, tile): (usize, &mut [f32])| {
         let m = tile_rows.min(rows - t * tile_rows);
-        let row_at = |r: usize| ((t * tile_rows + r) as isize * x.row_stride) as usize;
-        // Whole blocks of 16 values of k by register transposes (rows past `m` read
-        // zeros), the rest one value at a time.
-        let whole = k / 16 * 16;
-        static ZEROS: [f32; 16] = [0.0; 16];
-        for k0 in (0..whole).step_by(16) {
-            let src: [*const f32; 16] = std::array::from_fn(|i| {
-                if i < m {
-                    x.data[row_at(i) + k0..row_at(i) + k0 + 16].as_ptr()
-                } else {
-                    ZEROS.as_ptr()
-                }
-            });
-            // SAFETY: AVX-512F checked above; 16 values behind each source, the
-            // tile's rows k0..k0 + 16 of MR values (the first 12 lanes stored).
-            unsafe { transpose16(src, tile[k0 * MR..].as_mut_ptr(), MR, 0x0fff) };
-        }
-        for r in 0..m {
-            let row = &x.data[row_at(r)..row_at(r) + k];
-            for kk in whole..k {
-                tile[kk * MR + r] = row[kk];
-            }
-        }
+        let a = &x.data[(t * tile_rows) * x.row_stride as usize..];
+        // SAFETY: AVX-512F checked above; `a` holds the tile's `m` rows.
+        unsafe { pack_rows(a, x.row_stride as usize, m, k, tile) };
     };
     // In parallel only when it outweighs handing the work to the pool's threads.
     if rows * k >= 1 << 17 {
@@ -635,6 +589,42 @@ pub fn linear_streamed_parts(
 thread_local! {
     /// Each thread's packed weight panel for [`linear_streamed`].
     static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies `m <= MR` rows of `k` values (rows `lda` apart in `a`) into `tile` laid
+/// out `[k][MR]`, the layout the kernel broadcasts from: whole blocks of 16 values
+/// by register transposes (lanes past `m` get zeros), the rest one value at a time.
+///
+/// # Safety
+/// AVX-512F must be available; `a` must hold the `m` rows, `tile` `k * MR` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows(a: &[f32], lda: usize, m: usize, k: usize, tile: &mut [f32]) {
+    static ZEROS: [f32; 16] = [0.0; 16];
+    let whole = k / 16 * 16;
+    for k0 in (0..whole).step_by(16) {
+        let src: [*const f32; 16] = std::array::from_fn(|i| {
+            if i < m {
+                a[i * lda + k0..i * lda + k0 + 16].as_ptr()
+            } else {
+                ZEROS.as_ptr()
+            }
+        });
+        // SAFETY: 16 values behind each source; the tile's rows k0..k0 + 16 of MR
+        // values (the first 12 lanes stored).
+        unsafe { transpose16(src, tile[k0 * MR..].as_mut_ptr(), MR, 0x0fff) };
+    }
+    for r in 0..m {
+        let row = &a[r * lda..r * lda + k];
+        for kk in whole..k {
+            tile[kk * MR + r] = row[kk];
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_rows(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("panel GEMM needs x86-64 AVX-512F")
 }
 
 /// Packs columns `k0..k0 + kc` of the weight rows feeding each of a panel's 32
