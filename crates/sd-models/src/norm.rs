@@ -69,49 +69,37 @@ impl GroupNorm {
             let device = x.device();
             let weight = crate::host::into_vec(self.weight.val());
             let bias = crate::host::into_vec(self.bias.val());
+            let params = crate::host::group_norm::GroupNormParams {
+                batch: dims[0],
+                channels: dims[1],
+                groups: self.num_groups,
+                weight: &weight,
+                bias: &bias,
+                epsilon: self.epsilon,
+                silu,
+            };
             // In place when `x` is the only reference to its values; else read in
             // place and written to a new buffer (the input is still needed, as a
             // residual: copying it first cost a pass).
             let (unique, x) = crate::host::is_unique(x);
-            let len: usize = dims.iter().product();
-            let out = (!unique)
-                .then(|| {
-                    crate::host::with_view(&x, |v| {
-                        v.is_contiguous(&dims).then(|| {
-                            let mut out = Vec::with_capacity(len);
-                            crate::host::group_norm::group_norm_into(
-                                &v.data[..len],
-                                &mut out.spare_capacity_mut()[..len],
-                                dims[0],
-                                dims[1],
-                                self.num_groups,
-                                &weight,
-                                &bias,
-                                self.epsilon,
-                                silu,
-                            );
-                            // SAFETY: group_norm_into wrote all `len` values.
-                            unsafe { out.set_len(len) };
-                            out
-                        })
+            if !unique {
+                let len: usize = dims.iter().product();
+                let out = crate::host::with_view(&x, |v| {
+                    v.is_contiguous(&dims).then(|| {
+                        let mut out = Vec::with_capacity(len);
+                        let dst = &mut out.spare_capacity_mut()[..len];
+                        crate::host::group_norm::group_norm_into(&v.data[..len], dst, &params);
+                        // SAFETY: group_norm_into wrote all `len` values.
+                        unsafe { out.set_len(len) };
+                        out
                     })
-                })
-                .flatten()
-                .flatten();
-            if let Some(out) = out {
-                return crate::host::from_vec(out, dims, &device);
+                });
+                if let Some(Some(out)) = out {
+                    return crate::host::from_vec(out, dims, &device);
+                }
             }
             let mut values = crate::host::into_vec(x);
-            crate::host::group_norm::group_norm(
-                &mut values,
-                dims[0],
-                dims[1],
-                self.num_groups,
-                &weight,
-                &bias,
-                self.epsilon,
-                silu,
-            );
+            crate::host::group_norm::group_norm(&mut values, &params);
             return crate::host::from_vec(values, dims, &device);
         }
         let y = self.forward_generic(x);

@@ -7,31 +7,48 @@ use rayon::prelude::*;
 
 use super::exp::{self, simd_dispatch};
 
+/// One GroupNorm's sizes and parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNormParams<'a> {
+    /// Batch size.
+    pub batch: usize,
+    /// Channels (a multiple of `groups`).
+    pub channels: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Scale, `[channels]`.
+    pub weight: &'a [f32],
+    /// Shift, `[channels]`.
+    pub bias: &'a [f32],
+    /// Added to the variance.
+    pub epsilon: f64,
+    /// Whether SiLU follows.
+    pub silu: bool,
+}
+
 /// `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`, then `y * sigmoid(y)`
 /// when `silu`, per group of `channels / groups` channels over all `spatial` positions.
 ///
 /// # Shapes
 /// - `x`: `[batch, channels, spatial]`, row-major, overwritten with the result
-/// - `weight`, `bias`: `[channels]`
 ///
 /// # Panics
 /// When the lengths do not match the sizes or `groups` does not divide `channels`
 /// (a caller bug: configs are validated before models are built).
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm(
-    x: &mut [f32],
-    batch: usize,
-    channels: usize,
-    groups: usize,
-    weight: &[f32],
-    bias: &[f32],
-    epsilon: f64,
-    silu: bool,
-) {
+pub fn group_norm(x: &mut [f32], params: &GroupNormParams<'_>) {
     let _prof = super::profile::scope("group_norm");
-    let Some((group_len, spatial)) = layout(x.len(), batch, channels, groups, weight, bias) else {
+    let Some((group_len, spatial)) = layout(x.len(), params) else {
         return;
     };
+    let GroupNormParams {
+        channels,
+        groups,
+        weight,
+        bias,
+        epsilon,
+        silu,
+        ..
+    } = *params;
     let per_group = channels / groups;
     x.par_chunks_mut(group_len)
         .enumerate()
@@ -47,14 +64,15 @@ pub fn group_norm(
 
 /// Checks the sizes; `None` when there is nothing to normalise, else the length of
 /// one group's values and of one channel's.
-fn layout(
-    len: usize,
-    batch: usize,
-    channels: usize,
-    groups: usize,
-    weight: &[f32],
-    bias: &[f32],
-) -> Option<(usize, usize)> {
+fn layout(len: usize, params: &GroupNormParams<'_>) -> Option<(usize, usize)> {
+    let GroupNormParams {
+        batch,
+        channels,
+        groups,
+        weight,
+        bias,
+        ..
+    } = *params;
     assert!(
         channels.is_multiple_of(groups),
         "group_norm: groups must divide channels"
@@ -83,28 +101,28 @@ fn coefficients(mean: f64, var: f64, epsilon: f64, w: f32, bias: f32) -> (f32, f
 ///
 /// # Shapes
 /// - `src`, `dst`: `[batch, channels, spatial]`, row-major
-/// - `weight`, `bias`: `[channels]`
 ///
 /// # Panics
 /// As [`group_norm`], and when `dst` and `src` differ in length.
-#[allow(clippy::too_many_arguments)]
 pub fn group_norm_into(
     src: &[f32],
     dst: &mut [std::mem::MaybeUninit<f32>],
-    batch: usize,
-    channels: usize,
-    groups: usize,
-    weight: &[f32],
-    bias: &[f32],
-    epsilon: f64,
-    silu: bool,
+    params: &GroupNormParams<'_>,
 ) {
     let _prof = super::profile::scope("group_norm");
     assert_eq!(src.len(), dst.len(), "group_norm: output length");
-    let Some((group_len, spatial)) = layout(src.len(), batch, channels, groups, weight, bias)
-    else {
+    let Some((group_len, spatial)) = layout(src.len(), params) else {
         return;
     };
+    let GroupNormParams {
+        channels,
+        groups,
+        weight,
+        bias,
+        epsilon,
+        silu,
+        ..
+    } = *params;
     let per_group = channels / groups;
     dst.par_chunks_mut(group_len)
         .zip(src.par_chunks(group_len))
@@ -196,21 +214,22 @@ mod tests {
         let weight: Vec<f32> = (0..channels).map(|c| 0.5 + c as f32 * 0.1).collect();
         let bias: Vec<f32> = (0..channels).map(|c| c as f32 * -0.2).collect();
         for silu in [false, true] {
+            let params = GroupNormParams {
+                batch,
+                channels,
+                groups,
+                weight: &weight,
+                bias: &bias,
+                epsilon: 1e-5,
+                silu,
+            };
             let mut ours = x.clone();
-            group_norm(
-                &mut ours, batch, channels, groups, &weight, &bias, 1e-5, silu,
-            );
+            group_norm(&mut ours, &params);
             let mut out_of_place = Vec::with_capacity(x.len());
             group_norm_into(
                 &x,
                 &mut out_of_place.spare_capacity_mut()[..x.len()],
-                batch,
-                channels,
-                groups,
-                &weight,
-                &bias,
-                1e-5,
-                silu,
+                &params,
             );
             // SAFETY: group_norm_into wrote all x.len() values.
             unsafe { out_of_place.set_len(x.len()) };
