@@ -3,8 +3,6 @@
 //! held (scratch per worker: one `BLOCK_Q x BLOCK_KV` tile). Both products of a tile
 //! go through the `gemm` crate; `exp` is vectorised ([`super::exp`]).
 
-use rayon::prelude::*;
-
 use super::exp;
 
 /// Query rows per task (one task = one batch item, one head, one query block).
@@ -102,14 +100,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
             };
         };
         let tasks = batch * heads * q_blocks;
-        if parallel(tasks) {
-            (0..tasks)
-                .into_par_iter()
-                .for_each_init(|| Scratch::new(d), run);
-        } else {
-            let mut scratch = Scratch::new(d);
-            (0..tasks).for_each(|t| run(&mut scratch, t));
-        }
+        super::for_each_task(tasks, parallel(tasks), || Scratch::new(d), run);
         // SAFETY: the tasks wrote every row of every head of every batch item.
         unsafe { out.set_len(len) };
         return out;
@@ -145,12 +136,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         row_max: vec![0.0; BLOCK_Q],
         row_sum: vec![0.0; BLOCK_Q],
     };
-    if parallel(tasks) {
-        (0..tasks).into_par_iter().for_each_init(new_scratch, run);
-    } else {
-        let mut scratch = new_scratch();
-        (0..tasks).for_each(|t| run(&mut scratch, t));
-    }
+    super::for_each_task(tasks, parallel(tasks), new_scratch, run);
     // SAFETY: the tasks wrote every row of every head of every batch item.
     unsafe { out.set_len(len) };
     out

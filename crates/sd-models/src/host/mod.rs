@@ -129,6 +129,24 @@ pub(crate) fn with_views<const D: usize, R>(
     })
 }
 
+/// Runs `run(scratch, i)` for every `i` in `0..tasks`: in parallel when `parallel`
+/// (each worker with its own `init()` scratch), else in order on this thread with
+/// one scratch.
+pub(crate) fn for_each_task<S>(
+    tasks: usize,
+    parallel: bool,
+    init: impl Fn() -> S + Sync + Send,
+    run: impl Fn(&mut S, usize) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if parallel {
+        (0..tasks).into_par_iter().for_each_init(init, run);
+    } else {
+        let mut scratch = init();
+        (0..tasks).for_each(|t| run(&mut scratch, t));
+    }
+}
+
 /// One single-threaded f32 GEMM, `dst = scale * lhs · rhs (+ dst when accumulate)`,
 /// every operand given by its first element and (row, column) strides; `dst` is
 /// row-major with row stride `dst_rs`. The one call shape every kernel here uses.

@@ -195,11 +195,8 @@ impl PackedWeight {
             unsafe { self.block(a, x.row_stride as usize, n, panels, dst.at(r0 * cols)) };
         };
         let tasks = row_blocks * groups;
-        if tasks > 1 && rows * self.d_in * self.panels * NR >= 1 << 20 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
+        let parallel = tasks > 1 && rows * self.d_in * self.panels * NR >= 1 << 20;
+        super::for_each_task(tasks, parallel, || (), |_, t| task(t));
     }
 
     /// Panel `p`'s first value (its rows are `NR` apart).
@@ -573,11 +570,7 @@ pub fn linear_streamed(
             }
         });
     };
-    if groups > 1 && work >= 1 << 18 {
-        (0..groups).into_par_iter().for_each(task);
-    } else {
-        (0..groups).for_each(task);
-    }
+    super::for_each_task(groups, groups > 1 && work >= 1 << 18, || (), |_, g| task(g));
     for (out, part) in outs.iter_mut().zip(parts) {
         // SAFETY: every element was written by exactly one task above (each
         // part's panels cover its columns, each tile its rows).
