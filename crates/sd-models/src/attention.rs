@@ -26,8 +26,8 @@ pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> 
 /// - `x`: `[..., d_in]` to `[..., d_out]`
 pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if let Some(y) = host_linear(linear, &x, false, None) {
-        return y;
+    if let Some(mut ys) = host_linears(&[linear], &x, &[], false) {
+        return ys.pop().expect("one output");
     }
     linear.forward(x)
 }
@@ -43,8 +43,8 @@ pub fn linear_forward_residual<const D: usize>(
     residual: Tensor<D>,
 ) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if let Some(y) = host_linear(linear, &x, false, Some(&residual)) {
-        return y;
+    if let Some(mut ys) = host_linears(&[linear], &x, std::slice::from_ref(&residual), false) {
+        return ys.pop().expect("one output");
     }
     linear.forward(x) + residual
 }
@@ -57,20 +57,39 @@ pub fn linear_forward_residual<const D: usize>(
 /// - `x`: `[b, n, d_in]`; output `i`: `[b, n, d_out_i]`
 pub fn linear_forward_many<const N: usize>(linears: [&Linear; N], x: Tensor<3>) -> [Tensor<3>; N] {
     #[cfg(feature = "flex")]
-    if let Some(ys) = host_linear_many(&linears, &x) {
+    if let Some(ys) = host_linears(&linears, &x, &[], false).and_then(|ys| ys.try_into().ok()) {
         return ys;
     }
     linears.map(|l| linear_forward(l, x.clone()))
 }
 
+/// The CPU-backend path of every linear entry point: `linears` applied to `x`, each
+/// output starting from its residual (`residuals` is empty or has one per linear),
+/// or with `geglu` the fused `a * gelu(b)` for `[a, b] = linears[0](x)` (one linear,
+/// no residual). The weights and the input are read in place whatever their
+/// strides; a batch whose items follow each other is one matrix. `None` where the
+/// kernels do not apply (other devices or dtypes, ranks other than 2 and 3,
+/// negative strides, a residual that is not contiguous).
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`; output `i` and residual `i`: `[..., d_out_i]` (`d_out / 2`
+///   with `geglu`)
 #[cfg(feature = "flex")]
-fn host_linear_many<const N: usize>(
-    linears: &[&Linear; N],
-    x: &Tensor<3>,
-) -> Option<[Tensor<3>; N]> {
-    use crate::host::linear::{Matrix, linear_many};
+pub(crate) fn host_linears<const D: usize>(
+    linears: &[&Linear],
+    x: &Tensor<D>,
+    residuals: &[Tensor<D>],
+    geglu: bool,
+) -> Option<Vec<Tensor<D>>> {
+    use crate::host::linear::{Matrix, linear_geglu, linear_many};
     use crate::host::panel_gemm::StreamPart;
-    if !crate::host::applies(x) {
+    use crate::host::with_views;
+    if !(D == 2 || D == 3)
+        || !crate::host::applies(x)
+        || residuals.iter().any(|r| !crate::host::applies(r))
+        || !(residuals.is_empty() || residuals.len() == linears.len())
+        || (geglu && (linears.len() != 1 || !residuals.is_empty()))
+    {
         return None;
     }
     let weights: Vec<Tensor<2>> = linears.iter().map(|l| l.weight.val()).collect();
@@ -78,9 +97,10 @@ fn host_linear_many<const N: usize>(
         .iter()
         .map(|l| l.bias.as_ref().map(|b| b.val()))
         .collect();
+    let dims = x.dims();
+    let d_in = dims[D - 1];
     let f32_only = weights.iter().all(|w| w.dtype() == DType::F32)
         && biases.iter().flatten().all(|b| b.dtype() == DType::F32);
-    let [batch, rows, d_in] = x.dims();
     if !f32_only || weights.iter().any(|w| w.dims()[0] != d_in) {
         return None;
     }
@@ -89,157 +109,107 @@ fn host_linear_many<const N: usize>(
         .into_iter()
         .map(|b| b.map(crate::host::into_vec))
         .collect();
-    let outs = crate::host::with_views(&weights, |ws| {
-        crate::host::with_view(x, |xv| {
-            let st = &xv.strides;
-            // The batch's items one after another: one matrix of batch * rows rows.
-            if batch > 1 && st[0] != rows as isize * st[1] {
-                return None;
-            }
-            let parts: Vec<StreamPart<'_>> = ws
-                .iter()
-                .zip(&weights)
-                .zip(&biases)
-                .map(|((w, wt), b)| StreamPart {
-                    // The [d_out, d_in] matrix PyTorch stores (see `host_linear`).
-                    weight: Matrix {
-                        data: w.data,
-                        row_stride: w.strides[1],
-                        col_stride: w.strides[0],
-                    },
-                    d_out: wt.dims()[1],
-                    bias: b.as_deref(),
-                    residual: None,
-                })
-                .collect();
-            let xm = Matrix {
-                data: xv.data,
-                row_stride: st[1],
-                col_stride: st[2],
-            };
-            Some(linear_many(xm, batch * rows, d_in, &parts))
-        })
-        .flatten()
-    })
-    .flatten()?;
-    let device = x.device();
-    let mut outs = outs.into_iter().zip(&weights);
-    Some(std::array::from_fn(|_| {
-        let (values, w) = outs.next().expect("one output per weight");
-        crate::host::from_vec(values, [batch, rows, w.dims()[1]], &device)
-    }))
-}
-
-/// `linear(x)` on the CPU backend, or with `geglu` the fused `a * gelu(b)` for
-/// `[a, b] = linear(x)`; `None` where the kernels do not apply (other devices or
-/// dtypes, ranks other than 2 and 3, negative strides).
-#[cfg(feature = "flex")]
-pub(crate) fn host_linear<const D: usize>(
-    linear: &Linear,
-    x: &Tensor<D>,
-    geglu: bool,
-    residual: Option<&Tensor<D>>,
-) -> Option<Tensor<D>> {
-    use crate::host::linear::{Matrix, linear as gemm_linear, linear_geglu, linear_residual};
-    use crate::host::with_view;
-    if !(D == 2 || D == 3) || !crate::host::applies(x) {
-        return None;
-    }
-    if let Some(r) = residual
-        && (geglu || !crate::host::applies(r))
-    {
-        return None;
-    }
-    let weight = linear.weight.val();
-    if weight.dtype() != DType::F32 {
-        return None;
-    }
-    let [d_in, d_out] = weight.dims();
-    let dims = x.dims();
+    // Weights are `[d_in, d_out]` views of the `[d_out, d_in]` matrices PyTorch stores.
+    let d_outs: Vec<usize> = weights.iter().map(|w| w.dims()[1]).collect();
+    let widths: Vec<usize> = d_outs
+        .iter()
+        .map(|&d| if geglu { d / 2 } else { d })
+        .collect();
     let (batch, rows) = if D == 3 {
         (dims[0], dims[1])
     } else {
         (1, dims[0])
     };
-    let bias = linear.bias.as_ref().map(|b| b.val());
-    let out = with_view(&weight, |w| {
-        // The [d_out, d_in] matrix PyTorch stores: element (o, i) is weight[i, o].
-        let wm = Matrix {
-            data: w.data,
-            row_stride: w.strides[1],
-            col_stride: w.strides[0],
-        };
-        let run = |b: Option<&[f32]>| {
-            with_view(x, |xv| {
-                let st = &xv.strides;
-                let (sb, sr, sc) = if D == 3 {
-                    (st[0], st[1], st[2])
-                } else {
-                    (0, st[0], st[1])
+    // The input and the residuals, viewed together.
+    let operands: Vec<Tensor<D>> = std::iter::once(x.clone())
+        .chain(residuals.iter().cloned())
+        .collect();
+    let outs = with_views(&weights, |ws| {
+        with_views(&operands, |views| {
+            let (xv, rvs) = views.split_first().expect("the input is first");
+            let contiguous = rvs.iter().zip(&d_outs).all(|(rv, &d_out)| {
+                let mut shape = dims;
+                shape[D - 1] = d_out;
+                rv.is_contiguous(&shape)
+            });
+            if !contiguous {
+                return None;
+            }
+            let st = &xv.strides;
+            let (sb, sr, sc) = if D == 3 {
+                (st[0], st[1], st[2])
+            } else {
+                (0, st[0], st[1])
+            };
+            // A batch whose items follow each other is one matrix of `batch * rows`
+            // rows: one call, no per-item outputs to join.
+            let (items, item_rows) = if batch == 1 || sb == rows as isize * sr {
+                (1, batch * rows)
+            } else {
+                (batch, rows)
+            };
+            let mut outs: Vec<Vec<f32>> = widths
+                .iter()
+                .map(|w| Vec::with_capacity(batch * rows * w))
+                .collect();
+            for bi in 0..items {
+                let xm = Matrix {
+                    data: &xv.data[bi * sb as usize..],
+                    row_stride: sr,
+                    col_stride: sc,
                 };
-                // A batch whose items follow each other is one matrix of
-                // `batch * rows` rows: one call, no per-item outputs to join.
-                let (items, item_rows) = if batch == 1 || sb == rows as isize * sr {
-                    (1, batch * rows)
-                } else {
-                    (batch, rows)
-                };
-                let width = if geglu { d_out / 2 } else { d_out };
-                let run_items = |res: Option<&[f32]>| {
-                    let mut out = Vec::with_capacity(batch * rows * width);
-                    for bi in 0..items {
-                        let data = &xv.data[bi * sb as usize..];
-                        let xm = Matrix {
-                            data,
-                            row_stride: sr,
-                            col_stride: sc,
-                        };
-                        let y = match res {
-                            _ if geglu => linear_geglu(xm, item_rows, d_in, wm, d_out / 2, b),
-                            Some(r) => {
-                                let r = &r[bi * item_rows * d_out..];
-                                linear_residual(xm, item_rows, d_in, wm, d_out, b, r)
-                            }
-                            None => gemm_linear(xm, item_rows, d_in, wm, d_out, b),
-                        };
-                        if items == 1 {
-                            return y;
-                        }
-                        out.extend_from_slice(&y);
-                    }
-                    out
-                };
-                match residual {
-                    // The residual read in place when contiguous (else the generic
-                    // path adds it).
-                    Some(r) => with_view(r, |rv| {
-                        let mut shape = dims;
-                        shape[D - 1] = d_out;
-                        rv.is_contiguous(&shape)
-                            .then(|| run_items(Some(&rv.data[..batch * rows * d_out])))
+                let parts: Vec<StreamPart<'_>> = ws
+                    .iter()
+                    .zip(&d_outs)
+                    .zip(&biases)
+                    .enumerate()
+                    .map(|(i, ((w, &d_out), b))| StreamPart {
+                        weight: Matrix {
+                            data: w.data,
+                            row_stride: w.strides[1],
+                            col_stride: w.strides[0],
+                        },
+                        d_out,
+                        bias: b.as_deref(),
+                        residual: rvs.get(i).map(|r| &r.data[bi * item_rows * d_out..]),
                     })
-                    .flatten(),
-                    None => Some(run_items(None)),
-                }
-            })
-            .flatten()
-        };
-        match &bias {
-            Some(b) => with_view(b, |bv| {
-                if bv.strides[0] == 1 {
-                    run(Some(&bv.data[..d_out]))
+                    .collect();
+                let ys = if geglu {
+                    let p = parts[0];
+                    vec![linear_geglu(
+                        xm,
+                        item_rows,
+                        d_in,
+                        p.weight,
+                        p.d_out / 2,
+                        p.bias,
+                    )]
                 } else {
-                    None
+                    linear_many(xm, item_rows, d_in, &parts)
+                };
+                if items == 1 {
+                    return Some(ys);
                 }
-            })
-            .flatten(),
-            None => run(None),
-        }
+                for (out, y) in outs.iter_mut().zip(ys) {
+                    out.extend_from_slice(&y);
+                }
+            }
+            Some(outs)
+        })
+        .flatten()
     })
     .flatten()?;
-    let mut shape = dims;
-    shape[D - 1] = if geglu { d_out / 2 } else { d_out };
-    Some(crate::host::from_vec(out, shape, &x.device()))
+    let device = x.device();
+    Some(
+        outs.into_iter()
+            .zip(&widths)
+            .map(|(values, &width)| {
+                let mut shape = dims;
+                shape[D - 1] = width;
+                crate::host::from_vec(values, shape, &device)
+            })
+            .collect(),
+    )
 }
 
 /// Softmax attention `softmax(q kᵀ / sqrt(d)) v` through burn's fused attention op,

@@ -54,8 +54,8 @@ impl FeedForward {
     /// `[b, n, inner]`.
     fn hidden(&self, x: Tensor<3>) -> Tensor<3> {
         #[cfg(feature = "flex")]
-        if let Some(h) = crate::attention::host_linear(&self.net_0.proj, &x, true, None) {
-            return h;
+        if let Some(mut h) = crate::attention::host_linears(&[&self.net_0.proj], &x, &[], true) {
+            return h.pop().expect("one output");
         }
         let h = linear_forward(&self.net_0.proj, x);
         let [_, _, c2] = h.dims();
