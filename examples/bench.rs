@@ -26,12 +26,11 @@ use clap::Parser;
 use stable_diffusion::burn::module::{Module, ModuleMapper, Param};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::{DType, FloatDType};
-use stable_diffusion::core::{
-    Autoencoder, GenerationOptions, HiddenLayer, NoiseRng, StableDiffusion, Steps, TextEncoder,
-};
+use stable_diffusion::core::{Autoencoder, HiddenLayer, NoiseRng, Steps};
 use stable_diffusion::io::model::{read_text_encoder_config, read_unet_config, read_vae_config};
 use stable_diffusion::io::{ClipTokenizer, ComponentOptions, DiffusersDir};
 use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::pipelines::{GenerationOptions, StableDiffusion};
 use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
 #[derive(Parser)]
@@ -259,7 +258,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
         let t = time(&device, args.runs, || {
             let _ = te
-                .encode(ids.clone(), HiddenLayer::Last)
+                .forward(ids.clone(), HiddenLayer::Last)
                 .hidden_states
                 .into_data();
         });
@@ -283,7 +282,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         let vae = vae?;
         let z = NoiseRng::seed(1).normal_tensor([1, 4, lh, lw], &device);
         let t = time(&device, args.runs, || {
-            let _ = vae.decode(z.clone()).into_data();
+            let _ = vae.decode(z.clone()).map(|x| x.into_data());
         });
         report(&args, "vae", t, "f32", load_s);
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{
-    Autoencoder, HiddenLayer, NoiseRng, NoiseSource, Scheduler, Steps, TextEncoder,
+    Autoencoder, Denoiser, HiddenLayer, NoiseRng, NoiseSource, Scheduler, Steps, TextEncoder,
 };
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
@@ -53,8 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // [uncond; cond], one batched U-Net call per step.
     let cond = Tensor::cat(
         vec![
-            text.encode(ids("")?, HiddenLayer::Last).hidden_states,
-            text.encode(ids(&args.prompt)?, HiddenLayer::Last)
+            text.encode(ids("")?, HiddenLayer::Last)?.hidden_states,
+            text.encode(ids(&args.prompt)?, HiddenLayer::Last)?
                 .hidden_states,
         ],
         0,
@@ -64,18 +64,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let size = model.unet_config()?.sample_size.unwrap_or(64);
     let mut x = rng.normal([1, 4, size, size], &device)? * run.init_noise_sigma();
     for i in 0..run.len() {
-        let input = run.scale_model_input(x.clone(), i);
-        let out = unet.forward(
+        let input = run.scale_model_input(x.clone(), i)?;
+        let out = Denoiser::forward(
+            &unet,
             Tensor::cat(vec![input.clone(), input], 0),
-            Tensor::full([2], run.timestep(i), &device),
+            Tensor::full([2], run.timestep(i)?, &device),
             cond.clone(),
-        );
+        )?;
         let mut halves = out.chunk(2, 0);
         let (c, u) = (halves.pop().unwrap(), halves.pop().unwrap());
         let eps = u.clone() + (c - u) * 7.5;
         x = run.step(eps, i, x, &mut rng)?.prev_sample;
     }
-    let image = (vae.decode(x / vae.scaling_factor()) / 2.0 + 0.5).clamp(0.0, 1.0);
+    let image = (vae.decode(x / vae.scaling_factor())? / 2.0 + 0.5).clamp(0.0, 1.0);
     stable_diffusion::io::image::save_png(&image, 0, &args.out, None)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())

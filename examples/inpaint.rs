@@ -13,17 +13,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::io::image::{load_image, load_mask};
 
 #[derive(Parser)]
 #[command(about = "Repaint the masked part of an image with Stable Diffusion")]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// The input image (PNG).
+    /// The input image (PNG, JPEG or WebP).
     #[arg(long)]
     image: PathBuf,
-    /// The mask (PNG, same size; white = repaint).
+    /// The mask (PNG, JPEG or WebP, same size; white = repaint).
     #[arg(long)]
     mask: PathBuf,
     /// How much to change the masked area, in (0, 1].
@@ -33,26 +32,15 @@ struct Args {
 
 fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
-    let device = common::device(&a.device)?;
-    let image = load_image(&args.image, &device)?;
-    let mask = load_mask(&args.mask, &device)?;
-    let m = common::load(a, &device)?;
-    let (scheduler, sampler) = common::scheduler(a, &m)?;
-    let options = common::options(a, &m, &device)?;
-    let sd = m.pipeline(&scheduler, &device);
-    let mut noise = common::noise(a, &device)?;
-    let bar = common::progress(a.steps);
-    let mut cb = common::on_step(&bar);
-    let out = sd.inpaint(
-        &options,
-        image,
-        mask,
-        args.strength,
-        noise.as_mut(),
-        Some(&mut cb),
-    )?;
+    let pipe = common::load(a, &common::device(&a.device)?)?;
+    let bar = common::progress();
+    let request = common::request(a, &pipe)?
+        .init_image(args.image.clone(), args.strength)
+        .mask(args.mask.clone())
+        .on_step(common::on_step(&bar));
+    let out = pipe.generate(request)?;
     bar.finish_and_clear();
-    common::save(a, &m, &sampler, &out.latents, &out.images)
+    common::save(a, &out)
 }
 
 fn main() -> ExitCode {

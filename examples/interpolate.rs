@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::core::{NoiseRng, NoiseSource};
-use stable_diffusion::io::image::{GenerationParameters, save_apng, save_png, to_rgb8};
+use stable_diffusion::io::image::save_apng;
+use stable_diffusion::prelude::GenerationRequest;
 
 #[derive(Parser)]
 #[command(about = "Interpolate between two prompts and/or seeds with Stable Diffusion")]
@@ -35,58 +35,36 @@ struct Args {
 
 fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
-    let device = common::device(&a.device)?;
-    let m = common::load(a, &device)?;
-    let (scheduler, sampler) = common::scheduler(a, &m)?;
-    let options_a = common::options(a, &m, &device)?;
-    let options_b = stable_diffusion::core::GenerationOptions {
-        prompt: args.prompt_b.clone().unwrap_or_else(|| a.prompt.clone()),
-        ..options_a.clone()
+    let pipe = common::load(a, &common::device(&a.device)?)?;
+    let request_a = common::request(a, &pipe)?;
+    let request_b =
+        GenerationRequest::new(args.prompt_b.clone().unwrap_or_else(|| a.prompt.clone()))
+            .seed(args.seed_b.unwrap_or(a.seed + 1));
+    let request_b = match &a.negative_prompt {
+        Some(n) => request_b.negative_prompt(n.clone()),
+        None => request_b,
     };
-    let sd = m.pipeline(&scheduler, &device);
-    let f = m.vae_factor();
-    let shape = [1, 4, options_a.height / f, options_a.width / f];
-    let noise_a = NoiseRng::seed(a.seed).normal(shape, &device)?;
-    let noise_b = NoiseRng::seed(args.seed_b.unwrap_or(a.seed + 1)).normal(shape, &device)?;
-    let mut noise = common::noise(a, &device)?;
-    let bar = common::progress(a.steps * args.frames);
+    let bar = common::progress();
+    let frames_total = args.frames;
     let mut frame = 0usize;
-    let mut cb = |info: &stable_diffusion::core::StepInfo<'_>| {
+    let request_a = request_a.on_step(move |info| {
+        bar.set_length((info.total * frames_total) as u64);
         if info.step + 1 == info.total {
             frame += 1;
         }
         bar.set_position((frame * info.total + (info.step + 1) % info.total) as u64);
         true
-    };
-    let outs = sd.interpolate(
-        &options_a,
-        &options_b,
-        noise_a,
-        noise_b,
-        args.frames,
-        noise.as_mut(),
-        Some(&mut cb),
-    )?;
-    bar.finish_and_clear();
+    });
+    let pictures = pipe.interpolate(request_a, request_b, args.frames)?;
     let stem = a.out.with_extension("");
-    let params = GenerationParameters {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
-        steps: a.steps,
-        sampler,
-        cfg_scale: a.guidance,
-        seed: a.seed,
-        width: options_a.width,
-        height: options_a.height,
-        model: m.name.clone(),
-    };
-    let mut frames = Vec::with_capacity(outs.len());
-    for (k, out) in outs.iter().enumerate() {
-        let path = format!("{}_{k:03}.png", stem.display());
-        save_png(&out.images, 0, &path, Some(&params))?;
-        frames.push(to_rgb8(&out.images, 0));
+    let mut frames = Vec::with_capacity(pictures.len());
+    for (k, picture) in pictures.iter().enumerate() {
+        picture.save(format!("{}_{k:03}.png", stem.display()))?;
+        let (w, h) = picture.image.dimensions();
+        frames.push((w as usize, h as usize, picture.image.as_raw().clone()));
     }
-    save_apng(&a.out, &frames, args.delay_ms, Some(&params))?;
+    let params = pictures.first().map(|p| &p.parameters);
+    save_apng(&a.out, &frames, args.delay_ms, params)?;
     eprintln!(
         "wrote {} frames {}_NNN.png and the animation {}",
         frames.len(),

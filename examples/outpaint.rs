@@ -12,15 +12,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::core::Extend;
-use stable_diffusion::io::image::load_image;
+use stable_diffusion::prelude::Extend;
 
 #[derive(Parser)]
 #[command(about = "Extend an image beyond its borders with Stable Diffusion")]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// The input image (PNG).
+    /// The input image (PNG, JPEG or WebP).
     #[arg(long)]
     image: PathBuf,
     /// Pixels to add on the left (multiple of 8).
@@ -42,31 +41,20 @@ struct Args {
 
 fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
-    let device = common::device(&a.device)?;
-    let image = load_image(&args.image, &device)?;
-    let m = common::load(a, &device)?;
-    let (scheduler, sampler) = common::scheduler(a, &m)?;
-    let options = common::options(a, &m, &device)?;
-    let sd = m.pipeline(&scheduler, &device);
+    let pipe = common::load(a, &common::device(&a.device)?)?;
     let extend = Extend {
         left: args.left,
         right: args.right,
         top: args.top,
         bottom: args.bottom,
     };
-    let mut noise = common::noise(a, &device)?;
-    let bar = common::progress(a.steps);
-    let mut cb = common::on_step(&bar);
-    let out = sd.outpaint(
-        &options,
-        image,
-        extend,
-        args.seam,
-        noise.as_mut(),
-        Some(&mut cb),
-    )?;
+    let bar = common::progress();
+    let request = common::request(a, &pipe)?
+        .outpaint(args.image.clone(), extend, args.seam)
+        .on_step(common::on_step(&bar));
+    let out = pipe.generate(request)?;
     bar.finish_and_clear();
-    common::save(a, &m, &sampler, &out.latents, &out.images)
+    common::save(a, &out)
 }
 
 fn main() -> ExitCode {

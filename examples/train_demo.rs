@@ -28,7 +28,7 @@ use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::models::{
     AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
 };
-use stable_diffusion::schedulers::AnyScheduler;
+use stable_diffusion::pipelines::{LoadOptions, StableDiffusionPipeline};
 use stable_diffusion::train::data::{load_training_image, read_folder};
 use stable_diffusion::train::synthetic::{prompt_match, reconstruction_match, write_data_set};
 use stable_diffusion::train::vae::{VaeTrainConfig, latent_scaling_factor, train_vae};
@@ -137,7 +137,7 @@ fn build_init(a: &Args, data: &Path, init: &Path, device: &Device) -> Result<(),
     });
     vae_config.scaling_factor = latent_scaling_factor(&vae, &images[..images.len().min(256)]);
     eprintln!("vae scaling_factor {:.5}", vae_config.scaling_factor);
-    eprintln!("VAE reconstructions: {}", reconstruction_match(&vae, SIDE));
+    eprintln!("VAE reconstructions: {}", reconstruction_match(&vae, SIDE)?);
     stable_diffusion::io::save_vae(&vae, &vae_config, init.join("vae"), DType::F32)?;
 
     let unet_config = UNet2DConditionConfig::from_json(UNET_CONFIG)?;
@@ -151,12 +151,11 @@ fn build_init(a: &Args, data: &Path, init: &Path, device: &Device) -> Result<(),
 }
 
 fn evaluate(a: &Args, model: &Path, device: &Device) -> Result<(), AnyError> {
-    let loaded = common::load_dir(model, device, &ComponentOptions::default())?;
-    let scheduler = AnyScheduler::from_config(&loaded.scheduler_config)?;
-    let sd = loaded.pipeline(&scheduler, device);
+    let pipe = StableDiffusionPipeline::from_pretrained(model, device, &LoadOptions::default())?;
+    let sd = pipe.composed(pipe.scheduler());
     eprintln!(
         "VAE reconstructions: {}",
-        reconstruction_match(&loaded.vae, SIDE)
+        reconstruction_match(pipe.vae(), SIDE)?
     );
     let r = prompt_match(&sd, a.eval, a.eval_steps, a.eval_guidance, SIDE)?;
     println!("prompt match: {r}");

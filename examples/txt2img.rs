@@ -21,17 +21,12 @@ struct Args {
 
 fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
-    let device = common::device(&a.device)?;
-    let m = common::load(a, &device)?;
-    let (scheduler, sampler) = common::scheduler(a, &m)?;
-    let options = common::options(a, &m, &device)?;
-    let sd = m.pipeline(&scheduler, &device);
-    let mut noise = common::noise(a, &device)?;
-    let bar = common::progress(a.steps);
-    let mut cb = common::on_step(&bar);
-    let out = sd.txt2img(&options, noise.as_mut(), Some(&mut cb))?;
+    let pipe = common::load(a, &common::device(&a.device)?)?;
+    let bar = common::progress();
+    let request = common::request(a, &pipe)?.on_step(common::on_step(&bar));
+    let out = pipe.generate(request)?;
     bar.finish_and_clear();
-    common::save(a, &m, &sampler, &out.latents, &out.images)
+    common::save(a, &out)
 }
 
 fn main() -> ExitCode {

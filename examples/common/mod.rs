@@ -1,26 +1,15 @@
-//! What the generation examples share: the common flags, model loading, scheduler
-//! choice, noise, progress bar and output.
+//! What the generation examples share: the common flags turned into the library's
+//! `LoadOptions` and `GenerationRequest`, the progress bar and the output. Everything
+//! else is the public API of `stable_diffusion`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::DType;
-use stable_diffusion::core::{
-    CoreError, GenerationOptions, NoiseRng, NoiseSource, RecordedNoise, StableDiffusion, StepInfo,
-    Steps,
-};
-use stable_diffusion::io::image::GenerationParameters;
-use stable_diffusion::io::model::{
-    builtin_configs, text_encoder_from_dir, unet_from_dir, vae_from_dir,
-};
-use stable_diffusion::io::{
-    ClipTokenizer, ComponentOptions, DiffusersDir, SingleFile, WeightSource,
-};
-use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel, VaeTiling};
-use stable_diffusion::schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
+use stable_diffusion::io::WeightSource;
+use stable_diffusion::prelude::*;
 
 /// The examples allocate with mimalloc, told never to hand freed memory back to the
 /// kernel: the models' activations are tens of MB each, and glibc's malloc (or
@@ -141,7 +130,7 @@ pub struct CommonArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// A LoRA file (kohya or diffusers layout), optionally `PATH:STRENGTH`
-    /// (default 1.0); repeatable. Merged into the weights.
+    /// (default 1.0); repeatable. Merged into the weights at load.
     #[arg(long)]
     pub lora: Vec<String>,
     /// Run the U-Net in f16 (the VAE stays f32).
@@ -156,6 +145,15 @@ pub struct CommonArgs {
     /// VAE in tiles: auto (above 1024x1024 pixels), on (diffusers' enable_tiling) or off.
     #[arg(long, default_value = "auto")]
     pub vae_tiling: String,
+    /// DDIM's eta (0: deterministic).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Input images whose sides are not multiples of 8: error, resize or crop.
+    #[arg(long, default_value = "error")]
+    pub fit: String,
+    /// Images per prompt, batched through the U-Net (seed + i for image i).
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
 }
 
 /// The `--vae-tiling` value.
@@ -170,42 +168,6 @@ pub fn vae_tiling(name: &str) -> Result<VaeTiling, AnyError> {
 
 /// Errors of the examples: one line for the user.
 pub type AnyError = Box<dyn std::error::Error>;
-
-/// The loaded model.
-pub struct Loaded {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
-    pub scheduler_config: SchedulerConfig,
-    /// Default image size in pixels (set from the U-Net's latent `sample_size`).
-    pub sample_size: usize,
-    pub name: String,
-}
-
-impl Loaded {
-    /// The pipeline over these models.
-    pub fn pipeline<'a>(
-        &'a self,
-        scheduler: &'a AnyScheduler,
-        device: &Device,
-    ) -> StableDiffusion<'a> {
-        StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
-            unet: &self.unet,
-            vae: &self.vae,
-            scheduler,
-            device: device.clone(),
-        }
-    }
-
-    /// Pixels per latent.
-    pub fn vae_factor(&self) -> usize {
-        use stable_diffusion::core::Autoencoder;
-        self.vae.downscale_factor()
-    }
-}
 
 pub fn device(name: &str) -> Result<Device, AnyError> {
     match name {
@@ -224,40 +186,9 @@ pub fn device(name: &str) -> Result<Device, AnyError> {
     }
 }
 
-fn component_dir(dir: &Path, component: &str) -> PathBuf {
-    if dir.join(component).join("config.json").exists() {
-        dir.join(component)
-    } else {
-        dir.to_path_buf()
-    }
-}
-
-/// A diffusers folder as it is (no `--unet`/`--vae` overrides, LoRAs or tiling):
-/// f32 components, the U-Net with `unet_opts`; `sample_size` in latents.
-pub fn load_dir(
-    model: &Path,
-    device: &Device,
-    unet_opts: &ComponentOptions,
-) -> Result<Loaded, AnyError> {
-    let f32_opts = ComponentOptions::default();
-    let dir = DiffusersDir::open(model)?;
-    let unet_cfg = dir.unet_config()?;
-    Ok(Loaded {
-        tokenizer: dir.tokenizer()?,
-        text_encoder: dir.text_encoder(device, &f32_opts)?,
-        unet: dir.unet(device, unet_opts)?,
-        vae: dir.vae(device, &f32_opts)?,
-        scheduler_config: SchedulerConfig::from_json(&dir.scheduler_config_text()?)?,
-        sample_size: unet_cfg.sample_size.unwrap_or(64),
-        name: model
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-    })
-}
-
-pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
-    let model = match &args.model {
+/// The model the flags name (the demo model without `--model`).
+pub fn model_path(args: &CommonArgs) -> PathBuf {
+    match &args.model {
         Some(m) => m.clone(),
         None => {
             eprintln!(
@@ -269,116 +200,82 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<Loaded, AnyError> {
             );
             PathBuf::from(DEFAULT_MODEL)
         }
-    };
-    if !model.exists() {
-        return Err(format!("--model {}: no such file or folder", model.display()).into());
     }
-    let f32_opts = ComponentOptions::default();
-    let unet_opts = ComponentOptions {
-        dtype: args.f16.then_some(DType::F16),
+}
+
+/// The pipeline the flags describe: `--model`, `--unet`, `--vae`, `--f16`,
+/// `--lora`, `--vae-tiling`.
+pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipeline, AnyError> {
+    let options = LoadOptions {
+        unet_dtype: args.f16.then_some(DType::F16),
+        unet: args.unet.clone(),
+        vae: args.vae.clone(),
+        vae_tiling: vae_tiling(&args.vae_tiling)?,
+        loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
         ..Default::default()
     };
-    let name = model
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let mut loaded = if model.is_dir() {
-        load_dir(&model, device, &unet_opts)?
-    } else {
-        let ckpt = SingleFile::open(&model)?;
-        let sd2 = ckpt.text_encoder_config().hidden_size == 1024;
-        let (pad, sched) = if sd2 {
-            ("!", builtin_configs::SD21_SCHEDULER)
-        } else {
-            ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
-        };
-        Loaded {
-            tokenizer: ClipTokenizer::clip(pad)?,
-            text_encoder: ckpt.text_encoder(device, &f32_opts)?,
-            unet: ckpt.unet(device, &unet_opts)?,
-            vae: ckpt.vae(device, &f32_opts)?,
-            scheduler_config: SchedulerConfig::from_json(sched)?,
-            sample_size: ckpt.unet_config().sample_size.unwrap_or(64),
-            name,
-        }
-    };
-    if let Some(dir) = &args.unet {
-        loaded.unet = unet_from_dir(&component_dir(dir, "unet"), device, &unet_opts)?;
+    let pipe = StableDiffusionPipeline::from_pretrained(model_path(args), device, &options)?;
+    for lora in &options.loras {
+        eprintln!(
+            "LoRA {} merged at strength {}",
+            lora.path.display(),
+            lora.strength
+        );
     }
-    if let Some(dir) = &args.vae {
-        loaded.vae = vae_from_dir(&component_dir(dir, "vae"), device, &f32_opts)?;
-    }
-    loaded.vae = loaded.vae.with_tiling(vae_tiling(&args.vae_tiling)?);
-    apply_loras(&args.lora, &mut loaded)?;
-    // diffusers' default size: unet.sample_size x the VAE's scale factor.
-    loaded.sample_size *= loaded.vae_factor();
-    let _ = text_encoder_from_dir;
-    Ok(loaded)
+    Ok(pipe)
 }
 
-/// Merges `--lora PATH[:STRENGTH]` files into the U-Net and text encoder.
-fn apply_loras(specs: &[String], loaded: &mut Loaded) -> Result<(), AnyError> {
-    use stable_diffusion::io::{LoraComponent, LoraFile};
-    use stable_diffusion::models::lora::{LoraMode, apply_lora};
-    for spec in specs {
-        let (path, strength) = match spec.rsplit_once(':') {
-            Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>()?),
-            _ => (spec.as_str(), 1.0),
-        };
-        let file = LoraFile::open(path)?;
-        if file.has(LoraComponent::Unet) {
-            let w = file.weights_for(LoraComponent::Unet, &loaded.unet)?;
-            loaded.unet = apply_lora(loaded.unet.clone(), &[(&w, strength)], LoraMode::Merge)?;
-        }
-        if file.has(LoraComponent::TextEncoder) {
-            let w = file.weights_for(LoraComponent::TextEncoder, &loaded.text_encoder)?;
-            loaded.text_encoder = apply_lora(
-                loaded.text_encoder.clone(),
-                &[(&w, strength)],
-                LoraMode::Merge,
-            )?;
-        }
-        eprintln!("LoRA {path} merged at strength {strength}");
+/// The request the flags describe (prompt, steps, scheduler, size, seed, noise, ...);
+/// the examples add their task's inputs and the progress callback.
+pub fn request(
+    args: &CommonArgs,
+    pipe: &StableDiffusionPipeline,
+) -> Result<GenerationRequest<'static>, AnyError> {
+    let device = pipe.device();
+    let side = pipe.default_size();
+    let mut r = GenerationRequest::new(args.prompt.clone())
+        .schedule(steps(args)?)
+        .guidance(args.guidance)
+        .seed(args.seed)
+        .num_images(args.num_images)
+        .long_prompts(args.long_prompts)
+        .prompt_weighting(args.prompt_weighting)
+        .size_mode(match args.fit.as_str() {
+            "error" => SizeMode::Exact,
+            "resize" => SizeMode::Resize,
+            "crop" => SizeMode::Crop,
+            o => return Err(format!("--fit {o}: expected error, resize or crop").into()),
+        });
+    if let Some(n) = &args.negative_prompt {
+        r = r.negative_prompt(n.clone());
     }
-    Ok(())
-}
-
-pub fn scheduler(args: &CommonArgs, loaded: &Loaded) -> Result<(AnyScheduler, String), AnyError> {
-    let (s, label) = if let Some(path) = &args.scheduler_config {
+    if args.width.is_some() || args.height.is_some() {
+        r = r.size(args.width.unwrap_or(side), args.height.unwrap_or(side));
+    }
+    if let Some(k) = args.clip_skip {
+        r = r.clip_skip(k);
+    }
+    if let Some(path) = &args.scheduler_config {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let s = AnyScheduler::from_json(&text)?;
-        let class = s.class_name_str();
-        (s, class)
+        r = r.scheduler_choice(SchedulerChoice::Config(text));
     } else if let Some(name) = &args.scheduler {
-        (
-            AnyScheduler::from_name(name, &loaded.scheduler_config)?,
-            name.clone(),
-        )
-    } else {
-        let s = AnyScheduler::from_config(&loaded.scheduler_config)?;
-        let class = s.class_name_str();
-        (s, class)
-    };
-    let s = match args.ays.as_deref() {
-        Some(p) => {
-            let preset = AysPreset::from_name(p)
-                .ok_or_else(|| format!("--ays {p}: expected sd15 or sdxl"))?;
-            s.with_sigmas(SigmaSchedule::AlignYourSteps(preset))?
-        }
-        None => s,
-    };
-    Ok((s, label))
-}
-
-trait ClassName {
-    fn class_name_str(&self) -> String;
-}
-
-impl ClassName for AnyScheduler {
-    fn class_name_str(&self) -> String {
-        use stable_diffusion::core::Scheduler;
-        self.class_name().to_string()
+        r = r.scheduler(name.clone());
     }
+    if let Some(p) = &args.ays {
+        let preset =
+            AysPreset::from_name(p).ok_or_else(|| format!("--ays {p}: expected sd15 or sdxl"))?;
+        r = r.sigma_schedule(SigmaSchedule::AlignYourSteps(preset));
+    }
+    if let Some(eta) = args.eta {
+        r = r.eta(eta);
+    }
+    if let Some(p) = &args.init_latents {
+        r = r.init_latents(read_tensor(p, "latents", device)?);
+    }
+    if let Some(path) = &args.noise {
+        r = r.noise(recorded_noise(path, device)?);
+    }
+    Ok(r)
 }
 
 pub fn steps(args: &CommonArgs) -> Result<Steps, AnyError> {
@@ -408,49 +305,22 @@ fn read_tensor(path: &Path, key: &str, device: &Device) -> Result<Tensor<4>, Any
     Ok(Tensor::from_data(data, device))
 }
 
-pub fn options(
-    args: &CommonArgs,
-    loaded: &Loaded,
-    device: &Device,
-) -> Result<GenerationOptions, AnyError> {
-    Ok(GenerationOptions {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        steps: steps(args)?,
-        guidance_scale: args.guidance,
-        width: args.width.unwrap_or(loaded.sample_size),
-        height: args.height.unwrap_or(loaded.sample_size),
-        clip_skip: args.clip_skip,
-        batch_size: 1,
-        init_latents: match &args.init_latents {
-            Some(p) => Some(read_tensor(p, "latents", device)?),
-            None => None,
-        },
-        long_prompts: args.long_prompts,
-        prompt_weighting: args.prompt_weighting,
-    })
-}
-
-pub fn noise(args: &CommonArgs, device: &Device) -> Result<Box<dyn NoiseSource>, AnyError> {
-    match &args.noise {
-        Some(path) => {
-            let source = WeightSource::open(path)?;
-            let mut tensors = Vec::new();
-            for i in 0.. {
-                let key = format!("noise_{i:03}");
-                if source.get(&key).is_none() {
-                    break;
-                }
-                tensors.push(read_tensor(path, &key, device)?);
-            }
-            Ok(Box::new(RecordedNoise::new(tensors)))
+/// Recorded noise (`noise_000`, `noise_001`, ...) replayed in draw order.
+fn recorded_noise(path: &Path, device: &Device) -> Result<RecordedNoise, AnyError> {
+    let source = WeightSource::open(path)?;
+    let mut tensors = Vec::new();
+    for i in 0.. {
+        let key = format!("noise_{i:03}");
+        if source.get(&key).is_none() {
+            break;
         }
-        None => Ok(Box::new(NoiseRng::seed(args.seed))),
+        tensors.push(read_tensor(path, &key, device)?);
     }
+    Ok(RecordedNoise::new(tensors))
 }
 
-pub fn progress(total: usize) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
+pub fn progress() -> ProgressBar {
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
@@ -470,16 +340,13 @@ pub fn on_step(bar: &ProgressBar) -> impl FnMut(&StepInfo<'_>) -> bool + '_ {
     }
 }
 
-pub fn save(
-    args: &CommonArgs,
-    loaded: &Loaded,
-    sampler: &str,
-    latents: &Tensor<4>,
-    images: &Tensor<4>,
-) -> Result<(), AnyError> {
+/// Writes `--save-latents` and the pictures: `--out` for the first, `-1`, `-2`, ...
+/// before the extension for the others.
+pub fn save(args: &CommonArgs, out: &Generation) -> Result<(), AnyError> {
     if let Some(path) = &args.save_latents {
-        let [b, c, h, w] = latents.dims();
-        let values = latents
+        let [b, c, h, w] = out.latents.dims();
+        let values = out
+            .latents
             .to_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
@@ -492,25 +359,17 @@ pub fn save(
         )?;
         safetensors::serialize_to_file([("latents", view)], None, path)?;
     }
-    let [_, _, h, w] = images.dims();
-    let params = GenerationParameters {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
-        steps: args.steps,
-        sampler: sampler.to_string(),
-        cfg_scale: args.guidance,
-        seed: args.seed,
-        width: w,
-        height: h,
-        model: loaded.name.clone(),
-    };
-    stable_diffusion::io::image::save_png(images, 0, &args.out, Some(&params))?;
-    eprintln!("wrote {}", args.out.display());
+    for (i, picture) in out.images.iter().enumerate() {
+        let path = if i == 0 {
+            args.out.clone()
+        } else {
+            let stem = args.out.with_extension("");
+            PathBuf::from(format!("{}-{i}.png", stem.display()))
+        };
+        picture.save(&path)?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
-}
-
-pub fn core_err(e: CoreError) -> AnyError {
-    Box::new(e)
 }
 
 /// The examples' `main`: the run's error as one line on stderr, and the exit code.

@@ -3,6 +3,7 @@
 //! build time and disk use down (each binary carries all of burn and wgpu).
 mod common;
 
+mod api;
 mod configs;
 mod corrupt_files;
 mod demo_model;

@@ -5,9 +5,10 @@ use crate::common;
 
 use common::{Reference, fixture};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::core::{GenerationOptions, NoiseRng, RecordedNoise, StableDiffusion, Steps};
+use stable_diffusion::core::{NoiseRng, RecordedNoise, Steps};
 use stable_diffusion::io::{ClipTokenizer, ComponentOptions, DiffusersDir};
 use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::pipelines::{GenerationOptions, StableDiffusion};
 use stable_diffusion::schedulers::config::sanitize_json;
 use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
@@ -194,9 +195,9 @@ fn same_seed_same_result_and_sizes_are_checked() {
     let err = sd.txt2img(&bad, &mut NoiseRng::seed(1), None).unwrap_err();
     assert!(err.to_string().contains("width"), "{err}");
     let mut steps_seen = Vec::new();
-    let mut cb = |info: &stable_diffusion::core::StepInfo<'_>| {
+    let mut cb = |info: &stable_diffusion::pipelines::StepInfo<'_>| {
         steps_seen.push(info.step);
-        let preview = stable_diffusion::core::latent_preview(info.latents);
+        let preview = stable_diffusion::pipelines::latent_preview(info.latents);
         assert_eq!(preview.dims(), [2, 3, 12, 20]);
         info.step < 1
     };
@@ -311,7 +312,7 @@ fn base_scheduler(name: &str) -> AnyScheduler {
 
 #[test]
 fn outpainting_keeps_the_original_pixels() {
-    use stable_diffusion::core::Extend;
+    use stable_diffusion::pipelines::Extend;
     let device = Device::flex();
     let m = models(&device);
     let scheduler = base_scheduler("ddim");
@@ -422,10 +423,12 @@ fn interpolation_endpoints_equal_plain_generations() {
     let nb = NoiseRng::seed(2).normal([1, 4, 16, 16], &device).unwrap();
     let frames = sd
         .interpolate(
-            &a,
-            &b,
-            na.clone(),
-            nb.clone(),
+            stable_diffusion::pipelines::Endpoints {
+                a: &a,
+                b: &b,
+                noise_a: na.clone(),
+                noise_b: nb.clone(),
+            },
             4,
             &mut NoiseRng::seed(0),
             None,
@@ -451,7 +454,7 @@ fn interpolation_endpoints_equal_plain_generations() {
     let mid = frames[1].latents.to_data().try_to_vec::<f32>().unwrap();
     assert_ne!(mid, first);
     // slerp keeps the noise norm (unlike lerp, which shrinks it).
-    let s = stable_diffusion::core::slerp(na.clone(), nb.clone(), 0.5);
+    let s = stable_diffusion::pipelines::slerp(na.clone(), nb.clone(), 0.5);
     let norm = |t: &Tensor<4>| (t.clone() * t.clone()).sum().into_scalar::<f32>().sqrt();
     assert!(
         (norm(&s) / norm(&na) - 1.0).abs() < 0.05,

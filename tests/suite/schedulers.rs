@@ -154,7 +154,7 @@ fn check_case(name: &str, case: &serde_json::Value) {
         };
         let mut sample = r.tensor::<4>(&format!("{p}initial_sample"), &device);
         for i in 0..s {
-            let scaled = run.scale_model_input(sample.clone(), i);
+            let scaled = run.scale_model_input(sample.clone(), i).unwrap();
             tensor_close(
                 &format!("{name} n={n} scaled_model_inputs[{i}]"),
                 &scaled,
@@ -193,11 +193,11 @@ fn check_case(name: &str, case: &serde_json::Value) {
             r.floats("add_noise.timestep")[0] as f64
         };
         assert!(
-            (run.timestep(4) - want_t).abs() <= 1e-3,
+            (run.timestep(4).unwrap() - want_t).abs() <= 1e-3,
             "{name} add_noise timestep {} vs {want_t}",
-            run.timestep(4)
+            run.timestep(4).unwrap()
         );
-        let got = run.add_noise(original, noise, 4);
+        let got = run.add_noise(original, noise, 4).unwrap();
         tensor_close(
             &format!("{name} add_noise"),
             &got,
@@ -345,7 +345,7 @@ fn steps_produce_no_nan() {
             let mut rng = NoiseRng::seed(1);
             let mut x = rng.normal([1, 4, 4, 4], &device).unwrap() * run.init_noise_sigma();
             for i in 0..run.len() {
-                let model_in = run.scale_model_input(x.clone(), i);
+                let model_in = run.scale_model_input(x.clone(), i).unwrap();
                 let eps = model_in * 0.1;
                 x = run.step(eps, i, x, &mut rng).unwrap().prev_sample;
             }
@@ -439,7 +439,7 @@ fn zero_terminal_snr_gives_finite_schedules() {
             assert!(sig.iter().all(|x| x.is_finite()), "{name}: {sig:?}");
         }
         assert_eq!(
-            run.timestep(0),
+            run.timestep(0).unwrap(),
             999.0,
             "{name}: trailing starts at the last timestep"
         );

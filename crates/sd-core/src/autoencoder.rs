@@ -2,6 +2,8 @@
 
 use burn::prelude::*;
 
+use crate::error::CoreError;
+
 /// A diagonal Gaussian posterior `N(mean, exp(logvar))` over latents.
 ///
 /// Follows diffusers' `DiagonalGaussianDistribution`: `logvar` is clamped to
@@ -49,7 +51,11 @@ pub trait Autoencoder {
     /// # Shapes
     /// - `image`: `[batch, 3, H, W]`, H and W multiples of [`Self::downscale_factor`]
     /// - output: mean and logvar `[batch, latent_channels, H / f, W / f]`
-    fn encode(&self, image: Tensor<4>) -> DiagonalGaussian;
+    ///
+    /// # Errors
+    /// [`CoreError::Shape`] for an image without 3 channels or whose sides are not
+    /// multiples of [`Self::downscale_factor`].
+    fn encode(&self, image: Tensor<4>) -> Result<DiagonalGaussian, CoreError>;
 
     /// Decodes unscaled latents `z` (divide the denoiser's latents by
     /// [`Self::scaling_factor`] first) to images, roughly in `[-1, 1]`, unclamped.
@@ -57,7 +63,10 @@ pub trait Autoencoder {
     /// # Shapes
     /// - `z`: `[batch, latent_channels, h, w]`
     /// - output: `[batch, 3, h * f, w * f]`
-    fn decode(&self, z: Tensor<4>) -> Tensor<4>;
+    ///
+    /// # Errors
+    /// [`CoreError::Shape`] for latents with other than [`Self::latent_channels`].
+    fn decode(&self, z: Tensor<4>) -> Result<Tensor<4>, CoreError>;
 
     /// The factor latents are multiplied by after encoding (0.18215 for SD 1.x/2.x).
     fn scaling_factor(&self) -> f64;
@@ -67,4 +76,51 @@ pub trait Autoencoder {
 
     /// Number of latent channels (4 for SD).
     fn latent_channels(&self) -> usize;
+}
+
+/// Checks an image for [`Autoencoder::encode`]: `[b, 3, H, W]`, H and W positive
+/// multiples of the downscale factor.
+///
+/// # Errors
+/// [`CoreError::Shape`] naming what does not fit.
+pub fn check_vae_image(
+    vae: &(impl Autoencoder + ?Sized),
+    image: [usize; 4],
+) -> Result<(), CoreError> {
+    let [_, c, h, w] = image;
+    if c != 3 {
+        return Err(CoreError::shape(
+            "image",
+            format!("{c} channels, 3 expected"),
+        ));
+    }
+    let f = vae.downscale_factor();
+    if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+        return Err(CoreError::shape(
+            "image",
+            format!("{w}x{h} pixels: the sides must be positive multiples of {f}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks latents for [`Autoencoder::decode`]: `[b, latent_channels, h, w]`, h, w > 0.
+///
+/// # Errors
+/// [`CoreError::Shape`] naming what does not fit.
+pub fn check_vae_latents(
+    vae: &(impl Autoencoder + ?Sized),
+    z: [usize; 4],
+) -> Result<(), CoreError> {
+    let [_, c, h, w] = z;
+    if c != vae.latent_channels() || h == 0 || w == 0 {
+        return Err(CoreError::shape(
+            "latents",
+            format!(
+                "shape {z:?}: expected [batch, {}, h > 0, w > 0]",
+                vae.latent_channels()
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -22,6 +22,22 @@ pub enum CoreError {
         /// What is wrong with its value.
         message: String,
     },
+    /// A tensor whose shape a model or scheduler cannot take.
+    #[error("shape of `{name}`: {message}")]
+    Shape {
+        /// The argument's name.
+        name: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A step index past the end of a scheduler run.
+    #[error("step {index} is past the end of a {len}-step run")]
+    StepOutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// The run's length.
+        len: usize,
+    },
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -31,4 +47,31 @@ pub enum CoreError {
     /// A combination of models or options this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+}
+
+impl CoreError {
+    /// A [`CoreError::Shape`].
+    pub fn shape(name: &'static str, message: impl Into<String>) -> Self {
+        Self::Shape {
+            name,
+            message: message.into(),
+        }
+    }
+
+    /// A [`CoreError::InvalidArgument`].
+    pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            name,
+            message: message.into(),
+        }
+    }
+
+    /// Checks a step index against a run's length.
+    pub fn check_step(index: usize, len: usize) -> Result<(), Self> {
+        if index < len {
+            Ok(())
+        } else {
+            Err(Self::StepOutOfRange { index, len })
+        }
+    }
 }

@@ -5,21 +5,17 @@ pub mod autoencoder;
 pub mod denoiser;
 pub mod error;
 pub mod noise;
-pub mod pipeline;
-pub mod prompt;
 pub mod scheduler;
 pub mod text_encoder;
+pub mod tokenizer;
 
-pub use autoencoder::{Autoencoder, DiagonalGaussian};
-pub use denoiser::Denoiser;
+pub use autoencoder::{Autoencoder, DiagonalGaussian, check_vae_image, check_vae_latents};
+pub use denoiser::{Denoiser, check_denoiser_inputs};
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
-pub use pipeline::{
-    Extend, GenerationOptions, GenerationOutput, PromptTokenizer, StableDiffusion, StepCallback,
-    StepInfo, latent_preview, slerp,
-};
-pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, img2img_start};
-pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput};
+pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, img2img_start};
+pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput, check_text_encoder_inputs};
+pub use tokenizer::PromptTokenizer;
 
 /// Re-export of the burn version these traits are written against.
 pub use burn;

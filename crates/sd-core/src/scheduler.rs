@@ -54,8 +54,17 @@ pub trait SchedulerRun: Send {
     fn timesteps(&self) -> &[f64];
 
     /// Timestep of step `i`.
-    fn timestep(&self, i: usize) -> f64 {
-        self.timesteps()[i]
+    ///
+    /// # Errors
+    /// [`CoreError::StepOutOfRange`] for `i >= len()`.
+    fn timestep(&self, i: usize) -> Result<f64, CoreError> {
+        self.timesteps()
+            .get(i)
+            .copied()
+            .ok_or(CoreError::StepOutOfRange {
+                index: i,
+                len: self.len(),
+            })
     }
 
     /// Sigmas (`len() + 1` values ending in the final sigma) for k-diffusion style
@@ -69,13 +78,20 @@ pub trait SchedulerRun: Send {
     ///
     /// # Shapes
     /// - `[b, c, h, w]` to `[b, c, h, w]`
-    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4>;
+    ///
+    /// # Errors
+    /// [`CoreError::StepOutOfRange`] for `i >= len()`.
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Result<Tensor<4>, CoreError>;
 
     /// One denoising step from `sample` at step `i` to the next latents. Schedulers
     /// that add noise (DDIM with eta > 0, Euler ancestral) draw it from `noise`.
     ///
     /// # Shapes
     /// - `model_output`, `sample`: `[b, c, h, w]`; output the same
+    ///
+    /// # Errors
+    /// [`CoreError::StepOutOfRange`] for `i >= len()`, [`CoreError::Shape`] when
+    /// `model_output` and `sample` differ in shape (see [`check_step_inputs`]).
     fn step(
         &mut self,
         model_output: Tensor<4>,
@@ -85,7 +101,16 @@ pub trait SchedulerRun: Send {
     ) -> Result<StepOutput, CoreError>;
 
     /// Noises clean latents to the noise level of step `i` (img2img, inpainting).
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4>;
+    ///
+    /// # Errors
+    /// [`CoreError::StepOutOfRange`] for `i >= len()`, [`CoreError::Shape`] when
+    /// `original` and `noise` differ in shape.
+    fn add_noise(
+        &self,
+        original: Tensor<4>,
+        noise: Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<4>, CoreError>;
 
     /// Drops the first `begin` steps (img2img starts part-way).
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError>;
@@ -105,4 +130,26 @@ pub fn img2img_start(steps: usize, strength: f64) -> Result<usize, CoreError> {
     }
     let init = ((steps as f64) * strength).floor() as usize;
     Ok(steps - init.min(steps))
+}
+
+/// The checks every [`SchedulerRun::step`] and [`SchedulerRun::add_noise`] makes
+/// before touching its tables: `i` inside a run of `len` steps and two tensors of
+/// one shape.
+///
+/// # Errors
+/// [`CoreError::StepOutOfRange`] or [`CoreError::Shape`].
+pub fn check_step_inputs(
+    i: usize,
+    len: usize,
+    a: &Tensor<4>,
+    b: &Tensor<4>,
+) -> Result<(), CoreError> {
+    CoreError::check_step(i, len)?;
+    if a.dims() != b.dims() {
+        return Err(CoreError::shape(
+            "sample",
+            format!("shapes {:?} and {:?} differ", a.dims(), b.dims()),
+        ));
+    }
+    Ok(())
 }

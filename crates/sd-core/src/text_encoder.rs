@@ -2,6 +2,8 @@
 
 use burn::prelude::*;
 
+use crate::error::CoreError;
+
 /// Which hidden layer of the encoder to return as the prompt embedding.
 ///
 /// `Skip(n)` follows diffusers' `clip_skip = n`: the output of the layer `n` places
@@ -31,7 +33,16 @@ pub trait TextEncoder {
     /// # Shapes
     /// - `input_ids`: `[batch, seq_len]` (seq_len at most [`Self::max_position_embeddings`])
     /// - output hidden states: `[batch, seq_len, hidden_size]`, pooled `[batch, hidden_size]`
-    fn encode(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput;
+    ///
+    /// # Errors
+    /// [`CoreError::Shape`] for more ids than [`Self::max_position_embeddings`] or an
+    /// empty sequence; [`CoreError::InvalidArgument`] for a [`HiddenLayer::Skip`]
+    /// that skips every layer.
+    fn encode(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layer: HiddenLayer,
+    ) -> Result<TextEncoderOutput, CoreError>;
 
     /// Width of the embeddings (768 for CLIP-L, 1024 for OpenCLIP-H).
     fn hidden_size(&self) -> usize;
@@ -41,4 +52,37 @@ pub trait TextEncoder {
 
     /// Number of transformer layers (the upper bound of [`HiddenLayer::Skip`]).
     fn num_hidden_layers(&self) -> usize;
+}
+
+/// Checks the inputs of [`TextEncoder::encode`] against an encoder's sizes.
+///
+/// # Errors
+/// As [`TextEncoder::encode`].
+pub fn check_text_encoder_inputs(
+    encoder: &(impl TextEncoder + ?Sized),
+    input_ids: [usize; 2],
+    layer: HiddenLayer,
+) -> Result<(), CoreError> {
+    let [_, seq] = input_ids;
+    if seq == 0 || seq > encoder.max_position_embeddings() {
+        return Err(CoreError::shape(
+            "input_ids",
+            format!(
+                "{seq} tokens, the text encoder takes 1 to {}",
+                encoder.max_position_embeddings()
+            ),
+        ));
+    }
+    if let HiddenLayer::Skip(k) = layer
+        && k >= encoder.num_hidden_layers()
+    {
+        return Err(CoreError::InvalidArgument {
+            name: "clip_skip",
+            message: format!(
+                "skipping {k} layers leaves none of the text encoder's {}",
+                encoder.num_hidden_layers()
+            ),
+        });
+    }
+    Ok(())
 }

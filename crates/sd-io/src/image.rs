@@ -1,5 +1,6 @@
-//! Images in and out: PNG files with the generation parameters in a `parameters`
-//! text chunk, in the A1111 format most tools read.
+//! Images in and out: PNG, JPEG and WebP in through the `image` crate (any colour
+//! type), PNG out with the generation parameters in a `parameters` text chunk, in the
+//! A1111 format most tools read.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -177,56 +178,133 @@ pub fn read_parameters(path: impl AsRef<Path>) -> Result<Option<GenerationParame
     Ok(text.and_then(|t| GenerationParameters::parse_a1111(&t)))
 }
 
-fn channels(info: &png::OutputInfo) -> usize {
-    match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => 3,
-    }
+/// How an input image whose sides are not multiples of 8 (the VAE's factor) is
+/// made to fit. Nothing is changed silently: the default refuses such an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SizeMode {
+    /// Refuse an image whose sides are not multiples of the factor.
+    #[default]
+    Exact,
+    /// Resize (Lanczos) to the nearest multiples of the factor (at least one).
+    Resize,
+    /// Crop to the largest multiples of the factor, centred.
+    Crop,
 }
 
-/// Loads a PNG as `[1, 3, H, W]` in `[-1, 1]` (diffusers' image preprocessing).
-pub fn load_image(path: impl AsRef<Path>, device: &Device) -> Result<Tensor<4>, IoError> {
-    let (info, buf, _) = decode(path.as_ref())?;
-    let (w, h, c) = (info.width as usize, info.height as usize, channels(&info));
-    let mut out = vec![0f32; 3 * h * w];
-    for y in 0..h {
-        for x in 0..w {
-            let px = &buf[(y * w + x) * c..(y * w + x + 1) * c];
-            for ch in 0..3 {
-                let v = if c < 3 { px[0] } else { px[ch] };
-                out[ch * h * w + y * w + x] = v as f32 / 255.0 * 2.0 - 1.0;
+/// Reads an image file: PNG, JPEG or WebP, any colour type (grey, RGBA, 16-bit).
+pub fn read_image(path: impl AsRef<Path>) -> Result<image::DynamicImage, IoError> {
+    let path = path.as_ref();
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| IoError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| IoError::io(path, e))?;
+    reader.decode().map_err(|e| {
+        IoError::Unsupported(format!(
+            "{}: not a readable PNG, JPEG or WebP image: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Makes an image's sides multiples of `factor` as `mode` says.
+///
+/// # Errors
+/// [`IoError::Unsupported`] under [`SizeMode::Exact`] for a size that does not fit,
+/// or for an image smaller than `factor` on a side under [`SizeMode::Crop`].
+pub fn fit_size(
+    image: image::DynamicImage,
+    factor: usize,
+    mode: SizeMode,
+) -> Result<image::DynamicImage, IoError> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let f = factor.max(1);
+    if w.is_multiple_of(f) && h.is_multiple_of(f) && w > 0 && h > 0 {
+        return Ok(image);
+    }
+    match mode {
+        SizeMode::Exact => Err(IoError::Unsupported(format!(
+            "image of {w}x{h} pixels: the sides must be multiples of {f}; \
+             ask for SizeMode::Resize or SizeMode::Crop"
+        ))),
+        SizeMode::Resize => {
+            let round = |v: usize| (((v + f / 2) / f).max(1) * f) as u32;
+            Ok(image.resize_exact(round(w), round(h), image::imageops::FilterType::Lanczos3))
+        }
+        SizeMode::Crop => {
+            let (cw, ch) = (w / f * f, h / f * f);
+            if cw == 0 || ch == 0 {
+                return Err(IoError::Unsupported(format!(
+                    "image of {w}x{h} pixels is smaller than {f} on a side"
+                )));
             }
+            let (x, y) = ((w - cw) / 2, (h - ch) / 2);
+            Ok(image.crop_imm(x as u32, y as u32, cw as u32, ch as u32))
         }
     }
-    Ok(Tensor::from_data(
-        TensorData::new(out, [1, 3, h, w]),
-        device,
-    ))
 }
 
-/// Loads a PNG mask as `[1, 1, H, W]` in `[0, 1]` (white = repaint; luminance of
-/// colour masks).
-pub fn load_mask(path: impl AsRef<Path>, device: &Device) -> Result<Tensor<4>, IoError> {
-    let (info, buf, _) = decode(path.as_ref())?;
-    let (w, h, c) = (info.width as usize, info.height as usize, channels(&info));
-    let out: Vec<f32> = (0..h * w)
-        .map(|i| {
-            let px = &buf[i * c..(i + 1) * c];
-            let v = if c >= 3 {
-                0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32
-            } else {
-                px[0] as f32
-            };
-            v / 255.0
-        })
+/// An image as `[1, 3, H, W]` in `[-1, 1]` (diffusers' image preprocessing). Grey
+/// images are repeated over RGB, alpha is dropped (as PIL's `convert("RGB")`), 16-bit
+/// and float images keep their precision.
+pub fn image_to_tensor(image: &image::DynamicImage, device: &Device) -> Tensor<4> {
+    let rgb = image.to_rgb32f();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let mut out = vec![0f32; 3 * h * w];
+    for (i, px) in rgb.pixels().enumerate() {
+        for ch in 0..3 {
+            out[ch * h * w + i] = px.0[ch] * 2.0 - 1.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [1, 3, h, w]), device)
+}
+
+/// A mask image as `[1, 1, H, W]` in `[0, 1]` (white = repaint; the luminance of
+/// colour masks, Rec. 601 as PIL's `convert("L")`).
+pub fn mask_to_tensor(image: &image::DynamicImage, device: &Device) -> Tensor<4> {
+    let rgb = image.to_rgb32f();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let out: Vec<f32> = rgb
+        .pixels()
+        .map(|p| 0.299 * p.0[0] + 0.587 * p.0[1] + 0.114 * p.0[2])
         .collect();
-    Ok(Tensor::from_data(
-        TensorData::new(out, [1, 1, h, w]),
-        device,
-    ))
+    Tensor::from_data(TensorData::new(out, [1, 1, h, w]), device)
+}
+
+/// Images `[b, 3, H, W]` in `[0, 1]` as 8-bit RGB images.
+pub fn tensor_to_images(images: &Tensor<4>) -> Vec<image::RgbImage> {
+    let b = images.dims()[0];
+    (0..b)
+        .map(|i| {
+            let (w, h, rgb) = to_rgb8(images, i);
+            image::RgbImage::from_raw(w as u32, h as u32, rgb)
+                .unwrap_or_else(|| image::RgbImage::new(w as u32, h as u32))
+        })
+        .collect()
+}
+
+/// Writes an RGB image as a PNG with an optional A1111 `parameters` chunk.
+pub fn save_rgb_png(
+    image: &image::RgbImage,
+    path: impl AsRef<Path>,
+    parameters: Option<&GenerationParameters>,
+) -> Result<(), IoError> {
+    write_png_rgb8(
+        path.as_ref(),
+        image.width() as usize,
+        image.height() as usize,
+        image.as_raw(),
+        parameters,
+    )
+}
+
+/// Loads an image file (PNG, JPEG or WebP) as `[1, 3, H, W]` in `[-1, 1]`.
+pub fn load_image(path: impl AsRef<Path>, device: &Device) -> Result<Tensor<4>, IoError> {
+    Ok(image_to_tensor(&read_image(path)?, device))
+}
+
+/// Loads a mask file as `[1, 1, H, W]` in `[0, 1]` (white = repaint).
+pub fn load_mask(path: impl AsRef<Path>, device: &Device) -> Result<Tensor<4>, IoError> {
+    Ok(mask_to_tensor(&read_image(path)?, device))
 }
 
 /// Writes frames (each `(width, height, rgb8)`, all the same size) as an animated PNG

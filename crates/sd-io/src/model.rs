@@ -325,13 +325,12 @@ impl SingleFile {
     }
 
     /// Opens a checkpoint, recognising SD 1.x or SD 2.x from its tensors and using the
-    /// built-in SD 1.5 / 2.1 configs.
+    /// built-in SD 1.5 / 2.1 configs; an inpainting checkpoint (a 9-channel
+    /// `input_blocks.0.0` convolution) gets a 9-channel U-Net.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
         let path = path.as_ref();
         let source = open_checkpoint(path)?;
         use builtin_configs::*;
-        let parse =
-            |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("built-in config");
         let is_sd2 = source
             .get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
             .is_some_and(|t| t.shape.get(1) == Some(&1024));
@@ -340,8 +339,12 @@ impl SingleFile {
         } else {
             (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER)
         };
-        let _ = parse;
-        let unet = UNet2DConditionConfig::from_json(u).expect("built-in config");
+        let mut unet = UNet2DConditionConfig::from_json(u).expect("built-in config");
+        if let Some(conv_in) = source.get("model.diffusion_model.input_blocks.0.0.weight")
+            && let Some(&c) = conv_in.shape.get(1)
+        {
+            unet.in_channels = c;
+        }
         let vae = AutoencoderKLConfig::from_json(v).expect("built-in config");
         let text = ClipTextConfig::from_json(t).expect("built-in config");
         Ok(Self {
@@ -366,6 +369,11 @@ impl SingleFile {
             vae,
             text_encoder,
         })
+    }
+
+    /// Whether the text encoder is SD 2.x's OpenCLIP ViT-H (1024 wide).
+    pub fn is_sd2(&self) -> bool {
+        self.text_encoder.hidden_size == 1024
     }
 
     /// The checkpoint's path.

@@ -369,13 +369,15 @@ impl AutoencoderKL {
 }
 
 impl sd_core::Autoencoder for AutoencoderKL {
-    fn encode(&self, image: Tensor<4>) -> DiagonalGaussian {
+    fn encode(&self, image: Tensor<4>) -> Result<DiagonalGaussian, sd_core::CoreError> {
+        sd_core::check_vae_image(self, image.dims())?;
         let in_dtype = image.dtype();
         let moments = to_dtype(self.encode_moments(image), in_dtype);
-        DiagonalGaussian::from_moments(moments)
+        Ok(DiagonalGaussian::from_moments(moments))
     }
 
-    fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+    fn decode(&self, z: Tensor<4>) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::check_vae_latents(self, z.dims())?;
         let [_, _, h, w] = z.dims();
         let f = self.downscale_factor;
         if self.tiling.applies(h * f, w * f, self.tile_pixels) {
@@ -383,9 +385,9 @@ impl sd_core::Autoencoder for AutoencoderKL {
             let plan = TilePlan::new(self.tile_latents(), self.tile_pixels);
             let z = to_dtype(z, self.dtype());
             let out = plan.run(z, |tile| self.decode_with_intermediates(tile, |_, _| {}));
-            return to_dtype(out, in_dtype);
+            return Ok(to_dtype(out, in_dtype));
         }
-        self.decode_with_intermediates(z, |_, _| {})
+        Ok(self.decode_with_intermediates(z, |_, _| {}))
     }
 
     fn scaling_factor(&self) -> f64 {

@@ -216,8 +216,13 @@ impl ClipTextModel {
 }
 
 impl sd_core::TextEncoder for ClipTextModel {
-    fn encode(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput {
-        self.forward(input_ids, layer)
+    fn encode(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layer: HiddenLayer,
+    ) -> Result<TextEncoderOutput, sd_core::CoreError> {
+        sd_core::check_text_encoder_inputs(self, input_ids.dims(), layer)?;
+        Ok(self.forward(input_ids, layer))
     }
 
     fn hidden_size(&self) -> usize {

@@ -204,8 +204,19 @@ impl sd_core::Denoiser for UNet2DConditionModel {
         sample: Tensor<4>,
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
-    ) -> Tensor<4> {
-        UNet2DConditionModel::forward(self, sample, timesteps, encoder_hidden_states)
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::check_denoiser_inputs(
+            self,
+            sample.dims(),
+            timesteps.dims(),
+            encoder_hidden_states.dims(),
+        )?;
+        Ok(UNet2DConditionModel::forward(
+            self,
+            sample,
+            timesteps,
+            encoder_hidden_states,
+        ))
     }
 
     fn in_channels(&self) -> usize {

@@ -137,9 +137,47 @@ impl AnyScheduler {
             },
             Self::Pndm(p) => match sigmas {
                 SigmaSchedule::Model => Self::Pndm(p),
-                _ => return Err(CoreError::Unsupported("PNDM has no sigma schedule".into())),
+                _ => {
+                    return Err(CoreError::Unsupported(
+                        "PNDM (PLMS) has no sigma schedule; sigma schedules and Align Your Steps \
+                         apply to euler, euler-a, lms, dpmpp-2m and dpmpp-2m-karras (and AYS \
+                         timesteps to ddim)"
+                            .into(),
+                    ));
+                }
             },
         })
+    }
+
+    /// Sets DDIM's `eta` (0 is deterministic DDIM, 1 DDPM-like; the noise comes from the
+    /// run's noise source). Euler ancestral is diffusers' fixed `eta = 1` and takes only
+    /// that; the deterministic samplers take only 0.
+    ///
+    /// # Errors
+    /// [`CoreError::InvalidArgument`] for a negative or non-finite `eta`, or an `eta`
+    /// the scheduler cannot honour.
+    pub fn with_eta(self, eta: f64) -> Result<Self, CoreError> {
+        if !(eta.is_finite() && eta >= 0.0) {
+            return Err(CoreError::invalid(
+                "eta",
+                format!("{eta} is not a finite value >= 0"),
+            ));
+        }
+        let fixed = match &self {
+            Self::Ddim(d) => return Ok(Self::Ddim(d.clone().with_eta(eta))),
+            Self::KDiffusion(k) if k.is_ancestral() => 1.0,
+            _ => 0.0,
+        };
+        if eta == fixed {
+            return Ok(self);
+        }
+        Err(CoreError::invalid(
+            "eta",
+            format!(
+                "{} runs at eta = {fixed}; eta is a setting of ddim only",
+                self.class_name()
+            ),
+        ))
     }
 
     fn inner(&self) -> &dyn Scheduler {

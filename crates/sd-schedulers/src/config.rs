@@ -84,47 +84,41 @@ pub struct SchedulerConfig {
 /// rejects it, so they become strings `"Infinity"` / `"-Infinity"` / `"NaN"` instead.
 pub fn sanitize_json(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let bytes = text.as_bytes();
-    let mut i = 0;
+    let mut chars = text.char_indices();
     let mut in_string = false;
-    while i < bytes.len() {
-        let c = bytes[i];
+    while let Some((i, c)) = chars.next() {
         if in_string {
-            out.push(c as char);
-            if c == b'\\' && i + 1 < bytes.len() {
-                out.push(bytes[i + 1] as char);
-                i += 2;
-                continue;
+            out.push(c);
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        out.push(escaped);
+                    }
+                }
+                '"' => in_string = false,
+                _ => {}
             }
-            if c == b'"' {
-                in_string = false;
-            }
-            i += 1;
             continue;
         }
-        if c == b'"' {
+        if c == '"' {
             in_string = true;
             out.push('"');
-            i += 1;
             continue;
         }
-        let rest = &text[i..];
-        let mut replaced = false;
-        for token in ["-Infinity", "Infinity", "NaN"] {
-            if rest.starts_with(token) {
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| text[i..].starts_with(t));
+        match token {
+            Some(token) => {
                 out.push('"');
                 out.push_str(token);
                 out.push('"');
-                i += token.len();
-                replaced = true;
-                break;
+                // The token is ASCII: skip its remaining characters.
+                for _ in 1..token.len() {
+                    chars.next();
+                }
             }
-        }
-        if !replaced {
-            // Multi-byte UTF-8 outside strings is invalid JSON anyway; copy char-wise.
-            let ch = rest.chars().next().expect("non-empty");
-            out.push(ch);
-            i += ch.len_utf8();
+            None => out.push(c),
         }
     }
     out
@@ -144,5 +138,21 @@ pub(crate) fn unsupported(field: &'static str, message: impl Into<String>) -> Co
     CoreError::Config {
         field,
         message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize_json;
+
+    #[test]
+    fn sanitize_keeps_non_ascii_strings() {
+        let text = r#"{"name": "café \"ünï\"", "x": NaN, "y": -Infinity, "z": "NaN"}"#;
+        let clean = sanitize_json(text);
+        let v: serde_json::Value = serde_json::from_str(&clean).unwrap();
+        assert_eq!(v["name"], "café \"ünï\"");
+        assert_eq!(v["x"], "NaN");
+        assert_eq!(v["y"], "-Infinity");
+        assert_eq!(v["z"], "NaN");
     }
 }

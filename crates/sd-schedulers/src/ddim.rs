@@ -203,8 +203,9 @@ impl SchedulerRun for DdimRun {
         1.0
     }
 
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Result<Tensor<4>, CoreError> {
+        CoreError::check_step(i, self.timesteps.len())?;
+        Ok(sample)
     }
 
     fn step(
@@ -214,6 +215,7 @@ impl SchedulerRun for DdimRun {
         sample: Tensor<4>,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &model_output, &sample)?;
         let (a_t, a_prev) = (self.alpha_t[i], self.alpha_prev[i]);
         let shape = model_output.dims();
         let device = model_output.device();
@@ -234,9 +236,15 @@ impl SchedulerRun for DdimRun {
         })
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4> {
+    fn add_noise(
+        &self,
+        original: Tensor<4>,
+        noise: Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<4>, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let a = self.alpha_t[i];
-        original * a.sqrt() + noise * (1.0 - a).sqrt()
+        Ok(original * a.sqrt() + noise * (1.0 - a).sqrt())
     }
 
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {

@@ -300,8 +300,9 @@ impl SchedulerRun for DpmRun {
         1.0
     }
 
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Result<Tensor<4>, CoreError> {
+        CoreError::check_step(i, self.timesteps.len())?;
+        Ok(sample)
     }
 
     fn step(
@@ -311,6 +312,7 @@ impl SchedulerRun for DpmRun {
         sample: Tensor<4>,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &model_output, &sample)?;
         let n = self.timesteps.len();
         let lower_order_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
@@ -358,9 +360,15 @@ impl SchedulerRun for DpmRun {
         })
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4> {
+    fn add_noise(
+        &self,
+        original: Tensor<4>,
+        noise: Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<4>, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let (a, s) = alpha_sigma(self.sigmas[i]);
-        original * a + noise * s
+        Ok(original * a + noise * s)
     }
 
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {

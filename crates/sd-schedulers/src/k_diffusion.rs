@@ -208,6 +208,11 @@ pub struct KDiffusion {
 }
 
 impl KDiffusion {
+    /// Whether this is Euler ancestral (which adds fresh noise every step).
+    pub fn is_ancestral(&self) -> bool {
+        self.method == KMethod::EulerAncestral
+    }
+
     /// From a diffusers config; `method` picks the class.
     pub fn from_config(c: &SchedulerConfig, method: KMethod) -> Result<Self, CoreError> {
         if let Some(t) = c.interpolation_type.as_deref()
@@ -333,9 +338,10 @@ impl SchedulerRun for KRun {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Result<Tensor<4>, CoreError> {
+        CoreError::check_step(i, self.timesteps.len())?;
         let s = self.sigmas[i];
-        sample / (s * s + 1.0).sqrt()
+        Ok(sample / (s * s + 1.0).sqrt())
     }
 
     fn step(
@@ -345,6 +351,7 @@ impl SchedulerRun for KRun {
         sample: Tensor<4>,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &model_output, &sample)?;
         let (sigma, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
         let shape = model_output.dims();
         let device = model_output.device();
@@ -379,8 +386,14 @@ impl SchedulerRun for KRun {
         })
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4> {
-        original + noise * self.sigmas[i]
+    fn add_noise(
+        &self,
+        original: Tensor<4>,
+        noise: Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<4>, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
+        Ok(original + noise * self.sigmas[i])
     }
 
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {

@@ -158,8 +158,9 @@ impl SchedulerRun for PndmRun {
         1.0
     }
 
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Result<Tensor<4>, CoreError> {
+        CoreError::check_step(i, self.timesteps.len())?;
+        Ok(sample)
     }
 
     fn step(
@@ -169,6 +170,7 @@ impl SchedulerRun for PndmRun {
         sample: Tensor<4>,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &model_output, &sample)?;
         let mut t = self.timesteps[i] as i64;
         let mut prev_t = t - self.ratio;
         if self.counter != 1 {
@@ -211,9 +213,15 @@ impl SchedulerRun for PndmRun {
         })
     }
 
-    fn add_noise(&self, original: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4> {
+    fn add_noise(
+        &self,
+        original: Tensor<4>,
+        noise: Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<4>, CoreError> {
+        sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let a = self.schedule.alpha_cumprod(self.timesteps[i] as i64);
-        original * a.sqrt() + noise * (1.0 - a).sqrt()
+        Ok(original * a.sqrt() + noise * (1.0 - a).sqrt())
     }
 
     fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {

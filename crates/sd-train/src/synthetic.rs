@@ -376,7 +376,7 @@ impl std::fmt::Display for MatchReport {
 /// fixed shuffled order, seed `i` for the `i`-th image), `side` pixels, and
 /// classifies each against its prompt.
 pub fn prompt_match(
-    sd: &sd_core::StableDiffusion<'_>,
+    sd: &sd_pipelines::StableDiffusion<'_>,
     n: usize,
     steps: usize,
     guidance: f64,
@@ -389,7 +389,7 @@ pub fn prompt_match(
     let mut report = MatchReport::default();
     for i in 0..n {
         let scene = scenes[i % scenes.len()];
-        let options = sd_core::GenerationOptions {
+        let options = sd_pipelines::GenerationOptions {
             prompt: scene.caption(),
             steps: sd_core::Steps::Count(steps),
             guidance_scale: guidance,
@@ -407,7 +407,13 @@ pub fn prompt_match(
 /// Encodes every scene of the data set (a fresh rendering, `side` pixels) with `vae`,
 /// decodes the posterior mean and classifies the result against the scene: how much
 /// of the prompt the latent space keeps, an upper bound for a U-Net trained on it.
-pub fn reconstruction_match(vae: &sd_models::AutoencoderKL, side: usize) -> MatchReport {
+///
+/// # Errors
+/// The VAE's shape errors (`side` not a multiple of 8).
+pub fn reconstruction_match(
+    vae: &sd_models::AutoencoderKL,
+    side: usize,
+) -> Result<MatchReport, sd_core::CoreError> {
     use burn::prelude::*;
     use sd_core::Autoencoder;
     let device = vae.encoder.conv_in.weight.val().device();
@@ -425,12 +431,12 @@ pub fn reconstruction_match(vae: &sd_models::AutoencoderKL, side: usize) -> Matc
             &device,
         )
         .permute([0, 3, 1, 2]);
-        let mean = vae.encode(x).mean;
-        let images = (vae.decode(mean) + 1.0) / 2.0;
+        let mean = vae.encode(x)?.mean;
+        let images = (vae.decode(mean)? + 1.0) / 2.0;
         for (i, scene) in chunk.iter().enumerate() {
             let (_, _, rgb) = sd_io::image::to_rgb8(&images, i);
             report.add(scene, &rgb, side);
         }
     }
-    report
+    Ok(report)
 }

@@ -26,12 +26,13 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use sd_core::{GenerationOptions, HiddenLayer, NoiseRng, PromptTokenizer, StableDiffusion, Steps};
+use sd_core::{HiddenLayer, NoiseRng, PromptTokenizer, Steps};
 use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat, LoraToSave};
 use sd_models::lora::{
     LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
 };
 use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
+use sd_pipelines::{GenerationOptions, StableDiffusion};
 use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 

@@ -163,8 +163,8 @@ impl LoadedPipeline {
     }
 
     /// The pipeline over the loaded components.
-    pub fn sd(&self) -> stable_diffusion::core::StableDiffusion<'_> {
-        stable_diffusion::core::StableDiffusion {
+    pub fn sd(&self) -> stable_diffusion::pipelines::StableDiffusion<'_> {
+        stable_diffusion::pipelines::StableDiffusion {
             tokenizer: &self.tokenizer,
             text_encoder: &self.text_encoder,
             unet: &self.unet,

@@ -1,0 +1,247 @@
+//! The borrowing composition: [`StableDiffusion`] runs the pipelines over any
+//! implementations of the sd-core traits (a user's own text encoder, U-Net or VAE),
+//! behaving as diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`
+//! and `StableDiffusionInpaintPipeline`. The tasks live in their own files
+//! (`txt2img.rs`, `img2img.rs`, `inpaint.rs`, `outpaint.rs`, `interpolate.rs`) around
+//! the one loop of `denoise.rs`.
+
+use burn::prelude::*;
+use sd_core::{
+    Autoencoder, CoreError, Denoiser, NoiseSource, PromptTokenizer, Scheduler, SchedulerRun, Steps,
+    TextEncoder, img2img_start,
+};
+
+use crate::preview::latent_preview;
+
+/// Options shared by every task of [`StableDiffusion`].
+#[derive(Debug, Clone)]
+pub struct GenerationOptions {
+    /// What to draw.
+    pub prompt: String,
+    /// What to avoid; `None` is the empty prompt (diffusers' default).
+    pub negative_prompt: Option<String>,
+    /// How the scheduler picks its steps.
+    pub steps: Steps,
+    /// Classifier-free guidance scale (finite); `<= 1` runs no unconditional pass.
+    pub guidance_scale: f64,
+    /// Image width in pixels (a multiple of 8).
+    pub width: usize,
+    /// Image height in pixels (a multiple of 8).
+    pub height: usize,
+    /// diffusers' `clip_skip` (applied to the positive prompt only).
+    pub clip_skip: Option<usize>,
+    /// Images per prompt, batched through the U-Net.
+    pub batch_size: usize,
+    /// Initial latents `[batch, 4, h / 8, w / 8]` instead of drawing them (before
+    /// scaling by `init_noise_sigma`, as diffusers' `latents=`).
+    pub init_latents: Option<Tensor<4>>,
+    /// Prompts longer than 75 tokens are encoded in 75-token windows and concatenated
+    /// (A1111 / ComfyUI); off by default, where diffusers truncates.
+    pub long_prompts: bool,
+    /// A1111 attention syntax `(word:1.3)`, `(word)`, `[word]`; off by default.
+    pub prompt_weighting: bool,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: Steps::Count(50),
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            clip_skip: None,
+            batch_size: 1,
+            init_latents: None,
+            long_prompts: false,
+            prompt_weighting: false,
+        }
+    }
+}
+
+/// What a step callback sees.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// Index of the step just taken (into the run's timesteps).
+    pub step: usize,
+    /// Total steps of the run.
+    pub total: usize,
+    /// The step's timestep.
+    pub timestep: f64,
+    /// The latents after the step, `[b, 4, h, w]`.
+    pub latents: &'a Tensor<4>,
+}
+
+impl StepInfo<'_> {
+    /// A cheap preview of the latents (no VAE): `[b, 3, h, w]` in `[0, 1]`, at latent
+    /// resolution; see [`latent_preview`].
+    pub fn preview(&self) -> Tensor<4> {
+        latent_preview(self.latents)
+    }
+}
+
+/// A per-step callback; returning `false` cancels the run
+/// ([`CoreError::Cancelled`]).
+pub type StepCallback<'c> = &'c mut dyn FnMut(&StepInfo<'_>) -> bool;
+
+/// The result of a task of [`StableDiffusion`].
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// The final latents, before decoding, `[b, 4, h, w]`.
+    pub latents: Tensor<4>,
+    /// Decoded images `[b, 3, H, W]` in `[0, 1]`.
+    pub images: Tensor<4>,
+}
+
+/// A Stable Diffusion model assembled from borrowed parts: any implementations of
+/// the sd-core traits. [`crate::StableDiffusionPipeline`] owns its parts and lends
+/// them to this type for every run.
+pub struct StableDiffusion<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a dyn PromptTokenizer,
+    /// The text encoder.
+    pub text_encoder: &'a dyn TextEncoder,
+    /// The denoiser (a 4-channel or a 9-channel inpainting U-Net).
+    pub unet: &'a dyn Denoiser,
+    /// The autoencoder.
+    pub vae: &'a dyn Autoencoder,
+    /// The scheduler.
+    pub scheduler: &'a dyn Scheduler,
+    /// Where tensors are created.
+    pub device: Device,
+}
+
+pub(crate) fn invalid(name: &'static str, message: impl Into<String>) -> CoreError {
+    CoreError::invalid(name, message)
+}
+
+/// Checks an image size is positive and divisible by 8.
+///
+/// # Errors
+/// [`CoreError::InvalidArgument`] naming the side.
+pub fn check_size(width: usize, height: usize) -> Result<(), CoreError> {
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || !v.is_multiple_of(8) {
+            return Err(invalid(
+                name,
+                format!("{v} is not a positive multiple of 8"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the options every task shares: a finite guidance scale, a positive
+/// batch, a step count above zero.
+///
+/// # Errors
+/// [`CoreError::InvalidArgument`] naming the option.
+pub fn check_options(o: &GenerationOptions) -> Result<(), CoreError> {
+    if !o.guidance_scale.is_finite() {
+        return Err(invalid(
+            "guidance_scale",
+            format!("{} is not a finite number", o.guidance_scale),
+        ));
+    }
+    if o.batch_size == 0 {
+        return Err(invalid("batch_size", "must be at least 1"));
+    }
+    if o.steps == Steps::Count(0) {
+        return Err(invalid("steps", "must be at least 1"));
+    }
+    Ok(())
+}
+
+impl StableDiffusion<'_> {
+    /// Decodes scaled latents to images in `[0, 1]`.
+    ///
+    /// # Shapes
+    /// - `[b, 4, h, w]` to `[b, 3, h * 8, w * 8]`
+    ///
+    /// # Errors
+    /// As [`Autoencoder::decode`].
+    pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
+        let raw = self.vae.decode(latents / self.vae.scaling_factor())?;
+        Ok((raw / 2.0 + 0.5).clamp(0.0, 1.0))
+    }
+
+    /// The latent shape `[batch, c, h / f, w / f]` of the options, checked.
+    pub(crate) fn latent_shape(&self, o: &GenerationOptions) -> Result<[usize; 4], CoreError> {
+        check_options(o)?;
+        check_size(o.width, o.height)?;
+        let f = self.vae.downscale_factor();
+        if !o.width.is_multiple_of(f) || !o.height.is_multiple_of(f) {
+            return Err(invalid(
+                "width",
+                format!("must be a multiple of the VAE factor {f}"),
+            ));
+        }
+        Ok([
+            o.batch_size,
+            self.vae.latent_channels(),
+            o.height / f,
+            o.width / f,
+        ])
+    }
+
+    /// `vae.encode(image)` posterior sample times the scaling factor, repeated to
+    /// `batch`.
+    pub(crate) fn encode_image(
+        &self,
+        image: Tensor<4>,
+        batch: usize,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor<4>, CoreError> {
+        let dist = self.vae.encode(image)?;
+        let eps = noise.normal(dist.mean.dims(), &self.device)?;
+        let l = dist.sample(eps) * self.vae.scaling_factor();
+        let b = l.dims()[0];
+        Ok(if b == batch {
+            l
+        } else {
+            l.repeat_dim(0, batch / b.max(1))
+        })
+    }
+
+    /// Starts a run and skips to diffusers' img2img `t_start` for `strength`.
+    pub(crate) fn start_at_strength(
+        &self,
+        steps: &Steps,
+        strength: f64,
+    ) -> Result<(Box<dyn SchedulerRun>, usize), CoreError> {
+        let mut run = self.scheduler.start(steps)?;
+        let start = img2img_start(run.len(), strength)?;
+        if start >= run.len() {
+            return Err(invalid(
+                "strength",
+                format!("{strength} leaves no step to run"),
+            ));
+        }
+        run.skip_to(start)?;
+        Ok((run, start))
+    }
+
+    /// Checks an input image `[b, 3, H, W]` and returns the options at its size.
+    pub(crate) fn options_for_image(
+        &self,
+        options: &GenerationOptions,
+        image: &Tensor<4>,
+    ) -> Result<GenerationOptions, CoreError> {
+        let [b, c, h, w] = image.dims();
+        if c != 3 {
+            return Err(invalid("image", format!("{c} channels, 3 expected")));
+        }
+        if b != 1 && b != options.batch_size {
+            return Err(invalid(
+                "image",
+                format!("{b} images for a batch of {}", options.batch_size),
+            ));
+        }
+        Ok(GenerationOptions {
+            width: w,
+            height: h,
+            ..options.clone()
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! The one denoising loop every task runs, and the extra conditioning a task adds to
+//! it.
+
+use burn::prelude::*;
+use sd_core::{CoreError, NoiseSource, SchedulerRun};
+
+use crate::composed::{StableDiffusion, StepCallback, StepInfo};
+
+/// Legacy inpainting with an ordinary U-Net: after every step the known region is
+/// replaced by the original latents noised to the next step's level.
+#[derive(Debug, Clone)]
+pub struct KnownRegion {
+    /// The original image's scaled latents `[b, 4, h, w]`.
+    pub image_latents: Tensor<4>,
+    /// The noise the original is re-noised with at every step, `[b, 4, h, w]`.
+    pub noise: Tensor<4>,
+    /// 1 where the model repaints, 0 where the original is kept, `[b, 1, h, w]`.
+    pub mask: Tensor<4>,
+}
+
+/// What a task adds to the denoising loop beyond the prompt embeddings.
+#[derive(Debug, Clone, Default)]
+pub enum ExtraConditioning {
+    /// Nothing: txt2img and img2img.
+    #[default]
+    None,
+    /// Channels concatenated to the denoiser's input after scaling (a 9-channel
+    /// inpainting U-Net: the latent mask and the masked image's latents,
+    /// `[b, 5, h, w]`).
+    Concat(Tensor<4>),
+    /// The known region blended back after every step ([`KnownRegion`]).
+    Blend(KnownRegion),
+}
+
+/// Everything the denoiser is conditioned on in a run.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Prompt embeddings: `[2b, seq, d]` = `[negative; positive]` with guidance,
+    /// else `[b, seq, d]`.
+    pub embeds: Tensor<3>,
+    /// Classifier-free guidance scale; `<= 1` runs no unconditional pass.
+    pub guidance: f64,
+    /// What the task adds.
+    pub extra: ExtraConditioning,
+}
+
+/// A `Blend` prepared for the loop: the complement mask computed once.
+struct Blend {
+    region: KnownRegion,
+    keep: Tensor<4>,
+}
+
+impl StableDiffusion<'_> {
+    /// The denoising loop from the run's current step to its end: classifier-free
+    /// guidance with one batched denoiser call (`[uncond, cond]`), the task's
+    /// extra conditioning, the callback after every step.
+    ///
+    /// # Shapes
+    /// - `latents`: `[b, 4, h, w]` (already scaled by the run's noise level)
+    ///
+    /// # Errors
+    /// The scheduler's and denoiser's errors; [`CoreError::Cancelled`] when the
+    /// callback returns `false`.
+    pub fn denoise(
+        &self,
+        run: &mut dyn SchedulerRun,
+        mut latents: Tensor<4>,
+        conditioning: Conditioning,
+        noise: &mut dyn NoiseSource,
+        mut callback: Option<StepCallback<'_>>,
+    ) -> Result<Tensor<4>, CoreError> {
+        let Conditioning {
+            embeds,
+            guidance,
+            extra,
+        } = conditioning;
+        let cfg = guidance > 1.0;
+        let double = |x: Tensor<4>| {
+            if cfg {
+                Tensor::cat(vec![x.clone(), x], 0)
+            } else {
+                x
+            }
+        };
+        // Loop invariants: the extra channels (doubled for CFG), the blend's keep mask.
+        let (concat, blend) = match extra {
+            ExtraConditioning::None => (None, None),
+            ExtraConditioning::Concat(e) => (Some(double(e)), None),
+            ExtraConditioning::Blend(region) => {
+                let keep = region.mask.clone().neg().add_scalar(1.0);
+                (None, Some(Blend { region, keep }))
+            }
+        };
+        let total = run.len();
+        for i in run.begin_index()..total {
+            let t = run.timestep(i)?;
+            let x = double(run.scale_model_input(latents.clone(), i)?);
+            let x = match &concat {
+                Some(e) => Tensor::cat(vec![x, e.clone()], 1),
+                None => x,
+            };
+            let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
+            let out = self.unet.forward(x, ts, embeds.clone())?;
+            let pred = if cfg {
+                let [u, c]: [Tensor<4>; 2] = out
+                    .chunk(2, 0)
+                    .try_into()
+                    .map_err(|_| CoreError::shape("model_output", "not two CFG halves"))?;
+                u.clone() + (c - u) * guidance
+            } else {
+                out
+            };
+            latents = run.step(pred, i, latents, noise)?.prev_sample;
+            if let Some(Blend { region, keep }) = &blend {
+                let known = if i + 1 < total {
+                    run.add_noise(region.image_latents.clone(), region.noise.clone(), i + 1)?
+                } else {
+                    region.image_latents.clone()
+                };
+                latents = known * keep.clone() + latents * region.mask.clone();
+            }
+            if let Some(cb) = callback.as_mut() {
+                let info = StepInfo {
+                    step: i,
+                    total,
+                    timestep: t,
+                    latents: &latents,
+                };
+                if !cb(&info) {
+                    return Err(CoreError::Cancelled(i));
+                }
+            }
+        }
+        Ok(latents)
+    }
+}

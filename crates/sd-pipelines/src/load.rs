@@ -1,0 +1,316 @@
+//! Where a pipeline comes from: diffusers folders, single-file checkpoints (and hub
+//! repositories with the `hub` feature), recognised from their files.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use sd_io::model::{builtin_configs, unet_from_dir, vae_from_dir};
+use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir, LoraComponent, LoraFile, SingleFile};
+use sd_models::lora::{LoraMode, apply_lora};
+use sd_models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel,
+    VaeTiling,
+};
+use sd_schedulers::SchedulerConfig;
+
+use crate::error::PipelineError;
+
+/// Where [`crate::StableDiffusionPipeline::from_pretrained`] loads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, `scheduler/`) or a single-file `.safetensors` checkpoint.
+    Path(PathBuf),
+    /// A Hugging Face hub repository id (`owner/name`), downloaded with the `hub`
+    /// feature.
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// A branch, tag or commit (`main` when `None`).
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// A local path when `text` exists on disk, else a hub repository id when it reads
+    /// as one (`owner/name`), else the path (whose absence loading reports).
+    pub fn parse(text: &str) -> Self {
+        let path = Path::new(text);
+        if path.exists() {
+            return Self::Path(path.to_path_buf());
+        }
+        let parts: Vec<&str> = text.split('/').collect();
+        let is_repo = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && !p.starts_with('.')
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+            && !text.ends_with(".safetensors");
+        if is_repo {
+            Self::Hub {
+                repo: text.to_string(),
+                revision: None,
+            }
+        } else {
+            Self::Path(path.to_path_buf())
+        }
+    }
+}
+
+impl From<&str> for ModelSource {
+    fn from(text: &str) -> Self {
+        Self::parse(text)
+    }
+}
+
+impl From<String> for ModelSource {
+    fn from(text: String) -> Self {
+        Self::parse(&text)
+    }
+}
+
+impl From<&Path> for ModelSource {
+    fn from(path: &Path) -> Self {
+        Self::Path(path.to_path_buf())
+    }
+}
+
+impl From<PathBuf> for ModelSource {
+    fn from(path: PathBuf) -> Self {
+        Self::Path(path)
+    }
+}
+
+impl From<&PathBuf> for ModelSource {
+    fn from(path: &PathBuf) -> Self {
+        Self::Path(path.clone())
+    }
+}
+
+/// A LoRA file and the strength it is applied at (1.0: as trained).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// A kohya / A1111, diffusers or PEFT LoRA `.safetensors` file.
+    pub path: PathBuf,
+    /// Multiplier of the LoRA's deltas.
+    pub strength: f32,
+}
+
+impl LoraSpec {
+    /// Parses `PATH` or `PATH:STRENGTH` (the command-line form).
+    pub fn parse(spec: &str) -> Self {
+        match spec.rsplit_once(':') {
+            Some((p, s)) if s.parse::<f32>().is_ok() => Self {
+                path: p.into(),
+                strength: s.parse().unwrap_or(1.0),
+            },
+            _ => Self {
+                path: spec.into(),
+                strength: 1.0,
+            },
+        }
+    }
+}
+
+/// How [`crate::StableDiffusionPipeline::from_pretrained`] builds the components.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Float dtype of the U-Net (`F32` when `None`; `F16`/`BF16` halve its memory).
+    /// The text encoder and the VAE stay f32, as diffusers upcasts the VAE.
+    pub unet_dtype: Option<DType>,
+    /// Weight variant to read from a diffusers folder (`"fp16"`: `*.fp16.safetensors`).
+    pub variant: Option<String>,
+    /// Take the U-Net from this folder (a pipeline folder or a `unet/` folder), e.g.
+    /// an inpainting U-Net.
+    pub unet: Option<PathBuf>,
+    /// Take the VAE from this folder (a pipeline folder or a `vae/` folder).
+    pub vae: Option<PathBuf>,
+    /// The scheduler's `prediction_type` (`epsilon`, `v_prediction`, `sample`) when the
+    /// source does not say it right: single-file SD 2.x checkpoints are taken as
+    /// `v_prediction` (SD 2.x 768-v); SD 2.x base (512) wants `epsilon`.
+    pub prediction_type: Option<String>,
+    /// For a single-file checkpoint: take the architecture, tokenizer and scheduler
+    /// from this diffusers folder's configs instead of recognising SD 1.5 / 2.1 from
+    /// the tensors (diffusers' `from_single_file(..., config=DIR)`).
+    pub config: Option<PathBuf>,
+    /// When the VAE works in tiles (default: above 1024x1024 pixels).
+    pub vae_tiling: VaeTiling,
+    /// LoRAs merged into the weights once, at load.
+    pub loras: Vec<LoraSpec>,
+}
+
+/// The model family a source was recognised as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// Stable Diffusion 1.x (CLIP ViT-L text encoder).
+    Sd1,
+    /// Stable Diffusion 2.x (OpenCLIP ViT-H text encoder).
+    Sd2,
+}
+
+/// The loaded components and what was recognised about them.
+pub(crate) struct Loaded {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae_config: AutoencoderKLConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub family: ModelFamily,
+    pub name: String,
+}
+
+fn component_dir(dir: &Path, component: &str) -> PathBuf {
+    if dir.join(component).join("config.json").exists() {
+        dir.join(component)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+fn model_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+/// Loads a local folder or single file with the options' overrides and LoRAs.
+pub(crate) fn load_path(
+    path: &Path,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<Loaded, PipelineError> {
+    if !path.exists() {
+        return Err(PipelineError::Source {
+            source_name: path.display().to_string(),
+            message: "no such file or folder".into(),
+        });
+    }
+    let mut loaded = if path.is_dir() {
+        load_dir(path, device, options)?
+    } else {
+        load_single_file(path, device, options)?
+    };
+    let unet_opts = unet_options(options);
+    if let Some(dir) = &options.unet {
+        let dir = component_dir(dir, "unet");
+        loaded.unet_config = sd_io::model::read_unet_config(&dir.join("config.json"))?;
+        loaded.unet = unet_from_dir(&dir, device, &unet_opts)?;
+    }
+    if let Some(dir) = &options.vae {
+        let dir = component_dir(dir, "vae");
+        loaded.vae_config = sd_io::model::read_vae_config(&dir.join("config.json"))?;
+        loaded.vae = vae_from_dir(&dir, device, &ComponentOptions::default())?;
+    }
+    if let Some(p) = &options.prediction_type {
+        loaded.scheduler_config.prediction_type = Some(p.clone());
+    }
+    loaded.vae = loaded.vae.clone().with_tiling(options.vae_tiling);
+    for lora in &options.loras {
+        let (unet, text_encoder) = apply_lora_file(&loaded.unet, &loaded.text_encoder, lora)?;
+        loaded.unet = unet;
+        loaded.text_encoder = text_encoder;
+    }
+    Ok(loaded)
+}
+
+fn unet_options(options: &LoadOptions) -> ComponentOptions {
+    ComponentOptions {
+        dtype: options.unet_dtype,
+        variant: options.variant.clone(),
+    }
+}
+
+fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded, PipelineError> {
+    let model = DiffusersDir::open(dir)?;
+    let f32_opts = ComponentOptions {
+        dtype: None,
+        variant: options.variant.clone(),
+    };
+    let text_encoder = model.text_encoder(device, &f32_opts)?;
+    let family = if text_encoder_width(&text_encoder) == 1024 {
+        ModelFamily::Sd2
+    } else {
+        ModelFamily::Sd1
+    };
+    Ok(Loaded {
+        tokenizer: model.tokenizer()?,
+        text_encoder,
+        unet: model.unet(device, &unet_options(options))?,
+        vae: model.vae(device, &f32_opts)?,
+        unet_config: model.unet_config()?,
+        vae_config: model.vae_config()?,
+        scheduler_config: SchedulerConfig::from_json(&model.scheduler_config_text()?)?,
+        family,
+        name: model_name(dir),
+    })
+}
+
+fn text_encoder_width(te: &ClipTextModel) -> usize {
+    sd_core::TextEncoder::hidden_size(te)
+}
+
+fn load_single_file(
+    path: &Path,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<Loaded, PipelineError> {
+    let f32_opts = ComponentOptions::default();
+    let (ckpt, tokenizer, scheduler) = match &options.config {
+        Some(dir) => {
+            let configs = DiffusersDir::open(dir)?;
+            let ckpt = SingleFile::open_with_configs(path, dir)?;
+            (ckpt, configs.tokenizer()?, configs.scheduler_config_text()?)
+        }
+        None => {
+            let ckpt = SingleFile::open(path)?;
+            let (pad, scheduler) = if ckpt.is_sd2() {
+                ("!", builtin_configs::SD21_SCHEDULER)
+            } else {
+                ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
+            };
+            (ckpt, ClipTokenizer::clip(pad)?, scheduler.to_string())
+        }
+    };
+    let family = if ckpt.is_sd2() {
+        ModelFamily::Sd2
+    } else {
+        ModelFamily::Sd1
+    };
+    Ok(Loaded {
+        tokenizer,
+        text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+        unet: ckpt.unet(device, &unet_options(options))?,
+        vae: ckpt.vae(device, &f32_opts)?,
+        unet_config: ckpt.unet_config().clone(),
+        vae_config: ckpt.vae_config().clone(),
+        scheduler_config: SchedulerConfig::from_json(&scheduler)?,
+        family,
+        name: model_name(path),
+    })
+}
+
+/// Merges one LoRA file into copies of the U-Net and text encoder (the components
+/// the file has layers for; the others are returned as they are).
+pub(crate) fn apply_lora_file(
+    unet: &UNet2DConditionModel,
+    text_encoder: &ClipTextModel,
+    lora: &LoraSpec,
+) -> Result<(UNet2DConditionModel, ClipTextModel), PipelineError> {
+    let file = LoraFile::open(&lora.path)?;
+    let mut unet = unet.clone();
+    let mut text_encoder = text_encoder.clone();
+    if file.has(LoraComponent::Unet) {
+        let w = file.weights_for(LoraComponent::Unet, &unet)?;
+        unet = apply_lora(unet, &[(&w, lora.strength)], LoraMode::Merge)?;
+    }
+    if file.has(LoraComponent::TextEncoder) {
+        let w = file.weights_for(LoraComponent::TextEncoder, &text_encoder)?;
+        text_encoder = apply_lora(text_encoder, &[(&w, lora.strength)], LoraMode::Merge)?;
+    }
+    Ok((unet, text_encoder))
+}

@@ -1,0 +1,519 @@
+//! [`StableDiffusionPipeline`]: the owning pipeline, from a folder, a file or the hub
+//! to pictures.
+
+use std::borrow::Cow;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use sd_core::{Autoencoder, NoiseRng, NoiseSource, Scheduler, Steps};
+use sd_io::ClipTokenizer;
+use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tensor, read_image};
+use sd_models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel,
+};
+use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
+
+use crate::composed::{GenerationOptions, GenerationOutput, StableDiffusion, StepInfo};
+use crate::error::PipelineError;
+use crate::interpolate::Endpoints;
+use crate::load::{LoadOptions, Loaded, LoraSpec, ModelFamily, ModelSource, apply_lora_file};
+use crate::memory::{RunShape, available_bytes, estimate_bytes};
+use crate::output::{GeneratedImage, Generation};
+use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
+
+/// A Stable Diffusion 1.x / 2.x model that owns its parts: tokenizer, text encoder,
+/// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
+/// runs a [`GenerationRequest`] (txt2img, img2img, inpainting or outpainting, from
+/// what the request sets).
+pub struct StableDiffusionPipeline {
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    unet_config: UNet2DConditionConfig,
+    vae_config: AutoencoderKLConfig,
+    scheduler_config: SchedulerConfig,
+    scheduler: AnyScheduler,
+    family: ModelFamily,
+    name: String,
+    device: Device,
+}
+
+/// The parts of a task, resolved from a request.
+enum Task {
+    Txt2Img,
+    Img2Img(Tensor<4>, f64),
+    Inpaint(Tensor<4>, Tensor<4>, f64),
+    Outpaint(Tensor<4>, crate::outpaint::Extend, usize),
+}
+
+impl StableDiffusionPipeline {
+    /// Loads a model: a diffusers folder, a single-file `.safetensors` checkpoint (SD
+    /// 1.x or 2.x and 9-channel inpainting models recognised from the tensors) or,
+    /// with the `hub` feature, a hub repository id such as
+    /// `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
+    ///
+    /// # Errors
+    /// A source that does not exist, unreadable or mismatched weights and configs, a
+    /// LoRA that does not fit.
+    pub fn from_pretrained(
+        source: impl Into<ModelSource>,
+        device: &Device,
+        options: &LoadOptions,
+    ) -> Result<Self, PipelineError> {
+        let path = match source.into() {
+            ModelSource::Path(p) => p,
+            ModelSource::Hub { repo, revision } => {
+                crate::hub::download(&repo, revision.as_deref(), options)?
+            }
+        };
+        let loaded = crate::load::load_path(&path, device, options)?;
+        Self::from_loaded(loaded, device)
+    }
+
+    fn from_loaded(l: Loaded, device: &Device) -> Result<Self, PipelineError> {
+        let scheduler = AnyScheduler::from_config(&l.scheduler_config)?;
+        Ok(Self {
+            tokenizer: l.tokenizer,
+            text_encoder: l.text_encoder,
+            unet: l.unet,
+            vae: l.vae,
+            unet_config: l.unet_config,
+            vae_config: l.vae_config,
+            scheduler_config: l.scheduler_config,
+            scheduler,
+            family: l.family,
+            name: l.name,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's name (its folder or file name), recorded in the images.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// SD 1.x or 2.x.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// Whether the U-Net is a 9-channel inpainting one.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet_config.in_channels == 2 * self.vae.latent_channels() + 1
+    }
+
+    /// The default picture side in pixels (the U-Net's `sample_size` times the VAE's
+    /// factor: 512 for SD 1.5, 768 for SD 2.1).
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size.unwrap_or(64) * self.vae.downscale_factor()
+    }
+
+    /// The device the models live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The text encoder.
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    /// The U-Net.
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    /// The default scheduler (the model's `scheduler_config.json`).
+    pub fn scheduler(&self) -> &AnyScheduler {
+        &self.scheduler
+    }
+
+    /// The model's scheduler config, which scheduler names are built over.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Replaces the default scheduler.
+    pub fn set_scheduler(&mut self, scheduler: AnyScheduler) {
+        self.scheduler = scheduler;
+    }
+
+    /// Merges a LoRA into the weights for every later request.
+    ///
+    /// # Errors
+    /// An unreadable file or layers that do not fit the model.
+    pub fn fuse_lora(&mut self, lora: &LoraSpec) -> Result<(), PipelineError> {
+        let (unet, text_encoder) = apply_lora_file(&self.unet, &self.text_encoder, lora)?;
+        self.unet = unet;
+        self.text_encoder = text_encoder;
+        Ok(())
+    }
+
+    /// The borrowing composition over these parts with `scheduler`, for the
+    /// lower-level task methods ([`StableDiffusion::txt2img`], ...).
+    pub fn composed<'a>(&'a self, scheduler: &'a dyn Scheduler) -> StableDiffusion<'a> {
+        StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            unet: &self.unet,
+            vae: &self.vae,
+            scheduler,
+            device: self.device.clone(),
+        }
+    }
+
+    /// The scheduler a request asks for, with its sigma schedule and eta.
+    fn scheduler_for(
+        &self,
+        r: &GenerationRequest<'_>,
+    ) -> Result<(AnyScheduler, String), PipelineError> {
+        let (s, label) = match &r.scheduler {
+            SchedulerChoice::Model => (self.scheduler.clone(), sampler_label(&self.scheduler)),
+            SchedulerChoice::Name(n) => {
+                let s = AnyScheduler::from_name(n, &self.scheduler_config)?;
+                let label = SCHEDULER_NAMES
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                    .map_or_else(|| n.clone(), |(_, a1111)| a1111.to_string());
+                (s, label)
+            }
+            SchedulerChoice::Config(json) => {
+                let s = AnyScheduler::from_json(json)?;
+                let label = sampler_label(&s);
+                (s, label)
+            }
+            SchedulerChoice::Scheduler(s) => (s.clone(), sampler_label(s)),
+        };
+        let s = match &r.sigma_schedule {
+            Some(schedule) => s.with_sigmas(schedule.clone())?,
+            None => s,
+        };
+        let s = match r.eta {
+            Some(eta) => s.with_eta(eta)?,
+            None => s,
+        };
+        Ok((s, label))
+    }
+
+    /// Copies of the U-Net and text encoder with the request's LoRAs merged, or the
+    /// pipeline's own when it has none.
+    fn models_for(
+        &self,
+        loras: &[LoraSpec],
+    ) -> Result<(Cow<'_, UNet2DConditionModel>, Cow<'_, ClipTextModel>), PipelineError> {
+        let mut unet = Cow::Borrowed(&self.unet);
+        let mut text_encoder = Cow::Borrowed(&self.text_encoder);
+        for lora in loras {
+            let (u, t) = apply_lora_file(&unet, &text_encoder, lora)?;
+            unet = Cow::Owned(u);
+            text_encoder = Cow::Owned(t);
+        }
+        Ok((unet, text_encoder))
+    }
+
+    fn image_tensor(
+        &self,
+        input: ImageInput,
+        r: &GenerationRequest<'_>,
+        mask: bool,
+    ) -> Result<Tensor<4>, PipelineError> {
+        // The pipelines take multiples of 8 and of the VAE's factor.
+        let f = lcm(8, self.vae.downscale_factor());
+        let image = match input {
+            ImageInput::Tensor(t) => return Ok(t),
+            ImageInput::Image(i) => i,
+            ImageInput::Path(p) => read_image(&p)?,
+        };
+        let image = fit_size(image, f, r.size_mode)?;
+        Ok(if mask {
+            mask_to_tensor(&image, &self.device)
+        } else {
+            image_to_tensor(&image, &self.device)
+        })
+    }
+
+    /// The task a request describes, its images read and fitted.
+    fn task(&self, r: &mut GenerationRequest<'_>) -> Result<Task, PipelineError> {
+        let image = r.init_image.take();
+        let mask = r.mask.take();
+        let strength = r.strength.unwrap_or(1.0);
+        match (image, mask, r.outpaint) {
+            (None, None, None) => Ok(Task::Txt2Img),
+            (None, _, _) => Err(PipelineError::request(
+                "init_image",
+                "a mask or outpaint margins need an init image",
+            )),
+            (Some(_), Some(_), Some(_)) => Err(PipelineError::request(
+                "mask",
+                "outpainting makes its own mask: set either a mask or outpaint margins",
+            )),
+            (Some(i), None, None) => Ok(Task::Img2Img(self.image_tensor(i, r, false)?, strength)),
+            (Some(i), Some(m), None) => Ok(Task::Inpaint(
+                self.image_tensor(i, r, false)?,
+                self.image_tensor(m, r, true)?,
+                strength,
+            )),
+            (Some(i), None, Some((extend, seam))) => Ok(Task::Outpaint(
+                self.image_tensor(i, r, false)?,
+                extend,
+                seam,
+            )),
+        }
+    }
+
+    /// Refuses a run whose activations cannot fit in the memory available.
+    fn check_memory(&self, o: &GenerationOptions) -> Result<(), PipelineError> {
+        let Some(available) = available_bytes() else {
+            return Ok(());
+        };
+        let tiling = self.vae.tiling();
+        let tile = self.vae.tile_pixels();
+        let shape = RunShape {
+            batch: o.batch_size,
+            guidance: o.guidance_scale > 1.0,
+            height: o.height,
+            width: o.width,
+            vae_tile: tiling.applies(o.height, o.width, tile).then_some(tile),
+            unet_bytes: if self.unet.conv_in.weight.dtype() == DType::F32 {
+                4
+            } else {
+                2
+            },
+        };
+        let needed = estimate_bytes(&self.unet_config, &self.vae_config, shape);
+        if needed > available {
+            return Err(PipelineError::OutOfMemory {
+                what: format!("{} image(s) of {}x{}", o.batch_size, o.width, o.height),
+                needed_bytes: needed,
+                available_bytes: available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a request: text to image, image to image, inpainting or outpainting, as
+    /// the request says; `num_images` pictures batched through the U-Net.
+    ///
+    /// # Errors
+    /// Invalid requests (sizes not multiples of 8, non-finite guidance, a clip skip
+    /// past the text encoder, contradictory inputs), unreadable inputs, LoRAs that do
+    /// not fit, requests too large for the memory available, cancellation by the
+    /// callback ([`sd_core::CoreError::Cancelled`]).
+    pub fn generate(
+        &self,
+        mut request: GenerationRequest<'_>,
+    ) -> Result<Generation, PipelineError> {
+        let (scheduler, sampler) = self.scheduler_for(&request)?;
+        let (unet, text_encoder) = self.models_for(&request.loras)?;
+        let task = self.task(&mut request)?;
+        let sd = StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: text_encoder.as_ref(),
+            unet: unet.as_ref(),
+            vae: &self.vae,
+            scheduler: &scheduler,
+            device: self.device.clone(),
+        };
+        let seed = request.seed.unwrap_or_else(rand::random::<u64>);
+        let mut options = self.options(&request);
+        self.check_memory(&self.task_options(&options, &task))?;
+        options.init_latents = request.init_latents.take();
+        if matches!(task, Task::Txt2Img)
+            && options.init_latents.is_none()
+            && request.noise.is_none()
+        {
+            options.init_latents = Some(self.batch_noise(&sd, &options, seed)?);
+        }
+        let mut noise: Box<dyn NoiseSource + '_> = match request.noise.take() {
+            Some(n) => n,
+            None => Box::new(NoiseRng::seed(seed)),
+        };
+        let mut callback = request.callback.take();
+        let cb = callback
+            .as_mut()
+            .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
+        let out = match task {
+            Task::Txt2Img => sd.txt2img(&options, noise.as_mut(), cb)?,
+            Task::Img2Img(image, strength) => {
+                sd.img2img(&options, image, strength, noise.as_mut(), cb)?
+            }
+            Task::Inpaint(image, mask, strength) => {
+                sd.inpaint(&options, image, mask, strength, noise.as_mut(), cb)?
+            }
+            Task::Outpaint(image, extend, seam) => {
+                sd.outpaint(&options, image, extend, seam, noise.as_mut(), cb)?
+            }
+        };
+        Ok(self.output(out, &request, &sampler, seed))
+    }
+
+    /// The options of a task at the size it runs at (an input image's, grown by
+    /// outpaint margins).
+    fn task_options(&self, o: &GenerationOptions, task: &Task) -> GenerationOptions {
+        let (w, h) = match task {
+            Task::Txt2Img => (o.width, o.height),
+            Task::Img2Img(i, _) | Task::Inpaint(i, _, _) => (i.dims()[3], i.dims()[2]),
+            Task::Outpaint(i, e, _) => (
+                i.dims()[3] + e.left + e.right,
+                i.dims()[2] + e.top + e.bottom,
+            ),
+        };
+        GenerationOptions {
+            width: w,
+            height: h,
+            init_latents: None,
+            ..o.clone()
+        }
+    }
+
+    fn options(&self, r: &GenerationRequest<'_>) -> GenerationOptions {
+        GenerationOptions {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            steps: r.steps.clone(),
+            guidance_scale: r.guidance,
+            width: r.width.unwrap_or_else(|| self.default_size()),
+            height: r.height.unwrap_or_else(|| self.default_size()),
+            clip_skip: r.clip_skip,
+            batch_size: r.num_images,
+            init_latents: None,
+            long_prompts: r.long_prompts,
+            prompt_weighting: r.prompt_weighting,
+        }
+    }
+
+    /// Initial noise of a text-to-image batch: image `i` from seed `seed + i`, so each
+    /// can be made again alone.
+    fn batch_noise(
+        &self,
+        sd: &StableDiffusion<'_>,
+        o: &GenerationOptions,
+        seed: u64,
+    ) -> Result<Tensor<4>, PipelineError> {
+        if o.batch_size == 0 {
+            return Err(PipelineError::request("num_images", "must be at least 1"));
+        }
+        crate::composed::check_size(o.width, o.height)?;
+        let f = sd.vae.downscale_factor();
+        let shape = [1, sd.vae.latent_channels(), o.height / f, o.width / f];
+        let parts = (0..o.batch_size as u64)
+            .map(|i| NoiseRng::seed(seed.wrapping_add(i)).normal(shape, &self.device))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(parts, 0))
+    }
+
+    fn output(
+        &self,
+        out: GenerationOutput,
+        r: &GenerationRequest<'_>,
+        sampler: &str,
+        seed: u64,
+    ) -> Generation {
+        let images = sd_io::image::tensor_to_images(&out.images);
+        let per_image_seed = r.init_image.is_none() && r.noise.is_none();
+        let steps = match &r.steps {
+            Steps::Count(n) => *n,
+            Steps::Timesteps(t) => t.len(),
+            Steps::Sigmas(s) => s.len().saturating_sub(1),
+        };
+        let images = images
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| GeneratedImage {
+                parameters: GenerationParameters {
+                    prompt: r.prompt.clone(),
+                    negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+                    steps,
+                    sampler: sampler.to_string(),
+                    cfg_scale: r.guidance,
+                    seed: if per_image_seed {
+                        seed.wrapping_add(i as u64)
+                    } else {
+                        seed
+                    },
+                    width: image.width() as usize,
+                    height: image.height() as usize,
+                    model: self.name.clone(),
+                },
+                image,
+            })
+            .collect();
+        Generation {
+            images,
+            latents: out.latents,
+        }
+    }
+
+    /// Latent interpolation from request `a` to request `b` in `frames` pictures:
+    /// prompt embeddings linearly, initial noise spherically (each request's seed
+    /// draws its end's noise). Size, steps, guidance and scheduler are `a`'s.
+    ///
+    /// # Errors
+    /// As [`Self::generate`], and no frames.
+    pub fn interpolate(
+        &self,
+        mut a: GenerationRequest<'_>,
+        b: GenerationRequest<'_>,
+        frames: usize,
+    ) -> Result<Vec<GeneratedImage>, PipelineError> {
+        let (scheduler, sampler) = self.scheduler_for(&a)?;
+        let (unet, text_encoder) = self.models_for(&a.loras)?;
+        let sd = StableDiffusion {
+            tokenizer: &self.tokenizer,
+            text_encoder: text_encoder.as_ref(),
+            unet: unet.as_ref(),
+            vae: &self.vae,
+            scheduler: &scheduler,
+            device: self.device.clone(),
+        };
+        let (oa, ob) = (self.options(&a), self.options(&b));
+        self.check_memory(&oa)?;
+        let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
+        let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);
+        let ends = Endpoints {
+            a: &oa,
+            b: &ob,
+            noise_a: self.batch_noise(&sd, &oa, seed_a)?,
+            noise_b: self.batch_noise(&sd, &oa, seed_b)?,
+        };
+        let mut noise = NoiseRng::seed(seed_a);
+        let mut callback = a.callback.take();
+        let cb = callback
+            .as_mut()
+            .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
+        let outs = sd.interpolate(ends, frames, &mut noise, cb)?;
+        Ok(outs
+            .into_iter()
+            .flat_map(|o| self.output(o, &a, &sampler, seed_a).images)
+            .collect())
+    }
+}
+
+fn sampler_label(s: &AnyScheduler) -> String {
+    s.class_name().to_string()
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    if a == 0 || b == 0 {
+        a.max(b)
+    } else {
+        a / gcd(a, b) * b
+    }
+}

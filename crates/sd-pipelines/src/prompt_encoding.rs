@@ -1,0 +1,153 @@
+//! Prompt embeddings as diffusers' `encode_prompt`, plus A1111's long prompts and
+//! attention weighting.
+
+use burn::prelude::*;
+use sd_core::{CoreError, HiddenLayer};
+
+use crate::composed::{GenerationOptions, StableDiffusion, invalid};
+use crate::prompt::{WeightedText, chunk_tokens, parse_prompt_attention};
+
+impl StableDiffusion<'_> {
+    fn ids(&self, prompt: &str, batch: usize) -> Result<Tensor<2, Int>, CoreError> {
+        let ids = self.tokenizer.encode_padded(prompt)?;
+        let n = ids.len();
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
+        Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
+    }
+
+    /// The hidden layer `clip_skip` asks for, checked against the text encoder.
+    fn hidden_layer(&self, clip_skip: Option<usize>) -> Result<HiddenLayer, CoreError> {
+        match clip_skip {
+            None | Some(0) => Ok(HiddenLayer::Last),
+            Some(k) if k >= self.text_encoder.num_hidden_layers() => Err(invalid(
+                "clip_skip",
+                format!(
+                    "{k} skips every layer of the text encoder ({} layers)",
+                    self.text_encoder.num_hidden_layers()
+                ),
+            )),
+            Some(k) => Ok(HiddenLayer::Skip(k)),
+        }
+    }
+
+    /// Prompt embeddings `[2 * batch, seq, d]` = `[negative; positive]` with guidance,
+    /// else `[batch, seq, d]` of the prompt.
+    ///
+    /// # Errors
+    /// A `clip_skip` past the text encoder's layers, tokenizer failures, a guidance
+    /// scale that is not finite.
+    pub fn encode_prompt(&self, options: &GenerationOptions) -> Result<Tensor<3>, CoreError> {
+        crate::composed::check_options(options)?;
+        let layer = self.hidden_layer(options.clip_skip)?;
+        let b = options.batch_size;
+        if options.long_prompts || options.prompt_weighting {
+            return self.encode_prompt_chunked(options, layer, b);
+        }
+        let cond = self
+            .text_encoder
+            .encode(self.ids(&options.prompt, b)?, layer)?
+            .hidden_states;
+        if options.guidance_scale <= 1.0 {
+            return Ok(cond);
+        }
+        let negative = options.negative_prompt.as_deref().unwrap_or("");
+        let uncond = self
+            .text_encoder
+            .encode(self.ids(negative, b)?, HiddenLayer::Last)?
+            .hidden_states;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
+    fn weighted_tokens(&self, prompt: &str, weighting: bool) -> Result<Vec<(u32, f64)>, CoreError> {
+        let pieces = if weighting {
+            parse_prompt_attention(prompt)
+        } else {
+            vec![WeightedText {
+                text: prompt.to_string(),
+                weight: 1.0,
+            }]
+        };
+        let mut tokens = Vec::new();
+        for p in pieces {
+            for id in self.tokenizer.content_ids(&p.text)? {
+                tokens.push((id, p.weight));
+            }
+        }
+        Ok(tokens)
+    }
+
+    fn encode_chunks(
+        &self,
+        chunks: &[Vec<(u32, f64)>],
+        layer: HiddenLayer,
+        weighting: bool,
+        batch: usize,
+    ) -> Result<Tensor<3>, CoreError> {
+        let len = self.tokenizer.max_length();
+        let mut parts = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut ids = vec![i64::from(self.tokenizer.bos_id())];
+            let mut weights = vec![1.0f32];
+            for (id, w) in chunk.iter().take(len - 2) {
+                ids.push(i64::from(*id));
+                weights.push(*w as f32);
+            }
+            ids.push(i64::from(self.tokenizer.eos_id()));
+            ids.resize(len, i64::from(self.tokenizer.pad_id()));
+            weights.resize(len, 1.0);
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device);
+            let z = self.text_encoder.encode(ids, layer)?.hidden_states;
+            let z = if weighting && weights.iter().any(|w| *w != 1.0) {
+                // A1111: scale by the weights, then restore the original mean.
+                let before = z.clone().mean().into_scalar::<f32>() as f64;
+                let w = Tensor::<1>::from_data(TensorData::new(weights, [len]), &self.device)
+                    .reshape([1, len, 1]);
+                let z = z * w;
+                let after = z.clone().mean().into_scalar::<f32>() as f64;
+                if after != 0.0 {
+                    z * (before / after)
+                } else {
+                    z
+                }
+            } else {
+                z
+            };
+            parts.push(z);
+        }
+        let z = Tensor::cat(parts, 1);
+        Ok(if batch > 1 { z.repeat_dim(0, batch) } else { z })
+    }
+
+    fn encode_prompt_chunked(
+        &self,
+        o: &GenerationOptions,
+        layer: HiddenLayer,
+        b: usize,
+    ) -> Result<Tensor<3>, CoreError> {
+        let window = self.tokenizer.max_length() - 2;
+        let split = |tokens: Vec<(u32, f64)>| {
+            if o.long_prompts {
+                chunk_tokens(&tokens, window)
+            } else {
+                vec![tokens.into_iter().take(window).collect()]
+            }
+        };
+        let mut pos = split(self.weighted_tokens(&o.prompt, o.prompt_weighting)?);
+        if o.guidance_scale <= 1.0 {
+            return self.encode_chunks(&pos, layer, o.prompt_weighting, b);
+        }
+        let negative = o.negative_prompt.as_deref().unwrap_or("");
+        let mut neg = split(self.weighted_tokens(negative, o.prompt_weighting)?);
+        // Positive and negative get the same number of windows.
+        while neg.len() < pos.len() {
+            neg.push(Vec::new());
+        }
+        while pos.len() < neg.len() {
+            pos.push(Vec::new());
+        }
+        let cond = self.encode_chunks(&pos, layer, o.prompt_weighting, b)?;
+        let uncond = self.encode_chunks(&neg, HiddenLayer::Last, o.prompt_weighting, b)?;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+}

@@ -1,0 +1,306 @@
+//! What to generate: [`GenerationRequest`], a builder over every setting of a run.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use sd_core::{NoiseSource, Steps};
+use sd_io::image::SizeMode;
+use sd_schedulers::{AnyScheduler, SigmaSchedule};
+
+use crate::composed::StepInfo;
+use crate::load::LoraSpec;
+use crate::outpaint::Extend;
+
+/// An input image of a request: an `image` crate image, a tensor `[1, 3, H, W]` in
+/// `[-1, 1]` (masks: `[1, 1, H, W]` in `[0, 1]`), or a file (PNG, JPEG, WebP).
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// A decoded image (any colour type).
+    Image(image::DynamicImage),
+    /// A tensor, used as it is.
+    Tensor(Tensor<4>),
+    /// A file, read when the request runs.
+    Path(PathBuf),
+}
+
+impl From<image::DynamicImage> for ImageInput {
+    fn from(image: image::DynamicImage) -> Self {
+        Self::Image(image)
+    }
+}
+
+impl From<image::RgbImage> for ImageInput {
+    fn from(image: image::RgbImage) -> Self {
+        Self::Image(image.into())
+    }
+}
+
+impl From<image::GrayImage> for ImageInput {
+    fn from(image: image::GrayImage) -> Self {
+        Self::Image(image.into())
+    }
+}
+
+impl From<Tensor<4>> for ImageInput {
+    fn from(t: Tensor<4>) -> Self {
+        Self::Tensor(t)
+    }
+}
+
+impl From<PathBuf> for ImageInput {
+    fn from(p: PathBuf) -> Self {
+        Self::Path(p)
+    }
+}
+
+impl From<&std::path::Path> for ImageInput {
+    fn from(p: &std::path::Path) -> Self {
+        Self::Path(p.to_path_buf())
+    }
+}
+
+/// Which scheduler a request runs with.
+#[derive(Debug, Clone)]
+pub enum SchedulerChoice {
+    /// The model's own (its `scheduler_config.json`).
+    Model,
+    /// A name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`, `dpmpp-2m-karras`, `lms`,
+    /// `pndm`; A1111 spellings too) over the model's scheduler config.
+    Name(String),
+    /// A diffusers `scheduler_config.json` text whose `_class_name` picks the class.
+    Config(String),
+    /// A scheduler built by the caller.
+    Scheduler(AnyScheduler),
+}
+
+/// The callback of a request: called after every step with the step's
+/// [`StepInfo`] (index, total, timestep, latents and [`StepInfo::preview`]);
+/// returning `false` cancels the run.
+pub type RequestCallback<'a> = Box<dyn FnMut(&StepInfo<'_>) -> bool + 'a>;
+
+/// What to generate. Built with [`GenerationRequest::new`] and the setters; the task
+/// follows from what is set: an init image makes it img2img, a mask inpainting,
+/// outpaint margins outpainting, nothing text to image.
+pub struct GenerationRequest<'a> {
+    pub(crate) prompt: String,
+    pub(crate) negative_prompt: Option<String>,
+    pub(crate) width: Option<usize>,
+    pub(crate) height: Option<usize>,
+    pub(crate) steps: Steps,
+    pub(crate) guidance: f64,
+    pub(crate) seed: Option<u64>,
+    pub(crate) scheduler: SchedulerChoice,
+    pub(crate) sigma_schedule: Option<SigmaSchedule>,
+    pub(crate) eta: Option<f64>,
+    pub(crate) num_images: usize,
+    pub(crate) clip_skip: Option<usize>,
+    pub(crate) init_image: Option<ImageInput>,
+    pub(crate) strength: Option<f64>,
+    pub(crate) mask: Option<ImageInput>,
+    pub(crate) outpaint: Option<(Extend, usize)>,
+    pub(crate) size_mode: SizeMode,
+    pub(crate) loras: Vec<LoraSpec>,
+    pub(crate) long_prompts: bool,
+    pub(crate) prompt_weighting: bool,
+    pub(crate) init_latents: Option<Tensor<4>>,
+    pub(crate) noise: Option<Box<dyn NoiseSource + 'a>>,
+    pub(crate) callback: Option<RequestCallback<'a>>,
+}
+
+impl fmt::Debug for GenerationRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerationRequest")
+            .field("prompt", &self.prompt)
+            .field("negative_prompt", &self.negative_prompt)
+            .field("size", &(self.width, self.height))
+            .field("steps", &self.steps)
+            .field("guidance", &self.guidance)
+            .field("seed", &self.seed)
+            .field("scheduler", &self.scheduler)
+            .field("num_images", &self.num_images)
+            .field("init_image", &self.init_image.is_some())
+            .field("mask", &self.mask.is_some())
+            .field("outpaint", &self.outpaint)
+            .field("loras", &self.loras)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> GenerationRequest<'a> {
+    /// A text-to-image request for `prompt` with diffusers' defaults: the model's
+    /// size, 50 steps, guidance 7.5, the model's scheduler, one image, a random seed
+    /// (recorded in the result).
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: None,
+            height: None,
+            steps: Steps::Count(50),
+            guidance: 7.5,
+            seed: None,
+            scheduler: SchedulerChoice::Model,
+            sigma_schedule: None,
+            eta: None,
+            num_images: 1,
+            clip_skip: None,
+            init_image: None,
+            strength: None,
+            mask: None,
+            outpaint: None,
+            size_mode: SizeMode::Exact,
+            loras: Vec::new(),
+            long_prompts: false,
+            prompt_weighting: false,
+            init_latents: None,
+            noise: None,
+            callback: None,
+        }
+    }
+
+    /// What to avoid.
+    pub fn negative_prompt(mut self, text: impl Into<String>) -> Self {
+        self.negative_prompt = Some(text.into());
+        self
+    }
+
+    /// Output size in pixels (multiples of 8); default: the model's.
+    pub fn size(mut self, width: usize, height: usize) -> Self {
+        self.width = Some(width);
+        self.height = Some(height);
+        self
+    }
+
+    /// Denoising steps.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.steps = Steps::Count(steps);
+        self
+    }
+
+    /// Explicit timesteps or sigmas instead of a step count.
+    pub fn schedule(mut self, steps: Steps) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Classifier-free guidance scale (finite; `<= 1` disables guidance).
+    pub fn guidance(mut self, scale: f64) -> Self {
+        self.guidance = scale;
+        self
+    }
+
+    /// Seed of the noise. Image `i` of a text-to-image batch is drawn from `seed + i`,
+    /// so it can be made again alone.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// A scheduler by name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
+    /// `dpmpp-2m-karras`, `lms`, `pndm`).
+    pub fn scheduler(mut self, name: impl Into<String>) -> Self {
+        self.scheduler = SchedulerChoice::Name(name.into());
+        self
+    }
+
+    /// A scheduler from a diffusers `scheduler_config.json` text, or built by hand.
+    pub fn scheduler_choice(mut self, choice: SchedulerChoice) -> Self {
+        self.scheduler = choice;
+        self
+    }
+
+    /// Another sigma schedule (Karras, exponential, Align Your Steps, custom).
+    pub fn sigma_schedule(mut self, schedule: SigmaSchedule) -> Self {
+        self.sigma_schedule = Some(schedule);
+        self
+    }
+
+    /// DDIM's eta (noise per step; 0 deterministic).
+    pub fn eta(mut self, eta: f64) -> Self {
+        self.eta = Some(eta);
+        self
+    }
+
+    /// Images per prompt, batched through the U-Net.
+    pub fn num_images(mut self, n: usize) -> Self {
+        self.num_images = n;
+        self
+    }
+
+    /// diffusers' `clip_skip`: layers skipped at the end of the text encoder.
+    pub fn clip_skip(mut self, layers: usize) -> Self {
+        self.clip_skip = Some(layers);
+        self
+    }
+
+    /// Image to image: start from `image`, keeping `1 - strength` of it
+    /// (`strength` in (0, 1]).
+    pub fn init_image(mut self, image: impl Into<ImageInput>, strength: f64) -> Self {
+        self.init_image = Some(image.into());
+        self.strength = Some(strength);
+        self
+    }
+
+    /// Inpainting: repaint where the mask is white (needs [`Self::init_image`]; the
+    /// strength defaults to 1).
+    pub fn mask(mut self, mask: impl Into<ImageInput>) -> Self {
+        self.mask = Some(mask.into());
+        self
+    }
+
+    /// Outpainting: extend the init image by `extend` (multiples of 8), blending over
+    /// `seam` pixels.
+    pub fn outpaint(mut self, image: impl Into<ImageInput>, extend: Extend, seam: usize) -> Self {
+        self.init_image = Some(image.into());
+        self.outpaint = Some((extend, seam));
+        self
+    }
+
+    /// What to do with input images whose sides are not multiples of 8 (default:
+    /// refuse them).
+    pub fn size_mode(mut self, mode: SizeMode) -> Self {
+        self.size_mode = mode;
+        self
+    }
+
+    /// A LoRA merged for this request only, at `strength` (1.0: as trained).
+    pub fn lora(mut self, path: impl Into<PathBuf>, strength: f32) -> Self {
+        self.loras.push(LoraSpec {
+            path: path.into(),
+            strength,
+        });
+        self
+    }
+
+    /// Prompts over 75 tokens in 75-token windows (A1111 / ComfyUI).
+    pub fn long_prompts(mut self, on: bool) -> Self {
+        self.long_prompts = on;
+        self
+    }
+
+    /// A1111 attention syntax: `(word:1.3)`, `(word)`, `[word]`.
+    pub fn prompt_weighting(mut self, on: bool) -> Self {
+        self.prompt_weighting = on;
+        self
+    }
+
+    /// Initial latents `[n, 4, h / 8, w / 8]` instead of drawn noise.
+    pub fn init_latents(mut self, latents: Tensor<4>) -> Self {
+        self.init_latents = Some(latents);
+        self
+    }
+
+    /// Every random draw from this source instead of the seeded one (e.g. recorded
+    /// noise to replay a diffusers run).
+    pub fn noise(mut self, source: impl NoiseSource + 'a) -> Self {
+        self.noise = Some(Box::new(source));
+        self
+    }
+
+    /// Called after every step; return `false` to cancel.
+    pub fn on_step(mut self, callback: impl FnMut(&StepInfo<'_>) -> bool + 'a) -> Self {
+        self.callback = Some(Box::new(callback));
+        self
+    }
+}

@@ -1,0 +1,79 @@
+//! Text to image (diffusers' `StableDiffusionPipeline`).
+
+use burn::prelude::*;
+use sd_core::{CoreError, NoiseSource};
+
+use crate::composed::{
+    GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, invalid,
+};
+use crate::denoise::{Conditioning, ExtraConditioning};
+
+impl StableDiffusion<'_> {
+    /// Text to image.
+    ///
+    /// # Errors
+    /// Invalid options (size, guidance, clip skip, steps), a U-Net that is not a
+    /// plain one, model and scheduler errors, cancellation.
+    pub fn txt2img(
+        &self,
+        options: &GenerationOptions,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let embeds = self.encode_prompt(options)?;
+        self.txt2img_with_embeds(
+            options,
+            embeds,
+            options.init_latents.clone(),
+            noise,
+            callback,
+        )
+    }
+
+    /// Text to image from precomputed prompt embeddings (see [`Self::encode_prompt`])
+    /// and optional initial latents (unscaled noise, `[b, 4, h / 8, w / 8]`).
+    ///
+    /// # Errors
+    /// As [`Self::txt2img`], and initial latents of another shape.
+    pub fn txt2img_with_embeds(
+        &self,
+        options: &GenerationOptions,
+        embeds: Tensor<3>,
+        init_latents: Option<Tensor<4>>,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        if self.unet.in_channels() != self.vae.latent_channels() {
+            return Err(invalid(
+                "unet",
+                format!(
+                    "txt2img needs a {}-channel U-Net (this one takes {}); use inpaint",
+                    self.vae.latent_channels(),
+                    self.unet.in_channels()
+                ),
+            ));
+        }
+        let shape = self.latent_shape(options)?;
+        let mut run = self.scheduler.start(&options.steps)?;
+        let latents = match init_latents {
+            Some(l) if l.dims() != shape => {
+                return Err(invalid(
+                    "init_latents",
+                    format!("shape {:?}, expected {:?}", l.dims(), shape),
+                ));
+            }
+            Some(l) => l,
+            None => noise.normal(shape, &self.device)?,
+        } * run.init_noise_sigma();
+        let conditioning = Conditioning {
+            embeds,
+            guidance: options.guidance_scale,
+            extra: ExtraConditioning::None,
+        };
+        let latents = self.denoise(run.as_mut(), latents, conditioning, noise, callback)?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone())?,
+            latents,
+        })
+    }
+}
