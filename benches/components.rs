@@ -95,8 +95,8 @@ fn blocks(c: &mut Criterion) {
 /// 3x3 "same" convolutions at the U-Net's levels (batch 2) and the VAE decoder's
 /// (batch 1): the im2col path against Winograd F(4x4, 3x3), on raw slices.
 fn conv3x3(c: &mut Criterion) {
-    use stable_diffusion::models::host::conv::{ConvShape, conv2d_im2col};
-    use stable_diffusion::models::host::winograd::conv3x3;
+    use sd_kernels::internals::conv3x3;
+    use sd_kernels::internals::{ConvShape, conv2d_im2col};
     let mut g = c.benchmark_group("conv3x3");
     g.sample_size(10);
     for (batch, ch, side) in [
@@ -141,7 +141,7 @@ fn conv3x3(c: &mut Criterion) {
 /// `a * gelu(gate)`, and the feed-forward's 1280 -> 320; plus the text encoder's
 /// 77 x 768 -> 3072. On raw slices; the weight packing is part of each call.
 fn linear(c: &mut Criterion) {
-    use stable_diffusion::models::host::linear::{Matrix, linear, linear_geglu};
+    use sd_kernels::internals::{Matrix, linear, linear_geglu};
     let mut g = c.benchmark_group("linear");
     g.sample_size(10);
     for (name, rows, d_in, d_out, geglu) in [

@@ -102,7 +102,7 @@ fn time(device: &Device, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
     let _ = device.sync();
     #[cfg(feature = "flex")]
-    stable_diffusion::models::host::profile::reset();
+    stable_diffusion::kernels::profile::reset();
     (0..runs)
         .map(|_| {
             let t = Instant::now();
@@ -166,7 +166,7 @@ fn kernel_times(args: &Args, times: &[f64]) -> Vec<(String, f64, f64)> {
     #[cfg(feature = "flex")]
     {
         let runs = times.len() as f64;
-        let mut rows: Vec<(String, f64, f64)> = stable_diffusion::models::host::profile::report()
+        let mut rows: Vec<(String, f64, f64)> = stable_diffusion::kernels::profile::report()
             .into_iter()
             .map(|k| {
                 (
@@ -191,7 +191,7 @@ fn kernel_times(args: &Args, times: &[f64]) -> Vec<(String, f64, f64)> {
 fn run(args: Args) -> Result<(), common::AnyError> {
     let device = common::device(&args.device)?;
     #[cfg(feature = "flex")]
-    stable_diffusion::models::host::profile::enable(args.profile);
+    stable_diffusion::kernels::profile::enable(args.profile);
     if args.runs == 0 {
         return Err("--runs must be at least 1".into());
     }

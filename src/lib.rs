@@ -48,6 +48,7 @@
 pub use burn;
 pub use sd_core as core;
 pub use sd_io as io;
+pub use sd_kernels as kernels;
 pub use sd_models as models;
 pub use sd_pipelines as pipelines;
 pub use sd_pipelines::StableDiffusionPipeline;

@@ -3,8 +3,8 @@
 
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, sigmoid};
 use sd_core::{HiddenLayer, TextEncoderOutput};
+use sd_kernels::ops::{gelu, quick_gelu};
 
 use crate::attention::{
     linear, linear_forward, linear_forward_many, linear_forward_residual, multi_head_attention,
@@ -140,19 +140,8 @@ impl ClipTextModel {
     /// The MLP's activation: `quick_gelu` (OpenAI CLIP) or the exact `gelu`
     /// (OpenCLIP); one in-place pass on the CPU backend.
     fn activation(&self, h: Tensor<3>) -> Tensor<3> {
-        #[cfg(feature = "flex")]
-        if crate::host::applies(&h) {
-            let (dims, device) = (h.dims(), h.device());
-            let mut values = crate::host::into_vec(h);
-            if self.quick_gelu {
-                crate::host::activation::quick_gelu(&mut values);
-            } else {
-                crate::host::activation::gelu(&mut values);
-            }
-            return crate::host::from_vec(values, dims, &device);
-        }
         if self.quick_gelu {
-            h.clone() * sigmoid(h * 1.702)
+            quick_gelu(h)
         } else {
             gelu(h)
         }

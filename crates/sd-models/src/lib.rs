@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod attention;
 pub mod autoencoder_kl;
@@ -7,8 +8,6 @@ pub mod clip;
 pub mod config;
 pub mod embeddings;
 pub mod error;
-#[cfg(feature = "flex")]
-pub mod host;
 pub mod lora;
 pub mod norm;
 pub mod resnet;

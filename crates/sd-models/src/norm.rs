@@ -5,23 +5,9 @@
 use burn::module::Param;
 use burn::nn::Initializer;
 use burn::prelude::*;
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::DType;
 
-pub(crate) fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(FloatDType::F32)
-    }
-}
-
-pub(crate) fn to_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(FloatDType::from(dtype))
-    }
-}
+pub use sd_kernels::ops::{to_dtype, to_f32};
 
 /// `torch.nn.GroupNorm` with affine parameters.
 #[derive(Module, Debug)]
@@ -63,65 +49,14 @@ impl GroupNorm {
     }
 
     fn forward_act<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
-        #[cfg(feature = "flex")]
-        if crate::host::applies(&x) && self.weight.val().dtype() == DType::F32 {
-            let dims = x.dims();
-            let device = x.device();
-            let weight = crate::host::into_vec(self.weight.val());
-            let bias = crate::host::into_vec(self.bias.val());
-            let params = crate::host::group_norm::GroupNormParams {
-                batch: dims[0],
-                channels: dims[1],
-                groups: self.num_groups,
-                weight: &weight,
-                bias: &bias,
-                epsilon: self.epsilon,
-                silu,
-            };
-            // In place when `x` is the only reference to its values; else read in
-            // place and written to a new buffer (the input is still needed, as a
-            // residual: copying it first cost a pass).
-            let (unique, x) = crate::host::is_unique(x);
-            if !unique {
-                let len: usize = dims.iter().product();
-                let out = crate::host::with_view(&x, |v| {
-                    v.is_contiguous(&dims).then(|| {
-                        let mut out = Vec::with_capacity(len);
-                        let dst = &mut out.spare_capacity_mut()[..len];
-                        crate::host::group_norm::group_norm_into(&v.data[..len], dst, &params);
-                        // SAFETY: group_norm_into wrote all `len` values.
-                        unsafe { out.set_len(len) };
-                        out
-                    })
-                });
-                if let Some(Some(out)) = out {
-                    return crate::host::from_vec(out, dims, &device);
-                }
-            }
-            let mut values = crate::host::into_vec(x);
-            crate::host::group_norm::group_norm(&mut values, &params);
-            return crate::host::from_vec(values, dims, &device);
-        }
-        let y = self.forward_generic(x);
-        if silu {
-            burn::tensor::activation::silu(y)
-        } else {
-            y
-        }
-    }
-
-    fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        let dims = x.dims();
-        let (b, c) = (dims[0], dims[1]);
-        let n: usize = dims.iter().product::<usize>() / (b * self.num_groups);
-        let xr = to_f32(x).reshape([b, self.num_groups, n]);
-        let (var, mean) = xr.clone().var_mean_bias(2);
-        let y = (xr - mean) * (var + self.epsilon).sqrt().recip();
-        let y = to_dtype(y.reshape(dims), dtype);
-        let mut shape = [1usize; D];
-        shape[1] = c;
-        y * self.weight.val().reshape(shape) + self.bias.val().reshape(shape)
+        sd_kernels::ops::group_norm(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.num_groups,
+            self.epsilon,
+            silu,
+        )
     }
 }
 

@@ -2,7 +2,7 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
+use sd_kernels::ops::geglu_forward;
 
 use crate::attention::{Attention, linear, linear_forward, linear_forward_residual};
 use crate::norm::{GroupNorm, LayerNorm};
@@ -53,16 +53,7 @@ impl FeedForward {
     /// `a * gelu(gate)` for `[a, gate] = net_0.proj(x)`: `[b, n, dim]` to
     /// `[b, n, inner]`.
     fn hidden(&self, x: Tensor<3>) -> Tensor<3> {
-        #[cfg(feature = "flex")]
-        if let Some(mut h) = crate::attention::host_linears(&[&self.net_0.proj], &x, &[], true) {
-            return h.pop().expect("one output");
-        }
-        let h = linear_forward(&self.net_0.proj, x);
-        let [_, _, c2] = h.dims();
-        let mut parts = h.split(c2 / 2, 2);
-        let gate = parts.pop().expect("two halves");
-        let h = parts.pop().expect("two halves");
-        h * gelu(gate)
+        geglu_forward(&self.net_0.proj, x)
     }
 }
 

@@ -50,6 +50,7 @@ pub fn available() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epilogue {
     /// `y = x wᵀ + b`: `n` output columns.
+    #[cfg_attr(not(test), allow(dead_code))]
     Linear,
     /// GEGLU: the weight has `2 * inner` rows (`a` then the gate); `y = a * gelu(gate)`
     /// with `inner` output columns.
@@ -131,11 +132,6 @@ impl PackedWeight {
         }
     }
 
-    /// Output columns of the product.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `out[r, :] = epilogue(x[r, :] wᵀ + b)` for `rows` rows, in parallel blocks.
     ///
     /// # Shapes
@@ -144,12 +140,13 @@ impl PackedWeight {
     /// # Panics
     /// When [`available`] is false, `x`'s columns are not contiguous or a slice is
     /// too short (caller bugs).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn matmul_into(&self, x: Matrix<'_>, rows: usize, out: &mut [f32]) {
         assert!(
             out.len() >= rows * self.cols,
             "panel GEMM: output too short"
         );
-        self.run(x, rows, super::SharedMut(out.as_mut_ptr()));
+        self.run(x, rows, super::SharedMut::slice(out));
     }
 
     /// [`Self::matmul_into`] into a new `[rows, cols()]` buffer (not zeroed first:
@@ -157,7 +154,7 @@ impl PackedWeight {
     pub fn matmul(&self, x: Matrix<'_>, rows: usize) -> Vec<f32> {
         let len = rows * self.cols;
         let mut out = Vec::with_capacity(len);
-        self.run(x, rows, super::SharedMut(out.as_mut_ptr()));
+        self.run(x, rows, super::SharedMut::capacity(&mut out));
         // SAFETY: `run` wrote all rows x cols values (every panel's columns of every
         // row block).
         unsafe { out.set_len(len) };
@@ -490,10 +487,7 @@ pub fn linear_streamed(
         .iter()
         .map(|p| Vec::with_capacity(rows * p.d_out))
         .collect();
-    let dsts: Vec<super::SharedMut> = outs
-        .iter_mut()
-        .map(|o| super::SharedMut(o.as_mut_ptr()))
-        .collect();
+    let dsts: Vec<super::SharedMut> = outs.iter_mut().map(super::SharedMut::capacity).collect();
     let panels = panel_list.len();
     let work: usize = parts.iter().map(|p| rows * d_in * p.d_out).sum();
     let threads = rayon::current_num_threads().max(1);

@@ -51,6 +51,7 @@ pub struct Matrix<'a> {
 ///
 /// # Panics
 /// When an operand's slice is too short for its shape and strides (a caller bug).
+#[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
 pub fn linear(
     x: Matrix<'_>,
     rows: usize,
@@ -76,6 +77,7 @@ pub fn linear(
 ///
 /// # Panics
 /// As [`linear`], and when `residual` is shorter than `rows * d_out`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn linear_residual(
     x: Matrix<'_>,
     rows: usize,
@@ -95,6 +97,7 @@ pub fn linear_residual(
 }
 
 /// The only product of a one-part [`linear_many`].
+#[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
 fn one(mut outs: Vec<Vec<f32>>) -> Vec<f32> {
     outs.pop().expect("one output per part")
 }
@@ -115,7 +118,7 @@ pub fn linear_many(
     d_in: usize,
     parts: &[StreamPart<'_>],
 ) -> Vec<Vec<f32>> {
-    let _prof = super::profile::scope("linear");
+    let _prof = crate::profile::scope("linear");
     for p in parts {
         check(x, rows, d_in, p.weight, p.d_out, p.bias);
         if let Some(r) = p.residual {
@@ -160,7 +163,7 @@ fn linear_gemm(
             v
         }
     };
-    let ptr = super::SharedMut(out.as_mut_ptr());
+    let ptr = super::SharedMut::capacity(&mut out);
     let threads = rayon::current_num_threads().max(1);
     let accumulate = bias.is_some() || residual.is_some();
     if len == 0 {
@@ -276,7 +279,7 @@ pub fn linear_geglu(
     inner: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let _prof = super::profile::scope("linear_geglu");
+    let _prof = crate::profile::scope("linear_geglu");
     let d_out = 2 * inner;
     check(x, rows, d_in, weight, d_out, bias);
     if let Some(out) = panel_linear(x, rows, d_in, weight, d_out, bias, Epilogue::Geglu) {

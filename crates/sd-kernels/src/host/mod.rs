@@ -21,7 +21,7 @@
 //!   GEGLU feed-forward's projection fused with [`geglu`]'s `a * gelu(b)` (on
 //!   AVX-512 CPUs in the epilogue of [`panel_gemm`]'s microkernel);
 //! - [`activation`]: CLIP's `quick_gelu` and OpenCLIP's `gelu` in place;
-//! - [`profile`]: opt-in time per kernel (`bench --profile`).
+//! - [`crate::profile`]: opt-in time per kernel (`bench --profile`).
 //!
 //! On any other device (GPU, autodiff for training) the models use burn's ops; the
 //! results agree to f32 rounding (the parity tests run both).
@@ -36,7 +36,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod linear;
 pub mod panel_gemm;
-pub mod profile;
+
 pub mod winograd;
 
 use burn::prelude::*;
@@ -198,17 +198,49 @@ impl Gemm {
     }
 }
 
-/// A raw output pointer shared by parallel tasks that write disjoint elements.
-pub(crate) struct SharedMut(pub *mut f32);
-// SAFETY: users guarantee disjoint writes within the buffer's lifetime.
+/// A raw output buffer shared by parallel tasks that write disjoint elements: its
+/// start and length, so that [`SharedMut::at`] only ever points into it. Writing
+/// through the pointers stays `unsafe` at the writer, who guarantees the writes are
+/// disjoint and happen while the buffer lives.
+pub(crate) struct SharedMut {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: the wrapper only hands out pointers; writers guarantee disjoint writes
+// within the buffer's lifetime.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
+    /// Over a slice.
+    pub fn slice(buf: &mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// Over a vector's whole capacity (values past its length are uninitialised:
+    /// write them before reading, then `set_len`).
+    pub fn capacity(buf: &mut Vec<f32>) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.capacity(),
+        }
+    }
+
     /// The pointer at `offset` (a method, so closures capture the whole wrapper).
+    ///
+    /// # Panics
+    /// When `offset` is past the end of the buffer.
     pub fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer.
-        unsafe { self.0.add(offset) }
+        assert!(
+            offset <= self.len,
+            "offset {offset} past a buffer of {}",
+            self.len
+        );
+        // SAFETY: `offset <= len`: inside the allocation or one past its end.
+        unsafe { self.ptr.add(offset) }
     }
 }
 

@@ -135,7 +135,7 @@ unsafe fn store_lanes(lanes: &Lanes, dst: *mut f32, n: usize) {
 fn transform_filters(weight: &[f32], c_out: usize, c_in: usize, u: &mut [f32]) {
     let plane = c_out * c_in;
     assert!(u.len() >= XI * plane && weight.len() >= c_out * c_in * 9);
-    let ptr = super::SharedMut(u.as_mut_ptr());
+    let ptr = super::SharedMut::slice(u);
     (0..c_out).into_par_iter().for_each(|k| {
         for c0 in (0..c_in).step_by(L) {
             let n = L.min(c_in - c0);
@@ -308,6 +308,7 @@ unsafe fn transform_outputs(
 /// # Panics
 /// When `s` is not a 3x3 stride-1 padding-1 convolution or a slice length does not
 /// match it (caller bugs).
+#[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
 pub fn conv3x3(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
     conv3x3_add(x, weight, bias, s, ConvAdd::default())
 }
@@ -332,7 +333,7 @@ pub fn conv3x3_add(
         c_out,
         ..
     } = s;
-    let _prof = super::profile::scope("conv3x3_winograd");
+    let _prof = crate::profile::scope("conv3x3_winograd");
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == [1, 1] && s.padding == [1; 4],
         "winograd: 3x3 stride 1 padding 1 only"
@@ -361,7 +362,7 @@ pub fn conv3x3_add(
     // layers).
     let len = batch * c_out * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let out_ptr = super::SharedMut(out.as_mut_ptr());
+    let out_ptr = super::SharedMut::capacity(&mut out);
     let band_p = band_rows * tw;
     let mut u = super::take_scratch(XI * k_block * c_in);
     let mut v = super::take_scratch(XI * c_in * band_p);
@@ -378,13 +379,13 @@ pub fn conv3x3_add(
             let rows = band_rows.min(batch * th - g0);
             let p_n = rows * tw;
             if !(one_band && k0 > 0) {
-                let v_ptr = super::SharedMut(v.as_mut_ptr());
+                let v_ptr = super::SharedMut::capacity(&mut v);
                 // SAFETY: each channel writes its own elements of the band's V.
                 (0..c_in)
                     .into_par_iter()
                     .for_each(|c| unsafe { transform_inputs(x, v_ptr.at(0), &s, c, g0, rows) });
             }
-            let m_ptr = super::SharedMut(m.as_mut_ptr());
+            let m_ptr = super::SharedMut::capacity(&mut m);
             let (u, v) = (&u, &v);
             (0..XI).into_par_iter().for_each(|xi| {
                 // SAFETY: m[xi] is the [kn, p_n] block of the band's M, written by this

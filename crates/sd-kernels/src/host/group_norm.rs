@@ -36,7 +36,7 @@ pub struct GroupNormParams<'a> {
 /// When the lengths do not match the sizes or `groups` does not divide `channels`
 /// (a caller bug: configs are validated before models are built).
 pub fn group_norm(x: &mut [f32], params: &GroupNormParams<'_>) {
-    let _prof = super::profile::scope("group_norm");
+    let _prof = crate::profile::scope("group_norm");
     let Some((group_len, spatial)) = layout(x.len(), params) else {
         return;
     };
@@ -109,7 +109,7 @@ pub fn group_norm_into(
     dst: &mut [std::mem::MaybeUninit<f32>],
     params: &GroupNormParams<'_>,
 ) {
-    let _prof = super::profile::scope("group_norm");
+    let _prof = crate::profile::scope("group_norm");
     assert_eq!(src.len(), dst.len(), "group_norm: output length");
     let Some((group_len, spatial)) = layout(src.len(), params) else {
         return;

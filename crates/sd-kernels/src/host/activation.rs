@@ -11,7 +11,7 @@ const CHUNK: usize = 1 << 14;
 
 /// `x = x * sigmoid(1.702 x)`, in place.
 pub fn quick_gelu(x: &mut [f32]) {
-    let _prof = super::profile::scope("activation");
+    let _prof = crate::profile::scope("activation");
     x.par_chunks_mut(CHUNK).for_each(|c| {
         #[cfg(target_arch = "x86_64")]
         if exp::has_avx512() {
@@ -32,7 +32,7 @@ pub fn quick_gelu_scalar(x: f32) -> f32 {
 
 /// `x = gelu(x)` (the erf form), in place.
 pub fn gelu(x: &mut [f32]) {
-    let _prof = super::profile::scope("activation");
+    let _prof = crate::profile::scope("activation");
     const ONES: [f32; 256] = [1.0; 256];
     x.par_chunks_mut(CHUNK).for_each(|c| {
         let mut copy = [0.0f32; 256];

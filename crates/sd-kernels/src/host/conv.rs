@@ -90,6 +90,7 @@ impl ConvAdd<'_> {
 /// # Panics
 /// When a slice length does not match the shape, or the kernel exceeds the padded
 /// input (caller bugs: the models check shapes first).
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
     conv2d_add(x, weight, bias, s, ConvAdd::default())
 }
@@ -116,6 +117,7 @@ pub fn conv2d_add(
 
 /// [`conv2d`] by im2col + GEMM whatever the shape (benches compare it with
 /// [`super::winograd`]); same shapes and panics.
+#[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
 pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
     conv2d_im2col_add(x, weight, bias, s, ConvAdd::default())
 }
@@ -127,7 +129,7 @@ fn conv2d_im2col_add(
     s: ConvShape,
     add: ConvAdd<'_>,
 ) -> Vec<f32> {
-    let _prof = super::profile::scope(if s.kh == 1 && s.kw == 1 {
+    let _prof = crate::profile::scope(if s.kh == 1 && s.kw == 1 {
         "conv1x1"
     } else {
         "conv_im2col"
@@ -183,7 +185,7 @@ fn conv2d_im2col_add(
     let bands: Vec<(usize, usize)> = (0..batch)
         .flat_map(|b| (0..oh).step_by(band_rows).map(move |oy0| (b, oy0)))
         .collect();
-    let out_ptr = super::SharedMut(out.as_mut_ptr());
+    let out_ptr = super::SharedMut::capacity(&mut out);
     let run = |col: &mut Vec<f32>, &(b, oy0): &(usize, usize)| {
         let rows = band_rows.min(oh - oy0);
         let n = rows * ow;

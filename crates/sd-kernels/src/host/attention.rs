@@ -53,7 +53,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         head_dim: d,
         ..
     } = shape;
-    let _prof = super::profile::scope(if n_kv == n_q {
+    let _prof = crate::profile::scope(if n_kv == n_q {
         "attention_self"
     } else {
         "attention_cross"
@@ -75,7 +75,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
     if super::exp::has_avx512() && (!shape.causal || n_kv >= n_q) && !generic_only() {
         use super::attention_avx512::{QB, Scratch, block};
         let q_blocks = n_q.div_ceil(QB);
-        let out_ptr = super::SharedMut(out.as_mut_ptr());
+        let out_ptr = super::SharedMut::capacity(&mut out);
         let run = |scratch: &mut Scratch, task: usize| {
             let Task {
                 q0,
@@ -106,7 +106,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<
         return out;
     }
     let q_blocks = n_q.div_ceil(BLOCK_Q);
-    let out_ptr = super::SharedMut(out.as_mut_ptr());
+    let out_ptr = super::SharedMut::capacity(&mut out);
     let tasks = batch * heads * q_blocks;
     let run = |scratch: &mut Scratch, task: usize| {
         let Task {

@@ -1,0 +1,34 @@
+//! The text encoders' MLP activations.
+
+use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
+
+/// CLIP's `quick_gelu`: `x * sigmoid(1.702 x)`; one in-place pass on the CPU backend.
+///
+/// # Shapes
+/// - any; output the same
+pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if crate::host::applies(&x) {
+        let (dims, device) = (x.dims(), x.device());
+        let mut values = crate::host::into_vec(x);
+        crate::host::activation::quick_gelu(&mut values);
+        return crate::host::from_vec(values, dims, &device);
+    }
+    x.clone() * sigmoid(x * 1.702)
+}
+
+/// The exact (erf) `gelu` of OpenCLIP; one in-place pass on the CPU backend.
+///
+/// # Shapes
+/// - any; output the same
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if crate::host::applies(&x) {
+        let (dims, device) = (x.dims(), x.device());
+        let mut values = crate::host::into_vec(x);
+        crate::host::activation::gelu(&mut values);
+        return crate::host::from_vec(values, dims, &device);
+    }
+    burn::tensor::activation::gelu(x)
+}

@@ -1,0 +1,26 @@
+//! The ops the models call. Each runs the hand-written CPU kernel when its inputs
+//! are f32 tensors on burn's CPU backend (with the `flex` feature) and burn's ops
+//! otherwise.
+//!
+//! | op | what |
+//! |---|---|
+//! | [`linear_forward`], [`linear_forward_residual`], [`linear_forward_many`] | `x wᵀ + b` (+ residual), several weights over one input |
+//! | [`geglu_forward`] | `a * gelu(gate)` of the GEGLU projection |
+//! | [`conv_forward`], [`conv_forward_add`] | 2-D convolution (+ per-image bias + residual) |
+//! | [`group_norm`] | GroupNorm (+ SiLU), statistics in f32 |
+//! | [`multi_head_attention`], [`scaled_dot_product_attention`] | softmax attention, computed in f32 |
+//! | [`quick_gelu`], [`gelu`] | CLIP / OpenCLIP activations |
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod dtype;
+pub mod linear;
+pub mod norm;
+
+pub use activation::{gelu, quick_gelu};
+pub use attention::{merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads};
+pub use conv::{conv_forward, conv_forward_add};
+pub use dtype::{to_dtype, to_f32};
+pub use linear::{geglu_forward, linear_forward, linear_forward_many, linear_forward_residual};
+pub use norm::group_norm;
