@@ -8,6 +8,8 @@ mod configs;
 mod corrupt_files;
 mod demo_model;
 mod examples;
+mod fuzz;
+mod fuzz_targets;
 mod lora;
 mod models;
 mod open_clip;

@@ -206,6 +206,49 @@ pub fn read_image(path: impl AsRef<Path>) -> Result<image::DynamicImage, IoError
     })
 }
 
+/// The size an image of `width x height` gets under `mode`: unchanged when its sides
+/// are multiples of `factor`, else rounded (resize) or floored (crop) to multiples.
+///
+/// # Errors
+/// An empty image; under [`SizeMode::Exact`] a size that does not fit; under
+/// [`SizeMode::Crop`] an image smaller than `factor` on a side.
+pub fn fitted_size(
+    width: usize,
+    height: usize,
+    factor: usize,
+    mode: SizeMode,
+) -> Result<(usize, usize), IoError> {
+    let f = factor.max(1);
+    let (w, h) = (width, height);
+    if w == 0 || h == 0 {
+        return Err(IoError::Unsupported(format!(
+            "image of {w}x{h} pixels is empty"
+        )));
+    }
+    if w.is_multiple_of(f) && h.is_multiple_of(f) {
+        return Ok((w, h));
+    }
+    match mode {
+        SizeMode::Exact => Err(IoError::Unsupported(format!(
+            "image of {w}x{h} pixels: the sides must be multiples of {f}; \
+             ask for SizeMode::Resize or SizeMode::Crop"
+        ))),
+        SizeMode::Resize => {
+            let round = |v: usize| (v.saturating_add(f / 2) / f).max(1) * f;
+            Ok((round(w), round(h)))
+        }
+        SizeMode::Crop => {
+            let (cw, ch) = (w / f * f, h / f * f);
+            if cw == 0 || ch == 0 {
+                return Err(IoError::Unsupported(format!(
+                    "image of {w}x{h} pixels is smaller than {f} on a side"
+                )));
+            }
+            Ok((cw, ch))
+        }
+    }
+}
+
 /// Makes an image's sides multiples of `factor` as `mode` says.
 ///
 /// # Errors
@@ -217,30 +260,15 @@ pub fn fit_size(
     mode: SizeMode,
 ) -> Result<image::DynamicImage, IoError> {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let f = factor.max(1);
-    if w.is_multiple_of(f) && h.is_multiple_of(f) && w > 0 && h > 0 {
-        return Ok(image);
-    }
-    match mode {
-        SizeMode::Exact => Err(IoError::Unsupported(format!(
-            "image of {w}x{h} pixels: the sides must be multiples of {f}; \
-             ask for SizeMode::Resize or SizeMode::Crop"
-        ))),
-        SizeMode::Resize => {
-            let round = |v: usize| (((v + f / 2) / f).max(1) * f) as u32;
-            Ok(image.resize_exact(round(w), round(h), image::imageops::FilterType::Lanczos3))
-        }
-        SizeMode::Crop => {
-            let (cw, ch) = (w / f * f, h / f * f);
-            if cw == 0 || ch == 0 {
-                return Err(IoError::Unsupported(format!(
-                    "image of {w}x{h} pixels is smaller than {f} on a side"
-                )));
-            }
-            let (x, y) = ((w - cw) / 2, (h - ch) / 2);
-            Ok(image.crop_imm(x as u32, y as u32, cw as u32, ch as u32))
-        }
-    }
+    let (fw, fh) = fitted_size(w, h, factor, mode)?;
+    Ok(if (fw, fh) == (w, h) {
+        image
+    } else if mode == SizeMode::Crop {
+        let (x, y) = ((w - fw) / 2, (h - fh) / 2);
+        image.crop_imm(x as u32, y as u32, fw as u32, fh as u32)
+    } else {
+        image.resize_exact(fw as u32, fh as u32, image::imageops::FilterType::Lanczos3)
+    })
 }
 
 /// An image as `[1, 3, H, W]` in `[-1, 1]` (diffusers' image preprocessing). Grey

@@ -27,3 +27,26 @@ impl ConfigError {
         }
     }
 }
+
+/// The largest width (channels, hidden size), layer count and vocabulary a config may
+/// ask for: far above any Stable Diffusion model, low enough that no weight's element
+/// count overflows.
+pub(crate) const MAX_WIDTH: usize = 1 << 16;
+pub(crate) const MAX_LAYERS: usize = 1 << 10;
+pub(crate) const MAX_VOCAB: usize = 1 << 22;
+
+/// Checks `value` of `field` is in `1..=max`.
+pub(crate) fn check_range(
+    field: &'static str,
+    value: usize,
+    max: usize,
+) -> Result<(), ConfigError> {
+    if (1..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::unsupported(
+            field,
+            format!("{value} is outside 1..={max}"),
+        ))
+    }
+}

@@ -20,6 +20,7 @@ pub struct KnownRegion {
 
 /// What a task adds to the denoising loop beyond the prompt embeddings.
 #[derive(Debug, Clone, Default)]
+#[allow(clippy::large_enum_variant, reason = "one value per run")]
 pub enum ExtraConditioning {
     /// Nothing: txt2img and img2img.
     #[default]

@@ -50,6 +50,7 @@ pub mod prompt;
 mod prompt_encoding;
 pub mod request;
 pub mod txt2img;
+mod validate;
 
 pub use composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,

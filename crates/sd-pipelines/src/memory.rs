@@ -39,16 +39,25 @@ pub fn estimate_bytes(
     vae: &AutoencoderKLConfig,
     shape: RunShape,
 ) -> u64 {
-    let f = 1u64 << vae.block_out_channels.len().saturating_sub(1);
+    let f = 1u64 << vae.block_out_channels.len().saturating_sub(1).min(16);
     let (h, w) = (shape.height as u64, shape.width as u64);
-    let latent = (h / f).max(1) * (w / f).max(1);
-    let unet_batch = shape.batch as u64 * if shape.guidance { 2 } else { 1 };
+    let latent = (h / f).max(1).saturating_mul((w / f).max(1));
+    let unet_batch = (shape.batch as u64).saturating_mul(if shape.guidance { 2 } else { 1 });
     let c0 = unet.block_out_channels.first().copied().unwrap_or(0) as u64;
-    let unet_bytes = UNET_ACTIVATIONS * c0 * latent * unet_batch * shape.unet_bytes as u64;
+    let unet_bytes = [
+        UNET_ACTIVATIONS,
+        c0,
+        latent,
+        unet_batch,
+        shape.unet_bytes as u64,
+    ]
+    .into_iter()
+    .fold(1u64, u64::saturating_mul);
 
+    let full = h.saturating_mul(w);
     let pixels = match shape.vae_tile {
-        Some(t) => (t as u64 * t as u64).min(h * w),
-        None => h * w,
+        Some(t) => (t as u64).saturating_mul(t as u64).min(full),
+        None => full,
     };
     // The decoder's level `i` (from full resolution) holds `boc[i]` channels at
     // `pixels / 4^i`, and its upsampled output `boc[i]` channels at `pixels / 4^(i-1)`.
@@ -56,12 +65,17 @@ pub fn estimate_bytes(
     let largest = boc
         .iter()
         .enumerate()
-        .map(|(i, &c)| c as u64 * pixels / (1u64 << (2 * i.saturating_sub(1))))
+        .map(|(i, &c)| {
+            let level = pixels >> (2 * i.saturating_sub(1)).min(62);
+            (c as u64).saturating_mul(level)
+        })
         .max()
         .unwrap_or(0);
-    let vae_bytes = VAE_ACTIVATIONS * largest * 4;
-    let images = shape.batch as u64 * 3 * h * w * 4 * 3;
-    unet_bytes.max(vae_bytes) + images
+    let vae_bytes = largest.saturating_mul(VAE_ACTIVATIONS * 4);
+    let images = [shape.batch as u64, 3 * 4 * 3, full]
+        .into_iter()
+        .fold(1u64, u64::saturating_mul);
+    unet_bytes.max(vae_bytes).saturating_add(images)
 }
 
 /// The memory the system can still hand out (Linux `MemAvailable`); `None` where it

@@ -26,20 +26,21 @@ use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
 /// runs a [`GenerationRequest`] (txt2img, img2img, inpainting or outpainting, from
 /// what the request sets).
 pub struct StableDiffusionPipeline {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    unet_config: UNet2DConditionConfig,
-    vae_config: AutoencoderKLConfig,
-    scheduler_config: SchedulerConfig,
-    scheduler: AnyScheduler,
-    family: ModelFamily,
-    name: String,
-    device: Device,
+    pub(crate) tokenizer: ClipTokenizer,
+    pub(crate) text_encoder: ClipTextModel,
+    pub(crate) unet: UNet2DConditionModel,
+    pub(crate) vae: AutoencoderKL,
+    pub(crate) unet_config: UNet2DConditionConfig,
+    pub(crate) vae_config: AutoencoderKLConfig,
+    pub(crate) scheduler_config: SchedulerConfig,
+    pub(crate) scheduler: AnyScheduler,
+    pub(crate) family: ModelFamily,
+    pub(crate) name: String,
+    pub(crate) device: Device,
 }
 
 /// The parts of a task, resolved from a request.
+#[allow(clippy::large_enum_variant, reason = "one value per request")]
 enum Task {
     Txt2Img,
     Img2Img(Tensor<4>, f64),
@@ -174,7 +175,7 @@ impl StableDiffusionPipeline {
     }
 
     /// The scheduler a request asks for, with its sigma schedule and eta.
-    fn scheduler_for(
+    pub(crate) fn scheduler_for(
         &self,
         r: &GenerationRequest<'_>,
     ) -> Result<(AnyScheduler, String), PipelineError> {
@@ -228,8 +229,7 @@ impl StableDiffusionPipeline {
         r: &GenerationRequest<'_>,
         mask: bool,
     ) -> Result<Tensor<4>, PipelineError> {
-        // The pipelines take multiples of 8 and of the VAE's factor.
-        let f = lcm(8, self.vae.downscale_factor());
+        let f = self.size_factor();
         let image = match input {
             ImageInput::Tensor(t) => return Ok(t),
             ImageInput::Image(i) => i,
@@ -273,7 +273,7 @@ impl StableDiffusionPipeline {
     }
 
     /// Refuses a run whose activations cannot fit in the memory available.
-    fn check_memory(&self, o: &GenerationOptions) -> Result<(), PipelineError> {
+    pub(crate) fn check_memory(&self, o: &GenerationOptions) -> Result<(), PipelineError> {
         let Some(available) = available_bytes() else {
             return Ok(());
         };
@@ -314,6 +314,7 @@ impl StableDiffusionPipeline {
         &self,
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
+        self.validate(&request)?;
         let (scheduler, sampler) = self.scheduler_for(&request)?;
         let (unet, text_encoder) = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
@@ -377,7 +378,7 @@ impl StableDiffusionPipeline {
         }
     }
 
-    fn options(&self, r: &GenerationRequest<'_>) -> GenerationOptions {
+    pub(crate) fn options(&self, r: &GenerationRequest<'_>) -> GenerationOptions {
         GenerationOptions {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone(),
@@ -477,8 +478,9 @@ impl StableDiffusionPipeline {
             scheduler: &scheduler,
             device: self.device.clone(),
         };
+        self.validate(&a)?;
+        self.validate(&b)?;
         let (oa, ob) = (self.options(&a), self.options(&b));
-        self.check_memory(&oa)?;
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);
         let ends = Endpoints {
@@ -502,18 +504,4 @@ impl StableDiffusionPipeline {
 
 fn sampler_label(s: &AnyScheduler) -> String {
     s.class_name().to_string()
-}
-
-fn lcm(a: usize, b: usize) -> usize {
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    if a == 0 || b == 0 {
-        a.max(b)
-    } else {
-        a / gcd(a, b) * b
-    }
 }

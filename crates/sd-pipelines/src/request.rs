@@ -15,6 +15,10 @@ use crate::outpaint::Extend;
 /// An input image of a request: an `image` crate image, a tensor `[1, 3, H, W]` in
 /// `[-1, 1]` (masks: `[1, 1, H, W]` in `[0, 1]`), or a file (PNG, JPEG, WebP).
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per input of a request"
+)]
 pub enum ImageInput {
     /// A decoded image (any colour type).
     Image(image::DynamicImage),

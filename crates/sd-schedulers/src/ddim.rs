@@ -108,6 +108,7 @@ struct DdimRun {
 
 impl Scheduler for Ddim {
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
+        crate::schedule::check_steps(steps)?;
         let t = self.schedule.num_train_timesteps;
         let (timesteps, prev): (Vec<f64>, Vec<i64>) = match steps {
             Steps::Count(n) if self.ays.is_none() => {

@@ -255,6 +255,7 @@ struct DpmRun {
 
 impl Scheduler for DpmSolverMultistep {
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
+        crate::schedule::check_steps(steps)?;
         let (timesteps, sigmas) = self.timesteps_and_sigmas(steps)?;
         Ok(Box::new(DpmRun {
             timesteps,

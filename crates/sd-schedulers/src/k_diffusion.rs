@@ -267,6 +267,7 @@ struct KRun {
 
 impl Scheduler for KDiffusion {
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
+        crate::schedule::check_steps(steps)?;
         let (timesteps, sigmas) = self.base.timesteps_and_sigmas(steps)?;
         Ok(Box::new(KRun {
             method: self.method,

@@ -65,6 +65,7 @@ struct PndmRun {
 
 impl Scheduler for Pndm {
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
+        crate::schedule::check_steps(steps)?;
         let t = self.schedule.num_train_timesteps;
         let Steps::Count(n) = steps else {
             return Err(CoreError::Unsupported(

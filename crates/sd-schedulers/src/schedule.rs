@@ -59,6 +59,33 @@ impl TimestepSpacing {
     }
 }
 
+/// The most training timesteps a config may ask for (diffusion models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+/// Checks a run's steps before anything is allocated: at most
+/// [`MAX_TRAIN_TIMESTEPS`] steps, explicit timesteps and sigmas finite.
+pub(crate) fn check_steps(steps: &sd_core::Steps) -> Result<(), CoreError> {
+    use sd_core::Steps;
+    let (n, values): (usize, &[f64]) = match steps {
+        Steps::Count(n) => (*n, &[]),
+        Steps::Timesteps(t) => (t.len(), t),
+        Steps::Sigmas(s) => (s.len().saturating_sub(1), s),
+    };
+    if n > MAX_TRAIN_TIMESTEPS {
+        return Err(CoreError::invalid(
+            "steps",
+            format!("{n} steps: at most {MAX_TRAIN_TIMESTEPS}"),
+        ));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(CoreError::invalid(
+            "steps",
+            "timesteps and sigmas must be finite",
+        ));
+    }
+    Ok(())
+}
+
 /// Betas and cumulative alphas of the training noise schedule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoiseSchedule {
@@ -92,8 +119,11 @@ impl NoiseSchedule {
     /// From the config's `beta_*`, `trained_betas` and `rescale_betas_zero_snr`.
     pub fn from_config(c: &SchedulerConfig) -> Result<Self, CoreError> {
         let t = c.num_train_timesteps.unwrap_or(1000);
-        if t < 2 {
-            return Err(unsupported("num_train_timesteps", "must be at least 2"));
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
+            return Err(unsupported(
+                "num_train_timesteps",
+                format!("{t} is outside 2..={MAX_TRAIN_TIMESTEPS}"),
+            ));
         }
         let start = c.beta_start.unwrap_or(0.0001);
         let end = c.beta_end.unwrap_or(0.02);

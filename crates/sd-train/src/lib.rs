@@ -10,6 +10,19 @@
 //! - [`monitor`]: the CSV log, the loss-curve PNG and sample grids.
 //!
 //! The models come from `sd-models` (LoRA in [`sd_models::lora`]), files from `sd-io`.
+//!
+//! ```
+//! use sd_train::LrSchedule;
+//!
+//! // diffusers' `get_scheduler("cosine", num_warmup_steps=10, num_training_steps=110)`.
+//! let lr = LrSchedule::Cosine { warmup_steps: 10, total_steps: 110 };
+//! assert_eq!(lr.factor(5), 0.5);
+//! assert!((lr.factor(60) - 0.5).abs() < 1e-9);
+//! assert!(lr.factor(110).abs() < 1e-12);
+//! ```
+//!
+//! A whole fine-tuning run is [`Trainer`] over a [`TrainConfig`] (see the `train`
+//! example of the `stable-diffusion` package and `docs/training.md`).
 #![warn(missing_docs)]
 
 pub mod data;

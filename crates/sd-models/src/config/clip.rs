@@ -125,16 +125,22 @@ impl ClipTextConfig {
                 ),
             ));
         }
-        for (field, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("max_position_embeddings", self.max_position_embeddings),
+        use crate::error::{MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, check_range};
+        for (field, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_WIDTH,
+            ),
         ] {
-            if v == 0 {
-                return Err(ConfigError::unsupported(field, "must be positive"));
-            }
+            check_range(field, v, max)?;
+        }
+        if let Some(p) = self.projection_dim {
+            check_range("projection_dim", p, MAX_WIDTH)?;
         }
         Ok(())
     }

@@ -1,0 +1,166 @@
+//! Every check of a request, without running a model: what
+//! [`StableDiffusionPipeline::generate`] does first, and a dry run for callers.
+
+use sd_core::{Autoencoder, Scheduler, TextEncoder, img2img_start};
+use sd_io::image::{SizeMode, fitted_size};
+
+use crate::composed::{GenerationOptions, check_options, check_size};
+use crate::error::PipelineError;
+use crate::pipeline::StableDiffusionPipeline;
+use crate::request::{GenerationRequest, ImageInput};
+
+impl StableDiffusionPipeline {
+    /// Checks a request without running anything: the scheduler and its steps, the
+    /// guidance scale, image count and size, clip skip, the input images and how they
+    /// combine, the strength, and the memory the run would need. [`Self::generate`]
+    /// runs these checks first.
+    ///
+    /// # Errors
+    /// What [`Self::generate`] would refuse before denoising.
+    pub fn validate(&self, r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
+        if r.num_images == 0 {
+            return Err(PipelineError::request("num_images", "must be at least 1"));
+        }
+        let (scheduler, _) = self.scheduler_for(r)?;
+        let options = self.options(r);
+        check_options(&options)?;
+        if let Some(k) = r.clip_skip
+            && k > 0
+            && k >= self.text_encoder.num_hidden_layers()
+        {
+            return Err(PipelineError::request(
+                "clip_skip",
+                format!(
+                    "{k} skips every layer of the text encoder ({} layers)",
+                    self.text_encoder.num_hidden_layers()
+                ),
+            ));
+        }
+        let run = scheduler.start(&options.steps)?;
+        let (width, height) = self.task_size(r, &options)?;
+        if r.init_image.is_some() && r.outpaint.is_none() {
+            let strength = r.strength.unwrap_or(1.0);
+            if img2img_start(run.len(), strength)? >= run.len() {
+                return Err(PipelineError::request(
+                    "strength",
+                    format!("{strength} leaves no step to run"),
+                ));
+            }
+        }
+        self.check_size_factor(width, height)?;
+        self.check_memory(&GenerationOptions {
+            width,
+            height,
+            ..options
+        })
+    }
+
+    /// Sizes must be multiples of 8 and of the VAE's factor.
+    pub(crate) fn size_factor(&self) -> usize {
+        let f = self.vae.downscale_factor().max(1);
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        8 / gcd(8, f) * f
+    }
+
+    fn check_size_factor(&self, width: usize, height: usize) -> Result<(), PipelineError> {
+        check_size(width, height)?;
+        let f = self.size_factor();
+        if !width.is_multiple_of(f) || !height.is_multiple_of(f) {
+            return Err(PipelineError::request(
+                "size",
+                format!("{width}x{height}: the sides must be multiples of {f}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The size the task runs at: the request's, the init image's (as fitted), or the
+    /// init image's grown by the outpaint margins; the inputs' combination checked.
+    fn task_size(
+        &self,
+        r: &GenerationRequest<'_>,
+        o: &GenerationOptions,
+    ) -> Result<(usize, usize), PipelineError> {
+        let Some(image) = &r.init_image else {
+            if r.mask.is_some() || r.outpaint.is_some() {
+                return Err(PipelineError::request(
+                    "init_image",
+                    "a mask or outpaint margins need an init image",
+                ));
+            }
+            return Ok((o.width, o.height));
+        };
+        let (w, h) = self.input_size(image, r.size_mode, 3)?;
+        if let Some(mask) = &r.mask {
+            if r.outpaint.is_some() {
+                return Err(PipelineError::request(
+                    "mask",
+                    "outpainting makes its own mask: set either a mask or outpaint margins",
+                ));
+            }
+            let (mw, mh) = self.input_size(mask, r.size_mode, 1)?;
+            if (mw, mh) != (w, h) {
+                return Err(PipelineError::request(
+                    "mask",
+                    format!("{mw}x{mh} pixels, the image is {w}x{h}"),
+                ));
+            }
+        }
+        match r.outpaint {
+            Some((extend, _)) => {
+                extend.check()?;
+                let grow = |a: usize, b: usize, c: usize| a.checked_add(b)?.checked_add(c);
+                match (
+                    grow(w, extend.left, extend.right),
+                    grow(h, extend.top, extend.bottom),
+                ) {
+                    (Some(cw), Some(ch)) => Ok((cw, ch)),
+                    _ => Err(PipelineError::request(
+                        "outpaint",
+                        "the canvas is too large",
+                    )),
+                }
+            }
+            None => Ok((w, h)),
+        }
+    }
+
+    /// An input's size once fitted (`channels`: 3 for images, 1 for masks; tensors
+    /// are taken as they are).
+    fn input_size(
+        &self,
+        input: &ImageInput,
+        mode: SizeMode,
+        channels: usize,
+    ) -> Result<(usize, usize), PipelineError> {
+        let f = self.size_factor();
+        let (w, h) = match input {
+            ImageInput::Tensor(t) => {
+                let [_, c, h, w] = t.dims();
+                if c != channels {
+                    return Err(PipelineError::request(
+                        "image",
+                        format!("a tensor of {c} channels, {channels} expected"),
+                    ));
+                }
+                return Ok((w, h));
+            }
+            ImageInput::Image(i) => (i.width() as usize, i.height() as usize),
+            ImageInput::Path(p) => {
+                let (w, h) = image::image_dimensions(p).map_err(|e| {
+                    PipelineError::from(sd_io::IoError::Unsupported(format!(
+                        "{}: not a readable PNG, JPEG or WebP image: {e}",
+                        p.display()
+                    )))
+                })?;
+                (w as usize, h as usize)
+            }
+        };
+        Ok(fitted_size(w, h, f, mode)?)
+    }
+}
