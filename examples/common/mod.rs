@@ -66,7 +66,9 @@ pub const TINY_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixture
 /// Flags every generation example takes.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Diffusers folder or single-file .safetensors checkpoint (default: the tiny test model).
+    /// Diffusers folder, single-file .safetensors checkpoint, or (built with `--features
+    /// hub`) a hub repository id such as stable-diffusion-v1-5/stable-diffusion-v1-5
+    /// (default: the demo model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Take the U-Net from this folder (a pipeline folder or a `unet/` folder).
@@ -214,7 +216,9 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
         loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
         ..Default::default()
     };
-    let pipe = StableDiffusionPipeline::from_pretrained(model_path(args), device, &options)?;
+    // A folder, a file, or (with the `hub` feature) a hub repository id.
+    let source = ModelSource::parse(&model_path(args).to_string_lossy());
+    let pipe = StableDiffusionPipeline::from_pretrained(source, device, &options)?;
     for lora in &options.loras {
         eprintln!(
             "LoRA {} merged at strength {}",

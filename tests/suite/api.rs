@@ -286,11 +286,21 @@ fn a_request_too_large_for_memory_is_refused_before_allocating() {
 #[test]
 fn a_missing_source_is_an_error() {
     let device = Device::flex();
+    // `owner/name` reads as a hub repository: offline, over an empty cache, so that
+    // no test reaches the internet.
+    let cache = tempfile::tempdir().unwrap();
+    let options = LoadOptions {
+        hub: stable_diffusion::pipelines::HubOptions {
+            cache_dir: Some(cache.path().to_path_buf()),
+            offline: Some(true),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     for source in ["no/such-model", "no-such-folder", "weights/x.safetensors"] {
-        let err =
-            StableDiffusionPipeline::from_pretrained(source, &device, &LoadOptions::default())
-                .err()
-                .unwrap();
+        let err = StableDiffusionPipeline::from_pretrained(source, &device, &options)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains(source), "{source}: {err}");
     }
 }

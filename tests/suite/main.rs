@@ -10,6 +10,7 @@ mod demo_model;
 mod examples;
 mod fuzz;
 mod fuzz_targets;
+mod hub;
 mod lora;
 mod models;
 mod open_clip;

@@ -42,6 +42,7 @@ pub fn report() -> Vec<KernelTime> {
 }
 
 /// Adds the time until the guard drops to `name`'s total (when accounting is on).
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) fn scope(name: &'static str) -> Option<Scope> {
     ENABLED.load(Ordering::Relaxed).then(|| Scope {
         name,
@@ -50,6 +51,7 @@ pub(crate) fn scope(name: &'static str) -> Option<Scope> {
 }
 
 /// See [`scope`].
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) struct Scope {
     name: &'static str,
     start: Instant,

@@ -36,7 +36,7 @@
 pub mod composed;
 pub mod denoise;
 pub mod error;
-mod hub;
+pub mod hub;
 pub mod img2img;
 pub mod inpaint;
 pub mod interpolate;
@@ -57,6 +57,7 @@ pub use composed::{
 };
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
 pub use error::PipelineError;
+pub use hub::HubOptions;
 pub use interpolate::{Endpoints, slerp};
 pub use load::{LoadOptions, LoraSpec, ModelFamily, ModelSource};
 pub use outpaint::{Extend, outpaint_alpha};

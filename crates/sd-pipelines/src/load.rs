@@ -140,6 +140,9 @@ pub struct LoadOptions {
     pub vae_tiling: VaeTiling,
     /// LoRAs merged into the weights once, at load.
     pub loras: Vec<LoraSpec>,
+    /// Where hub repositories are fetched from and cached (the `hub` feature);
+    /// unset fields come from `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`.
+    pub hub: crate::hub::HubOptions,
 }
 
 /// The model family a source was recognised as.

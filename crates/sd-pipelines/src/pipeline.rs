@@ -62,13 +62,20 @@ impl StableDiffusionPipeline {
         device: &Device,
         options: &LoadOptions,
     ) -> Result<Self, PipelineError> {
-        let path = match source.into() {
-            ModelSource::Path(p) => p,
+        let (path, name) = match source.into() {
+            ModelSource::Path(p) => (p, None),
             ModelSource::Hub { repo, revision } => {
-                crate::hub::download(&repo, revision.as_deref(), options)?
+                let name = repo.rsplit('/').next().map(String::from);
+                (
+                    crate::hub::download(&repo, revision.as_deref(), options)?,
+                    name,
+                )
             }
         };
-        let loaded = crate::load::load_path(&path, device, options)?;
+        let mut loaded = crate::load::load_path(&path, device, options)?;
+        if let Some(name) = name {
+            loaded.name = name;
+        }
         Self::from_loaded(loaded, device)
     }
 
