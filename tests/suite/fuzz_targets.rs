@@ -459,7 +459,7 @@ pub fn valid_request_input() -> impl Strategy<Value = RequestInput> {
     (
         (
             proptest::option::of((side.clone(), side)),
-            1usize..4,
+            2usize..4,
             -1.0f64..9.0,
             1usize..3,
         ),

@@ -183,19 +183,28 @@ impl ClipTextModel {
         last.gather(1, idx).reshape([b, d])
     }
 
-    /// Encodes `input_ids`, returning the requested layer and the pooled output.
+    /// Encodes `input_ids`, returning the requested layer and the pooled output. The
+    /// checked entry point is [`sd_core::TextEncoder::encode`], which returns errors
+    /// for what this method, as burn modules' `forward` methods do, panics on.
     ///
     /// # Shapes
     /// - `input_ids`: `[b, seq]`, seq <= max_position_embeddings
     /// - output: hidden states `[b, seq, hidden]`, pooled `[b, hidden]`
+    ///
+    /// # Panics
+    /// A [`HiddenLayer::Skip`] of every layer or more (never clamped silently), more
+    /// ids than positions.
     pub fn forward(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput {
         let n = self.text_model.encoder.layers.len();
+        if let HiddenLayer::Skip(k) = layer {
+            assert!(k < n, "skipping {k} layers leaves none of the {n}");
+        }
         let states = self.hidden_states_upto(input_ids.clone(), n);
         let ln = &self.text_model.final_layer_norm;
         let last = ln.forward(states[n].clone());
         let hidden_states = match layer {
             HiddenLayer::Last | HiddenLayer::Skip(0) => last.clone(),
-            HiddenLayer::Skip(k) => ln.forward(states[n.saturating_sub(k)].clone()),
+            HiddenLayer::Skip(k) => ln.forward(states[n - k].clone()),
         };
         TextEncoderOutput {
             hidden_states,
