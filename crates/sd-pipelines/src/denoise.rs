@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use sd_core::{CoreError, NoiseSource, SchedulerRun};
 
-use crate::composed::{StableDiffusion, StepCallback, StepInfo};
+use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
 
 /// Legacy inpainting with an ordinary U-Net: after every step the known region is
 /// replaced by the original latents noised to the next step's level.
@@ -133,5 +133,23 @@ impl StableDiffusion<'_> {
             }
         }
         Ok(latents)
+    }
+}
+
+impl StableDiffusion<'_> {
+    /// [`Self::denoise`], then the VAE: the end of every task.
+    pub(crate) fn denoise_and_decode(
+        &self,
+        run: &mut dyn SchedulerRun,
+        latents: Tensor<4>,
+        conditioning: Conditioning,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let latents = self.denoise(run, latents, conditioning, noise, callback)?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone())?,
+            latents,
+        })
     }
 }

@@ -33,10 +33,6 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
         };
-        let latents = self.denoise(run.as_mut(), latents, conditioning, noise, callback)?;
-        Ok(GenerationOutput {
-            images: self.decode(latents.clone())?,
-            latents,
-        })
+        self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }
 }

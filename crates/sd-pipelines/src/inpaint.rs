@@ -90,11 +90,7 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra,
         };
-        let latents = self.denoise(run.as_mut(), latents, conditioning, noise, callback)?;
-        Ok(GenerationOutput {
-            images: self.decode(latents.clone())?,
-            latents,
-        })
+        self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }
 
     /// diffusers' `prepare_latents` for the 9-channel U-Net: pure noise at full

@@ -171,10 +171,21 @@ impl StableDiffusionPipeline {
     /// The borrowing composition over these parts with `scheduler`, for the
     /// lower-level task methods ([`StableDiffusion::txt2img`], ...).
     pub fn composed<'a>(&'a self, scheduler: &'a dyn Scheduler) -> StableDiffusion<'a> {
+        self.run_parts(&self.unet, &self.text_encoder, scheduler)
+    }
+
+    /// The composition of one run: the pipeline's tokenizer and VAE with the run's
+    /// U-Net and text encoder (LoRAs merged) and scheduler.
+    fn run_parts<'a>(
+        &'a self,
+        unet: &'a UNet2DConditionModel,
+        text_encoder: &'a ClipTextModel,
+        scheduler: &'a dyn Scheduler,
+    ) -> StableDiffusion<'a> {
         StableDiffusion {
             tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
-            unet: &self.unet,
+            text_encoder,
+            unet,
             vae: &self.vae,
             scheduler,
             device: self.device.clone(),
@@ -325,14 +336,7 @@ impl StableDiffusionPipeline {
         let (scheduler, sampler) = self.scheduler_for(&request)?;
         let (unet, text_encoder) = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
-        let sd = StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: text_encoder.as_ref(),
-            unet: unet.as_ref(),
-            vae: &self.vae,
-            scheduler: &scheduler,
-            device: self.device.clone(),
-        };
+        let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
         self.check_memory(&self.task_options(&options, &task))?;
@@ -477,14 +481,7 @@ impl StableDiffusionPipeline {
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
         let (scheduler, sampler) = self.scheduler_for(&a)?;
         let (unet, text_encoder) = self.models_for(&a.loras)?;
-        let sd = StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: text_encoder.as_ref(),
-            unet: unet.as_ref(),
-            vae: &self.vae,
-            scheduler: &scheduler,
-            device: self.device.clone(),
-        };
+        let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
         self.validate(&a)?;
         self.validate(&b)?;
         let (oa, ob) = (self.options(&a), self.options(&b));
