@@ -497,7 +497,11 @@ pub fn valid_request_input() -> impl Strategy<Value = RequestInput> {
                     eta: None,
                     init,
                     mask,
-                    outpaint: outpaint.map(|(m, seam)| (m.map(|k| k * 8), seam)),
+                    outpaint: outpaint.map(|(m, seam)| {
+                        // At least one side grows.
+                        let m = if m == [0; 4] { [0, 1, 0, 0] } else { m };
+                        (m.map(|k| k * 8), seam)
+                    }),
                     fit: 0,
                 }
             },
