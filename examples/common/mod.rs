@@ -101,7 +101,7 @@ pub struct CommonArgs {
     /// CLIP skip (diffusers' clip_skip: layers skipped at the end).
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm (default: the model's own).
+    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm, lcm (default: the model's own).
     #[arg(long)]
     pub scheduler: Option<String>,
     /// A diffusers scheduler_config.json whose `_class_name` picks the scheduler.

@@ -389,3 +389,32 @@ fn an_f16_unet_loads_and_runs() {
     let out = pipe.generate(request("a boat")).unwrap();
     assert_eq!(out.images[0].image.dimensions(), (32, 32));
 }
+
+#[test]
+fn lcm_runs_in_four_steps_by_name() {
+    let device = Device::flex();
+    let pipe = tiny(&device);
+    let mut timesteps = Vec::new();
+    let out = pipe
+        .generate(
+            request("a fox")
+                .scheduler("lcm")
+                .steps(4)
+                .guidance(1.0)
+                .on_step(|s| {
+                    timesteps.push(s.timestep);
+                    true
+                }),
+        )
+        .unwrap();
+    assert_eq!(timesteps, [999.0, 759.0, 499.0, 259.0]);
+    assert_eq!(out.images[0].parameters.sampler, "LCM");
+    // More steps than the distillation grid has is an error, not a panic.
+    let err = pipe
+        .generate(request("a fox").scheduler("lcm").steps(51))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("original_inference_steps"),
+        "{err}"
+    );
+}

@@ -445,3 +445,90 @@ fn zero_terminal_snr_gives_finite_schedules() {
         );
     }
 }
+
+/// The extension set's trajectories (fixtures README 8d): LCM from the SD 1.5 and SDXL
+/// configs at 1, 2, 4 and 8 steps (one noise draw per step but the last; the
+/// `denoised` estimate checked too) and Euler ancestral with trailing spacing.
+#[test]
+fn lcm_and_trailing_euler_ancestral_match_diffusers() {
+    let device = Device::flex();
+    let text = std::fs::read_to_string(fixture("reference/index_ext.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let params = &case["params"];
+        let config = SchedulerConfig::from_json(&params["resolved_config"].to_string()).unwrap();
+        let scheduler = AnyScheduler::from_class(params["class"].as_str().unwrap(), &config)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for n in [1usize, 2, 4, 8, 10] {
+            let p = format!("n{n}.");
+            if !r.has(&format!("{p}timesteps")) {
+                continue;
+            }
+            let mut run = scheduler.start(&Steps::Count(n)).unwrap();
+            let ts_key = format!("{p}timesteps");
+            if r.source_dtype_is_int(&ts_key) {
+                let got: Vec<i64> = run.timesteps().iter().map(|&t| t as i64).collect();
+                assert_eq!(got, r.ints(&ts_key), "{name} n={n} timesteps");
+            } else {
+                rel_close(
+                    &format!("{name} n={n} timesteps"),
+                    run.timesteps(),
+                    &r.floats(&ts_key),
+                    1e-6,
+                );
+            }
+            let init = r.floats(&format!("{p}init_noise_sigma"))[0] as f64;
+            assert!(
+                (run.init_noise_sigma() - init).abs() <= 1e-5 * init.max(1.0),
+                "{name} n={n} init_noise_sigma"
+            );
+            let steps = r.shape(&format!("{p}model_outputs"))[0];
+            assert_eq!(run.len(), steps, "{name} n={n} step count");
+            let draws = if r.has(&format!("{p}step_noises")) {
+                r.shape(&format!("{p}step_noises"))[0]
+            } else {
+                0
+            };
+            let noises = (0..draws)
+                .map(|i| slice(&r, &format!("{p}step_noises"), i, &device).0)
+                .collect();
+            let mut noise = RecordedNoise::new(noises);
+            let mut sample = r.tensor::<4>(&format!("{p}initial_sample"), &device);
+            for i in 0..steps {
+                let scaled = run.scale_model_input(sample.clone(), i).unwrap();
+                tensor_close(
+                    &format!("{name} n={n} scaled_model_inputs[{i}]"),
+                    &scaled,
+                    &slice(&r, &format!("{p}scaled_model_inputs"), i, &device).1,
+                    1e-5,
+                );
+                let (out, _) = slice(&r, &format!("{p}model_outputs"), i, &device);
+                let step = run.step(out, i, sample, &mut noise).unwrap();
+                tensor_close(
+                    &format!("{name} n={n} prev_samples[{i}]"),
+                    &step.prev_sample,
+                    &slice(&r, &format!("{p}prev_samples"), i, &device).1,
+                    1e-5,
+                );
+                if r.has(&format!("{p}denoised")) {
+                    tensor_close(
+                        &format!("{name} n={n} denoised[{i}]"),
+                        &step.pred_original_sample.clone().expect("denoised"),
+                        &slice(&r, &format!("{p}denoised"), i, &device).1,
+                        1e-5,
+                    );
+                }
+                sample = step.prev_sample;
+            }
+            assert_eq!(
+                noise.remaining(),
+                0,
+                "{name} n={n}: every recorded draw used"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 + 2 + 4, "step counts checked");
+}

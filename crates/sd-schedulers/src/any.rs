@@ -7,6 +7,7 @@ use crate::config::SchedulerConfig;
 use crate::ddim::Ddim;
 use crate::dpm_solver::DpmSolverMultistep;
 use crate::k_diffusion::{KDiffusion, KMethod};
+use crate::lcm::Lcm;
 use crate::pndm::Pndm;
 use crate::sigmas::SigmaSchedule;
 
@@ -21,11 +22,13 @@ pub enum AnyScheduler {
     DpmSolver(DpmSolverMultistep),
     /// `PNDMScheduler` (PLMS).
     Pndm(Pndm),
+    /// `LCMScheduler` (Latent Consistency Models, LCM-LoRA).
+    Lcm(Lcm),
 }
 
 /// The user-facing names [`AnyScheduler::from_name`] knows, with the A1111 / ComfyUI
 /// names they correspond to.
-pub const SCHEDULER_NAMES: [(&str, &str); 7] = [
+pub const SCHEDULER_NAMES: [(&str, &str); 8] = [
     ("ddim", "DDIM"),
     ("euler", "Euler"),
     ("euler-a", "Euler a"),
@@ -33,6 +36,7 @@ pub const SCHEDULER_NAMES: [(&str, &str); 7] = [
     ("dpmpp-2m-karras", "DPM++ 2M Karras"),
     ("lms", "LMS"),
     ("pndm", "PLMS"),
+    ("lcm", "LCM"),
 ];
 
 impl AnyScheduler {
@@ -71,11 +75,12 @@ impl AnyScheduler {
                 Self::DpmSolver(DpmSolverMultistep::from_config(config)?)
             }
             "PNDMScheduler" => Self::Pndm(Pndm::from_config(config)?),
+            "LCMScheduler" => Self::Lcm(Lcm::from_config(config)?),
             other => {
                 return Err(CoreError::Config {
                     field: "_class_name",
                     message: format!(
-                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM)"
+                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM, LCM)"
                     ),
                 });
             }
@@ -98,6 +103,7 @@ impl AnyScheduler {
             "euler-a" | "eulera" => Self::from_class("EulerAncestralDiscreteScheduler", base)?,
             "lms" => Self::from_class("LMSDiscreteScheduler", base)?,
             "pndm" | "plms" => Self::from_class("PNDMScheduler", base)?,
+            "lcm" => Self::from_class("LCMScheduler", base)?,
             "dpmpp-2m" | "dpm-solver++" | "dpmpp2m" => {
                 let mut c = base.clone();
                 c.use_karras_sigmas = Some(false);
@@ -132,6 +138,14 @@ impl AnyScheduler {
                 _ => {
                     return Err(CoreError::Unsupported(
                         "DDIM walks timesteps: only Align Your Steps applies; pass explicit sigmas as Steps::Sigmas".into(),
+                    ));
+                }
+            },
+            Self::Lcm(l) => match sigmas {
+                SigmaSchedule::Model => Self::Lcm(l),
+                _ => {
+                    return Err(CoreError::Unsupported(
+                        "LCM walks its distillation grid's timesteps: no sigma schedule".into(),
                     ));
                 }
             },
@@ -186,6 +200,7 @@ impl AnyScheduler {
             Self::KDiffusion(s) => s,
             Self::DpmSolver(s) => s,
             Self::Pndm(s) => s,
+            Self::Lcm(s) => s,
         }
     }
 }

@@ -77,6 +77,10 @@ pub struct SchedulerConfig {
     pub variance_type: Option<Value>,
     /// DPM-Solver: dynamic shifting (unsupported when true).
     pub use_dynamic_shifting: Option<bool>,
+    /// LCM: the step count of the distillation grid (50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: the timestep factor of the boundary condition (10).
+    pub timestep_scaling: Option<f64>,
 }
 
 /// Replaces the bare `Infinity`, `-Infinity` and `NaN` tokens diffusers writes (outside
