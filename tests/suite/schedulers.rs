@@ -6,7 +6,9 @@ use crate::common;
 
 use common::{Reference, fixture};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::core::{NoiseRng, NoiseSource, RecordedNoise, Scheduler, Steps};
+use stable_diffusion::core::{
+    NoiseRng, NoiseSource, RecordedNoise, Scheduler, SchedulerRun, Steps,
+};
 use stable_diffusion::schedulers::config::sanitize_json;
 use stable_diffusion::schedulers::{
     AnyScheduler, AysPreset, NoiseSchedule, SchedulerConfig, SigmaSchedule,
@@ -75,6 +77,91 @@ fn slice(r: &Reference, key: &str, i: usize, device: &Device) -> (Tensor<4>, Vec
     (t, v)
 }
 
+/// Checks one recorded trajectory (keys `{p}...`, e.g. `n4.`) against `run`: the
+/// timesteps (exact when stored as integers), sigmas, `init_noise_sigma` (within
+/// `init_tol` relative), the step count, then every step's scaled input, previous
+/// sample and estimate of the clean sample (`pred_original_samples`, or LCM's
+/// `denoised`). The recorded step noises are replayed, and every one must be drawn.
+fn check_trajectory(
+    what: &str,
+    r: &Reference,
+    p: &str,
+    mut run: Box<dyn SchedulerRun>,
+    init_tol: f64,
+    device: &Device,
+) {
+    let ts_key = format!("{p}timesteps");
+    if r.source_dtype_is_int(&ts_key) {
+        let got: Vec<i64> = run.timesteps().iter().map(|&t| t as i64).collect();
+        assert_eq!(got, r.ints(&ts_key), "{what} timesteps");
+    } else {
+        rel_close(
+            &format!("{what} timesteps"),
+            run.timesteps(),
+            &r.floats(&ts_key),
+            1e-6,
+        );
+    }
+    if r.has(&format!("{p}sigmas")) {
+        rel_close(
+            &format!("{what} sigmas"),
+            run.sigmas().unwrap(),
+            &r.floats(&format!("{p}sigmas")),
+            1e-6,
+        );
+    }
+    let init = r.floats(&format!("{p}init_noise_sigma"))[0] as f64;
+    assert!(
+        (run.init_noise_sigma() - init).abs() <= init_tol * init.max(1.0),
+        "{what} init_noise_sigma {} vs {init}",
+        run.init_noise_sigma()
+    );
+    let steps = r.shape(&format!("{p}model_outputs"))[0];
+    assert_eq!(run.len(), steps, "{what} step count");
+    let noise_key = format!("{p}step_noises");
+    let draws = if r.has(&noise_key) {
+        r.shape(&noise_key)[0]
+    } else {
+        0
+    };
+    let mut noise = RecordedNoise::new(
+        (0..draws)
+            .map(|i| slice(r, &noise_key, i, device).0)
+            .collect(),
+    );
+    let mut sample = r.tensor::<4>(&format!("{p}initial_sample"), device);
+    for i in 0..steps {
+        let scaled = run.scale_model_input(sample.clone(), i).unwrap();
+        tensor_close(
+            &format!("{what} scaled_model_inputs[{i}]"),
+            &scaled,
+            &slice(r, &format!("{p}scaled_model_inputs"), i, device).1,
+            1e-5,
+        );
+        let (out, _) = slice(r, &format!("{p}model_outputs"), i, device);
+        let step = run.step(out, i, sample, &mut noise).unwrap();
+        tensor_close(
+            &format!("{what} prev_samples[{i}]"),
+            &step.prev_sample,
+            &slice(r, &format!("{p}prev_samples"), i, device).1,
+            1e-5,
+        );
+        for key in ["pred_original_samples", "denoised"] {
+            if r.has(&format!("{p}{key}")) {
+                let x0 = step.pred_original_sample.clone().expect(key);
+                tensor_close(
+                    &format!("{what} {key}[{i}]"),
+                    &x0,
+                    &slice(r, &format!("{p}{key}"), i, device).1,
+                    1e-5,
+                );
+            }
+        }
+        sample = step.prev_sample;
+    }
+    assert_eq!(noise.remaining(), 0, "{what}: every recorded draw used");
+}
+
 fn check_case(name: &str, case: &serde_json::Value) {
     let device = Device::flex();
     let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
@@ -107,79 +194,8 @@ fn check_case(name: &str, case: &serde_json::Value) {
         if !r.has(&format!("{p}timesteps")) {
             continue;
         }
-        let steps = steps_for(n);
-        let mut run = scheduler.start(&steps).unwrap();
-        let ts_key = format!("{p}timesteps");
-        let want_ts: Vec<f32> = if r.source_dtype_is_int(&ts_key) {
-            r.ints(&ts_key).into_iter().map(|x| x as f32).collect()
-        } else {
-            r.floats(&ts_key)
-        };
-        if r.source_dtype_is_int(&ts_key) {
-            let got: Vec<i64> = run.timesteps().iter().map(|&t| t as i64).collect();
-            let want: Vec<i64> = r.ints(&ts_key);
-            assert_eq!(got, want, "{name} n={n} timesteps");
-        } else {
-            rel_close(
-                &format!("{name} n={n} timesteps"),
-                run.timesteps(),
-                &want_ts,
-                1e-6,
-            );
-        }
-        if r.has(&format!("{p}sigmas")) {
-            rel_close(
-                &format!("{name} n={n} sigmas"),
-                run.sigmas().unwrap(),
-                &r.floats(&format!("{p}sigmas")),
-                1e-6,
-            );
-        }
-        let init = r.floats(&format!("{p}init_noise_sigma"))[0] as f64;
-        assert!(
-            (run.init_noise_sigma() - init).abs() <= 1e-6 * init.max(1.0),
-            "{name} n={n} init_noise_sigma {} vs {init}",
-            run.init_noise_sigma()
-        );
-
-        let s = r.shape(&format!("{p}model_outputs"))[0];
-        assert_eq!(run.len(), s, "{name} n={n} step count");
-        let mut noise: Box<dyn NoiseSource> = if r.has(&format!("{p}step_noises")) {
-            let noises = (0..s)
-                .map(|i| slice(&r, &format!("{p}step_noises"), i, &device).0)
-                .collect();
-            Box::new(RecordedNoise::new(noises))
-        } else {
-            Box::new(NoiseRng::seed(0))
-        };
-        let mut sample = r.tensor::<4>(&format!("{p}initial_sample"), &device);
-        for i in 0..s {
-            let scaled = run.scale_model_input(sample.clone(), i).unwrap();
-            tensor_close(
-                &format!("{name} n={n} scaled_model_inputs[{i}]"),
-                &scaled,
-                &slice(&r, &format!("{p}scaled_model_inputs"), i, &device).1,
-                1e-5,
-            );
-            let (out, _) = slice(&r, &format!("{p}model_outputs"), i, &device);
-            let step = run.step(out, i, sample, noise.as_mut()).unwrap();
-            tensor_close(
-                &format!("{name} n={n} prev_samples[{i}]"),
-                &step.prev_sample,
-                &slice(&r, &format!("{p}prev_samples"), i, &device).1,
-                1e-5,
-            );
-            if r.has(&format!("{p}pred_original_samples")) {
-                let x0 = step.pred_original_sample.expect("pred_original_sample");
-                tensor_close(
-                    &format!("{name} n={n} pred_original_samples[{i}]"),
-                    &x0,
-                    &slice(&r, &format!("{p}pred_original_samples"), i, &device).1,
-                    1e-5,
-                );
-            }
-            sample = step.prev_sample;
-        }
+        let run = scheduler.start(&steps_for(n)).unwrap();
+        check_trajectory(&format!("{name} n={n}"), &r, &p, run, 1e-6, &device);
         checked += 1;
     }
     assert!(checked > 0, "{name}: no step counts");
@@ -466,67 +482,8 @@ fn lcm_and_trailing_euler_ancestral_match_diffusers() {
             if !r.has(&format!("{p}timesteps")) {
                 continue;
             }
-            let mut run = scheduler.start(&Steps::Count(n)).unwrap();
-            let ts_key = format!("{p}timesteps");
-            if r.source_dtype_is_int(&ts_key) {
-                let got: Vec<i64> = run.timesteps().iter().map(|&t| t as i64).collect();
-                assert_eq!(got, r.ints(&ts_key), "{name} n={n} timesteps");
-            } else {
-                rel_close(
-                    &format!("{name} n={n} timesteps"),
-                    run.timesteps(),
-                    &r.floats(&ts_key),
-                    1e-6,
-                );
-            }
-            let init = r.floats(&format!("{p}init_noise_sigma"))[0] as f64;
-            assert!(
-                (run.init_noise_sigma() - init).abs() <= 1e-5 * init.max(1.0),
-                "{name} n={n} init_noise_sigma"
-            );
-            let steps = r.shape(&format!("{p}model_outputs"))[0];
-            assert_eq!(run.len(), steps, "{name} n={n} step count");
-            let draws = if r.has(&format!("{p}step_noises")) {
-                r.shape(&format!("{p}step_noises"))[0]
-            } else {
-                0
-            };
-            let noises = (0..draws)
-                .map(|i| slice(&r, &format!("{p}step_noises"), i, &device).0)
-                .collect();
-            let mut noise = RecordedNoise::new(noises);
-            let mut sample = r.tensor::<4>(&format!("{p}initial_sample"), &device);
-            for i in 0..steps {
-                let scaled = run.scale_model_input(sample.clone(), i).unwrap();
-                tensor_close(
-                    &format!("{name} n={n} scaled_model_inputs[{i}]"),
-                    &scaled,
-                    &slice(&r, &format!("{p}scaled_model_inputs"), i, &device).1,
-                    1e-5,
-                );
-                let (out, _) = slice(&r, &format!("{p}model_outputs"), i, &device);
-                let step = run.step(out, i, sample, &mut noise).unwrap();
-                tensor_close(
-                    &format!("{name} n={n} prev_samples[{i}]"),
-                    &step.prev_sample,
-                    &slice(&r, &format!("{p}prev_samples"), i, &device).1,
-                    1e-5,
-                );
-                if r.has(&format!("{p}denoised")) {
-                    tensor_close(
-                        &format!("{name} n={n} denoised[{i}]"),
-                        &step.pred_original_sample.clone().expect("denoised"),
-                        &slice(&r, &format!("{p}denoised"), i, &device).1,
-                        1e-5,
-                    );
-                }
-                sample = step.prev_sample;
-            }
-            assert_eq!(
-                noise.remaining(),
-                0,
-                "{name} n={n}: every recorded draw used"
-            );
+            let run = scheduler.start(&Steps::Count(n)).unwrap();
+            check_trajectory(&format!("{name} n={n}"), &r, &p, run, 1e-5, &device);
             checked += 1;
         }
     }

@@ -50,3 +50,29 @@ pub(crate) fn check_range(
         ))
     }
 }
+
+/// The sizes the U-Net and the VAE configs share: 1 to 8 levels of
+/// `block_out_channels`, each width, `in_channels`, `out_channels` and `sample_size`
+/// within [`MAX_WIDTH`].
+pub(crate) fn check_block_sizes(
+    block_out_channels: &[usize],
+    in_channels: usize,
+    out_channels: usize,
+    sample_size: Option<usize>,
+) -> Result<(), ConfigError> {
+    if block_out_channels.is_empty() || block_out_channels.len() > 8 {
+        return Err(ConfigError::unsupported(
+            "block_out_channels",
+            "must have 1 to 8 entries",
+        ));
+    }
+    for &c in block_out_channels {
+        check_range("block_out_channels", c, MAX_WIDTH)?;
+    }
+    check_range("in_channels", in_channels, MAX_WIDTH)?;
+    check_range("out_channels", out_channels, MAX_WIDTH)?;
+    if let Some(s) = sample_size {
+        check_range("sample_size", s, MAX_WIDTH)?;
+    }
+    Ok(())
+}

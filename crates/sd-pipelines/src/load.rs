@@ -212,7 +212,7 @@ pub(crate) fn load_path(
     if let Some(p) = &options.prediction_type {
         loaded.scheduler_config.prediction_type = Some(p.clone());
     }
-    loaded.vae = loaded.vae.clone().with_tiling(options.vae_tiling);
+    loaded.vae = loaded.vae.with_tiling(options.vae_tiling);
     for lora in &options.loras {
         let (unet, text_encoder) = apply_lora_file(&loaded.unet, &loaded.text_encoder, lora)?;
         loaded.unet = unet;

@@ -263,26 +263,19 @@ impl StableDiffusionPipeline {
 
     /// The task a request describes, its images read and fitted.
     fn task(&self, r: &mut GenerationRequest<'_>) -> Result<Task, PipelineError> {
+        crate::validate::check_inputs(r)?;
         let image = r.init_image.take();
         let mask = r.mask.take();
         let strength = r.strength.unwrap_or(1.0);
         match (image, mask, r.outpaint) {
-            (None, None, None) => Ok(Task::Txt2Img),
-            (None, _, _) => Err(PipelineError::request(
-                "init_image",
-                "a mask or outpaint margins need an init image",
-            )),
-            (Some(_), Some(_), Some(_)) => Err(PipelineError::request(
-                "mask",
-                "outpainting makes its own mask: set either a mask or outpaint margins",
-            )),
+            (None, _, _) => Ok(Task::Txt2Img),
             (Some(i), None, None) => Ok(Task::Img2Img(self.image_tensor(i, r, false)?, strength)),
             (Some(i), Some(m), None) => Ok(Task::Inpaint(
                 self.image_tensor(i, r, false)?,
                 self.image_tensor(m, r, true)?,
                 strength,
             )),
-            (Some(i), None, Some((extend, seam))) => Ok(Task::Outpaint(
+            (Some(i), _, Some((extend, seam))) => Ok(Task::Outpaint(
                 self.image_tensor(i, r, false)?,
                 extend,
                 seam,
@@ -332,14 +325,12 @@ impl StableDiffusionPipeline {
         &self,
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
-        self.validate(&request)?;
-        let (scheduler, sampler) = self.scheduler_for(&request)?;
+        let (scheduler, sampler) = self.checked_scheduler(&request)?;
         let (unet, text_encoder) = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
         let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
-        self.check_memory(&self.task_options(&options, &task))?;
         options.init_latents = request.init_latents.take();
         if matches!(task, Task::Txt2Img)
             && options.init_latents.is_none()
@@ -368,25 +359,6 @@ impl StableDiffusionPipeline {
             }
         };
         Ok(self.output(out, &request, &sampler, seed))
-    }
-
-    /// The options of a task at the size it runs at (an input image's, grown by
-    /// outpaint margins).
-    fn task_options(&self, o: &GenerationOptions, task: &Task) -> GenerationOptions {
-        let (w, h) = match task {
-            Task::Txt2Img => (o.width, o.height),
-            Task::Img2Img(i, _) | Task::Inpaint(i, _, _) => (i.dims()[3], i.dims()[2]),
-            Task::Outpaint(i, e, _) => (
-                i.dims()[3] + e.left + e.right,
-                i.dims()[2] + e.top + e.bottom,
-            ),
-        };
-        GenerationOptions {
-            width: w,
-            height: h,
-            init_latents: None,
-            ..o.clone()
-        }
     }
 
     pub(crate) fn options(&self, r: &GenerationRequest<'_>) -> GenerationOptions {
@@ -479,11 +451,10 @@ impl StableDiffusionPipeline {
         b: GenerationRequest<'_>,
         frames: usize,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let (scheduler, sampler) = self.scheduler_for(&a)?;
+        let (scheduler, sampler) = self.checked_scheduler(&a)?;
+        self.validate(&b)?;
         let (unet, text_encoder) = self.models_for(&a.loras)?;
         let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
-        self.validate(&a)?;
-        self.validate(&b)?;
         let (oa, ob) = (self.options(&a), self.options(&b));
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);

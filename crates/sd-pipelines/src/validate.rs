@@ -3,11 +3,33 @@
 
 use sd_core::{Autoencoder, Scheduler, TextEncoder, img2img_start};
 use sd_io::image::{SizeMode, fitted_size};
+use sd_schedulers::AnyScheduler;
 
 use crate::composed::{GenerationOptions, check_options, check_size};
 use crate::error::PipelineError;
 use crate::pipeline::StableDiffusionPipeline;
 use crate::request::{GenerationRequest, ImageInput};
+
+/// How a request's inputs may combine: a mask or outpaint margins need an init
+/// image, and outpainting makes its own mask.
+///
+/// # Errors
+/// [`PipelineError::Request`] naming the input that does not fit.
+pub(crate) fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
+    if r.init_image.is_none() && (r.mask.is_some() || r.outpaint.is_some()) {
+        return Err(PipelineError::request(
+            "init_image",
+            "a mask or outpaint margins need an init image",
+        ));
+    }
+    if r.mask.is_some() && r.outpaint.is_some() {
+        return Err(PipelineError::request(
+            "mask",
+            "outpainting makes its own mask: set either a mask or outpaint margins",
+        ));
+    }
+    Ok(())
+}
 
 impl StableDiffusionPipeline {
     /// Checks a request without running anything: the scheduler and its steps, the
@@ -18,10 +40,19 @@ impl StableDiffusionPipeline {
     /// # Errors
     /// What [`Self::generate`] would refuse before denoising.
     pub fn validate(&self, r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
+        self.checked_scheduler(r).map(|_| ())
+    }
+
+    /// [`Self::validate`], returning the scheduler (and its sampler label) the
+    /// request runs with, so that a run builds it once.
+    pub(crate) fn checked_scheduler(
+        &self,
+        r: &GenerationRequest<'_>,
+    ) -> Result<(AnyScheduler, String), PipelineError> {
         if r.num_images == 0 {
             return Err(PipelineError::request("num_images", "must be at least 1"));
         }
-        let (scheduler, _) = self.scheduler_for(r)?;
+        let (scheduler, label) = self.scheduler_for(r)?;
         let options = self.options(r);
         check_options(&options)?;
         if let Some(k) = r.clip_skip
@@ -52,7 +83,8 @@ impl StableDiffusionPipeline {
             width,
             height,
             ..options
-        })
+        })?;
+        Ok((scheduler, label))
     }
 
     /// Sizes must be multiples of 8 and of the VAE's factor.
@@ -86,23 +118,12 @@ impl StableDiffusionPipeline {
         r: &GenerationRequest<'_>,
         o: &GenerationOptions,
     ) -> Result<(usize, usize), PipelineError> {
+        check_inputs(r)?;
         let Some(image) = &r.init_image else {
-            if r.mask.is_some() || r.outpaint.is_some() {
-                return Err(PipelineError::request(
-                    "init_image",
-                    "a mask or outpaint margins need an init image",
-                ));
-            }
             return Ok((o.width, o.height));
         };
         let (w, h) = self.input_size(image, r.size_mode, 3)?;
         if let Some(mask) = &r.mask {
-            if r.outpaint.is_some() {
-                return Err(PipelineError::request(
-                    "mask",
-                    "outpainting makes its own mask: set either a mask or outpaint margins",
-                ));
-            }
             let (mw, mh) = self.input_size(mask, r.size_mode, 1)?;
             if (mw, mh) != (w, h) {
                 return Err(PipelineError::request(

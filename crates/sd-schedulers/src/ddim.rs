@@ -58,20 +58,13 @@ impl Ddim {
                 "dynamic thresholding is not supported",
             ));
         }
-        let final_alpha_cumprod = if c.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0] as f64
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(c);
         Ok(Self {
             prediction: PredictionType::from_config(c)?,
             spacing: TimestepSpacing::from_config(c, TimestepSpacing::Leading)?,
             steps_offset: c.steps_offset.unwrap_or(0),
             final_alpha_cumprod,
-            clip_sample: c
-                .clip_sample
-                .unwrap_or(true)
-                .then(|| c.clip_sample_range.unwrap_or(1.0)),
+            clip_sample: crate::schedule::clip_sample(c),
             eta: 0.0,
             ays: None,
             schedule,

@@ -48,20 +48,13 @@ impl Lcm {
         if !timestep_scaling.is_finite() {
             return Err(unsupported("timestep_scaling", "must be finite"));
         }
-        let final_alpha_cumprod = if c.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0] as f64
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(c);
         Ok(Self {
             prediction: PredictionType::from_config(c)?,
             original_steps,
             timestep_scaling,
             final_alpha_cumprod,
-            clip_sample: c
-                .clip_sample
-                .unwrap_or(true)
-                .then(|| c.clip_sample_range.unwrap_or(1.0)),
+            clip_sample: crate::schedule::clip_sample(c),
             schedule,
         })
     }

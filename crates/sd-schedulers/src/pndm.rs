@@ -36,11 +36,7 @@ impl Pndm {
             ));
         }
         let schedule = NoiseSchedule::from_config(c)?;
-        let final_alpha_cumprod = if c.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0] as f64
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(c);
         Ok(Self {
             prediction,
             spacing: TimestepSpacing::from_config(c, TimestepSpacing::Leading)?,

@@ -59,6 +59,14 @@ impl TimestepSpacing {
     }
 }
 
+/// The range predictions of `x0` are clamped to: `clip_sample_range` (1) when
+/// `clip_sample` is on (the default), `None` otherwise.
+pub(crate) fn clip_sample(c: &SchedulerConfig) -> Option<f64> {
+    c.clip_sample
+        .unwrap_or(true)
+        .then(|| c.clip_sample_range.unwrap_or(1.0))
+}
+
 /// The most training timesteps a config may ask for (diffusion models use 1000).
 pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
 
@@ -182,6 +190,17 @@ impl NoiseSchedule {
             && let Some(last) = self.alphas_cumprod.last_mut()
         {
             *last = 2f32.powi(-24);
+        }
+    }
+
+    /// `alpha_cumprod` "before" the first training step, where a DDIM-style step
+    /// lands after timestep 0: 1 with `set_alpha_to_one` (the default), else
+    /// `alphas_cumprod[0]`.
+    pub(crate) fn final_alpha_cumprod(&self, c: &SchedulerConfig) -> f64 {
+        if c.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            self.alphas_cumprod[0] as f64
         }
     }
 

@@ -293,19 +293,13 @@ impl UNet2DConditionConfig {
         fn u(f: &'static str, m: impl Into<String>) -> ConfigError {
             ConfigError::unsupported(f, m)
         }
+        crate::error::check_block_sizes(
+            &self.block_out_channels,
+            self.in_channels,
+            self.out_channels,
+            self.sample_size,
+        )?;
         let n = self.block_out_channels.len();
-        if n == 0 || n > 8 {
-            return Err(u("block_out_channels", "must have 1 to 8 entries"));
-        }
-        use crate::error::{MAX_WIDTH, check_range};
-        for &c in &self.block_out_channels {
-            check_range("block_out_channels", c, MAX_WIDTH)?;
-        }
-        check_range("in_channels", self.in_channels, MAX_WIDTH)?;
-        check_range("out_channels", self.out_channels, MAX_WIDTH)?;
-        if let Some(s) = self.sample_size {
-            check_range("sample_size", s, MAX_WIDTH)?;
-        }
         if self.down_block_types.len() != n {
             return Err(u(
                 "down_block_types",

@@ -102,21 +102,16 @@ impl AutoencoderKLConfig {
         fn u(f: &'static str, m: impl Into<String>) -> ConfigError {
             ConfigError::unsupported(f, m)
         }
-        let n = self.block_out_channels.len();
-        if n == 0 || n > 8 {
-            return Err(u("block_out_channels", "must have 1 to 8 entries"));
-        }
-        use crate::error::{MAX_LAYERS, MAX_WIDTH, check_range};
-        for &c in &self.block_out_channels {
-            check_range("block_out_channels", c, MAX_WIDTH)?;
-        }
-        check_range("in_channels", self.in_channels, MAX_WIDTH)?;
-        check_range("out_channels", self.out_channels, MAX_WIDTH)?;
+        use crate::error::{MAX_LAYERS, MAX_WIDTH, check_block_sizes, check_range};
+        check_block_sizes(
+            &self.block_out_channels,
+            self.in_channels,
+            self.out_channels,
+            self.sample_size,
+        )?;
         check_range("latent_channels", self.latent_channels, MAX_WIDTH)?;
         check_range("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
-        if let Some(s) = self.sample_size {
-            check_range("sample_size", s, MAX_WIDTH)?;
-        }
+        let n = self.block_out_channels.len();
         if !self.down_block_types.is_empty() && self.down_block_types.len() != n {
             return Err(u("down_block_types", format!("expected {n} entries")));
         }
