@@ -16,5 +16,6 @@ mod models;
 mod open_clip;
 mod pipelines;
 mod schedulers;
+mod taesd;
 mod tokenizer;
 mod training;

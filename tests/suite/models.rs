@@ -201,7 +201,7 @@ fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
     );
     assert_close(
         &format!("[{name}] encode_logvar"),
-        &dist.logvar,
+        dist.logvar.as_ref().unwrap(),
         &r.floats("encode_logvar"),
         t,
     );
@@ -232,7 +232,7 @@ fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
 /// an autotune thread waiting for exclusive access to the device while the test
 /// thread waited for room in the device's queue), which hangs the whole suite; on the
 /// EPYC machines before it passed. See docs/performance.md.
-fn vae_devices() -> Vec<(&'static str, Device)> {
+pub fn vae_devices() -> Vec<(&'static str, Device)> {
     let wgpu_too = std::env::var("SD_TEST_WGPU_VAE").is_ok_and(|v| v == "1");
     devices()
         .into_iter()

@@ -4,7 +4,8 @@ use burn::prelude::*;
 
 use crate::error::CoreError;
 
-/// A diagonal Gaussian posterior `N(mean, exp(logvar))` over latents.
+/// A diagonal Gaussian posterior `N(mean, exp(logvar))` over latents, or a point
+/// mass at `mean` for a deterministic encoder (TAESD).
 ///
 /// Follows diffusers' `DiagonalGaussianDistribution`: `logvar` is clamped to
 /// `[-30, 20]` when built from moments.
@@ -12,8 +13,8 @@ use crate::error::CoreError;
 pub struct DiagonalGaussian {
     /// Mean `[batch, latent_channels, h, w]`.
     pub mean: Tensor<4>,
-    /// Log-variance, clamped, same shape as `mean`.
-    pub logvar: Tensor<4>,
+    /// Log-variance, clamped, same shape as `mean`; `None` for a point mass.
+    pub logvar: Option<Tensor<4>>,
 }
 
 impl DiagonalGaussian {
@@ -24,18 +25,41 @@ impl DiagonalGaussian {
         let mut parts = moments.split(c2 / 2, 1);
         let logvar = parts.pop().expect("two halves").clamp(-30.0, 20.0);
         let mean = parts.pop().expect("two halves");
-        Self { mean, logvar }
+        Self {
+            mean,
+            logvar: Some(logvar),
+        }
     }
 
-    /// Standard deviation `exp(0.5 * logvar)`.
+    /// A point mass at `latents` (a deterministic encoder's output).
+    pub fn point(latents: Tensor<4>) -> Self {
+        Self {
+            mean: latents,
+            logvar: None,
+        }
+    }
+
+    /// Whether sampling draws anything (false for a point mass).
+    pub fn is_random(&self) -> bool {
+        self.logvar.is_some()
+    }
+
+    /// Standard deviation `exp(0.5 * logvar)` (zeros for a point mass).
     pub fn std(&self) -> Tensor<4> {
-        (self.logvar.clone() * 0.5).exp()
+        match &self.logvar {
+            Some(l) => (l.clone() * 0.5).exp(),
+            None => self.mean.zeros_like(),
+        }
     }
 
     /// Draws `mean + std * noise` with caller-supplied standard normal `noise`
-    /// (same shape as `mean`), so the draw is reproducible and replayable.
+    /// (same shape as `mean`), so the draw is reproducible and replayable; a point
+    /// mass returns `mean` and ignores `noise`.
     pub fn sample(&self, noise: Tensor<4>) -> Tensor<4> {
-        self.mean.clone() + self.std() * noise
+        match &self.logvar {
+            Some(_) => self.mean.clone() + self.std() * noise,
+            None => self.mean.clone(),
+        }
     }
 
     /// The mode of the distribution (its mean).

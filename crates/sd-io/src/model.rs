@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use sd_models::{
-    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, AutoencoderTinyConfig, ClipTextConfig,
+    ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel,
 };
 
 use crate::error::IoError;
@@ -133,6 +133,31 @@ pub fn vae_from_dir(
         &KeyMapping::diffusers(),
         options.load(),
         "vae",
+    )
+}
+
+/// Reads and validates an `AutoencoderTiny` (TAESD) `config.json`.
+pub fn read_tiny_vae_config(path: &Path) -> Result<AutoencoderTinyConfig, IoError> {
+    AutoencoderTinyConfig::from_json(&read_json_file(path)?).map_err(config_err(path))
+}
+
+/// Builds a tiny autoencoder (TAESD, TAESDXL) from its diffusers folder
+/// (`madebyollin/taesd`: `config.json` + `diffusion_pytorch_model.safetensors`).
+pub fn tiny_vae_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<AutoencoderTiny, IoError> {
+    let config = read_tiny_vae_config(&dir.join("config.json"))?;
+    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
+    let model = AutoencoderTiny::new(&config, device).map_err(config_err(&path))?;
+    let source = WeightSource::open(&path)?;
+    load_module(
+        model,
+        &source,
+        &KeyMapping::diffusers(),
+        options.load(),
+        "tiny vae",
     )
 }
 

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod autoencoder_kl;
+pub mod autoencoder_tiny;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
@@ -17,8 +18,11 @@ pub mod unet_2d_condition;
 pub mod vae_tiling;
 
 pub use autoencoder_kl::AutoencoderKL;
+pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
-pub use config::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+pub use config::{
+    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, UNet2DConditionConfig,
+};
 pub use error::ConfigError;
 pub use unet_2d_condition::UNet2DConditionModel;
 pub use vae_tiling::VaeTiling;
@@ -27,11 +31,14 @@ pub use vae_tiling::VaeTiling;
 /// diffusers / transformers weight key.
 ///
 /// Only three names differ: `to_out` is `to_out.0` (diffusers keeps a dropout at
-/// `to_out.1`), and the feed-forward's `net_0` / `net_2` are `net.0` / `net.2`.
+/// `to_out.1`), and the feed-forward's `net_0` / `net_2` are `net.0` / `net.2`. burn
+/// also names the variant of an enum module (`layers.2.Block.conv.0.weight`, see
+/// [`autoencoder_tiny::TinyLayer`]); those segments, capitalised, are dropped.
 pub fn diffusers_key(path: &str) -> String {
     let mut out = Vec::new();
     for seg in path.split('.') {
         match seg {
+            s if s.starts_with(|c: char| c.is_ascii_uppercase()) => {}
             "to_out" => {
                 out.push("to_out");
                 out.push("0");
@@ -65,5 +72,9 @@ mod tests {
             "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.bias"
         );
         assert_eq!(diffusers_key("conv_in.weight"), "conv_in.weight");
+        assert_eq!(
+            diffusers_key("decoder.layers.2.Block.conv.4.Conv.weight"),
+            "decoder.layers.2.conv.4.weight"
+        );
     }
 }

@@ -194,8 +194,13 @@ impl StableDiffusion<'_> {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor<4>, CoreError> {
         let dist = self.vae.encode(image)?;
-        let eps = noise.normal(dist.mean.dims(), &self.device)?;
-        let l = dist.sample(eps) * self.vae.scaling_factor();
+        // diffusers draws from the posterior only when there is one (not for TAESD).
+        let l = if dist.is_random() {
+            let eps = noise.normal(dist.mean.dims(), &self.device)?;
+            dist.sample(eps)
+        } else {
+            dist.mode()
+        } * self.vae.scaling_factor();
         let b = l.dims()[0];
         Ok(if b == batch {
             l

@@ -8,8 +8,10 @@ mod clip;
 mod one_or_many;
 mod unet;
 mod vae;
+mod vae_tiny;
 
 pub use clip::{ClipActivation, ClipTextConfig};
 pub use one_or_many::OneOrMany;
 pub use unet::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 pub use vae::AutoencoderKLConfig;
+pub use vae_tiny::AutoencoderTinyConfig;
