@@ -309,6 +309,8 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             text_encoder: &te,
             unet: &unet,
             vae: &vae,
+            decoder: None,
+            preview_decoder: None,
             scheduler: &scheduler,
             device: device.clone(),
         };

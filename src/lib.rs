@@ -70,11 +70,13 @@ pub mod prelude {
     };
     pub use sd_io::image::{GenerationParameters, SizeMode};
     pub use sd_io::{ComponentOptions, DiffusersDir, IoError, SingleFile};
-    pub use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel, VaeTiling};
+    pub use sd_models::{
+        AutoencoderKL, AutoencoderTiny, ClipTextModel, UNet2DConditionModel, VaeTiling,
+    };
     pub use sd_pipelines::{
-        Extend, GeneratedImage, Generation, GenerationOptions, GenerationRequest, ImageInput,
-        LoadOptions, LoraSpec, ModelFamily, ModelSource, PipelineError, SchedulerChoice,
-        StableDiffusion, StableDiffusionPipeline, StepInfo,
+        Extend, GeneratedImage, Generation, GenerationOptions, GenerationRequest, HiresFix,
+        HiresUpscaler, ImageInput, LoadOptions, LoraSpec, ModelFamily, ModelSource, PipelineError,
+        SchedulerChoice, StableDiffusion, StableDiffusionPipeline, StepInfo,
     };
     pub use sd_schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
 }

@@ -8,6 +8,7 @@ mod configs;
 mod corrupt_files;
 mod demo_model;
 mod examples;
+mod fast_paths;
 mod fuzz;
 mod fuzz_targets;
 mod hub;

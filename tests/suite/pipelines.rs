@@ -297,6 +297,8 @@ fn tiny_sd<'a>(
         text_encoder: &m.text_encoder,
         unet: if inpaint { &m.inpaint_unet } else { &m.unet },
         vae: &m.vae,
+        decoder: None,
+        preview_decoder: None,
         scheduler,
         device: device.clone(),
     }

@@ -61,7 +61,6 @@ impl Default for GenerationOptions {
 }
 
 /// What a step callback sees.
-#[derive(Debug)]
 pub struct StepInfo<'a> {
     /// Index of the step just taken (into the run's timesteps).
     pub step: usize,
@@ -71,13 +70,46 @@ pub struct StepInfo<'a> {
     pub timestep: f64,
     /// The latents after the step, `[b, 4, h, w]`.
     pub latents: &'a Tensor<4>,
+    /// The preview decoder of the run ([`StableDiffusion::preview_decoder`]).
+    pub(crate) preview_decoder: Option<&'a dyn Autoencoder>,
+}
+
+impl std::fmt::Debug for StepInfo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepInfo")
+            .field("step", &self.step)
+            .field("total", &self.total)
+            .field("timestep", &self.timestep)
+            .field("latents", &self.latents.dims())
+            .field("preview_decoder", &self.preview_decoder.is_some())
+            .finish()
+    }
 }
 
 impl StepInfo<'_> {
-    /// A cheap preview of the latents (no VAE): `[b, 3, h, w]` in `[0, 1]`, at latent
-    /// resolution; see [`latent_preview`].
+    /// A preview of the latents in `[0, 1]`: decoded by the run's preview decoder
+    /// (the tiny autoencoder, `[b, 3, H, W]` at full size) when it has one, else
+    /// [`Self::cheap_preview`]. The latents are a noisy estimate until the last
+    /// steps; the preview shows them as they are.
     pub fn preview(&self) -> Tensor<4> {
+        self.preview_decoder
+            .and_then(|d| {
+                d.decode(self.latents.clone() / d.scaling_factor())
+                    .ok()
+                    .map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0))
+            })
+            .unwrap_or_else(|| self.cheap_preview())
+    }
+
+    /// The cheapest preview (no decoder): `[b, 3, h, w]` in `[0, 1]` at latent
+    /// resolution; see [`latent_preview`].
+    pub fn cheap_preview(&self) -> Tensor<4> {
         latent_preview(self.latents)
+    }
+
+    /// Whether [`Self::preview`] decodes with a preview decoder.
+    pub fn has_preview_decoder(&self) -> bool {
+        self.preview_decoder.is_some()
     }
 }
 
@@ -106,6 +138,12 @@ pub struct StableDiffusion<'a> {
     pub unet: &'a dyn Denoiser,
     /// The autoencoder.
     pub vae: &'a dyn Autoencoder,
+    /// Decodes the final latents instead of `vae` when set (the tiny autoencoder:
+    /// faster, a little less detail).
+    pub decoder: Option<&'a dyn Autoencoder>,
+    /// Decodes [`StepInfo::preview`] (the tiny autoencoder); `None`: the cheap
+    /// linear preview.
+    pub preview_decoder: Option<&'a dyn Autoencoder>,
     /// The scheduler.
     pub scheduler: &'a dyn Scheduler,
     /// Where tensors are created.
@@ -162,7 +200,8 @@ impl StableDiffusion<'_> {
     /// # Errors
     /// As [`Autoencoder::decode`].
     pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
-        let raw = self.vae.decode(latents / self.vae.scaling_factor())?;
+        let vae = self.decoder.unwrap_or(self.vae);
+        let raw = vae.decode(latents / vae.scaling_factor())?;
         Ok((raw / 2.0 + 0.5).clamp(0.0, 1.0))
     }
 

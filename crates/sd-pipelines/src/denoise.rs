@@ -126,6 +126,7 @@ impl StableDiffusion<'_> {
                     total,
                     timestep: t,
                     latents: &latents,
+                    preview_decoder: self.preview_decoder,
                 };
                 if !cb(&info) {
                     return Err(CoreError::Cancelled(i));

@@ -36,6 +36,7 @@
 pub mod composed;
 pub mod denoise;
 pub mod error;
+pub mod hires;
 pub mod hub;
 pub mod img2img;
 pub mod inpaint;
@@ -57,6 +58,7 @@ pub use composed::{
 };
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
 pub use error::PipelineError;
+pub use hires::{HiresFix, HiresUpscaler};
 pub use hub::HubOptions;
 pub use interpolate::{Endpoints, slerp};
 pub use load::{LoadOptions, LoraSpec, ModelFamily, ModelSource};

@@ -138,6 +138,10 @@ pub struct LoadOptions {
     pub config: Option<PathBuf>,
     /// When the VAE works in tiles (default: above 1024x1024 pixels).
     pub vae_tiling: VaeTiling,
+    /// A tiny autoencoder (TAESD's diffusers folder, `madebyollin/taesd`) for
+    /// previews and, on request, fast decoding; see
+    /// [`crate::StableDiffusionPipeline::load_tiny_vae`].
+    pub tiny_vae: Option<PathBuf>,
     /// LoRAs merged into the weights once, at load.
     pub loras: Vec<LoraSpec>,
     /// Where hub repositories are fetched from and cached (the `hub` feature);

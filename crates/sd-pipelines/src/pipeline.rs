@@ -9,7 +9,8 @@ use sd_core::{Autoencoder, NoiseRng, NoiseSource, Scheduler, Steps};
 use sd_io::ClipTokenizer;
 use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tensor, read_image};
 use sd_models::{
-    AutoencoderKL, AutoencoderKLConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel,
+    AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, UNet2DConditionConfig,
+    UNet2DConditionModel,
 };
 use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
 
@@ -30,6 +31,7 @@ pub struct StableDiffusionPipeline {
     pub(crate) text_encoder: ClipTextModel,
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) vae: AutoencoderKL,
+    pub(crate) tiny_vae: Option<AutoencoderTiny>,
     pub(crate) unet_config: UNet2DConditionConfig,
     pub(crate) vae_config: AutoencoderKLConfig,
     pub(crate) scheduler_config: SchedulerConfig,
@@ -76,7 +78,53 @@ impl StableDiffusionPipeline {
         if let Some(name) = name {
             loaded.name = name;
         }
-        Self::from_loaded(loaded, device)
+        let mut pipeline = Self::from_loaded(loaded, device)?;
+        if let Some(dir) = &options.tiny_vae {
+            pipeline.load_tiny_vae(dir)?;
+        }
+        Ok(pipeline)
+    }
+
+    /// Loads a tiny autoencoder (TAESD for SD 1.x/2.x: `madebyollin/taesd`'s
+    /// diffusers folder) for every later run: [`StepInfo::preview`] decodes with it,
+    /// and [`GenerationRequest::tiny_decoder`] decodes the final picture with it.
+    ///
+    /// # Errors
+    /// An unreadable folder, weights that do not fit, a latent space that is not the
+    /// VAE's (channels or factor).
+    pub fn load_tiny_vae(&mut self, dir: impl AsRef<std::path::Path>) -> Result<(), PipelineError> {
+        let options = sd_io::ComponentOptions::default();
+        let tiny = sd_io::model::tiny_vae_from_dir(dir.as_ref(), &self.device, &options)?;
+        self.set_tiny_vae(Some(tiny))
+    }
+
+    /// Sets (or with `None` removes) the tiny autoencoder; see [`Self::load_tiny_vae`].
+    ///
+    /// # Errors
+    /// A latent space that is not the VAE's (channels or downscale factor).
+    pub fn set_tiny_vae(&mut self, tiny: Option<AutoencoderTiny>) -> Result<(), PipelineError> {
+        if let Some(t) = &tiny
+            && (t.latent_channels() != self.vae.latent_channels()
+                || t.downscale_factor() != self.vae.downscale_factor())
+        {
+            return Err(PipelineError::request(
+                "tiny_vae",
+                format!(
+                    "{} latent channels at 1/{} scale, the VAE has {} at 1/{}",
+                    t.latent_channels(),
+                    t.downscale_factor(),
+                    self.vae.latent_channels(),
+                    self.vae.downscale_factor()
+                ),
+            ));
+        }
+        self.tiny_vae = tiny;
+        Ok(())
+    }
+
+    /// The tiny autoencoder, when one is loaded.
+    pub fn tiny_vae(&self) -> Option<&AutoencoderTiny> {
+        self.tiny_vae.as_ref()
     }
 
     fn from_loaded(l: Loaded, device: &Device) -> Result<Self, PipelineError> {
@@ -86,6 +134,7 @@ impl StableDiffusionPipeline {
             text_encoder: l.text_encoder,
             unet: l.unet,
             vae: l.vae,
+            tiny_vae: None,
             unet_config: l.unet_config,
             vae_config: l.vae_config,
             scheduler_config: l.scheduler_config,
@@ -171,22 +220,27 @@ impl StableDiffusionPipeline {
     /// The borrowing composition over these parts with `scheduler`, for the
     /// lower-level task methods ([`StableDiffusion::txt2img`], ...).
     pub fn composed<'a>(&'a self, scheduler: &'a dyn Scheduler) -> StableDiffusion<'a> {
-        self.run_parts(&self.unet, &self.text_encoder, scheduler)
+        self.run_parts(&self.unet, &self.text_encoder, scheduler, false)
     }
 
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
-    /// U-Net and text encoder (LoRAs merged) and scheduler.
+    /// U-Net and text encoder (LoRAs merged) and scheduler; the tiny autoencoder,
+    /// when loaded, decodes the previews and, with `tiny_decoder`, the pictures.
     fn run_parts<'a>(
         &'a self,
         unet: &'a UNet2DConditionModel,
         text_encoder: &'a ClipTextModel,
         scheduler: &'a dyn Scheduler,
+        tiny_decoder: bool,
     ) -> StableDiffusion<'a> {
+        let tiny = self.tiny_vae.as_ref().map(|t| t as &dyn Autoencoder);
         StableDiffusion {
             tokenizer: &self.tokenizer,
             text_encoder,
             unet,
             vae: &self.vae,
+            decoder: tiny.filter(|_| tiny_decoder),
+            preview_decoder: tiny,
             scheduler,
             device: self.device.clone(),
         }
@@ -328,7 +382,12 @@ impl StableDiffusionPipeline {
         let (scheduler, sampler) = self.checked_scheduler(&request)?;
         let (unet, text_encoder) = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
-        let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
+        let sd = self.run_parts(
+            unet.as_ref(),
+            text_encoder.as_ref(),
+            &scheduler,
+            request.tiny_decoder,
+        );
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
         options.init_latents = request.init_latents.take();
@@ -347,7 +406,10 @@ impl StableDiffusionPipeline {
             .as_mut()
             .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
         let out = match task {
-            Task::Txt2Img => sd.txt2img(&options, noise.as_mut(), cb)?,
+            Task::Txt2Img => match &request.hires {
+                Some(h) => sd.txt2img_hires(&options, h, noise.as_mut(), cb)?,
+                None => sd.txt2img(&options, noise.as_mut(), cb)?,
+            },
             Task::Img2Img(image, strength) => {
                 sd.img2img(&options, image, strength, noise.as_mut(), cb)?
             }
@@ -454,7 +516,12 @@ impl StableDiffusionPipeline {
         let (scheduler, sampler) = self.checked_scheduler(&a)?;
         self.validate(&b)?;
         let (unet, text_encoder) = self.models_for(&a.loras)?;
-        let sd = self.run_parts(unet.as_ref(), text_encoder.as_ref(), &scheduler);
+        let sd = self.run_parts(
+            unet.as_ref(),
+            text_encoder.as_ref(),
+            &scheduler,
+            a.tiny_decoder,
+        );
         let (oa, ob) = (self.options(&a), self.options(&b));
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);

@@ -9,6 +9,7 @@ use sd_io::image::SizeMode;
 use sd_schedulers::{AnyScheduler, SigmaSchedule};
 
 use crate::composed::StepInfo;
+use crate::hires::HiresFix;
 use crate::load::LoraSpec;
 use crate::outpaint::Extend;
 
@@ -79,8 +80,9 @@ pub enum SchedulerChoice {
 }
 
 /// The callback of a request: called after every step with the step's
-/// [`StepInfo`] (index, total, timestep, latents and [`StepInfo::preview`]);
-/// returning `false` cancels the run.
+/// [`StepInfo`] (index, total, timestep, latents and [`StepInfo::preview`], decoded
+/// by the tiny autoencoder when the pipeline has one); returning `false` cancels the
+/// run.
 pub type RequestCallback<'a> = Box<dyn FnMut(&StepInfo<'_>) -> bool + 'a>;
 
 /// What to generate. Built with [`GenerationRequest::new`] and the setters; the task
@@ -107,6 +109,8 @@ pub struct GenerationRequest<'a> {
     pub(crate) loras: Vec<LoraSpec>,
     pub(crate) long_prompts: bool,
     pub(crate) prompt_weighting: bool,
+    pub(crate) hires: Option<HiresFix>,
+    pub(crate) tiny_decoder: bool,
     pub(crate) init_latents: Option<Tensor<4>>,
     pub(crate) noise: Option<Box<dyn NoiseSource + 'a>>,
     pub(crate) callback: Option<RequestCallback<'a>>,
@@ -127,6 +131,8 @@ impl fmt::Debug for GenerationRequest<'_> {
             .field("mask", &self.mask.is_some())
             .field("outpaint", &self.outpaint)
             .field("loras", &self.loras)
+            .field("hires", &self.hires)
+            .field("tiny_decoder", &self.tiny_decoder)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +163,8 @@ impl<'a> GenerationRequest<'a> {
             loras: Vec::new(),
             long_prompts: false,
             prompt_weighting: false,
+            hires: None,
+            tiny_decoder: false,
             init_latents: None,
             noise: None,
             callback: None,
@@ -286,6 +294,21 @@ impl<'a> GenerationRequest<'a> {
     /// A1111 attention syntax: `(word:1.3)`, `(word)`, `[word]`.
     pub fn prompt_weighting(mut self, on: bool) -> Self {
         self.prompt_weighting = on;
+        self
+    }
+
+    /// Hires fix (text to image only): generate at the request's size, upscale, and
+    /// denoise again at the larger size (see [`HiresFix`]).
+    pub fn hires_fix(mut self, hires: HiresFix) -> Self {
+        self.hires = Some(hires);
+        self
+    }
+
+    /// Decode the final picture with the pipeline's tiny autoencoder (TAESD) instead
+    /// of the VAE: several times faster, a little less detail. Needs one loaded
+    /// ([`crate::StableDiffusionPipeline::load_tiny_vae`]).
+    pub fn tiny_decoder(mut self, on: bool) -> Self {
+        self.tiny_decoder = on;
         self
     }
 

@@ -43,6 +43,22 @@ impl StableDiffusion<'_> {
         noise: &mut dyn NoiseSource,
         callback: Option<StepCallback<'_>>,
     ) -> Result<GenerationOutput, CoreError> {
+        let latents = self.txt2img_latents(options, embeds, init_latents, noise, callback)?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone())?,
+            latents,
+        })
+    }
+
+    /// [`Self::txt2img_with_embeds`] without the decode: the final latents.
+    pub(crate) fn txt2img_latents(
+        &self,
+        options: &GenerationOptions,
+        embeds: Tensor<3>,
+        init_latents: Option<Tensor<4>>,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<Tensor<4>, CoreError> {
         if self.unet.in_channels() != self.vae.latent_channels() {
             return Err(invalid(
                 "unet",
@@ -70,6 +86,6 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
         };
-        self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
+        self.denoise(run.as_mut(), latents, conditioning, noise, callback)
     }
 }

@@ -22,6 +22,12 @@ pub(crate) fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineErro
             "a mask or outpaint margins need an init image",
         ));
     }
+    if r.hires.is_some() && r.init_image.is_some() {
+        return Err(PipelineError::request(
+            "hires_fix",
+            "the hires fix is a text-to-image pass; for an init image raise the size instead",
+        ));
+    }
     if r.mask.is_some() && r.outpaint.is_some() {
         return Err(PipelineError::request(
             "mask",
@@ -79,6 +85,27 @@ impl StableDiffusionPipeline {
             }
         }
         self.check_size_factor(width, height)?;
+        if r.tiny_decoder && self.tiny_vae.is_none() {
+            return Err(PipelineError::request(
+                "tiny_decoder",
+                "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
+            ));
+        }
+        let (width, height) = match &r.hires {
+            Some(h) => {
+                let (w, ht) = h.target_size(width, height)?;
+                self.check_size_factor(w, ht)?;
+                let second = scheduler.start(&h.second_pass_steps(&options.steps))?;
+                if img2img_start(second.len(), h.strength)? >= second.len() {
+                    return Err(PipelineError::request(
+                        "hires_fix",
+                        format!("strength {} leaves no step to run", h.strength),
+                    ));
+                }
+                (w, ht)
+            }
+            None => (width, height),
+        };
         self.check_memory(&GenerationOptions {
             width,
             height,

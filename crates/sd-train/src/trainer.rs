@@ -471,6 +471,8 @@ impl Trainer {
             text_encoder: &self.text_encoder,
             unet,
             vae: &self.vae,
+            decoder: None,
+            preview_decoder: None,
             scheduler: &scheduler,
             device: self.device.clone(),
         };

@@ -169,6 +169,8 @@ impl LoadedPipeline {
             text_encoder: &self.text_encoder,
             unet: &self.unet,
             vae: &self.vae,
+            decoder: None,
+            preview_decoder: None,
             scheduler: &self.scheduler,
             device: self.device.clone(),
         }

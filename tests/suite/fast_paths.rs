@@ -1,0 +1,182 @@
+//! The ways to a picture sooner through the owning pipeline: the tiny autoencoder as
+//! preview and final decoder, and the hires fix.
+
+use crate::common::fixture;
+
+use stable_diffusion::core::CoreError;
+use stable_diffusion::prelude::*;
+
+fn tiny_with_taesd(device: &Device) -> StableDiffusionPipeline {
+    let options = LoadOptions {
+        tiny_vae: Some(fixture("tiny-taesd")),
+        ..Default::default()
+    };
+    StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), device, &options).unwrap()
+}
+
+fn request(prompt: &str) -> GenerationRequest<'static> {
+    GenerationRequest::new(prompt)
+        .size(32, 32)
+        .steps(3)
+        .seed(11)
+}
+
+fn values(t: &Tensor<4>) -> Vec<f32> {
+    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn the_tiny_autoencoder_decodes_previews_and_on_request_the_picture() {
+    let device = Device::flex();
+    let pipe = tiny_with_taesd(&device);
+    let taesd = pipe.tiny_vae().unwrap();
+    let mut previews = 0;
+    let mut last_preview = None;
+    let out = pipe
+        .generate(request("a fox").tiny_decoder(true).on_step(|s| {
+            assert!(s.has_preview_decoder());
+            // Full size, not the cheap preview's latent size.
+            let p = s.preview();
+            assert_eq!(p.dims(), [1, 3, 32, 32]);
+            assert_eq!(s.cheap_preview().dims(), [1, 3, 16, 16]);
+            last_preview = Some(p);
+            previews += 1;
+            true
+        }))
+        .unwrap();
+    assert_eq!(previews, 4);
+    // The picture is TAESD's decode of the final latents (scaling factor 1), which
+    // is also the last preview.
+    let decoded = (taesd.decode(out.latents.clone()).unwrap() / 2.0 + 0.5).clamp(0.0, 1.0);
+    let expected: Vec<u8> = values(&decoded.clone().permute([0, 2, 3, 1]))
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    let got = out.images[0].image.as_raw();
+    let worst = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "tiny-decoded picture differs by {worst}");
+    let last = values(&last_preview.unwrap());
+    let dec = values(&decoded);
+    assert!(last.iter().zip(&dec).all(|(a, b)| (a - b).abs() < 1e-6));
+    // The same request with the VAE gives the same latents, another picture.
+    let full = pipe.generate(request("a fox")).unwrap();
+    assert_eq!(values(&full.latents), values(&out.latents));
+    assert_ne!(full.images[0].image.as_raw(), got);
+}
+
+#[test]
+fn tiny_decoder_without_a_tiny_autoencoder_is_an_error() {
+    let device = Device::flex();
+    let mut pipe = tiny_with_taesd(&device);
+    pipe.set_tiny_vae(None).unwrap();
+    let err = pipe
+        .generate(request("a fox").tiny_decoder(true))
+        .unwrap_err();
+    assert!(err.to_string().contains("tiny autoencoder"), "{err}");
+    // Previews fall back to the cheap one.
+    pipe.generate(request("a fox").on_step(|s| {
+        assert!(!s.has_preview_decoder());
+        assert_eq!(s.preview().dims(), [1, 3, 16, 16]);
+        true
+    }))
+    .unwrap();
+}
+
+#[test]
+fn hires_fix_doubles_the_size_in_two_passes() {
+    let device = Device::flex();
+    let pipe = tiny_with_taesd(&device);
+    for upscaler in [
+        HiresUpscaler::Latent,
+        HiresUpscaler::LatentNearest,
+        HiresUpscaler::LatentBicubic,
+        HiresUpscaler::Lanczos,
+    ] {
+        let mut passes: Vec<(usize, usize, [usize; 4])> = Vec::new();
+        let hires = HiresFix {
+            scale: 2.0,
+            strength: 0.5,
+            steps: Some(4),
+            upscaler,
+        };
+        let out = pipe
+            .generate(
+                request("a fox")
+                    .scheduler("euler")
+                    .hires_fix(hires)
+                    .on_step(|s| {
+                        passes.push((s.step, s.total, s.latents.dims()));
+                        true
+                    }),
+            )
+            .unwrap();
+        assert_eq!(out.images[0].image.dimensions(), (64, 64), "{upscaler:?}");
+        assert_eq!(out.latents.dims(), [1, 4, 32, 32]);
+        // 3 steps at 32x32, then the last 2 of 4 at 64x64 (strength 0.5).
+        let small = passes.iter().filter(|p| p.2 == [1, 4, 16, 16]).count();
+        let large: Vec<_> = passes.iter().filter(|p| p.2 == [1, 4, 32, 32]).collect();
+        assert_eq!(small, 3, "{upscaler:?}: {passes:?}");
+        assert_eq!(large.len(), 2, "{upscaler:?}: {passes:?}");
+        assert_eq!((large[0].0, large[0].1), (2, 4));
+        let again = pipe
+            .generate(request("a fox").scheduler("euler").hires_fix(hires))
+            .unwrap();
+        assert_eq!(again.images[0].image, out.images[0].image, "reproducible");
+    }
+}
+
+#[test]
+fn hires_fix_misuse_is_an_error() {
+    let device = Device::flex();
+    let pipe = tiny_with_taesd(&device);
+    let bad_scale = HiresFix {
+        scale: 0.5,
+        ..Default::default()
+    };
+    let err = pipe
+        .validate(&request("x").hires_fix(bad_scale))
+        .unwrap_err();
+    assert!(err.to_string().contains("hires scale"), "{err}");
+    let no_step = HiresFix {
+        strength: 0.01,
+        steps: Some(3),
+        ..Default::default()
+    };
+    let err = pipe.validate(&request("x").hires_fix(no_step)).unwrap_err();
+    assert!(err.to_string().contains("no step"), "{err}");
+    let image = Tensor::<4>::zeros([1, 3, 32, 32], &device);
+    let err = pipe
+        .validate(
+            &request("x")
+                .init_image(image, 0.5)
+                .hires_fix(HiresFix::default()),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("text-to-image"), "{err}");
+    // A target too large for memory is refused before the first pass.
+    let huge = HiresFix {
+        scale: 400.0,
+        ..Default::default()
+    };
+    let err = pipe
+        .generate(
+            GenerationRequest::new("x")
+                .size(160, 160)
+                .steps(4)
+                .hires_fix(huge),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PipelineError::OutOfMemory { .. }
+                | PipelineError::Core(CoreError::InvalidArgument { .. })
+        ),
+        "{err}"
+    );
+}
