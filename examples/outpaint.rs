@@ -49,11 +49,13 @@ fn run(args: Args) -> Result<(), AnyError> {
         bottom: args.bottom,
     };
     let bar = common::progress();
+    let frames = common::PreviewFrames::new(a);
     let request = common::request(a, &pipe)?
         .outpaint(args.image.clone(), extend, args.seam)
-        .on_step(common::on_step(&bar));
+        .on_step(common::on_step(&bar, &frames));
     let out = pipe.generate(request)?;
     bar.finish_and_clear();
+    frames.save()?;
     common::save(a, &out)
 }
 

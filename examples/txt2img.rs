@@ -23,9 +23,11 @@ fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
     let pipe = common::load(a, &common::device(&a.device)?)?;
     let bar = common::progress();
-    let request = common::request(a, &pipe)?.on_step(common::on_step(&bar));
+    let frames = common::PreviewFrames::new(a);
+    let request = common::request(a, &pipe)?.on_step(common::on_step(&bar, &frames));
     let out = pipe.generate(request)?;
     bar.finish_and_clear();
+    frames.save()?;
     common::save(a, &out)
 }
 

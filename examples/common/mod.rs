@@ -156,6 +156,32 @@ pub struct CommonArgs {
     /// Images per prompt, batched through the U-Net (seed + i for image i).
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
+    /// A tiny autoencoder (TAESD's diffusers folder, e.g. madebyollin/taesd): decodes
+    /// the previews, and with `--vae-decoder tiny` the picture.
+    #[arg(long)]
+    pub tiny_vae: Option<PathBuf>,
+    /// What decodes the picture: full (the VAE) or tiny (`--tiny-vae`, faster).
+    #[arg(long, default_value = "full")]
+    pub vae_decoder: String,
+    /// Write every Nth step's preview as a frame of `--preview-out`.
+    #[arg(long, default_value_t = 1)]
+    pub preview_every: usize,
+    /// An animation of the denoising: .gif or .png (APNG), one frame per
+    /// `--preview-every` steps (decoded by `--tiny-vae` when given).
+    #[arg(long)]
+    pub preview_out: Option<PathBuf>,
+    /// Hires fix: generate at the size, then upscale by this factor and denoise again.
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: the share of the second pass that runs (A1111's denoising strength).
+    #[arg(long, default_value_t = 0.7)]
+    pub hires_strength: f64,
+    /// Hires fix: steps of the second pass (default: --steps).
+    #[arg(long)]
+    pub hires_steps: Option<usize>,
+    /// Hires fix upscaler: latent, latent-nearest, latent-bicubic or lanczos.
+    #[arg(long, default_value = "latent")]
+    pub hires_upscaler: String,
 }
 
 /// The `--vae-tiling` value.
@@ -214,6 +240,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
         vae: args.vae.clone(),
         vae_tiling: vae_tiling(&args.vae_tiling)?,
         loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
+        tiny_vae: args.tiny_vae.clone(),
         ..Default::default()
     };
     // A folder, a file, or (with the `hub` feature) a hub repository id.
@@ -279,6 +306,30 @@ pub fn request(
     if let Some(path) = &args.noise {
         r = r.noise(recorded_noise(path, device)?);
     }
+    r = r.tiny_decoder(match args.vae_decoder.as_str() {
+        "full" => false,
+        "tiny" => true,
+        o => return Err(format!("--vae-decoder {o}: expected full or tiny").into()),
+    });
+    if let Some(scale) = args.hires_scale {
+        r = r.hires_fix(HiresFix {
+            scale,
+            strength: args.hires_strength,
+            steps: args.hires_steps,
+            upscaler: match args.hires_upscaler.as_str() {
+                "latent" => HiresUpscaler::Latent,
+                "latent-nearest" => HiresUpscaler::LatentNearest,
+                "latent-bicubic" => HiresUpscaler::LatentBicubic,
+                "lanczos" => HiresUpscaler::Lanczos,
+                o => {
+                    return Err(format!(
+                        "--hires-upscaler {o}: expected latent, latent-nearest, latent-bicubic or lanczos"
+                    )
+                    .into());
+                }
+            },
+        });
+    }
     Ok(r)
 }
 
@@ -335,12 +386,83 @@ pub fn progress() -> ProgressBar {
     bar
 }
 
-/// A step callback advancing `bar`.
-pub fn on_step(bar: &ProgressBar) -> impl FnMut(&StepInfo<'_>) -> bool + '_ {
+/// A step callback advancing `bar` and recording preview frames.
+pub fn on_step<'a>(
+    bar: &'a ProgressBar,
+    frames: &'a PreviewFrames,
+) -> impl FnMut(&StepInfo<'_>) -> bool + 'a {
     move |info| {
         bar.set_length(info.total as u64);
         bar.set_position((info.step + 1) as u64);
+        frames.record(info);
         true
+    }
+}
+
+/// The frames of `--preview-out`: every `--preview-every`th step's preview (and the
+/// last step's), the first image of the batch.
+pub struct PreviewFrames {
+    every: usize,
+    out: Option<PathBuf>,
+    frames: std::cell::RefCell<Vec<stable_diffusion::image::RgbImage>>,
+}
+
+impl PreviewFrames {
+    pub fn new(args: &CommonArgs) -> Self {
+        Self {
+            every: args.preview_every.max(1),
+            out: args.preview_out.clone(),
+            frames: Default::default(),
+        }
+    }
+
+    fn record(&self, info: &StepInfo<'_>) {
+        let n = info.step + 1;
+        if self.out.is_none() || !(n.is_multiple_of(self.every) || n == info.total) {
+            return;
+        }
+        let preview = info.preview();
+        let [b, c, h, w] = preview.dims();
+        let first = preview.slice([0..b.min(1), 0..c, 0..h, 0..w]);
+        if let Some(frame) = stable_diffusion::io::image::tensor_to_images(&first).pop() {
+            self.frames.borrow_mut().push(frame);
+        }
+    }
+
+    /// Writes the animation (frames scaled to the last one's size), if asked for.
+    pub fn save(&self) -> Result<(), AnyError> {
+        use stable_diffusion::image::imageops::{FilterType, resize};
+        let Some(path) = &self.out else {
+            return Ok(());
+        };
+        let frames = self.frames.borrow();
+        let Some(last) = frames.last() else {
+            return Err("--preview-out: no step was run".into());
+        };
+        let (w, h) = last.dimensions();
+        let frames: Vec<_> = frames
+            .iter()
+            .map(|f| {
+                if f.dimensions() == (w, h) {
+                    f.clone()
+                } else {
+                    resize(f, w, h, FilterType::Nearest)
+                }
+            })
+            .collect();
+        let delay = 150;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("gif") => stable_diffusion::io::image::save_gif(path, &frames, delay)?,
+            _ => {
+                let raw: Vec<_> = frames
+                    .iter()
+                    .map(|f| (w as usize, h as usize, f.as_raw().clone()))
+                    .collect();
+                stable_diffusion::io::image::save_apng(path, &raw, delay, None)?;
+            }
+        }
+        eprintln!("wrote {} ({} frames)", path.display(), frames.len());
+        Ok(())
     }
 }
 

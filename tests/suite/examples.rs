@@ -387,6 +387,67 @@ fn outpaint_and_interpolate_examples_write_their_files() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The preview animation (TAESD-decoded frames), the tiny decoder and the hires fix
+/// from the command line.
+#[test]
+fn txt2img_writes_a_preview_animation_with_tiny_decoder_and_hires_fix() {
+    use stable_diffusion::image::AnimationDecoder;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fox.png");
+    let gif = tmp.path().join("fox.gif");
+    let o = Command::new(example("txt2img"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args(["--tiny-vae", fixture("tiny-taesd").to_str().unwrap()])
+        .args([
+            "--vae-decoder",
+            "tiny",
+            "--preview-out",
+            gif.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--scheduler",
+            "euler",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args([
+            "--hires-scale",
+            "2",
+            "--hires-steps",
+            "2",
+            "--hires-strength",
+            "0.5",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let image = stable_diffusion::image::open(&out).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+    let file = std::io::BufReader::new(std::fs::File::open(&gif).unwrap());
+    let frames = stable_diffusion::image::codecs::gif::GifDecoder::new(file)
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    // Two first-pass steps and one of the second pass (strength 0.5 of 2 steps).
+    assert_eq!(frames.len(), 3);
+    assert_eq!(frames[0].buffer().dimensions(), (64, 64));
+    let o = Command::new(example("txt2img"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args(["--vae-decoder", "tiny", "--steps", "2"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tiny autoencoder"), "{err}");
+}
+
 /// DreamBooth-style LoRA fine-tune from 5 uncaptioned images with the `train`
 /// example, with prior preservation (class images generated first), then generation
 /// with the result through `txt2img --lora`.

@@ -371,3 +371,63 @@ pub fn save_apng(
     }
     writer.finish().map_err(bad)
 }
+
+/// Writes frames (all the same size) as an animated GIF that loops forever,
+/// `delay_ms` per frame (GIF's 256-colour palette per frame; for exact colours use
+/// [`save_apng`]).
+pub fn save_gif(
+    path: impl AsRef<Path>,
+    frames: &[image::RgbImage],
+    delay_ms: u16,
+) -> Result<(), IoError> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let path = path.as_ref();
+    let Some(first) = frames.first() else {
+        return Err(IoError::Unsupported(
+            "an animation needs at least one frame".into(),
+        ));
+    };
+    if frames.iter().any(|f| f.dimensions() != first.dimensions()) {
+        return Err(IoError::Unsupported(
+            "animation frames differ in size".into(),
+        ));
+    }
+    let bad = |e: image::ImageError| IoError::io(path, std::io::Error::other(e.to_string()));
+    let file = File::create(path).map_err(|e| IoError::io(path, e))?;
+    let mut enc = GifEncoder::new_with_speed(BufWriter::new(file), 10);
+    enc.set_repeat(Repeat::Infinite).map_err(bad)?;
+    let delay = image::Delay::from_numer_denom_ms(u32::from(delay_ms), 1);
+    for f in frames {
+        let rgba = image::DynamicImage::ImageRgb8(f.clone()).into_rgba8();
+        enc.encode_frame(image::Frame::from_parts(rgba, 0, 0, delay))
+            .map_err(bad)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod animation_tests {
+    use super::save_gif;
+
+    #[test]
+    fn gif_frames_round_trip_and_mismatched_sizes_are_refused() {
+        use image::AnimationDecoder;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gif");
+        let frames: Vec<image::RgbImage> = (0..3u8)
+            .map(|i| image::RgbImage::from_pixel(8, 4, image::Rgb([i * 100, 0, 255])))
+            .collect();
+        save_gif(&path, &frames, 120).unwrap();
+        let file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+        let decoded = image::codecs::gif::GifDecoder::new(file)
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap();
+        assert_eq!(decoded.len(), 3);
+        assert_eq!(decoded[2].buffer().get_pixel(1, 1).0, [200, 0, 255, 255]);
+        let mixed = vec![frames[0].clone(), image::RgbImage::new(4, 4)];
+        assert!(save_gif(&path, &mixed, 120).is_err());
+        assert!(save_gif(&path, &[], 120).is_err());
+    }
+}
