@@ -101,7 +101,7 @@ pub struct CommonArgs {
     /// CLIP skip (diffusers' clip_skip: layers skipped at the end).
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm, lcm (default: the model's own).
+    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm, lcm, tcd (default: the model's own).
     #[arg(long)]
     pub scheduler: Option<String>,
     /// A diffusers scheduler_config.json whose `_class_name` picks the scheduler.
@@ -147,7 +147,7 @@ pub struct CommonArgs {
     /// VAE in tiles: auto (above 1024x1024 pixels), on (diffusers' enable_tiling) or off.
     #[arg(long, default_value = "auto")]
     pub vae_tiling: String,
-    /// DDIM's eta (0: deterministic).
+    /// DDIM's eta (0: deterministic) or TCD's gamma (0.3 by default).
     #[arg(long)]
     pub eta: Option<f64>,
     /// Input images whose sides are not multiples of 8: error, resize or crop.

@@ -489,3 +489,51 @@ fn lcm_and_trailing_euler_ancestral_match_diffusers() {
     }
     assert_eq!(checked, 4 + 2 + 4, "step counts checked");
 }
+
+/// TCD (`TCDScheduler`) trajectories made by `tests/fixtures/gen/ref_tcd.py`: gamma
+/// 0.3 at 1, 2, 4 and 8 steps, gamma 0 and 1 at 4, the SDXL config at 4; gamma set
+/// through `with_eta` as diffusers passes it to `step`.
+#[test]
+fn tcd_matches_diffusers() {
+    let device = Device::flex();
+    let text = std::fs::read_to_string(fixture("reference/index_tcd.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let params = &case["params"];
+        let config = SchedulerConfig::from_json(&params["resolved_config"].to_string()).unwrap();
+        let gamma = params["step_kwargs"]["eta"].as_f64().unwrap();
+        let scheduler = AnyScheduler::from_class(params["class"].as_str().unwrap(), &config)
+            .and_then(|s| s.with_eta(gamma))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for n in [1usize, 2, 4, 8] {
+            let p = format!("n{n}.");
+            if !r.has(&format!("{p}timesteps")) {
+                continue;
+            }
+            let run = scheduler.start(&Steps::Count(n)).unwrap();
+            check_trajectory(&format!("{name} n={n}"), &r, &p, run, 1e-5, &device);
+            checked += 1;
+        }
+        let mut run = scheduler.start(&Steps::Count(10)).unwrap();
+        run.skip_to(4).unwrap();
+        let original = r.tensor::<4>("add_noise.original", &device);
+        let noise = r.tensor::<4>("add_noise.noise", &device);
+        let t = r.ints("add_noise.timestep")[0] as f64;
+        assert_eq!(run.timestep(4).unwrap(), t, "{name} add_noise timestep");
+        tensor_close(
+            &format!("{name} add_noise"),
+            &run.add_noise(original, noise, 4).unwrap(),
+            &r.floats("add_noise.result"),
+            1e-5,
+        );
+    }
+    assert_eq!(checked, 4 + 1 + 1 + 1, "step counts checked");
+    let tcd = AnyScheduler::from_name("tcd", &SchedulerConfig::from_json("{}").unwrap()).unwrap();
+    assert!(tcd.clone().with_eta(1.5).is_err(), "gamma above 1");
+    assert!(
+        tcd.start(&Steps::Count(51)).is_err(),
+        "past the distillation grid"
+    );
+}

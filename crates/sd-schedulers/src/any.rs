@@ -10,6 +10,7 @@ use crate::k_diffusion::{KDiffusion, KMethod};
 use crate::lcm::Lcm;
 use crate::pndm::Pndm;
 use crate::sigmas::SigmaSchedule;
+use crate::tcd::Tcd;
 
 /// One of the schedulers of this crate.
 #[derive(Debug, Clone)]
@@ -24,11 +25,13 @@ pub enum AnyScheduler {
     Pndm(Pndm),
     /// `LCMScheduler` (Latent Consistency Models, LCM-LoRA).
     Lcm(Lcm),
+    /// `TCDScheduler` (Trajectory Consistency Distillation, TCD-LoRA).
+    Tcd(Tcd),
 }
 
 /// The user-facing names [`AnyScheduler::from_name`] knows, with the A1111 / ComfyUI
 /// names they correspond to.
-pub const SCHEDULER_NAMES: [(&str, &str); 8] = [
+pub const SCHEDULER_NAMES: [(&str, &str); 9] = [
     ("ddim", "DDIM"),
     ("euler", "Euler"),
     ("euler-a", "Euler a"),
@@ -37,6 +40,7 @@ pub const SCHEDULER_NAMES: [(&str, &str); 8] = [
     ("lms", "LMS"),
     ("pndm", "PLMS"),
     ("lcm", "LCM"),
+    ("tcd", "TCD"),
 ];
 
 impl AnyScheduler {
@@ -76,11 +80,12 @@ impl AnyScheduler {
             }
             "PNDMScheduler" => Self::Pndm(Pndm::from_config(config)?),
             "LCMScheduler" => Self::Lcm(Lcm::from_config(config)?),
+            "TCDScheduler" => Self::Tcd(Tcd::from_config(config)?),
             other => {
                 return Err(CoreError::Config {
                     field: "_class_name",
                     message: format!(
-                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM, LCM)"
+                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM, LCM, TCD)"
                     ),
                 });
             }
@@ -104,6 +109,7 @@ impl AnyScheduler {
             "lms" => Self::from_class("LMSDiscreteScheduler", base)?,
             "pndm" | "plms" => Self::from_class("PNDMScheduler", base)?,
             "lcm" => Self::from_class("LCMScheduler", base)?,
+            "tcd" => Self::from_class("TCDScheduler", base)?,
             "dpmpp-2m" | "dpm-solver++" | "dpmpp2m" => {
                 let mut c = base.clone();
                 c.use_karras_sigmas = Some(false);
@@ -149,6 +155,14 @@ impl AnyScheduler {
                     ));
                 }
             },
+            Self::Tcd(t) => match sigmas {
+                SigmaSchedule::Model => Self::Tcd(t),
+                _ => {
+                    return Err(CoreError::Unsupported(
+                        "TCD walks its distillation grid's timesteps: no sigma schedule".into(),
+                    ));
+                }
+            },
             Self::Pndm(p) => match sigmas {
                 SigmaSchedule::Model => Self::Pndm(p),
                 _ => {
@@ -164,7 +178,7 @@ impl AnyScheduler {
     }
 
     /// Sets DDIM's `eta` (0 is deterministic DDIM, 1 DDPM-like; the noise comes from the
-    /// run's noise source). Euler ancestral is diffusers' fixed `eta = 1` and takes only
+    /// run's noise source) or TCD's gamma (`[0, 1]`, diffusers' `eta` of its `step`). Euler ancestral is diffusers' fixed `eta = 1` and takes only
     /// that; the deterministic samplers take only 0.
     ///
     /// # Errors
@@ -179,6 +193,7 @@ impl AnyScheduler {
         }
         let fixed = match &self {
             Self::Ddim(d) => return Ok(Self::Ddim(d.clone().with_eta(eta))),
+            Self::Tcd(t) => return Ok(Self::Tcd(t.clone().with_gamma(eta)?)),
             Self::KDiffusion(k) if k.is_ancestral() => 1.0,
             _ => 0.0,
         };
@@ -188,7 +203,7 @@ impl AnyScheduler {
         Err(CoreError::invalid(
             "eta",
             format!(
-                "{} runs at eta = {fixed}; eta is a setting of ddim only",
+                "{} runs at eta = {fixed}; eta is a setting of ddim and tcd only",
                 self.class_name()
             ),
         ))
@@ -201,6 +216,7 @@ impl AnyScheduler {
             Self::DpmSolver(s) => s,
             Self::Pndm(s) => s,
             Self::Lcm(s) => s,
+            Self::Tcd(s) => s,
         }
     }
 }

@@ -34,16 +34,7 @@ impl Lcm {
                 "dynamic thresholding is not supported",
             ));
         }
-        let original_steps = c.original_inference_steps.unwrap_or(50);
-        if original_steps == 0 || original_steps > schedule.num_train_timesteps {
-            return Err(unsupported(
-                "original_inference_steps",
-                format!(
-                    "{original_steps} is outside 1..={}",
-                    schedule.num_train_timesteps
-                ),
-            ));
-        }
+        let original_steps = original_steps(c, schedule.num_train_timesteps)?;
         let timestep_scaling = c.timestep_scaling.unwrap_or(10.0);
         if !timestep_scaling.is_finite() {
             return Err(unsupported("timestep_scaling", "must be finite"));
@@ -63,23 +54,55 @@ impl Lcm {
     /// `[k - 1, 2k - 1, ..., T - 1]` (`k = T / original_inference_steps`), descending,
     /// at `floor(linspace(0, len, n, endpoint=False))`.
     fn timesteps(&self, n: usize) -> Result<Vec<f64>, CoreError> {
-        let t = self.schedule.num_train_timesteps;
-        let k = t / self.original_steps;
-        let origin: Vec<usize> = (1..=self.original_steps).rev().map(|i| i * k - 1).collect();
-        if n == 0 || n > self.original_steps {
-            return Err(CoreError::invalid(
-                "steps",
-                format!(
-                    "LCM takes 1 to {} steps (its original_inference_steps)",
-                    self.original_steps
-                ),
-            ));
-        }
-        let len = origin.len();
-        Ok((0..n)
-            .map(|i| origin[(i as f64 * len as f64 / n as f64).floor() as usize] as f64)
-            .collect())
+        distillation_timesteps(
+            "LCM",
+            self.schedule.num_train_timesteps,
+            self.original_steps,
+            n,
+        )
     }
+}
+
+/// `n` timesteps of a consistency distillation grid (LCM, TCD):
+/// `[k - 1, 2k - 1, ..., T - 1]` with `k = T / original_steps`, descending, at
+/// `floor(linspace(0, len, n, endpoint=False))`.
+///
+/// # Errors
+/// `n` outside `1..=original_steps`.
+pub(crate) fn distillation_timesteps(
+    name: &str,
+    num_train_timesteps: usize,
+    original_steps: usize,
+    n: usize,
+) -> Result<Vec<f64>, CoreError> {
+    let k = num_train_timesteps / original_steps;
+    let origin: Vec<usize> = (1..=original_steps).rev().map(|i| i * k - 1).collect();
+    if n == 0 || n > original_steps {
+        return Err(CoreError::invalid(
+            "steps",
+            format!("{name} takes 1 to {original_steps} steps (its original_inference_steps)"),
+        ));
+    }
+    let len = origin.len();
+    Ok((0..n)
+        .map(|i| origin[(i as f64 * len as f64 / n as f64).floor() as usize] as f64)
+        .collect())
+}
+
+/// `original_inference_steps` of a config (50 by default), within the training
+/// timesteps.
+pub(crate) fn original_steps(
+    c: &SchedulerConfig,
+    num_train_timesteps: usize,
+) -> Result<usize, CoreError> {
+    let original_steps = c.original_inference_steps.unwrap_or(50);
+    if original_steps == 0 || original_steps > num_train_timesteps {
+        return Err(unsupported(
+            "original_inference_steps",
+            format!("{original_steps} is outside 1..={num_train_timesteps}"),
+        ));
+    }
+    Ok(original_steps)
 }
 
 impl Scheduler for Lcm {

@@ -10,6 +10,7 @@ pub mod lcm;
 pub mod pndm;
 pub mod schedule;
 pub mod sigmas;
+pub mod tcd;
 
 pub use any::{AnyScheduler, SCHEDULER_NAMES};
 pub use config::SchedulerConfig;
@@ -20,3 +21,4 @@ pub use lcm::Lcm;
 pub use pndm::Pndm;
 pub use schedule::{NoiseSchedule, PredictionType, TimestepSpacing};
 pub use sigmas::{AysPreset, SigmaSchedule};
+pub use tcd::Tcd;
