@@ -180,3 +180,102 @@ fn hires_fix_misuse_is_an_error() {
         "{err}"
     );
 }
+
+/// A pipeline case of `reference/index_fast.json` (made by
+/// `tests/fixtures/gen/ref_fast_sampling.py`).
+fn fast_case(name: &str) -> (serde_json::Value, crate::common::Reference) {
+    let text = std::fs::read_to_string(fixture("reference/index_fast.json")).unwrap();
+    let text = stable_diffusion::schedulers::config::sanitize_json(&text);
+    let index: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = index["cases"][format!("pipelines_fast/{name}")].clone();
+    let r =
+        crate::common::Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+    (case, r)
+}
+
+/// Runs a fast case through the owning pipeline with its recorded noise; returns the
+/// final latents' largest difference relative to their largest magnitude.
+fn run_fast_case(
+    pipe: &StableDiffusionPipeline,
+    name: &str,
+    request: impl FnOnce(GenerationRequest<'static>) -> GenerationRequest<'static>,
+) -> f32 {
+    let device = pipe.device().clone();
+    let (case, r) = fast_case(name);
+    let call = &case["params"]["call"];
+    let noises: Vec<Tensor<4>> = (0..)
+        .map(|i| format!("noise_{i:03}"))
+        .take_while(|k| r.has(k))
+        .map(|k| r.tensor::<4>(&k, &device))
+        .collect();
+    let scheduler = case["params"]["scheduler_config"].to_string();
+    let base = GenerationRequest::new(call["prompt"].as_str().unwrap())
+        .size(32, 32)
+        .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
+        .guidance(call["guidance_scale"].as_f64().unwrap())
+        .scheduler_choice(SchedulerChoice::Config(scheduler))
+        .init_latents(r.tensor::<4>("init_latents", &device))
+        .noise(RecordedNoise::new(noises));
+    let out = pipe.generate(request(base)).unwrap();
+    let got = values(&out.latents);
+    let want = r.floats("final_latents");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("{name}: final latents max diff {d:.3e} (scale {scale})");
+    d / scale
+}
+
+#[test]
+fn lcm_lora_in_four_steps_matches_diffusers_in_both_layouts() {
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    for file in ["lcm_lora_kohya.safetensors", "lcm_lora_peft.safetensors"] {
+        let lora = fixture(&format!("lora/{file}"));
+        let d = run_fast_case(&pipe, "lcm_lora_lcm4", |r| r.lora(lora.clone(), 1.0));
+        assert!(d < 1e-3, "{file}: LCM-LoRA 4-step latents differ by {d}");
+        let d = run_fast_case(&pipe, "lcm_lora_tcd4", |r| {
+            r.lora(lora.clone(), 1.0).eta(0.3)
+        });
+        assert!(d < 1e-3, "{file}: TCD 4-step latents differ by {d}");
+    }
+    // Without the LoRA the run is another one.
+    let d = run_fast_case(&pipe, "lcm_lora_lcm4", |r| r);
+    assert!(d > 1e-2, "the LoRA changes the result ({d})");
+}
+
+#[test]
+fn guidance_embedding_lcm_unet_matches_diffusers() {
+    let device = Device::flex();
+    let (_, r) = fast_case("w_embedding");
+    let w = r.tensor::<1>("w", &device);
+    let emb = stable_diffusion::models::embeddings::guidance_scale_embedding(w, 32);
+    let want = r.floats("embedding");
+    let got = emb.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d < 1e-5, "w embedding differs by {d}");
+
+    let options = LoadOptions {
+        unet: Some(fixture("tiny-lcm-unet")),
+        ..Default::default()
+    };
+    let pipe =
+        StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
+    assert_eq!(pipe.unet().time_cond_proj_dim(), Some(32));
+    // Guidance 8 is embedded: one U-Net pass per step, no negative prompt batch.
+    let d = run_fast_case(&pipe, "lcm_unet_w8", |r| r);
+    assert!(d < 1e-3, "guidance-embedding LCM latents differ by {d}");
+    // Another scale is another picture.
+    let d = run_fast_case(&pipe, "lcm_unet_w8", |r| r.guidance(2.0));
+    assert!(d > 1e-3, "the embedded scale matters ({d})");
+}

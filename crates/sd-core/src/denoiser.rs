@@ -26,6 +26,31 @@ pub trait Denoiser {
         encoder_hidden_states: Tensor<3>,
     ) -> Result<Tensor<4>, CoreError>;
 
+    /// [`Self::forward`] with conditioning beyond the text ([`AddedConditioning`]).
+    /// The default takes none: empty conditioning runs [`Self::forward`], anything
+    /// else is an error.
+    ///
+    /// # Errors
+    /// As [`Self::forward`]; [`CoreError::Shape`] for conditioning the model does not
+    /// take or of the wrong shape.
+    fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &AddedConditioning,
+    ) -> Result<Tensor<4>, CoreError> {
+        check_added_conditioning(self, sample.dims()[0], added)?;
+        self.forward(sample, timesteps, encoder_hidden_states)
+    }
+
+    /// The width of the guidance-scale embedding the model takes as
+    /// [`AddedConditioning::timestep_cond`] (LCM-distilled U-Nets'
+    /// `time_cond_proj_dim`); `None` for models guided by classifier-free guidance.
+    fn time_cond_proj_dim(&self) -> Option<usize> {
+        None
+    }
+
     /// Channels expected in `sample` (4, or 9 for an inpainting U-Net).
     fn in_channels(&self) -> usize;
 
@@ -34,6 +59,37 @@ pub trait Denoiser {
 
     /// Width of the conditioning the model cross-attends to.
     fn cross_attention_dim(&self) -> usize;
+}
+
+/// Conditioning a denoiser takes beyond the text (diffusers' `timestep_cond`).
+#[derive(Debug, Clone, Default)]
+pub struct AddedConditioning {
+    /// The embedded guidance scale `[batch, time_cond_proj_dim]` of LCM-distilled
+    /// U-Nets (`get_guidance_scale_embedding(guidance_scale - 1)`).
+    pub timestep_cond: Option<Tensor<2>>,
+}
+
+/// Checks [`AddedConditioning`] against what a denoiser takes.
+///
+/// # Errors
+/// [`CoreError::Shape`] naming the input that does not fit.
+pub fn check_added_conditioning(
+    denoiser: &(impl Denoiser + ?Sized),
+    batch: usize,
+    added: &AddedConditioning,
+) -> Result<(), CoreError> {
+    match (&added.timestep_cond, denoiser.time_cond_proj_dim()) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(CoreError::shape(
+            "timestep_cond",
+            "the denoiser takes no timestep condition (no time_cond_proj_dim)",
+        )),
+        (Some(c), Some(d)) if c.dims() != [batch, d] => Err(CoreError::shape(
+            "timestep_cond",
+            format!("shape {:?}, expected [{batch}, {d}]", c.dims()),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Checks the inputs of [`Denoiser::forward`] against a denoiser's sizes; the check

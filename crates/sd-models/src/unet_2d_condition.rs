@@ -105,7 +105,12 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             conv_in: conv(config.in_channels, boc[0], config.conv_in_kernel, device),
-            time_embedding: TimestepEmbedding::new(boc[0], temb_dim, device),
+            time_embedding: TimestepEmbedding::new(
+                boc[0],
+                temb_dim,
+                config.time_cond_proj_dim,
+                device,
+            ),
             down_blocks,
             mid_block,
             up_blocks,
@@ -126,11 +131,32 @@ impl UNet2DConditionModel {
     /// # Shapes
     /// - `timesteps`: `[b]`; outputs `[b, c0]` and `[b, 4 * c0]`
     pub fn time_embed(&self, timesteps: Tensor<1>) -> (Tensor<2>, Tensor<2>) {
+        self.time_embed_with_cond(timesteps, None)
+    }
+
+    /// [`Self::time_embed`] with diffusers' `timestep_cond` (`[b,
+    /// time_cond_proj_dim]`, the embedded guidance scale of LCM-distilled U-Nets).
+    pub fn time_embed_with_cond(
+        &self,
+        timesteps: Tensor<1>,
+        timestep_cond: Option<Tensor<2>>,
+    ) -> (Tensor<2>, Tensor<2>) {
         let dtype = self.conv_in.weight.val().dtype();
         let t = crate::norm::to_f32(timesteps);
         let proj = timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
-        let emb = self.time_embedding.forward(to_dtype(proj.clone(), dtype));
+        let cond = timestep_cond.map(|c| to_dtype(c, dtype));
+        let emb = self
+            .time_embedding
+            .forward(to_dtype(proj.clone(), dtype), cond);
         (proj, emb)
+    }
+
+    /// The width of the embedded guidance scale (`time_cond_proj_dim`), if any.
+    pub fn time_cond_proj_dim(&self) -> Option<usize> {
+        self.time_embedding
+            .cond_proj
+            .as_ref()
+            .map(|p| p.weight.dims()[0])
     }
 
     /// Predicts the noise (or `v`) for noisy latents.
@@ -156,6 +182,26 @@ impl UNet2DConditionModel {
         sample: Tensor<4>,
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
+        observe: impl FnMut(&str, &Tensor<4>),
+    ) -> Tensor<4> {
+        let added = sd_core::AddedConditioning::default();
+        self.forward_added_with_intermediates(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            &added,
+            observe,
+        )
+    }
+
+    /// [`Self::forward_with_intermediates`] with conditioning beyond the text
+    /// (`timestep_cond`).
+    pub fn forward_added_with_intermediates(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
         mut observe: impl FnMut(&str, &Tensor<4>),
     ) -> Tensor<4> {
         let in_dtype = sample.dtype();
@@ -167,7 +213,7 @@ impl UNet2DConditionModel {
         } else {
             sample
         };
-        let (_, temb) = self.time_embed(timesteps);
+        let (_, temb) = self.time_embed_with_cond(timesteps, added.timestep_cond.clone());
 
         let mut h = conv_forward(&self.conv_in, sample);
         observe("conv_in", &h);
@@ -217,6 +263,33 @@ impl sd_core::Denoiser for UNet2DConditionModel {
             timesteps,
             encoder_hidden_states,
         ))
+    }
+
+    fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::check_denoiser_inputs(
+            self,
+            sample.dims(),
+            timesteps.dims(),
+            encoder_hidden_states.dims(),
+        )?;
+        sd_core::check_added_conditioning(self, sample.dims()[0], added)?;
+        Ok(self.forward_added_with_intermediates(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            |_, _| {},
+        ))
+    }
+
+    fn time_cond_proj_dim(&self) -> Option<usize> {
+        UNet2DConditionModel::time_cond_proj_dim(self)
     }
 
     fn in_channels(&self) -> usize {

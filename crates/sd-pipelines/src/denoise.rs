@@ -2,7 +2,7 @@
 //! it.
 
 use burn::prelude::*;
-use sd_core::{CoreError, NoiseSource, SchedulerRun};
+use sd_core::{AddedConditioning, CoreError, NoiseSource, SchedulerRun};
 
 use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
 
@@ -75,7 +75,8 @@ impl StableDiffusion<'_> {
             guidance,
             extra,
         } = conditioning;
-        let cfg = guidance > 1.0;
+        let cfg = self.uses_cfg(guidance);
+        let added = self.added_conditioning(guidance, latents.dims()[0]);
         let double = |x: Tensor<4>| {
             if cfg {
                 Tensor::cat(vec![x.clone(), x], 0)
@@ -101,7 +102,7 @@ impl StableDiffusion<'_> {
                 None => x,
             };
             let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
-            let out = self.unet.forward(x, ts, embeds.clone())?;
+            let out = self.unet.forward_added(x, ts, embeds.clone(), &added)?;
             let pred = if cfg {
                 let [u, c]: [Tensor<4>; 2] = out
                     .chunk(2, 0)
@@ -138,6 +139,24 @@ impl StableDiffusion<'_> {
 }
 
 impl StableDiffusion<'_> {
+    /// Whether a run at `guidance` uses classifier-free guidance (an unconditional
+    /// pass): a scale above 1 and a denoiser that does not embed the scale
+    /// (diffusers: `guidance_scale > 1 and time_cond_proj_dim is None`).
+    pub fn uses_cfg(&self, guidance: f64) -> bool {
+        guidance > 1.0 && self.unet.time_cond_proj_dim().is_none()
+    }
+
+    /// What the denoiser takes beyond the text: for a guidance-embedding
+    /// (LCM-distilled) U-Net, `get_guidance_scale_embedding(guidance - 1)` per image.
+    fn added_conditioning(&self, guidance: f64, batch: usize) -> AddedConditioning {
+        AddedConditioning {
+            timestep_cond: self.unet.time_cond_proj_dim().map(|d| {
+                let w = Tensor::<1>::full([batch], guidance - 1.0, &self.device);
+                sd_models::embeddings::guidance_scale_embedding(w, d)
+            }),
+        }
+    }
+
     /// [`Self::denoise`], then the VAE: the end of every task.
     pub(crate) fn denoise_and_decode(
         &self,

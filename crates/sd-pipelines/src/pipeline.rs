@@ -346,7 +346,7 @@ impl StableDiffusionPipeline {
         let tile = self.vae.tile_pixels();
         let shape = RunShape {
             batch: o.batch_size,
-            guidance: o.guidance_scale > 1.0,
+            guidance: o.guidance_scale > 1.0 && self.unet.time_cond_proj_dim().is_none(),
             height: o.height,
             width: o.width,
             vae_tile: tiling.applies(o.height, o.width, tile).then_some(tile),

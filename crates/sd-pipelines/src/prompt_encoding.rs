@@ -31,8 +31,9 @@ impl StableDiffusion<'_> {
         }
     }
 
-    /// Prompt embeddings `[2 * batch, seq, d]` = `[negative; positive]` with guidance,
-    /// else `[batch, seq, d]` of the prompt.
+    /// Prompt embeddings `[2 * batch, seq, d]` = `[negative; positive]` with
+    /// classifier-free guidance ([`Self::uses_cfg`]), else `[batch, seq, d]` of the
+    /// prompt.
     ///
     /// # Errors
     /// A `clip_skip` past the text encoder's layers, tokenizer failures, a guidance
@@ -48,7 +49,7 @@ impl StableDiffusion<'_> {
             .text_encoder
             .encode(self.ids(&options.prompt, b)?, layer)?
             .hidden_states;
-        if options.guidance_scale <= 1.0 {
+        if !self.uses_cfg(options.guidance_scale) {
             return Ok(cond);
         }
         let negative = options.negative_prompt.as_deref().unwrap_or("");
@@ -134,7 +135,7 @@ impl StableDiffusion<'_> {
             }
         };
         let mut pos = split(self.weighted_tokens(&o.prompt, o.prompt_weighting)?);
-        if o.guidance_scale <= 1.0 {
+        if !self.uses_cfg(o.guidance_scale) {
             return self.encode_chunks(&pos, layer, o.prompt_weighting, b);
         }
         let negative = o.negative_prompt.as_deref().unwrap_or("");

@@ -208,9 +208,10 @@ pub struct UNet2DConditionConfig {
     /// Only `null`.
     #[serde(default)]
     pub timestep_post_act: Option<Value>,
-    /// Only `null`.
+    /// Width of the embedded guidance scale (LCM-distilled U-Nets: 256); `null`
+    /// for none.
     #[serde(default)]
-    pub time_cond_proj_dim: Option<Value>,
+    pub time_cond_proj_dim: Option<usize>,
     /// Kernel of `conv_in` (odd).
     #[serde(default = "d_kernel")]
     pub conv_in_kernel: usize,
@@ -388,7 +389,10 @@ impl UNet2DConditionConfig {
         if self.class_embeddings_concat {
             return Err(u("class_embeddings_concat", "only `false` is supported"));
         }
-        let nulls: [(&'static str, &Option<Value>); 10] = [
+        if let Some(d) = self.time_cond_proj_dim {
+            crate::error::check_range("time_cond_proj_dim", d, crate::error::MAX_WIDTH)?;
+        }
+        let nulls: [(&'static str, &Option<Value>); 9] = [
             ("class_embed_type", &self.class_embed_type),
             ("addition_embed_type", &self.addition_embed_type),
             ("num_class_embeds", &self.num_class_embeds),
@@ -397,7 +401,6 @@ impl UNet2DConditionConfig {
             ("time_embedding_dim", &self.time_embedding_dim),
             ("time_embedding_act_fn", &self.time_embedding_act_fn),
             ("timestep_post_act", &self.timestep_post_act),
-            ("time_cond_proj_dim", &self.time_cond_proj_dim),
             (
                 "projection_class_embeddings_input_dim",
                 &self.projection_class_embeddings_input_dim,
