@@ -14,7 +14,10 @@
 //! `--profile` adds the time per run spent in each CPU kernel.
 //! U-Net: batch `--batch` (2 = classifier-free guidance), latents 4 x H/8 x W/8,
 //! context batch x 77 x cross_attention_dim, t = 500. VAE: decode 1 x 4 x H/8 x W/8.
-//! Text encoder: 1 x 77.
+//! Text encoder: 1 x 77. `picture`: one picture through `StableDiffusionPipeline` with
+//! `--scheduler`, `--steps`, `--guidance`, `--lora`, `--tiny-vae` / `--tiny-decoder`
+//! (docs/performance.md's seconds-per-picture table). `taesd`: the tiny autoencoder's
+//! decode of 1 x 4 x H/8 x W/8 (a live preview's cost per step).
 
 mod common;
 
@@ -42,7 +45,8 @@ struct Args {
     /// A diffusers folder with weights.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// unet, vae, text_encoder, pipeline or all.
+    /// unet, vae, text_encoder, pipeline, all; picture (seconds per picture through
+    /// the owning pipeline, `--model`); taesd (the tiny autoencoder's decode).
     #[arg(long, default_value = "all")]
     component: String,
     /// U-Net batch (2 = CFG).
@@ -74,6 +78,31 @@ struct Args {
     /// and im2col convolutions, linear layers, GroupNorm) and outside them.
     #[arg(long)]
     profile: bool,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// `picture`: the scheduler by name (default: the model's).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// `picture`: a scheduler_config.json instead of a name.
+    #[arg(long)]
+    scheduler_config: Option<PathBuf>,
+    /// `picture`: classifier-free guidance scale (<= 1: one U-Net pass per step).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// `picture` / `taesd`: a tiny autoencoder folder (TAESD; `taesd` without it
+    /// builds one with random weights from `--taesd-config`).
+    #[arg(long)]
+    tiny_vae: Option<PathBuf>,
+    /// `taesd`: a TAESD config.json (random weights).
+    #[arg(long)]
+    taesd_config: Option<PathBuf>,
+    /// `picture`: decode with the tiny autoencoder.
+    #[arg(long)]
+    tiny_decoder: bool,
+    /// `picture`: a LoRA merged at load (`PATH[:STRENGTH]`), repeatable.
+    #[arg(long)]
+    lora: Vec<String>,
 }
 
 /// Casts every float parameter to a dtype.
@@ -98,8 +127,14 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn time(device: &Device, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
-    f();
+fn time(device: &Device, runs: usize, f: impl FnMut()) -> Vec<f64> {
+    time_after(device, 1, runs, f)
+}
+
+fn time_after(device: &Device, warmup: usize, runs: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
     let _ = device.sync();
     #[cfg(feature = "flex")]
     stable_diffusion::kernels::profile::reset();
@@ -198,11 +233,17 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     if !args.height.is_multiple_of(8) || !args.width.is_multiple_of(8) {
         return Err("--height and --width must be multiples of 8".into());
     }
+    if args.component == "taesd" {
+        return taesd(&args, &device);
+    }
     let dir = match (&args.config, &args.model) {
         (Some(c), None) => c.clone(),
         (None, Some(m)) => m.clone(),
         _ => return Err("give --config DIR or --model DIR".into()),
     };
+    if args.component == "picture" {
+        return picture(&args, &device, &dir);
+    }
     let real = args.model.is_some();
     let half = if args.f16 { Some(DType::F16) } else { None };
     let dtype_name = if args.f16 { "f16" } else { "f32" };
@@ -335,6 +376,77 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         }
         report(&args, "pipeline", t, dtype_name, load_s);
     }
+    Ok(())
+}
+
+/// Seconds per picture through the owning pipeline (`--component picture`): prompt
+/// encoding, every step and the decode, loading excluded.
+fn picture(args: &Args, device: &Device, dir: &std::path::Path) -> Result<(), common::AnyError> {
+    use stable_diffusion::prelude::{
+        GenerationRequest, LoadOptions, LoraSpec, SchedulerChoice, StableDiffusionPipeline,
+    };
+    let options = LoadOptions {
+        unet_dtype: args.f16.then_some(DType::F16),
+        tiny_vae: args.tiny_vae.clone(),
+        loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
+        vae_tiling: common::vae_tiling(&args.vae_tiling)?,
+        ..Default::default()
+    };
+    let (pipe, load_s) = timed(|| StableDiffusionPipeline::from_pretrained(dir, device, &options));
+    let pipe = pipe?;
+    let choice = match (&args.scheduler_config, &args.scheduler) {
+        (Some(p), _) => Some(SchedulerChoice::Config(std::fs::read_to_string(p)?)),
+        (None, Some(n)) => Some(SchedulerChoice::Name(n.clone())),
+        (None, None) => None,
+    };
+    let request = |steps: usize| {
+        let r = GenerationRequest::new("a photograph of an astronaut riding a horse")
+            .size(args.width, args.height)
+            .steps(steps)
+            .guidance(args.guidance)
+            .seed(0)
+            .tiny_decoder(args.tiny_decoder);
+        match &choice {
+            Some(c) => r.scheduler_choice(c.clone()),
+            None => r,
+        }
+    };
+    pipe.validate(&request(args.steps))?;
+    // Warm-up runs take one step (as the PyTorch side's), then the timed runs.
+    for _ in 0..args.warmup {
+        pipe.generate(request(1))?;
+    }
+    let mut failure = None;
+    let t = time_after(device, 0, args.runs, || {
+        if let Err(e) = pipe.generate(request(args.steps)) {
+            failure = Some(e);
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    report(args, "picture", t, if args.f16 { "f16" } else { "f32" }, load_s);
+    Ok(())
+}
+
+/// The tiny autoencoder's decode of one picture's latents (`--component taesd`),
+/// what a preview costs per step.
+fn taesd(args: &Args, device: &Device) -> Result<(), common::AnyError> {
+    use stable_diffusion::io::model::{read_tiny_vae_config, tiny_vae_from_dir};
+    use stable_diffusion::models::AutoencoderTiny;
+    let (vae, load_s) = timed(|| -> Result<AutoencoderTiny, common::AnyError> {
+        Ok(match (&args.tiny_vae, &args.taesd_config) {
+            (Some(dir), _) => tiny_vae_from_dir(dir, device, &ComponentOptions::default())?,
+            (None, Some(c)) => AutoencoderTiny::new(&read_tiny_vae_config(c)?, device)?,
+            (None, None) => return Err("taesd: give --tiny-vae DIR or --taesd-config FILE".into()),
+        })
+    });
+    let vae = vae?;
+    let z = NoiseRng::seed(1).normal_tensor([1, 4, args.height / 8, args.width / 8], device);
+    let t = time(device, args.runs, || {
+        let _ = vae.decode(z.clone()).map(|x| x.into_data());
+    });
+    report(args, "taesd", t, "f32", load_s);
     Ok(())
 }
 
