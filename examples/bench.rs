@@ -425,7 +425,13 @@ fn picture(args: &Args, device: &Device, dir: &std::path::Path) -> Result<(), co
     if let Some(e) = failure {
         return Err(e.into());
     }
-    report(args, "picture", t, if args.f16 { "f16" } else { "f32" }, load_s);
+    report(
+        args,
+        "picture",
+        t,
+        if args.f16 { "f16" } else { "f32" },
+        load_s,
+    );
     Ok(())
 }
 

@@ -17,6 +17,7 @@ mod models;
 mod open_clip;
 mod pipelines;
 mod schedulers;
+mod sdxl;
 mod taesd;
 mod tokenizer;
 mod training;

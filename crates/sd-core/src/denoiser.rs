@@ -51,6 +51,12 @@ pub trait Denoiser {
         None
     }
 
+    /// For SDXL-style denoisers (`addition_embed_type: "text_time"`): the sizes of
+    /// the pooled text embedding and time ids they need in [`AddedConditioning`].
+    fn text_time_dims(&self) -> Option<TextTimeDims> {
+        None
+    }
+
     /// Channels expected in `sample` (4, or 9 for an inpainting U-Net).
     fn in_channels(&self) -> usize;
 
@@ -61,12 +67,29 @@ pub trait Denoiser {
     fn cross_attention_dim(&self) -> usize;
 }
 
-/// Conditioning a denoiser takes beyond the text (diffusers' `timestep_cond`).
+/// Conditioning a denoiser takes beyond the text (diffusers' `timestep_cond` and
+/// `added_cond_kwargs`).
 #[derive(Debug, Clone, Default)]
 pub struct AddedConditioning {
     /// The embedded guidance scale `[batch, time_cond_proj_dim]` of LCM-distilled
     /// U-Nets (`get_guidance_scale_embedding(guidance_scale - 1)`).
     pub timestep_cond: Option<Tensor<2>>,
+    /// SDXL's pooled text embedding `[batch, d]` (`text_embeds`).
+    pub text_embeds: Option<Tensor<2>>,
+    /// SDXL's micro-conditioning `[batch, n]` (`time_ids`: original size, crop
+    /// corner, target size, each height first; the refiner: an aesthetic score
+    /// instead of the target size).
+    pub time_ids: Option<Tensor<2>>,
+}
+
+/// What a `text_time` denoiser (SDXL) takes: `text_embeds` width plus time ids times
+/// `time_embed_dim` must make `input_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeDims {
+    /// `projection_class_embeddings_input_dim`.
+    pub input_dim: usize,
+    /// `addition_time_embed_dim`.
+    pub time_embed_dim: usize,
 }
 
 /// Checks [`AddedConditioning`] against what a denoiser takes.
@@ -78,6 +101,7 @@ pub fn check_added_conditioning(
     batch: usize,
     added: &AddedConditioning,
 ) -> Result<(), CoreError> {
+    check_text_time(denoiser.text_time_dims(), batch, added)?;
     match (&added.timestep_cond, denoiser.time_cond_proj_dim()) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(CoreError::shape(
@@ -89,6 +113,44 @@ pub fn check_added_conditioning(
             format!("shape {:?}, expected [{batch}, {d}]", c.dims()),
         )),
         _ => Ok(()),
+    }
+}
+
+fn check_text_time(
+    dims: Option<TextTimeDims>,
+    batch: usize,
+    added: &AddedConditioning,
+) -> Result<(), CoreError> {
+    match (dims, &added.text_embeds, &added.time_ids) {
+        (None, None, None) => Ok(()),
+        (None, _, _) => Err(CoreError::shape(
+            "text_embeds",
+            "the denoiser takes no pooled text embedding or time ids (no text_time addition)",
+        )),
+        (Some(_), None, _) | (Some(_), _, None) => Err(CoreError::shape(
+            "text_embeds",
+            "this denoiser (addition_embed_type text_time, SDXL) needs text_embeds and time_ids",
+        )),
+        (Some(d), Some(te), Some(ids)) => {
+            let [tb, tw] = te.dims();
+            let [ib, n] = ids.dims();
+            if tb != batch || ib != batch {
+                return Err(CoreError::shape(
+                    "text_embeds",
+                    format!("batches {tb} and {ib}, the sample's is {batch}"),
+                ));
+            }
+            if tw + n * d.time_embed_dim != d.input_dim {
+                return Err(CoreError::shape(
+                    "text_embeds",
+                    format!(
+                        "{tw} + {n} time ids x {} != add_embedding's input {}",
+                        d.time_embed_dim, d.input_dim
+                    ),
+                ));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -10,7 +10,9 @@ pub mod text_encoder;
 pub mod tokenizer;
 
 pub use autoencoder::{Autoencoder, DiagonalGaussian, check_vae_image, check_vae_latents};
-pub use denoiser::{AddedConditioning, Denoiser, check_added_conditioning, check_denoiser_inputs};
+pub use denoiser::{
+    AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_denoiser_inputs,
+};
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
 pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, img2img_start};

@@ -1,4 +1,4 @@
-//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x / 2.x.
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x / 2.x and SDXL.
 
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
@@ -18,6 +18,9 @@ pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     /// MLP on the sinusoidal timestep features.
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `text_time` addition: an MLP on [pooled text embedding, sinusoidal
+    /// time ids], added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding>,
     /// Down blocks, highest resolution first.
     pub down_blocks: Vec<DownBlock2D>,
     /// Mid block.
@@ -35,6 +38,7 @@ pub struct UNet2DConditionModel {
     in_channels: usize,
     out_channels: usize,
     cross_attention_dim: usize,
+    addition_time_embed_dim: usize,
 }
 
 impl UNet2DConditionModel {
@@ -111,6 +115,11 @@ impl UNet2DConditionModel {
                 config.time_cond_proj_dim,
                 device,
             ),
+            add_embedding: config
+                .projection_class_embeddings_input_dim
+                .filter(|_| config.addition_embed_type.is_some())
+                .map(|d| TimestepEmbedding::new(d, temb_dim, None, device)),
+            addition_time_embed_dim: config.addition_time_embed_dim.unwrap_or(0),
             down_blocks,
             mid_block,
             up_blocks,
@@ -149,6 +158,27 @@ impl UNet2DConditionModel {
             .time_embedding
             .forward(to_dtype(proj.clone(), dtype), cond);
         (proj, emb)
+    }
+
+    /// SDXL's `aug_emb`: `add_embedding([text_embeds, time_proj(time_ids)])`, when
+    /// the model has a `text_time` addition and both inputs are given.
+    ///
+    /// # Shapes
+    /// - `text_embeds` `[b, d]`, `time_ids` `[b, n]`; output `[b, 4 * c0]`
+    pub fn text_time_embed(&self, added: &sd_core::AddedConditioning) -> Option<Tensor<2>> {
+        let (add, text, ids) = (
+            self.add_embedding.as_ref()?,
+            added.text_embeds.clone()?,
+            added.time_ids.clone()?,
+        );
+        let dtype = self.conv_in.weight.val().dtype();
+        let [b, n] = ids.dims();
+        let d = self.addition_time_embed_dim;
+        let ids = crate::norm::to_f32(ids).reshape([b * n]);
+        let time =
+            timestep_embedding(ids, d, self.flip_sin_to_cos, self.freq_shift).reshape([b, n * d]);
+        let input = Tensor::cat(vec![crate::norm::to_f32(text), time], 1);
+        Some(add.forward(to_dtype(input, dtype), None))
     }
 
     /// The width of the embedded guidance scale (`time_cond_proj_dim`), if any.
@@ -214,6 +244,10 @@ impl UNet2DConditionModel {
             sample
         };
         let (_, temb) = self.time_embed_with_cond(timesteps, added.timestep_cond.clone());
+        let temb = match self.text_time_embed(added) {
+            Some(aug) => temb + aug,
+            None => temb,
+        };
 
         let mut h = conv_forward(&self.conv_in, sample);
         observe("conv_in", &h);
@@ -251,18 +285,8 @@ impl sd_core::Denoiser for UNet2DConditionModel {
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
     ) -> Result<Tensor<4>, sd_core::CoreError> {
-        sd_core::check_denoiser_inputs(
-            self,
-            sample.dims(),
-            timesteps.dims(),
-            encoder_hidden_states.dims(),
-        )?;
-        Ok(UNet2DConditionModel::forward(
-            self,
-            sample,
-            timesteps,
-            encoder_hidden_states,
-        ))
+        let added = sd_core::AddedConditioning::default();
+        sd_core::Denoiser::forward_added(self, sample, timesteps, encoder_hidden_states, &added)
     }
 
     fn forward_added(
@@ -290,6 +314,13 @@ impl sd_core::Denoiser for UNet2DConditionModel {
 
     fn time_cond_proj_dim(&self) -> Option<usize> {
         UNet2DConditionModel::time_cond_proj_dim(self)
+    }
+
+    fn text_time_dims(&self) -> Option<sd_core::TextTimeDims> {
+        self.add_embedding.as_ref().map(|a| sd_core::TextTimeDims {
+            input_dim: a.linear_1.weight.dims()[0],
+            time_embed_dim: self.addition_time_embed_dim,
+        })
     }
 
     fn in_channels(&self) -> usize {

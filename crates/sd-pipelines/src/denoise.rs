@@ -154,6 +154,7 @@ impl StableDiffusion<'_> {
                 let w = Tensor::<1>::full([batch], guidance - 1.0, &self.device);
                 sd_models::embeddings::guidance_scale_embedding(w, d)
             }),
+            ..Default::default()
         }
     }
 

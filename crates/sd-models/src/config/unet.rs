@@ -172,20 +172,22 @@ pub struct UNet2DConditionConfig {
     /// Only `null`.
     #[serde(default)]
     pub class_embed_type: Option<Value>,
-    /// Only `null`.
+    /// `null`, or `text_time` (SDXL: the pooled text embedding and the
+    /// micro-conditioning time ids, embedded and added to the time embedding).
     #[serde(default)]
-    pub addition_embed_type: Option<Value>,
-    /// Unused without `addition_embed_type`.
+    pub addition_embed_type: Option<String>,
+    /// Sinusoidal width of each time id (`text_time`; SDXL 256).
     #[serde(default)]
-    pub addition_time_embed_dim: Option<Value>,
+    pub addition_time_embed_dim: Option<usize>,
     /// Unused without `addition_embed_type`.
     #[serde(default)]
     pub addition_embed_type_num_heads: Option<Value>,
     /// Only `null`.
     #[serde(default)]
     pub num_class_embeds: Option<Value>,
-    /// Compute attention scores in f32 (SD 2.x); this crate always does.
-    #[serde(default)]
+    /// Compute attention scores in f32 (SD 2.x; `null` in SDXL's config); this crate
+    /// always does.
+    #[serde(default, deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     /// Only `default`.
     #[serde(default)]
@@ -218,9 +220,10 @@ pub struct UNet2DConditionConfig {
     /// Kernel of `conv_out` (odd).
     #[serde(default = "d_kernel")]
     pub conv_out_kernel: usize,
-    /// Only `null`.
+    /// Input width of `add_embedding` (`text_time`: the pooled text width plus
+    /// time ids x `addition_time_embed_dim`; SDXL 2816 = 1280 + 6 x 256).
     #[serde(default)]
-    pub projection_class_embeddings_input_dim: Option<Value>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Only `default`.
     #[serde(default)]
     pub attention_type: Option<String>,
@@ -249,6 +252,11 @@ pub struct ResolvedUNetBlocks {
     pub cross_attention_dim: Vec<usize>,
     /// Transformer layers per block.
     pub transformer_layers: Vec<usize>,
+}
+
+/// A boolean that diffusers may write as `null` (false).
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 fn is_null_or(v: &Option<Value>, ok: impl Fn(&Value) -> bool) -> bool {
@@ -392,19 +400,41 @@ impl UNet2DConditionConfig {
         if let Some(d) = self.time_cond_proj_dim {
             crate::error::check_range("time_cond_proj_dim", d, crate::error::MAX_WIDTH)?;
         }
-        let nulls: [(&'static str, &Option<Value>); 9] = [
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (None, _, _) => {}
+            (Some("text_time"), Some(t), Some(p)) => {
+                crate::error::check_range("addition_time_embed_dim", t, crate::error::MAX_WIDTH)?;
+                crate::error::check_range(
+                    "projection_class_embeddings_input_dim",
+                    p,
+                    crate::error::MAX_WIDTH,
+                )?;
+            }
+            (Some("text_time"), _, _) => {
+                return Err(u(
+                    "addition_embed_type",
+                    "`text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim",
+                ));
+            }
+            (Some(t), _, _) => {
+                return Err(u(
+                    "addition_embed_type",
+                    format!("`{t}` is not supported (only text_time)"),
+                ));
+            }
+        }
+        let nulls: [(&'static str, &Option<Value>); 7] = [
             ("class_embed_type", &self.class_embed_type),
-            ("addition_embed_type", &self.addition_embed_type),
             ("num_class_embeds", &self.num_class_embeds),
             ("encoder_hid_dim", &self.encoder_hid_dim),
             ("encoder_hid_dim_type", &self.encoder_hid_dim_type),
             ("time_embedding_dim", &self.time_embedding_dim),
             ("time_embedding_act_fn", &self.time_embedding_act_fn),
             ("timestep_post_act", &self.timestep_post_act),
-            (
-                "projection_class_embeddings_input_dim",
-                &self.projection_class_embeddings_input_dim,
-            ),
         ];
         for (field, v) in nulls {
             if !is_null_or(v, |_| false) {

@@ -1,0 +1,114 @@
+//! SDXL against diffusers (fixtures README §8a and the SDXL part of §7): the U-Net's
+//! `text_time` addition, per-level transformer depths and heads.
+
+use crate::common;
+
+use common::{Reference, assert_close, devices, fixture, tol};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::core::{AddedConditioning, Denoiser};
+use stable_diffusion::io::{ComponentOptions, DiffusersDir};
+use stable_diffusion::models::UNet2DConditionModel;
+
+pub(crate) fn tiny_sdxl() -> DiffusersDir {
+    DiffusersDir::open(fixture("tiny-sdxl")).unwrap()
+}
+
+fn check_unet(name: &str, device: &Device, unet: &UNet2DConditionModel) {
+    let r = Reference::open("reference/sdxl/unet.safetensors");
+    let t = tol(name, 1e-4, 1e-3);
+    let sample = r.tensor::<4>("sample", device);
+    let ctx = r.tensor::<3>("encoder_hidden_states", device);
+    let added = AddedConditioning {
+        text_embeds: Some(r.tensor::<2>("text_embeds", device)),
+        time_ids: Some(r.tensor::<2>("time_ids", device)),
+        ..Default::default()
+    };
+    for (case, ts_key) in [
+        ("t999", "timestep_t999_float"),
+        ("t500", "timestep_t500_float"),
+        ("frac", "timestep_frac"),
+    ] {
+        let ts = r.tensor::<1>(ts_key, device);
+        let ts = if ts.dims()[0] == 1 {
+            ts.repeat_dim(0, 2)
+        } else {
+            ts
+        };
+        let out = unet
+            .forward_added(sample.clone(), ts, ctx.clone(), &added)
+            .unwrap();
+        assert_close(
+            &format!("[{name}] out_{case}"),
+            &out,
+            &r.floats(&format!("out_{case}")),
+            t,
+        );
+    }
+    let ts = r.tensor::<1>("timestep_t500_float", device);
+    let ts = if ts.dims()[0] == 1 {
+        ts.repeat_dim(0, 2)
+    } else {
+        ts
+    };
+    let aug = unet.text_time_embed(&added).unwrap();
+    assert_close(
+        &format!("[{name}] add_embedding"),
+        &aug,
+        &r.floats("intermediate_t500.add_embedding"),
+        t,
+    );
+    let defaults = AddedConditioning {
+        time_ids: Some(r.tensor::<2>("time_ids_default", device)),
+        ..added.clone()
+    };
+    let out = unet
+        .forward_added(sample.clone(), ts.clone(), ctx.clone(), &defaults)
+        .unwrap();
+    assert_close(
+        &format!("[{name}] out_t500_default_time_ids"),
+        &out,
+        &r.floats("out_t500_default_time_ids"),
+        t,
+    );
+    let mut seen = 0;
+    unet.forward_added_with_intermediates(sample, ts, ctx, &added, |key, x| {
+        let full = format!("intermediate_t500.{key}");
+        if r.has(&full) {
+            assert_close(&format!("[{name}] {key}"), x, &r.floats(&full), t);
+            seen += 1;
+        }
+    });
+    assert_eq!(seen, 9, "intermediates checked");
+}
+
+#[test]
+fn sdxl_unet_matches_diffusers() {
+    for (name, device) in devices() {
+        let unet = tiny_sdxl()
+            .unet(&device, &ComponentOptions::default())
+            .unwrap();
+        check_unet(name, &device, &unet);
+    }
+}
+
+#[test]
+fn sdxl_unet_refuses_missing_or_misshapen_added_conditioning() {
+    let device = Device::flex();
+    let unet = tiny_sdxl()
+        .unet(&device, &ComponentOptions::default())
+        .unwrap();
+    let dims = unet.text_time_dims().unwrap();
+    assert_eq!((dims.input_dim, dims.time_embed_dim), (80, 8));
+    let sample = Tensor::<4>::zeros([1, 4, 8, 8], &device);
+    let ts = Tensor::<1>::full([1], 500.0, &device);
+    let ctx = Tensor::<3>::zeros([1, 77, 48], &device);
+    let err = Denoiser::forward(&unet, sample.clone(), ts.clone(), ctx.clone()).unwrap_err();
+    assert!(err.to_string().contains("text_embeds"), "{err}");
+    let wrong = AddedConditioning {
+        text_embeds: Some(Tensor::zeros([1, 32], &device)),
+        time_ids: Some(Tensor::zeros([1, 5], &device)),
+        ..Default::default()
+    };
+    let err = unet.forward_added(sample, ts, ctx, &wrong).unwrap_err();
+    assert!(err.to_string().contains("add_embedding"), "{err}");
+}
