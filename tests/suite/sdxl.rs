@@ -112,3 +112,85 @@ fn sdxl_unet_refuses_missing_or_misshapen_added_conditioning() {
     let err = unet.forward_added(sample, ts, ctx, &wrong).unwrap_err();
     assert!(err.to_string().contains("add_embedding"), "{err}");
 }
+
+/// Both encoders and tokenizers, the prompt embedding (penultimate layers without the
+/// final norm, concatenated) and the pooled embedding (te2's projection).
+#[test]
+fn sdxl_text_encoders_match_diffusers() {
+    use stable_diffusion::core::{HiddenLayer, PromptTokenizer, TextEncoder};
+    let r = Reference::open("reference/sdxl/text_encoders.safetensors");
+    let dir = tiny_sdxl();
+    let (tok1, tok2) = (dir.tokenizer().unwrap(), dir.tokenizer_2().unwrap());
+    let ids1 = r.ints("input_ids");
+    let ids2 = r.ints("input_ids_2");
+    assert_ne!(ids1, ids2, "the two tokenizers pad differently");
+    let prompts = ["a photograph of an astronaut riding a horse", ""];
+    for (i, p) in prompts.iter().enumerate() {
+        let a: Vec<i64> = tok1
+            .encode_padded(p)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let b: Vec<i64> = tok2
+            .encode_padded(p)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(a, ids1[i * 77..(i + 1) * 77], "tokenizer, prompt {i}");
+        assert_eq!(b, ids2[i * 77..(i + 1) * 77], "tokenizer_2, prompt {i}");
+    }
+    for (name, device) in devices() {
+        let t = tol(name, 1e-4, 1e-3);
+        let o = ComponentOptions::default();
+        let te1 = dir.text_encoder(&device, &o).unwrap();
+        let te2 = dir.text_encoder_2(&device, &o).unwrap();
+        assert!(te1.text_projection.is_none() && te2.text_projection.is_some());
+        let ids1 = r.int_tensor::<2>("input_ids", &device);
+        let ids2 = r.int_tensor::<2>("input_ids_2", &device);
+        let a = te1.encode(ids1.clone(), HiddenLayer::SkipRaw(1)).unwrap();
+        let b = te2.encode(ids2.clone(), HiddenLayer::SkipRaw(1)).unwrap();
+        assert_close(
+            &format!("[{name}] te1 penultimate"),
+            &a.hidden_states,
+            &r.floats("te1.penultimate_hidden_state"),
+            t,
+        );
+        assert_close(
+            &format!("[{name}] te2 penultimate"),
+            &b.hidden_states,
+            &r.floats("te2.penultimate_hidden_state"),
+            t,
+        );
+        assert_close(
+            &format!("[{name}] te2 pooler_output"),
+            &b.pooled,
+            &r.floats("te2.pooler_output"),
+            t,
+        );
+        let pooled = b.text_embeds.clone().unwrap();
+        assert_close(
+            &format!("[{name}] te2 text_embeds"),
+            &pooled,
+            &r.floats("pooled_prompt_embeds"),
+            t,
+        );
+        let embeds = Tensor::cat(vec![a.hidden_states, b.hidden_states], 2);
+        assert_close(
+            &format!("[{name}] prompt_embeds"),
+            &embeds,
+            &r.floats("prompt_embeds"),
+            t,
+        );
+        let a = te1.encode(ids1, HiddenLayer::SkipRaw(2)).unwrap();
+        let b = te2.encode(ids2, HiddenLayer::SkipRaw(2)).unwrap();
+        let skip = Tensor::cat(vec![a.hidden_states, b.hidden_states], 2);
+        assert_close(
+            &format!("[{name}] prompt_embeds_clip_skip1"),
+            &skip,
+            &r.floats("prompt_embeds_clip_skip1"),
+            t,
+        );
+    }
+}

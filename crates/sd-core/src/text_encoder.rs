@@ -15,6 +15,20 @@ pub enum HiddenLayer {
     Last,
     /// Skip the last `n` layers (A1111 / ComfyUI "CLIP skip" is `n + 1`).
     Skip(usize),
+    /// Skip the last `n` layers and leave out the final layer norm
+    /// (`hidden_states[-(n + 1)]` as it is): SDXL's prompt embedding is `SkipRaw(1)`
+    /// of both encoders, and its `clip_skip = k` is `SkipRaw(k + 1)`.
+    SkipRaw(usize),
+}
+
+impl HiddenLayer {
+    /// The number of layers skipped.
+    pub fn skipped(self) -> usize {
+        match self {
+            Self::Last => 0,
+            Self::Skip(k) | Self::SkipRaw(k) => k,
+        }
+    }
 }
 
 /// What a text encoder returns.
@@ -24,6 +38,10 @@ pub struct TextEncoderOutput {
     pub hidden_states: Tensor<3>,
     /// Pooled output `[batch, hidden]`: the final hidden state at the end-of-text token.
     pub pooled: Tensor<2>,
+    /// The pooled output through the encoder's `text_projection` `[batch,
+    /// projection_dim]` (`CLIPTextModelWithProjection`'s `text_embeds`: SDXL's pooled
+    /// prompt embedding); `None` for encoders without one.
+    pub text_embeds: Option<Tensor<2>>,
 }
 
 /// A text encoder turning token ids into conditioning for the denoiser.
@@ -73,9 +91,8 @@ pub fn check_text_encoder_inputs(
             ),
         ));
     }
-    if let HiddenLayer::Skip(k) = layer
-        && k >= encoder.num_hidden_layers()
-    {
+    let k = layer.skipped();
+    if k > 0 && k >= encoder.num_hidden_layers() {
         return Err(CoreError::InvalidArgument {
             name: "clip_skip",
             message: format!(

@@ -297,6 +297,26 @@ impl DiffusersDir {
     pub fn tokenizer(&self) -> Result<ClipTokenizer, IoError> {
         ClipTokenizer::from_dir(self.root.join("tokenizer"))
     }
+
+    /// SDXL's second text encoder (`text_encoder_2/`, a
+    /// `CLIPTextModelWithProjection`), weights loaded.
+    pub fn text_encoder_2(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<ClipTextModel, IoError> {
+        text_encoder_from_dir(&self.root.join("text_encoder_2"), device, options)
+    }
+
+    /// SDXL's second text encoder's config.
+    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig, IoError> {
+        read_text_encoder_config(&self.root.join("text_encoder_2/config.json"))
+    }
+
+    /// SDXL's second tokenizer (`tokenizer_2/`: the same BPE, padded with `!`).
+    pub fn tokenizer_2(&self) -> Result<ClipTokenizer, IoError> {
+        ClipTokenizer::from_dir(self.root.join("tokenizer_2"))
+    }
 }
 
 /// Configs of the SD 1.5 and SD 2.1-v models, shipped with this crate.

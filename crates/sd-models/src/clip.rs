@@ -81,6 +81,9 @@ pub struct ClipTextTransformer {
 pub struct ClipTextModel {
     /// The transformer.
     pub text_model: ClipTextTransformer,
+    /// `CLIPTextModelWithProjection`'s bias-free projection of the pooled output
+    /// (SDXL's second encoder).
+    pub text_projection: Option<Linear>,
     quick_gelu: bool,
     eos_token_id: i64,
     hidden_size: usize,
@@ -120,6 +123,9 @@ impl ClipTextModel {
                 encoder: ClipEncoder { layers },
                 final_layer_norm: LayerNorm::new(d, eps, device),
             },
+            text_projection: config
+                .text_projection_dim()
+                .map(|p| linear(d, p, false, device)),
             quick_gelu: config.hidden_act == ClipActivation::QuickGelu,
             eos_token_id: config.eos_token_id,
             hidden_size: d,
@@ -192,23 +198,31 @@ impl ClipTextModel {
     /// - output: hidden states `[b, seq, hidden]`, pooled `[b, hidden]`
     ///
     /// # Panics
-    /// A [`HiddenLayer::Skip`] of every layer or more (never clamped silently), more
-    /// ids than positions.
+    /// A skip of every layer or more (never clamped silently), more ids than
+    /// positions.
     pub fn forward(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput {
         let n = self.text_model.encoder.layers.len();
-        if let HiddenLayer::Skip(k) = layer {
-            assert!(k < n, "skipping {k} layers leaves none of the {n}");
-        }
+        let k = layer.skipped();
+        assert!(
+            k == 0 || k < n,
+            "skipping {k} layers leaves none of the {n}"
+        );
         let states = self.hidden_states_upto(input_ids.clone(), n);
         let ln = &self.text_model.final_layer_norm;
         let last = ln.forward(states[n].clone());
         let hidden_states = match layer {
             HiddenLayer::Last | HiddenLayer::Skip(0) => last.clone(),
             HiddenLayer::Skip(k) => ln.forward(states[n - k].clone()),
+            HiddenLayer::SkipRaw(k) => states[n - k].clone(),
         };
+        let pooled = self.pool(last, input_ids);
         TextEncoderOutput {
             hidden_states,
-            pooled: self.pool(last, input_ids),
+            text_embeds: self
+                .text_projection
+                .as_ref()
+                .map(|p| linear_forward(p, pooled.clone())),
+            pooled,
         }
     }
 }

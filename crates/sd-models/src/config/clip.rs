@@ -48,9 +48,14 @@ pub struct ClipTextConfig {
     /// Padding id (informational; the tokenizer decides padding).
     #[serde(default)]
     pub pad_token_id: Option<i64>,
-    /// Projection width of the full CLIP model (unused by the text model).
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`; SDXL's second
+    /// encoder: 1280); unused by a plain `CLIPTextModel`.
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// transformers' model classes; `CLIPTextModelWithProjection` adds the
+    /// `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
     /// Dropout (inference ignores it).
     #[serde(default)]
     pub dropout: Option<f64>,
@@ -91,6 +96,7 @@ impl ClipTextConfig {
             bos_token_id: Some(0),
             pad_token_id: Some(1),
             projection_dim: Some(768),
+            architectures: vec!["CLIPTextModel".into()],
             dropout: None,
             attention_dropout: None,
             initializer_range: None,
@@ -112,8 +118,43 @@ impl ClipTextConfig {
         }
     }
 
+    /// SDXL's second text encoder, OpenCLIP ViT-bigG/14 with its projection
+    /// (`CLIPTextModelWithProjection`, 32 layers, 1280 wide, projection 1280).
+    pub fn open_clip_vit_bigg_14() -> Self {
+        Self {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: ClipActivation::Gelu,
+            projection_dim: Some(1280),
+            architectures: vec!["CLIPTextModelWithProjection".into()],
+            ..Self::clip_vit_l_14()
+        }
+    }
+
+    /// The `text_projection` width, for a `CLIPTextModelWithProjection` config.
+    pub fn text_projection_dim(&self) -> Option<usize> {
+        self.architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
+            .then_some(self.projection_dim)
+            .flatten()
+    }
+
     /// Rejects values the model cannot honour.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
+            && self.projection_dim.is_none()
+        {
+            return Err(ConfigError::unsupported(
+                "projection_dim",
+                "CLIPTextModelWithProjection needs a projection_dim",
+            ));
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
