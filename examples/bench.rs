@@ -352,6 +352,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             vae: &vae,
             decoder: None,
             preview_decoder: None,
+            sdxl: None,
             scheduler: &scheduler,
             device: device.clone(),
         };

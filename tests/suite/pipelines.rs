@@ -299,6 +299,7 @@ fn tiny_sd<'a>(
         vae: &m.vae,
         decoder: None,
         preview_decoder: None,
+        sdxl: None,
         scheduler,
         device: device.clone(),
     }

@@ -8,6 +8,7 @@ use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{AddedConditioning, Denoiser};
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::models::UNet2DConditionModel;
+use stable_diffusion::pipelines::MicroConditioning;
 
 pub(crate) fn tiny_sdxl() -> DiffusersDir {
     DiffusersDir::open(fixture("tiny-sdxl")).unwrap()
@@ -193,4 +194,104 @@ fn sdxl_text_encoders_match_diffusers() {
             t,
         );
     }
+}
+
+fn size(v: &serde_json::Value) -> Option<(usize, usize)> {
+    let a = v.as_array()?;
+    Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
+}
+
+/// Every SDXL pipeline case of the fixtures (txt2img with Euler, DPM++ 2M Karras,
+/// AYS timesteps, micro-conditioning and its negatives, no negative prompt (zeros),
+/// Turbo-style Euler a trailing at guidance 0, img2img) through the owning pipeline
+/// with the recorded noise.
+#[test]
+fn sdxl_pipeline_cases_match_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(pipe.family(), ModelFamily::Sdxl);
+    let text = std::fs::read_to_string(fixture("reference/index_sdxl.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        if !name.starts_with("sdxl/pipelines/") {
+            continue;
+        }
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let call = &case["params"]["call"];
+        let noises: Vec<Tensor<4>> = (0..)
+            .map(|i| format!("noise_{i:03}"))
+            .take_while(|k| r.has(k))
+            .map(|k| r.tensor::<4>(&k, &device))
+            .collect();
+        let n_noises = noises.len();
+        let noise = RecordedNoise::new(noises);
+        let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+            .size(32, 32)
+            .guidance(call["guidance_scale"].as_f64().unwrap())
+            .scheduler_choice(SchedulerChoice::Config(
+                case["params"]["scheduler_config"].to_string(),
+            ))
+            .noise(noise)
+            .micro_conditioning(MicroConditioning {
+                original_size: size(&call["original_size"]),
+                crops_coords_top_left: size(&call["crops_coords_top_left"]).unwrap_or((0, 0)),
+                target_size: size(&call["target_size"]),
+                negative_original_size: size(&call["negative_original_size"]),
+                negative_crops_coords_top_left: size(&call["negative_crops_coords_top_left"])
+                    .unwrap_or((0, 0)),
+                negative_target_size: size(&call["negative_target_size"]),
+                ..Default::default()
+            });
+        if let Some(n) = call["negative_prompt"].as_str() {
+            req = req.negative_prompt(n);
+        }
+        req = match call["timesteps"].as_array() {
+            Some(ts) => req.schedule(Steps::Timesteps(
+                ts.iter().map(|t| t.as_f64().unwrap()).collect(),
+            )),
+            None => req.steps(call["num_inference_steps"].as_u64().unwrap() as usize),
+        };
+        req = if r.has("input_image_preprocessed") {
+            req.init_image(
+                r.tensor::<4>("input_image_preprocessed", &device),
+                call["strength"].as_f64().unwrap(),
+            )
+        } else {
+            req.init_latents(r.tensor::<4>("init_latents", &device))
+        };
+        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = out
+            .latents
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let want = r.floats("final_latents");
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let d = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{name}: final latents max diff {d:.3e} (scale {scale}, {n_noises} draws)");
+        assert!(d <= 1e-3 * scale, "{name}: final latents differ by {d}");
+        // The picture: the VAE at scaling factor 0.13025, in 8 bits.
+        let want = r.floats("image");
+        let got = out.images[0].image.as_raw();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f32 - b * 255.0).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1.0, "{name}: picture differs by {worst} / 255");
+        checked += 1;
+    }
+    assert_eq!(checked, 9);
 }

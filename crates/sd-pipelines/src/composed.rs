@@ -12,6 +12,7 @@ use sd_core::{
 };
 
 use crate::preview::latent_preview;
+use crate::sdxl::{MicroConditioning, SdxlParts};
 
 /// Options shared by every task of [`StableDiffusion`].
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct GenerationOptions {
     pub long_prompts: bool,
     /// A1111 attention syntax `(word:1.3)`, `(word)`, `[word]`; off by default.
     pub prompt_weighting: bool,
+    /// SDXL's micro-conditioning (ignored by SD 1.x/2.x).
+    pub micro: MicroConditioning,
 }
 
 impl Default for GenerationOptions {
@@ -56,6 +59,7 @@ impl Default for GenerationOptions {
             init_latents: None,
             long_prompts: false,
             prompt_weighting: false,
+            micro: MicroConditioning::default(),
         }
     }
 }
@@ -146,6 +150,9 @@ pub struct StableDiffusion<'a> {
     pub preview_decoder: Option<&'a dyn Autoencoder>,
     /// The scheduler.
     pub scheduler: &'a dyn Scheduler,
+    /// SDXL's second tokenizer and text encoder: with them the prompt is encoded as
+    /// SDXL does (and the U-Net gets the pooled embedding and time ids).
+    pub sdxl: Option<SdxlParts<'a>>,
     /// Where tensors are created.
     pub device: Device,
 }

@@ -43,6 +43,9 @@ pub struct Conditioning {
     pub guidance: f64,
     /// What the task adds.
     pub extra: ExtraConditioning,
+    /// What the U-Net takes besides the text, batched as `embeds` (SDXL's pooled
+    /// embeddings and time ids; see [`StableDiffusion::encode_conditioning`]).
+    pub added: AddedConditioning,
 }
 
 /// A `Blend` prepared for the loop: the complement mask computed once.
@@ -74,9 +77,13 @@ impl StableDiffusion<'_> {
             embeds,
             guidance,
             extra,
+            added,
         } = conditioning;
         let cfg = self.uses_cfg(guidance);
-        let added = self.added_conditioning(guidance, latents.dims()[0]);
+        let added = AddedConditioning {
+            timestep_cond: self.guidance_embedding(guidance, latents.dims()[0]),
+            ..added
+        };
         let double = |x: Tensor<4>| {
             if cfg {
                 Tensor::cat(vec![x.clone(), x], 0)
@@ -146,16 +153,13 @@ impl StableDiffusion<'_> {
         guidance > 1.0 && self.unet.time_cond_proj_dim().is_none()
     }
 
-    /// What the denoiser takes beyond the text: for a guidance-embedding
-    /// (LCM-distilled) U-Net, `get_guidance_scale_embedding(guidance - 1)` per image.
-    fn added_conditioning(&self, guidance: f64, batch: usize) -> AddedConditioning {
-        AddedConditioning {
-            timestep_cond: self.unet.time_cond_proj_dim().map(|d| {
-                let w = Tensor::<1>::full([batch], guidance - 1.0, &self.device);
-                sd_models::embeddings::guidance_scale_embedding(w, d)
-            }),
-            ..Default::default()
-        }
+    /// For a guidance-embedding (LCM-distilled) U-Net,
+    /// `get_guidance_scale_embedding(guidance - 1)` per image.
+    fn guidance_embedding(&self, guidance: f64, batch: usize) -> Option<Tensor<2>> {
+        self.unet.time_cond_proj_dim().map(|d| {
+            let w = Tensor::<1>::full([batch], guidance - 1.0, &self.device);
+            sd_models::embeddings::guidance_scale_embedding(w, d)
+        })
     }
 
     /// [`Self::denoise`], then the VAE: the end of every task.

@@ -107,10 +107,10 @@ impl StableDiffusion<'_> {
             ..options.clone()
         };
         let shape = self.latent_shape(&second)?;
-        let embeds = self.encode_prompt(options)?;
+        let (embeds, added) = self.encode_conditioning(options, false)?;
         let first = self.txt2img_latents(
             options,
-            embeds.clone(),
+            (embeds.clone(), added.clone()),
             options.init_latents.clone(),
             noise,
             callback.as_mut().map(|c| &mut **c as _),
@@ -131,6 +131,11 @@ impl StableDiffusion<'_> {
             embeds,
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
+            // The second pass at the target size: SDXL's default time ids follow it.
+            added: match &added.text_embeds {
+                Some(p) => self.sdxl_added(&second, p.clone(), false)?,
+                None => added,
+            },
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

@@ -23,7 +23,7 @@ impl StableDiffusion<'_> {
     ) -> Result<GenerationOutput, CoreError> {
         let options = &self.options_for_image(options, &image)?;
         let shape = self.latent_shape(options)?;
-        let embeds = self.encode_prompt(options)?;
+        let (embeds, added) = self.encode_conditioning(options, true)?;
         let (mut run, start) = self.start_at_strength(&options.steps, strength)?;
         let image_latents = self.encode_image(image, shape[0], noise)?;
         let n = noise.normal(shape, &self.device)?;
@@ -32,6 +32,7 @@ impl StableDiffusion<'_> {
             embeds,
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
+            added,
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

@@ -52,7 +52,7 @@ impl StableDiffusion<'_> {
                 ),
             ));
         }
-        let embeds = self.encode_prompt(options)?;
+        let (embeds, added) = self.encode_conditioning(options, true)?;
         let (mut run, start) = self.start_at_strength(&options.steps, strength)?;
         let mask = mask.greater_equal_elem(0.5).float();
         let latent_mask = interpolate(
@@ -89,6 +89,7 @@ impl StableDiffusion<'_> {
             embeds,
             guidance: options.guidance_scale,
             extra,
+            added,
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

@@ -56,8 +56,8 @@ impl StableDiffusion<'_> {
         if ends.noise_a.dims() != ends.noise_b.dims() {
             return Err(invalid("noise_b", "must have the shape of noise_a"));
         }
-        let ea = self.encode_prompt(ends.a)?;
-        let eb = self.encode_prompt(ends.b)?;
+        let (ea, added_a) = self.encode_conditioning(ends.a, false)?;
+        let (eb, added_b) = self.encode_conditioning(ends.b, false)?;
         if ea.dims() != eb.dims() {
             return Err(invalid(
                 "prompt",
@@ -75,20 +75,33 @@ impl StableDiffusion<'_> {
             } else {
                 k as f64 / (frames - 1) as f64
             };
-            let (e, x) = if t == 0.0 {
-                (ea.clone(), ends.noise_a.clone())
+            let lerp = |a: Tensor<2>, b: Tensor<2>| a.clone() + (b - a) * t;
+            let (e, added, x) = if t == 0.0 {
+                (ea.clone(), added_a.clone(), ends.noise_a.clone())
             } else if t == 1.0 {
-                (eb.clone(), ends.noise_b.clone())
+                (eb.clone(), added_b.clone(), ends.noise_b.clone())
             } else {
+                let added = sd_core::AddedConditioning {
+                    text_embeds: match (&added_a.text_embeds, &added_b.text_embeds) {
+                        (Some(a), Some(b)) => Some(lerp(a.clone(), b.clone())),
+                        _ => None,
+                    },
+                    ..added_a.clone()
+                };
                 (
                     ea.clone() + (eb.clone() - ea.clone()) * t,
+                    added,
                     slerp(ends.noise_a.clone(), ends.noise_b.clone(), t),
                 )
             };
             let cb = callback
                 .as_mut()
                 .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
-            out.push(self.txt2img_with_embeds(ends.a, e, Some(x), noise, cb)?);
+            let latents = self.txt2img_latents(ends.a, (e, added), Some(x), noise, cb)?;
+            out.push(GenerationOutput {
+                images: self.decode(latents.clone())?,
+                latents,
+            });
         }
         Ok(out)
     }

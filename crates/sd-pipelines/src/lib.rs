@@ -50,6 +50,7 @@ pub mod preview;
 pub mod prompt;
 mod prompt_encoding;
 pub mod request;
+pub mod sdxl;
 pub mod txt2img;
 mod validate;
 
@@ -67,6 +68,7 @@ pub use output::{GeneratedImage, Generation};
 pub use pipeline::StableDiffusionPipeline;
 pub use preview::latent_preview;
 pub use request::{GenerationRequest, ImageInput, RequestCallback, SchedulerChoice};
+pub use sdxl::{MicroConditioning, SdxlParts};
 
 /// The burn version the pipelines are written against.
 pub use burn;

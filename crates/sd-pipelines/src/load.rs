@@ -156,12 +156,18 @@ pub enum ModelFamily {
     Sd1,
     /// Stable Diffusion 2.x (OpenCLIP ViT-H text encoder).
     Sd2,
+    /// Stable Diffusion XL (CLIP ViT-L and OpenCLIP bigG, the `text_time` U-Net).
+    Sdxl,
 }
 
 /// The loaded components and what was recognised about them.
 pub(crate) struct Loaded {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer and text encoder.
+    pub second: Option<(ClipTokenizer, ClipTextModel)>,
+    /// `force_zeros_for_empty_prompt` (SDXL).
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub unet_config: UNet2DConditionConfig,
@@ -239,14 +245,34 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         variant: options.variant.clone(),
     };
     let text_encoder = model.text_encoder(device, &f32_opts)?;
-    let family = if text_encoder_width(&text_encoder) == 1024 {
+    let second = if model.has("text_encoder_2") {
+        Some((
+            model.tokenizer_2()?,
+            model.text_encoder_2(device, &f32_opts)?,
+        ))
+    } else {
+        None
+    };
+    let family = if second.is_some() {
+        ModelFamily::Sdxl
+    } else if text_encoder_width(&text_encoder) == 1024 {
         ModelFamily::Sd2
     } else {
         ModelFamily::Sd1
     };
+    // diffusers' StableDiffusionXLPipeline registers it, true unless the index says.
+    let force_zeros_for_empty_prompt = model
+        .model_index()?
+        .and_then(|i| {
+            i.get("force_zeros_for_empty_prompt")
+                .and_then(|v| v.as_bool())
+        })
+        .unwrap_or(true);
     Ok(Loaded {
         tokenizer: model.tokenizer()?,
         text_encoder,
+        second,
+        force_zeros_for_empty_prompt,
         unet: model.unet(device, &unet_options(options))?,
         vae: model.vae(device, &f32_opts)?,
         unet_config: model.unet_config()?,
@@ -291,6 +317,8 @@ fn load_single_file(
     Ok(Loaded {
         tokenizer,
         text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+        second: None,
+        force_zeros_for_empty_prompt: false,
         unet: ckpt.unet(device, &unet_options(options))?,
         vae: ckpt.vae(device, &f32_opts)?,
         unet_config: ckpt.unet_config().clone(),

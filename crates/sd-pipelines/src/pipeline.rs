@@ -21,14 +21,17 @@ use crate::load::{LoadOptions, Loaded, LoraSpec, ModelFamily, ModelSource, apply
 use crate::memory::{RunShape, available_bytes, estimate_bytes};
 use crate::output::{GeneratedImage, Generation};
 use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
+use crate::sdxl::SdxlParts;
 
-/// A Stable Diffusion 1.x / 2.x model that owns its parts: tokenizer, text encoder,
+/// A Stable Diffusion 1.x / 2.x / XL model that owns its parts: tokenizer, text encoder,
 /// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
 /// runs a [`GenerationRequest`] (txt2img, img2img, inpainting or outpainting, from
 /// what the request sets).
 pub struct StableDiffusionPipeline {
     pub(crate) tokenizer: ClipTokenizer,
     pub(crate) text_encoder: ClipTextModel,
+    pub(crate) second: Option<(ClipTokenizer, ClipTextModel)>,
+    pub(crate) force_zeros_for_empty_prompt: bool,
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
@@ -132,6 +135,8 @@ impl StableDiffusionPipeline {
         Ok(Self {
             tokenizer: l.tokenizer,
             text_encoder: l.text_encoder,
+            second: l.second,
+            force_zeros_for_empty_prompt: l.force_zeros_for_empty_prompt,
             unet: l.unet,
             vae: l.vae,
             tiny_vae: None,
@@ -242,8 +247,21 @@ impl StableDiffusionPipeline {
             decoder: tiny.filter(|_| tiny_decoder),
             preview_decoder: tiny,
             scheduler,
+            sdxl: self
+                .second
+                .as_ref()
+                .map(|(tokenizer_2, text_encoder_2)| SdxlParts {
+                    tokenizer_2,
+                    text_encoder_2,
+                    force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+                }),
             device: self.device.clone(),
         }
+    }
+
+    /// SDXL's second tokenizer and text encoder, when the model has them.
+    pub fn text_encoder_2(&self) -> Option<&ClipTextModel> {
+        self.second.as_ref().map(|(_, t)| t)
     }
 
     /// The scheduler a request asks for, with its sigma schedule and eta.
@@ -436,6 +454,7 @@ impl StableDiffusionPipeline {
             init_latents: None,
             long_prompts: r.long_prompts,
             prompt_weighting: r.prompt_weighting,
+            micro: r.micro,
         }
     }
 

@@ -2,7 +2,7 @@
 //! attention weighting.
 
 use burn::prelude::*;
-use sd_core::{CoreError, HiddenLayer};
+use sd_core::{AddedConditioning, CoreError, HiddenLayer};
 
 use crate::composed::{GenerationOptions, StableDiffusion, invalid};
 use crate::prompt::{WeightedText, chunk_tokens, parse_prompt_attention};
@@ -40,6 +40,9 @@ impl StableDiffusion<'_> {
     /// scale that is not finite.
     pub fn encode_prompt(&self, options: &GenerationOptions) -> Result<Tensor<3>, CoreError> {
         crate::composed::check_options(options)?;
+        if let Some(x) = &self.sdxl {
+            return Ok(self.encode_prompt_sdxl(x, options)?.0);
+        }
         let layer = self.hidden_layer(options.clip_skip)?;
         let b = options.batch_size;
         if options.long_prompts || options.prompt_weighting {
@@ -58,6 +61,29 @@ impl StableDiffusion<'_> {
             .encode(self.ids(negative, b)?, HiddenLayer::Last)?
             .hidden_states;
         Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
+    /// The prompt embeddings and what the U-Net takes besides (SDXL: the pooled
+    /// embeddings and time ids; `img2img` picks the image-to-image pipeline's
+    /// negative time ids).
+    ///
+    /// # Errors
+    /// As [`Self::encode_prompt`]; an SDXL text encoder pair with a U-Net that has no
+    /// `text_time` addition.
+    pub fn encode_conditioning(
+        &self,
+        options: &GenerationOptions,
+        img2img: bool,
+    ) -> Result<(Tensor<3>, AddedConditioning), CoreError> {
+        crate::composed::check_options(options)?;
+        match &self.sdxl {
+            Some(x) => {
+                let (embeds, pooled) = self.encode_prompt_sdxl(x, options)?;
+                let added = self.sdxl_added(options, pooled, img2img)?;
+                Ok((embeds, added))
+            }
+            None => Ok((self.encode_prompt(options)?, AddedConditioning::default())),
+        }
     }
 
     fn weighted_tokens(&self, prompt: &str, weighting: bool) -> Result<Vec<(u32, f64)>, CoreError> {

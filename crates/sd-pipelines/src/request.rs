@@ -12,6 +12,7 @@ use crate::composed::StepInfo;
 use crate::hires::HiresFix;
 use crate::load::LoraSpec;
 use crate::outpaint::Extend;
+use crate::sdxl::MicroConditioning;
 
 /// An input image of a request: an `image` crate image, a tensor `[1, 3, H, W]` in
 /// `[-1, 1]` (masks: `[1, 1, H, W]` in `[0, 1]`), or a file (PNG, JPEG, WebP).
@@ -110,6 +111,7 @@ pub struct GenerationRequest<'a> {
     pub(crate) long_prompts: bool,
     pub(crate) prompt_weighting: bool,
     pub(crate) hires: Option<HiresFix>,
+    pub(crate) micro: MicroConditioning,
     pub(crate) tiny_decoder: bool,
     pub(crate) init_latents: Option<Tensor<4>>,
     pub(crate) noise: Option<Box<dyn NoiseSource + 'a>>,
@@ -164,6 +166,7 @@ impl<'a> GenerationRequest<'a> {
             long_prompts: false,
             prompt_weighting: false,
             hires: None,
+            micro: MicroConditioning::default(),
             tiny_decoder: false,
             init_latents: None,
             noise: None,
@@ -294,6 +297,13 @@ impl<'a> GenerationRequest<'a> {
     /// A1111 attention syntax: `(word:1.3)`, `(word)`, `[word]`.
     pub fn prompt_weighting(mut self, on: bool) -> Self {
         self.prompt_weighting = on;
+        self
+    }
+
+    /// SDXL's micro-conditioning: original size, crop corner, target size, their
+    /// negatives, the refiner's aesthetic scores (ignored by SD 1.x/2.x).
+    pub fn micro_conditioning(mut self, micro: MicroConditioning) -> Self {
+        self.micro = micro;
         self
     }
 

@@ -7,6 +7,7 @@ use crate::composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, invalid,
 };
 use crate::denoise::{Conditioning, ExtraConditioning};
+use sd_core::AddedConditioning;
 
 impl StableDiffusion<'_> {
     /// Text to image.
@@ -20,18 +21,24 @@ impl StableDiffusion<'_> {
         noise: &mut dyn NoiseSource,
         callback: Option<StepCallback<'_>>,
     ) -> Result<GenerationOutput, CoreError> {
-        let embeds = self.encode_prompt(options)?;
-        self.txt2img_with_embeds(
+        let (embeds, added) = self.encode_conditioning(options, false)?;
+        let latents = self.txt2img_latents(
             options,
-            embeds,
+            (embeds, added),
             options.init_latents.clone(),
             noise,
             callback,
-        )
+        )?;
+        Ok(GenerationOutput {
+            images: self.decode(latents.clone())?,
+            latents,
+        })
     }
 
     /// Text to image from precomputed prompt embeddings (see [`Self::encode_prompt`])
-    /// and optional initial latents (unscaled noise, `[b, 4, h / 8, w / 8]`).
+    /// and optional initial latents (unscaled noise, `[b, 4, h / 8, w / 8]`). SD 1.x /
+    /// 2.x: an SDXL U-Net also needs the added conditioning of
+    /// [`Self::encode_conditioning`], which [`Self::txt2img`] passes.
     ///
     /// # Errors
     /// As [`Self::txt2img`], and initial latents of another shape.
@@ -43,7 +50,9 @@ impl StableDiffusion<'_> {
         noise: &mut dyn NoiseSource,
         callback: Option<StepCallback<'_>>,
     ) -> Result<GenerationOutput, CoreError> {
-        let latents = self.txt2img_latents(options, embeds, init_latents, noise, callback)?;
+        let added = AddedConditioning::default();
+        let latents =
+            self.txt2img_latents(options, (embeds, added), init_latents, noise, callback)?;
         Ok(GenerationOutput {
             images: self.decode(latents.clone())?,
             latents,
@@ -54,7 +63,7 @@ impl StableDiffusion<'_> {
     pub(crate) fn txt2img_latents(
         &self,
         options: &GenerationOptions,
-        embeds: Tensor<3>,
+        (embeds, added): (Tensor<3>, AddedConditioning),
         init_latents: Option<Tensor<4>>,
         noise: &mut dyn NoiseSource,
         callback: Option<StepCallback<'_>>,
@@ -85,6 +94,7 @@ impl StableDiffusion<'_> {
             embeds,
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
+            added,
         };
         self.denoise(run.as_mut(), latents, conditioning, noise, callback)
     }

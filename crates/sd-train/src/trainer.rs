@@ -473,6 +473,7 @@ impl Trainer {
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
+            sdxl: None,
             scheduler: &scheduler,
             device: self.device.clone(),
         };

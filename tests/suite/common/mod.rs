@@ -171,6 +171,7 @@ impl LoadedPipeline {
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
+            sdxl: None,
             scheduler: &self.scheduler,
             device: self.device.clone(),
         }
