@@ -71,10 +71,11 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
     let dir = DiffusersDir::open(path)?;
     let device = Device::flex();
     let mut rows = Vec::new();
-    let components: [(&'static str, &str); 3] = [
+    let components: [(&'static str, &str); 4] = [
         ("unet", "UNet2DConditionModel"),
         ("vae", "AutoencoderKL"),
         ("text_encoder", "CLIPTextModel"),
+        ("text_encoder_2", "CLIPTextModelWithProjection"),
     ];
     for (component, default_class) in components {
         let config = path.join(component).join("config.json");
@@ -87,7 +88,10 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
                 UNet2DConditionModel::new(&dir.unet_config()?, &device).map(|m| m.num_params())
             }
             "vae" => AutoencoderKL::new(&dir.vae_config()?, &device).map(|m| m.num_params()),
-            _ => ClipTextModel::new(&dir.text_encoder_config()?, &device).map(|m| m.num_params()),
+            "text_encoder" => {
+                ClipTextModel::new(&dir.text_encoder_config()?, &device).map(|m| m.num_params())
+            }
+            _ => ClipTextModel::new(&dir.text_encoder_2_config()?, &device).map(|m| m.num_params()),
         }
         .map_err(|source| IoError::Config {
             path: config.clone(),
@@ -96,7 +100,12 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
         let weights = match component {
             "unet" => dir.unet_weights(None),
             "vae" => dir.vae_weights(None),
-            _ => dir.text_encoder_weights(None),
+            "text_encoder" => dir.text_encoder_weights(None),
+            _ => stable_diffusion::io::model::component_weights(
+                &path.join("text_encoder_2"),
+                "model",
+                None,
+            ),
         };
         let (dtypes, bytes, source) = match weights {
             Ok(w) => {
@@ -181,7 +190,7 @@ fn main() -> ExitCode {
             println!("{line}");
         } else {
             println!(
-                "{:<13} {:<22} {:>14} params  {:<10} {:>10.1} MB  {}",
+                "{:<14} {:<27} {:>14} params  {:<10} {:>10.1} MB  {}",
                 r.component,
                 r.class,
                 r.params,

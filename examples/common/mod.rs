@@ -182,6 +182,25 @@ pub struct CommonArgs {
     /// Hires fix upscaler: latent, latent-nearest, latent-bicubic or lanczos.
     #[arg(long, default_value = "latent")]
     pub hires_upscaler: String,
+    /// SDXL micro-conditioning: the original size, HEIGHT,WIDTH (default: the size).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub original_size: Option<Vec<usize>>,
+    /// SDXL micro-conditioning: the target size, HEIGHT,WIDTH (default: the size).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub target_size: Option<Vec<usize>>,
+    /// SDXL micro-conditioning: the crop's top-left corner, TOP,LEFT (default 0,0).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub crops_coords: Option<Vec<usize>>,
+    /// SDXL refiner: the aesthetic score (6.0) and, with guidance, the negative one.
+    #[arg(long, default_value_t = 6.0)]
+    pub aesthetic_score: f64,
+    /// SDXL refiner: the negative aesthetic score.
+    #[arg(long, default_value_t = 2.5)]
+    pub negative_aesthetic_score: f64,
+}
+
+fn pair(v: &Option<Vec<usize>>) -> Option<(usize, usize)> {
+    v.as_ref().filter(|v| v.len() == 2).map(|v| (v[0], v[1]))
 }
 
 /// The `--vae-tiling` value.
@@ -310,6 +329,14 @@ pub fn request(
         "full" => false,
         "tiny" => true,
         o => return Err(format!("--vae-decoder {o}: expected full or tiny").into()),
+    });
+    r = r.micro_conditioning(stable_diffusion::pipelines::MicroConditioning {
+        original_size: pair(&args.original_size),
+        target_size: pair(&args.target_size),
+        crops_coords_top_left: pair(&args.crops_coords).unwrap_or((0, 0)),
+        aesthetic_score: args.aesthetic_score,
+        negative_aesthetic_score: args.negative_aesthetic_score,
+        ..Default::default()
     });
     if let Some(scale) = args.hires_scale {
         r = r.hires_fix(HiresFix {

@@ -325,6 +325,33 @@ fn inspect_reports_classes_and_parameter_counts() {
     assert_eq!(unet["params"].as_u64().unwrap(), 1_388_548);
     assert_eq!(unet["dtypes"], serde_json::json!(["f16"]));
     assert_eq!(unet["class"], "UNet2DConditionModel");
+
+    // SDXL base 1.0's configs: diffusers' parameter counts, both text encoders.
+    let out = Command::new(example("inspect"))
+        .args([fixture("configs/sdxl").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |c: &str| lines.iter().find(|l| l["component"] == c).unwrap().clone();
+    assert_eq!(row("unet")["params"].as_u64().unwrap(), 2_567_463_684);
+    assert_eq!(row("vae")["params"].as_u64().unwrap(), 83_653_863);
+    assert_eq!(row("text_encoder")["params"].as_u64().unwrap(), 123_060_480);
+    assert_eq!(
+        row("text_encoder_2")["params"].as_u64().unwrap(),
+        694_659_840
+    );
+    assert_eq!(
+        row("text_encoder_2")["class"],
+        "CLIPTextModelWithProjection"
+    );
 }
 
 #[test]

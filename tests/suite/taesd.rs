@@ -24,7 +24,7 @@ fn tiny_autoencoder_decodes_as_diffusers() {
         assert_eq!(vae.downscale_factor(), 2);
         let z = r.tensor::<4>("decode_in_latents", &device);
         let mut checked = 0;
-        let first = z.clone().slice([0..1]);
+        let first = z.clone().narrow(0, 0, 1);
         vae.decode_with_intermediates(first, |i, x| {
             let key = format!("intermediate.decoder.layers.{i}");
             if r.has(&key) {
@@ -58,7 +58,7 @@ fn tiny_autoencoder_encodes_as_diffusers() {
         let t = tol(name, 1e-4, 2e-3);
         let image = r.tensor::<4>("encode_in_image", &device);
         let mut checked = 0;
-        vae.encode_with_intermediates(image.clone().slice([0..1]), |i, x| {
+        vae.encode_with_intermediates(image.clone().narrow(0, 0, 1), |i, x| {
             let key = format!("intermediate.encoder.layers.{i}");
             if r.has(&key) {
                 assert_close(&format!("[{name}] {key}"), x, &r.floats(&key), t);

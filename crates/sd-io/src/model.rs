@@ -167,10 +167,19 @@ pub fn text_encoder_from_dir(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<ClipTextModel, IoError> {
-    let config = read_text_encoder_config(&dir.join("config.json"))?;
+    let mut config = read_text_encoder_config(&dir.join("config.json"))?;
     let path = component_weights(dir, "model", options.variant.as_deref())?;
-    let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
     let source = WeightSource::open(&path)?;
+    // A config without `architectures` (written by `from_config`) whose weights
+    // carry the projection is a CLIPTextModelWithProjection, as diffusers'
+    // model_index.json says for SDXL's text_encoder_2.
+    if config.text_projection_dim().is_none()
+        && config.projection_dim.is_some()
+        && source.get("text_projection.weight").is_some()
+    {
+        config.architectures = vec!["CLIPTextModelWithProjection".into()];
+    }
+    let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
     let prefixed = source
         .tensors()
         .keys()
@@ -308,9 +317,15 @@ impl DiffusersDir {
         text_encoder_from_dir(&self.root.join("text_encoder_2"), device, options)
     }
 
-    /// SDXL's second text encoder's config.
+    /// SDXL's second text encoder's config (always a `CLIPTextModelWithProjection`,
+    /// as SDXL's `model_index.json` has it, whether or not the config lists
+    /// `architectures`).
     pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig, IoError> {
-        read_text_encoder_config(&self.root.join("text_encoder_2/config.json"))
+        let mut c = read_text_encoder_config(&self.root.join("text_encoder_2/config.json"))?;
+        if c.text_projection_dim().is_none() && c.projection_dim.is_some() {
+            c.architectures = vec!["CLIPTextModelWithProjection".into()];
+        }
+        Ok(c)
     }
 
     /// SDXL's second tokenizer (`tokenizer_2/`: the same BPE, padded with `!`).

@@ -197,7 +197,7 @@ impl StableDiffusion<'_> {
             ));
         };
         let [rows, p] = pooled.dims();
-        let n_ids = dims.input_dim.checked_sub(p).unwrap_or(0) / dims.time_embed_dim.max(1);
+        let n_ids = dims.input_dim.saturating_sub(p) / dims.time_embed_dim.max(1);
         let aesthetic = match n_ids {
             6 => false,
             5 => true,
