@@ -560,3 +560,76 @@ fn train_example_fine_tunes_a_lora_that_txt2img_loads() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("merged at strength 0.7"));
     assert!(img.exists());
 }
+
+/// LCM-LoRA in 4 steps through `txt2img` (`--lora`, `--scheduler lcm`, guidance 1),
+/// replaying the reference's initial latents and noise: the final latents match
+/// diffusers (`reference/pipelines_fast/lcm_lora_lcm4`).
+#[test]
+fn lcm_lora_in_four_steps_through_the_example() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Reference::open("reference/pipelines_fast/lcm_lora_lcm4.safetensors");
+    let noise: Vec<_> = (0..3)
+        .map(|i| {
+            let k = format!("noise_{i:03}");
+            (k.clone(), r.floats(&k), r.shape(&k))
+        })
+        .collect();
+    let noise_file = tmp.path().join("noise.safetensors");
+    write_tensors(&noise_file, &noise);
+    let init = tmp.path().join("init.safetensors");
+    write_tensors(
+        &init,
+        &[(
+            "latents".into(),
+            r.floats("init_latents"),
+            r.shape("init_latents"),
+        )],
+    );
+    let latents = tmp.path().join("latents.safetensors");
+    let out = Command::new(example("txt2img"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args([
+            "--lora",
+            fixture("lora/lcm_lora_kohya.safetensors").to_str().unwrap(),
+        ])
+        .args(["--prompt", "a red fox in the snow", "--scheduler", "lcm"])
+        .args([
+            "--steps",
+            "4",
+            "--guidance",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args(["--init-latents", init.to_str().unwrap()])
+        .args(["--noise", noise_file.to_str().unwrap()])
+        .args(["--save-latents", latents.to_str().unwrap()])
+        .args(["--out", tmp.path().join("fox.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = WeightSource::open(&latents).unwrap();
+    let shape = got.get("latents").unwrap().shape.clone();
+    let got = got
+        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want = r.floats("final_latents");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= 1e-3 * scale, "LCM-LoRA through the example: {d}");
+    let params = read_parameters(tmp.path().join("fox.png"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((params.steps, params.sampler.as_str()), (4, "LCM"));
+}
