@@ -279,3 +279,25 @@ fn guidance_embedding_lcm_unet_matches_diffusers() {
     let d = run_fast_case(&pipe, "lcm_unet_w8", |r| r.guidance(2.0));
     assert!(d > 1e-3, "the embedded scale matters ({d})");
 }
+
+#[test]
+fn sdxl_lcm_lora_in_four_steps_matches_diffusers() {
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    for file in [
+        "lcm_lora_sdxl_kohya.safetensors",
+        "lcm_lora_sdxl_peft.safetensors",
+    ] {
+        let lora = fixture(&format!("lora/{file}"));
+        let d = run_fast_case(&pipe, "sdxl_lcm_lora_lcm4", |r| r.lora(lora.clone(), 1.0));
+        assert!(
+            d < 1e-3,
+            "{file}: SDXL LCM-LoRA 4-step latents differ by {d}"
+        );
+    }
+}
