@@ -301,3 +301,59 @@ fn sdxl_lcm_lora_in_four_steps_matches_diffusers() {
         );
     }
 }
+
+/// An SDXL LoRA as kohya's sd-scripts writes it: U-Net layers in the original naming
+/// (`lora_unet_input_blocks_4_1_...`) and both text encoders (`lora_te1_`,
+/// `lora_te2_`), with classifier-free guidance so both encoders' LoRAs matter.
+#[test]
+fn sdxl_kohya_lora_with_both_text_encoders_matches_diffusers() {
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let lora = fixture("lora/sdxl_kohya_lora.safetensors");
+    let file = stable_diffusion::io::LoraFile::open(&lora).unwrap();
+    use stable_diffusion::io::LoraComponent;
+    assert!(file.has(LoraComponent::TextEncoder) && file.has(LoraComponent::TextEncoder2));
+    let neg = |r: GenerationRequest<'static>| r.negative_prompt("blurry");
+    let d = run_fast_case(&pipe, "sdxl_kohya_lora_euler4", |r| {
+        neg(r).lora(lora.clone(), 1.0)
+    });
+    assert!(d < 1e-3, "SDXL kohya LoRA latents differ by {d}");
+    let d = run_fast_case(&pipe, "sdxl_kohya_lora_euler4", neg);
+    assert!(d > 1e-3, "the LoRA changes the result ({d})");
+    // Merged at load, the same.
+    let options = LoadOptions {
+        loras: vec![LoraSpec {
+            path: lora.clone(),
+            strength: 1.0,
+        }],
+        ..Default::default()
+    };
+    let merged =
+        StableDiffusionPipeline::from_pretrained(fixture("tiny-sdxl"), &device, &options).unwrap();
+    let d = run_fast_case(&merged, "sdxl_kohya_lora_euler4", neg);
+    assert!(d < 1e-3, "merged at load: {d}");
+    // A second-encoder LoRA on an SD 1.5 model is a clear error.
+    let sd15 = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let err = sd15
+        .generate(
+            GenerationRequest::new("x")
+                .size(32, 32)
+                .steps(1)
+                .lora(lora, 1.0),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("lora") || err.to_string().contains("LoRA"),
+        "{err}"
+    );
+}

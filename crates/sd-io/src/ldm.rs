@@ -50,6 +50,9 @@ impl LdmKeyMap {
         let p = Kind::Plain;
         m.add("time_embedding.linear_1.".into(), "time_embed.0.".into(), p);
         m.add("time_embedding.linear_2.".into(), "time_embed.2.".into(), p);
+        // SDXL's text_time addition.
+        m.add("add_embedding.linear_1.".into(), "label_emb.0.0.".into(), p);
+        m.add("add_embedding.linear_2.".into(), "label_emb.0.2.".into(), p);
         m.add("conv_in.".into(), "input_blocks.0.0.".into(), p);
         m.add("conv_norm_out.".into(), "out.0.".into(), p);
         m.add("conv_out.".into(), "out.2.".into(), p);

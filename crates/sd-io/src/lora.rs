@@ -3,11 +3,13 @@
 //! Recognised keys (U-Net and CLIP text encoder; `{m}` is the diffusers module name,
 //! `{k}` the same with `_` for `.`):
 //! - kohya: `lora_unet_{k}.lora_down.weight`, `.lora_up.weight`, `.alpha`;
-//!   `lora_te_{k}...` for the text encoder (`lora_te1_` also accepted);
+//!   `lora_te_{k}...` for the text encoder (`lora_te1_` also accepted), `lora_te2_`
+//!   for SDXL's second; SDXL U-Nets' layers in the original naming
+//!   (`lora_unet_input_blocks_4_1_...`) through [`LoraFile::weights_for_aliased`];
 //! - diffusers: `unet.{m}.lora.down.weight` / `.lora.up.weight` (what
 //!   `save_lora_weights` writes), PEFT's `unet.{m}.lora_A.weight` / `.lora_B.weight`,
 //!   the older attention-processor keys (`unet.{...}.processor.to_q_lora.down.weight`),
-//!   `text_encoder.{m}...`, and PEFT's `base_model.model.{m}...` (U-Net). Alpha comes
+//!   `text_encoder.{m}...`, `text_encoder_2.{m}...`, and PEFT's `base_model.model.{m}...` (U-Net). Alpha comes
 //!   from `{m}.alpha` keys, else from the `lora_adapter_metadata` header diffusers writes,
 //!   else it equals the rank.
 //!
@@ -29,13 +31,19 @@ use crate::weights::WeightSource;
 pub enum LoraComponent {
     /// The U-Net.
     Unet,
-    /// The CLIP text encoder.
+    /// The CLIP text encoder (SDXL's first).
     TextEncoder,
+    /// SDXL's second text encoder (`text_encoder_2`, `lora_te2_`).
+    TextEncoder2,
 }
 
 impl LoraComponent {
-    /// Both components.
-    pub const ALL: [LoraComponent; 2] = [LoraComponent::Unet, LoraComponent::TextEncoder];
+    /// Every component.
+    pub const ALL: [LoraComponent; 3] = [
+        LoraComponent::Unet,
+        LoraComponent::TextEncoder,
+        LoraComponent::TextEncoder2,
+    ];
 
     /// The key prefix of the diffusers layout (`unet`, `text_encoder`), also the
     /// component's name in `lora_adapter_metadata`.
@@ -43,14 +51,16 @@ impl LoraComponent {
         match self {
             LoraComponent::Unet => "unet",
             LoraComponent::TextEncoder => "text_encoder",
+            LoraComponent::TextEncoder2 => "text_encoder_2",
         }
     }
 
-    /// The key prefix of the kohya layout (`lora_unet_`, `lora_te_`).
+    /// The key prefix of the kohya layout (`lora_unet_`, `lora_te_`, `lora_te2_`).
     pub fn kohya_prefix(self) -> &'static str {
         match self {
             LoraComponent::Unet => "lora_unet_",
             LoraComponent::TextEncoder => "lora_te_",
+            LoraComponent::TextEncoder2 => "lora_te2_",
         }
     }
 }
@@ -110,6 +120,8 @@ fn unsupported(path: &Path, what: String) -> IoError {
 fn parse_diffusers(key: &str) -> Option<(LoraComponent, String, Role)> {
     let (component, rest) = if let Some(r) = key.strip_prefix("unet.") {
         (LoraComponent::Unet, r)
+    } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
+        (LoraComponent::TextEncoder2, r)
     } else if let Some(r) = key.strip_prefix("text_encoder.") {
         (LoraComponent::TextEncoder, r)
     } else if let Some(r) = key.strip_prefix("base_model.model.") {
@@ -165,6 +177,8 @@ fn parse_kohya(key: &str) -> Option<(LoraComponent, String, Role)> {
         .or_else(|| key.strip_prefix("lora_te1_"))
     {
         (LoraComponent::TextEncoder, r)
+    } else if let Some(r) = key.strip_prefix("lora_te2_") {
+        (LoraComponent::TextEncoder2, r)
     } else {
         return None;
     };
@@ -283,12 +297,33 @@ impl LoraFile {
         component: LoraComponent,
         model: &M,
     ) -> Result<LoraWeights, IoError> {
+        self.weights_for_aliased(component, model, |_| None)
+    }
+
+    /// [`Self::weights_for`] where a module may also go by another name:
+    /// `alias(diffusers key of the weight)` gives it in the original (LDM) naming,
+    /// e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight`, as kohya's SDXL
+    /// LoRAs spell the U-Net (`lora_unet_input_blocks_4_1_..._to_k`).
+    pub fn weights_for_aliased<M: Module>(
+        &self,
+        component: LoraComponent,
+        model: &M,
+        alias: impl Fn(&str) -> Option<String>,
+    ) -> Result<LoraWeights, IoError> {
         let weights = adaptable_weights(model);
         // Module name as the file spells it -> (burn weight path, weight shape).
         let mut by_name = BTreeMap::new();
         for (path, shape) in &weights {
             let key = sd_models::diffusers_key(path);
             let module = key.strip_suffix(".weight").unwrap_or(&key).to_string();
+            if let Some(other) = alias(&key) {
+                let other = other.strip_suffix(".weight").unwrap_or(&other);
+                let other = match self.format {
+                    LoraFormat::Kohya => other.replace('.', "_"),
+                    LoraFormat::Diffusers => other.to_string(),
+                };
+                by_name.insert(other, (path.clone(), shape.clone()));
+            }
             let name = match self.format {
                 LoraFormat::Kohya => module.replace('.', "_"),
                 LoraFormat::Diffusers => module,

@@ -1,6 +1,7 @@
 //! Where a pipeline comes from: diffusers folders, single-file checkpoints (and hub
 //! repositories with the `hub` feature), recognised from their files.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -224,9 +225,22 @@ pub(crate) fn load_path(
     }
     loaded.vae = loaded.vae.with_tiling(options.vae_tiling);
     for lora in &options.loras {
-        let (unet, text_encoder) = apply_lora_file(&loaded.unet, &loaded.text_encoder, lora)?;
+        let targets = LoraTargets::borrowed(
+            &loaded.unet,
+            &loaded.text_encoder,
+            loaded.second.as_ref().map(|(_, t)| t),
+        );
+        let t = apply_lora_file(targets, &loaded.unet_config, lora)?;
+        let (unet, text_encoder, te2) = (
+            t.unet.into_owned(),
+            t.text_encoder.into_owned(),
+            t.text_encoder_2.map(Cow::into_owned),
+        );
         loaded.unet = unet;
         loaded.text_encoder = text_encoder;
+        if let (Some(te2), Some(second)) = (te2, loaded.second.as_mut()) {
+            second.1 = te2;
+        }
     }
     Ok(loaded)
 }
@@ -329,23 +343,82 @@ fn load_single_file(
     })
 }
 
-/// Merges one LoRA file into copies of the U-Net and text encoder (the components
-/// the file has layers for; the others are returned as they are).
-pub(crate) fn apply_lora_file(
-    unet: &UNet2DConditionModel,
-    text_encoder: &ClipTextModel,
+/// The models a LoRA file may adapt, borrowed until one is changed.
+pub(crate) struct LoraTargets<'a> {
+    pub unet: Cow<'a, UNet2DConditionModel>,
+    pub text_encoder: Cow<'a, ClipTextModel>,
+    pub text_encoder_2: Option<Cow<'a, ClipTextModel>>,
+}
+
+impl<'a> LoraTargets<'a> {
+    pub fn borrowed(
+        unet: &'a UNet2DConditionModel,
+        text_encoder: &'a ClipTextModel,
+        text_encoder_2: Option<&'a ClipTextModel>,
+    ) -> Self {
+        Self {
+            unet: Cow::Borrowed(unet),
+            text_encoder: Cow::Borrowed(text_encoder),
+            text_encoder_2: text_encoder_2.map(Cow::Borrowed),
+        }
+    }
+}
+
+/// Merges one LoRA file into copies of the models it has layers for (the others are
+/// returned as they were). U-Net layers may use diffusers' names or the original
+/// ones (kohya's SDXL LoRAs: `lora_unet_input_blocks_4_1_...`).
+pub(crate) fn apply_lora_file<'a>(
+    t: LoraTargets<'a>,
+    unet_config: &UNet2DConditionConfig,
     lora: &LoraSpec,
-) -> Result<(UNet2DConditionModel, ClipTextModel), PipelineError> {
+) -> Result<LoraTargets<'a>, PipelineError> {
     let file = LoraFile::open(&lora.path)?;
-    let mut unet = unet.clone();
-    let mut text_encoder = text_encoder.clone();
+    let LoraTargets {
+        mut unet,
+        mut text_encoder,
+        mut text_encoder_2,
+    } = t;
+    let strength = lora.strength;
     if file.has(LoraComponent::Unet) {
-        let w = file.weights_for(LoraComponent::Unet, &unet)?;
-        unet = apply_lora(unet, &[(&w, lora.strength)], LoraMode::Merge)?;
+        let ldm = sd_io::ldm::LdmKeyMap::unet(unet_config);
+        let alias = |k: &str| {
+            ldm.map(k)
+                .strip_prefix(sd_io::ldm::UNET_PREFIX)
+                .map(String::from)
+        };
+        let w = file.weights_for_aliased(LoraComponent::Unet, unet.as_ref(), alias)?;
+        unet = Cow::Owned(apply_lora(
+            unet.into_owned(),
+            &[(&w, strength)],
+            LoraMode::Merge,
+        )?);
     }
     if file.has(LoraComponent::TextEncoder) {
-        let w = file.weights_for(LoraComponent::TextEncoder, &text_encoder)?;
-        text_encoder = apply_lora(text_encoder, &[(&w, lora.strength)], LoraMode::Merge)?;
+        let w = file.weights_for(LoraComponent::TextEncoder, text_encoder.as_ref())?;
+        let te = apply_lora(
+            text_encoder.into_owned(),
+            &[(&w, strength)],
+            LoraMode::Merge,
+        )?;
+        text_encoder = Cow::Owned(te);
     }
-    Ok((unet, text_encoder))
+    if file.has(LoraComponent::TextEncoder2) {
+        let Some(te2) = text_encoder_2 else {
+            return Err(PipelineError::request(
+                "lora",
+                format!(
+                    "{} has layers for a second text encoder (SDXL), which this model lacks",
+                    lora.path.display()
+                ),
+            ));
+        };
+        let w = file.weights_for(LoraComponent::TextEncoder2, te2.as_ref())?;
+        let te2 = apply_lora(te2.into_owned(), &[(&w, strength)], LoraMode::Merge)?;
+        text_encoder_2 = Some(Cow::Owned(te2));
+    }
+    Ok(LoraTargets {
+        unet,
+        text_encoder,
+        text_encoder_2,
+    })
 }

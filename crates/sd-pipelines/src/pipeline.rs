@@ -17,7 +17,9 @@ use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
 use crate::composed::{GenerationOptions, GenerationOutput, StableDiffusion, StepInfo};
 use crate::error::PipelineError;
 use crate::interpolate::Endpoints;
-use crate::load::{LoadOptions, Loaded, LoraSpec, ModelFamily, ModelSource, apply_lora_file};
+use crate::load::{
+    LoadOptions, Loaded, LoraSpec, LoraTargets, ModelFamily, ModelSource, apply_lora_file,
+};
 use crate::memory::{RunShape, available_bytes, estimate_bytes};
 use crate::output::{GeneratedImage, Generation};
 use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
@@ -42,6 +44,23 @@ pub struct StableDiffusionPipeline {
     pub(crate) family: ModelFamily,
     pub(crate) name: String,
     pub(crate) device: Device,
+}
+
+/// The U-Net and text encoders of a run.
+type RunModels<'a> = (
+    &'a UNet2DConditionModel,
+    &'a ClipTextModel,
+    Option<&'a ClipTextModel>,
+);
+
+impl<'a> LoraTargets<'a> {
+    fn refs(&self) -> RunModels<'_> {
+        (
+            self.unet.as_ref(),
+            self.text_encoder.as_ref(),
+            self.text_encoder_2.as_deref(),
+        )
+    }
 }
 
 /// The parts of a task, resolved from a request.
@@ -216,16 +235,25 @@ impl StableDiffusionPipeline {
     /// # Errors
     /// An unreadable file or layers that do not fit the model.
     pub fn fuse_lora(&mut self, lora: &LoraSpec) -> Result<(), PipelineError> {
-        let (unet, text_encoder) = apply_lora_file(&self.unet, &self.text_encoder, lora)?;
+        let t = apply_lora_file(self.lora_targets(), &self.unet_config, lora)?;
+        let (unet, text_encoder, te2) = (
+            t.unet.into_owned(),
+            t.text_encoder.into_owned(),
+            t.text_encoder_2.map(Cow::into_owned),
+        );
         self.unet = unet;
         self.text_encoder = text_encoder;
+        if let (Some(te2), Some(second)) = (te2, self.second.as_mut()) {
+            second.1 = te2;
+        }
         Ok(())
     }
 
     /// The borrowing composition over these parts with `scheduler`, for the
     /// lower-level task methods ([`StableDiffusion::txt2img`], ...).
     pub fn composed<'a>(&'a self, scheduler: &'a dyn Scheduler) -> StableDiffusion<'a> {
-        self.run_parts(&self.unet, &self.text_encoder, scheduler, false)
+        let te2 = self.second.as_ref().map(|(_, t)| t);
+        self.run_parts((&self.unet, &self.text_encoder, te2), scheduler, false)
     }
 
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
@@ -233,8 +261,7 @@ impl StableDiffusionPipeline {
     /// when loaded, decodes the previews and, with `tiny_decoder`, the pictures.
     fn run_parts<'a>(
         &'a self,
-        unet: &'a UNet2DConditionModel,
-        text_encoder: &'a ClipTextModel,
+        (unet, text_encoder, te2): RunModels<'a>,
         scheduler: &'a dyn Scheduler,
         tiny_decoder: bool,
     ) -> StableDiffusion<'a> {
@@ -250,9 +277,10 @@ impl StableDiffusionPipeline {
             sdxl: self
                 .second
                 .as_ref()
-                .map(|(tokenizer_2, text_encoder_2)| SdxlParts {
+                .zip(te2)
+                .map(|((tokenizer_2, _), te2)| SdxlParts {
                     tokenizer_2,
-                    text_encoder_2,
+                    text_encoder_2: te2,
                     force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
                 }),
             device: self.device.clone(),
@@ -297,20 +325,23 @@ impl StableDiffusionPipeline {
         Ok((s, label))
     }
 
-    /// Copies of the U-Net and text encoder with the request's LoRAs merged, or the
-    /// pipeline's own when it has none.
-    fn models_for(
-        &self,
-        loras: &[LoraSpec],
-    ) -> Result<(Cow<'_, UNet2DConditionModel>, Cow<'_, ClipTextModel>), PipelineError> {
-        let mut unet = Cow::Borrowed(&self.unet);
-        let mut text_encoder = Cow::Borrowed(&self.text_encoder);
+    /// The pipeline's own models, borrowed.
+    fn lora_targets(&self) -> LoraTargets<'_> {
+        LoraTargets::borrowed(
+            &self.unet,
+            &self.text_encoder,
+            self.second.as_ref().map(|(_, t)| t),
+        )
+    }
+
+    /// Copies of the models with the request's LoRAs merged, or the pipeline's own
+    /// when it has none.
+    fn models_for(&self, loras: &[LoraSpec]) -> Result<LoraTargets<'_>, PipelineError> {
+        let mut models = self.lora_targets();
         for lora in loras {
-            let (u, t) = apply_lora_file(&unet, &text_encoder, lora)?;
-            unet = Cow::Owned(u);
-            text_encoder = Cow::Owned(t);
+            models = apply_lora_file(models, &self.unet_config, lora)?;
         }
-        Ok((unet, text_encoder))
+        Ok(models)
     }
 
     fn image_tensor(
@@ -398,14 +429,9 @@ impl StableDiffusionPipeline {
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
         let (scheduler, sampler) = self.checked_scheduler(&request)?;
-        let (unet, text_encoder) = self.models_for(&request.loras)?;
+        let models = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
-        let sd = self.run_parts(
-            unet.as_ref(),
-            text_encoder.as_ref(),
-            &scheduler,
-            request.tiny_decoder,
-        );
+        let sd = self.run_parts(models.refs(), &scheduler, request.tiny_decoder);
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
         options.init_latents = request.init_latents.take();
@@ -534,13 +560,8 @@ impl StableDiffusionPipeline {
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
         let (scheduler, sampler) = self.checked_scheduler(&a)?;
         self.validate(&b)?;
-        let (unet, text_encoder) = self.models_for(&a.loras)?;
-        let sd = self.run_parts(
-            unet.as_ref(),
-            text_encoder.as_ref(),
-            &scheduler,
-            a.tiny_decoder,
-        );
+        let models = self.models_for(&a.loras)?;
+        let sd = self.run_parts(models.refs(), &scheduler, a.tiny_decoder);
         let (oa, ob) = (self.options(&a), self.options(&b));
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);
