@@ -147,6 +147,16 @@ fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
             "OpenCLIP (SD 2.x)",
             "cond_stage_model.model.",
         ),
+        (
+            "text_encoder",
+            "CLIPTextModel (SDXL)",
+            stable_diffusion::io::model::SDXL_TEXT_ENCODER_PREFIX,
+        ),
+        (
+            "text_encoder_2",
+            "OpenCLIP bigG (SDXL)",
+            stable_diffusion::io::model::SDXL_TEXT_ENCODER_2_PREFIX,
+        ),
     ] {
         let (params, dtypes, bytes) = weight_summary(source, prefix);
         if params > 0 {

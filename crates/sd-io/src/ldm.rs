@@ -255,7 +255,11 @@ fn rename_first(rest: &str, table: &[(&str, &str)]) -> String {
 /// The OpenCLIP (SD 2.x single file) key of a CLIP text-model parameter path;
 /// q/k/v projections are parts `#0`, `#1`, `#2` of the fused `in_proj_*` tensors.
 pub fn open_clip_key(path: &str) -> Option<String> {
-    let p = OPEN_CLIP_PREFIX;
+    open_clip_key_with(OPEN_CLIP_PREFIX, path)
+}
+
+/// [`open_clip_key`] under another prefix (SDXL's `conditioner.embedders.1.model.`).
+pub fn open_clip_key_with(p: &str, path: &str) -> Option<String> {
     let rest = path.strip_prefix("text_model.")?;
     if let Some(leaf) = rest.strip_prefix("final_layer_norm.") {
         return Some(format!("{p}ln_final.{leaf}"));

@@ -25,6 +25,10 @@ pub struct KeyMapping<'a> {
     /// `[part * n / parts, (part + 1) * n / parts)` of its first axis. `key_of` then
     /// returns `"{stored key}#{part}"`.
     pub fused_parts: usize,
+    /// Stored keys holding the transpose of the parameter (OpenCLIP's
+    /// `text_projection`, used as `x @ P`, is `[in, out]` where PyTorch linears
+    /// are `[out, in]`).
+    pub transposed: Box<dyn Fn(&str) -> bool + 'a>,
 }
 
 /// Splits `"{key}#{part}"` (a part of a fused tensor) into the stored key and part.
@@ -46,6 +50,7 @@ impl<'a> KeyMapping<'a> {
             prefix: String::new(),
             ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
             fused_parts: 1,
+            transposed: Box::new(|_| false),
         }
     }
 
@@ -57,6 +62,7 @@ impl<'a> KeyMapping<'a> {
             prefix: prefix.into(),
             ignorable: Box::new(|_| false),
             fused_parts: 1,
+            transposed: Box::new(|_| false),
         }
     }
 }
@@ -124,6 +130,10 @@ impl ModuleMapper for Binder<'_, '_> {
             return param;
         };
         let mut stored_shape = stored.shape.clone();
+        let transposed = (self.mapping.transposed)(&key) && stored_shape.len() == 2;
+        if transposed {
+            stored_shape.reverse();
+        }
         let rows = match part {
             Some(p)
                 if !stored_shape.is_empty()
@@ -155,6 +165,9 @@ impl ModuleMapper for Binder<'_, '_> {
             Some((start, n)) => self
                 .source
                 .read_float_rows(&key, self.dtype, expected, start, n),
+            None if transposed => self
+                .source
+                .read_float(&key, self.dtype, stored.shape.clone()),
             None => self.source.read_float(&key, self.dtype, expected),
         };
         let data = match read {
@@ -167,6 +180,11 @@ impl ModuleMapper for Binder<'_, '_> {
         self.used.insert(key);
         let device = param.lazy_device();
         let tensor = Tensor::<D>::from_data(data, (&device, self.dtype));
+        let tensor = if transposed {
+            tensor.transpose()
+        } else {
+            tensor
+        };
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
@@ -200,6 +218,7 @@ pub fn load_module<M: Module>(
     }
     let mut report = binder.report;
     // Parts of one fused tensor are reported once.
+    report.missing.sort();
     report.missing.dedup();
     report.unused = source
         .tensors()

@@ -354,6 +354,31 @@ pub mod builtin_configs {
     /// SD 2.1-v scheduler.
     pub const SD21_SCHEDULER: &str =
         include_str!("../configs/sd21/scheduler/scheduler_config.json");
+    /// SDXL base 1.0 U-Net.
+    pub const SDXL_UNET: &str = include_str!("../configs/sdxl/unet/config.json");
+    /// SDXL VAE (`scaling_factor` 0.13025).
+    pub const SDXL_VAE: &str = include_str!("../configs/sdxl/vae/config.json");
+    /// SDXL's first text encoder (CLIP ViT-L/14).
+    pub const SDXL_TEXT_ENCODER: &str = include_str!("../configs/sdxl/text_encoder/config.json");
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG/14 with its projection).
+    pub const SDXL_TEXT_ENCODER_2: &str =
+        include_str!("../configs/sdxl/text_encoder_2/config.json");
+    /// SDXL base 1.0 scheduler (Euler, leading spacing).
+    pub const SDXL_SCHEDULER: &str =
+        include_str!("../configs/sdxl/scheduler/scheduler_config.json");
+}
+
+/// Prefix of SDXL's first text encoder in single files (transformers layout).
+pub const SDXL_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's second text encoder in single files (OpenCLIP layout).
+pub const SDXL_TEXT_ENCODER_2_PREFIX: &str = "conditioner.embedders.1.model.";
+
+/// A `CLIPTextModelWithProjection` config, whatever its `architectures` say.
+fn with_projection(mut c: ClipTextConfig) -> ClipTextConfig {
+    if c.text_projection_dim().is_none() && c.projection_dim.is_some() {
+        c.architectures = vec!["CLIPTextModelWithProjection".into()];
+    }
+    c
 }
 
 /// A single-file original (CompVis / LDM) checkpoint: `.safetensors` with
@@ -366,6 +391,8 @@ pub struct SingleFile {
     unet: UNet2DConditionConfig,
     vae: AutoencoderKLConfig,
     text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder.
+    text_encoder_2: Option<ClipTextConfig>,
 }
 
 impl SingleFile {
@@ -376,12 +403,16 @@ impl SingleFile {
         config_dir: impl AsRef<Path>,
     ) -> Result<Self, IoError> {
         let dir = DiffusersDir::open(config_dir)?;
-        Self::with_configs(
+        let mut file = Self::with_configs(
             path.as_ref(),
             dir.unet_config()?,
             dir.vae_config()?,
             dir.text_encoder_config()?,
-        )
+        )?;
+        if dir.has("text_encoder_2") {
+            file.text_encoder_2 = Some(dir.text_encoder_2_config()?);
+        }
+        Ok(file)
     }
 
     /// Opens a checkpoint, recognising SD 1.x or SD 2.x from its tensors and using the
@@ -391,6 +422,25 @@ impl SingleFile {
         let path = path.as_ref();
         let source = open_checkpoint(path)?;
         use builtin_configs::*;
+        let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+        if has("conditioner.embedders.") {
+            if !has(SDXL_TEXT_ENCODER_PREFIX) {
+                return Err(IoError::Unsupported(format!(
+                    "{}: an SDXL checkpoint with only the OpenCLIP text encoder (the refiner) \
+                     is not supported yet",
+                    path.display()
+                )));
+            }
+            let parse = |t: &str| ClipTextConfig::from_json(t).expect("built-in config");
+            return Ok(Self {
+                path: path.to_path_buf(),
+                unet: UNet2DConditionConfig::from_json(SDXL_UNET).expect("built-in config"),
+                vae: AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config"),
+                text_encoder: parse(SDXL_TEXT_ENCODER),
+                text_encoder_2: Some(with_projection(parse(SDXL_TEXT_ENCODER_2))),
+                source,
+            });
+        }
         let is_sd2 = source
             .get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
             .is_some_and(|t| t.shape.get(1) == Some(&1024));
@@ -413,6 +463,7 @@ impl SingleFile {
             unet,
             vae,
             text_encoder: text,
+            text_encoder_2: None,
         })
     }
 
@@ -428,7 +479,66 @@ impl SingleFile {
             unet,
             vae,
             text_encoder,
+            text_encoder_2: None,
         })
+    }
+
+    /// Whether the checkpoint is SDXL (two text encoders under `conditioner.*`).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// SDXL's second text encoder config, when the checkpoint is SDXL.
+    pub fn text_encoder_2_config(&self) -> Option<&ClipTextConfig> {
+        self.text_encoder_2.as_ref()
+    }
+
+    /// SDXL: builds the second text encoder and loads `conditioner.embedders.1.model.*`
+    /// (OpenCLIP layout: fused `in_proj` split into q, k, v, `text_projection` stored
+    /// transposed).
+    ///
+    /// # Errors
+    /// A checkpoint that is not SDXL, missing or mismatched keys.
+    pub fn text_encoder_2(
+        &self,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<ClipTextModel, IoError> {
+        let Some(config) = &self.text_encoder_2 else {
+            return Err(IoError::Unsupported(format!(
+                "{}: not an SDXL checkpoint (no second text encoder)",
+                self.path.display()
+            )));
+        };
+        let model = ClipTextModel::new(config, device).map_err(config_err(&self.path))?;
+        let p = SDXL_TEXT_ENCODER_2_PREFIX;
+        let layers = config.num_hidden_layers;
+        let mapping = KeyMapping {
+            key_of: Box::new(move |path: &str| match path {
+                "text_projection.weight" => format!("{p}text_projection"),
+                _ => ldm::open_clip_key_with(p, path).unwrap_or_else(|| format!("{p}{path}")),
+            }),
+            prefix: p.into(),
+            ignorable: Box::new(move |k| {
+                let rest = &k[p.len().min(k.len())..];
+                rest == "logit_scale"
+                    || rest == "attn_mask"
+                    || rest
+                        .strip_prefix("transformer.resblocks.")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i >= layers)
+            }),
+            fused_parts: 3,
+            transposed: Box::new(move |k| k == format!("{p}text_projection")),
+        };
+        load_module(
+            model,
+            &self.source,
+            &mapping,
+            options.load(),
+            "text_encoder_2",
+        )
     }
 
     /// Whether the text encoder is SD 2.x's OpenCLIP ViT-H (1024 wide).
@@ -501,26 +611,28 @@ impl SingleFile {
         }
         let model =
             ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
+        let root = if self.is_sdxl() {
+            SDXL_TEXT_ENCODER_PREFIX
+        } else {
+            ldm::TEXT_ENCODER_PREFIX
+        };
         let prefixed = self
             .source
             .tensors()
             .keys()
-            .any(|k| k.starts_with("cond_stage_model.transformer.text_model."));
+            .any(|k| k.starts_with(&format!("{root}text_model.")));
         let mapping = KeyMapping {
             key_of: Box::new(move |p: &str| {
                 if prefixed {
-                    format!("{}{p}", ldm::TEXT_ENCODER_PREFIX)
+                    format!("{root}{p}")
                 } else {
-                    format!(
-                        "{}{}",
-                        ldm::TEXT_ENCODER_PREFIX,
-                        p.strip_prefix("text_model.").unwrap_or(p)
-                    )
+                    format!("{root}{}", p.strip_prefix("text_model.").unwrap_or(p))
                 }
             }),
-            prefix: ldm::TEXT_ENCODER_PREFIX.into(),
+            prefix: root.into(),
             ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
             fused_parts: 1,
+            transposed: Box::new(|_| false),
         };
         load_module(
             model,
@@ -579,6 +691,7 @@ impl SingleFile {
                         .is_some_and(|i| i >= layers)
             }),
             fused_parts: 3,
+            transposed: Box::new(|_| false),
         };
         load_module(
             model,

@@ -307,32 +307,57 @@ fn load_single_file(
     options: &LoadOptions,
 ) -> Result<Loaded, PipelineError> {
     let f32_opts = ComponentOptions::default();
-    let (ckpt, tokenizer, scheduler) = match &options.config {
+    let (ckpt, tokenizer, tokenizer_2, scheduler) = match &options.config {
         Some(dir) => {
             let configs = DiffusersDir::open(dir)?;
             let ckpt = SingleFile::open_with_configs(path, dir)?;
-            (ckpt, configs.tokenizer()?, configs.scheduler_config_text()?)
+            let tokenizer_2 = if ckpt.is_sdxl() {
+                Some(configs.tokenizer_2()?)
+            } else {
+                None
+            };
+            let scheduler = configs.scheduler_config_text()?;
+            (ckpt, configs.tokenizer()?, tokenizer_2, scheduler)
         }
         None => {
             let ckpt = SingleFile::open(path)?;
-            let (pad, scheduler) = if ckpt.is_sd2() {
+            let (pad, scheduler) = if ckpt.is_sdxl() {
+                ("<|endoftext|>", builtin_configs::SDXL_SCHEDULER)
+            } else if ckpt.is_sd2() {
                 ("!", builtin_configs::SD21_SCHEDULER)
             } else {
                 ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
             };
-            (ckpt, ClipTokenizer::clip(pad)?, scheduler.to_string())
+            // SDXL's tokenizer_2 pads with "!".
+            let tokenizer_2 = if ckpt.is_sdxl() {
+                Some(ClipTokenizer::clip("!")?)
+            } else {
+                None
+            };
+            (
+                ckpt,
+                ClipTokenizer::clip(pad)?,
+                tokenizer_2,
+                scheduler.to_string(),
+            )
         }
     };
-    let family = if ckpt.is_sd2() {
+    let family = if ckpt.is_sdxl() {
+        ModelFamily::Sdxl
+    } else if ckpt.is_sd2() {
         ModelFamily::Sd2
     } else {
         ModelFamily::Sd1
     };
+    let second = match tokenizer_2 {
+        Some(t) => Some((t, ckpt.text_encoder_2(device, &f32_opts)?)),
+        None => None,
+    };
     Ok(Loaded {
         tokenizer,
         text_encoder: ckpt.text_encoder(device, &f32_opts)?,
-        second: None,
-        force_zeros_for_empty_prompt: false,
+        force_zeros_for_empty_prompt: second.is_some(),
+        second,
         unet: ckpt.unet(device, &unet_options(options))?,
         vae: ckpt.vae(device, &f32_opts)?,
         unet_config: ckpt.unet_config().clone(),
