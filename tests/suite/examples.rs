@@ -633,3 +633,71 @@ fn lcm_lora_in_four_steps_through_the_example() {
         .unwrap();
     assert_eq!((params.steps, params.sampler.as_str()), (4, "LCM"));
 }
+
+/// `txt2img --refiner`: the base stops at `--refiner-start` and the refiner (here the
+/// tiny SDXL itself) finishes from its latents, as diffusers' hand-over does.
+#[test]
+fn sdxl_refiner_handover_through_the_example() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = Reference::open("reference/pipelines_fast/sdxl_denoising_end_0.7.safetensors");
+    let refined = Reference::open("reference/pipelines_fast/sdxl_denoising_start_0.7.safetensors");
+    let init = tmp.path().join("init.safetensors");
+    write_tensors(
+        &init,
+        &[(
+            "latents".into(),
+            base.floats("init_latents"),
+            base.shape("init_latents"),
+        )],
+    );
+    let latents = tmp.path().join("latents.safetensors");
+    let model = fixture("tiny-sdxl");
+    let out = Command::new(example("txt2img"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--refiner",
+            model.to_str().unwrap(),
+        ])
+        .args(["--refiner-start", "0.7", "--scheduler", "euler"])
+        .args([
+            "--prompt",
+            "a red fox in the snow",
+            "--negative-prompt",
+            "blurry",
+        ])
+        .args([
+            "--steps",
+            "10",
+            "--guidance",
+            "5",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .args(["--init-latents", init.to_str().unwrap()])
+        .args(["--save-latents", latents.to_str().unwrap()])
+        .args(["--out", tmp.path().join("fox.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = WeightSource::open(&latents).unwrap();
+    let shape = got.get("latents").unwrap().shape.clone();
+    let got = got
+        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want = refined.floats("final_latents");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= 1e-3 * scale, "refined latents differ by {d}");
+}

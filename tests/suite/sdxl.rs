@@ -344,3 +344,100 @@ fn sdxl_single_file_matches_diffusers() {
     .to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// The base-to-refiner hand-over, with the base's own components in both halves:
+/// txt2img stopping at `denoising_end` 0.7 (7 of 10 Euler steps), its latents
+/// continued by image to image from `denoising_start` 0.7 (3 steps, no noise added),
+/// each matching diffusers.
+#[test]
+fn sdxl_base_to_refiner_handover_matches_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixture("reference/index_fast.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let case = |n: &str| index["cases"][format!("pipelines_fast/{n}")].clone();
+    let end = case("sdxl_denoising_end_0.7");
+    let r_end = Reference::open(&format!("reference/{}", end["file"].as_str().unwrap()));
+    let r_start = Reference::open(&format!(
+        "reference/{}",
+        case("sdxl_denoising_start_0.7")["file"].as_str().unwrap()
+    ));
+    let scheduler = SchedulerChoice::Config(end["params"]["scheduler_config"].to_string());
+    let request = || {
+        GenerationRequest::new("a red fox in the snow")
+            .negative_prompt("blurry")
+            .guidance(5.0)
+            .steps(10)
+            .scheduler_choice(scheduler.clone())
+    };
+    let mut steps = Vec::new();
+    let base = pipe
+        .generate(
+            request()
+                .size(32, 32)
+                .init_latents(r_end.tensor::<4>("init_latents", &device))
+                .denoising_end(0.7)
+                .on_step(|s| {
+                    steps.push(s.timestep);
+                    true
+                }),
+        )
+        .unwrap();
+    let want: Vec<f64> = r_end
+        .floats("timesteps")
+        .iter()
+        .map(|&t| t as f64)
+        .collect();
+    assert_eq!(steps, want, "the base stops after 7 steps");
+    let close = |what: &str, got: &Tensor<4>, want: &[f32]| {
+        let g = got.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let d = g
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d <= 1e-3 * scale, "{what}: {d} (scale {scale})");
+    };
+    close(
+        "base latents",
+        &base.latents,
+        &r_end.floats("final_latents"),
+    );
+    let mut steps = Vec::new();
+    let refined = pipe
+        .generate(
+            request()
+                .init_latents(base.latents.clone())
+                .denoising_start(0.7)
+                .on_step(|s| {
+                    steps.push(s.timestep);
+                    true
+                }),
+        )
+        .unwrap();
+    let want: Vec<f64> = r_start
+        .floats("timesteps")
+        .iter()
+        .map(|&t| t as f64)
+        .collect();
+    assert_eq!(steps, want, "the refiner runs the remaining 3 steps");
+    close(
+        "refined latents",
+        &refined.latents,
+        &r_start.floats("final_latents"),
+    );
+    // Misuse: a start without latents, a fraction outside (0, 1).
+    let err = pipe.generate(request().denoising_start(0.7)).unwrap_err();
+    assert!(err.to_string().contains("init_latents"), "{err}");
+    let err = pipe
+        .generate(request().size(32, 32).denoising_end(1.5))
+        .unwrap_err();
+    assert!(err.to_string().contains("denoising_end"), "{err}");
+}

@@ -15,7 +15,9 @@ pub use denoiser::{
 };
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
-pub use scheduler::{Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, img2img_start};
+pub use scheduler::{
+    Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, handover_index, img2img_start,
+};
 pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput, check_text_encoder_inputs};
 pub use tokenizer::PromptTokenizer;
 

@@ -35,6 +35,12 @@ pub trait Scheduler: Send + Sync {
 
     /// diffusers class this scheduler follows (e.g. `"EulerDiscreteScheduler"`).
     fn class_name(&self) -> &'static str;
+
+    /// The training timesteps `T` of its noise schedule (1000 for SD); where
+    /// `denoising_start` / `denoising_end` fractions cut (`round(T - f * T)`).
+    fn num_train_timesteps(&self) -> usize {
+        1000
+    }
 }
 
 /// The state of one generation's denoising loop. Steps go by index `i` into
@@ -152,4 +158,27 @@ pub fn check_step_inputs(
         ));
     }
     Ok(())
+}
+
+/// diffusers' `denoising_end` / `denoising_start` cutoff: how many of `timesteps`
+/// (descending) are at or above `round(T - fraction * T)`, i.e. run before the
+/// hand-over. A base model with `denoising_end` runs that many steps; a refiner with
+/// `denoising_start` skips them.
+///
+/// # Errors
+/// [`CoreError::InvalidArgument`] for a fraction outside (0, 1).
+pub fn handover_index(
+    timesteps: &[f64],
+    num_train_timesteps: usize,
+    fraction: f64,
+) -> Result<usize, CoreError> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(CoreError::invalid(
+            "denoising_end",
+            format!("{fraction} is not a fraction in (0, 1)"),
+        ));
+    }
+    let t = num_train_timesteps as f64;
+    let cutoff = (t - fraction * t).round();
+    Ok(timesteps.iter().filter(|&&ts| ts >= cutoff).count())
 }

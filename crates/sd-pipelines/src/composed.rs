@@ -43,6 +43,10 @@ pub struct GenerationOptions {
     pub prompt_weighting: bool,
     /// SDXL's micro-conditioning (ignored by SD 1.x/2.x).
     pub micro: MicroConditioning,
+    /// diffusers' `denoising_end` (text to image): stop before the timesteps below
+    /// `round(T - fraction * T)` and return the partly denoised latents, for a
+    /// refiner to finish with [`StableDiffusion::img2img_from_latents`].
+    pub denoising_end: Option<f64>,
 }
 
 impl Default for GenerationOptions {
@@ -60,6 +64,7 @@ impl Default for GenerationOptions {
             long_prompts: false,
             prompt_weighting: false,
             micro: MicroConditioning::default(),
+            denoising_end: None,
         }
     }
 }

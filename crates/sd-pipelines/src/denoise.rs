@@ -68,10 +68,29 @@ impl StableDiffusion<'_> {
     pub fn denoise(
         &self,
         run: &mut dyn SchedulerRun,
+        latents: Tensor<4>,
+        conditioning: Conditioning,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<Tensor<4>, CoreError> {
+        let end = run.len();
+        self.denoise_until(run, latents, conditioning, noise, callback, end)
+    }
+
+    /// [`Self::denoise`] stopping before step `end` (diffusers' `denoising_end`: a
+    /// base model handing its latents to a refiner; the scheduler still plans the
+    /// whole run, as diffusers' does).
+    ///
+    /// # Errors
+    /// As [`Self::denoise`].
+    pub fn denoise_until(
+        &self,
+        run: &mut dyn SchedulerRun,
         mut latents: Tensor<4>,
         conditioning: Conditioning,
         noise: &mut dyn NoiseSource,
         mut callback: Option<StepCallback<'_>>,
+        end: usize,
     ) -> Result<Tensor<4>, CoreError> {
         let Conditioning {
             embeds,
@@ -100,7 +119,7 @@ impl StableDiffusion<'_> {
                 (None, Some(Blend { region, keep }))
             }
         };
-        let total = run.len();
+        let total = end.min(run.len());
         for i in run.begin_index()..total {
             let t = run.timestep(i)?;
             let x = double(run.scale_model_input(latents.clone(), i)?);

@@ -36,4 +36,62 @@ impl StableDiffusion<'_> {
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }
+
+    /// The refiner's half of a hand-over (diffusers' image-to-image pipeline with
+    /// `denoising_start`): `latents` (`[b, 4, h, w]`, a base run's output stopped at
+    /// `denoising_end`) continue from the first timestep below `round(T - start *
+    /// T)`, as they are (no noise added). The picture's size and batch are the
+    /// latents'.
+    ///
+    /// # Errors
+    /// A fraction outside (0, 1) or one leaving no step, latents with other than the
+    /// VAE's channels, model and scheduler errors.
+    pub fn img2img_from_latents(
+        &self,
+        options: &GenerationOptions,
+        latents: Tensor<4>,
+        denoising_start: f64,
+        noise: &mut dyn NoiseSource,
+        callback: Option<StepCallback<'_>>,
+    ) -> Result<GenerationOutput, CoreError> {
+        let [b, c, h, w] = latents.dims();
+        let f = self.vae.downscale_factor();
+        let options = &GenerationOptions {
+            width: w * f,
+            height: h * f,
+            batch_size: b,
+            ..options.clone()
+        };
+        if c != self.vae.latent_channels() {
+            return Err(crate::composed::invalid(
+                "latents",
+                format!(
+                    "{c} channels, the VAE's latents have {}",
+                    self.vae.latent_channels()
+                ),
+            ));
+        }
+        self.latent_shape(options)?;
+        let (embeds, added) = self.encode_conditioning(options, true)?;
+        let mut run = self.scheduler.start(&options.steps)?;
+        let done = sd_core::handover_index(
+            run.timesteps(),
+            self.scheduler.num_train_timesteps(),
+            denoising_start,
+        )?;
+        if done >= run.len() {
+            return Err(crate::composed::invalid(
+                "denoising_start",
+                format!("{denoising_start} leaves no step to run"),
+            ));
+        }
+        run.skip_to(done)?;
+        let conditioning = Conditioning {
+            embeds,
+            guidance: options.guidance_scale,
+            extra: ExtraConditioning::None,
+            added,
+        };
+        self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
+    }
 }

@@ -67,6 +67,7 @@ impl<'a> LoraTargets<'a> {
 #[allow(clippy::large_enum_variant, reason = "one value per request")]
 enum Task {
     Txt2Img,
+    Refine(Tensor<4>, f64),
     Img2Img(Tensor<4>, f64),
     Inpaint(Tensor<4>, Tensor<4>, f64),
     Outpaint(Tensor<4>, crate::outpaint::Extend, usize),
@@ -370,6 +371,15 @@ impl StableDiffusionPipeline {
         let image = r.init_image.take();
         let mask = r.mask.take();
         let strength = r.strength.unwrap_or(1.0);
+        if let Some(start) = r.denoising_start {
+            let latents = r.init_latents.take().ok_or_else(|| {
+                PipelineError::request(
+                    "denoising_start",
+                    "continues a base run's latents: set them with init_latents",
+                )
+            })?;
+            return Ok(Task::Refine(latents, start));
+        }
         match (image, mask, r.outpaint) {
             (None, _, _) => Ok(Task::Txt2Img),
             (Some(i), None, None) => Ok(Task::Img2Img(self.image_tensor(i, r, false)?, strength)),
@@ -454,6 +464,9 @@ impl StableDiffusionPipeline {
                 Some(h) => sd.txt2img_hires(&options, h, noise.as_mut(), cb)?,
                 None => sd.txt2img(&options, noise.as_mut(), cb)?,
             },
+            Task::Refine(latents, start) => {
+                sd.img2img_from_latents(&options, latents, start, noise.as_mut(), cb)?
+            }
             Task::Img2Img(image, strength) => {
                 sd.img2img(&options, image, strength, noise.as_mut(), cb)?
             }
@@ -481,6 +494,7 @@ impl StableDiffusionPipeline {
             long_prompts: r.long_prompts,
             prompt_weighting: r.prompt_weighting,
             micro: r.micro,
+            denoising_end: r.denoising_end,
         }
     }
 

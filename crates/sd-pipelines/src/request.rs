@@ -112,6 +112,8 @@ pub struct GenerationRequest<'a> {
     pub(crate) prompt_weighting: bool,
     pub(crate) hires: Option<HiresFix>,
     pub(crate) micro: MicroConditioning,
+    pub(crate) denoising_end: Option<f64>,
+    pub(crate) denoising_start: Option<f64>,
     pub(crate) tiny_decoder: bool,
     pub(crate) init_latents: Option<Tensor<4>>,
     pub(crate) noise: Option<Box<dyn NoiseSource + 'a>>,
@@ -167,6 +169,8 @@ impl<'a> GenerationRequest<'a> {
             prompt_weighting: false,
             hires: None,
             micro: MicroConditioning::default(),
+            denoising_end: None,
+            denoising_start: None,
             tiny_decoder: false,
             init_latents: None,
             noise: None,
@@ -304,6 +308,22 @@ impl<'a> GenerationRequest<'a> {
     /// negatives, the refiner's aesthetic scores (ignored by SD 1.x/2.x).
     pub fn micro_conditioning(mut self, micro: MicroConditioning) -> Self {
         self.micro = micro;
+        self
+    }
+
+    /// The base half of a base-to-refiner hand-over (diffusers' `denoising_end`):
+    /// stop before the timesteps below `round(T - fraction * T)`; the result's
+    /// `latents` go to the refiner's request with [`Self::denoising_start`].
+    pub fn denoising_end(mut self, fraction: f64) -> Self {
+        self.denoising_end = Some(fraction);
+        self
+    }
+
+    /// The refiner half of a hand-over (diffusers' `denoising_start`): continue the
+    /// latents given by [`Self::init_latents`] (the base's output) from the same
+    /// fraction, without adding noise; `steps` is the whole run's count.
+    pub fn denoising_start(mut self, fraction: f64) -> Self {
+        self.denoising_start = Some(fraction);
         self
     }
 

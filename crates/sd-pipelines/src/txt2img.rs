@@ -96,6 +96,12 @@ impl StableDiffusion<'_> {
             extra: ExtraConditioning::None,
             added,
         };
-        self.denoise(run.as_mut(), latents, conditioning, noise, callback)
+        let end = match options.denoising_end {
+            Some(f) => {
+                sd_core::handover_index(run.timesteps(), self.scheduler.num_train_timesteps(), f)?
+            }
+            None => run.len(),
+        };
+        self.denoise_until(run.as_mut(), latents, conditioning, noise, callback, end)
     }
 }

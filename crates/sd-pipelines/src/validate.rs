@@ -22,6 +22,14 @@ pub(crate) fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineErro
             "a mask or outpaint margins need an init image",
         ));
     }
+    if r.denoising_start.is_some()
+        && (r.init_image.is_some() || r.hires.is_some() || r.denoising_end.is_some())
+    {
+        return Err(PipelineError::request(
+            "denoising_start",
+            "continues latents given by init_latents; it takes no init image, hires fix or denoising_end",
+        ));
+    }
     if r.hires.is_some() && r.init_image.is_some() {
         return Err(PipelineError::request(
             "hires_fix",

@@ -229,4 +229,8 @@ impl Scheduler for AnyScheduler {
     fn class_name(&self) -> &'static str {
         self.inner().class_name()
     }
+
+    fn num_train_timesteps(&self) -> usize {
+        self.inner().num_train_timesteps()
+    }
 }

@@ -100,6 +100,10 @@ struct DdimRun {
 }
 
 impl Scheduler for Ddim {
+    fn num_train_timesteps(&self) -> usize {
+        self.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let t = self.schedule.num_train_timesteps;

@@ -254,6 +254,10 @@ struct DpmRun {
 }
 
 impl Scheduler for DpmSolverMultistep {
+    fn num_train_timesteps(&self) -> usize {
+        self.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let (timesteps, sigmas) = self.timesteps_and_sigmas(steps)?;

@@ -266,6 +266,10 @@ struct KRun {
 }
 
 impl Scheduler for KDiffusion {
+    fn num_train_timesteps(&self) -> usize {
+        self.base.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let (timesteps, sigmas) = self.base.timesteps_and_sigmas(steps)?;

@@ -106,6 +106,10 @@ pub(crate) fn original_steps(
 }
 
 impl Scheduler for Lcm {
+    fn num_train_timesteps(&self) -> usize {
+        self.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let timesteps = match steps {

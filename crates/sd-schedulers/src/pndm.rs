@@ -60,6 +60,10 @@ struct PndmRun {
 }
 
 impl Scheduler for Pndm {
+    fn num_train_timesteps(&self) -> usize {
+        self.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let t = self.schedule.num_train_timesteps;

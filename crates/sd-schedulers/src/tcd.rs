@@ -69,6 +69,10 @@ impl Tcd {
 }
 
 impl Scheduler for Tcd {
+    fn num_train_timesteps(&self) -> usize {
+        self.schedule.num_train_timesteps
+    }
+
     fn start(&self, steps: &Steps) -> Result<Box<dyn SchedulerRun>, CoreError> {
         crate::schedule::check_steps(steps)?;
         let timesteps = match steps {
