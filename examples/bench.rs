@@ -305,6 +305,26 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         });
         report(&args, "text_encoder", t, "f32", load_s);
     }
+    if want("text_encoder_2") || (want("text_encoder") && dir.join("text_encoder_2").exists()) {
+        // SDXL's second encoder (OpenCLIP bigG with its projection).
+        let (te, load_s) = timed(|| -> Result<ClipTextModel, common::AnyError> {
+            Ok(if real {
+                d.text_encoder_2(&device, &ComponentOptions::default())?
+            } else {
+                ClipTextModel::new(&d.text_encoder_2_config()?, &device)?
+            })
+        });
+        let te = te?;
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
+        let t = time(&device, args.runs, || {
+            let _ = te
+                .forward(ids.clone(), HiddenLayer::SkipRaw(1))
+                .hidden_states
+                .into_data();
+        });
+        report(&args, "text_encoder_2", t, "f32", load_s);
+    }
     if want("unet") {
         let (unet, load_s) = timed(load_unet);
         let unet = unet?;
@@ -313,8 +333,33 @@ fn run(args: Args) -> Result<(), common::AnyError> {
         let x = NoiseRng::seed(0).normal_tensor([b, 4, lh, lw], &device);
         let ctx = Tensor::<3>::zeros([b, 77, cross], &device);
         let ts = Tensor::<1>::full([b], 500.0, &device);
+        // SDXL: the pooled embedding and the time ids too.
+        let added = match stable_diffusion::core::Denoiser::text_time_dims(&unet) {
+            Some(dims) => {
+                let pooled = dims.input_dim - 6 * dims.time_embed_dim;
+                let (h, w) = (args.height as f32, args.width as f32);
+                stable_diffusion::core::AddedConditioning {
+                    text_embeds: Some(Tensor::zeros([b, pooled], &device)),
+                    time_ids: Some(
+                        Tensor::<1>::from_floats([h, w, 0.0, 0.0, h, w], &device)
+                            .reshape([1, 6])
+                            .repeat_dim(0, b),
+                    ),
+                    ..Default::default()
+                }
+            }
+            None => Default::default(),
+        };
         let t = time(&device, args.runs, || {
-            let _ = unet.forward(x.clone(), ts.clone(), ctx.clone()).into_data();
+            let _ = unet
+                .forward_added_with_intermediates(
+                    x.clone(),
+                    ts.clone(),
+                    ctx.clone(),
+                    &added,
+                    |_, _| {},
+                )
+                .into_data();
         });
         report(&args, "unet", t, dtype_name, load_s);
     }

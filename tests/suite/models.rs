@@ -151,8 +151,8 @@ fn inpaint_unet_matches_diffusers() {
     }
 }
 
-fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL) {
-    let r = Reference::open("reference/vae.safetensors");
+pub(crate) fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL, file: &str) {
+    let r = Reference::open(file);
     let t = tol(name, 1e-4, 2e-3);
     let z = r.tensor::<4>("decode_in_latents", device) / vae.scaling_factor();
     assert_close(
@@ -244,7 +244,7 @@ pub fn vae_devices() -> Vec<(&'static str, Device)> {
 fn vae_matches_diffusers() {
     for (name, device) in vae_devices() {
         let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
-        check_vae(name, &device, &vae);
+        check_vae(name, &device, &vae, "reference/vae.safetensors");
     }
 }
 
@@ -312,7 +312,7 @@ fn single_file_checkpoint_matches_the_folder() {
     let unet = ckpt.unet(&device, &opts).unwrap();
     check_unet("flex", &device, &unet, "reference/unet.safetensors", 1e-4);
     let vae = ckpt.vae(&device, &opts).unwrap();
-    check_vae("flex", &device, &vae);
+    check_vae("flex", &device, &vae, "reference/vae.safetensors");
     let te = ckpt.text_encoder(&device, &opts).unwrap();
     check_text_encoder("flex", &device, &te);
 }
@@ -360,7 +360,7 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
     }
     // The VAE stays f32 next to an f16 U-Net.
     let vae = dir.vae(&device, &ComponentOptions::default()).unwrap();
-    check_vae("flex", &device, &vae);
+    check_vae("flex", &device, &vae, "reference/vae.safetensors");
 }
 
 #[test]

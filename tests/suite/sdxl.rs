@@ -441,3 +441,18 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
         .unwrap_err();
     assert!(err.to_string().contains("denoising_end"), "{err}");
 }
+
+/// SDXL's VAE (`scaling_factor` 0.13025): decode with its intermediates, encode.
+#[test]
+fn sdxl_vae_matches_diffusers() {
+    for (name, device) in crate::models::vae_devices() {
+        let vae = tiny_sdxl()
+            .vae(&device, &ComponentOptions::default())
+            .unwrap();
+        assert_eq!(
+            stable_diffusion::core::Autoencoder::scaling_factor(&vae),
+            0.13025
+        );
+        crate::models::check_vae(name, &device, &vae, "reference/sdxl/vae.safetensors");
+    }
+}
