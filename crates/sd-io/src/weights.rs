@@ -194,6 +194,28 @@ impl WeightSource {
         f.mmap.get(t.start..t.end)
     }
 
+    /// Drops a converted tensor's pages from the process's resident set (the file
+    /// stays in the page cache): without it every page read stays resident, and
+    /// loading an f16 file as f32 peaked at the f32 weights plus the whole file.
+    fn release(&self, t: &StoredTensor) {
+        #[cfg(unix)]
+        {
+            let f = &self.files[t.file];
+            // SAFETY: a read-only, file-backed shared mapping: MADV_DONTNEED only drops
+            // the pages from this process; the next access reads the same bytes back
+            // from the file, so no reference into the mapping sees other data.
+            let _ = unsafe {
+                f.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    t.start,
+                    t.end - t.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+
     /// A tensor's entry and its raw bytes, or an error naming the key.
     fn stored(&self, key: &str) -> Result<(&StoredTensor, &[u8]), IoError> {
         let t = self.tensors.get(key).ok_or_else(|| IoError::NotFound {
@@ -231,7 +253,9 @@ impl WeightSource {
         }
         let row_bytes = bytes.len() / rows.max(1);
         let bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
-        convert(bytes, t.dtype, key, dtype, shape)
+        let data = convert(bytes, t.dtype, key, dtype, shape);
+        self.release(t);
+        data
     }
 
     /// Reads a float tensor converted to `dtype` (F32, F16 or BF16), with `shape`
@@ -243,7 +267,9 @@ impl WeightSource {
         shape: Vec<usize>,
     ) -> Result<TensorData, IoError> {
         let (t, bytes) = self.stored(key)?;
-        convert(bytes, t.dtype, key, dtype, shape)
+        let data = convert(bytes, t.dtype, key, dtype, shape);
+        self.release(t);
+        data
     }
 }
 
