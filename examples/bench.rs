@@ -399,6 +399,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             preview_decoder: None,
             sdxl: None,
             scheduler: &scheduler,
+            controlnets: Vec::new(),
             device: device.clone(),
         };
         let options = GenerationOptions {

@@ -5,6 +5,7 @@ mod common;
 
 mod api;
 mod configs;
+mod controlnet;
 mod corrupt_files;
 mod demo_model;
 mod examples;

@@ -301,6 +301,7 @@ fn tiny_sd<'a>(
         preview_decoder: None,
         sdxl: None,
         scheduler,
+        controlnets: Vec::new(),
         device: device.clone(),
     }
 }

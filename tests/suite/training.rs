@@ -56,7 +56,7 @@ fn check_param(
     let path = burn_path(key);
     let rank = if key.ends_with("bias") || key.contains("norm") {
         1
-    } else if key.contains("conv") {
+    } else if key.contains("conv") || key.starts_with("controlnet_") {
         4
     } else {
         2
@@ -182,6 +182,83 @@ fn two_training_steps_match_diffusers() {
             None,
             1e-4,
         );
+    }
+}
+
+/// One step of diffusers' ControlNet recipe (`scripts/make_controlnet_training_reference.py`):
+/// the U-Net frozen, the ControlNet's loss, gradients, global norm, clipped AdamW step.
+#[test]
+fn controlnet_training_step_matches_diffusers() {
+    use stable_diffusion::io::controlnet::controlnet_from_dir;
+    const CN_KEYS: [&str; 11] = [
+        "conv_in.weight",
+        "time_embedding.linear_1.weight",
+        "controlnet_cond_embedding.conv_in.weight",
+        "controlnet_cond_embedding.blocks.1.bias",
+        "controlnet_cond_embedding.conv_out.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        "down_blocks.1.resnets.0.conv1.weight",
+        "mid_block.resnets.1.norm2.weight",
+        "controlnet_down_blocks.0.weight",
+        "controlnet_down_blocks.8.bias",
+        "controlnet_mid_block.weight",
+    ];
+    let device = Device::flex().autodiff();
+    let r = Reference::open("reference/training_controlnet.safetensors");
+    let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
+    let unet = dir
+        .unet(&device, &ComponentOptions::default())
+        .unwrap()
+        .no_grad();
+    let controlnet = stable_param_ids(
+        controlnet_from_dir(
+            &fixture("tiny-controlnet"),
+            &device,
+            &ComponentOptions::default(),
+        )
+        .unwrap(),
+    );
+    let objective = Objective::from_config(
+        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let timesteps: Vec<usize> = r.ints("timesteps").iter().map(|&t| t as usize).collect();
+    let loss = stable_diffusion::train::controlnet_loss(
+        &objective,
+        &unet,
+        &controlnet,
+        r.tensor("latents", &device),
+        r.tensor("noise", &device),
+        &timesteps,
+        r.tensor("context", &device),
+        r.tensor("controlnet_cond", &device),
+    );
+    let value = loss.clone().into_scalar::<f32>();
+    let want = r.floats("loss")[0];
+    eprintln!("ControlNet loss {value} (diffusers {want})");
+    assert!((value - want).abs() <= 1e-5 * want.abs().max(1.0));
+    let grads = GradientsParams::from_grads(loss.backward(), &controlnet);
+    for key in CN_KEYS {
+        let reference = r.floats(&format!("grad.{key}"));
+        check_param("grad", &controlnet, key, &reference, Some(&grads), 1e-4);
+    }
+    let (grads, norm) = clip_grad_norm(&controlnet, grads, None);
+    let ref_norm = r.floats("grad_norm")[0] as f64;
+    assert!(
+        (norm - ref_norm).abs() <= 1e-4 * ref_norm,
+        "{norm} vs {ref_norm}"
+    );
+    let (grads, _) = clip_grad_norm(&controlnet, grads, Some(0.5 * norm));
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(1e-2)
+        .init();
+    let controlnet = optim.step(1e-3, controlnet, grads);
+    for key in CN_KEYS {
+        let reference = r.floats(&format!("param.{key}"));
+        check_param("param", &controlnet, key, &reference, None, 1e-4);
     }
 }
 

@@ -57,6 +57,12 @@ pub trait Denoiser {
         None
     }
 
+    /// Whether [`Self::forward_added`] adds ControlNet residuals
+    /// ([`AddedConditioning::down_block_additional_residuals`]); `false` by default.
+    fn takes_control_residuals(&self) -> bool {
+        false
+    }
+
     /// Channels expected in `sample` (4, or 9 for an inpainting U-Net).
     fn in_channels(&self) -> usize;
 
@@ -80,6 +86,14 @@ pub struct AddedConditioning {
     /// corner, target size, each height first; the refiner: an aesthetic score
     /// instead of the target size).
     pub time_ids: Option<Tensor<2>>,
+    /// ControlNet residuals added to the U-Net's skip connections, one per skip
+    /// state in the order the down blocks produce them (diffusers'
+    /// `down_block_additional_residuals`); each `[batch, c, h, w]` as its skip, or
+    /// `[batch, c, 1, 1]` from a globally pooled ControlNet.
+    pub down_block_additional_residuals: Option<Vec<Tensor<4>>>,
+    /// The ControlNet residual added to the mid block's output
+    /// (`mid_block_additional_residual`), `[batch, c, h, w]` or `[batch, c, 1, 1]`.
+    pub mid_block_additional_residual: Option<Tensor<4>>,
 }
 
 /// What a `text_time` denoiser (SDXL) takes: `text_embeds` width plus time ids times
@@ -102,6 +116,15 @@ pub fn check_added_conditioning(
     added: &AddedConditioning,
 ) -> Result<(), CoreError> {
     check_text_time(denoiser.text_time_dims(), batch, added)?;
+    if (added.down_block_additional_residuals.is_some()
+        || added.mid_block_additional_residual.is_some())
+        && !denoiser.takes_control_residuals()
+    {
+        return Err(CoreError::shape(
+            "down_block_additional_residuals",
+            "the denoiser takes no ControlNet residuals",
+        ));
+    }
     match (&added.timestep_cond, denoiser.time_cond_proj_dim()) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(CoreError::shape(

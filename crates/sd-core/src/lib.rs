@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod autoencoder;
+pub mod control;
 pub mod denoiser;
 pub mod error;
 pub mod noise;
@@ -10,6 +11,7 @@ pub mod text_encoder;
 pub mod tokenizer;
 
 pub use autoencoder::{Autoencoder, DiagonalGaussian, check_vae_image, check_vae_latents};
+pub use control::{ControlNet, ControlResiduals};
 pub use denoiser::{
     AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_denoiser_inputs,
 };

@@ -286,6 +286,29 @@ pub fn image_to_tensor(image: &image::DynamicImage, device: &Device) -> Tensor<4
     Tensor::from_data(TensorData::new(out, [1, 3, h, w]), device)
 }
 
+/// A ControlNet control image as `[1, 3, H, W]` in `[0, 1]` (diffusers' control
+/// image processor: RGB, not normalised to `[-1, 1]`), resized to `width` x
+/// `height` with Lanczos when it has another size.
+pub fn control_image_to_tensor(
+    image: &image::DynamicImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Tensor<4> {
+    let resized;
+    let image = if (image.width() as usize, image.height() as usize) == (width, height) {
+        image
+    } else {
+        resized = image.resize_exact(
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        &resized
+    };
+    image_to_tensor(image, device) / 2.0 + 0.5
+}
+
 /// A mask image as `[1, 1, H, W]` in `[0, 1]` (white = repaint; the luminance of
 /// colour masks, Rec. 601 as PIL's `convert("L")`).
 pub fn mask_to_tensor(image: &image::DynamicImage, device: &Device) -> Tensor<4> {

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use sd_models::config::{AutoencoderKLConfig, DownBlockType, UNet2DConditionConfig, UpBlockType};
+use sd_models::config::{
+    AutoencoderKLConfig, ControlNetConfig, DownBlockType, UNet2DConditionConfig, UpBlockType,
+};
 
 /// Prefix of the U-Net's keys.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -130,6 +132,60 @@ impl LdmKeyMap {
                 idx += 1;
             }
         }
+        m
+    }
+
+    /// A ControlNet's map (original `cldm` layout): the U-Net's encoder names
+    /// under `root` (`control_model.`, or nothing in files saved alone), plus
+    /// `input_hint_block.{0, 2, .., 2k, 14}` for the conditioning embedding's convs,
+    /// `zero_convs.j.0` for `controlnet_down_blocks.j` and `middle_block_out.0`.
+    pub fn controlnet(config: &ControlNetConfig, root: &str) -> Self {
+        let mut m = Self::unet(&config.unet);
+        m.root = root.into();
+        let p = Kind::Plain;
+        m.add(
+            "controlnet_cond_embedding.conv_in.".into(),
+            "input_hint_block.0.".into(),
+            p,
+        );
+        let blocks = 2 * config
+            .conditioning_embedding_out_channels
+            .len()
+            .saturating_sub(1);
+        for k in 0..blocks {
+            m.add(
+                format!("controlnet_cond_embedding.blocks.{k}."),
+                format!("input_hint_block.{}.", 2 * (k + 1)),
+                p,
+            );
+        }
+        // cldm's hint encoder is one Sequential whose conv_out sits at 14 (after the
+        // six convs of SD's four widths); diffusers reads it there whatever the
+        // width count, so smaller encoders leave a gap before it.
+        m.add(
+            "controlnet_cond_embedding.conv_out.".into(),
+            format!("input_hint_block.{}.", 14.max(2 * (blocks + 1))),
+            p,
+        );
+        let n = config.unet.block_out_channels.len();
+        let lpb = config
+            .unet
+            .layers_per_block
+            .per_block(n)
+            .unwrap_or_else(|| vec![2; n]);
+        let skips = 1 + lpb.iter().sum::<usize>() + n - 1;
+        for j in 0..skips {
+            m.add(
+                format!("controlnet_down_blocks.{j}."),
+                format!("zero_convs.{j}.0."),
+                p,
+            );
+        }
+        m.add(
+            "controlnet_mid_block.".into(),
+            "middle_block_out.0.".into(),
+            p,
+        );
         m
     }
 

@@ -25,14 +25,14 @@ pub struct ComponentOptions {
 }
 
 impl ComponentOptions {
-    fn load(&self) -> LoadOptions {
+    pub(crate) fn load(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.dtype.unwrap_or(DType::F32),
         }
     }
 }
 
-fn read_json_file(path: &Path) -> Result<String, IoError> {
+pub(crate) fn read_json_file(path: &Path) -> Result<String, IoError> {
     if !path.exists() {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
@@ -42,7 +42,7 @@ fn read_json_file(path: &Path) -> Result<String, IoError> {
     std::fs::read_to_string(path).map_err(|e| IoError::io(path, e))
 }
 
-fn config_err(path: &Path) -> impl Fn(sd_models::ConfigError) -> IoError + '_ {
+pub(crate) fn config_err(path: &Path) -> impl Fn(sd_models::ConfigError) -> IoError + '_ {
     move |source| IoError::Config {
         path: path.to_path_buf(),
         source,
@@ -644,7 +644,7 @@ impl SingleFile {
     }
 }
 
-fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {
+pub(crate) fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {
     let name = path.to_string_lossy();
     if name.ends_with(".ckpt") || name.ends_with(".pt") || name.ends_with(".bin") {
         return Err(IoError::Unsupported(format!(

@@ -40,6 +40,59 @@ pub fn timestep_embedding(
     }
 }
 
+/// diffusers' `Timesteps` projection settings: the sinusoidal width and layout of
+/// `time_proj` (and SDXL's `add_time_proj`).
+#[derive(Debug, Clone, Copy)]
+pub struct TimeProjection {
+    /// Width of the sinusoidal features.
+    pub dim: usize,
+    /// Cos first.
+    pub flip_sin_to_cos: bool,
+    /// `downscale_freq_shift`.
+    pub freq_shift: f64,
+}
+
+impl TimeProjection {
+    /// The sinusoidal features of `timesteps` (f32) and their embedding through
+    /// `embedding` in `dtype`, with an optional `timestep_cond`.
+    ///
+    /// # Shapes
+    /// - `timesteps`: `[b]`; outputs `[b, dim]` and `[b, time_embed_dim]`
+    pub fn embed(
+        &self,
+        embedding: &TimestepEmbedding,
+        timesteps: Tensor<1>,
+        timestep_cond: Option<Tensor<2>>,
+        dtype: burn::tensor::DType,
+    ) -> (Tensor<2>, Tensor<2>) {
+        let t = crate::norm::to_f32(timesteps);
+        let proj = timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift);
+        let cond = timestep_cond.map(|c| crate::norm::to_dtype(c, dtype));
+        let emb = embedding.forward(crate::norm::to_dtype(proj.clone(), dtype), cond);
+        (proj, emb)
+    }
+
+    /// SDXL's `aug_emb`: `add_embedding([text_embeds, time_proj(time_ids)])` when
+    /// both inputs are given (this projection being `add_time_proj`).
+    ///
+    /// # Shapes
+    /// - `text_embeds` `[b, d]`, `time_ids` `[b, n]`; output `[b, time_embed_dim]`
+    pub fn embed_text_time(
+        &self,
+        add_embedding: &TimestepEmbedding,
+        added: &sd_core::AddedConditioning,
+        dtype: burn::tensor::DType,
+    ) -> Option<Tensor<2>> {
+        let (text, ids) = (added.text_embeds.clone()?, added.time_ids.clone()?);
+        let [b, n] = ids.dims();
+        let ids = crate::norm::to_f32(ids).reshape([b * n]);
+        let time = timestep_embedding(ids, self.dim, self.flip_sin_to_cos, self.freq_shift)
+            .reshape([b, n * self.dim]);
+        let input = Tensor::cat(vec![crate::norm::to_f32(text), time], 1);
+        Some(add_embedding.forward(crate::norm::to_dtype(input, dtype), None))
+    }
+}
+
 /// `TimestepEmbedding`: `linear_2(silu(linear_1(x + cond_proj(condition))))`.
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {

@@ -7,6 +7,7 @@ pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod clip;
 pub mod config;
+pub mod controlnet;
 pub mod embeddings;
 pub mod error;
 pub mod lora;
@@ -15,14 +16,17 @@ pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+mod unet_encoder;
 pub mod vae_tiling;
 
 pub use autoencoder_kl::AutoencoderKL;
 pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
 pub use config::{
-    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, UNet2DConditionConfig,
+    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig,
+    UNet2DConditionConfig,
 };
+pub use controlnet::ControlNetModel;
 pub use error::ConfigError;
 pub use unet_2d_condition::UNet2DConditionModel;
 pub use vae_tiling::VaeTiling;

@@ -4,12 +4,13 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
-use crate::config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
-use crate::embeddings::{TimestepEmbedding, timestep_embedding};
+use crate::config::{UNet2DConditionConfig, UpBlockType};
+use crate::embeddings::{TimeProjection, TimestepEmbedding};
 use crate::error::ConfigError;
 use crate::norm::{GroupNorm, to_dtype};
-use crate::resnet::{ResnetSettings, conv, conv_forward};
-use crate::unet_2d_blocks::{BlockAttention, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
+use crate::resnet::{conv, conv_forward};
+use crate::unet_2d_blocks::{DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
+use crate::unet_encoder::{UNetEncoder, block_attention, resnet_settings};
 
 /// The conditional U-Net. Field names are diffusers' module names.
 #[derive(Module, Debug)]
@@ -45,48 +46,17 @@ impl UNet2DConditionModel {
     /// Builds the model from a config (weights lazily initialised at random, to be
     /// replaced by loading).
     pub fn new(config: &UNet2DConditionConfig, device: &Device) -> Result<Self, ConfigError> {
-        config.validate()?;
+        let UNetEncoder {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+        } = UNetEncoder::new(config, device)?;
         let blocks = config.blocks()?;
         let boc = &config.block_out_channels;
         let n = boc.len();
-        let temb_dim = boc[0] * 4;
-        let resnet = ResnetSettings {
-            temb_channels: Some(temb_dim),
-            groups: config.norm_num_groups,
-            eps: config.norm_eps,
-            output_scale_factor: config.resnet_out_scale_factor,
-        };
-        let attention = |i: usize| BlockAttention {
-            heads: blocks.num_heads[i],
-            layers: blocks.transformer_layers[i],
-            context_dim: blocks.cross_attention_dim[i],
-        };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        let mut c_out = boc[0];
-        for (i, kind) in config.down_block_types.iter().enumerate() {
-            let c_in = c_out;
-            c_out = boc[i];
-            let attn = (*kind == DownBlockType::CrossAttnDownBlock2D).then(|| attention(i));
-            down_blocks.push(DownBlock2D::new(
-                c_in,
-                c_out,
-                blocks.layers_per_block[i],
-                resnet,
-                attn,
-                i + 1 < n,
-                config.downsample_padding,
-                device,
-            ));
-        }
-
-        let mid_resnet = ResnetSettings {
-            output_scale_factor: config.mid_block_scale_factor,
-            ..resnet
-        };
-        let mid_block =
-            UNetMidBlock2DCrossAttn::new(boc[n - 1], mid_resnet, attention(n - 1), device);
-
+        let resnet = resnet_settings(config);
         let mut up_blocks = Vec::with_capacity(n);
         let mut c_out = boc[n - 1];
         for (i, kind) in config.up_block_types.iter().enumerate() {
@@ -94,7 +64,8 @@ impl UNet2DConditionModel {
             let prev = c_out;
             c_out = boc[rev];
             let c_in = boc[rev.saturating_sub(1)];
-            let attn = (*kind == UpBlockType::CrossAttnUpBlock2D).then(|| attention(rev));
+            let attn =
+                (*kind == UpBlockType::CrossAttnUpBlock2D).then(|| block_attention(&blocks, rev));
             up_blocks.push(UpBlock2D::new(
                 c_in,
                 c_out,
@@ -108,17 +79,9 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            conv_in: conv(config.in_channels, boc[0], config.conv_in_kernel, device),
-            time_embedding: TimestepEmbedding::new(
-                boc[0],
-                temb_dim,
-                config.time_cond_proj_dim,
-                device,
-            ),
-            add_embedding: config
-                .projection_class_embeddings_input_dim
-                .filter(|_| config.addition_embed_type.is_some())
-                .map(|d| TimestepEmbedding::new(d, temb_dim, None, device)),
+            conv_in,
+            time_embedding,
+            add_embedding,
             addition_time_embed_dim: config.addition_time_embed_dim.unwrap_or(0),
             down_blocks,
             mid_block,
@@ -151,13 +114,12 @@ impl UNet2DConditionModel {
         timestep_cond: Option<Tensor<2>>,
     ) -> (Tensor<2>, Tensor<2>) {
         let dtype = self.conv_in.weight.val().dtype();
-        let t = crate::norm::to_f32(timesteps);
-        let proj = timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
-        let cond = timestep_cond.map(|c| to_dtype(c, dtype));
-        let emb = self
-            .time_embedding
-            .forward(to_dtype(proj.clone(), dtype), cond);
-        (proj, emb)
+        let proj = TimeProjection {
+            dim: self.time_proj_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        };
+        proj.embed(&self.time_embedding, timesteps, timestep_cond, dtype)
     }
 
     /// SDXL's `aug_emb`: `add_embedding([text_embeds, time_proj(time_ids)])`, when
@@ -166,19 +128,13 @@ impl UNet2DConditionModel {
     /// # Shapes
     /// - `text_embeds` `[b, d]`, `time_ids` `[b, n]`; output `[b, 4 * c0]`
     pub fn text_time_embed(&self, added: &sd_core::AddedConditioning) -> Option<Tensor<2>> {
-        let (add, text, ids) = (
-            self.add_embedding.as_ref()?,
-            added.text_embeds.clone()?,
-            added.time_ids.clone()?,
-        );
+        let proj = TimeProjection {
+            dim: self.addition_time_embed_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        };
         let dtype = self.conv_in.weight.val().dtype();
-        let [b, n] = ids.dims();
-        let d = self.addition_time_embed_dim;
-        let ids = crate::norm::to_f32(ids).reshape([b * n]);
-        let time =
-            timestep_embedding(ids, d, self.flip_sin_to_cos, self.freq_shift).reshape([b, n * d]);
-        let input = Tensor::cat(vec![crate::norm::to_f32(text), time], 1);
-        Some(add.forward(to_dtype(input, dtype), None))
+        proj.embed_text_time(self.add_embedding.as_ref()?, added, dtype)
     }
 
     /// The width of the embedded guidance scale (`time_cond_proj_dim`), if any.
@@ -258,7 +214,15 @@ impl UNet2DConditionModel {
             skips.extend(states);
             observe(&format!("down_blocks.{i}"), &h);
         }
+        if let Some(residuals) = &added.down_block_additional_residuals {
+            for (skip, r) in skips.iter_mut().zip(residuals) {
+                *skip = skip.clone() + to_dtype(r.clone(), dtype);
+            }
+        }
         h = self.mid_block.forward(h, &temb, &context);
+        if let Some(r) = &added.mid_block_additional_residual {
+            h = h + to_dtype(r.clone(), dtype);
+        }
         observe("mid_block", &h);
         for (i, block) in self.up_blocks.iter().enumerate() {
             let remaining = skips.len() - block.resnets.len();
@@ -275,6 +239,31 @@ impl UNet2DConditionModel {
         observe("conv_norm_out", &h);
         let out = conv_forward(&self.conv_out, silu(h));
         to_dtype(out, in_dtype)
+    }
+}
+
+impl UNet2DConditionModel {
+    /// The channels of the skip connections a ControlNet adds residuals to, in
+    /// order, the mid block's last.
+    pub fn skip_channels(&self) -> Vec<usize> {
+        crate::unet_encoder::skip_shapes(&self.conv_in, &self.down_blocks, [1, 1, 8, 8])
+            .iter()
+            .map(|s| s[1])
+            .collect()
+    }
+
+    /// Checks ControlNet residuals in `added` against this U-Net's skip connections
+    /// for a sample of shape `sample`.
+    ///
+    /// # Errors
+    /// [`sd_core::CoreError::Shape`] naming the residual that does not fit.
+    pub fn check_control_residuals(
+        &self,
+        sample: [usize; 4],
+        added: &sd_core::AddedConditioning,
+    ) -> Result<(), sd_core::CoreError> {
+        let expected = crate::unet_encoder::skip_shapes(&self.conv_in, &self.down_blocks, sample);
+        crate::unet_encoder::check_residuals(&expected, added)
     }
 }
 
@@ -303,6 +292,7 @@ impl sd_core::Denoiser for UNet2DConditionModel {
             encoder_hidden_states.dims(),
         )?;
         sd_core::check_added_conditioning(self, sample.dims()[0], added)?;
+        self.check_control_residuals(sample.dims(), added)?;
         Ok(self.forward_added_with_intermediates(
             sample,
             timesteps,
@@ -321,6 +311,10 @@ impl sd_core::Denoiser for UNet2DConditionModel {
             input_dim: a.linear_1.weight.dims()[0],
             time_embed_dim: self.addition_time_embed_dim,
         })
+    }
+
+    fn takes_control_residuals(&self) -> bool {
+        true
     }
 
     fn in_channels(&self) -> usize {

@@ -11,6 +11,7 @@ use sd_core::{
     TextEncoder, img2img_start,
 };
 
+use crate::control::ControlNetUnit;
 use crate::preview::latent_preview;
 use crate::sdxl::{MicroConditioning, SdxlParts};
 
@@ -158,6 +159,8 @@ pub struct StableDiffusion<'a> {
     /// SDXL's second tokenizer and text encoder: with them the prompt is encoded as
     /// SDXL does (and the U-Net gets the pooled embedding and time ids).
     pub sdxl: Option<SdxlParts<'a>>,
+    /// ControlNets guiding every step, with their images (empty: none).
+    pub controlnets: Vec<ControlNetUnit<'a>>,
     /// Where tensors are created.
     pub device: Device,
 }

@@ -5,6 +5,7 @@ use burn::prelude::*;
 use sd_core::{AddedConditioning, CoreError, NoiseSource, SchedulerRun};
 
 use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
+use crate::control::{PreparedControl, check_units};
 
 /// Legacy inpainting with an ordinary U-Net: after every step the known region is
 /// replaced by the original latents noised to the next step's level.
@@ -119,25 +120,35 @@ impl StableDiffusion<'_> {
                 (None, Some(Blend { region, keep }))
             }
         };
-        let total = end.min(run.len());
-        for i in run.begin_index()..total {
+        check_units(
+            &self.controlnets,
+            latents.dims(),
+            self.vae.downscale_factor(),
+        )?;
+        let control = PreparedControl::new(&self.controlnets, latents.dims()[0], cfg);
+        let (begin, total) = (run.begin_index(), end.min(run.len()));
+        for i in begin..total {
             let t = run.timestep(i)?;
             let x = double(run.scale_model_input(latents.clone(), i)?);
+            let residuals =
+                control.residuals(&x, t, &embeds, &added, (i - begin, run.len() - begin))?;
             let x = match &concat {
                 Some(e) => Tensor::cat(vec![x, e.clone()], 1),
                 None => x,
             };
-            let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
-            let out = self.unet.forward_added(x, ts, embeds.clone(), &added)?;
-            let pred = if cfg {
-                let [u, c]: [Tensor<4>; 2] = out
-                    .chunk(2, 0)
-                    .try_into()
-                    .map_err(|_| CoreError::shape("model_output", "not two CFG halves"))?;
-                u.clone() + (c - u) * guidance
-            } else {
-                out
+            let step_added = match residuals {
+                Some(r) => AddedConditioning {
+                    down_block_additional_residuals: Some(r.down_block_res_samples),
+                    mid_block_additional_residual: Some(r.mid_block_res_sample),
+                    ..added.clone()
+                },
+                None => added.clone(),
             };
+            let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
+            let out = self
+                .unet
+                .forward_added(x, ts, embeds.clone(), &step_added)?;
+            let pred = guide(out, cfg, guidance)?;
             latents = run.step(pred, i, latents, noise)?.prev_sample;
             if let Some(Blend { region, keep }) = &blend {
                 let known = if i + 1 < total {
@@ -162,6 +173,19 @@ impl StableDiffusion<'_> {
         }
         Ok(latents)
     }
+}
+
+/// Classifier-free guidance: `u + (c - u) * guidance` over the `[uncond; cond]`
+/// halves of `out`, or `out` without guidance.
+fn guide(out: Tensor<4>, cfg: bool, guidance: f64) -> Result<Tensor<4>, CoreError> {
+    if !cfg {
+        return Ok(out);
+    }
+    let [u, c]: [Tensor<4>; 2] = out
+        .chunk(2, 0)
+        .try_into()
+        .map_err(|_| CoreError::shape("model_output", "not two CFG halves"))?;
+    Ok(u.clone() + (c - u) * guidance)
 }
 
 impl StableDiffusion<'_> {

@@ -34,6 +34,8 @@
 #![warn(missing_docs)]
 
 pub mod composed;
+pub mod control;
+mod controlnets;
 pub mod denoise;
 pub mod error;
 pub mod hires;
@@ -46,6 +48,7 @@ pub mod memory;
 pub mod outpaint;
 pub mod output;
 pub mod pipeline;
+pub mod preprocess;
 pub mod preview;
 pub mod prompt;
 mod prompt_encoding;
@@ -57,6 +60,7 @@ mod validate;
 pub use composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,
 };
+pub use control::{ControlNetUnit, check_units};
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
 pub use error::PipelineError;
 pub use hires::{HiresFix, HiresUpscaler};
@@ -67,7 +71,7 @@ pub use outpaint::{Extend, outpaint_alpha};
 pub use output::{GeneratedImage, Generation};
 pub use pipeline::StableDiffusionPipeline;
 pub use preview::latent_preview;
-pub use request::{GenerationRequest, ImageInput, RequestCallback, SchedulerChoice};
+pub use request::{ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice};
 pub use sdxl::{MicroConditioning, SdxlParts};
 
 /// The burn version the pipelines are written against.

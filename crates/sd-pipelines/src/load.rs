@@ -143,6 +143,9 @@ pub struct LoadOptions {
     /// previews and, on request, fast decoding; see
     /// [`crate::StableDiffusionPipeline::load_tiny_vae`].
     pub tiny_vae: Option<PathBuf>,
+    /// ControlNets to load with the model (folders or files); requests name them
+    /// by position ([`crate::ControlInput::new`]).
+    pub controlnets: Vec<PathBuf>,
     /// LoRAs merged into the weights once, at load.
     pub loras: Vec<LoraSpec>,
     /// Where hub repositories are fetched from and cached (the `hub` feature);

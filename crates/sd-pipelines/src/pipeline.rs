@@ -9,8 +9,8 @@ use sd_core::{Autoencoder, NoiseRng, NoiseSource, Scheduler, Steps};
 use sd_io::ClipTokenizer;
 use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tensor, read_image};
 use sd_models::{
-    AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, ControlNetModel,
+    UNet2DConditionConfig, UNet2DConditionModel,
 };
 use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
 
@@ -37,6 +37,7 @@ pub struct StableDiffusionPipeline {
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
+    pub(crate) controlnets: Vec<(String, ControlNetModel)>,
     pub(crate) unet_config: UNet2DConditionConfig,
     pub(crate) vae_config: AutoencoderKLConfig,
     pub(crate) scheduler_config: SchedulerConfig,
@@ -65,7 +66,7 @@ impl<'a> LoraTargets<'a> {
 
 /// The parts of a task, resolved from a request.
 #[allow(clippy::large_enum_variant, reason = "one value per request")]
-enum Task {
+pub(crate) enum Task {
     Txt2Img,
     Refine(Tensor<4>, f64),
     Img2Img(Tensor<4>, f64),
@@ -104,6 +105,9 @@ impl StableDiffusionPipeline {
         let mut pipeline = Self::from_loaded(loaded, device)?;
         if let Some(dir) = &options.tiny_vae {
             pipeline.load_tiny_vae(dir)?;
+        }
+        for path in &options.controlnets {
+            pipeline.load_controlnet(path)?;
         }
         Ok(pipeline)
     }
@@ -160,6 +164,7 @@ impl StableDiffusionPipeline {
             unet: l.unet,
             vae: l.vae,
             tiny_vae: None,
+            controlnets: Vec::new(),
             unet_config: l.unet_config,
             vae_config: l.vae_config,
             scheduler_config: l.scheduler_config,
@@ -284,6 +289,7 @@ impl StableDiffusionPipeline {
                     text_encoder_2: te2,
                     force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
                 }),
+            controlnets: Vec::new(),
             device: self.device.clone(),
         }
     }
@@ -438,10 +444,12 @@ impl StableDiffusionPipeline {
         &self,
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
+        let control = self.read_control_images(&mut request)?;
         let (scheduler, sampler) = self.checked_scheduler(&request)?;
         let models = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
-        let sd = self.run_parts(models.refs(), &scheduler, request.tiny_decoder);
+        let mut sd = self.run_parts(models.refs(), &scheduler, request.tiny_decoder);
+        sd.controlnets = self.control_units(control, &task, &request)?;
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
         options.init_latents = request.init_latents.take();

@@ -3,6 +3,7 @@
 //! - [`trainer`]: the training loop (full fine-tuning or LoRA) over an image-caption
 //!   folder, with checkpoints in the diffusers layout, EMA, gradient accumulation,
 //!   validation loss, sample grids, and resumable runs;
+//! - [`controlnet`]: the ControlNet training loss (the U-Net frozen);
 //! - [`objective`]: DDPM noising, epsilon / v targets, min-SNR weighting;
 //! - [`optim`]: learning-rate schedules with warm-up, global-norm clipping, EMA,
 //!   stable parameter ids for resumable optimizer state;
@@ -25,6 +26,7 @@
 //! example of the `stable-diffusion` package and `docs/training.md`).
 #![warn(missing_docs)]
 
+pub mod controlnet;
 pub mod data;
 pub mod error;
 pub mod monitor;
@@ -34,6 +36,7 @@ pub mod synthetic;
 pub mod trainer;
 pub mod vae;
 
+pub use controlnet::controlnet_loss;
 pub use error::TrainError;
 pub use objective::Objective;
 pub use optim::{Ema, LrSchedule, clip_grad_norm, param_by_path, stable_param_ids};

@@ -475,6 +475,7 @@ impl Trainer {
             preview_decoder: None,
             sdxl: None,
             scheduler: &scheduler,
+            controlnets: Vec::new(),
             device: self.device.clone(),
         };
         let mut images = Vec::with_capacity(prompts.len());

@@ -173,6 +173,7 @@ impl LoadedPipeline {
             preview_decoder: None,
             sdxl: None,
             scheduler: &self.scheduler,
+            controlnets: Vec::new(),
             device: self.device.clone(),
         }
     }

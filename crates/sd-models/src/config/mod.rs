@@ -5,13 +5,15 @@
 //! cannot honour with an error naming the field.
 
 mod clip;
+mod controlnet;
 mod one_or_many;
 mod unet;
 mod vae;
 mod vae_tiny;
 
 pub use clip::{ClipActivation, ClipTextConfig};
+pub use controlnet::ControlNetConfig;
 pub use one_or_many::OneOrMany;
-pub use unet::{DownBlockType, UNet2DConditionConfig, UpBlockType};
+pub use unet::{DownBlockType, ResolvedUNetBlocks, UNet2DConditionConfig, UpBlockType};
 pub use vae::AutoencoderKLConfig;
 pub use vae_tiny::AutoencoderTinyConfig;

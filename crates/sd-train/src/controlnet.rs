@@ -1,0 +1,57 @@
+//! ControlNet training (diffusers' `examples/controlnet/train_controlnet.py`): the
+//! U-Net frozen, a ControlNet (from [`sd_models::ControlNetModel::from_unet`], or
+//! one to fine-tune) trained on (image, caption, control image) triples.
+
+use burn::prelude::*;
+use sd_core::AddedConditioning;
+use sd_models::{ControlNetModel, UNet2DConditionModel};
+
+use crate::objective::Objective;
+
+/// The training loss of one batch: the latents noised at `timesteps`, the
+/// ControlNet's residuals of the noisy latents and the control images added to the
+/// U-Net's skip connections, the U-Net's prediction against the objective's target
+/// (mean squared error, min-SNR weighted when the objective says so). Gradients flow
+/// to the ControlNet; freeze the U-Net with `Module::no_grad` so that only the
+/// ControlNet's parameters get them.
+///
+/// # Shapes
+/// - `latents`, `noise`: `[b, 4, h, w]` (scaled latents); `timesteps`: `b` values
+/// - `context`: `[b, seq, d]` prompt embeddings
+/// - `controlnet_cond`: `[b, 3, h * f, w * f]` control images in `[0, 1]`
+/// - output: `[1]`
+#[allow(clippy::too_many_arguments)]
+pub fn controlnet_loss(
+    objective: &Objective,
+    unet: &UNet2DConditionModel,
+    controlnet: &ControlNetModel,
+    latents: Tensor<4>,
+    noise: Tensor<4>,
+    timesteps: &[usize],
+    context: Tensor<3>,
+    controlnet_cond: Tensor<4>,
+) -> Tensor<1> {
+    let device = latents.device();
+    let noisy = objective.add_noise(latents.clone(), noise.clone(), timesteps);
+    let target = objective.target(latents, noise, timesteps);
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::<1>::from_floats(t.as_slice(), &device);
+    let none = AddedConditioning::default();
+    let residuals = controlnet.forward_with_intermediates(
+        noisy.clone(),
+        t.clone(),
+        context.clone(),
+        controlnet_cond,
+        1.0,
+        false,
+        &none,
+        |_, _| {},
+    );
+    let added = AddedConditioning {
+        down_block_additional_residuals: Some(residuals.down_block_res_samples),
+        mid_block_additional_residual: Some(residuals.mid_block_res_sample),
+        ..none
+    };
+    let pred = unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
+    objective.loss(pred, target, timesteps)
+}

@@ -1,0 +1,725 @@
+//! ControlNet against diffusers (fixtures README §8b): the model's residuals at two
+//! scales and in guess mode, the U-Net fed them, and every ControlNet pipeline case
+//! (txt2img, start/end, guess mode, two ControlNets, img2img) through the borrowed
+//! and the owning pipelines with the recorded noise. Tolerances: residuals 1e-4
+//! (CPU) / 2e-3 (GPU); pipelines as the SD 1.5 ones.
+
+use crate::common;
+
+use common::{LoadedPipeline, Reference, assert_close, devices, fixture, tol};
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::core::{AddedConditioning, ControlNet, Denoiser, RecordedNoise, Steps};
+use stable_diffusion::io::ComponentOptions;
+use stable_diffusion::io::controlnet::{controlnet_from_dir, controlnet_from_path};
+use stable_diffusion::io::image::{control_image_to_tensor, read_image};
+use stable_diffusion::models::ControlNetModel;
+use stable_diffusion::pipelines::{ControlNetUnit, GenerationOptions};
+use stable_diffusion::schedulers::config::sanitize_json;
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
+
+fn controlnet(name: &str, device: &Device) -> ControlNetModel {
+    controlnet_from_dir(&fixture(name), device, &ComponentOptions::default()).unwrap()
+}
+
+fn index() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("reference/index_controlnet.json")).unwrap();
+    serde_json::from_str(&sanitize_json(&text)).unwrap()
+}
+
+/// The reference inputs: sample, timesteps, prompt embeddings, control images.
+fn inputs(r: &Reference, device: &Device) -> (Tensor<4>, Tensor<1>, Tensor<3>, Tensor<4>) {
+    let sample = r.tensor::<4>("sample", device);
+    let b = sample.dims()[0];
+    let t = Tensor::<1>::full([b], 500.0, device);
+    (
+        sample,
+        t,
+        r.tensor::<3>("encoder_hidden_states", device),
+        r.tensor::<4>("controlnet_cond", device),
+    )
+}
+
+fn check_residuals(
+    what: &str,
+    out: &stable_diffusion::core::ControlResiduals,
+    r: &Reference,
+    prefix: &str,
+    t: f32,
+) {
+    assert_eq!(out.down_block_res_samples.len(), 9);
+    for (j, d) in out.down_block_res_samples.iter().enumerate() {
+        let key = format!("{prefix}.down_{j}");
+        assert_close(&format!("{what} {key}"), d, &r.floats(&key), t);
+    }
+    let key = format!("{prefix}.mid");
+    assert_close(
+        &format!("{what} {key}"),
+        &out.mid_block_res_sample,
+        &r.floats(&key),
+        t,
+    );
+}
+
+#[test]
+fn controlnet_residuals_match_diffusers() {
+    let r = Reference::open("reference/controlnet/controlnet.safetensors");
+    for (name, device) in devices() {
+        let net = controlnet("tiny-controlnet", &device);
+        let t = tol(name, 1e-4, 2e-3);
+        let (sample, ts, ctx, cond) = inputs(&r, &device);
+        let none = AddedConditioning::default();
+        let mut seen = Vec::new();
+        let out = net.forward_with_intermediates(
+            sample.clone(),
+            ts.clone(),
+            ctx.clone(),
+            cond.clone(),
+            1.0,
+            false,
+            &none,
+            |k, x| {
+                let key = format!("intermediate.{k}");
+                if r.has(&key) {
+                    assert_close(&format!("[{name}] {key}"), x, &r.floats(&key), t);
+                    seen.push(key);
+                }
+            },
+        );
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        check_residuals(&format!("[{name}]"), &out, &r, "scale1.0", t);
+        for (scale, guess, prefix) in [(0.5, false, "scale0.5"), (1.0, true, "guess_mode")] {
+            let out = ControlNet::forward(
+                &net,
+                sample.clone(),
+                ts.clone(),
+                ctx.clone(),
+                cond.clone(),
+                scale,
+                guess,
+                &none,
+            )
+            .unwrap();
+            check_residuals(&format!("[{name}]"), &out, &r, prefix, t);
+        }
+
+        // The U-Net with and without the residuals.
+        let unet = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sd15"))
+            .unwrap()
+            .unet(&device, &ComponentOptions::default())
+            .unwrap();
+        let added = AddedConditioning {
+            down_block_additional_residuals: Some(out_of(&out).0),
+            mid_block_additional_residual: Some(out_of(&out).1),
+            ..Default::default()
+        };
+        let with = unet
+            .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+            .unwrap();
+        assert_close(
+            &format!("[{name}] unet_out_with_control"),
+            &with,
+            &r.floats("unet_out_with_control"),
+            t,
+        );
+        let without = Denoiser::forward(&unet, sample, ts, ctx).unwrap();
+        assert_close(
+            &format!("[{name}] unet_out_without_control"),
+            &without,
+            &r.floats("unet_out_without_control"),
+            t,
+        );
+    }
+}
+
+fn out_of(o: &stable_diffusion::core::ControlResiduals) -> (Vec<Tensor<4>>, Tensor<4>) {
+    (
+        o.down_block_res_samples.clone(),
+        o.mid_block_res_sample.clone(),
+    )
+}
+
+#[test]
+fn residuals_that_do_not_fit_are_errors() {
+    let device = Device::flex();
+    let r = Reference::open("reference/controlnet/controlnet.safetensors");
+    let net = controlnet("tiny-controlnet", &device);
+    let (sample, ts, ctx, cond) = inputs(&r, &device);
+    let none = AddedConditioning::default();
+    // A control image at latent size, not image size.
+    let small = cond.clone().narrow(2, 0, 16).narrow(3, 0, 16);
+    let err = ControlNet::forward(
+        &net,
+        sample.clone(),
+        ts.clone(),
+        ctx.clone(),
+        small,
+        1.0,
+        false,
+        &none,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("controlnet_cond"), "{err}");
+    let out = ControlNet::forward(
+        &net,
+        sample.clone(),
+        ts.clone(),
+        ctx.clone(),
+        cond,
+        1.0,
+        false,
+        &none,
+    )
+    .unwrap();
+    let unet = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sd15"))
+        .unwrap()
+        .unet(&device, &ComponentOptions::default())
+        .unwrap();
+    let mut fewer = out.down_block_res_samples.clone();
+    fewer.pop();
+    let added = AddedConditioning {
+        down_block_additional_residuals: Some(fewer),
+        ..Default::default()
+    };
+    let err = unet
+        .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+        .unwrap_err();
+    assert!(err.to_string().contains("8 residuals for 9"), "{err}");
+    let added = AddedConditioning {
+        mid_block_additional_residual: Some(out.down_block_res_samples[0].clone()),
+        ..Default::default()
+    };
+    let err = unet.forward_added(sample, ts, ctx, &added).unwrap_err();
+    assert!(err.to_string().contains("mid_block"), "{err}");
+}
+
+/// A case's control images, read from the PNGs as the pipeline does, checked
+/// against diffusers' preprocessing.
+fn control_images(r: &Reference, case: &serde_json::Value, device: &Device) -> Vec<Tensor<4>> {
+    let pngs: Vec<String> = match &case["params"]["control_png"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        v => v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect(),
+    };
+    let n = pngs.len();
+    pngs.iter()
+        .enumerate()
+        .map(|(k, png)| {
+            let image = read_image(fixture(&format!("reference/{png}"))).unwrap();
+            let t = control_image_to_tensor(&image, 32, 32, device);
+            let key = if n == 1 {
+                "control_image_preprocessed".to_string()
+            } else {
+                format!("control_image_preprocessed_{k}")
+            };
+            assert_close(&format!("{png} {key}"), &t, &r.floats(&key), 1e-6);
+            t
+        })
+        .collect()
+}
+
+fn scales(call: &serde_json::Value, n: usize) -> Vec<f64> {
+    match &call["controlnet_conditioning_scale"] {
+        serde_json::Value::Array(a) => a.iter().map(|s| s.as_f64().unwrap()).collect(),
+        s => vec![s.as_f64().unwrap(); n],
+    }
+}
+
+fn close_rel(what: &str, got: &Tensor<4>, want: &[f32], tol: f32) {
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    assert_close(what, got, want, tol * scale);
+}
+
+fn recorded_noise(r: &Reference, device: &Device) -> (RecordedNoise, usize) {
+    let noises: Vec<Tensor<4>> = (0..)
+        .map(|i| format!("noise_{i:03}"))
+        .take_while(|k| r.has(k))
+        .map(|k| r.tensor::<4>(&k, device))
+        .collect();
+    let n = noises.len();
+    (RecordedNoise::new(noises), n)
+}
+
+/// Every ControlNet pipeline case through the borrowed pipeline.
+#[test]
+fn controlnet_pipeline_cases_match_diffusers() {
+    let device = Device::flex();
+    let index = index();
+    let nets: Vec<ControlNetModel> = index["models"]["controlnet"]["controlnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| controlnet(n.as_str().unwrap(), &device))
+        .collect();
+    let models = LoadedPipeline::open(fixture("tiny-sd15"), &device);
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        if !name.starts_with("controlnet/pipelines/") {
+            continue;
+        }
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let params = &case["params"];
+        let call = &params["call"];
+        let config = SchedulerConfig::from_json(&params["scheduler_config"].to_string()).unwrap();
+        let scheduler =
+            AnyScheduler::from_class(params["scheduler"].as_str().unwrap(), &config).unwrap();
+        let mut sd = models.sd();
+        sd.scheduler = &scheduler;
+        let images = control_images(&r, case, &device);
+        let which: Vec<usize> = params["controlnets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_u64().unwrap() as usize)
+            .collect();
+        let s = scales(call, which.len());
+        for (k, (&net, image)) in which.iter().zip(images).enumerate() {
+            let mut unit = ControlNetUnit::new(&nets[net], image);
+            unit.conditioning_scale = s[k];
+            unit.guidance_start = call["control_guidance_start"].as_f64().unwrap_or(0.0);
+            unit.guidance_end = call["control_guidance_end"].as_f64().unwrap_or(1.0);
+            unit.guess_mode = call["guess_mode"].as_bool().unwrap_or(false);
+            // diffusers' per-step scales: scale x keep.
+            let want = r.floats(&format!("controlnet{k}.conditioning_scales"));
+            let got: Vec<f32> = (0..want.len())
+                .map(|i| (unit.conditioning_scale * unit.keep(i, want.len())) as f32)
+                .collect();
+            assert_eq!(got, want, "{name} controlnet{k} scales");
+            sd.controlnets.push(unit);
+        }
+        let options = GenerationOptions {
+            prompt: call["prompt"].as_str().unwrap().into(),
+            negative_prompt: call["negative_prompt"].as_str().map(String::from),
+            steps: Steps::Count(call["num_inference_steps"].as_u64().unwrap() as usize),
+            guidance_scale: call["guidance_scale"].as_f64().unwrap(),
+            width: 32,
+            height: 32,
+            init_latents: r
+                .has("init_latents")
+                .then(|| r.tensor::<4>("init_latents", &device)),
+            ..Default::default()
+        };
+        let (mut noise, n) = recorded_noise(&r, &device);
+        let out = if r.has("input_image_preprocessed") {
+            let image = r.tensor::<4>("input_image_preprocessed", &device);
+            let strength = call["strength"].as_f64().unwrap();
+            sd.img2img(&options, image, strength, &mut noise, None)
+        } else {
+            sd.txt2img(&options, &mut noise, None)
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(noise.drawn(), n, "{name}: every recorded noise used");
+        close_rel(
+            &format!("{name} final_latents"),
+            &out.latents,
+            &r.floats("final_latents"),
+            1e-3,
+        );
+        let image: Tensor<4> = out.images.permute([0, 2, 3, 1]);
+        assert_close(&format!("{name} image"), &image, &r.floats("image"), 1e-3);
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+}
+
+/// The owning pipeline: ControlNets loaded with the model, control images given as
+/// files, the task's default scale (0.8 for image to image) and the control
+/// image's size as the picture's.
+#[test]
+fn owning_pipeline_runs_controlnet_cases() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let options = LoadOptions {
+        controlnets: vec![fixture("tiny-controlnet"), fixture("tiny-controlnet_1")],
+        ..Default::default()
+    };
+    let pipe =
+        StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
+    assert_eq!(
+        pipe.controlnet_names().collect::<Vec<_>>(),
+        ["tiny-controlnet", "tiny-controlnet_1"]
+    );
+    let index = index();
+    for name in [
+        "controlnet/pipelines/txt2img_ddim_7_multi",
+        "controlnet/pipelines/img2img_ddim_s0.7",
+    ] {
+        let case = &index["cases"][name];
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let call = &case["params"]["call"];
+        let (noise, _) = recorded_noise(&r, &device);
+        let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+            .negative_prompt(call["negative_prompt"].as_str().unwrap())
+            .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
+            .guidance(call["guidance_scale"].as_f64().unwrap())
+            .scheduler_choice(SchedulerChoice::Config(
+                case["params"]["scheduler_config"].to_string(),
+            ))
+            .noise(noise);
+        let pngs = &case["params"]["control_png"];
+        if name.ends_with("multi") {
+            let s = scales(call, 2);
+            for k in 0..2 {
+                let png = fixture(&format!("reference/{}", pngs[k].as_str().unwrap()));
+                req = req.control(ControlInput::new(k, png).scale(s[k]));
+            }
+            req = req.init_latents(r.tensor::<4>("init_latents", &device));
+        } else {
+            let png = fixture(&format!("reference/{}", pngs.as_str().unwrap()));
+            req = req.control(ControlInput::new(0, png)).init_image(
+                r.tensor::<4>("input_image_preprocessed", &device),
+                call["strength"].as_f64().unwrap(),
+            );
+        }
+        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(out.images[0].image.dimensions(), (32, 32));
+        close_rel(
+            &format!("{name} (owning) final_latents"),
+            &out.latents,
+            &r.floats("final_latents"),
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn controlnet_requests_that_cannot_run_are_errors() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let mut pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let png = fixture("reference/controlnet/control_edge.png");
+    let err = pipe
+        .generate(
+            GenerationRequest::new("x")
+                .steps(1)
+                .control(ControlInput::new(0, png.clone())),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("not loaded"), "{err}");
+    pipe.load_controlnet(fixture("tiny-controlnet")).unwrap();
+    let err = pipe
+        .generate(
+            GenerationRequest::new("x")
+                .steps(2)
+                .control(ControlInput::new(0, png.clone()).guidance_range(0.8, 0.2)),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("control_guidance_start"), "{err}");
+
+    // A ControlNet for another model (the tiny SDXL's U-Net widths) is refused.
+    let mut xl = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let err = xl.load_controlnet(fixture("tiny-controlnet")).unwrap_err();
+    assert!(
+        err.to_string().contains("ControlNet `tiny-controlnet`"),
+        "{err}"
+    );
+
+    // Files that are not full ControlNets are named.
+    let dir = std::env::temp_dir().join(format!("sd-controlnet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lora = dir.join("control-lora.safetensors");
+    let t = stable_diffusion::io::save::NamedTensor {
+        key: "lora_controlnet".into(),
+        shape: vec![1],
+        values: vec![0.0],
+    };
+    stable_diffusion::io::write_safetensors(
+        &lora,
+        &[t],
+        stable_diffusion::burn::tensor::DType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    let err = controlnet_from_path(&lora, None, &device, &ComponentOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("control-LoRA"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The original single-file layout (`control_model.*`, fp16; written by
+/// `gen/controlnet_single_file.py` and checked there with diffusers'
+/// `from_single_file`) gives the folder's residuals.
+#[test]
+fn single_file_controlnet_matches_its_folder() {
+    use stable_diffusion::io::controlnet::read_controlnet_config;
+    let device = Device::flex();
+    let r = Reference::open("reference/controlnet/controlnet.safetensors");
+    let config = read_controlnet_config(&fixture("tiny-controlnet/config.json")).unwrap();
+    let file = fixture("tiny-controlnet.safetensors");
+    let net =
+        controlnet_from_path(&file, Some(&config), &device, &ComponentOptions::default()).unwrap();
+    let (sample, ts, ctx, cond) = inputs(&r, &device);
+    let out = ControlNet::forward(
+        &net,
+        sample,
+        ts,
+        ctx,
+        cond,
+        1.0,
+        false,
+        &AddedConditioning::default(),
+    )
+    .unwrap();
+    check_residuals("[single file]", &out, &r, "scale1.0", 1e-4);
+    // Without a config the tiny widths are not a known family: a clear error.
+    let err = controlnet_from_path(&file, None, &device, &ComponentOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("pass its config"), "{err}");
+}
+
+/// A real-size SD 1.5 ControlNet file is recognised from its tensors' shapes: the
+/// config read off a file holding only the tensors that decide it equals the real
+/// `control_v11p_sd15_*` config.
+#[test]
+fn single_file_config_is_recognised_at_real_size() {
+    use stable_diffusion::io::controlnet::{controlnet_config_from_file, read_controlnet_config};
+    use stable_diffusion::io::save::NamedTensor;
+    let dir = std::env::temp_dir().join(format!("sd-cn-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = |key: &str, shape: &[usize]| NamedTensor {
+        key: format!("control_model.{key}"),
+        shape: shape.to_vec(),
+        values: vec![0.0; shape.iter().product()],
+    };
+    let mut tensors = vec![
+        t("input_blocks.0.0.weight", &[320, 4, 3, 3]),
+        t(
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            &[320, 768],
+        ),
+        t("input_hint_block.0.weight", &[16, 3, 3, 3]),
+    ];
+    for (i, (o, c)) in [
+        (16, 16),
+        (32, 16),
+        (32, 32),
+        (96, 32),
+        (96, 96),
+        (256, 96),
+        (320, 256),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        tensors.push(t(
+            &format!("input_hint_block.{}.weight", 2 * (i + 1)),
+            &[o, c, 3, 3],
+        ));
+    }
+    let path = dir.join("control_sd15.safetensors");
+    stable_diffusion::io::write_safetensors(
+        &path,
+        &tensors,
+        stable_diffusion::burn::tensor::DType::F16,
+        &Default::default(),
+    )
+    .unwrap();
+    let got = controlnet_config_from_file(&path).unwrap();
+    let want = read_controlnet_config(&fixture("configs/controlnet-sd15/config.json")).unwrap();
+    let (g, w) = (&got.unet, &want.unet);
+    assert_eq!(g.block_out_channels, w.block_out_channels);
+    assert_eq!(g.down_block_types, w.down_block_types);
+    assert_eq!(g.in_channels, w.in_channels);
+    assert_eq!(g.blocks().unwrap(), w.blocks().unwrap());
+    assert_eq!(g.use_linear_projection, w.use_linear_projection);
+    assert_eq!(g.addition_embed_type, w.addition_embed_type);
+    assert_eq!(
+        got.conditioning_embedding_out_channels,
+        want.conditioning_embedding_out_channels
+    );
+    assert_eq!(got.conditioning_channels, want.conditioning_channels);
+    assert_eq!(got.downscale_factor(), 8);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn sdxl_index() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("reference/index_controlnet_sdxl.json")).unwrap();
+    serde_json::from_str(&sanitize_json(&text)).unwrap()
+}
+
+/// An SDXL ControlNet (the `text_time` conditioning too; made by
+/// `gen/ref_controlnet_sdxl.py`): residuals at scale 1 and in guess mode, and the
+/// SDXL U-Net fed them.
+#[test]
+fn sdxl_controlnet_residuals_match_diffusers() {
+    let r = Reference::open("reference/controlnet_sdxl/controlnet.safetensors");
+    for (name, device) in devices() {
+        let t = tol(name, 1e-4, 2e-3);
+        let net = controlnet("tiny-controlnet-sdxl", &device);
+        let sample = r.tensor::<4>("sample", &device);
+        let ts = Tensor::<1>::full([2], 500.0, &device);
+        let ctx = r.tensor::<3>("encoder_hidden_states", &device);
+        let cond = r.tensor::<4>("controlnet_cond", &device);
+        let added = AddedConditioning {
+            text_embeds: Some(r.tensor::<2>("text_embeds", &device)),
+            time_ids: Some(r.tensor::<2>("time_ids", &device)),
+            ..Default::default()
+        };
+        let mut residuals = None;
+        for (guess, prefix) in [(false, "scale1.0"), (true, "guess_mode")] {
+            let out = ControlNet::forward(
+                &net,
+                sample.clone(),
+                ts.clone(),
+                ctx.clone(),
+                cond.clone(),
+                1.0,
+                guess,
+                &added,
+            )
+            .unwrap();
+            let n = out.down_block_res_samples.len();
+            for (j, d) in out.down_block_res_samples.iter().enumerate() {
+                let key = format!("{prefix}.down_{j}");
+                assert_close(&format!("[{name}] sdxl {key}"), d, &r.floats(&key), t);
+            }
+            assert_eq!(n, 9);
+            let key = format!("{prefix}.mid");
+            assert_close(
+                &format!("[{name}] sdxl {key}"),
+                &out.mid_block_res_sample,
+                &r.floats(&key),
+                t,
+            );
+            residuals.get_or_insert(out);
+        }
+        // Without the added conditioning an SDXL ControlNet refuses to run.
+        let err = ControlNet::forward(
+            &net,
+            sample.clone(),
+            ts.clone(),
+            ctx.clone(),
+            cond,
+            1.0,
+            false,
+            &AddedConditioning::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("text_embeds"), "{err}");
+        let unet = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sdxl"))
+            .unwrap()
+            .unet(&device, &ComponentOptions::default())
+            .unwrap();
+        let (down, mid) = out_of(&residuals.unwrap());
+        let added = AddedConditioning {
+            down_block_additional_residuals: Some(down),
+            mid_block_additional_residual: Some(mid),
+            ..added
+        };
+        let with = unet.forward_added(sample, ts, ctx, &added).unwrap();
+        assert_close(
+            &format!("[{name}] sdxl unet_out_with_control"),
+            &with,
+            &r.floats("unet_out_with_control"),
+            t,
+        );
+    }
+}
+
+/// SDXL ControlNet pipelines (scale 0.7; guess mode with control_guidance_end)
+/// through the owning SDXL pipeline with the recorded noise.
+#[test]
+fn sdxl_controlnet_pipeline_cases_match_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let mut pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let net = pipe
+        .load_controlnet(fixture("tiny-controlnet-sdxl"))
+        .unwrap();
+    let index = sdxl_index();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        if !name.contains("/pipelines/") {
+            continue;
+        }
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let call = &case["params"]["call"];
+        let png = fixture(&format!(
+            "reference/{}",
+            case["params"]["control_png"].as_str().unwrap()
+        ));
+        let want = r.floats("controlnet0.conditioning_scales");
+        let mut input = ControlInput::new(net, png).scale(0.7);
+        if let Some(end) = call["control_guidance_end"].as_f64() {
+            input = input.guidance_range(0.0, end);
+        }
+        let (noise, n) = recorded_noise(&r, &device);
+        assert_eq!(n, 0);
+        let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+            .negative_prompt(call["negative_prompt"].as_str().unwrap())
+            .steps(7)
+            .guidance(5.0)
+            .scheduler_choice(SchedulerChoice::Config(
+                case["params"]["scheduler_config"].to_string(),
+            ))
+            .noise(noise)
+            .init_latents(r.tensor::<4>("init_latents", &device))
+            .guess_mode(call["guess_mode"].as_bool().unwrap_or(false))
+            .control(input);
+        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(out.images[0].image.dimensions(), (32, 32));
+        assert_eq!(want.len(), 7);
+        close_rel(
+            &format!("{name} final_latents"),
+            &out.latents,
+            &r.floats("final_latents"),
+            1e-3,
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
+/// diffusers' `ControlNetModel.from_unet`: the encoder half copied (own parameter
+/// ids), the output convs zero, so a fresh ControlNet adds nothing.
+#[test]
+fn controlnet_from_unet_starts_as_a_no_op() {
+    let device = Device::flex();
+    let dir = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sd15")).unwrap();
+    let unet = dir.unet(&device, &ComponentOptions::default()).unwrap();
+    let config = dir.unet_config().unwrap();
+    let net = ControlNetModel::from_unet(&unet, &config, &[16, 32], &device).unwrap();
+    assert_ne!(net.conv_in.weight.id, unet.conv_in.weight.id);
+    let w = |t: Tensor<4>| t.to_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(w(net.conv_in.weight.val()), w(unet.conv_in.weight.val()));
+    let r = Reference::open("reference/controlnet/controlnet.safetensors");
+    let (sample, ts, ctx, cond) = inputs(&r, &device);
+    let out = ControlNet::forward(
+        &net,
+        sample,
+        ts,
+        ctx,
+        cond,
+        1.0,
+        false,
+        &AddedConditioning::default(),
+    )
+    .unwrap();
+    for d in out
+        .down_block_res_samples
+        .iter()
+        .chain([&out.mid_block_res_sample])
+    {
+        assert_eq!(d.clone().abs().max().into_scalar::<f32>(), 0.0);
+    }
+    // A config that does not describe the U-Net is refused.
+    let mut other = config.clone();
+    other.block_out_channels = vec![32, 64, 64];
+    assert!(ControlNetModel::from_unet(&unet, &other, &[16, 32], &device).is_err());
+}
