@@ -723,3 +723,49 @@ fn controlnet_from_unet_starts_as_a_no_op() {
     other.block_out_channels = vec![32, 64, 64];
     assert!(ControlNetModel::from_unet(&unet, &other, &[16, 32], &device).is_err());
 }
+
+/// A ControlNet made by `from_unet` and saved with `save_controlnet` is a diffusers
+/// folder: its config has `ControlNetModel`'s keys only, and it reloads to the same
+/// residuals.
+#[test]
+fn saved_controlnet_reloads() {
+    use stable_diffusion::io::controlnet::read_controlnet_config;
+    let device = Device::flex();
+    let net = controlnet("tiny-controlnet", &device);
+    let config = read_controlnet_config(&fixture("tiny-controlnet/config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    stable_diffusion::io::save_controlnet(
+        &net,
+        &config,
+        dir.path(),
+        stable_diffusion::burn::tensor::DType::F32,
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let original: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-controlnet/config.json")).unwrap(),
+    )
+    .unwrap();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&saved), keys(&original));
+    let again = controlnet_from_dir(dir.path(), &device, &ComponentOptions::default()).unwrap();
+    let r = Reference::open("reference/controlnet/controlnet.safetensors");
+    let (sample, ts, ctx, cond) = inputs(&r, &device);
+    let out = ControlNet::forward(
+        &again,
+        sample,
+        ts,
+        ctx,
+        cond,
+        1.0,
+        false,
+        &AddedConditioning::default(),
+    )
+    .unwrap();
+    check_residuals("[saved]", &out, &r, "scale1.0", 1e-4);
+}

@@ -701,3 +701,125 @@ fn sdxl_refiner_handover_through_the_example() {
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(d <= 1e-3 * scale, "refined latents differ by {d}");
 }
+
+/// The controlnet example: two ControlNets with their own scales reproduce
+/// diffusers' MultiControlNet case; Canny and OpenPose preprocessing write their
+/// control images.
+#[test]
+fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixture("reference/index_controlnet.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let case = &index["cases"]["controlnet/pipelines/txt2img_ddim_7_multi"];
+    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+    let sched = tmp.path().join("scheduler_config.json");
+    std::fs::write(&sched, case["params"]["scheduler_config"].to_string()).unwrap();
+    let init = tmp.path().join("init.safetensors");
+    write_tensors(
+        &init,
+        &[(
+            "latents".into(),
+            r.floats("init_latents"),
+            r.shape("init_latents"),
+        )],
+    );
+    let (out, latents) = (
+        tmp.path().join("out.png"),
+        tmp.path().join("latents.safetensors"),
+    );
+    let f = |p: &str| fixture(p).to_str().unwrap().to_string();
+    let output = Command::new(example("controlnet"))
+        .args(["--model", &f("tiny-sd15")])
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--negative-prompt", "blurry, low quality"])
+        .args(["--steps", "7", "--guidance", "7.5"])
+        .args(["--scheduler-config", sched.to_str().unwrap()])
+        .args(["--init-latents", init.to_str().unwrap()])
+        .args(["--controlnet", &f("tiny-controlnet")])
+        .args([
+            "--control-image",
+            &f("reference/controlnet/control_edge.png"),
+        ])
+        .args(["--controlnet", &f("tiny-controlnet_1")])
+        .args([
+            "--control-image",
+            &f("reference/controlnet/control_depth.png"),
+        ])
+        .args(["--control-scale", "1.0", "--control-scale", "0.6"])
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--save-latents", latents.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got = WeightSource::open(&latents).unwrap();
+    let shape = got.get("latents").unwrap().shape.clone();
+    let got = got
+        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want = r.floats("final_latents");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("controlnet example multi: final_latents max abs diff {d:.3e}");
+    assert!(d <= 1e-3 * scale, "{d}");
+
+    // Canny edges of a picture, and an OpenPose skeleton, as control images.
+    let mut k = vec![0.0f64; 54];
+    for (i, (x, y)) in [(0usize, (16.0, 6.0)), (1, (16.0, 14.0)), (2, (10.0, 14.0))] {
+        k[3 * i] = x;
+        k[3 * i + 1] = y;
+        k[3 * i + 2] = 1.0;
+    }
+    let pose = tmp.path().join("pose.json");
+    std::fs::write(
+        &pose,
+        serde_json::json!({"canvas_width": 32, "canvas_height": 32,
+                           "people": [{"pose_keypoints_2d": k}]})
+        .to_string(),
+    )
+    .unwrap();
+    let control = tmp.path().join("control.png");
+    let output = Command::new(example("controlnet"))
+        .args([
+            "--model",
+            &f("tiny-sd15"),
+            "--prompt",
+            "a dancer",
+            "--steps",
+            "2",
+        ])
+        .args(["--controlnet", &f("tiny-controlnet")])
+        .args([
+            "--control-image",
+            &f("reference/controlnet/pipelines/img2img_ddim_s0.7_input.png"),
+        ])
+        .args(["--preprocess", "canny"])
+        .args(["--controlnet", &f("tiny-controlnet_1")])
+        .args(["--control-image", pose.to_str().unwrap()])
+        .args(["--preprocess", "pose"])
+        .args(["--save-control", control.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for i in 0..2 {
+        let p = tmp.path().join(format!("control-{i}.png"));
+        let img = stable_diffusion::io::image::read_image(&p).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 32), "{}", p.display());
+    }
+    let image = stable_diffusion::io::image::read_image(&out).unwrap();
+    assert_eq!((image.width(), image.height()), (32, 32));
+}

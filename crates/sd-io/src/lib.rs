@@ -16,6 +16,6 @@ pub use error::{IoError, WeightsReport};
 pub use loader::{KeyMapping, LoadOptions, load_module};
 pub use lora::{LoraComponent, LoraFile, LoraFormat, LoraToSave, save_lora};
 pub use model::{ComponentOptions, DiffusersDir, SingleFile};
-pub use save::{save_text_encoder, save_unet, save_vae, write_safetensors};
+pub use save::{save_controlnet, save_text_encoder, save_unet, save_vae, write_safetensors};
 pub use tokenizer::ClipTokenizer;
 pub use weights::WeightSource;

@@ -17,8 +17,8 @@ use half::{bf16, f16};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use sd_models::{
-    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, ControlNetConfig,
+    ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel,
 };
 
 use crate::error::IoError;
@@ -210,6 +210,73 @@ pub fn save_unet(
     let shape = unet_shape(config);
     let tensors = module_tensors(unet, &sd_models::diffusers_key, &shape);
     write_config(dir, "config.json", "UNet2DConditionModel", config)?;
+    write_safetensors(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &tensors,
+        dtype,
+        &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+    )
+}
+
+/// The keys of diffusers' `ControlNetModel.__init__`: a saved config holds these
+/// only (the U-Net fields a ControlNet lacks are left out).
+const CONTROLNET_CONFIG_KEYS: [&str; 32] = [
+    "in_channels",
+    "conditioning_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "mid_block_type",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+    "controlnet_conditioning_channel_order",
+    "conditioning_embedding_out_channels",
+    "global_pool_conditions",
+    "addition_embed_type_num_heads",
+];
+
+/// Writes `controlnet` as a diffusers ControlNet folder (`config.json` with
+/// `ControlNetModel`'s keys, `diffusion_pytorch_model.safetensors` in `dtype`), as
+/// `ControlNetModel.save_pretrained` does.
+pub fn save_controlnet(
+    controlnet: &ControlNetModel,
+    config: &ControlNetConfig,
+    dir: impl AsRef<Path>,
+    dtype: DType,
+) -> Result<(), IoError> {
+    let dir = dir.as_ref();
+    let shape = unet_shape(&config.unet);
+    let tensors = module_tensors(controlnet, &sd_models::diffusers_key, &shape);
+    let path = dir.join("config.json");
+    let json = |e| IoError::Json {
+        path: path.clone(),
+        source: e,
+    };
+    let mut value = serde_json::to_value(config).map_err(json)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.retain(|k, _| CONTROLNET_CONFIG_KEYS.contains(&k.as_str()));
+    }
+    write_config(dir, "config.json", "ControlNetModel", &value)?;
     write_safetensors(
         dir.join("diffusion_pytorch_model.safetensors"),
         &tensors,
