@@ -400,6 +400,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             sdxl: None,
             scheduler: &scheduler,
             controlnets: Vec::new(),
+            adapters: Vec::new(),
             device: device.clone(),
         };
         let options = GenerationOptions {

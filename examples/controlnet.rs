@@ -12,7 +12,8 @@
 //!
 //! `--controlnet`, `--control-image`, `--preprocess`, `--control-scale`,
 //! `--control-start` and `--control-end` repeat, one per ControlNet; a single value
-//! applies to all.
+//! applies to all. T2I-Adapters take `--adapter DIR --adapter-image FILE`
+//! (`--adapter-preprocess`, `--adapter-scale`), alone or with ControlNets.
 
 mod common;
 
@@ -21,8 +22,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::pipelines::ControlInput;
 use stable_diffusion::pipelines::preprocess::{OpenPose, canny, draw_openpose};
+use stable_diffusion::pipelines::{AdapterInput, ControlInput};
 
 #[derive(Parser)]
 #[command(about = "Generate an image guided by ControlNets (edges, poses, any control image)")]
@@ -31,11 +32,11 @@ struct Args {
     common: CommonArgs,
     /// A ControlNet: a diffusers folder or a .safetensors file (diffusers or original
     /// control_model.* layout). Repeat for several.
-    #[arg(long, required = true)]
+    #[arg(long)]
     controlnet: Vec<PathBuf>,
     /// The control image of each ControlNet (a picture, or an OpenPose .json with
     /// `--preprocess pose`).
-    #[arg(long, required = true)]
+    #[arg(long)]
     control_image: Vec<PathBuf>,
     /// What to make of each control image: `none` (use it as it is), `canny`
     /// (edges), `pose` (draw an OpenPose JSON's skeletons).
@@ -63,6 +64,18 @@ struct Args {
     /// With --init-image: how much to change it, in (0, 1].
     #[arg(long, default_value_t = 0.75)]
     strength: f64,
+    /// A T2I-Adapter (diffusers folder). Repeat for several.
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// The control image of each adapter.
+    #[arg(long)]
+    adapter_image: Vec<PathBuf>,
+    /// What to make of each adapter image: none, canny or pose.
+    #[arg(long, default_value = "none")]
+    adapter_preprocess: Vec<String>,
+    /// adapter_conditioning_scale of each adapter.
+    #[arg(long)]
+    adapter_scale: Vec<f64>,
     /// Also write each preprocessed control image here (`-0`, `-1`, ... per net).
     #[arg(long)]
     save_control: Option<PathBuf>,
@@ -136,6 +149,13 @@ fn run(args: Args) -> Result<(), AnyError> {
             input = input.scale(s);
         }
         request = request.control(input);
+    }
+    let how: Vec<&str> = args.adapter_preprocess.iter().map(String::as_str).collect();
+    for (i, (dir, image)) in args.adapter.iter().zip(&args.adapter_image).enumerate() {
+        let index = pipe.load_adapter(dir)?;
+        let control = control_image(image, nth(&how, i).unwrap_or("none"), &args.canny)?;
+        let scale = nth(&args.adapter_scale, i).unwrap_or(1.0);
+        request = request.adapter(AdapterInput::new(index, control).scale(scale));
     }
     if let Some(init) = &args.init_image {
         request = request.init_image(init.clone(), args.strength);

@@ -65,20 +65,20 @@ pub use sd_train as train;
 pub mod prelude {
     pub use burn::prelude::{Device, Int, Tensor, TensorData};
     pub use sd_core::{
-        Autoencoder, ControlNet, CoreError, Denoiser, HiddenLayer, NoiseRng, NoiseSource,
+        Adapter, Autoencoder, ControlNet, CoreError, Denoiser, HiddenLayer, NoiseRng, NoiseSource,
         PromptTokenizer, RecordedNoise, Scheduler, SchedulerRun, Steps, TextEncoder,
     };
     pub use sd_io::image::{GenerationParameters, SizeMode};
     pub use sd_io::{ComponentOptions, DiffusersDir, IoError, SingleFile};
     pub use sd_models::{
-        AutoencoderKL, AutoencoderTiny, ClipTextModel, ControlNetModel, UNet2DConditionModel,
-        VaeTiling,
+        AutoencoderKL, AutoencoderTiny, ClipTextModel, ControlNetModel, T2IAdapter,
+        UNet2DConditionModel, VaeTiling,
     };
     pub use sd_pipelines::{
-        ControlInput, ControlNetUnit, Extend, GeneratedImage, Generation, GenerationOptions,
-        GenerationRequest, HiresFix, HiresUpscaler, ImageInput, LoadOptions, LoraSpec, ModelFamily,
-        ModelSource, PipelineError, SchedulerChoice, StableDiffusion, StableDiffusionPipeline,
-        StepInfo,
+        AdapterInput, AdapterUnit, ControlInput, ControlNetUnit, Extend, GeneratedImage,
+        Generation, GenerationOptions, GenerationRequest, HiresFix, HiresUpscaler, ImageInput,
+        LoadOptions, LoraSpec, ModelFamily, ModelSource, PipelineError, SchedulerChoice,
+        StableDiffusion, StableDiffusionPipeline, StepInfo,
     };
     pub use sd_schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
 }

@@ -769,3 +769,119 @@ fn saved_controlnet_reloads() {
     .unwrap();
     check_residuals("[saved]", &out, &r, "scale1.0", 1e-4);
 }
+
+/// T2I-Adapters (made by `gen/ref_t2i_adapter.py`): the full and the light
+/// adapter's features, and tiny-sd15's U-Net fed the full one's as
+/// `down_intrablock_additional_residuals`.
+#[test]
+fn t2i_adapter_features_match_diffusers() {
+    use stable_diffusion::core::Adapter;
+    use stable_diffusion::io::controlnet::t2i_adapter_from_dir;
+    let r = Reference::open("reference/t2i_adapter/adapter.safetensors");
+    for (name, device) in devices() {
+        let t = tol(name, 1e-4, 2e-3);
+        let image = r.tensor::<4>("image", &device);
+        for (dir, prefix) in [
+            ("tiny-t2i-adapter", "full"),
+            ("tiny-t2i-adapter-light", "light"),
+        ] {
+            let adapter =
+                t2i_adapter_from_dir(&fixture(dir), &device, &ComponentOptions::default()).unwrap();
+            let features = adapter.features(image.clone()).unwrap();
+            assert_eq!(features.len(), 3);
+            for (j, f) in features.iter().enumerate() {
+                let key = format!("{prefix}.features_{j}");
+                assert_close(&format!("[{name}] {key}"), f, &r.floats(&key), t);
+            }
+            let err = adapter
+                .features(image.clone().narrow(2, 0, 31))
+                .unwrap_err();
+            assert!(err.to_string().contains("multiples"), "{err}");
+        }
+        let adapter =
+            t2i_adapter_from_dir(&fixture("tiny-t2i-adapter"), &device, &Default::default())
+                .unwrap();
+        let features: Vec<Tensor<4>> = adapter
+            .features(image)
+            .unwrap()
+            .into_iter()
+            .map(|f| f * 0.8)
+            .collect();
+        let unet = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sd15"))
+            .unwrap()
+            .unet(&device, &ComponentOptions::default())
+            .unwrap();
+        let sample = r.tensor::<4>("sample", &device);
+        let ts = Tensor::<1>::full([2], 500.0, &device);
+        let ctx = r.tensor::<3>("encoder_hidden_states", &device);
+        let mut wrong = features.clone();
+        wrong.swap(0, 2);
+        let added = AddedConditioning {
+            down_intrablock_additional_residuals: Some(wrong),
+            ..Default::default()
+        };
+        let err = unet
+            .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+            .unwrap_err();
+        assert!(err.to_string().contains("feature 0"), "{err}");
+        let added = AddedConditioning {
+            down_intrablock_additional_residuals: Some(features),
+            ..Default::default()
+        };
+        let out = unet.forward_added(sample, ts, ctx, &added).unwrap();
+        assert_close(
+            &format!("[{name}] unet_out_with_adapter"),
+            &out,
+            &r.floats("unet_out_with_adapter"),
+            t,
+        );
+    }
+}
+
+/// diffusers' `StableDiffusionAdapterPipeline` case (DDIM 7 steps, scale 0.8)
+/// through the owning pipeline, the control image read from its PNG.
+#[test]
+fn t2i_adapter_pipeline_case_matches_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let options = LoadOptions {
+        adapters: vec![fixture("tiny-t2i-adapter")],
+        ..Default::default()
+    };
+    let pipe =
+        StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
+    assert_eq!(
+        pipe.adapter_names().collect::<Vec<_>>(),
+        ["tiny-t2i-adapter"]
+    );
+    let text = std::fs::read_to_string(fixture("reference/index_t2i_adapter.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
+    let case = &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"];
+    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+    let call = &case["params"]["call"];
+    let png = fixture(&format!(
+        "reference/{}",
+        case["params"]["control_png"].as_str().unwrap()
+    ));
+    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+        .negative_prompt(call["negative_prompt"].as_str().unwrap())
+        .size(32, 32)
+        .steps(7)
+        .guidance(7.5)
+        .scheduler_choice(SchedulerChoice::Config(
+            case["params"]["scheduler_config"].to_string(),
+        ))
+        .init_latents(r.tensor::<4>("init_latents", &device))
+        .adapter(AdapterInput::new(0, png).scale(0.8));
+    let out = pipe.generate(req).unwrap();
+    close_rel(
+        "t2i_adapter txt2img_ddim_7 final_latents",
+        &out.latents,
+        &r.floats("final_latents"),
+        1e-3,
+    );
+    let err = pipe
+        .generate(GenerationRequest::new("x").adapter(AdapterInput::new(3, fixture("x.png"))))
+        .unwrap_err();
+    assert!(err.to_string().contains("not loaded"), "{err}");
+}

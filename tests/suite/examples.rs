@@ -704,7 +704,7 @@ fn sdxl_refiner_handover_through_the_example() {
 
 /// The controlnet example: two ControlNets with their own scales reproduce
 /// diffusers' MultiControlNet case; Canny and OpenPose preprocessing write their
-/// control images.
+/// control images, with a T2I-Adapter alongside.
 #[test]
 fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -806,6 +806,9 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
         .args(["--controlnet", &f("tiny-controlnet_1")])
         .args(["--control-image", pose.to_str().unwrap()])
         .args(["--preprocess", "pose"])
+        .args(["--adapter", &f("tiny-t2i-adapter")])
+        .args(["--adapter-image", &f("reference/controlnet/control_edge.png")])
+        .args(["--adapter-scale", "0.8"])
         .args(["--save-control", control.to_str().unwrap()])
         .args(["--out", out.to_str().unwrap()])
         .output()

@@ -302,6 +302,7 @@ fn tiny_sd<'a>(
         sdxl: None,
         scheduler,
         controlnets: Vec::new(),
+        adapters: Vec::new(),
         device: device.clone(),
     }
 }

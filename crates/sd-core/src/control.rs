@@ -100,3 +100,25 @@ pub trait ControlNet {
         false
     }
 }
+
+/// A T2I-Adapter: a light encoder of a control image whose feature maps are added
+/// inside the denoiser's down blocks (diffusers' `down_intrablock_additional_residuals`),
+/// computed once per run.
+pub trait Adapter {
+    /// The feature maps of `image`, one per down block of the denoiser (SD's full
+    /// adapter: `[b, c_i, h_i, w_i]` at the latents' size, then halving).
+    ///
+    /// # Shapes
+    /// - `image`: `[b, in_channels, H, W]` in `[0, 1]`, `H` and `W` multiples of
+    ///   [`Self::downscale_factor`]
+    ///
+    /// # Errors
+    /// [`CoreError::Shape`] for an image that does not fit.
+    fn features(&self, image: Tensor<4>) -> Result<Vec<Tensor<4>>, CoreError>;
+
+    /// Channels of the control image (3, or 1 for grey sketches).
+    fn in_channels(&self) -> usize;
+
+    /// How much smaller the first feature map is than the image.
+    fn downscale_factor(&self) -> usize;
+}

@@ -94,6 +94,11 @@ pub struct AddedConditioning {
     /// The ControlNet residual added to the mid block's output
     /// (`mid_block_additional_residual`), `[batch, c, h, w]` or `[batch, c, 1, 1]`.
     pub mid_block_additional_residual: Option<Tensor<4>>,
+    /// T2I-Adapter features added inside the down blocks, in order (diffusers'
+    /// `down_intrablock_additional_residuals`): to the last resnet/attention output
+    /// of a cross-attention block (before its downsampler), to the output of a plain
+    /// block, and (SDXL adapters) a last one of the mid block's shape to its output.
+    pub down_intrablock_additional_residuals: Option<Vec<Tensor<4>>>,
 }
 
 /// What a `text_time` denoiser (SDXL) takes: `text_embeds` width plus time ids times
@@ -117,7 +122,8 @@ pub fn check_added_conditioning(
 ) -> Result<(), CoreError> {
     check_text_time(denoiser.text_time_dims(), batch, added)?;
     if (added.down_block_additional_residuals.is_some()
-        || added.mid_block_additional_residual.is_some())
+        || added.mid_block_additional_residual.is_some()
+        || added.down_intrablock_additional_residuals.is_some())
         && !denoiser.takes_control_residuals()
     {
         return Err(CoreError::shape(

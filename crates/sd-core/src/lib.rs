@@ -11,7 +11,7 @@ pub mod text_encoder;
 pub mod tokenizer;
 
 pub use autoencoder::{Autoencoder, DiagonalGaussian, check_vae_image, check_vae_latents};
-pub use control::{ControlNet, ControlResiduals};
+pub use control::{Adapter, ControlNet, ControlResiduals};
 pub use denoiser::{
     AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_denoiser_inputs,
 };

@@ -1,4 +1,4 @@
-//! ControlNets from disk: diffusers folders (`config.json` + weights, the fp16
+//! ControlNets (and T2I-Adapters) from disk: diffusers folders (`config.json` + weights, the fp16
 //! variant too), a diffusers weight file alone, and the original single files of
 //! lllyasviel's ControlNet (`control_model.*`, or the same keys without the prefix
 //! in files saved alone).
@@ -193,4 +193,30 @@ fn infer_config(
     config.mirror_up_blocks();
     config.validate().map_err(config_err(path))?;
     Ok(config)
+}
+
+/// Reads and validates a T2I-Adapter `config.json`.
+pub fn read_t2i_adapter_config(path: &Path) -> Result<sd_models::T2IAdapterConfig, IoError> {
+    sd_models::T2IAdapterConfig::from_json(&read_json_file(path)?).map_err(config_err(path))
+}
+
+/// Builds a T2I-Adapter from a diffusers folder (`config.json` and
+/// `diffusion_pytorch_model[.fp16].safetensors`, keys `adapter.*`), e.g.
+/// `TencentARC/t2iadapter_canny_sd15v2`.
+pub fn t2i_adapter_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<sd_models::T2IAdapter, IoError> {
+    let config = read_t2i_adapter_config(&dir.join("config.json"))?;
+    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
+    let model = sd_models::T2IAdapter::new(&config, device).map_err(config_err(&path))?;
+    let source = WeightSource::open(&path)?;
+    load_module(
+        model,
+        &source,
+        &KeyMapping::diffusers(),
+        options.load(),
+        "t2i adapter",
+    )
 }

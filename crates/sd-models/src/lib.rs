@@ -13,6 +13,7 @@ pub mod error;
 pub mod lora;
 pub mod norm;
 pub mod resnet;
+pub mod t2i_adapter;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
@@ -23,11 +24,12 @@ pub use autoencoder_kl::AutoencoderKL;
 pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
 pub use config::{
-    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig,
+    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig, T2IAdapterConfig,
     UNet2DConditionConfig,
 };
 pub use controlnet::ControlNetModel;
 pub use error::ConfigError;
+pub use t2i_adapter::T2IAdapter;
 pub use unet_2d_condition::UNet2DConditionModel;
 pub use vae_tiling::VaeTiling;
 

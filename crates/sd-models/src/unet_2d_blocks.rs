@@ -98,12 +98,32 @@ impl DownBlock2D {
         temb: &Tensor<2>,
         context: &Tensor<3>,
     ) -> (Tensor<4>, Vec<Tensor<4>>) {
+        self.forward_with_residual(x, temb, context, None)
+    }
+
+    /// [`Self::forward`] with a T2I-Adapter feature added to the last
+    /// resnet/attention output (before the downsampler), as diffusers'
+    /// `CrossAttnDownBlock2D` does with `additional_residuals`.
+    pub fn forward_with_residual(
+        &self,
+        x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        residual: Option<Tensor<4>>,
+    ) -> (Tensor<4>, Vec<Tensor<4>>) {
         let mut h = x;
-        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        let mut residual = residual;
+        let n = self.resnets.len();
+        let mut states = Vec::with_capacity(n + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(h, Some(temb.clone()));
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(h, context.clone());
+            }
+            if i + 1 == n
+                && let Some(r) = residual.take()
+            {
+                h = h + r;
             }
             states.push(h.clone());
         }

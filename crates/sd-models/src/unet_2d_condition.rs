@@ -208,9 +208,26 @@ impl UNet2DConditionModel {
         let mut h = conv_forward(&self.conv_in, sample);
         observe("conv_in", &h);
         let mut skips = vec![h.clone()];
+        let mut intrablock: std::collections::VecDeque<Tensor<4>> = added
+            .down_intrablock_additional_residuals
+            .iter()
+            .flatten()
+            .map(|r| to_dtype(r.clone(), dtype))
+            .collect();
         for (i, block) in self.down_blocks.iter().enumerate() {
-            let (out, states) = block.forward(h, &temb, &context);
+            // T2I-Adapter features: inside a cross-attention block, after a plain one.
+            let cross = !block.attentions.is_empty();
+            let inside = if cross { intrablock.pop_front() } else { None };
+            let (out, mut states) = block.forward_with_residual(h, &temb, &context, inside);
             h = out;
+            // diffusers adds in place (`sample += r`), and the block's output is
+            // also its last skip state: both get the feature.
+            if !cross && let Some(r) = intrablock.pop_front() {
+                h = h + r.clone();
+                if let Some(last) = states.last_mut() {
+                    *last = last.clone() + r;
+                }
+            }
             skips.extend(states);
             observe(&format!("down_blocks.{i}"), &h);
         }
@@ -220,6 +237,9 @@ impl UNet2DConditionModel {
             }
         }
         h = self.mid_block.forward(h, &temb, &context);
+        if let Some(r) = intrablock.pop_front().filter(|r| r.dims() == h.dims()) {
+            h = h + r;
+        }
         if let Some(r) = &added.mid_block_additional_residual {
             h = h + to_dtype(r.clone(), dtype);
         }
@@ -263,7 +283,9 @@ impl UNet2DConditionModel {
         added: &sd_core::AddedConditioning,
     ) -> Result<(), sd_core::CoreError> {
         let expected = crate::unet_encoder::skip_shapes(&self.conv_in, &self.down_blocks, sample);
-        crate::unet_encoder::check_residuals(&expected, added)
+        crate::unet_encoder::check_residuals(&expected, added)?;
+        let expected = crate::unet_encoder::intrablock_shapes(&self.down_blocks, sample, &expected);
+        crate::unet_encoder::check_intrablock(&expected, added)
     }
 }
 

@@ -161,3 +161,57 @@ pub(crate) fn check_residuals(
     }
     Ok(())
 }
+
+/// Where T2I-Adapter features go, in order, for a `[b, _, h, w]` sample: a
+/// cross-attention block's last resnet/attention output (before its downsampler), a
+/// plain block's output; then the mid block's output (the last of `skips`).
+pub(crate) fn intrablock_shapes(
+    down_blocks: &[DownBlock2D],
+    sample: [usize; 4],
+    skips: &[[usize; 4]],
+) -> Vec<[usize; 4]> {
+    let [b, _, mut h, mut w] = sample;
+    let mut shapes = Vec::with_capacity(down_blocks.len() + 1);
+    for block in down_blocks {
+        let c = block.resnets.last().map_or(0, |r| r.conv2.weight.dims()[0]);
+        let cross = !block.attentions.is_empty();
+        if cross {
+            shapes.push([b, c, h, w]);
+        }
+        if !block.downsamplers.is_empty() {
+            (h, w) = (h.div_ceil(2), w.div_ceil(2));
+        }
+        if !cross {
+            shapes.push([b, c, h, w]);
+        }
+    }
+    if let Some(mid) = skips.last() {
+        shapes.push(*mid);
+    }
+    shapes
+}
+
+/// Checks T2I-Adapter features against where they are added.
+pub(crate) fn check_intrablock(
+    expected: &[[usize; 4]],
+    added: &sd_core::AddedConditioning,
+) -> Result<(), sd_core::CoreError> {
+    let Some(res) = &added.down_intrablock_additional_residuals else {
+        return Ok(());
+    };
+    if res.len() > expected.len() {
+        return Err(sd_core::CoreError::shape(
+            "down_intrablock_additional_residuals",
+            format!("{} features for {} places", res.len(), expected.len()),
+        ));
+    }
+    for (j, (r, e)) in res.iter().zip(expected).enumerate() {
+        if r.dims() != *e {
+            return Err(sd_core::CoreError::shape(
+                "down_intrablock_additional_residuals",
+                format!("feature {j} has shape {:?}, where it goes {e:?}", r.dims()),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -11,7 +11,7 @@ use sd_core::{
     TextEncoder, img2img_start,
 };
 
-use crate::control::ControlNetUnit;
+use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::preview::latent_preview;
 use crate::sdxl::{MicroConditioning, SdxlParts};
 
@@ -161,6 +161,8 @@ pub struct StableDiffusion<'a> {
     pub sdxl: Option<SdxlParts<'a>>,
     /// ControlNets guiding every step, with their images (empty: none).
     pub controlnets: Vec<ControlNetUnit<'a>>,
+    /// T2I-Adapters guiding the run, with their images (empty: none).
+    pub adapters: Vec<AdapterUnit<'a>>,
     /// Where tensors are created.
     pub device: Device,
 }

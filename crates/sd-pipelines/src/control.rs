@@ -4,7 +4,7 @@
 //! the U-Net's skip connections.
 
 use burn::prelude::*;
-use sd_core::{AddedConditioning, ControlNet, ControlResiduals, CoreError};
+use sd_core::{Adapter, AddedConditioning, ControlNet, ControlResiduals, CoreError};
 
 /// One control model of a run with its image and settings.
 #[derive(Clone)]
@@ -199,5 +199,125 @@ impl<'u, 'a> PreparedControl<'u, 'a> {
             });
         }
         Ok(sum)
+    }
+}
+
+/// One T2I-Adapter of a run with its image and settings (diffusers'
+/// `StableDiffusionAdapterPipeline` arguments for one adapter; several adapters'
+/// scaled features are summed, as `MultiAdapter` does).
+#[derive(Clone)]
+pub struct AdapterUnit<'a> {
+    /// The adapter.
+    pub model: &'a dyn Adapter,
+    /// The control image `[1 or b, c, H, W]` in `[0, 1]` at the picture's size.
+    pub image: Tensor<4>,
+    /// Multiplies the features (`adapter_conditioning_scale`).
+    pub conditioning_scale: f64,
+    /// Fraction of the steps the features guide, from the first
+    /// (`adapter_conditioning_factor` of the SDXL adapter pipeline; 1: all).
+    pub conditioning_factor: f64,
+}
+
+impl std::fmt::Debug for AdapterUnit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterUnit")
+            .field("image", &self.image.dims())
+            .field("conditioning_scale", &self.conditioning_scale)
+            .field("conditioning_factor", &self.conditioning_factor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> AdapterUnit<'a> {
+    /// `model` with `image`, scale 1, for every step.
+    pub fn new(model: &'a dyn Adapter, image: Tensor<4>) -> Self {
+        Self {
+            model,
+            image,
+            conditioning_scale: 1.0,
+            conditioning_factor: 1.0,
+        }
+    }
+}
+
+/// The adapters' features of a run, computed once: each adapter's features times
+/// its scale, summed over adapters, repeated to the batch and doubled for CFG;
+/// with the number of steps they guide.
+pub(crate) struct PreparedAdapters {
+    features: Option<Vec<Tensor<4>>>,
+    steps: usize,
+}
+
+impl PreparedAdapters {
+    pub fn new(
+        units: &[AdapterUnit<'_>],
+        batch: usize,
+        cfg: bool,
+        n_steps: usize,
+    ) -> Result<Self, CoreError> {
+        let mut sum: Option<Vec<Tensor<4>>> = None;
+        let mut steps = 0;
+        for (i, u) in units.iter().enumerate() {
+            if !u.conditioning_scale.is_finite() || !(0.0..=1.0).contains(&u.conditioning_factor) {
+                return Err(CoreError::invalid(
+                    "adapter_conditioning_scale",
+                    format!(
+                        "adapter {i}: scale {} must be finite, factor {} in [0, 1]",
+                        u.conditioning_scale, u.conditioning_factor
+                    ),
+                ));
+            }
+            let [ib, ..] = u.image.dims();
+            if ib != 1 && ib != batch {
+                return Err(CoreError::invalid(
+                    "adapter_image",
+                    format!("adapter {i}: {ib} images for a batch of {batch}"),
+                ));
+            }
+            let f: Vec<Tensor<4>> = u
+                .model
+                .features(u.image.clone())?
+                .into_iter()
+                .map(|t| t * u.conditioning_scale)
+                .collect();
+            sum = Some(match sum {
+                None => f,
+                Some(s) if s.len() == f.len() => s.into_iter().zip(f).map(|(a, b)| a + b).collect(),
+                Some(s) => {
+                    return Err(CoreError::invalid(
+                        "adapter",
+                        format!(
+                            "adapter {i} gives {} features, the first {}",
+                            f.len(),
+                            s.len()
+                        ),
+                    ));
+                }
+            });
+            steps = steps.max((n_steps as f64 * u.conditioning_factor) as usize);
+        }
+        let features = sum.map(|s| {
+            s.into_iter()
+                .map(|t| {
+                    let t = if t.dims()[0] == batch {
+                        t
+                    } else {
+                        t.repeat_dim(0, batch)
+                    };
+                    if cfg {
+                        Tensor::cat(vec![t.clone(), t], 0)
+                    } else {
+                        t
+                    }
+                })
+                .collect()
+        });
+        Ok(Self { features, steps })
+    }
+
+    /// The features for step `k` of the run, `None` past the factor or without
+    /// adapters.
+    pub fn at(&self, k: usize) -> Option<Vec<Tensor<4>>> {
+        self.features.clone().filter(|_| k < self.steps)
     }
 }

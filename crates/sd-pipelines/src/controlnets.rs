@@ -1,16 +1,17 @@
-//! The owning pipeline's ControlNets: loading them once, and turning a request's
-//! [`ControlInput`]s into the [`ControlNetUnit`]s of its run.
+//! The owning pipeline's ControlNets and T2I-Adapters: loading them once, and
+//! turning a request's [`ControlInput`]s and [`AdapterInput`]s into the units of
+//! its run.
 
 use std::path::Path;
 
-use sd_core::ControlNet;
+use sd_core::{Adapter, ControlNet};
 use sd_io::image::{control_image_to_tensor, read_image};
 use sd_models::ControlNetModel;
 
-use crate::control::ControlNetUnit;
+use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::error::PipelineError;
 use crate::pipeline::{StableDiffusionPipeline, Task};
-use crate::request::{ControlInput, GenerationRequest, ImageInput};
+use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput};
 
 impl StableDiffusionPipeline {
     /// Loads a ControlNet for later requests: a diffusers folder (the fp16 variant
@@ -162,6 +163,106 @@ impl StableDiffusionPipeline {
                     guidance_start: input.start,
                     guidance_end: input.end,
                     guess_mode: r.guess_mode,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads a T2I-Adapter (a diffusers folder, e.g.
+    /// `TencentARC/t2iadapter_canny_sd15v2`) for later requests; returns its index
+    /// for [`AdapterInput::new`].
+    ///
+    /// # Errors
+    /// An unreadable folder, weights that do not fit.
+    pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<usize, PipelineError> {
+        let path = path.as_ref();
+        let options = sd_io::ComponentOptions {
+            dtype: Some(self.unet.conv_in.weight.dtype()),
+            variant: None,
+        };
+        let model = sd_io::controlnet::t2i_adapter_from_dir(path, &self.device, &options)?;
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.adapters.push((name, model));
+        Ok(self.adapters.len() - 1)
+    }
+
+    /// The loaded T2I-Adapters' names, in index order.
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Reads a request's adapter images (files become images) and checks the
+    /// indices.
+    pub(crate) fn read_adapter_images(
+        &self,
+        r: &mut GenerationRequest<'_>,
+    ) -> Result<Vec<AdapterInput>, PipelineError> {
+        let mut inputs = std::mem::take(&mut r.adapters);
+        for input in &mut inputs {
+            if input.adapter >= self.adapters.len() {
+                return Err(PipelineError::request(
+                    "adapter",
+                    format!(
+                        "T2I-Adapter {} is not loaded ({} loaded)",
+                        input.adapter,
+                        self.adapters.len()
+                    ),
+                ));
+            }
+            if let ImageInput::Path(p) = &input.image {
+                input.image = ImageInput::Image(read_image(p)?);
+            }
+        }
+        if !inputs.is_empty() && (r.hires.is_some() || r.outpaint.is_some()) {
+            return Err(PipelineError::request(
+                "adapter",
+                "T2I-Adapters with the hires fix or outpainting are not supported",
+            ));
+        }
+        Ok(inputs)
+    }
+
+    /// The adapter units of a run: each image at the picture's size (grey for a
+    /// one-channel adapter), as diffusers' `_preprocess_adapter_image`.
+    pub(crate) fn adapter_units(
+        &self,
+        inputs: Vec<AdapterInput>,
+        task: &Task,
+        r: &GenerationRequest<'_>,
+    ) -> Result<Vec<AdapterUnit<'_>>, PipelineError> {
+        let options = self.options(r);
+        let (width, height) = match task {
+            Task::Img2Img(image, _) | Task::Inpaint(image, _, _) => {
+                (image.dims()[3], image.dims()[2])
+            }
+            _ => (options.width, options.height),
+        };
+        inputs
+            .into_iter()
+            .map(|input| {
+                let model = &self.adapters[input.adapter].1;
+                let image = match input.image {
+                    ImageInput::Tensor(t) => t,
+                    ImageInput::Image(im) if model.in_channels() == 1 => {
+                        let filter = image::imageops::FilterType::Lanczos3;
+                        let im = im.resize_exact(width as u32, height as u32, filter);
+                        sd_io::image::mask_to_tensor(&im, &self.device)
+                    }
+                    ImageInput::Image(im) => {
+                        control_image_to_tensor(&im, width, height, &self.device)
+                    }
+                    ImageInput::Path(p) => {
+                        control_image_to_tensor(&read_image(&p)?, width, height, &self.device)
+                    }
+                };
+                Ok(AdapterUnit {
+                    model: model as &dyn Adapter,
+                    image,
+                    conditioning_scale: input.scale,
+                    conditioning_factor: input.factor,
                 })
             })
             .collect()

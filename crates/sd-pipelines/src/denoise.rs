@@ -5,7 +5,7 @@ use burn::prelude::*;
 use sd_core::{AddedConditioning, CoreError, NoiseSource, SchedulerRun};
 
 use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
-use crate::control::{PreparedControl, check_units};
+use crate::control::{PreparedAdapters, PreparedControl, check_units};
 
 /// Legacy inpainting with an ordinary U-Net: after every step the known region is
 /// replaced by the original latents noised to the next step's level.
@@ -127,6 +127,8 @@ impl StableDiffusion<'_> {
         )?;
         let control = PreparedControl::new(&self.controlnets, latents.dims()[0], cfg);
         let (begin, total) = (run.begin_index(), end.min(run.len()));
+        let adapters =
+            PreparedAdapters::new(&self.adapters, latents.dims()[0], cfg, run.len() - begin)?;
         for i in begin..total {
             let t = run.timestep(i)?;
             let x = double(run.scale_model_input(latents.clone(), i)?);
@@ -136,7 +138,7 @@ impl StableDiffusion<'_> {
                 Some(e) => Tensor::cat(vec![x, e.clone()], 1),
                 None => x,
             };
-            let step_added = match residuals {
+            let mut step_added = match residuals {
                 Some(r) => AddedConditioning {
                     down_block_additional_residuals: Some(r.down_block_res_samples),
                     mid_block_additional_residual: Some(r.mid_block_res_sample),
@@ -144,6 +146,7 @@ impl StableDiffusion<'_> {
                 },
                 None => added.clone(),
             };
+            step_added.down_intrablock_additional_residuals = adapters.at(i - begin);
             let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
             let out = self
                 .unet

@@ -60,7 +60,7 @@ mod validate;
 pub use composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,
 };
-pub use control::{ControlNetUnit, check_units};
+pub use control::{AdapterUnit, ControlNetUnit, check_units};
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
 pub use error::PipelineError;
 pub use hires::{HiresFix, HiresUpscaler};
@@ -71,7 +71,9 @@ pub use outpaint::{Extend, outpaint_alpha};
 pub use output::{GeneratedImage, Generation};
 pub use pipeline::StableDiffusionPipeline;
 pub use preview::latent_preview;
-pub use request::{ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice};
+pub use request::{
+    AdapterInput, ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice,
+};
 pub use sdxl::{MicroConditioning, SdxlParts};
 
 /// The burn version the pipelines are written against.

@@ -146,6 +146,9 @@ pub struct LoadOptions {
     /// ControlNets to load with the model (folders or files); requests name them
     /// by position ([`crate::ControlInput::new`]).
     pub controlnets: Vec<PathBuf>,
+    /// T2I-Adapters to load with the model (diffusers folders); requests name them
+    /// by position ([`crate::AdapterInput::new`]).
+    pub adapters: Vec<PathBuf>,
     /// LoRAs merged into the weights once, at load.
     pub loras: Vec<LoraSpec>,
     /// Where hub repositories are fetched from and cached (the `hub` feature);

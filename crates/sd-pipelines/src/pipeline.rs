@@ -10,7 +10,7 @@ use sd_io::ClipTokenizer;
 use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tensor, read_image};
 use sd_models::{
     AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, ControlNetModel,
-    UNet2DConditionConfig, UNet2DConditionModel,
+    T2IAdapter, UNet2DConditionConfig, UNet2DConditionModel,
 };
 use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
 
@@ -38,6 +38,7 @@ pub struct StableDiffusionPipeline {
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
     pub(crate) controlnets: Vec<(String, ControlNetModel)>,
+    pub(crate) adapters: Vec<(String, T2IAdapter)>,
     pub(crate) unet_config: UNet2DConditionConfig,
     pub(crate) vae_config: AutoencoderKLConfig,
     pub(crate) scheduler_config: SchedulerConfig,
@@ -109,6 +110,9 @@ impl StableDiffusionPipeline {
         for path in &options.controlnets {
             pipeline.load_controlnet(path)?;
         }
+        for path in &options.adapters {
+            pipeline.load_adapter(path)?;
+        }
         Ok(pipeline)
     }
 
@@ -165,6 +169,7 @@ impl StableDiffusionPipeline {
             vae: l.vae,
             tiny_vae: None,
             controlnets: Vec::new(),
+            adapters: Vec::new(),
             unet_config: l.unet_config,
             vae_config: l.vae_config,
             scheduler_config: l.scheduler_config,
@@ -290,6 +295,7 @@ impl StableDiffusionPipeline {
                     force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
                 }),
             controlnets: Vec::new(),
+            adapters: Vec::new(),
             device: self.device.clone(),
         }
     }
@@ -445,11 +451,13 @@ impl StableDiffusionPipeline {
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
         let control = self.read_control_images(&mut request)?;
+        let adapter_inputs = self.read_adapter_images(&mut request)?;
         let (scheduler, sampler) = self.checked_scheduler(&request)?;
         let models = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
         let mut sd = self.run_parts(models.refs(), &scheduler, request.tiny_decoder);
         sd.controlnets = self.control_units(control, &task, &request)?;
+        sd.adapters = self.adapter_units(adapter_inputs, &task, &request)?;
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
         let mut options = self.options(&request);
         options.init_latents = request.init_latents.take();

@@ -108,6 +108,43 @@ impl ControlInput {
     }
 }
 
+/// One T2I-Adapter's part of a request: which of the pipeline's adapters
+/// ([`crate::StableDiffusionPipeline::load_adapter`] returns its index), its control
+/// image (a tensor `[1, c, H, W]` in `[0, 1]`, or an image or file resized to the
+/// picture's size) and settings.
+#[derive(Debug, Clone)]
+pub struct AdapterInput {
+    pub(crate) adapter: usize,
+    pub(crate) image: ImageInput,
+    pub(crate) scale: f64,
+    pub(crate) factor: f64,
+}
+
+impl AdapterInput {
+    /// Adapter `adapter` with its control image, scale 1, for every step.
+    pub fn new(adapter: usize, image: impl Into<ImageInput>) -> Self {
+        Self {
+            adapter,
+            image: image.into(),
+            scale: 1.0,
+            factor: 1.0,
+        }
+    }
+
+    /// `adapter_conditioning_scale`: multiplies the features.
+    pub fn scale(mut self, scale: f64) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// `adapter_conditioning_factor`: the fraction of the steps, from the first,
+    /// the features guide.
+    pub fn conditioning_factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+}
+
 /// Which scheduler a request runs with.
 #[derive(Debug, Clone)]
 pub enum SchedulerChoice {
@@ -159,6 +196,7 @@ pub struct GenerationRequest<'a> {
     pub(crate) tiny_decoder: bool,
     pub(crate) control: Vec<ControlInput>,
     pub(crate) guess_mode: bool,
+    pub(crate) adapters: Vec<AdapterInput>,
     pub(crate) init_latents: Option<Tensor<4>>,
     pub(crate) noise: Option<Box<dyn NoiseSource + 'a>>,
     pub(crate) callback: Option<RequestCallback<'a>>,
@@ -183,6 +221,7 @@ impl fmt::Debug for GenerationRequest<'_> {
             .field("tiny_decoder", &self.tiny_decoder)
             .field("control", &self.control)
             .field("guess_mode", &self.guess_mode)
+            .field("adapters", &self.adapters)
             .finish_non_exhaustive()
     }
 }
@@ -220,6 +259,7 @@ impl<'a> GenerationRequest<'a> {
             tiny_decoder: false,
             control: Vec::new(),
             guess_mode: false,
+            adapters: Vec::new(),
             init_latents: None,
             noise: None,
             callback: None,
@@ -244,6 +284,13 @@ impl<'a> GenerationRequest<'a> {
     /// run takes the first control image's size (rounded down to a multiple of 8).
     pub fn control(mut self, input: ControlInput) -> Self {
         self.control.push(input);
+        self
+    }
+
+    /// Guides the run with one of the pipeline's T2I-Adapters (repeatable: the
+    /// adapters' scaled features are summed).
+    pub fn adapter(mut self, input: AdapterInput) -> Self {
+        self.adapters.push(input);
         self
     }
 

@@ -476,6 +476,7 @@ impl Trainer {
             sdxl: None,
             scheduler: &scheduler,
             controlnets: Vec::new(),
+            adapters: Vec::new(),
             device: self.device.clone(),
         };
         let mut images = Vec::with_capacity(prompts.len());

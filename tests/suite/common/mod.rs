@@ -174,6 +174,7 @@ impl LoadedPipeline {
             sdxl: None,
             scheduler: &self.scheduler,
             controlnets: Vec::new(),
+            adapters: Vec::new(),
             device: self.device.clone(),
         }
     }

@@ -7,6 +7,7 @@
 mod clip;
 mod controlnet;
 mod one_or_many;
+mod t2i_adapter;
 mod unet;
 mod vae;
 mod vae_tiny;
@@ -14,6 +15,7 @@ mod vae_tiny;
 pub use clip::{ClipActivation, ClipTextConfig};
 pub use controlnet::ControlNetConfig;
 pub use one_or_many::OneOrMany;
+pub use t2i_adapter::{AdapterType, T2IAdapterConfig};
 pub use unet::{DownBlockType, ResolvedUNetBlocks, UNet2DConditionConfig, UpBlockType};
 pub use vae::AutoencoderKLConfig;
 pub use vae_tiny::AutoencoderTinyConfig;
