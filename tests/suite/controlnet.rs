@@ -885,3 +885,65 @@ fn t2i_adapter_pipeline_case_matches_diffusers() {
         .unwrap_err();
     assert!(err.to_string().contains("not loaded"), "{err}");
 }
+
+/// An SDXL T2I-Adapter (`full_adapter_xl`, made by `gen/ref_t2i_adapter_sdxl.py`):
+/// its features (the last goes to the mid block) and
+/// `StableDiffusionXLAdapterPipeline` with `adapter_conditioning_factor` 0.6 through
+/// the owning SDXL pipeline.
+#[test]
+fn sdxl_t2i_adapter_case_matches_diffusers() {
+    use stable_diffusion::core::Adapter;
+    use stable_diffusion::io::controlnet::t2i_adapter_from_dir;
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let r = Reference::open("reference/t2i_adapter_sdxl/adapter.safetensors");
+    let adapter = t2i_adapter_from_dir(
+        &fixture("tiny-t2i-adapter-sdxl"),
+        &device,
+        &ComponentOptions::default(),
+    )
+    .unwrap();
+    let features = adapter.features(r.tensor::<4>("image", &device)).unwrap();
+    assert_eq!(features.len(), 4);
+    for (j, f) in features.iter().enumerate() {
+        let key = format!("features_{j}");
+        assert_close(&format!("sdxl adapter {key}"), f, &r.floats(&key), 1e-4);
+    }
+    let mut pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let i = pipe.load_adapter(fixture("tiny-t2i-adapter-sdxl")).unwrap();
+    let text = std::fs::read_to_string(fixture("reference/index_t2i_adapter_sdxl.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
+    let case = &index["cases"]["t2i_adapter_sdxl/pipelines/txt2img_euler_7_g5"];
+    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+    let call = &case["params"]["call"];
+    let png = fixture(&format!(
+        "reference/{}",
+        case["params"]["control_png"].as_str().unwrap()
+    ));
+    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+        .negative_prompt(call["negative_prompt"].as_str().unwrap())
+        .size(32, 32)
+        .steps(7)
+        .guidance(5.0)
+        .scheduler_choice(SchedulerChoice::Config(
+            case["params"]["scheduler_config"].to_string(),
+        ))
+        .init_latents(r.tensor::<4>("init_latents", &device))
+        .adapter(
+            AdapterInput::new(i, png)
+                .scale(0.9)
+                .conditioning_factor(0.6),
+        );
+    let out = pipe.generate(req).unwrap();
+    close_rel(
+        "t2i_adapter_sdxl final_latents",
+        &out.latents,
+        &r.floats("final_latents"),
+        1e-3,
+    );
+}

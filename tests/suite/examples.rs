@@ -807,7 +807,10 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
         .args(["--control-image", pose.to_str().unwrap()])
         .args(["--preprocess", "pose"])
         .args(["--adapter", &f("tiny-t2i-adapter")])
-        .args(["--adapter-image", &f("reference/controlnet/control_edge.png")])
+        .args([
+            "--adapter-image",
+            &f("reference/controlnet/control_edge.png"),
+        ])
         .args(["--adapter-scale", "0.8"])
         .args(["--save-control", control.to_str().unwrap()])
         .args(["--out", out.to_str().unwrap()])
