@@ -456,3 +456,70 @@ fn sdxl_vae_matches_diffusers() {
         crate::models::check_vae(name, &device, &vae, "reference/sdxl/vae.safetensors");
     }
 }
+
+/// SDXL inpainting (made by `gen/ref_sdxl_inpaint.py`): a 9-channel SDXL inpainting
+/// U-Net at strength 1, and tiny-sdxl's own 4-channel U-Net with the known region
+/// blended back at strength 0.75, through the owning pipeline.
+#[test]
+fn sdxl_inpainting_matches_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let text = std::fs::read_to_string(fixture("reference/index_sdxl_inpaint.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    for (name, unet) in [
+        (
+            "sdxl_inpaint/inpaint9_euler_7_g5",
+            Some(fixture("tiny-sdxl-inpaint")),
+        ),
+        ("sdxl_inpaint/blend4_euler_7_g5_s0.75", None),
+    ] {
+        let options = LoadOptions {
+            unet,
+            ..Default::default()
+        };
+        let pipe =
+            StableDiffusionPipeline::from_pretrained(fixture("tiny-sdxl"), &device, &options)
+                .unwrap();
+        assert_eq!(pipe.family(), ModelFamily::Sdxl);
+        let case = &index["cases"][name];
+        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+        let call = &case["params"]["call"];
+        let noises: Vec<Tensor<4>> = (0..)
+            .map(|i| format!("noise_{i:03}"))
+            .take_while(|k| r.has(k))
+            .map(|k| r.tensor::<4>(&k, &device))
+            .collect();
+        let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+            .negative_prompt(call["negative_prompt"].as_str().unwrap())
+            .steps(7)
+            .guidance(5.0)
+            .scheduler_choice(SchedulerChoice::Config(
+                case["params"]["scheduler_config"].to_string(),
+            ))
+            .noise(RecordedNoise::new(noises))
+            .init_image(
+                r.tensor::<4>("input_image_preprocessed", &device),
+                call["strength"].as_f64().unwrap(),
+            )
+            .mask(r.tensor::<4>("mask_preprocessed", &device));
+        if r.has("init_latents") {
+            req = req.init_latents(r.tensor::<4>("init_latents", &device));
+        }
+        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = out
+            .latents
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let want = r.floats("final_latents");
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let d = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{name}: final_latents max abs diff {d:.3e}");
+        assert!(d <= 1e-3 * scale, "{name}: {d}");
+    }
+}
