@@ -12,11 +12,13 @@
 # `llvm-config --link-static --libs` names) from the Debian mirror, puts an
 # `llvm-config` wrapper in that folder and writes the marker. No CUDA toolkit is
 # needed to build (cudarc loads the driver at run time); running needs an NVIDIA
-# driver. With network access none of this is needed: `--features cuda` downloads
+# driver, and binaries linked this way load libz3, libxml2 and libzstd (installed
+# with LLVM here; on another machine: Debian's libz3-4, libxml2, libzstd1). With network access none of this is needed: `--features cuda` downloads
 # the bundle by itself.
 #
-# Environment: SD_LLVM_MAJOR (default 22), SD_TRACEL_LLVM_VERSION (default: read off
-# the tracel-llvm-bundler crate in ~/.cargo/registry, else 23.1.0-4).
+# Environment: SD_LLVM_MAJOR (default 22), SD_TRACEL_LLVM_VERSION (default: from
+# Cargo.lock, else the tracel-llvm-bundler crate in ~/.cargo/registry, else 23.1.0-4).
+# Safe to source under `set -euo pipefail` (as .ci/run does).
 
 _sd_cuda_setup() {
     local major="${SD_LLVM_MAJOR:-22}"
@@ -35,13 +37,20 @@ _sd_cuda_setup() {
                 "llvm-${major}-dev" "libpolly-${major}-dev" libzstd-dev >/dev/null
         } || { echo "cuda-offline-setup: apt-get install failed" >&2; return 1; }
     fi
+    # The bundler's version: from Cargo.lock when run in the repository, else the
+    # newest in the cargo registry, else the one burn 0.22.1 locks.
     local version="${SD_TRACEL_LLVM_VERSION:-}"
+    if [ -z "$version" ] && [ -f Cargo.lock ]; then
+        version=$(grep -A1 '^name = "tracel-llvm-bundler"$' Cargo.lock 2>/dev/null \
+            | sed -n 's/^version = "\(.*\)"$/\1/p' | head -n 1 || true)
+    fi
     if [ -z "$version" ]; then
         local crate
-        crate=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tracel-llvm-bundler-* 2>/dev/null | sort -V | tail -n 1)
+        crate=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tracel-llvm-bundler-* 2>/dev/null \
+            | sort -V | tail -n 1 || true)
         version="${crate##*/tracel-llvm-bundler-}"
-        [ -n "$crate" ] || version="23.1.0-4"
     fi
+    [ -n "$version" ] || version="23.1.0-4"
     local dir="${XDG_DATA_HOME:-$HOME/.local/share}/tracel/tracel-llvm-${version}"
     mkdir -p "$dir/bin" || return 1
     # Debian's llvm-config names some system libraries by path
