@@ -21,9 +21,43 @@ fn controlnet(name: &str, device: &Device) -> ControlNetModel {
     controlnet_from_dir(&fixture(name), device, &ComponentOptions::default()).unwrap()
 }
 
-fn index() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("reference/index_controlnet.json")).unwrap();
+/// A reference index, `reference/{file}`.
+fn read_index(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("reference/{file}"))).unwrap();
     serde_json::from_str(&sanitize_json(&text)).unwrap()
+}
+
+fn index() -> serde_json::Value {
+    read_index("index_controlnet.json")
+}
+
+/// A pipeline case's reference file and its control image, and the request its
+/// call describes: prompts, 32x32, steps, guidance, scheduler, initial latents.
+fn case_request(
+    case: &serde_json::Value,
+    device: &Device,
+) -> (
+    Reference,
+    std::path::PathBuf,
+    stable_diffusion::pipelines::GenerationRequest<'static>,
+) {
+    use stable_diffusion::pipelines::{GenerationRequest, SchedulerChoice};
+    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
+    let call = &case["params"]["call"];
+    let png = fixture(&format!(
+        "reference/{}",
+        case["params"]["control_png"].as_str().unwrap()
+    ));
+    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+        .negative_prompt(call["negative_prompt"].as_str().unwrap())
+        .size(32, 32)
+        .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
+        .guidance(call["guidance_scale"].as_f64().unwrap())
+        .scheduler_choice(SchedulerChoice::Config(
+            case["params"]["scheduler_config"].to_string(),
+        ))
+        .init_latents(r.tensor::<4>("init_latents", device));
+    (r, png, req)
 }
 
 /// The reference inputs: sample, timesteps, prompt embeddings, control images.
@@ -543,11 +577,6 @@ fn single_file_config_is_recognised_at_real_size() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-fn sdxl_index() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("reference/index_controlnet_sdxl.json")).unwrap();
-    serde_json::from_str(&sanitize_json(&text)).unwrap()
-}
-
 /// An SDXL ControlNet (the `text_time` conditioning too; made by
 /// `gen/ref_controlnet_sdxl.py`): residuals at scale 1 and in guess mode, and the
 /// SDXL U-Net fed them.
@@ -642,7 +671,7 @@ fn sdxl_controlnet_pipeline_cases_match_diffusers() {
     let net = pipe
         .load_controlnet(fixture("tiny-controlnet-sdxl"))
         .unwrap();
-    let index = sdxl_index();
+    let index = read_index("index_controlnet_sdxl.json");
     let mut checked = 0;
     for (name, case) in index["cases"].as_object().unwrap() {
         if !name.contains("/pipelines/") {
@@ -854,25 +883,12 @@ fn t2i_adapter_pipeline_case_matches_diffusers() {
         pipe.adapter_names().collect::<Vec<_>>(),
         ["tiny-t2i-adapter"]
     );
-    let text = std::fs::read_to_string(fixture("reference/index_t2i_adapter.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
-    let case = &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"];
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let call = &case["params"]["call"];
-    let png = fixture(&format!(
-        "reference/{}",
-        case["params"]["control_png"].as_str().unwrap()
-    ));
-    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-        .negative_prompt(call["negative_prompt"].as_str().unwrap())
-        .size(32, 32)
-        .steps(7)
-        .guidance(7.5)
-        .scheduler_choice(SchedulerChoice::Config(
-            case["params"]["scheduler_config"].to_string(),
-        ))
-        .init_latents(r.tensor::<4>("init_latents", &device))
-        .adapter(AdapterInput::new(0, png).scale(0.8));
+    let index = read_index("index_t2i_adapter.json");
+    let (r, png, req) = case_request(
+        &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"],
+        &device,
+    );
+    let req = req.adapter(AdapterInput::new(0, png).scale(0.8));
     let out = pipe.generate(req).unwrap();
     close_rel(
         "t2i_adapter txt2img_ddim_7 final_latents",
@@ -916,29 +932,14 @@ fn sdxl_t2i_adapter_case_matches_diffusers() {
     )
     .unwrap();
     let i = pipe.load_adapter(fixture("tiny-t2i-adapter-sdxl")).unwrap();
-    let text = std::fs::read_to_string(fixture("reference/index_t2i_adapter_sdxl.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
+    let index = read_index("index_t2i_adapter_sdxl.json");
     let case = &index["cases"]["t2i_adapter_sdxl/pipelines/txt2img_euler_7_g5"];
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let call = &case["params"]["call"];
-    let png = fixture(&format!(
-        "reference/{}",
-        case["params"]["control_png"].as_str().unwrap()
-    ));
-    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-        .negative_prompt(call["negative_prompt"].as_str().unwrap())
-        .size(32, 32)
-        .steps(7)
-        .guidance(5.0)
-        .scheduler_choice(SchedulerChoice::Config(
-            case["params"]["scheduler_config"].to_string(),
-        ))
-        .init_latents(r.tensor::<4>("init_latents", &device))
-        .adapter(
-            AdapterInput::new(i, png)
-                .scale(0.9)
-                .conditioning_factor(0.6),
-        );
+    let (r, png, req) = case_request(case, &device);
+    let req = req.adapter(
+        AdapterInput::new(i, png)
+            .scale(0.9)
+            .conditioning_factor(0.6),
+    );
     let out = pipe.generate(req).unwrap();
     close_rel(
         "t2i_adapter_sdxl final_latents",

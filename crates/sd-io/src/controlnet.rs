@@ -12,7 +12,7 @@ use crate::error::IoError;
 use crate::ldm::LdmKeyMap;
 use crate::loader::{KeyMapping, load_module};
 use crate::model::{
-    ComponentOptions, builtin_configs, component_weights, config_err, open_checkpoint,
+    ComponentOptions, builtin_configs, config_err, diffusers_component, open_checkpoint,
     read_json_file,
 };
 use crate::weights::WeightSource;
@@ -32,16 +32,13 @@ pub fn controlnet_from_dir(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<ControlNetModel, IoError> {
-    let config = read_controlnet_config(&dir.join("config.json"))?;
-    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
-    let model = ControlNetModel::new(&config, device).map_err(config_err(&path))?;
-    let source = WeightSource::open(&path)?;
-    load_module(
-        model,
-        &source,
-        &KeyMapping::diffusers(),
-        options.load(),
+    diffusers_component(
+        dir,
+        options,
         "controlnet",
+        read_controlnet_config,
+        ControlNetModel::new,
+        device,
     )
 }
 
@@ -208,15 +205,12 @@ pub fn t2i_adapter_from_dir(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<sd_models::T2IAdapter, IoError> {
-    let config = read_t2i_adapter_config(&dir.join("config.json"))?;
-    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
-    let model = sd_models::T2IAdapter::new(&config, device).map_err(config_err(&path))?;
-    let source = WeightSource::open(&path)?;
-    load_module(
-        model,
-        &source,
-        &KeyMapping::diffusers(),
-        options.load(),
+    diffusers_component(
+        dir,
+        options,
         "t2i adapter",
+        read_t2i_adapter_config,
+        sd_models::T2IAdapter::new,
+        device,
     )
 }

@@ -98,22 +98,44 @@ pub fn component_weights(
     })
 }
 
-/// Builds a U-Net from a component folder (`config.json` + weights), e.g. `unet/`.
-pub fn unet_from_dir(
+/// Builds a model from a diffusers component folder: `config.json` through
+/// `read_config`, the model through `build`, then the weights
+/// (`diffusion_pytorch_model[.variant].safetensors` or its shards) under diffusers'
+/// names. `component` names it in errors.
+pub(crate) fn diffusers_component<C, M: Module>(
     dir: &Path,
-    device: &Device,
     options: &ComponentOptions,
-) -> Result<UNet2DConditionModel, IoError> {
-    let config = read_unet_config(&dir.join("config.json"))?;
+    component: &str,
+    read_config: impl FnOnce(&Path) -> Result<C, IoError>,
+    build: impl FnOnce(&C, &Device) -> Result<M, sd_models::ConfigError>,
+    device: &Device,
+) -> Result<M, IoError> {
+    let config = read_config(&dir.join("config.json"))?;
     let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
-    let model = UNet2DConditionModel::new(&config, device).map_err(config_err(&path))?;
+    let model = build(&config, device).map_err(config_err(&path))?;
     let source = WeightSource::open(&path)?;
     load_module(
         model,
         &source,
         &KeyMapping::diffusers(),
         options.load(),
+        component,
+    )
+}
+
+/// Builds a U-Net from a component folder (`config.json` + weights), e.g. `unet/`.
+pub fn unet_from_dir(
+    dir: &Path,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<UNet2DConditionModel, IoError> {
+    diffusers_component(
+        dir,
+        options,
         "unet",
+        read_unet_config,
+        UNet2DConditionModel::new,
+        device,
     )
 }
 
@@ -123,16 +145,13 @@ pub fn vae_from_dir(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<AutoencoderKL, IoError> {
-    let config = read_vae_config(&dir.join("config.json"))?;
-    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
-    let model = AutoencoderKL::new(&config, device).map_err(config_err(&path))?;
-    let source = WeightSource::open(&path)?;
-    load_module(
-        model,
-        &source,
-        &KeyMapping::diffusers(),
-        options.load(),
+    diffusers_component(
+        dir,
+        options,
         "vae",
+        read_vae_config,
+        AutoencoderKL::new,
+        device,
     )
 }
 
@@ -148,16 +167,13 @@ pub fn tiny_vae_from_dir(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<AutoencoderTiny, IoError> {
-    let config = read_tiny_vae_config(&dir.join("config.json"))?;
-    let path = component_weights(dir, "diffusion_pytorch_model", options.variant.as_deref())?;
-    let model = AutoencoderTiny::new(&config, device).map_err(config_err(&path))?;
-    let source = WeightSource::open(&path)?;
-    load_module(
-        model,
-        &source,
-        &KeyMapping::diffusers(),
-        options.load(),
+    diffusers_component(
+        dir,
+        options,
         "tiny vae",
+        read_tiny_vae_config,
+        AutoencoderTiny::new,
+        device,
     )
 }
 

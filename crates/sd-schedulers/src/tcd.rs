@@ -168,21 +168,9 @@ impl SchedulerRun for TcdRun {
         // diffusers: floor((1 - eta) * prev_timestep) on a float32 tensor.
         let s = ((1.0 - gamma) as f32 * prev_t as f32).floor() as i64;
         let (a_t, a_prev, a_s) = (self.alpha(t), self.alpha(prev_t), self.alpha(s));
-        let (b_t, b_s) = (1.0 - a_t, 1.0 - a_s);
-        let (x0, eps) = match self.scheduler.prediction {
-            PredictionType::Epsilon => (
-                (sample.clone() - model_output.clone() * b_t.sqrt()) / a_t.sqrt(),
-                model_output,
-            ),
-            PredictionType::Sample => (
-                model_output.clone(),
-                (sample - model_output * a_t.sqrt()) / b_t.sqrt(),
-            ),
-            PredictionType::VPrediction => (
-                sample.clone() * a_t.sqrt() - model_output.clone() * b_t.sqrt(),
-                model_output * a_t.sqrt() + sample * b_t.sqrt(),
-            ),
-        };
+        let b_s = 1.0 - a_s;
+        let (x0, eps) =
+            crate::ddim::split_prediction(self.scheduler.prediction, model_output, sample, a_t);
         let noised = x0.clone() * a_s.sqrt() + eps * b_s.sqrt();
         let prev_sample = if gamma > 0.0 && !last {
             let n = noise.normal(noised.dims(), &noised.device())?;
