@@ -217,6 +217,12 @@ pub fn vae_tiling(name: &str) -> Result<VaeTiling, AnyError> {
 pub type AnyError = Box<dyn std::error::Error>;
 
 pub fn device(name: &str) -> Result<Device, AnyError> {
+    let device = named_device(name)?;
+    stable_diffusion::core::check_device(&device)?;
+    Ok(device)
+}
+
+fn named_device(name: &str) -> Result<Device, AnyError> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]

@@ -47,6 +47,14 @@ pub enum CoreError {
     /// A combination of models or options this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The device cannot run anything (no driver, no adapter, ...).
+    #[error("device {device} is not usable: {message}")]
+    Device {
+        /// The device as burn names it.
+        device: String,
+        /// What failed, as the backend said it.
+        message: String,
+    },
 }
 
 impl CoreError {

@@ -4,6 +4,7 @@
 pub mod autoencoder;
 pub mod control;
 pub mod denoiser;
+pub mod device;
 pub mod error;
 pub mod noise;
 pub mod scheduler;
@@ -15,6 +16,7 @@ pub use control::{Adapter, ControlNet, ControlResiduals};
 pub use denoiser::{
     AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_denoiser_inputs,
 };
+pub use device::check_device;
 pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
 pub use scheduler::{

@@ -82,13 +82,17 @@ impl StableDiffusionPipeline {
     /// `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
     ///
     /// # Errors
-    /// A source that does not exist, unreadable or mismatched weights and configs, a
-    /// LoRA that does not fit.
+    /// A device that cannot run ([`sd_core::CoreError::Device`]), a source that does
+    /// not exist, unreadable or mismatched weights and configs, a LoRA that does not
+    /// fit.
     pub fn from_pretrained(
         source: impl Into<ModelSource>,
         device: &Device,
         options: &LoadOptions,
     ) -> Result<Self, PipelineError> {
+        // A GPU device without its driver fails here, with the backend's words,
+        // rather than as a panic halfway through loading.
+        sd_core::check_device(device)?;
         let (path, name) = match source.into() {
             ModelSource::Path(p) => (p, None),
             ModelSource::Hub { repo, revision } => {
