@@ -226,23 +226,9 @@ pub(crate) fn check_vae(name: &str, device: &Device, vae: &AutoencoderKL, file: 
     );
 }
 
-/// The devices of the VAE parity tests: [`devices`] without wgpu unless
-/// `SD_TEST_WGPU_VAE=1`. On Mesa's lavapipe on a 2-core AVX-512 Xeon (2026-12-01) the
-/// VAE on wgpu deadlocked inside cubecl 0.11 every time (alone, at any autotune level:
-/// an autotune thread waiting for exclusive access to the device while the test
-/// thread waited for room in the device's queue), which hangs the whole suite; on the
-/// EPYC machines before it passed. See docs/performance.md.
-pub fn vae_devices() -> Vec<(&'static str, Device)> {
-    let wgpu_too = std::env::var("SD_TEST_WGPU_VAE").is_ok_and(|v| v == "1");
-    devices()
-        .into_iter()
-        .filter(|(name, _)| *name == "flex" || wgpu_too)
-        .collect()
-}
-
 #[test]
 fn vae_matches_diffusers() {
-    for (name, device) in vae_devices() {
+    for (name, device) in devices() {
         let vae = tiny().vae(&device, &ComponentOptions::default()).unwrap();
         check_vae(name, &device, &vae, "reference/vae.safetensors");
     }
@@ -253,7 +239,7 @@ fn vae_matches_diffusers() {
 #[test]
 fn tiled_vae_matches_diffusers() {
     let r = Reference::open("reference/vae_tiled.safetensors");
-    for (name, device) in vae_devices() {
+    for (name, device) in devices() {
         let vae = tiny()
             .vae(&device, &ComponentOptions::default())
             .unwrap()
@@ -361,6 +347,71 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
     // The VAE stays f32 next to an f16 U-Net.
     let vae = dir.vae(&device, &ComponentOptions::default()).unwrap();
     check_vae("flex", &device, &vae, "reference/vae.safetensors");
+}
+
+/// Text encoder, U-Net and VAE with f16 parameters, on every device whose backend
+/// has f16 (flex always; wgpu where the adapter has `shader-f16`), against the f32
+/// references within the fixtures README's f16 tolerance (5e-2).
+#[test]
+fn f16_components_match_within_the_f16_tolerance() {
+    let opts = ComponentOptions {
+        dtype: Some(DType::F16),
+        variant: Some("fp16".into()),
+    };
+    for (name, device) in devices() {
+        if !device.supports_dtype(DType::F16) {
+            eprintln!("[{name}] no f16 on this adapter: f16 parity not checked here");
+            continue;
+        }
+        let te = tiny().text_encoder(&device, &opts).unwrap();
+        let r = Reference::open("reference/text_encoder.safetensors");
+        let out = te.forward(r.int_tensor::<2>("input_ids", &device), HiddenLayer::Last);
+        assert_close(
+            &format!("[{name}] f16 last_hidden_state"),
+            &out.hidden_states,
+            &r.floats("last_hidden_state"),
+            5e-2,
+        );
+        assert_close(
+            &format!("[{name}] f16 pooler_output"),
+            &out.pooled,
+            &r.floats("pooler_output"),
+            5e-2,
+        );
+
+        let unet = tiny().unet(&device, &opts).unwrap();
+        let r = Reference::open("reference/unet.safetensors");
+        let out = unet.forward(
+            r.tensor::<4>("sample", &device),
+            r.tensor::<1>("timestep_t500_float", &device),
+            r.tensor::<3>("encoder_hidden_states", &device),
+        );
+        assert_close(
+            &format!("[{name}] f16 unet out_t500"),
+            &out,
+            &r.floats("out_t500"),
+            5e-2,
+        );
+
+        let vae = tiny().vae(&device, &opts).unwrap();
+        let r = Reference::open("reference/vae.safetensors");
+        let z = r.tensor::<4>("decode_in_latents", &device) / vae.scaling_factor();
+        let decoded = vae.decode(z).unwrap();
+        assert_eq!(decoded.dtype(), DType::F32, "decode answers in z's dtype");
+        assert_close(
+            &format!("[{name}] f16 vae decode_out"),
+            &decoded,
+            &r.floats("decode_out"),
+            5e-2,
+        );
+        let moments = vae.encode_moments(r.tensor::<4>("encode_in_image", &device));
+        assert_close(
+            &format!("[{name}] f16 vae encode_moments"),
+            &moments,
+            &r.floats("encode_moments"),
+            5e-2,
+        );
+    }
 }
 
 #[test]

@@ -445,7 +445,7 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
 /// SDXL's VAE (`scaling_factor` 0.13025): decode with its intermediates, encode.
 #[test]
 fn sdxl_vae_matches_diffusers() {
-    for (name, device) in crate::models::vae_devices() {
+    for (name, device) in crate::common::devices() {
         let vae = tiny_sdxl()
             .vae(&device, &ComponentOptions::default())
             .unwrap();

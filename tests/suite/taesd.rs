@@ -16,7 +16,7 @@ fn taesd(device: &Device) -> AutoencoderTiny {
 
 #[test]
 fn tiny_autoencoder_decodes_as_diffusers() {
-    for (name, device) in crate::models::vae_devices() {
+    for (name, device) in crate::common::devices() {
         let vae = taesd(&device);
         let r = Reference::open("reference/taesd/taesd.safetensors");
         let t = tol(name, 1e-4, 2e-3);
@@ -52,7 +52,7 @@ fn tiny_autoencoder_decodes_as_diffusers() {
 
 #[test]
 fn tiny_autoencoder_encodes_as_diffusers() {
-    for (name, device) in crate::models::vae_devices() {
+    for (name, device) in crate::common::devices() {
         let vae = taesd(&device);
         let r = Reference::open("reference/taesd/taesd.safetensors");
         let t = tol(name, 1e-4, 2e-3);
