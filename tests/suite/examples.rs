@@ -829,3 +829,93 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
     let image = stable_diffusion::io::image::read_image(&out).unwrap();
     assert_eq!((image.width(), image.height()), (32, 32));
 }
+
+/// `bench --component write` makes a loadable random-weight folder from configs (here
+/// the tiny SDXL's), and `--component picture --sizes` times it at several sizes in one
+/// process: what `scripts/gpu-check.sh` runs at real size on a GPU.
+#[test]
+fn bench_writes_a_random_model_and_times_pictures_at_several_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("random-sdxl");
+    let out = Command::new(example("bench"))
+        .args(["--component", "write", "--f16", "--config"])
+        .arg(fixture("tiny-sdxl"))
+        .arg("--out")
+        .arg(&folder)
+        .arg("--tokenizer-files")
+        .arg(fixture("tokenizer"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        folder
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
+    assert!(folder.join("tokenizer_2/vocab.json").exists());
+    let out = Command::new(example("bench"))
+        .args([
+            "--component",
+            "picture",
+            "--device",
+            "cpu",
+            "--f16",
+            "--json",
+        ])
+        .args(["--sizes", "32,48x32", "--steps", "3", "--runs", "1"])
+        .arg("--model")
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per size");
+    assert_eq!(
+        (rows[1]["width"].as_u64(), rows[1]["height"].as_u64()),
+        (Some(48), Some(32))
+    );
+    for r in &rows {
+        assert_eq!(r["steps"], 3);
+        assert!(r["one_step_s"].as_f64().unwrap() > 0.0);
+        assert!(r["median_s"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// With the `cuda` feature on a machine without an NVIDIA driver (CI), asking for
+/// the CUDA device is an error that says so, from the library and from the
+/// examples, not a panic or a hang.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    if std::env::var("SD_TEST_CUDA").is_ok_and(|v| v == "1") {
+        stable_diffusion::core::check_device(&Device::cuda(0)).unwrap();
+        return;
+    }
+    match stable_diffusion::core::check_device(&Device::cuda(0)) {
+        Ok(()) => eprintln!("a CUDA device answered: this machine has a GPU"),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("not usable"), "{text}");
+            let out = Command::new(example("txt2img"))
+                .args(["--device", "cuda", "--prompt", "x", "--out"])
+                .arg(std::env::temp_dir().join("never-written.png"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("is not usable"), "{stderr}");
+        }
+    }
+}

@@ -19,13 +19,23 @@ pub fn fixture(rel: &str) -> PathBuf {
     }
 }
 
-/// The devices the component parity tests run on: flex always, and wgpu when the
-/// `wgpu` feature is on.
+/// The devices the component parity tests run on: flex always, wgpu when the `wgpu`
+/// feature is on, and CUDA device 0 when the `cuda` feature is on and
+/// `SD_TEST_CUDA=1` says a GPU is there (`scripts/gpu-check.sh` on a GPU machine; CI
+/// has none). `SD_TEST_DEVICES=flex,cuda` keeps only the devices it names.
 pub fn devices() -> Vec<(&'static str, Device)> {
     #[allow(unused_mut)]
     let mut v = vec![("flex", Device::flex())];
     #[cfg(feature = "wgpu")]
     v.push(("wgpu", Device::wgpu(Default::default())));
+    #[cfg(feature = "cuda")]
+    if std::env::var("SD_TEST_CUDA").is_ok_and(|v| v == "1") {
+        v.push(("cuda", Device::cuda(0)));
+    }
+    if let Ok(keep) = std::env::var("SD_TEST_DEVICES") {
+        let keep: Vec<&str> = keep.split(',').map(str::trim).collect();
+        v.retain(|(name, _)| keep.contains(name));
+    }
     v
 }
 
