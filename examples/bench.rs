@@ -46,7 +46,8 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// unet, vae, text_encoder, pipeline, all; picture (seconds per picture through
-    /// the owning pipeline, `--model`); taesd (the tiny autoencoder's decode).
+    /// the owning pipeline, `--model`); taesd (the tiny autoencoder's decode); write
+    /// (a random-weight diffusers folder from `--config` at `--out`).
     #[arg(long, default_value = "all")]
     component: String,
     /// U-Net batch (2 = CFG).
@@ -103,6 +104,20 @@ struct Args {
     /// `picture`: a LoRA merged at load (`PATH[:STRENGTH]`), repeatable.
     #[arg(long)]
     lora: Vec<String>,
+    /// `picture`: several sizes in one process (`512,1024` or `768x512,...`), each
+    /// warmed up and timed in turn; default `--width` x `--height`. Each also times a
+    /// one-step picture, so the step rate is (steps - 1) / (time - one-step time).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<String>,
+    /// `write`: the diffusers folder to write (random weights from `--config`, f16
+    /// with `--f16`), for `picture` to load where no real weights can travel.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// `write`: a folder with the tokenizer's `vocab.json` and `merges.txt` (the
+    /// CLIP BPE files, e.g. tests/fixtures/tokenizer), copied next to each
+    /// `tokenizer_config.json` of `--config`.
+    #[arg(long)]
+    tokenizer_files: Option<PathBuf>,
 }
 
 /// Casts every float parameter to a dtype.
@@ -243,6 +258,9 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     };
     if args.component == "picture" {
         return picture(&args, &device, &dir);
+    }
+    if args.component == "write" {
+        return write_random(&args, &dir);
     }
     let real = args.model.is_some();
     let half = if args.f16 { Some(DType::F16) } else { None };
@@ -459,27 +477,130 @@ fn picture(args: &Args, device: &Device, dir: &std::path::Path) -> Result<(), co
             None => r,
         }
     };
-    pipe.validate(&request(args.steps))?;
-    // Warm-up runs take one step (as the PyTorch side's), then the timed runs.
-    for _ in 0..args.warmup {
-        pipe.generate(request(1))?;
-    }
-    let mut failure = None;
-    let t = time_after(device, 0, args.runs, || {
-        if let Err(e) = pipe.generate(request(args.steps)) {
-            failure = Some(e);
+    let sizes = if args.sizes.is_empty() {
+        vec![(args.width, args.height)]
+    } else {
+        args.sizes
+            .iter()
+            .map(|s| parse_size(s))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    for (width, height) in sizes {
+        let request = |steps: usize| request(steps).size(width, height);
+        pipe.validate(&request(args.steps))?;
+        // Warm-up runs take one step (as the PyTorch side's), then the timed runs.
+        for _ in 0..args.warmup {
+            pipe.generate(request(1))?;
         }
-    });
-    if let Some(e) = failure {
-        return Err(e.into());
+        let mut failure = None;
+        let mut run = |steps: usize, runs: usize| {
+            time_after(device, 0, runs, || {
+                if let Err(e) = pipe.generate(request(steps)) {
+                    failure = Some(e);
+                }
+            })
+        };
+        let one_step = run(1, 1)[0];
+        let t = run(args.steps, args.runs);
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        let dtype = if args.f16 { "f16" } else { "f32" };
+        if args.json {
+            let mut sorted = t.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "component": "picture", "median_s": sorted[sorted.len() / 2],
+                    "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
+                    "one_step_s": one_step, "steps": args.steps, "load_s": load_s,
+                    "peak_rss_mb": peak_rss_mb(), "device": args.device, "dtype": dtype,
+                    "height": height, "width": width, "runs": t.len(),
+                })
+            );
+        } else {
+            println!("{width}x{height}, {} steps:", args.steps);
+            report(args, "picture", t, dtype, load_s);
+            println!("  one-step picture {one_step:.3} s");
+        }
     }
-    report(
-        args,
-        "picture",
-        t,
-        if args.f16 { "f16" } else { "f32" },
-        load_s,
-    );
+    Ok(())
+}
+
+/// `512` (square) or `768x512` (width x height), multiples of 8.
+fn parse_size(s: &str) -> Result<(usize, usize), common::AnyError> {
+    let parse = |v: &str| -> Result<usize, common::AnyError> {
+        let n: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("--sizes: `{s}` is not a size"))?;
+        if n == 0 || !n.is_multiple_of(8) {
+            return Err(format!("--sizes: `{s}`: sizes are positive multiples of 8").into());
+        }
+        Ok(n)
+    };
+    match s.split_once('x') {
+        Some((w, h)) => Ok((parse(w)?, parse(h)?)),
+        None => parse(s).map(|n| (n, n)),
+    }
+}
+
+/// `--component write`: every component of `--config` with random weights, written
+/// as a diffusers folder at `--out` (built on the CPU; f16 files with `--f16`), the
+/// configs, scheduler and tokenizer files copied, so that `picture` can time loading
+/// and whole pictures at real sizes without real weights.
+fn write_random(args: &Args, config: &std::path::Path) -> Result<(), common::AnyError> {
+    use stable_diffusion::io::save::{save_text_encoder, save_unet, save_vae};
+    let out = args.out.as_ref().ok_or("write: give --out DIR")?;
+    let vocab = args
+        .tokenizer_files
+        .as_ref()
+        .ok_or("write: give --tokenizer-files DIR (vocab.json, merges.txt)")?;
+    let cpu = Device::flex();
+    let d = DiffusersDir::open(config)?;
+    let dtype = if args.f16 { DType::F16 } else { DType::F32 };
+    let (_, seconds) = timed(|| -> Result<(), common::AnyError> {
+        let unet_config = d.unet_config()?;
+        let unet = UNet2DConditionModel::new(&unet_config, &cpu)?;
+        save_unet(&unet, &unet_config, out.join("unet"), dtype)?;
+        drop(unet);
+        let vae_config = d.vae_config()?;
+        let vae = AutoencoderKL::new(&vae_config, &cpu)?;
+        save_vae(&vae, &vae_config, out.join("vae"), dtype)?;
+        for name in ["text_encoder", "text_encoder_2"] {
+            if !config.join(name).join("config.json").exists() {
+                continue;
+            }
+            let te_config = read_text_encoder_config(&config.join(name).join("config.json"))?;
+            let te = ClipTextModel::new(&te_config, &cpu)?;
+            save_text_encoder(&te, &te_config, out.join(name), dtype)?;
+        }
+        for name in ["scheduler", "tokenizer", "tokenizer_2"] {
+            let from = config.join(name);
+            if !from.is_dir() {
+                continue;
+            }
+            std::fs::create_dir_all(out.join(name))?;
+            for entry in std::fs::read_dir(&from)? {
+                let entry = entry?;
+                std::fs::copy(entry.path(), out.join(name).join(entry.file_name()))?;
+            }
+            if name.starts_with("tokenizer") {
+                for file in ["vocab.json", "merges.txt"] {
+                    std::fs::copy(vocab.join(file), out.join(name).join(file))?;
+                }
+            }
+        }
+        if config.join("model_index.json").exists() {
+            std::fs::copy(
+                config.join("model_index.json"),
+                out.join("model_index.json"),
+            )?;
+        }
+        Ok(())
+    });
+    eprintln!("wrote {} in {seconds:.1} s", out.display());
     Ok(())
 }
 
