@@ -277,6 +277,9 @@ fn run_sdxl_case(
         )),
         None => req.steps(call["num_inference_steps"].as_u64().unwrap() as usize),
     };
+    if let Some(start) = call["denoising_start"].as_f64() {
+        req = req.denoising_start(start);
+    }
     req = if r.has("input_image_preprocessed") {
         req.init_image(
             r.tensor::<4>("input_image_preprocessed", &device),
@@ -309,6 +312,33 @@ fn run_sdxl_case(
         .map(|(a, b)| (*a as f32 - b * 255.0).abs())
         .fold(0.0f32, f32::max);
     assert!(worst <= 1.0, "{name}: picture differs by {worst} / 255");
+}
+
+/// The SDXL refiner's layout (made by `gen/ref_sdxl_refiner.py`): a folder with only
+/// `text_encoder_2` / `tokenizer_2`, a U-Net over that encoder's width with the
+/// aesthetic-score time ids, `force_zeros_for_empty_prompt` false. Both cases, the
+/// hand-over's second half from the base's latents (`denoising_start` 0.7) and image
+/// to image at strength 0.3, match `StableDiffusionXLImg2ImgPipeline`.
+#[test]
+fn sdxl_refiner_matches_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl-refiner"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(pipe.family(), ModelFamily::Sdxl);
+    let text = std::fs::read_to_string(fixture("reference/index_sdxl_refiner.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        run_sdxl_case(&pipe, name, case);
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }
 
 /// The single-file SDXL checkpoint (SGM layout: `conditioner.embedders.0/1`, the

@@ -173,6 +173,9 @@ pub(crate) struct Loaded {
     pub text_encoder: ClipTextModel,
     /// SDXL's second tokenizer and text encoder.
     pub second: Option<(ClipTokenizer, ClipTextModel)>,
+    /// The SDXL refiner's layout: no first text encoder; `tokenizer` and
+    /// `text_encoder` are the second's, which alone encodes prompts.
+    pub text_encoder_2_only: bool,
     /// `force_zeros_for_empty_prompt` (SDXL).
     pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
@@ -264,7 +267,9 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         dtype: None,
         variant: options.variant.clone(),
     };
-    let text_encoder = model.text_encoder(device, &f32_opts)?;
+    // The SDXL refiner (stabilityai/stable-diffusion-xl-refiner-1.0) has only the
+    // second tokenizer and text encoder (`[null, null]` for the first in its index).
+    let text_encoder_2_only = !model.has("text_encoder") && model.has("text_encoder_2");
     let second = if model.has("text_encoder_2") {
         Some((
             model.tokenizer_2()?,
@@ -272,6 +277,10 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         ))
     } else {
         None
+    };
+    let (tokenizer, text_encoder) = match (&second, text_encoder_2_only) {
+        (Some((tokenizer_2, te2)), true) => (tokenizer_2.clone(), te2.clone()),
+        _ => (model.tokenizer()?, model.text_encoder(device, &f32_opts)?),
     };
     let family = if second.is_some() {
         ModelFamily::Sdxl
@@ -289,9 +298,10 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         })
         .unwrap_or(true);
     Ok(Loaded {
-        tokenizer: model.tokenizer()?,
+        tokenizer,
         text_encoder,
         second,
+        text_encoder_2_only,
         force_zeros_for_empty_prompt,
         unet: model.unet(device, &unet_options(options))?,
         vae: model.vae(device, &f32_opts)?,
@@ -364,6 +374,7 @@ fn load_single_file(
         text_encoder: ckpt.text_encoder(device, &f32_opts)?,
         force_zeros_for_empty_prompt: second.is_some(),
         second,
+        text_encoder_2_only: false,
         unet: ckpt.unet(device, &unet_options(options))?,
         vae: ckpt.vae(device, &f32_opts)?,
         unet_config: ckpt.unet_config().clone(),

@@ -18,6 +18,9 @@ pub struct SdxlParts<'a> {
     /// `force_zeros_for_empty_prompt` (`model_index.json`, true for SDXL base): with
     /// guidance and no negative prompt, the negative embeddings are zeros.
     pub force_zeros_for_empty_prompt: bool,
+    /// The refiner's layout (diffusers' `text_encoder=None`): the prompt embeddings
+    /// are `text_encoder_2`'s alone and the first encoder is not run.
+    pub text_encoder_2_only: bool,
 }
 
 impl std::fmt::Debug for SdxlParts<'_> {
@@ -27,6 +30,7 @@ impl std::fmt::Debug for SdxlParts<'_> {
                 "force_zeros_for_empty_prompt",
                 &self.force_zeros_for_empty_prompt,
             )
+            .field("text_encoder_2_only", &self.text_encoder_2_only)
             .finish_non_exhaustive()
     }
 }
@@ -127,7 +131,7 @@ impl StableDiffusion<'_> {
     }
 
     /// One prompt through both encoders: the concatenated layer `[b, 77, d1 + d2]`
-    /// and the pooled projection `[b, p]`.
+    /// (`[b, 77, d2]` for the refiner) and the pooled projection `[b, p]`.
     fn encode_both(
         &self,
         x: &SdxlParts<'_>,
@@ -135,9 +139,6 @@ impl StableDiffusion<'_> {
         layer: HiddenLayer,
         batch: usize,
     ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        let a = self
-            .text_encoder
-            .encode(self.ids_with(self.tokenizer, prompt, batch)?, layer)?;
         let b = x
             .text_encoder_2
             .encode(self.ids_with(x.tokenizer_2, prompt, batch)?, layer)?;
@@ -147,6 +148,12 @@ impl StableDiffusion<'_> {
                 "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
             )
         })?;
+        if x.text_encoder_2_only {
+            return Ok((b.hidden_states, pooled));
+        }
+        let a = self
+            .text_encoder
+            .encode(self.ids_with(self.tokenizer, prompt, batch)?, layer)?;
         Ok((
             Tensor::cat(vec![a.hidden_states, b.hidden_states], 2),
             pooled,
