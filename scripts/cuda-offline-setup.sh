@@ -56,15 +56,22 @@ _sd_cuda_setup() {
     # Debian's llvm-config names some system libraries by path
     # (/usr/lib/x86_64-linux-gnu/libz3.so), which the bundler would turn into
     # `-llibz3`: the wrapper rewrites such paths as `-lz3`.
-    cat > "$dir/bin/llvm-config" <<WRAPPER
+    cat > "$dir/bin/llvm-config.new" <<WRAPPER
 #!/bin/sh
 # Debian's LLVM ${major} standing in for tracel's LLVM bundle (scripts/cuda-offline-setup.sh).
 out=\$("$llvm_config" "\$@") || exit \$?
 printf '%s\\n' "\$out" | tr ' ' '\\n' \\
     | sed -E 's#^/.*/lib([^/]+)\\.(so|a)(\\.[0-9.]+)?\$#-l\\1#' | paste -sd ' ' -
 WRAPPER
-    chmod +x "$dir/bin/llvm-config"
-    touch "$dir/.tracel-llvm-installed"
+    # Replace the wrapper and create the marker only when they change: the bundler's
+    # build script reruns when the marker's mtime moves, and with it cubecl-llvm and
+    # every crate above (burn, ours), so sourcing this again must leave them alone.
+    if cmp -s "$dir/bin/llvm-config.new" "$dir/bin/llvm-config"; then
+        rm -f "$dir/bin/llvm-config.new"
+    else
+        chmod +x "$dir/bin/llvm-config.new" && mv -f "$dir/bin/llvm-config.new" "$dir/bin/llvm-config"
+    fi
+    [ -e "$dir/.tracel-llvm-installed" ] || touch "$dir/.tracel-llvm-installed"
     echo "cuda-offline-setup: LLVM $("$dir/bin/llvm-config" --version) stands in for tracel-llvm ${version} ($dir)" >&2
 }
 
