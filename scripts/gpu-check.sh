@@ -1,45 +1,65 @@
 #!/usr/bin/env bash
-# GPU readiness check: parity of the tiny fixtures and SD 1.5 speed on wgpu over the
-# NVIDIA Vulkan driver, on a machine with no network and no Rust toolchain.
+# One device run: parity of the tiny fixtures on CUDA and on wgpu (Vulkan), then
+# SD 1.5 and SDXL pictures at 512x512 and 1024x1024, 20 steps, U-Net in f16, with
+# it/s, seconds per picture, load time and peak GPU memory as one table, on a GPU
+# machine with no network and no Rust toolchain.
 #
-#   scripts/gpu-check.sh build   # here, with cargo: stripped release binaries + libvulkan
-#                                # into target/gpu-check/ (carry that folder over)
-#   scripts/gpu-check.sh run     # there, from the repository root: prints a table last
+#   scripts/gpu-check.sh build      # here, with cargo: stripped release binaries with
+#                                   # wgpu + cuda (offline LLVM) and the libraries they
+#                                   # load, packed as target/gpu-check.tar.gz (< 64 MiB)
+#   scripts/gpu-check.sh run        # there, from the repository root (after unpacking
+#                                   # the archive there): prints the table last
+#   scripts/gpu-check.sh rehearse   # here: `run` on lavapipe with the tiny fixtures
 #
-# `run` builds the SD 1.5 models from tests/fixtures/configs/sd15 with random weights
-# (no weight files travel), times the U-Net (batch 2 = CFG, f16 and f32), the VAE
-# decode and the 20-step 512x512 f16 pipeline, and samples the GPU memory with
-# nvidia-smi. It must finish in under 8 minutes; each stage has its own timeout.
-# BIN_DIR overrides where the binaries are (a folder with `bench` and `suite`, e.g. links
-# to target/debug builds for a dry run on lavapipe: there the parity stage passes and
-# the SD 1.5 stages time out or hit lavapipe's 128 MiB buffer limit, as expected).
+# `run` writes random-weight diffusers folders from tests/fixtures/configs/{sd15,sdxl}
+# (f16, on the CPU: no weights travel), loads them through the owning pipeline and
+# times whole pictures; the U-Net step rate comes from the pictures (steps / (picture
+# time - one-step picture time)). Every stage has its own timeout so the whole run
+# stays under 10 minutes. Environment: BIN_DIR (default target/gpu-check), DEVICES
+# (default "cuda wgpu"), MODELS (default "sd15 sdxl"), SIZES (default "512 1024"),
+# STEPS (default 20), WORK (scratch folder, default /tmp/gpu-check), PARITY_FILTER
+# (default "models:: sdxl::sdxl_"), PARITY_TIMEOUT / PICTURE_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=target/gpu-check
 
 build() {
-  cargo build --release --features wgpu --example bench
-  cargo test --release --features wgpu --test suite --no-run
+  # shellcheck source=/dev/null
+  source scripts/cuda-offline-setup.sh
+  local profile="${PROFILE:-release}" dir
+  [ "$profile" = release ] && dir=release || dir=debug
+  local flag=()
+  [ "$profile" = release ] && flag=(--release)
+  cargo build "${flag[@]}" --features wgpu,cuda --example bench
+  cargo test "${flag[@]}" --features wgpu,cuda --test suite --no-run
   rm -rf "$OUT_DIR" && mkdir -p "$OUT_DIR/lib"
-  cp target/release/examples/bench "$OUT_DIR/bench"
+  cp "target/$dir/examples/bench" "$OUT_DIR/bench"
   local suite
-  suite=$(ls -t target/release/deps/suite-* | grep -v '\.d$' | head -1)
+  suite=$(ls -t "target/$dir"/deps/suite-* | grep -v '\.d$' | head -1)
   cp "$suite" "$OUT_DIR/suite"
   strip "$OUT_DIR/bench" "$OUT_DIR/suite"
-  # The Vulkan loader, for a GPU machine whose image lacks it (the driver's ICD is
-  # part of the NVIDIA driver itself).
-  for lib in /usr/lib/x86_64-linux-gnu/libvulkan.so.1*; do
-    [ -e "$lib" ] && cp -L "$lib" "$OUT_DIR/lib/" && break
+  # The libraries the binaries load that a bare GPU image may lack: the Vulkan loader
+  # and what Debian's LLVM links (libz3, libxml2, libzstd, ...). The NVIDIA driver
+  # (libcuda, the Vulkan ICD) is the machine's own.
+  ldd "$OUT_DIR/bench" "$OUT_DIR/suite" | awk '/=> \//{print $3}' | sort -u |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|ld-linux[^/]*)\.so' |
+    while read -r lib; do cp -L "$lib" "$OUT_DIR/lib/"; done
+  for lib in /usr/lib/x86_64-linux-gnu/libvulkan.so.1; do
+    [ -e "$lib" ] && cp -L "$lib" "$OUT_DIR/lib/"
   done
+  tar -C target -czf target/gpu-check.tar.gz gpu-check
   ls -la "$OUT_DIR" "$OUT_DIR/lib"
-  du -sh "$OUT_DIR"
+  du -sh "$OUT_DIR" target/gpu-check.tar.gz
+  local bytes
+  bytes=$(stat -c %s target/gpu-check.tar.gz)
+  if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then
+    echo "gpu-check: target/gpu-check.tar.gz is $((bytes / 1048576)) MiB, over 64 MiB" >&2
+    return 1
+  fi
 }
 
 # Makes wgpu find the NVIDIA driver through Vulkan.
 setup_vulkan() {
-  if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'; then
-    export LD_LIBRARY_PATH="$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  fi
   local icd=""
   for f in /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json; do
     [ -e "$f" ] && icd="$f" && break
@@ -68,51 +88,101 @@ sample_gpu_memory() {
   done
 }
 
+# The largest sample in $1 since line $2 (MiB), or "-" without nvidia-smi.
+peak_since() {
+  local v
+  v=$(tail -n +"$(($2 + 1))" "$1" | sort -n | tail -1)
+  echo "${v:--}"
+}
+
 run() {
+  local start=$SECONDS
   BIN_DIR="$(cd "${BIN_DIR:-$OUT_DIR}" && pwd)"
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$BIN_DIR/lib"
   setup_vulkan
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  local cfg=tests/fixtures/configs/sd15 results=/tmp/gpu-check.jsonl mem=/tmp/gpu-check-mem.txt
+  local work="${WORK:-/tmp/gpu-check}" devices="${DEVICES:-cuda wgpu}"
+  local models="${MODELS:-sd15 sdxl}" sizes="${SIZES:-512 1024}" steps="${STEPS:-20}"
+  local results="$work/results.jsonl" mem="$work/mem.txt"
+  mkdir -p "$work"
   : > "$results"; : > "$mem"
-  local baseline
-  baseline=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
 
-  echo "== parity of the tiny fixtures on wgpu (and flex)"
-  local parity="failed"
-  if SD_FIXTURES="$PWD/tests/fixtures" timeout 240 "$BIN_DIR/suite" models:: --test-threads 1; then
-    parity="passed"
-  fi
+  echo "== parity of the tiny fixtures (models::, sdxl::) on: flex $devices"
+  local dev parity=()
+  for dev in $devices; do
+    local env=(SD_FIXTURES="$PWD/tests/fixtures" SD_TEST_DEVICES="$dev")
+    [ "$dev" = cuda ] && env+=(SD_TEST_CUDA=1)
+    # shellcheck disable=SC2086
+    if env "${env[@]}" timeout "${PARITY_TIMEOUT:-150}" "$BIN_DIR/suite" ${PARITY_FILTER:-models:: sdxl::sdxl_} \
+        --test-threads 1 > "$work/parity-$dev.log" 2>&1; then
+      parity+=("$dev: $(grep -o '[0-9]* passed' "$work/parity-$dev.log" | tail -1)")
+    else
+      local failures
+      failures=$(grep -c -E 'FAILED|panicked' "$work/parity-$dev.log" || true)
+      parity+=("$dev: FAILED ($failures failures, or timed out; $work/parity-$dev.log)")
+    fi
+    echo "   ${parity[-1]}"
+  done
 
   sample_gpu_memory "$mem" &
   SAMPLER=$!
   trap 'kill "${SAMPLER:-}" 2>/dev/null || true' EXIT
-  bench() { timeout "$1" "$BIN_DIR/bench" --config "$cfg" --device wgpu --json "${@:2}" | tee -a "$results" || echo "bench $* failed or timed out"; }
-  echo "== SD 1.5 512x512 on wgpu"
-  bench 90 --component unet --f16 --runs 20
-  bench 90 --component unet --runs 10
-  bench 60 --component vae --runs 5
-  bench 120 --component pipeline --f16 --steps 20 --runs 3
+
+  local model
+  for model in $models; do
+    local cfg="${CONFIG_DIR:-tests/fixtures/configs}/$model" folder="$work/$model"
+    if [ ! -e "$folder/unet" ]; then
+      echo "== writing random f16 weights for $model"
+      timeout 240 "$BIN_DIR/bench" --config "$cfg" --component write --f16 --out "$folder" \
+        --tokenizer-files tests/fixtures/tokenizer || { echo "   writing $model failed"; continue; }
+    fi
+    for dev in $devices; do
+      local mark
+      mark=$(wc -l < "$mem")
+      echo "== $model on $dev: ${sizes// /, } pixels, one step then $steps steps each (f16 U-Net)"
+      timeout "${PICTURE_TIMEOUT:-200}" "$BIN_DIR/bench" --model "$folder" --component picture \
+        --device "$dev" --f16 --sizes "${sizes// /,}" --steps "$steps" --runs 1 --json \
+        > "$work/picture-$model-$dev.jsonl" 2> "$work/picture-$model-$dev.log" || true
+      grep '^{' "$work/picture-$model-$dev.jsonl" |
+        sed "s/^{/{\"model\":\"$model\",\"peak_mib\":\"$(peak_since "$mem" "$mark")\",/" >> "$results" || true
+      grep -q '^{' "$work/picture-$model-$dev.jsonl" ||
+        echo "{\"model\":\"$model\",\"device\":\"$dev\",\"failed\":true}" >> "$results"
+    done
+  done
   kill "$SAMPLER" 2>/dev/null || true
 
-  local peak
-  peak=$(sort -n "$mem" | tail -1)
   echo
-  echo "== gpu-check summary"
-  echo "parity (tiny fixtures, models::): $parity"
-  python3 - "$results" "${peak:-0}" "${baseline:-0}" <<'PY' || cat "$results"
+  echo "== gpu-check summary ($((SECONDS - start)) s)"
+  printf '%s\n' "${parity[@]/#/parity }"
+  python3 - "$results" <<'PY' || cat "$results"
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"{'component':<12} {'dtype':<5} {'median s':>9} {'min s':>8} {'it/s':>7}")
-for r in rows:
-    its = f"{1 / r['median_s']:.1f}" if r["component"] == "unet" else ""
-    print(f"{r['component']:<12} {r['dtype']:<5} {r['median_s']:9.4f} {r['min_s']:8.4f} {its:>7}")
-peak, base = float(sys.argv[2] or 0), float(sys.argv[3] or 0)
-print(f"peak GPU memory used: {peak:.0f} MiB (of which {base:.0f} MiB before the run)")
+print(f"{'model':<10} {'device':<6} {'size':>9} {'load s':>7} {'s/picture':>10} {'U-Net it/s':>11} {'peak GPU MiB':>13}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("failed"):
+        print(f"{r['model']:<10} {r['device']:<6}  failed or timed out")
+        continue
+    per_step = (r["median_s"] - r["one_step_s"]) / (r["steps"] - 1) if r["steps"] > 1 else None
+    its = f"{1 / per_step:.2f}" if per_step and per_step > 0 else "-"
+    size = f"{r['width']}x{r['height']}"
+    print(f"{r['model']:<10} {r['device']:<6} {size:>9} {r['load_s']:7.2f} {r['median_s']:10.3f} {its:>11} {r['peak_mib']:>13}")
 PY
+}
+
+# `run` on this machine's lavapipe with the tiny fixtures: the whole script end to
+# end, at the sizes the tiny models take. lavapipe compiles every autotune candidate
+# with LLVM on the CPU (minutes for the VAE tests), so the parity stage here takes the
+# text encoder and U-Net cases unless PARITY_FILTER says otherwise.
+rehearse() {
+  BIN_DIR="${BIN_DIR:-$OUT_DIR}" DEVICES="${DEVICES:-wgpu}" SIZES="${SIZES:-64 128}" \
+    PARITY_FILTER="${PARITY_FILTER:-models::text_encoder models::unet_matches}" \
+    PARITY_TIMEOUT="${PARITY_TIMEOUT:-900}" PICTURE_TIMEOUT="${PICTURE_TIMEOUT:-900}" \
+    CONFIG_DIR="$PWD/tests/fixtures" MODELS="${MODELS:-tiny-sd15 tiny-sdxl}" run
 }
 
 case "${1:-}" in
   build) build ;;
   run) run ;;
-  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+  rehearse) rehearse ;;
+  *) echo "usage: $0 build|run|rehearse" >&2; exit 2 ;;
 esac
