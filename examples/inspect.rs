@@ -157,6 +157,11 @@ fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
             "OpenCLIP bigG (SDXL)",
             stable_diffusion::io::model::SDXL_TEXT_ENCODER_2_PREFIX,
         ),
+        (
+            "text_encoder_2",
+            "OpenCLIP bigG (SDXL refiner)",
+            stable_diffusion::io::model::SDXL_REFINER_TEXT_ENCODER_PREFIX,
+        ),
     ] {
         let (params, dtypes, bytes) = weight_summary(source, prefix);
         if params > 0 {

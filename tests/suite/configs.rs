@@ -47,6 +47,19 @@ fn sd21_configs_give_diffusers_parameter_counts() {
     check_counts("sd21");
 }
 
+/// The built-in SDXL refiner 1.0 U-Net config (taken when a refiner single file is
+/// opened without configs) builds diffusers' parameter count for it: 2,259,526,660
+/// (`UNet2DConditionModel.from_config` on the meta device, diffusers 0.42.1).
+#[test]
+fn builtin_sdxl_refiner_unet_gives_diffusers_parameter_count() {
+    let config = UNet2DConditionConfig::from_json(
+        stable_diffusion::io::model::builtin_configs::SDXL_REFINER_UNET,
+    )
+    .unwrap();
+    let unet = UNet2DConditionModel::new(&config, &Device::flex()).unwrap();
+    assert_eq!(unet.num_params(), 2_259_526_660);
+}
+
 #[test]
 fn tiny_model_parameter_counts() {
     let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();

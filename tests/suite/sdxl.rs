@@ -314,6 +314,20 @@ fn run_sdxl_case(
     assert!(worst <= 1.0, "{name}: picture differs by {worst} / 255");
 }
 
+/// Runs every case of the refiner's index (`gen/ref_sdxl_refiner.py`) through `pipe`.
+fn check_refiner_cases(pipe: &stable_diffusion::prelude::StableDiffusionPipeline) {
+    assert_eq!(pipe.family(), stable_diffusion::prelude::ModelFamily::Sdxl);
+    let text = std::fs::read_to_string(fixture("reference/index_sdxl_refiner.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        run_sdxl_case(pipe, name, case);
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
 /// The SDXL refiner's layout (made by `gen/ref_sdxl_refiner.py`): a folder with only
 /// `text_encoder_2` / `tokenizer_2`, a U-Net over that encoder's width with the
 /// aesthetic-score time ids, `force_zeros_for_empty_prompt` false. Both cases, the
@@ -329,16 +343,45 @@ fn sdxl_refiner_matches_diffusers() {
         &LoadOptions::default(),
     )
     .unwrap();
-    assert_eq!(pipe.family(), ModelFamily::Sdxl);
-    let text = std::fs::read_to_string(fixture("reference/index_sdxl_refiner.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        run_sdxl_case(&pipe, name, case);
-        checked += 1;
-    }
-    assert_eq!(checked, 2);
+    check_refiner_cases(&pipe);
+}
+
+/// The refiner as an original single file (`gen/refiner_single_file.py`: the OpenCLIP
+/// encoder alone under `conditioner.embedders.0.model.`, as in
+/// `sd_xl_refiner_1.0.safetensors`) with the tiny folder's configs: the same cases
+/// match. Without the configs it is recognised as the refiner (built-in refiner 1.0
+/// U-Net, no first text encoder), whose real shapes the tiny file lacks: an error
+/// naming them.
+#[test]
+fn sdxl_refiner_single_file_matches_diffusers() {
+    use stable_diffusion::io::SingleFile;
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let options = LoadOptions {
+        config: Some(fixture("tiny-sdxl-refiner")),
+        ..Default::default()
+    };
+    let file = fixture("tiny-sdxl-refiner.safetensors");
+    let pipe = StableDiffusionPipeline::from_pretrained(&file, &device, &options).unwrap();
+    check_refiner_cases(&pipe);
+
+    let ckpt = SingleFile::open(&file).unwrap();
+    assert!(ckpt.is_sdxl() && ckpt.text_encoder_2_only());
+    assert_eq!(ckpt.unet_config().block_out_channels, [384, 768, 1536, 1536]);
+    assert_eq!(
+        ckpt.unet_config().projection_class_embeddings_input_dim,
+        Some(2560)
+    );
+    let err = ckpt
+        .text_encoder(&device, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no first text encoder"), "{err}");
+    let err = StableDiffusionPipeline::from_pretrained(&file, &device, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("shape"), "{err}");
 }
 
 /// The single-file SDXL checkpoint (SGM layout: `conditioner.embedders.0/1`, the

@@ -382,12 +382,17 @@ pub mod builtin_configs {
     /// SDXL base 1.0 scheduler (Euler, leading spacing).
     pub const SDXL_SCHEDULER: &str =
         include_str!("../configs/sdxl/scheduler/scheduler_config.json");
+    /// SDXL refiner 1.0 U-Net (384-wide, four levels, 4 transformer layers, cross
+    /// attention over the second text encoder's 1280 features, 5 time ids).
+    pub const SDXL_REFINER_UNET: &str = include_str!("../configs/sdxl-refiner/unet/config.json");
 }
 
 /// Prefix of SDXL's first text encoder in single files (transformers layout).
 pub const SDXL_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.transformer.";
 /// Prefix of SDXL's second text encoder in single files (OpenCLIP layout).
 pub const SDXL_TEXT_ENCODER_2_PREFIX: &str = "conditioner.embedders.1.model.";
+/// Prefix of the SDXL refiner's only text encoder (OpenCLIP bigG) in its single file.
+pub const SDXL_REFINER_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.model.";
 
 /// A `CLIPTextModelWithProjection` config, whatever its `architectures` say.
 fn with_projection(mut c: ClipTextConfig) -> ClipTextConfig {
@@ -409,6 +414,9 @@ pub struct SingleFile {
     text_encoder: ClipTextConfig,
     /// SDXL's second text encoder.
     text_encoder_2: Option<ClipTextConfig>,
+    /// Where the second text encoder's tensors are: [`SDXL_TEXT_ENCODER_2_PREFIX`], or
+    /// [`SDXL_REFINER_TEXT_ENCODER_PREFIX`] for the refiner, which has no first one.
+    text_encoder_2_prefix: &'static str,
 }
 
 impl SingleFile {
@@ -419,8 +427,23 @@ impl SingleFile {
         config_dir: impl AsRef<Path>,
     ) -> Result<Self, IoError> {
         let dir = DiffusersDir::open(config_dir)?;
+        let path = path.as_ref();
+        if !dir.has("text_encoder") && dir.has("text_encoder_2") {
+            // The refiner's folder: its single file has the one encoder under
+            // `conditioner.embedders.0.model.`.
+            let te2 = dir.text_encoder_2_config()?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                source: open_checkpoint(path)?,
+                unet: dir.unet_config()?,
+                vae: dir.vae_config()?,
+                text_encoder: te2.clone(),
+                text_encoder_2: Some(te2),
+                text_encoder_2_prefix: SDXL_REFINER_TEXT_ENCODER_PREFIX,
+            });
+        }
         let mut file = Self::with_configs(
-            path.as_ref(),
+            path,
             dir.unet_config()?,
             dir.vae_config()?,
             dir.text_encoder_config()?,
@@ -431,8 +454,9 @@ impl SingleFile {
         Ok(file)
     }
 
-    /// Opens a checkpoint, recognising SD 1.x or SD 2.x from its tensors and using the
-    /// built-in SD 1.5 / 2.1 configs; an inpainting checkpoint (a 9-channel
+    /// Opens a checkpoint, recognising SD 1.x, SD 2.x, SDXL base or the SDXL refiner
+    /// from its tensors and using the built-in configs of SD 1.5, SD 2.1, SDXL base 1.0
+    /// or the SDXL refiner 1.0; an inpainting checkpoint (a 9-channel
     /// `input_blocks.0.0` convolution) gets a 9-channel U-Net.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
         let path = path.as_ref();
@@ -440,20 +464,32 @@ impl SingleFile {
         use builtin_configs::*;
         let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
         if has("conditioner.embedders.") {
-            if !has(SDXL_TEXT_ENCODER_PREFIX) {
+            let parse = |t: &str| ClipTextConfig::from_json(t).expect("built-in config");
+            let te2 = with_projection(parse(SDXL_TEXT_ENCODER_2));
+            let vae = AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config");
+            let (unet, text_encoder, prefix) = if has(SDXL_TEXT_ENCODER_PREFIX) {
+                (SDXL_UNET, parse(SDXL_TEXT_ENCODER), SDXL_TEXT_ENCODER_2_PREFIX)
+            } else if has(SDXL_REFINER_TEXT_ENCODER_PREFIX) {
+                (
+                    SDXL_REFINER_UNET,
+                    te2.clone(),
+                    SDXL_REFINER_TEXT_ENCODER_PREFIX,
+                )
+            } else {
                 return Err(IoError::Unsupported(format!(
-                    "{}: an SDXL checkpoint with only the OpenCLIP text encoder (the refiner) \
-                     is not supported yet",
+                    "{}: an SGM checkpoint (`conditioner.embedders.*`) with neither SDXL's \
+                     CLIP ViT-L (`{SDXL_TEXT_ENCODER_PREFIX}`) nor the refiner's OpenCLIP \
+                     (`{SDXL_REFINER_TEXT_ENCODER_PREFIX}`)",
                     path.display()
                 )));
-            }
-            let parse = |t: &str| ClipTextConfig::from_json(t).expect("built-in config");
+            };
             return Ok(Self {
                 path: path.to_path_buf(),
-                unet: UNet2DConditionConfig::from_json(SDXL_UNET).expect("built-in config"),
-                vae: AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config"),
-                text_encoder: parse(SDXL_TEXT_ENCODER),
-                text_encoder_2: Some(with_projection(parse(SDXL_TEXT_ENCODER_2))),
+                unet: UNet2DConditionConfig::from_json(unet).expect("built-in config"),
+                vae,
+                text_encoder,
+                text_encoder_2: Some(te2),
+                text_encoder_2_prefix: prefix,
                 source,
             });
         }
@@ -480,6 +516,7 @@ impl SingleFile {
             vae,
             text_encoder: text,
             text_encoder_2: None,
+            text_encoder_2_prefix: SDXL_TEXT_ENCODER_2_PREFIX,
         })
     }
 
@@ -496,12 +533,22 @@ impl SingleFile {
             vae,
             text_encoder,
             text_encoder_2: None,
+            text_encoder_2_prefix: SDXL_TEXT_ENCODER_2_PREFIX,
         })
     }
 
-    /// Whether the checkpoint is SDXL (two text encoders under `conditioner.*`).
+    /// Whether the checkpoint is SDXL (text encoders under `conditioner.*`), base or
+    /// refiner.
     pub fn is_sdxl(&self) -> bool {
         self.text_encoder_2.is_some()
+    }
+
+    /// Whether the checkpoint is the SDXL refiner's layout: the OpenCLIP encoder alone
+    /// (under `conditioner.embedders.0.model.`), no CLIP ViT-L. Its prompts are encoded
+    /// by [`text_encoder_2`](Self::text_encoder_2) only; [`text_encoder`](Self::text_encoder)
+    /// is an error.
+    pub fn text_encoder_2_only(&self) -> bool {
+        self.text_encoder_2_prefix == SDXL_REFINER_TEXT_ENCODER_PREFIX
     }
 
     /// SDXL's second text encoder config, when the checkpoint is SDXL.
@@ -510,8 +557,8 @@ impl SingleFile {
     }
 
     /// SDXL: builds the second text encoder and loads `conditioner.embedders.1.model.*`
-    /// (OpenCLIP layout: fused `in_proj` split into q, k, v, `text_projection` stored
-    /// transposed).
+    /// (`conditioner.embedders.0.model.*` in the refiner; OpenCLIP layout: fused
+    /// `in_proj` split into q, k, v, `text_projection` stored transposed).
     ///
     /// # Errors
     /// A checkpoint that is not SDXL, missing or mismatched keys.
@@ -527,7 +574,7 @@ impl SingleFile {
             )));
         };
         let model = ClipTextModel::new(config, device).map_err(config_err(&self.path))?;
-        let p = SDXL_TEXT_ENCODER_2_PREFIX;
+        let p = self.text_encoder_2_prefix;
         let layers = config.num_hidden_layers;
         let mapping = KeyMapping {
             key_of: Box::new(move |path: &str| match path {
@@ -611,12 +658,25 @@ impl SingleFile {
         load_module(model, &self.source, &mapping, options.load(), "vae")
     }
 
-    /// Builds the CLIP text encoder and loads `cond_stage_model.transformer.*`.
+    /// Builds the CLIP text encoder and loads `cond_stage_model.transformer.*`
+    /// (`cond_stage_model.model.*` for SD 2.x, `conditioner.embedders.0.transformer.*`
+    /// for SDXL).
+    ///
+    /// # Errors
+    /// The SDXL refiner (no first text encoder: see
+    /// [`text_encoder_2_only`](Self::text_encoder_2_only)), missing or mismatched keys.
     pub fn text_encoder(
         &self,
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<ClipTextModel, IoError> {
+        if self.text_encoder_2_only() {
+            return Err(IoError::Unsupported(format!(
+                "{}: the SDXL refiner has no first text encoder; its prompts are encoded \
+                 by text_encoder_2 alone",
+                self.path.display()
+            )));
+        }
         if self
             .source
             .tensors()

@@ -323,7 +323,7 @@ fn load_single_file(
     options: &LoadOptions,
 ) -> Result<Loaded, PipelineError> {
     let f32_opts = ComponentOptions::default();
-    let (ckpt, tokenizer, tokenizer_2, scheduler) = match &options.config {
+    let (ckpt, tokenizer, tokenizer_2, scheduler, force_zeros) = match &options.config {
         Some(dir) => {
             let configs = DiffusersDir::open(dir)?;
             let ckpt = SingleFile::open_with_configs(path, dir)?;
@@ -332,8 +332,19 @@ fn load_single_file(
             } else {
                 None
             };
+            let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
+                (Some(t), true) => t.clone(),
+                _ => configs.tokenizer()?,
+            };
+            let force_zeros = configs
+                .model_index()?
+                .and_then(|i| {
+                    i.get("force_zeros_for_empty_prompt")
+                        .and_then(|v| v.as_bool())
+                })
+                .unwrap_or(!ckpt.text_encoder_2_only());
             let scheduler = configs.scheduler_config_text()?;
-            (ckpt, configs.tokenizer()?, tokenizer_2, scheduler)
+            (ckpt, tokenizer, tokenizer_2, scheduler, force_zeros)
         }
         None => {
             let ckpt = SingleFile::open(path)?;
@@ -344,18 +355,19 @@ fn load_single_file(
             } else {
                 ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
             };
-            // SDXL's tokenizer_2 pads with "!".
+            // SDXL's tokenizer_2 pads with "!"; the refiner has that one alone.
             let tokenizer_2 = if ckpt.is_sdxl() {
                 Some(ClipTokenizer::clip("!")?)
             } else {
                 None
             };
-            (
-                ckpt,
-                ClipTokenizer::clip(pad)?,
-                tokenizer_2,
-                scheduler.to_string(),
-            )
+            let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
+                (Some(t), true) => t.clone(),
+                _ => ClipTokenizer::clip(pad)?,
+            };
+            // SDXL base 1.0's index says true, the refiner's false.
+            let force_zeros = ckpt.is_sdxl() && !ckpt.text_encoder_2_only();
+            (ckpt, tokenizer, tokenizer_2, scheduler.to_string(), force_zeros)
         }
     };
     let family = if ckpt.is_sdxl() {
@@ -369,12 +381,17 @@ fn load_single_file(
         Some(t) => Some((t, ckpt.text_encoder_2(device, &f32_opts)?)),
         None => None,
     };
+    let text_encoder_2_only = ckpt.text_encoder_2_only();
+    let text_encoder = match (&second, text_encoder_2_only) {
+        (Some((_, te2)), true) => te2.clone(),
+        _ => ckpt.text_encoder(device, &f32_opts)?,
+    };
     Ok(Loaded {
         tokenizer,
-        text_encoder: ckpt.text_encoder(device, &f32_opts)?,
-        force_zeros_for_empty_prompt: second.is_some(),
+        text_encoder,
+        force_zeros_for_empty_prompt: force_zeros,
         second,
-        text_encoder_2_only: false,
+        text_encoder_2_only,
         unet: ckpt.unet(device, &unet_options(options))?,
         vae: ckpt.vae(device, &f32_opts)?,
         unet_config: ckpt.unet_config().clone(),
