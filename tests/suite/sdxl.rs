@@ -251,7 +251,13 @@ fn run_sdxl_case(
         .collect();
     let n_noises = noises.len();
     let noise = RecordedNoise::new(noises);
-    let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
+    // Cases whose embeddings were made outside diffusers (A1111's long prompts and
+    // weighting) keep the prompt text and options in `params`.
+    let params = &case["params"];
+    let text = |k: &str| call[k].as_str().or(params[k].as_str());
+    let mut req = GenerationRequest::new(text("prompt").unwrap())
+        .long_prompts(params["long_prompts"].as_bool().unwrap_or(false))
+        .prompt_weighting(params["prompt_weighting"].as_bool().unwrap_or(false))
         .size(32, 32)
         .guidance(call["guidance_scale"].as_f64().unwrap())
         .scheduler_choice(SchedulerChoice::Config(
@@ -268,7 +274,7 @@ fn run_sdxl_case(
             negative_target_size: size(&call["negative_target_size"]),
             ..Default::default()
         });
-    if let Some(n) = call["negative_prompt"].as_str() {
+    if let Some(n) = text("negative_prompt") {
         req = req.negative_prompt(n);
     }
     req = match call["timesteps"].as_array() {
@@ -312,6 +318,31 @@ fn run_sdxl_case(
         .map(|(a, b)| (*a as f32 - b * 255.0).abs())
         .fold(0.0f32, f32::max);
     assert!(worst <= 1.0, "{name}: picture differs by {worst} / 255");
+}
+
+/// Long prompts and A1111 weighting for SDXL (`gen/ref_sdxl_long_prompts.py`: A1111's
+/// procedure over both encoders written out with transformers, the embeddings given to
+/// `StableDiffusionXLPipeline`): a two-window weighted prompt with a weighted negative,
+/// weighting alone with the zeroed negative, a long prompt without guidance.
+#[test]
+fn sdxl_long_prompts_and_weighting_match_a1111_through_diffusers() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixture("reference/index_sdxl_long.json")).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let mut checked = 0;
+    for (name, case) in index["cases"].as_object().unwrap() {
+        run_sdxl_case(&pipe, name, case);
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
 }
 
 /// Runs every case of the refiner's index (`gen/ref_sdxl_refiner.py`) through `pipe`.

@@ -2,7 +2,7 @@
 //! attention weighting.
 
 use burn::prelude::*;
-use sd_core::{AddedConditioning, CoreError, HiddenLayer};
+use sd_core::{AddedConditioning, CoreError, HiddenLayer, PromptTokenizer, TextEncoder};
 
 use crate::composed::{GenerationOptions, StableDiffusion, invalid};
 use crate::prompt::{WeightedText, chunk_tokens, parse_prompt_attention};
@@ -86,7 +86,13 @@ impl StableDiffusion<'_> {
         }
     }
 
-    fn weighted_tokens(&self, prompt: &str, weighting: bool) -> Result<Vec<(u32, f64)>, CoreError> {
+    /// The content tokens of `prompt` by `tokenizer`, each with its A1111 weight (1
+    /// without `weighting`).
+    fn weighted_tokens(
+        tokenizer: &dyn PromptTokenizer,
+        prompt: &str,
+        weighting: bool,
+    ) -> Result<Vec<(u32, f64)>, CoreError> {
         let pieces = if weighting {
             parse_prompt_attention(prompt)
         } else {
@@ -97,34 +103,76 @@ impl StableDiffusion<'_> {
         };
         let mut tokens = Vec::new();
         for p in pieces {
-            for id in self.tokenizer.content_ids(&p.text)? {
+            for id in tokenizer.content_ids(&p.text)? {
                 tokens.push((id, p.weight));
             }
         }
         Ok(tokens)
     }
 
-    fn encode_chunks(
+    /// The prompt's and the negative prompt's tokens by `tokenizer`, cut into 75-token
+    /// windows (or truncated to one without `long_prompts`); the negative's windows
+    /// (empty without guidance) padded with empty ones to the prompt's count and back.
+    pub(crate) fn prompt_windows(
         &self,
-        chunks: &[Vec<(u32, f64)>],
+        tokenizer: &dyn PromptTokenizer,
+        o: &GenerationOptions,
+    ) -> Result<[Windows; 2], CoreError> {
+        let window = tokenizer.max_length() - 2;
+        let split = |tokens: Vec<(u32, f64)>| {
+            if o.long_prompts {
+                chunk_tokens(&tokens, window)
+            } else {
+                vec![tokens.into_iter().take(window).collect()]
+            }
+        };
+        let mut pos = split(Self::weighted_tokens(tokenizer, &o.prompt, o.prompt_weighting)?);
+        if !self.uses_cfg(o.guidance_scale) {
+            return Ok([pos, Vec::new()]);
+        }
+        let negative = o.negative_prompt.as_deref().unwrap_or("");
+        let mut neg = split(Self::weighted_tokens(tokenizer, negative, o.prompt_weighting)?);
+        while neg.len() < pos.len() {
+            neg.push(Vec::new());
+        }
+        while pos.len() < neg.len() {
+            pos.push(Vec::new());
+        }
+        Ok([pos, neg])
+    }
+
+    /// Encodes token windows as A1111 does: each window as `[BOS, tokens, EOS, pad..]`
+    /// through `encoder` at `layer`, scaled by its tokens' weights with the window's
+    /// mean restored, the windows concatenated: `[batch, 77 * windows, d]`; and the
+    /// first window's pooled projection `[batch, p]` when the encoder has one.
+    pub(crate) fn encode_windows(
+        &self,
+        tokenizer: &dyn PromptTokenizer,
+        encoder: &dyn TextEncoder,
+        windows: &[Vec<(u32, f64)>],
         layer: HiddenLayer,
         weighting: bool,
         batch: usize,
-    ) -> Result<Tensor<3>, CoreError> {
-        let len = self.tokenizer.max_length();
-        let mut parts = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            let mut ids = vec![i64::from(self.tokenizer.bos_id())];
+    ) -> Result<(Tensor<3>, Option<Tensor<2>>), CoreError> {
+        let len = tokenizer.max_length();
+        let mut parts = Vec::with_capacity(windows.len());
+        let mut pooled = None;
+        for window in windows {
+            let mut ids = vec![i64::from(tokenizer.bos_id())];
             let mut weights = vec![1.0f32];
-            for (id, w) in chunk.iter().take(len - 2) {
+            for (id, w) in window.iter().take(len - 2) {
                 ids.push(i64::from(*id));
                 weights.push(*w as f32);
             }
-            ids.push(i64::from(self.tokenizer.eos_id()));
-            ids.resize(len, i64::from(self.tokenizer.pad_id()));
+            ids.push(i64::from(tokenizer.eos_id()));
+            ids.resize(len, i64::from(tokenizer.pad_id()));
             weights.resize(len, 1.0);
             let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device);
-            let z = self.text_encoder.encode(ids, layer)?.hidden_states;
+            let out = encoder.encode(ids, layer)?;
+            if pooled.is_none() {
+                pooled = Some(out.text_embeds);
+            }
+            let z = out.hidden_states;
             let z = if weighting && weights.iter().any(|w| *w != 1.0) {
                 // A1111: scale by the weights, then restore the original mean.
                 let before = z.clone().mean().into_scalar::<f32>() as f64;
@@ -142,8 +190,11 @@ impl StableDiffusion<'_> {
             };
             parts.push(z);
         }
-        let z = Tensor::cat(parts, 1);
-        Ok(if batch > 1 { z.repeat_dim(0, batch) } else { z })
+        let repeat = |t: Tensor<3>| if batch > 1 { t.repeat_dim(0, batch) } else { t };
+        let pooled = pooled
+            .flatten()
+            .map(|p: Tensor<2>| if batch > 1 { p.repeat_dim(0, batch) } else { p });
+        Ok((repeat(Tensor::cat(parts, 1)), pooled))
     }
 
     fn encode_prompt_chunked(
@@ -152,29 +203,19 @@ impl StableDiffusion<'_> {
         layer: HiddenLayer,
         b: usize,
     ) -> Result<Tensor<3>, CoreError> {
-        let window = self.tokenizer.max_length() - 2;
-        let split = |tokens: Vec<(u32, f64)>| {
-            if o.long_prompts {
-                chunk_tokens(&tokens, window)
-            } else {
-                vec![tokens.into_iter().take(window).collect()]
-            }
-        };
-        let mut pos = split(self.weighted_tokens(&o.prompt, o.prompt_weighting)?);
+        let (tok, te) = (self.tokenizer, self.text_encoder);
+        let w = o.prompt_weighting;
+        let [pos, neg] = self.prompt_windows(tok, o)?;
+        let cond = self.encode_windows(tok, te, &pos, layer, w, b)?.0;
         if !self.uses_cfg(o.guidance_scale) {
-            return self.encode_chunks(&pos, layer, o.prompt_weighting, b);
+            return Ok(cond);
         }
-        let negative = o.negative_prompt.as_deref().unwrap_or("");
-        let mut neg = split(self.weighted_tokens(negative, o.prompt_weighting)?);
-        // Positive and negative get the same number of windows.
-        while neg.len() < pos.len() {
-            neg.push(Vec::new());
-        }
-        while pos.len() < neg.len() {
-            pos.push(Vec::new());
-        }
-        let cond = self.encode_chunks(&pos, layer, o.prompt_weighting, b)?;
-        let uncond = self.encode_chunks(&neg, HiddenLayer::Last, o.prompt_weighting, b)?;
+        let uncond = self
+            .encode_windows(tok, te, &neg, HiddenLayer::Last, w, b)?
+            .0;
         Ok(Tensor::cat(vec![uncond, cond], 0))
     }
 }
+
+/// Token windows, each token with its weight.
+pub(crate) type Windows = Vec<Vec<(u32, f64)>>;

@@ -6,6 +6,7 @@ use burn::prelude::*;
 use sd_core::{AddedConditioning, CoreError, HiddenLayer, PromptTokenizer, TextEncoder};
 
 use crate::composed::{GenerationOptions, StableDiffusion, invalid};
+use crate::prompt_encoding::Windows;
 
 /// SDXL's second tokenizer and text encoder (OpenCLIP bigG as diffusers ships it, a
 /// `CLIPTextModelWithProjection`), and how empty negative prompts are encoded.
@@ -168,14 +169,12 @@ impl StableDiffusion<'_> {
         x: &SdxlParts<'_>,
         o: &GenerationOptions,
     ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        if o.long_prompts || o.prompt_weighting {
-            return Err(CoreError::Unsupported(
-                "long prompts and prompt weighting are not supported for SDXL yet".into(),
-            ));
-        }
         let b = o.batch_size;
         // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
         let layer = HiddenLayer::SkipRaw(o.clip_skip.unwrap_or(0) + 1);
+        if o.long_prompts || o.prompt_weighting {
+            return self.encode_prompt_sdxl_windows(x, o, layer);
+        }
         let (pe, pp) = self.encode_both(x, &o.prompt, layer, b)?;
         if !self.uses_cfg(o.guidance_scale) {
             return Ok((pe, pp));
@@ -185,6 +184,58 @@ impl StableDiffusion<'_> {
             (n, _) => {
                 self.encode_both(x, n.as_deref().unwrap_or(""), HiddenLayer::SkipRaw(1), b)?
             }
+        };
+        Ok((Tensor::cat(vec![ne, pe], 0), Tensor::cat(vec![np, pp], 0)))
+    }
+
+    /// Long prompts and A1111 weighting for SDXL, as A1111 does them: the same
+    /// 75-token windows through both encoders, each encoder's windows weighted (its
+    /// own mean restored) and concatenated along the sequence, the two encoders along
+    /// the features: `[b, 77 * windows, d1 + d2]`; the pooled projection is the second
+    /// encoder's of the first window. Negatives as [`Self::encode_prompt_sdxl`].
+    fn encode_prompt_sdxl_windows(
+        &self,
+        x: &SdxlParts<'_>,
+        o: &GenerationOptions,
+        layer: HiddenLayer,
+    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
+        let (b, w) = (o.batch_size, o.prompt_weighting);
+        let [pos2, neg2] = self.prompt_windows(x.tokenizer_2, o)?;
+        let [pos1, neg1] = if x.text_encoder_2_only {
+            [Vec::new(), Vec::new()]
+        } else {
+            self.prompt_windows(self.tokenizer, o)?
+        };
+        let encode = |w2: &Windows, w1: &Windows, layer| -> Result<_, CoreError> {
+            let (h2, pooled) =
+                self.encode_windows(x.tokenizer_2, x.text_encoder_2, w2, layer, w, b)?;
+            let pooled = pooled.ok_or_else(|| {
+                invalid(
+                    "text_encoder_2",
+                    "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
+                )
+            })?;
+            if x.text_encoder_2_only {
+                return Ok((h2, pooled));
+            }
+            let h1 = self
+                .encode_windows(self.tokenizer, self.text_encoder, w1, layer, w, b)?
+                .0;
+            if h1.dims()[1] != h2.dims()[1] {
+                return Err(invalid(
+                    "tokenizer_2",
+                    "the two tokenizers cut the prompt into different numbers of windows",
+                ));
+            }
+            Ok((Tensor::cat(vec![h1, h2], 2), pooled))
+        };
+        let (pe, pp) = encode(&pos2, &pos1, layer)?;
+        if !self.uses_cfg(o.guidance_scale) {
+            return Ok((pe, pp));
+        }
+        let (ne, np) = match (&o.negative_prompt, x.force_zeros_for_empty_prompt) {
+            (None, true) => (pe.zeros_like(), pp.zeros_like()),
+            _ => encode(&neg2, &neg1, HiddenLayer::SkipRaw(1))?,
         };
         Ok((Tensor::cat(vec![ne, pe], 0), Tensor::cat(vec![np, pp], 0)))
     }
