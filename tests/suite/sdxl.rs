@@ -398,7 +398,10 @@ fn sdxl_refiner_single_file_matches_diffusers() {
 
     let ckpt = SingleFile::open(&file).unwrap();
     assert!(ckpt.is_sdxl() && ckpt.text_encoder_2_only());
-    assert_eq!(ckpt.unet_config().block_out_channels, [384, 768, 1536, 1536]);
+    assert_eq!(
+        ckpt.unet_config().block_out_channels,
+        [384, 768, 1536, 1536]
+    );
     assert_eq!(
         ckpt.unet_config().projection_class_embeddings_input_dim,
         Some(2560)

@@ -468,7 +468,11 @@ impl SingleFile {
             let te2 = with_projection(parse(SDXL_TEXT_ENCODER_2));
             let vae = AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config");
             let (unet, text_encoder, prefix) = if has(SDXL_TEXT_ENCODER_PREFIX) {
-                (SDXL_UNET, parse(SDXL_TEXT_ENCODER), SDXL_TEXT_ENCODER_2_PREFIX)
+                (
+                    SDXL_UNET,
+                    parse(SDXL_TEXT_ENCODER),
+                    SDXL_TEXT_ENCODER_2_PREFIX,
+                )
             } else if has(SDXL_REFINER_TEXT_ENCODER_PREFIX) {
                 (
                     SDXL_REFINER_UNET,

@@ -595,7 +595,8 @@ pub fn load_lora_factors<M: Module>(module: M, weights: &LoraWeights) -> Result<
                 let dtype = t.dtype();
                 let n: Tensor<D> =
                     Tensor::from_data(TensorData::new(values, dims), (&device, DType::F32));
-                n.cast(dtype)
+                // A new tensor is not tracked: keep the factor trainable.
+                n.cast(dtype).set_require_grad(t.is_require_grad())
             })
         }
     }

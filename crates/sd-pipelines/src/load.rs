@@ -367,7 +367,13 @@ fn load_single_file(
             };
             // SDXL base 1.0's index says true, the refiner's false.
             let force_zeros = ckpt.is_sdxl() && !ckpt.text_encoder_2_only();
-            (ckpt, tokenizer, tokenizer_2, scheduler.to_string(), force_zeros)
+            (
+                ckpt,
+                tokenizer,
+                tokenizer_2,
+                scheduler.to_string(),
+                force_zeros,
+            )
         }
     };
     let family = if ckpt.is_sdxl() {

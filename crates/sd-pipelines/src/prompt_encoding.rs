@@ -126,12 +126,20 @@ impl StableDiffusion<'_> {
                 vec![tokens.into_iter().take(window).collect()]
             }
         };
-        let mut pos = split(Self::weighted_tokens(tokenizer, &o.prompt, o.prompt_weighting)?);
+        let mut pos = split(Self::weighted_tokens(
+            tokenizer,
+            &o.prompt,
+            o.prompt_weighting,
+        )?);
         if !self.uses_cfg(o.guidance_scale) {
             return Ok([pos, Vec::new()]);
         }
         let negative = o.negative_prompt.as_deref().unwrap_or("");
-        let mut neg = split(Self::weighted_tokens(tokenizer, negative, o.prompt_weighting)?);
+        let mut neg = split(Self::weighted_tokens(
+            tokenizer,
+            negative,
+            o.prompt_weighting,
+        )?);
         while neg.len() < pos.len() {
             neg.push(Vec::new());
         }

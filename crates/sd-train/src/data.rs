@@ -64,10 +64,33 @@ pub fn read_folder(dir: &Path, default_caption: Option<&str>) -> Result<Vec<Exam
         .collect()
 }
 
+/// A training picture as the model sees it, with where it came from (SDXL's
+/// micro-conditioning).
+#[derive(Debug, Clone)]
+pub struct TrainingImage {
+    /// `[1, 3, resolution, resolution]`, values in `[-1, 1]`.
+    pub pixels: Tensor<4>,
+    /// The file's size `(height, width)` before resizing (SDXL's `original_size`).
+    pub original_size: (usize, usize),
+    /// The crop's top-left corner `(top, left)` in the resized picture (SDXL's
+    /// `crops_coords_top_left`).
+    pub crop_top_left: (usize, usize),
+}
+
+/// Python's `round(n / 2)` (half to even), as torchvision's `CenterCrop` places it.
+fn half_rounded_to_even(n: usize) -> usize {
+    let half = n / 2;
+    if n % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
+}
+
 /// Loads an image, resizes its shorter side to `resolution` (bilinear with
-/// antialiasing, as torchvision's `Resize`) and crops `resolution` x `resolution`
-/// from the centre (or the top-left corner without `center_crop`), optionally
-/// mirrored.
+/// antialiasing, the longer side truncated, as torchvision's `Resize`) and crops
+/// `resolution` x `resolution` from the centre (placed as torchvision's `CenterCrop`)
+/// or the top-left corner without `center_crop`, optionally mirrored.
 ///
 /// # Shapes
 /// - output: `[1, 3, resolution, resolution]`, values in `[-1, 1]`
@@ -78,6 +101,17 @@ pub fn load_training_image(
     flip: bool,
     device: &Device,
 ) -> Result<Tensor<4>, TrainError> {
+    Ok(load_training_image_with_sizes(path, resolution, center_crop, flip, device)?.pixels)
+}
+
+/// [`load_training_image`], with the original size and the crop corner.
+pub fn load_training_image_with_sizes(
+    path: &Path,
+    resolution: usize,
+    center_crop: bool,
+    flip: bool,
+    device: &Device,
+) -> Result<TrainingImage, TrainError> {
     let err = |message: String| TrainError::Data {
         path: path.to_path_buf(),
         message,
@@ -89,18 +123,22 @@ pub fn load_training_image(
     }
     let img = image::open(path).map_err(|e| err(e.to_string()))?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let scale = resolution as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as usize).max(resolution),
-        ((h as f64 * scale).round() as usize).max(resolution),
-    );
+    let short = w.min(h);
+    let (nw, nh) = if w <= h {
+        (resolution, h * resolution / short)
+    } else {
+        (w * resolution / short, resolution)
+    };
     let img = if (nw, nh) != (w, h) {
         image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
     } else {
         img
     };
     let (x0, y0) = if center_crop {
-        ((nw - resolution) / 2, (nh - resolution) / 2)
+        (
+            half_rounded_to_even(nw - resolution),
+            half_rounded_to_even(nh - resolution),
+        )
     } else {
         (0, 0)
     };
@@ -114,8 +152,21 @@ pub fn load_training_image(
             }
         }
     }
-    Ok(Tensor::from_data(
-        TensorData::new(v, [1, 3, resolution, resolution]),
-        device,
-    ))
+    Ok(TrainingImage {
+        pixels: Tensor::from_data(TensorData::new(v, [1, 3, resolution, resolution]), device),
+        original_size: (h, w),
+        crop_top_left: (y0, x0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::half_rounded_to_even;
+
+    #[test]
+    fn center_crop_corner_rounds_half_to_even_as_python() {
+        // round(0.5) = 0, round(1.5) = 2, round(2.5) = 2, round(3.5) = 4.
+        let got: Vec<usize> = [0, 1, 2, 3, 4, 5, 7, 8].map(half_rounded_to_even).to_vec();
+        assert_eq!(got, [0, 0, 1, 2, 2, 2, 4, 4]);
+    }
 }

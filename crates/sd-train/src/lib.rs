@@ -3,6 +3,8 @@
 //! - [`trainer`]: the training loop (full fine-tuning or LoRA) over an image-caption
 //!   folder, with checkpoints in the diffusers layout, EMA, gradient accumulation,
 //!   validation loss, sample grids, and resumable runs;
+//! - [`conditioning`]: caption embeddings (SD 1.x/2.x and SDXL, with SDXL's pooled
+//!   embeddings and time ids);
 //! - [`controlnet`]: the ControlNet training loss (the U-Net frozen);
 //! - [`objective`]: DDPM noising, epsilon / v targets, min-SNR weighting;
 //! - [`optim`]: learning-rate schedules with warm-up, global-norm clipping, EMA,
@@ -26,6 +28,7 @@
 //! example of the `stable-diffusion` package and `docs/training.md`).
 #![warn(missing_docs)]
 
+pub mod conditioning;
 pub mod controlnet;
 pub mod data;
 pub mod error;
@@ -36,6 +39,7 @@ pub mod synthetic;
 pub mod trainer;
 pub mod vae;
 
+pub use conditioning::{CaptionEncoder, Conditioning};
 pub use controlnet::controlnet_loss;
 pub use error::TrainError;
 pub use objective::Objective;

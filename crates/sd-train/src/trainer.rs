@@ -1,5 +1,6 @@
-//! The training loop: full fine-tuning or LoRA of a diffusers model's U-Net on an
-//! image-caption folder, with checkpoints in the diffusers layout and resumable runs.
+//! The training loop: full fine-tuning or LoRA of a diffusers model's U-Net (SD 1.x,
+//! SD 2.x or SDXL) on an image-caption folder, with checkpoints in the diffusers layout
+//! and resumable runs.
 //!
 //! What a run writes under `output`:
 //! - `log.csv` (see [`crate::monitor::CsvLog`]) and `loss.png`, redrawn at each log row;
@@ -26,17 +27,18 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use sd_core::{HiddenLayer, NoiseRng, PromptTokenizer, Steps};
+use sd_core::{NoiseRng, Steps};
 use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat, LoraToSave};
 use sd_models::lora::{
     LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
 };
-use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
+use sd_models::{AutoencoderKL, UNet2DConditionConfig, UNet2DConditionModel};
 use sd_pipelines::{GenerationOptions, StableDiffusion};
 use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Example, load_training_image, read_folder};
+use crate::conditioning::{CaptionEncoder, Conditioning};
+use crate::data::{Example, load_training_image_with_sizes, read_folder};
 use crate::error::TrainError;
 use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
 use crate::objective::Objective;
@@ -289,8 +291,8 @@ pub struct Progress {
 struct Item {
     /// VAE moments `[1, 2c, h, w]` (cached latents), or the image `[1, 3, H, W]`.
     pixels_or_moments: Tensor<4>,
-    /// Prompt embedding `[1, 77, d]`.
-    embedding: Tensor<3>,
+    /// The caption's conditioning (SDXL: with the picture's time ids).
+    cond: Conditioning,
 }
 
 /// A training run over loaded models.
@@ -299,16 +301,15 @@ pub struct Trainer {
     device: Device,
     vae: AutoencoderKL,
     scaling_factor: f64,
-    text_encoder: ClipTextModel,
-    tokenizer: sd_io::ClipTokenizer,
+    captions: CaptionEncoder,
     scheduler_config: SchedulerConfig,
     unet_config: UNet2DConditionConfig,
     objective: Objective,
     train: Vec<Item>,
     validation: Vec<Item>,
     class: Vec<Item>,
-    /// The empty prompt's embedding `[1, 77, d]`, when caption dropout is on.
-    empty_embedding: Option<Tensor<3>>,
+    /// The empty prompt's conditioning, when caption dropout is on.
+    empty_embedding: Option<Conditioning>,
     /// The examples used, training then validation.
     pub examples: Vec<Example>,
 }
@@ -328,20 +329,6 @@ fn latest_checkpoint(output: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(s, _)| *s)
 }
 
-/// The last hidden state `[1, 77, d]` of `caption`.
-fn embed(
-    tokenizer: &sd_io::ClipTokenizer,
-    text_encoder: &ClipTextModel,
-    caption: &str,
-    device: &Device,
-) -> Result<Tensor<3>, TrainError> {
-    let ids = tokenizer.encode_padded(caption)?;
-    let n = ids.len();
-    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
-    Ok(text_encoder.forward(ids, HiddenLayer::Last).hidden_states)
-}
-
 fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
     std::fs::create_dir_all(to).map_err(|e| TrainError::file(to, e))?;
     for entry in std::fs::read_dir(from).map_err(|e| TrainError::file(from, e))? {
@@ -357,9 +344,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
 }
 
 impl Trainer {
-    /// Loads the frozen parts (VAE, text encoder, tokenizer, scheduler config) of
+    /// Loads the frozen parts (VAE, text encoder(s), tokenizer(s), scheduler config) of
     /// `config.model` on `device`, reads the data set and prepares every example
-    /// (prompt embeddings always cached; latents with `cache_latents`).
+    /// (prompt embeddings, and SDXL's pooled embeddings and time ids, always cached;
+    /// latents with `cache_latents`).
     pub fn new(config: TrainConfig, device: Device) -> Result<Self, TrainError> {
         config.validate()?;
         let dir = DiffusersDir::open(&config.model)?;
@@ -367,8 +355,7 @@ impl Trainer {
         let device = device.without_autodiff();
         let vae = dir.vae(&device, &options)?;
         let scaling_factor = dir.vae_config()?.scaling_factor;
-        let text_encoder = dir.text_encoder(&device, &options)?;
-        let tokenizer = dir.tokenizer()?;
+        let captions = CaptionEncoder::from_dir(&dir, &device)?;
         let mut scheduler_config = SchedulerConfig::from_json(&dir.scheduler_config_text()?)?;
         if let Some(p) = &config.prediction_type {
             scheduler_config.prediction_type = Some(p.clone());
@@ -388,7 +375,7 @@ impl Trainer {
             });
         }
         let empty_embedding = match config.caption_dropout > 0.0 {
-            true => Some(embed(&tokenizer, &text_encoder, "", &device)?),
+            true => Some(captions.encode("", &device)?),
             false => None,
         };
         let mut trainer = Self {
@@ -397,8 +384,7 @@ impl Trainer {
             device,
             vae,
             scaling_factor,
-            text_encoder,
-            tokenizer,
+            captions,
             scheduler_config,
             unet_config,
             objective,
@@ -467,13 +453,13 @@ impl Trainer {
     ) -> Result<Tensor<4>, TrainError> {
         let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
         let sd = StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
+            tokenizer: self.captions.tokenizer(),
+            text_encoder: self.captions.text_encoder(),
             unet,
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
-            sdxl: None,
+            sdxl: self.captions.sdxl_parts(),
             scheduler: &scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),
@@ -497,27 +483,48 @@ impl Trainer {
         Ok(Tensor::cat(images, 0))
     }
 
-    fn embed(&self, caption: &str) -> Result<Tensor<3>, TrainError> {
-        embed(&self.tokenizer, &self.text_encoder, caption, &self.device)
-    }
-
     fn prepare(&self, ex: &Example, flip: bool) -> Result<Item, TrainError> {
-        let image = load_training_image(
+        let r = self.config.resolution;
+        let image = load_training_image_with_sizes(
             &ex.image,
-            self.config.resolution,
+            r,
             self.config.center_crop,
             flip,
             &self.device,
         )?;
         let pixels_or_moments = if self.config.cache_latents {
-            self.vae.encode_moments(image)
+            self.vae.encode_moments(image.pixels)
         } else {
-            image
+            image.pixels
         };
+        let cond = self
+            .captions
+            .encode(&ex.caption, &self.device)?
+            .with_time_ids(image.original_size, image.crop_top_left, (r, r));
         Ok(Item {
             pixels_or_moments,
-            embedding: self.embed(&ex.caption)?,
+            cond,
         })
+    }
+
+    /// What the trainer prepared for training example `i` (flipped copies count):
+    /// the conditioning and, with `cache_latents`, the VAE moments `[1, 2c, h, w]`
+    /// (else the picture `[1, 3, H, W]` in `[-1, 1]`).
+    pub fn prepared(&self, i: usize) -> Option<(Conditioning, Tensor<4>)> {
+        self.train
+            .get(i)
+            .map(|item| (item.cond.clone(), item.pixels_or_moments.clone()))
+    }
+
+    /// The U-Net's prediction for noisy latents under `rows`' conditioning.
+    fn predict(
+        unet: &UNet2DConditionModel,
+        noisy: Tensor<4>,
+        t: Tensor<1>,
+        rows: &[Conditioning],
+    ) -> Tensor<4> {
+        let (context, added) = Conditioning::batch(rows);
+        unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
     }
 
     /// Latents `scaling_factor * (mean + std * eps)` of an item.
@@ -589,7 +596,7 @@ impl Trainer {
                 let noisy = self.objective.add_noise(x0.clone(), noise.clone(), &[t]);
                 let target = self.objective.target(x0.clone(), noise, &[t]);
                 let tt = Tensor::<1>::from_floats([t as f32], &self.device);
-                let pred = unet.forward(noisy, tt, item.embedding.clone());
+                let pred = Self::predict(&unet, noisy, tt, std::slice::from_ref(&item.cond));
                 total += self.objective.loss(pred, target, &[t]).into_scalar::<f32>() as f64;
                 n += 1;
             }
@@ -741,12 +748,18 @@ impl Trainer {
                     let item = &self.train[train_order.pick(global)];
                     latents.push(self.latents(item, &mut rng));
                     // Drawn only when asked, so runs without dropout keep their
-                    // random stream.
+                    // random stream. The empty caption keeps the picture's time ids.
                     let empty = self
                         .empty_embedding
                         .as_ref()
                         .filter(|_| rng.random::<f64>() < c.caption_dropout);
-                    embeds.push(empty.unwrap_or(&item.embedding).clone());
+                    embeds.push(match empty {
+                        Some(e) => Conditioning {
+                            time_ids: item.cond.time_ids.clone(),
+                            ..e.clone()
+                        },
+                        None => item.cond.clone(),
+                    });
                 }
                 // Prior preservation: as many class images, after the instance ones.
                 let with_prior = !self.class.is_empty();
@@ -754,12 +767,11 @@ impl Trainer {
                     for k in 0..micro {
                         let item = &self.class[class_order.pick(first + k)];
                         latents.push(self.latents(item, &mut rng));
-                        embeds.push(item.embedding.clone());
+                        embeds.push(item.cond.clone());
                     }
                 }
                 let rows = latents.len();
                 let x0 = Tensor::cat(latents, 0);
-                let context = Tensor::cat(embeds, 0);
                 let timesteps: Vec<usize> = (0..rows)
                     .map(|_| rng.random_range(0..self.objective.num_train_timesteps()))
                     .collect();
@@ -776,7 +788,7 @@ impl Trainer {
                         .as_slice(),
                     &self.device,
                 );
-                let pred = unet.forward(noisy, t, context);
+                let pred = Self::predict(&unet, noisy, t, &embeds);
                 let loss = if with_prior {
                     let (ts_i, ts_c) = timesteps.split_at(micro);
                     let instance = self.objective.loss(
@@ -901,7 +913,14 @@ impl Trainer {
             Some(_) => self.save_unet_or_lora(unet, out, true),
             None => {
                 let model = out.join("model");
-                for part in ["text_encoder", "vae", "tokenizer", "scheduler"] {
+                for part in [
+                    "text_encoder",
+                    "text_encoder_2",
+                    "vae",
+                    "tokenizer",
+                    "tokenizer_2",
+                    "scheduler",
+                ] {
                     let from = self.config.model.join(part);
                     if from.is_dir() {
                         copy_dir(&from, &model.join(part))?;
