@@ -68,6 +68,10 @@ struct Args {
     /// LoRA alpha (default: the rank).
     #[arg(long)]
     lora_alpha: Option<f32>,
+    /// With --lora-rank: also train LoRA factors of the text encoder(s) (diffusers'
+    /// --train_text_encoder; SDXL: both).
+    #[arg(long)]
+    train_text_encoder: bool,
     /// Keep an EMA of the weights with this decay.
     #[arg(long)]
     ema: Option<f64>,
@@ -161,7 +165,17 @@ fn config(a: &Args) -> Result<TrainConfig, AnyError> {
         c.lora = Some(LoraTrainConfig {
             rank,
             alpha: a.lora_alpha.unwrap_or(rank as f32),
+            train_text_encoder: a.train_text_encoder,
         });
+    } else if a.train_text_encoder {
+        match c.lora.as_mut() {
+            Some(l) => l.train_text_encoder = true,
+            None => {
+                return Err(
+                    "--train-text-encoder trains LoRA factors: give --lora-rank too".into(),
+                );
+            }
+        }
     }
     if a.ema.is_some() {
         c.ema_decay = a.ema;

@@ -6,16 +6,21 @@
 #
 #   scripts/gpu-check.sh build      # here, with cargo: stripped release binaries with
 #                                   # wgpu + cuda (offline LLVM) and the libraries they
-#                                   # load, packed as target/gpu-check.tar.gz (< 64 MiB)
-#   scripts/gpu-check.sh run        # there, from the repository root (after unpacking
-#                                   # the archive there): prints the table last
+#                                   # load, packed as target/gpu-check.tar.xz (< 64 MiB)
+#   scripts/gpu-check.sh unpack     # there: target/gpu-check.tar.xz -> target/gpu-check/
+#                                   # (tar + xz, or Python's lzma where xz is missing)
+#   scripts/gpu-check.sh run        # there, from the repository root: prints the table
 #   scripts/gpu-check.sh rehearse   # here: `run` on lavapipe with the tiny fixtures
+#
+# On the device tool: carry ["target/gpu-check.tar.xz"] and run
+#   scripts/gpu-check.sh unpack && scripts/gpu-check.sh run
 #
 # `run` writes random-weight diffusers folders from tests/fixtures/configs/{sd15,sdxl}
 # (f16, on the CPU: no weights travel), loads them through the owning pipeline and
 # times whole pictures; the U-Net step rate comes from the pictures (steps / (picture
-# time - one-step picture time)). Every stage has its own timeout so the whole run
-# stays under 10 minutes. Environment: BIN_DIR (default target/gpu-check), DEVICES
+# time - one-step picture time)). Every stage has its own timeout, cut to what is left
+# of a whole-run budget (BUDGET, default 540 s) so the run ends, table printed, in
+# under 10 minutes whatever hangs. Environment: BIN_DIR (default target/gpu-check), DEVICES
 # (default "cuda wgpu"), MODELS (default "sd15 sdxl"), SIZES (default "512 1024"),
 # STEPS (default 20), WORK (scratch folder, default /tmp/gpu-check), PARITY_FILTER
 # (default "models:: sdxl::sdxl_"), PARITY_TIMEOUT / PICTURE_TIMEOUT (seconds).
@@ -47,15 +52,38 @@ build() {
   for lib in /usr/lib/x86_64-linux-gnu/libvulkan.so.1; do
     [ -e "$lib" ] && cp -L "$lib" "$OUT_DIR/lib/"
   done
-  tar -C target -czf target/gpu-check.tar.gz gpu-check
+  # The two binaries share most of their bytes (LLVM, burn, cubecl); a dictionary
+  # larger than one binary lets xz find the second in the first: 320 MB of stripped
+  # binaries pack to ~40 MiB (gzip: 95 MiB). Decompressing needs ~400 MiB of memory.
+  tar -C target -cf - gpu-check | xz -T1 --lzma2=preset=9e,dict=384MiB > target/gpu-check.tar.xz
   ls -la "$OUT_DIR" "$OUT_DIR/lib"
-  du -sh "$OUT_DIR" target/gpu-check.tar.gz
+  du -sh "$OUT_DIR" target/gpu-check.tar.xz
   local bytes
-  bytes=$(stat -c %s target/gpu-check.tar.gz)
+  bytes=$(stat -c %s target/gpu-check.tar.xz)
   if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then
-    echo "gpu-check: target/gpu-check.tar.gz is $((bytes / 1048576)) MiB, over 64 MiB" >&2
+    echo "gpu-check: target/gpu-check.tar.xz is $((bytes / 1048576)) MiB, over 64 MiB" >&2
     return 1
   fi
+}
+
+unpack() {
+  local archive=target/gpu-check.tar.xz
+  [ -e "$archive" ] || { echo "gpu-check: no $archive (carry it)" >&2; return 1; }
+  if command -v xz > /dev/null; then
+    tar -C target -xJf "$archive"
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+      "$archive" target
+  fi
+  ls -la "$OUT_DIR"
+}
+
+# Seconds a stage may take: its own limit, cut to what is left of the run's budget
+# (at least 1, so a late stage fails fast instead of overrunning).
+stage_timeout() {
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt 1 ] && left=1
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
 }
 
 # Makes wgpu find the NVIDIA driver through Vulkan.
@@ -97,6 +125,7 @@ peak_since() {
 
 run() {
   local start=$SECONDS
+  DEADLINE=$((SECONDS + ${BUDGET:-540}))
   BIN_DIR="$(cd "${BIN_DIR:-$OUT_DIR}" && pwd)"
   export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$BIN_DIR/lib"
   setup_vulkan
@@ -113,7 +142,7 @@ run() {
     local env=(SD_FIXTURES="$PWD/tests/fixtures" SD_TEST_DEVICES="$dev")
     [ "$dev" = cuda ] && env+=(SD_TEST_CUDA=1)
     # shellcheck disable=SC2086
-    if env "${env[@]}" timeout "${PARITY_TIMEOUT:-150}" "$BIN_DIR/suite" ${PARITY_FILTER:-models:: sdxl::sdxl_} \
+    if env "${env[@]}" timeout "$(stage_timeout "${PARITY_TIMEOUT:-150}")" "$BIN_DIR/suite" ${PARITY_FILTER:-models:: sdxl::sdxl_} \
         --test-threads 1 > "$work/parity-$dev.log" 2>&1; then
       parity+=("$dev: $(grep -o '[0-9]* passed' "$work/parity-$dev.log" | tail -1)")
     else
@@ -133,14 +162,14 @@ run() {
     local cfg="${CONFIG_DIR:-tests/fixtures/configs}/$model" folder="$work/$model"
     if [ ! -e "$folder/unet" ]; then
       echo "== writing random f16 weights for $model"
-      timeout 240 "$BIN_DIR/bench" --config "$cfg" --component write --f16 --out "$folder" \
+      timeout "$(stage_timeout 240)" "$BIN_DIR/bench" --config "$cfg" --component write --f16 --out "$folder" \
         --tokenizer-files tests/fixtures/tokenizer || { echo "   writing $model failed"; continue; }
     fi
     for dev in $devices; do
       local mark
       mark=$(wc -l < "$mem")
       echo "== $model on $dev: ${sizes// /, } pixels, one step then $steps steps each (f16 U-Net)"
-      timeout "${PICTURE_TIMEOUT:-200}" "$BIN_DIR/bench" --model "$folder" --component picture \
+      timeout "$(stage_timeout "${PICTURE_TIMEOUT:-200}")" "$BIN_DIR/bench" --model "$folder" --component picture \
         --device "$dev" --f16 --sizes "${sizes// /,}" --steps "$steps" --runs 1 --json \
         > "$work/picture-$model-$dev.jsonl" 2> "$work/picture-$model-$dev.log" || true
       grep '^{' "$work/picture-$model-$dev.jsonl" |
@@ -177,12 +206,14 @@ rehearse() {
   BIN_DIR="${BIN_DIR:-$OUT_DIR}" DEVICES="${DEVICES:-wgpu}" SIZES="${SIZES:-64 128}" \
     PARITY_FILTER="${PARITY_FILTER:-models::text_encoder models::unet_matches}" \
     PARITY_TIMEOUT="${PARITY_TIMEOUT:-900}" PICTURE_TIMEOUT="${PICTURE_TIMEOUT:-900}" \
-    CONFIG_DIR="$PWD/tests/fixtures" MODELS="${MODELS:-tiny-sd15 tiny-sdxl}" run
+    CONFIG_DIR="$PWD/tests/fixtures" MODELS="${MODELS:-tiny-sd15 tiny-sdxl}" \
+    BUDGET="${BUDGET:-3600}" run
 }
 
 case "${1:-}" in
   build) build ;;
+  unpack) unpack ;;
   run) run ;;
   rehearse) rehearse ;;
-  *) echo "usage: $0 build|run|rehearse" >&2; exit 2 ;;
+  *) echo "usage: $0 build|unpack|run|rehearse" >&2; exit 2 ;;
 esac

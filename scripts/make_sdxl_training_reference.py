@@ -5,7 +5,10 @@
     python scripts/make_sdxl_training_reference.py
     # writes tests/fixtures/training_sdxl/data/{tall.png, tall.txt} (the data folder),
     #        tests/fixtures/training_sdxl/initial_lora/pytorch_lora_weights.safetensors,
-    #        tests/fixtures/reference/training_sdxl.safetensors
+    #        tests/fixtures/reference/training_sdxl.safetensors, and with the text
+    #        encoders trained too (`--train_text_encoder`, part 2 below):
+    #        tests/fixtures/training_sdxl/initial_lora_te/pytorch_lora_weights.safetensors,
+    #        tests/fixtures/reference/training_sdxl_te.safetensors
 
 Needs torch, diffusers 0.42.1, peft and safetensors.
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -155,3 +158,84 @@ for m in MODULES:
         rec[f"param.{m}.{which}"] = factor(m, which).detach().clone()
 save_file({k: v.contiguous().float() for k, v in rec.items()}, os.path.join(root, "reference", "training_sdxl.safetensors"))
 print(f"loss {loss.item():.6f}, grad norm {rec['grad_norm'].item():.4f}, time ids {add_time_ids.tolist()}")
+
+
+# --------------------------------------------------------------------------------------
+# Part 2, `--train_text_encoder`: LoRA on both text encoders as well (the recipe's
+# `text_lora_config`: q_proj, k_proj, v_proj, out_proj, same rank and alpha), the
+# caption encoded with gradients at the step, one AdamW step over every LoRA factor.
+# Writes training_sdxl/initial_lora_te/ and reference/training_sdxl_te.safetensors.
+# --------------------------------------------------------------------------------------
+TE_MODULES = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.self_attn.out_proj"]
+pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, add_watermarker=False)
+te1, te2, unet = pipe.text_encoder, pipe.text_encoder_2, pipe.unet
+for m in (unet, te1, te2):
+    m.requires_grad_(False)
+unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                            target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+text_lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+# transformers' `add_adapter` wants a newer PEFT than PyPI has; PEFT's own injection
+# is what it calls.
+te1 = inject_adapter_in_model(text_lora, te1)
+te2 = inject_adapter_in_model(text_lora, te2)
+g = torch.Generator().manual_seed(23)
+with torch.no_grad():
+    for m in (unet, te1, te2):
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+StableDiffusionXLPipeline.save_lora_weights(
+    os.path.join(out_dir, "initial_lora_te"),
+    unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+    text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te1)),
+    text_encoder_2_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te2)))
+lora_params = [p for m in (unet, te1, te2) for p in m.parameters() if p.requires_grad]
+named = {"unet": dict(unet.named_parameters()), "te1": dict(te1.named_parameters()),
+         "te2": dict(te2.named_parameters())}
+watch = [("unet", m) for m in MODULES[:2]] + [(k, m) for k in ("te1", "te2") for m in TE_MODULES]
+
+
+def factor2(model, module, which):
+    # transformers 5's CLIPTextModel has no `text_model.` level (its keys, and the LoRA
+    # files made from it, start at `encoder.`); CLIPTextModelWithProjection keeps it.
+    suffix = f".lora_{'A' if which == 'down' else 'B'}.default.weight"
+    params = named[model]
+    key = module + suffix
+    return params[key] if key in params else params[module.removeprefix("text_model.") + suffix]
+
+
+rec = {"latents": latents, "noise": noise, "timesteps": timesteps, "add_time_ids": add_time_ids}
+for model, m in watch:
+    for which in ("down", "up"):
+        rec[f"initial.{model}.{m}.{which}"] = factor2(model, m, which).detach().clone()
+for m in (unet, te1, te2):
+    m.train()
+optimizer = torch.optim.AdamW(lora_params, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+embeds = []
+for tok, te in ((tok1, te1), (tok2, te2)):
+    out = te(tokenize(tok, CAPTION), output_hidden_states=True, return_dict=False)
+    pooled = out[0]
+    embeds.append(out[-1][-2])
+prompt_embeds = torch.concat(embeds, dim=-1)
+pooled = pooled.view(1, -1)
+rec["prompt_embeds"] = prompt_embeds.detach().clone()
+rec["pooled_prompt_embeds"] = pooled.detach().clone()
+noisy = scheduler.add_noise(latents, noise, timesteps)
+pred = unet(noisy, timesteps, prompt_embeds.repeat(2, 1, 1),
+            added_cond_kwargs={"time_ids": add_time_ids.repeat(2, 1), "text_embeds": pooled.repeat(2, 1)},
+            return_dict=False)[0]
+loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+loss.backward()
+rec["loss"] = loss.detach().reshape(1)
+rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(lora_params, 1.0).reshape(1)
+for model, m in watch:
+    for which in ("down", "up"):
+        rec[f"grad.{model}.{m}.{which}"] = factor2(model, m, which).grad.detach().clone()
+optimizer.step()
+for model, m in watch:
+    for which in ("down", "up"):
+        rec[f"param.{model}.{m}.{which}"] = factor2(model, m, which).detach().clone()
+save_file({k: v.contiguous().float() for k, v in rec.items()},
+          os.path.join(root, "reference", "training_sdxl_te.safetensors"))
+print(f"text encoders too: loss {loss.item():.6f}, grad norm {rec['grad_norm'].item():.4f}")

@@ -140,11 +140,7 @@ fn zero_initialised_lora_changes_nothing_and_merging_equals_on_the_fly() {
         let path = dir.path().join(format!("{format:?}.safetensors"));
         save_lora(
             &path,
-            &[LoraToSave {
-                component: LoraComponent::Unet,
-                weights: &weights,
-                model: &model,
-            }],
+            &[LoraToSave::new(LoraComponent::Unet, &weights, &model)],
             format,
             DType::F32,
         )

@@ -395,7 +395,7 @@ fn training_runs_checkpoints_and_resumes_exactly() {
     let u = exported
         .unet(&Device::flex(), &ComponentOptions::default())
         .unwrap();
-    assert_eq!(unet_values(&u), unet_values(&a));
+    assert_eq!(unet_values(&u), unet_values(&a.unet));
 
     // Interrupted after two steps, then resumed from checkpoint-2.
     let out_b = tmp.path().join("b");
@@ -409,7 +409,7 @@ fn training_runs_checkpoints_and_resumes_exactly() {
         .unwrap()
         .run(|_| {})
         .unwrap();
-    let (va, vb) = (unet_values(&a), unet_values(&b));
+    let (va, vb) = (unet_values(&a.unet), unet_values(&b.unet));
     let (d, _) = max_diff(&vb, &va);
     eprintln!("resumed vs uninterrupted: max |diff| = {d:.3e}");
     assert!(
@@ -423,6 +423,9 @@ fn training_runs_checkpoints_and_resumes_exactly() {
     );
 }
 
+/// A LoRA run of the tiny SD 1.5 with `train_text_encoder`: both file layouts hold the
+/// U-Net's 88 layers and the text encoder's q, k, v, out projections, and the saved
+/// U-Net layers reproduce the trained U-Net.
 #[test]
 fn lora_training_writes_loras_our_pipelines_and_diffusers_read() {
     use stable_diffusion::io::{LoraComponent, LoraFile, LoraFormat};
@@ -435,6 +438,7 @@ fn lora_training_writes_loras_our_pipelines_and_diffusers_read() {
     config.lora = Some(LoraTrainConfig {
         rank: 2,
         alpha: 2.0,
+        train_text_encoder: true,
     });
     config.max_steps = 3;
     config.ema_decay = None;
@@ -453,6 +457,15 @@ fn lora_training_writes_loras_our_pipelines_and_diffusers_read() {
         assert_eq!(lora.format(), format);
         let w = lora.weights_for(LoraComponent::Unet, &base).unwrap();
         assert_eq!(w.len(), 88);
+        // The text encoder trained too (`train_text_encoder`): its q, k, v, out
+        // projections in every layer.
+        let te = lora
+            .weights_for(LoraComponent::TextEncoder, &trained.text_encoders[0])
+            .unwrap();
+        assert_eq!(
+            te.len(),
+            4 * trained.text_encoders[0].text_model.encoder.layers.len()
+        );
         assert!(
             w.layers.values().any(|l| l.up.iter().any(|v| *v != 0.0)),
             "trained"
@@ -463,7 +476,7 @@ fn lora_training_writes_loras_our_pipelines_and_diffusers_read() {
         let t = Tensor::<1>::from_floats([500.0], &device);
         let ctx = Tensor::<3>::ones([1, 77, 32], &device).mul_scalar(0.1);
         let ya = adapted.forward(x.clone(), t.clone(), ctx.clone());
-        let yt = trained.forward(x, t, ctx);
+        let yt = trained.unet.forward(x, t, ctx);
         let d = (ya - yt).abs().max().into_scalar::<f32>();
         assert!(
             d < 1e-5,
@@ -525,14 +538,10 @@ fn prompt_match_runs_the_pipeline_and_the_classifier() {
 
 /// A LoRA factor (`{module}.down` / `.up`, PyTorch `[rank, in]` / `[out, rank]`) or its
 /// gradient, flattened.
-fn lora_factor(
-    unet: &stable_diffusion::models::UNet2DConditionModel,
-    key: &str,
-    grads: Option<&GradientsParams>,
-) -> Vec<f32> {
+fn lora_factor<M: Module>(model: &M, key: &str, grads: Option<&GradientsParams>) -> Vec<f32> {
     let (module, which) = key.rsplit_once('.').unwrap();
     let path = format!("{}.weight.lora.factors.0.{which}", burn_path(module));
-    let (id, t) = param_by_path::<2, _>(unet, &path).unwrap_or_else(|| panic!("no {path}"));
+    let (id, t) = param_by_path::<2, _>(model, &path).unwrap_or_else(|| panic!("no {path}"));
     match grads {
         None => values(t),
         Some(g) => values(
@@ -582,6 +591,7 @@ fn sdxl_lora_training_step_matches_diffusers() {
     config.lora = Some(LoraTrainConfig {
         rank: 4,
         alpha: 4.0,
+        train_text_encoder: false,
     });
     let trainer = Trainer::new(config, Device::flex()).unwrap();
     let (cond, moments) = trainer.prepared(0).unwrap();
@@ -730,4 +740,168 @@ fn sdxl_lora_training_step_matches_diffusers() {
         .generate(GenerationRequest::new("a red circle").size(32, 32).steps(2))
         .unwrap();
     assert_eq!(out.images.len(), 1);
+}
+
+/// `--train_text_encoder` for SDXL (`scripts/make_sdxl_training_reference.py`, part
+/// 2): LoRA factors on the U-Net and on both text encoders, loaded from the recipe's
+/// saved initial LoRA (transformers 5 writes the first encoder's keys without
+/// `text_model.`, in diffusers' `lora_linear_layer` naming); the caption encoded with
+/// gradients through `CaptionEncoder::encode_with`; loss, gradients of factors of the
+/// U-Net and of both encoders, the global norm and the AdamW step match. Then a run
+/// with `train_text_encoder` writes a LoRA with all three components, which the SDXL
+/// pipeline loads.
+#[test]
+fn sdxl_text_encoder_lora_training_step_matches_diffusers() {
+    use stable_diffusion::io::{LoraComponent, LoraFile};
+    use stable_diffusion::train::{CaptionEncoder, Conditioning, TrainedModels};
+    let r = Reference::open("reference/training_sdxl_te.safetensors");
+    let device = Device::flex().autodiff();
+    let lora = LoraTrainConfig {
+        rank: 4,
+        alpha: 4.0,
+        train_text_encoder: true,
+    };
+    let initial = fixture("training_sdxl/initial_lora_te/pytorch_lora_weights.safetensors");
+    let models =
+        TrainedModels::load(&fixture("tiny-sdxl"), Some(&lora), Some(&initial), &device).unwrap();
+    assert_eq!(models.text_encoders.len(), 2);
+    let unet_modules = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.2.attentions.0.transformer_blocks.2.attn2.to_k",
+    ];
+    let te_modules = [
+        "text_model.encoder.layers.0.self_attn.q_proj",
+        "text_model.encoder.layers.1.self_attn.out_proj",
+    ];
+    let mut watch = Vec::new();
+    for (model, modules) in [
+        ("unet", &unet_modules),
+        ("te1", &te_modules),
+        ("te2", &te_modules),
+    ] {
+        for m in modules.iter() {
+            for which in ["down", "up"] {
+                watch.push((model, format!("{m}.{which}")));
+            }
+        }
+    }
+    let factor =
+        |models: &TrainedModels, model: &str, key: &str, g: Option<&GradientsParams>| match model {
+            "unet" => lora_factor(&models.unet, key, g),
+            "te1" => lora_factor(&models.text_encoders[0], key, g),
+            _ => lora_factor(&models.text_encoders[1], key, g),
+        };
+    for (model, key) in &watch {
+        assert_eq!(
+            factor(&models, model, key, None),
+            r.floats(&format!("initial.{model}.{key}")),
+            "initial {model} {key}"
+        );
+    }
+    let dir = DiffusersDir::open(fixture("tiny-sdxl")).unwrap();
+    let captions = CaptionEncoder::from_dir(&dir, &Device::flex()).unwrap();
+    let cond = captions
+        .encode_with(
+            "a red circle on a blue square",
+            &models.text_encoders,
+            &device,
+        )
+        .unwrap()
+        .with_time_ids((40, 32), (4, 0), (32, 32));
+    assert_close(
+        "prompt_embeds",
+        &values(cond.embedding.clone()),
+        &r.floats("prompt_embeds"),
+        1e-5,
+    );
+    assert_close(
+        "pooled",
+        &values(cond.pooled.clone().unwrap()),
+        &r.floats("pooled_prompt_embeds"),
+        1e-5,
+    );
+    let (context, added) = Conditioning::batch(&[cond.clone(), cond]);
+    let objective = Objective::from_config(
+        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let latents: Tensor<4> = r.tensor("latents", &device);
+    let noise: Tensor<4> = r.tensor("noise", &device);
+    let timesteps = [100, 700];
+    let t = Tensor::<1>::from_floats([100.0, 700.0], &device);
+    let noisy = objective.add_noise(latents.clone(), noise.clone(), &timesteps);
+    let target = objective.target(latents, noise, &timesteps);
+    let pred = models
+        .unet
+        .forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
+    let loss = objective.loss(pred, target, &timesteps);
+    assert_close(
+        "loss",
+        &[loss.clone().into_scalar::<f32>()],
+        &r.floats("loss"),
+        1e-5,
+    );
+    let grads = GradientsParams::from_grads(loss.backward(), &models);
+    for (model, key) in &watch {
+        assert_close(
+            &format!("grad {model} {key}"),
+            &factor(&models, model, key, Some(&grads)),
+            &r.floats(&format!("grad.{model}.{key}")),
+            1e-4,
+        );
+    }
+    let (grads, norm) = clip_grad_norm(&models, grads, Some(1.0));
+    assert_close("grad norm", &[norm as f32], &r.floats("grad_norm"), 1e-4);
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(1e-2)
+        .init();
+    let models = optim.step(1e-3, models, grads);
+    for (model, key) in &watch {
+        assert_close(
+            &format!("param {model} {key}"),
+            &factor(&models, model, key, None),
+            &r.floats(&format!("param.{model}.{key}")),
+            1e-4,
+        );
+    }
+
+    // A run that trains the text encoders too writes all three components.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = train_config(&fixture("training_sdxl/data"), &tmp.path().join("run"));
+    config.model = fixture("tiny-sdxl");
+    config.validation_images = 0;
+    config.caption_dropout = 0.5;
+    config.batch_size = 1;
+    config.gradient_accumulation = 1;
+    config.max_steps = 2;
+    config.sample_prompts = vec!["a red circle".into()];
+    config.lora = Some(lora);
+    let trainer = Trainer::new(config, Device::flex()).unwrap();
+    let trained = trainer.run(|_| {}).unwrap();
+    let file = LoraFile::open(tmp.path().join("run/pytorch_lora_weights.safetensors")).unwrap();
+    for (component, model) in [
+        (LoraComponent::TextEncoder, &trained.text_encoders[0]),
+        (LoraComponent::TextEncoder2, &trained.text_encoders[1]),
+    ] {
+        let w = file.weights_for(component, model).unwrap();
+        assert!(!w.layers.is_empty(), "{component:?} saved");
+    }
+    use stable_diffusion::prelude::*;
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &Device::flex(),
+        &LoadOptions {
+            loras: vec![LoraSpec {
+                path: tmp.path().join("run/pytorch_lora_weights.safetensors"),
+                strength: 1.0,
+            }],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    pipe.generate(GenerationRequest::new("a red circle").size(32, 32).steps(2))
+        .unwrap();
 }

@@ -324,6 +324,14 @@ impl LoraFile {
                 };
                 by_name.insert(other, (path.clone(), shape.clone()));
             }
+            if component != LoraComponent::Unet
+                && self.format == LoraFormat::Diffusers
+                && let Some(short) = module.strip_prefix("text_model.")
+            {
+                // transformers 5's CLIPTextModel has no `text_model.` level, so the
+                // files PEFT makes from it name `encoder.layers.0.self_attn.q_proj`.
+                by_name.insert(short.to_string(), (path.clone(), shape.clone()));
+            }
             let name = match self.format {
                 LoraFormat::Kohya => module.replace('.', "_"),
                 LoraFormat::Diffusers => module,
@@ -429,15 +437,27 @@ fn factor_shapes(layer: &LoraLayer, weight_shape: Option<&[usize]>) -> (Vec<usiz
     }
 }
 
-/// The LoRA layers of one component to save, with the model they adapt (for the
-/// module names and convolution shapes).
-pub struct LoraToSave<'a, M: Module> {
+/// The LoRA layers of one component to save, with the shapes of the weights they adapt
+/// (for the module names and convolution shapes).
+pub struct LoraToSave<'a> {
     /// U-Net or text encoder.
     pub component: LoraComponent,
     /// The layers.
     pub weights: &'a LoraWeights,
-    /// The adapted model.
-    pub model: &'a M,
+    /// The adapted model's weight shapes by path
+    /// ([`sd_models::lora::adaptable_weights`]).
+    pub weight_shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl<'a> LoraToSave<'a> {
+    /// The layers `weights` of `model` (the U-Net or a text encoder), as `component`.
+    pub fn new<M: Module>(component: LoraComponent, weights: &'a LoraWeights, model: &M) -> Self {
+        Self {
+            component,
+            weights,
+            weight_shapes: adaptable_weights(model),
+        }
+    }
 }
 
 /// Writes LoRA layers in `format`, f32 or f16 (`dtype`).
@@ -445,9 +465,9 @@ pub struct LoraToSave<'a, M: Module> {
 /// kohya files carry an `.alpha` per layer and `ss_network_dim` / `ss_network_alpha`
 /// metadata; diffusers files carry `lora_adapter_metadata` (rank and alpha per
 /// component), so every layer of a component must share one rank and alpha there.
-pub fn save_lora<M: Module>(
+pub fn save_lora(
     path: impl AsRef<Path>,
-    parts: &[LoraToSave<'_, M>],
+    parts: &[LoraToSave<'_>],
     format: LoraFormat,
     dtype: DType,
 ) -> Result<(), IoError> {
@@ -456,7 +476,7 @@ pub fn save_lora<M: Module>(
     let mut metadata = BTreeMap::new();
     let mut adapter_meta = serde_json::Map::new();
     for part in parts {
-        let shapes = adaptable_weights(part.model);
+        let shapes = &part.weight_shapes;
         let mut rank_alpha: Option<(usize, f32)> = None;
         for (weight_path, layer) in &part.weights.layers {
             let Some(weight_shape) = shapes.get(weight_path) else {

@@ -86,32 +86,53 @@ impl CaptionEncoder {
         &self.text_encoder
     }
 
-    /// SDXL's second encoder for the pipelines (sample pictures).
-    pub fn sdxl_parts(&self) -> Option<SdxlParts<'_>> {
-        self.second
-            .as_ref()
-            .map(|(tokenizer_2, text_encoder_2)| SdxlParts {
-                tokenizer_2,
-                text_encoder_2,
-                force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
-                text_encoder_2_only: false,
-            })
+    /// SDXL's second encoder for the pipelines (sample pictures); `trained` replaces
+    /// the frozen encoders (`[text_encoder, text_encoder_2]`) when not empty.
+    pub fn sdxl_parts<'a>(&'a self, trained: &'a [ClipTextModel]) -> Option<SdxlParts<'a>> {
+        self.second.as_ref().map(|(tokenizer_2, frozen)| SdxlParts {
+            tokenizer_2,
+            text_encoder_2: trained.get(1).unwrap_or(frozen),
+            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+            text_encoder_2_only: false,
+        })
     }
 
-    /// The conditioning of `caption`, without time ids.
+    /// The conditioning of `caption` by the frozen encoders, without time ids.
     ///
     /// # Errors
     /// Tokenizer failures; an SDXL second encoder without a projection.
     pub fn encode(&self, caption: &str, device: &Device) -> Result<Conditioning, TrainError> {
+        self.encode_with(caption, &[], device)
+    }
+
+    /// The conditioning of `caption`, without time ids, by `trained` (the text
+    /// encoders being trained, `[text_encoder]` or `[text_encoder, text_encoder_2]`,
+    /// tracked by autodiff) or, when it is empty, the frozen encoders.
+    ///
+    /// # Errors
+    /// As [`Self::encode`]; `trained` not matching the model's encoders.
+    pub fn encode_with(
+        &self,
+        caption: &str,
+        trained: &[ClipTextModel],
+        device: &Device,
+    ) -> Result<Conditioning, TrainError> {
+        let expected = 1 + usize::from(self.second.is_some());
+        if !trained.is_empty() && trained.len() != expected {
+            return Err(TrainError::Config(format!(
+                "{} trained text encoders for a model with {expected}",
+                trained.len()
+            )));
+        }
+        let text_encoder = trained.first().unwrap_or(&self.text_encoder);
         let ids = |tokenizer: &ClipTokenizer| -> Result<Tensor<2, Int>, TrainError> {
             let ids = tokenizer.encode_padded(caption)?;
             let n = ids.len();
             let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
             Ok(Tensor::from_data(TensorData::new(ids, [1, n]), device))
         };
-        let Some((tokenizer_2, text_encoder_2)) = &self.second else {
-            let embedding = self
-                .text_encoder
+        let Some((tokenizer_2, frozen_2)) = &self.second else {
+            let embedding = text_encoder
                 .forward(ids(&self.tokenizer)?, HiddenLayer::Last)
                 .hidden_states;
             return Ok(Conditioning {
@@ -121,9 +142,8 @@ impl CaptionEncoder {
             });
         };
         // SDXL: `hidden_states[-2]` of each, concatenated; pooled from the second.
-        let a = self
-            .text_encoder
-            .forward(ids(&self.tokenizer)?, HiddenLayer::SkipRaw(1));
+        let a = text_encoder.forward(ids(&self.tokenizer)?, HiddenLayer::SkipRaw(1));
+        let text_encoder_2 = trained.get(1).unwrap_or(frozen_2);
         let b = text_encoder_2.forward(ids(tokenizer_2)?, HiddenLayer::SkipRaw(1));
         let pooled = b.text_embeds.ok_or_else(|| {
             TrainError::Config(

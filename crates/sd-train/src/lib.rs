@@ -9,6 +9,8 @@
 //! - [`objective`]: DDPM noising, epsilon / v targets, min-SNR weighting;
 //! - [`optim`]: learning-rate schedules with warm-up, global-norm clipping, EMA,
 //!   stable parameter ids for resumable optimizer state;
+//! - [`trained`]: what a run trains and writes (the U-Net, whole or LoRA, and the
+//!   text encoders' LoRA);
 //! - [`data`]: image-caption folders, resizing and cropping;
 //! - [`monitor`]: the CSV log, the loss-curve PNG and sample grids.
 //!
@@ -36,6 +38,7 @@ pub mod monitor;
 pub mod objective;
 pub mod optim;
 pub mod synthetic;
+pub mod trained;
 pub mod trainer;
 pub mod vae;
 
@@ -44,4 +47,5 @@ pub use controlnet::controlnet_loss;
 pub use error::TrainError;
 pub use objective::Objective;
 pub use optim::{Ema, LrSchedule, clip_grad_norm, param_by_path, stable_param_ids};
+pub use trained::TrainedModels;
 pub use trainer::{LoraTrainConfig, Progress, TrainConfig, Trainer};

@@ -22,17 +22,13 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::DType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use sd_core::{NoiseRng, Steps};
-use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat, LoraToSave};
-use sd_models::lora::{
-    LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
-};
-use sd_models::{AutoencoderKL, UNet2DConditionConfig, UNet2DConditionModel};
+use sd_io::{ComponentOptions, DiffusersDir};
+use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
 use sd_pipelines::{GenerationOptions, StableDiffusion};
 use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
@@ -42,7 +38,8 @@ use crate::data::{Example, load_training_image_with_sizes, read_folder};
 use crate::error::TrainError;
 use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
 use crate::objective::Objective;
-use crate::optim::{Ema, LrSchedule, clip_grad_norm, stable_param_ids};
+use crate::optim::{Ema, LrSchedule, clip_grad_norm};
+use crate::trained::TrainedModels;
 
 fn d_true() -> bool {
     true
@@ -97,6 +94,11 @@ pub struct LoraTrainConfig {
     pub rank: usize,
     /// The delta is scaled by `alpha / rank`.
     pub alpha: f32,
+    /// Also train LoRA factors of the text encoder(s) (`q_proj`, `k_proj`, `v_proj`,
+    /// `out_proj`; SDXL: both encoders), as diffusers' `--train_text_encoder`; the
+    /// captions are then encoded at every step.
+    #[serde(default)]
+    pub train_text_encoder: bool,
 }
 
 /// Everything a run needs; read from JSON (`TrainConfig::from_json`) or built in code.
@@ -293,6 +295,8 @@ struct Item {
     pixels_or_moments: Tensor<4>,
     /// The caption's conditioning (SDXL: with the picture's time ids).
     cond: Conditioning,
+    /// The caption, encoded at every step when the text encoders train.
+    caption: String,
 }
 
 /// A training run over loaded models.
@@ -434,7 +438,7 @@ impl Trainer {
             .unet(&self.device, &ComponentOptions::default())?;
         for i in have..self.config.num_class_images {
             let seed = self.config.seed.wrapping_add(0xC1A55 + i as u64);
-            let images = self.generate(&unet, &[(prompt, seed)])?;
+            let images = self.generate(&unet, &[], &[(prompt, seed)])?;
             let (w, h, rgb) = sd_io::image::to_rgb8(&images, 0);
             let path = dir.join(format!("class-{i:04}.png"));
             sd_io::image::write_png_rgb8(&path, w, h, &rgb, None)?;
@@ -444,22 +448,26 @@ impl Trainer {
         Ok(())
     }
 
-    /// One image per `(prompt, seed)` with `unet` (off autodiff) and the sample
-    /// settings, `[n, 3, resolution, resolution]` in `[0, 1]`.
+    /// One image per `(prompt, seed)` with `unet` and `text_encoders` (off autodiff;
+    /// none: the frozen ones) and the sample settings, `[n, 3, resolution,
+    /// resolution]` in `[0, 1]`.
     fn generate(
         &self,
         unet: &UNet2DConditionModel,
+        text_encoders: &[ClipTextModel],
         prompts: &[(&str, u64)],
     ) -> Result<Tensor<4>, TrainError> {
         let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
         let sd = StableDiffusion {
             tokenizer: self.captions.tokenizer(),
-            text_encoder: self.captions.text_encoder(),
+            text_encoder: text_encoders
+                .first()
+                .unwrap_or(self.captions.text_encoder()),
             unet,
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
-            sdxl: self.captions.sdxl_parts(),
+            sdxl: self.captions.sdxl_parts(text_encoders),
             scheduler: &scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),
@@ -504,6 +512,35 @@ impl Trainer {
         Ok(Item {
             pixels_or_moments,
             cond,
+            caption: ex.caption.clone(),
+        })
+    }
+
+    /// The conditioning of a training row: `item`'s (or the empty caption's with
+    /// `dropped`), encoded again by `models`' text encoders when they train.
+    fn row_conditioning(
+        &self,
+        models: &TrainedModels,
+        item: &Item,
+        dropped: bool,
+    ) -> Result<Conditioning, TrainError> {
+        let cached = match (&self.empty_embedding, dropped) {
+            (Some(e), true) => e,
+            _ => &item.cond,
+        };
+        if models.text_encoders.is_empty() {
+            return Ok(Conditioning {
+                time_ids: item.cond.time_ids.clone(),
+                ..cached.clone()
+            });
+        }
+        let caption = if dropped { "" } else { &item.caption };
+        let cond = self
+            .captions
+            .encode_with(caption, &models.text_encoders, &self.device)?;
+        Ok(Conditioning {
+            time_ids: item.cond.time_ids.clone(),
+            ..cond
         })
     }
 
@@ -543,47 +580,24 @@ impl Trainer {
         (mean + logvar.mul_scalar(0.5).exp() * eps).mul_scalar(self.scaling_factor)
     }
 
-    /// The U-Net to train: `config.model`'s, with LoRA factors attached when asked,
-    /// parameter ids stable across runs, on the autodiff version of the device.
-    fn trainable_unet(&self, weights: Option<&Path>) -> Result<UNet2DConditionModel, TrainError> {
-        let device = self.device.clone().autodiff();
-        let options = ComponentOptions::default();
-        let unet = match (&self.config.lora, weights) {
-            (None, Some(dir)) => sd_io::model::unet_from_dir(dir, &device, &options)?,
-            _ => DiffusersDir::open(&self.config.model)?.unet(&device, &options)?,
-        };
-        let unet = match &self.config.lora {
-            None => unet,
-            Some(l) => {
-                let unet = attach_trainable_lora(unet, &self.lora_config(l))?;
-                match weights {
-                    Some(file) => {
-                        let saved =
-                            LoraFile::open(file)?.weights_for(LoraComponent::Unet, &unet)?;
-                        load_lora_factors(unet, &saved)?
-                    }
-                    None => unet,
-                }
-            }
-        };
-        Ok(stable_param_ids(unet))
-    }
-
-    fn lora_config(&self, l: &LoraTrainConfig) -> LoraConfig {
-        LoraConfig {
-            rank: l.rank,
-            alpha: l.alpha,
-            targets: LoraTargets::unet_attention(),
-        }
+    /// The models to train: `config.model`'s, LoRA factors attached when asked, on the
+    /// autodiff version of the device; `weights` resumes from a checkpoint.
+    fn trainable(&self, weights: Option<&Path>) -> Result<TrainedModels, TrainError> {
+        TrainedModels::load(
+            &self.config.model,
+            self.config.lora.as_ref(),
+            weights,
+            &self.device.clone().autodiff(),
+        )
     }
 
     /// The mean loss over the validation images at timesteps 100, 300, 500, 700 and 900
     /// with fixed noise, so values are comparable across the run.
-    pub fn validation_loss(&self, unet: &UNet2DConditionModel) -> Option<f64> {
+    pub fn validation_loss(&self, models: &TrainedModels) -> Option<f64> {
         if self.validation.is_empty() {
             return None;
         }
-        let unet = unet.valid();
+        let models = models.valid();
         let mut total = 0.0;
         let mut n = 0;
         for (i, item) in self.validation.iter().enumerate() {
@@ -596,7 +610,8 @@ impl Trainer {
                 let noisy = self.objective.add_noise(x0.clone(), noise.clone(), &[t]);
                 let target = self.objective.target(x0.clone(), noise, &[t]);
                 let tt = Tensor::<1>::from_floats([t as f32], &self.device);
-                let pred = Self::predict(&unet, noisy, tt, std::slice::from_ref(&item.cond));
+                let cond = self.row_conditioning(&models, item, false).ok()?;
+                let pred = Self::predict(&models.unet, noisy, tt, &[cond]);
                 total += self.objective.loss(pred, target, &[t]).into_scalar::<f32>() as f64;
                 n += 1;
             }
@@ -605,7 +620,7 @@ impl Trainer {
     }
 
     /// A grid of the sample prompts, one seed each (0, 1, ...).
-    pub fn sample_grid(&self, unet: &UNet2DConditionModel, path: &Path) -> Result<(), TrainError> {
+    pub fn sample_grid(&self, models: &TrainedModels, path: &Path) -> Result<(), TrainError> {
         if self.config.sample_prompts.is_empty() {
             return Ok(());
         }
@@ -613,7 +628,8 @@ impl Trainer {
             .enumerate()
             .map(|(i, p)| (p.as_str(), i as u64))
             .collect();
-        let grid = self.generate(&unet.valid(), &prompts)?;
+        let models = models.valid();
+        let grid = self.generate(&models.unet, &models.text_encoders, &prompts)?;
         let n = prompts.len();
         let columns = (n as f64).sqrt().ceil() as usize;
         let (w, h, rgb) = image_grid(&grid, columns);
@@ -624,48 +640,9 @@ impl Trainer {
         Ok(())
     }
 
-    fn save_unet_or_lora(
-        &self,
-        unet: &UNet2DConditionModel,
-        dir: &Path,
-        kohya_too: bool,
-    ) -> Result<(), TrainError> {
-        match &self.config.lora {
-            None => {
-                sd_io::save_unet(unet, &self.unet_config, dir.join("unet"), DType::F32)?;
-            }
-            Some(l) => {
-                let weights = extract_lora(unet, &self.lora_config(l));
-                let part = [LoraToSave {
-                    component: LoraComponent::Unet,
-                    weights: &weights,
-                    model: unet,
-                }];
-                sd_io::save_lora(
-                    dir.join("pytorch_lora_weights.safetensors"),
-                    &part,
-                    LoraFormat::Diffusers,
-                    DType::F32,
-                )?;
-                if kohya_too {
-                    sd_io::save_lora(
-                        dir.join("lora_kohya.safetensors"),
-                        &part,
-                        LoraFormat::Kohya,
-                        DType::F32,
-                    )?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Runs (or resumes) the training, calling `on_step` after each optimizer step;
-    /// returns the trained U-Net (the EMA one when EMA is on).
-    pub fn run(
-        &self,
-        mut on_step: impl FnMut(&Progress),
-    ) -> Result<UNet2DConditionModel, TrainError> {
+    /// returns the trained models (the EMA ones when EMA is on).
+    pub fn run(&self, mut on_step: impl FnMut(&Progress)) -> Result<TrainedModels, TrainError> {
         let c = &self.config;
         let out = &c.output;
         std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
@@ -676,18 +653,18 @@ impl Trainer {
             .with_epsilon(c.adam_epsilon as f32)
             .with_weight_decay(c.weight_decay as f32)
             .init();
-        let (mut unet, mut ema, start) = match &resume {
+        let (mut models, mut ema, start) = match &resume {
             None => {
-                let unet = self.trainable_unet(None)?;
-                let ema = c.ema_decay.map(|d| Ema::new(&unet, d));
-                (unet, ema, 0)
+                let models = self.trainable(None)?;
+                let ema = c.ema_decay.map(|d| Ema::new(&models, d));
+                (models, ema, 0)
             }
             Some((step, dir)) => {
                 let weights = match c.lora {
                     None => dir.join("unet"),
                     Some(_) => dir.join("pytorch_lora_weights.safetensors"),
                 };
-                let unet = self.trainable_unet(Some(&weights))?;
+                let models = self.trainable(Some(&weights))?;
                 let state_path = dir.join("trainer_state.json");
                 let text = std::fs::read_to_string(&state_path)
                     .map_err(|e| TrainError::file(&state_path, e))?;
@@ -700,28 +677,24 @@ impl Trainer {
                 let ema = match c.ema_decay {
                     None => None,
                     Some(d) => {
-                        let ema_unet = match c.lora {
-                            None => stable_param_ids(sd_io::model::unet_from_dir(
-                                &dir.join("ema_unet"),
-                                &self.device,
-                                &ComponentOptions::default(),
-                            )?),
-                            Some(_) => {
-                                let file = dir.join("ema_lora.safetensors");
-                                let base = self.trainable_unet(None)?;
-                                let saved = LoraFile::open(&file)?
-                                    .weights_for(LoraComponent::Unet, &base)?;
-                                load_lora_factors(base, &saved)?.valid()
-                            }
+                        let weights = match c.lora {
+                            None => dir.join("ema_unet"),
+                            Some(_) => dir.join("ema_lora.safetensors"),
                         };
+                        let model = TrainedModels::load(
+                            &c.model,
+                            c.lora.as_ref(),
+                            Some(&weights),
+                            &self.device,
+                        )?;
                         Some(Ema {
-                            model: ema_unet,
+                            model,
                             decay: d,
                             step: state.ema_step,
                         })
                     }
                 };
-                (unet, ema, *step)
+                (models, ema, *step)
             }
         };
         let mut log = CsvLog::open(out.join("log.csv"), start)?;
@@ -735,7 +708,7 @@ impl Trainer {
             let mut rng = StdRng::seed_from_u64(
                 c.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
-            let mut accumulator = GradientsAccumulator::<UNet2DConditionModel>::new();
+            let mut accumulator = GradientsAccumulator::<TrainedModels>::new();
             let mut loss_sum = 0.0;
             let mut epoch = 0;
             for m in 0..c.gradient_accumulation {
@@ -749,17 +722,9 @@ impl Trainer {
                     latents.push(self.latents(item, &mut rng));
                     // Drawn only when asked, so runs without dropout keep their
                     // random stream. The empty caption keeps the picture's time ids.
-                    let empty = self
-                        .empty_embedding
-                        .as_ref()
-                        .filter(|_| rng.random::<f64>() < c.caption_dropout);
-                    embeds.push(match empty {
-                        Some(e) => Conditioning {
-                            time_ids: item.cond.time_ids.clone(),
-                            ..e.clone()
-                        },
-                        None => item.cond.clone(),
-                    });
+                    let dropped =
+                        self.empty_embedding.is_some() && rng.random::<f64>() < c.caption_dropout;
+                    embeds.push(self.row_conditioning(&models, item, dropped)?);
                 }
                 // Prior preservation: as many class images, after the instance ones.
                 let with_prior = !self.class.is_empty();
@@ -767,7 +732,7 @@ impl Trainer {
                     for k in 0..micro {
                         let item = &self.class[class_order.pick(first + k)];
                         latents.push(self.latents(item, &mut rng));
-                        embeds.push(item.cond.clone());
+                        embeds.push(self.row_conditioning(&models, item, false)?);
                     }
                 }
                 let rows = latents.len();
@@ -788,7 +753,7 @@ impl Trainer {
                         .as_slice(),
                     &self.device,
                 );
-                let pred = Self::predict(&unet, noisy, t, &embeds);
+                let pred = Self::predict(&models.unet, noisy, t, &embeds);
                 let loss = if with_prior {
                     let (ts_i, ts_c) = timesteps.split_at(micro);
                     let instance = self.objective.loss(
@@ -807,21 +772,21 @@ impl Trainer {
                 };
                 let loss = loss.div_scalar(c.gradient_accumulation as f64);
                 loss_sum += loss.clone().into_scalar::<f32>() as f64;
-                let grads = GradientsParams::from_grads(loss.backward(), &unet);
-                accumulator.accumulate(&unet, grads);
+                let grads = GradientsParams::from_grads(loss.backward(), &models);
+                accumulator.accumulate(&models, grads);
             }
-            let (grads, grad_norm) = clip_grad_norm(&unet, accumulator.grads(), c.max_grad_norm);
+            let (grads, grad_norm) = clip_grad_norm(&models, accumulator.grads(), c.max_grad_norm);
             let lr = c.learning_rate * c.lr_schedule.factor(step);
-            unet = optim.step(lr, unet, grads);
+            models = optim.step(lr, models, grads);
             if let Some(ema) = ema.as_mut() {
-                ema.update(&unet);
+                ema.update(&models);
             }
             let done = step + 1;
             let mut wrote = None;
             let val_loss = if c.validation_images > 0
                 && (done % c.validation_every == 0 || done == c.max_steps)
             {
-                self.validation_loss(ema.as_ref().map(|e| &e.model).unwrap_or(&unet))
+                self.validation_loss(ema.as_ref().map(|e| &e.model).unwrap_or(&models))
             } else {
                 None
             };
@@ -843,36 +808,14 @@ impl Trainer {
             }
             if !c.sample_prompts.is_empty() && (done % c.sample_every == 0 || done == c.max_steps) {
                 let path = out.join("samples").join(format!("step-{done:06}.png"));
-                self.sample_grid(ema.as_ref().map(|e| &e.model).unwrap_or(&unet), &path)?;
+                self.sample_grid(ema.as_ref().map(|e| &e.model).unwrap_or(&models), &path)?;
                 wrote = Some(path);
             }
             if done % c.checkpoint_every == 0 || done == c.max_steps {
                 let dir = out.join(format!("checkpoint-{done}"));
-                self.save_unet_or_lora(&unet, &dir, false)?;
+                self.save_models(&models, &dir, false, false)?;
                 if let Some(e) = &ema {
-                    match &c.lora {
-                        None => {
-                            sd_io::save_unet(
-                                &e.model,
-                                &self.unet_config,
-                                dir.join("ema_unet"),
-                                DType::F32,
-                            )?;
-                        }
-                        Some(l) => {
-                            let weights = extract_lora(&e.model, &self.lora_config(l));
-                            sd_io::save_lora(
-                                dir.join("ema_lora.safetensors"),
-                                &[LoraToSave {
-                                    component: LoraComponent::Unet,
-                                    weights: &weights,
-                                    model: &e.model,
-                                }],
-                                LoraFormat::Diffusers,
-                                DType::F32,
-                            )?;
-                        }
-                    }
+                    self.save_models(&e.model, &dir, true, false)?;
                 }
                 let opt_path = dir.join("optimizer.bpk");
                 optim
@@ -899,18 +842,43 @@ impl Trainer {
         }
         let result = match ema {
             Some(e) => e.model,
-            None => unet.valid(),
+            None => models.valid(),
         };
         self.export(&result)?;
         Ok(result)
     }
 
+    /// Writes `models` into `dir`: `unet/` or `pytorch_lora_weights.safetensors`
+    /// (`ema_unet/` or `ema_lora.safetensors` for the EMA ones), plus the kohya file
+    /// with `kohya_too`.
+    fn save_models(
+        &self,
+        models: &TrainedModels,
+        dir: &Path,
+        ema: bool,
+        kohya_too: bool,
+    ) -> Result<(), TrainError> {
+        let name = match (self.config.lora.is_some(), ema) {
+            (false, false) => "unet",
+            (false, true) => "ema_unet",
+            (true, false) => "pytorch_lora_weights.safetensors",
+            (true, true) => "ema_lora.safetensors",
+        };
+        models.save(
+            &self.unet_config,
+            self.config.lora.as_ref(),
+            dir,
+            name,
+            kohya_too,
+        )
+    }
+
     /// Writes the result: a diffusers pipeline folder `output/model/` (full
     /// fine-tuning) or the LoRA files in `output/`.
-    fn export(&self, unet: &UNet2DConditionModel) -> Result<(), TrainError> {
+    fn export(&self, models: &TrainedModels) -> Result<(), TrainError> {
         let out = &self.config.output;
         match &self.config.lora {
-            Some(_) => self.save_unet_or_lora(unet, out, true),
+            Some(_) => self.save_models(models, out, false, true),
             None => {
                 let model = out.join("model");
                 for part in [
@@ -931,7 +899,7 @@ impl Trainer {
                     std::fs::copy(&index, model.join("model_index.json"))
                         .map_err(|e| TrainError::file(&index, e))?;
                 }
-                self.save_unet_or_lora(unet, &model, false)
+                self.save_models(models, &model, false, false)
             }
         }
     }
