@@ -1,5 +1,6 @@
-//! Fine-tune a model's U-Net (fully or with LoRA) on a folder of images with captions
-//! (`cat.png` + `cat.txt`). Runs resume from the last checkpoint in `--output`.
+//! Fine-tune a model's U-Net (fully or with LoRA, optionally with text-encoder LoRA), or
+//! train a ControlNet, on a folder of images with captions (`cat.png` + `cat.txt`).
+//! Runs resume from the last checkpoint in `--output`.
 //!
 //! ```text
 //! # LoRA on your own pictures, DreamBooth style: 5 photos, a rare token, no captions
@@ -11,6 +12,11 @@
 //! # then
 //! cargo run --release --example txt2img -- --model weights/stable-diffusion-v1-5 \
 //!     --lora runs/sks-dog/pytorch_lora_weights.safetensors --prompt "a photo of sks dog"
+//!
+//! # a ControlNet (the U-Net frozen) on pictures + captions + DATA/conditioning/*.png
+//! cargo run --release --example train -- --model weights/stable-diffusion-v1-5 \
+//!     --data shapes/ --controlnet --resolution 512 --max-steps 5000 --lr 1e-5 \
+//!     --output runs/cn   # -> runs/cn/controlnet/
 //!
 //! # everything from a JSON config (the fields of `TrainConfig`)
 //! cargo run --release --example train -- --config train.json
@@ -72,6 +78,18 @@ struct Args {
     /// --train_text_encoder; SDXL: both).
     #[arg(long)]
     train_text_encoder: bool,
+    /// Train a ControlNet (the U-Net frozen) on the control images in
+    /// DATA/conditioning/ (same file names as the pictures), as diffusers'
+    /// train_controlnet.py; the result is OUTPUT/controlnet/.
+    #[arg(long)]
+    controlnet: bool,
+    /// With --controlnet: the control images' folder (default DATA/conditioning).
+    #[arg(long)]
+    conditioning_data: Option<PathBuf>,
+    /// With --controlnet: start from this ControlNet (folder or single file) instead
+    /// of a copy of the U-Net's encoder.
+    #[arg(long)]
+    controlnet_init: Option<PathBuf>,
     /// Keep an EMA of the weights with this decay.
     #[arg(long)]
     ema: Option<f64>,
@@ -177,6 +195,15 @@ fn config(a: &Args) -> Result<TrainConfig, AnyError> {
             }
         }
     }
+    if a.controlnet || a.conditioning_data.is_some() || a.controlnet_init.is_some() {
+        let cn = c.controlnet.get_or_insert_with(Default::default);
+        if a.conditioning_data.is_some() {
+            cn.conditioning_data = a.conditioning_data.clone();
+        }
+        if a.controlnet_init.is_some() {
+            cn.init = a.controlnet_init.clone();
+        }
+    }
     if a.ema.is_some() {
         c.ema_decay = a.ema;
     }
@@ -233,6 +260,10 @@ fn run(a: Args) -> Result<(), AnyError> {
     })?;
     bar.finish();
     match c.lora {
+        _ if c.controlnet.is_some() => eprintln!(
+            "ControlNet: {} (diffusers layout; use it with --controlnet)",
+            output.join("controlnet").display()
+        ),
         Some(_) => eprintln!(
             "LoRA: {} (diffusers layout), {} (kohya layout)",
             output.join("pytorch_lora_weights.safetensors").display(),

@@ -71,6 +71,14 @@ impl burn::module::ModuleMapper for FreshParamIds {
         param: burn::module::Param<Tensor<D>>,
     ) -> burn::module::Param<Tensor<D>> {
         let (_, tensor, mapper) = param.consume();
+        // The copy is a model to train: on an autodiff device every parameter is a
+        // tracked leaf (the records loaded from a frozen U-Net, and the zeroed
+        // convolutions, are not).
+        let tensor = if tensor.is_autodiff() {
+            tensor.detach().require_grad()
+        } else {
+            tensor
+        };
         burn::module::Param::from_mapped_value(burn::module::ParamId::new(), tensor, mapper)
     }
 }
@@ -205,7 +213,8 @@ impl ControlNetModel {
         cn.controlnet_cond_embedding.conv_out = zero(cn.controlnet_cond_embedding.conv_out);
         cn.controlnet_down_blocks = cn.controlnet_down_blocks.into_iter().map(zero).collect();
         cn.controlnet_mid_block = zero(cn.controlnet_mid_block);
-        // Loaded records carry the U-Net's parameter ids: the copy gets its own.
+        // Loaded records carry the U-Net's parameter ids (and its frozen state): the
+        // copy gets its own, trainable.
         Ok(cn.map(&mut FreshParamIds))
     }
 

@@ -55,3 +55,39 @@ pub fn controlnet_loss(
     let pred = unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
     objective.loss(pred, target, timesteps)
 }
+
+/// ControlNet training in the [`crate::Trainer`] (`TrainConfig::controlnet`): the
+/// U-Net frozen, a ControlNet trained on the data folder's pictures, captions and
+/// control images.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ControlNetTrainConfig {
+    /// The control images: a folder with a picture of the same file name for every
+    /// training picture (`cat.png` for `data/cat.png`), resized and cropped as the
+    /// pictures, in `[0, 1]` (diffusers' `conditioning_image`). Default:
+    /// `data/conditioning/`.
+    #[serde(default)]
+    pub conditioning_data: Option<std::path::PathBuf>,
+    /// Start from this ControlNet (a diffusers folder or a single file); default: a
+    /// copy of the U-Net's encoder with zero convolutions
+    /// ([`sd_models::ControlNetModel::from_unet`], diffusers' `from_unet`).
+    #[serde(default)]
+    pub init: Option<std::path::PathBuf>,
+    /// The control-image encoder's channels of a new ControlNet (diffusers' default
+    /// `[16, 32, 96, 256]`).
+    #[serde(default = "d_embedding_channels")]
+    pub conditioning_embedding_out_channels: Vec<usize>,
+}
+
+fn d_embedding_channels() -> Vec<usize> {
+    vec![16, 32, 96, 256]
+}
+
+impl Default for ControlNetTrainConfig {
+    fn default() -> Self {
+        Self {
+            conditioning_data: None,
+            init: None,
+            conditioning_embedding_out_channels: d_embedding_channels(),
+        }
+    }
+}

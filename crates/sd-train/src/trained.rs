@@ -1,6 +1,7 @@
 //! What a run trains and writes: the U-Net, whole or with LoRA factors, and, with
 //! `lora.train_text_encoder` (diffusers' `--train_text_encoder`), LoRA factors on the
-//! text encoder(s) too (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
+//! text encoder(s) too (`q_proj`, `k_proj`, `v_proj`, `out_proj`); or a ControlNet
+//! next to the frozen U-Net.
 
 use std::path::Path;
 
@@ -11,7 +12,11 @@ use sd_io::{ComponentOptions, DiffusersDir, LoraComponent, LoraFile, LoraFormat,
 use sd_models::lora::{
     LoraConfig, LoraTargets, attach_trainable_lora, extract_lora, load_lora_factors,
 };
-use sd_models::{ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
+use sd_models::{
+    ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel,
+};
+
+use crate::controlnet::ControlNetTrainConfig;
 
 use crate::error::TrainError;
 use crate::optim::stable_param_ids;
@@ -25,6 +30,32 @@ pub struct TrainedModels {
     /// The text encoders with trainable LoRA factors (`[text_encoder]`, SDXL:
     /// `[text_encoder, text_encoder_2]`); empty when they are not trained.
     pub text_encoders: Vec<ClipTextModel>,
+    /// ControlNet training: the ControlNet (the U-Net is then frozen).
+    pub controlnet: Option<ControlNetModel>,
+}
+
+/// The config of the ControlNet a run trains: `init`'s, or a copy of the U-Net's
+/// encoder (`ControlNetModel::from_unet`) with the given control-image channels.
+///
+/// # Errors
+/// An `init` whose config cannot be read.
+pub fn controlnet_config(
+    c: &ControlNetTrainConfig,
+    unet_config: &UNet2DConditionConfig,
+) -> Result<ControlNetConfig, TrainError> {
+    Ok(match &c.init {
+        Some(p) if p.is_dir() => sd_io::controlnet::read_controlnet_config(&p.join("config.json"))?,
+        Some(p) => sd_io::controlnet::controlnet_config_from_file(p)?,
+        None => {
+            let mut config = ControlNetConfig {
+                unet: unet_config.clone(),
+                conditioning_embedding_out_channels: c.conditioning_embedding_out_channels.clone(),
+                ..ControlNetConfig::default()
+            };
+            config.mirror_up_blocks();
+            config
+        }
+    })
 }
 
 /// The LoRA components of the text encoders, in [`TrainedModels::text_encoders`] order.
@@ -80,6 +111,7 @@ impl TrainedModels {
             return Ok(stable_param_ids(Self {
                 unet,
                 text_encoders: Vec::new(),
+                controlnet: None,
             }));
         };
         let file = weights.map(LoraFile::open).transpose()?;
@@ -106,11 +138,47 @@ impl TrainedModels {
         Ok(stable_param_ids(Self {
             unet,
             text_encoders,
+            controlnet: None,
         }))
     }
 
-    /// Writes the weights as `dir/{name}`: the U-Net folder (full fine-tuning), or the
-    /// LoRA layers of every trained model in the diffusers layout (and
+    /// ControlNet training: the base folder's U-Net, frozen, and the ControlNet to
+    /// train (from `weights`, a checkpoint's folder, to resume; else `c.init`; else a
+    /// copy of the U-Net's encoder with zero convolutions), on `device`.
+    ///
+    /// # Errors
+    /// Missing or mismatched weights; a U-Net a ControlNet cannot copy.
+    pub fn load_controlnet(
+        model: &Path,
+        c: &ControlNetTrainConfig,
+        weights: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let options = ComponentOptions::default();
+        let dir = DiffusersDir::open(model)?;
+        let unet = dir.unet(device, &options)?.no_grad();
+        let controlnet = match (weights, &c.init) {
+            (Some(w), _) => sd_io::controlnet::controlnet_from_dir(w, device, &options)?,
+            (None, Some(init)) => {
+                sd_io::controlnet::controlnet_from_path(init, None, device, &options)?
+            }
+            (None, None) => ControlNetModel::from_unet(
+                &unet,
+                &dir.unet_config()?,
+                &c.conditioning_embedding_out_channels,
+                device,
+            )
+            .map_err(|e| TrainError::Config(e.to_string()))?,
+        };
+        Ok(stable_param_ids(Self {
+            unet,
+            text_encoders: Vec::new(),
+            controlnet: Some(controlnet),
+        }))
+    }
+
+    /// Writes the weights as `dir/{name}`: the ControlNet folder (with its config),
+    /// the U-Net folder (full fine-tuning), or the LoRA layers of every trained model in the diffusers layout (and
     /// `dir/lora_kohya.safetensors` with `kohya_too`).
     ///
     /// # Errors
@@ -119,10 +187,15 @@ impl TrainedModels {
         &self,
         unet_config: &UNet2DConditionConfig,
         lora: Option<&LoraTrainConfig>,
+        controlnet_config: Option<&ControlNetConfig>,
         dir: &Path,
         name: &str,
         kohya_too: bool,
     ) -> Result<(), TrainError> {
+        if let (Some(cn), Some(config)) = (&self.controlnet, controlnet_config) {
+            sd_io::save_controlnet(cn, config, dir.join(name), DType::F32)?;
+            return Ok(());
+        }
         let Some(l) = lora else {
             sd_io::save_unet(&self.unet, unet_config, dir.join(name), DType::F32)?;
             return Ok(());

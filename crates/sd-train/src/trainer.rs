@@ -9,9 +9,10 @@
 //!   `ema_unet/` with EMA, `optimizer.bpk` and `trainer_state.json`; a run started
 //!   again with the same `output` resumes from the last one;
 //! - at the end, a complete diffusers pipeline folder `output/model/` (full
-//!   fine-tuning; the U-Net is the EMA one when EMA is on), or the LoRA as
+//!   fine-tuning; the U-Net is the EMA one when EMA is on), the LoRA as
 //!   `pytorch_lora_weights.safetensors` (diffusers layout) and
-//!   `lora_kohya.safetensors` (kohya layout).
+//!   `lora_kohya.safetensors` (kohya layout), or the ControlNet as
+//!   `output/controlnet/` (ControlNet training; `controlnet/` in checkpoints).
 //!
 //! Data order, timesteps and noise are drawn from generators seeded by `seed` and
 //! the step, so a resumed run continues exactly as an uninterrupted one.
@@ -28,18 +29,21 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use sd_core::{NoiseRng, Steps};
 use sd_io::{ComponentOptions, DiffusersDir};
-use sd_models::{AutoencoderKL, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
-use sd_pipelines::{GenerationOptions, StableDiffusion};
+use sd_models::{
+    AutoencoderKL, ClipTextModel, ControlNetConfig, UNet2DConditionConfig, UNet2DConditionModel,
+};
+use sd_pipelines::{ControlNetUnit, GenerationOptions, StableDiffusion};
 use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::conditioning::{CaptionEncoder, Conditioning};
+use crate::controlnet::ControlNetTrainConfig;
 use crate::data::{Example, load_training_image_with_sizes, read_folder};
 use crate::error::TrainError;
 use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
 use crate::objective::Objective;
 use crate::optim::{Ema, LrSchedule, clip_grad_norm};
-use crate::trained::TrainedModels;
+use crate::trained::{TrainedModels, controlnet_config};
 
 fn d_true() -> bool {
     true
@@ -168,6 +172,9 @@ pub struct TrainConfig {
     /// Train a LoRA instead of the whole U-Net.
     #[serde(default)]
     pub lora: Option<LoraTrainConfig>,
+    /// Train a ControlNet (the U-Net frozen) on the pictures' control images.
+    #[serde(default)]
+    pub controlnet: Option<ControlNetTrainConfig>,
     /// Encode the images with the VAE once, before training (else every step).
     #[serde(default = "d_true")]
     pub cache_latents: bool,
@@ -249,6 +256,11 @@ impl TrainConfig {
         {
             return bad("lora.rank and lora.alpha must be positive".into());
         }
+        if self.controlnet.is_some() && (self.lora.is_some() || self.class_data.is_some()) {
+            return bad(
+                "controlnet training takes neither lora nor class_data (prior preservation)".into(),
+            );
+        }
         if self.class_data.is_some() && self.class_prompt.is_none() {
             return bad("class_data needs a class_prompt".into());
         }
@@ -297,6 +309,8 @@ struct Item {
     cond: Conditioning,
     /// The caption, encoded at every step when the text encoders train.
     caption: String,
+    /// ControlNet training: the control image `[1, 3, H, W]` in `[0, 1]`.
+    control: Option<Tensor<4>>,
 }
 
 /// A training run over loaded models.
@@ -308,6 +322,8 @@ pub struct Trainer {
     captions: CaptionEncoder,
     scheduler_config: SchedulerConfig,
     unet_config: UNet2DConditionConfig,
+    /// ControlNet training: the trained ControlNet's config.
+    controlnet_config: Option<ControlNetConfig>,
     objective: Objective,
     train: Vec<Item>,
     validation: Vec<Item>,
@@ -365,6 +381,10 @@ impl Trainer {
             scheduler_config.prediction_type = Some(p.clone());
         }
         let unet_config = dir.unet_config()?;
+        let controlnet_config = match &config.controlnet {
+            Some(c) => Some(controlnet_config(c, &unet_config)?),
+            None => None,
+        };
         let mut objective = Objective::from_config(&scheduler_config)?;
         objective.snr_gamma = config.snr_gamma;
         let examples = read_folder(&config.data, config.default_caption.as_deref())?;
@@ -391,6 +411,7 @@ impl Trainer {
             captions,
             scheduler_config,
             unet_config,
+            controlnet_config,
             objective,
             train: Vec::new(),
             validation: Vec::new(),
@@ -438,7 +459,7 @@ impl Trainer {
             .unet(&self.device, &ComponentOptions::default())?;
         for i in have..self.config.num_class_images {
             let seed = self.config.seed.wrapping_add(0xC1A55 + i as u64);
-            let images = self.generate(&unet, &[], &[(prompt, seed)])?;
+            let images = self.generate(&unet, &[], None, &[(prompt, seed)])?;
             let (w, h, rgb) = sd_io::image::to_rgb8(&images, 0);
             let path = dir.join(format!("class-{i:04}.png"));
             sd_io::image::write_png_rgb8(&path, w, h, &rgb, None)?;
@@ -455,9 +476,23 @@ impl Trainer {
         &self,
         unet: &UNet2DConditionModel,
         text_encoders: &[ClipTextModel],
+        controlnet: Option<&sd_models::ControlNetModel>,
         prompts: &[(&str, u64)],
     ) -> Result<Tensor<4>, TrainError> {
         let scheduler = AnyScheduler::from_config(&self.scheduler_config)?;
+        // A trained ControlNet draws from the first training picture's control image.
+        let control = self.train.first().and_then(|i| i.control.clone());
+        let controlnets = match (controlnet, control) {
+            (Some(model), Some(image)) => vec![ControlNetUnit {
+                model,
+                image,
+                conditioning_scale: 1.0,
+                guidance_start: 0.0,
+                guidance_end: 1.0,
+                guess_mode: false,
+            }],
+            _ => Vec::new(),
+        };
         let sd = StableDiffusion {
             tokenizer: self.captions.tokenizer(),
             text_encoder: text_encoders
@@ -469,7 +504,7 @@ impl Trainer {
             preview_decoder: None,
             sdxl: self.captions.sdxl_parts(text_encoders),
             scheduler: &scheduler,
-            controlnets: Vec::new(),
+            controlnets,
             adapters: Vec::new(),
             device: self.device.clone(),
         };
@@ -509,11 +544,46 @@ impl Trainer {
             .captions
             .encode(&ex.caption, &self.device)?
             .with_time_ids(image.original_size, image.crop_top_left, (r, r));
+        let control = match &self.config.controlnet {
+            Some(c) => Some(self.control_image(c, ex, flip)?),
+            None => None,
+        };
         Ok(Item {
             pixels_or_moments,
             cond,
             caption: ex.caption.clone(),
+            control,
         })
+    }
+
+    /// The control image of `ex` (same file name in the conditioning folder), resized,
+    /// cropped and flipped as the picture, in `[0, 1]`.
+    fn control_image(
+        &self,
+        c: &ControlNetTrainConfig,
+        ex: &Example,
+        flip: bool,
+    ) -> Result<Tensor<4>, TrainError> {
+        let dir = c
+            .conditioning_data
+            .clone()
+            .unwrap_or_else(|| self.config.data.join("conditioning"));
+        let name = ex.image.file_name().unwrap_or_default();
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(TrainError::Data {
+                path: ex.image.clone(),
+                message: format!("no control image {}", path.display()),
+            });
+        }
+        let image = load_training_image_with_sizes(
+            &path,
+            self.config.resolution,
+            self.config.center_crop,
+            flip,
+            &self.device,
+        )?;
+        Ok((image.pixels + 1.0) / 2.0)
     }
 
     /// The conditioning of a training row: `item`'s (or the empty caption's with
@@ -553,15 +623,33 @@ impl Trainer {
             .map(|item| (item.cond.clone(), item.pixels_or_moments.clone()))
     }
 
-    /// The U-Net's prediction for noisy latents under `rows`' conditioning.
+    /// The U-Net's prediction for noisy latents under `rows`' conditioning, with the
+    /// trained ControlNet's residuals of `control` (`[n, 3, H, W]`) when there is one.
     fn predict(
-        unet: &UNet2DConditionModel,
+        models: &TrainedModels,
         noisy: Tensor<4>,
         t: Tensor<1>,
         rows: &[Conditioning],
+        control: Option<Tensor<4>>,
     ) -> Tensor<4> {
-        let (context, added) = Conditioning::batch(rows);
-        unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
+        let (context, mut added) = Conditioning::batch(rows);
+        if let (Some(cn), Some(control)) = (&models.controlnet, control) {
+            let r = cn.forward_with_intermediates(
+                noisy.clone(),
+                t.clone(),
+                context.clone(),
+                control,
+                1.0,
+                false,
+                &added,
+                |_, _| {},
+            );
+            added.down_block_additional_residuals = Some(r.down_block_res_samples);
+            added.mid_block_additional_residual = Some(r.mid_block_res_sample);
+        }
+        models
+            .unet
+            .forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
     }
 
     /// Latents `scaling_factor * (mean + std * eps)` of an item.
@@ -583,12 +671,19 @@ impl Trainer {
     /// The models to train: `config.model`'s, LoRA factors attached when asked, on the
     /// autodiff version of the device; `weights` resumes from a checkpoint.
     fn trainable(&self, weights: Option<&Path>) -> Result<TrainedModels, TrainError> {
-        TrainedModels::load(
-            &self.config.model,
-            self.config.lora.as_ref(),
-            weights,
-            &self.device.clone().autodiff(),
-        )
+        self.load_models(weights, &self.device.clone().autodiff())
+    }
+
+    fn load_models(
+        &self,
+        weights: Option<&Path>,
+        device: &Device,
+    ) -> Result<TrainedModels, TrainError> {
+        let c = &self.config;
+        match &c.controlnet {
+            Some(cn) => TrainedModels::load_controlnet(&c.model, cn, weights, device),
+            None => TrainedModels::load(&c.model, c.lora.as_ref(), weights, device),
+        }
     }
 
     /// The mean loss over the validation images at timesteps 100, 300, 500, 700 and 900
@@ -611,7 +706,7 @@ impl Trainer {
                 let target = self.objective.target(x0.clone(), noise, &[t]);
                 let tt = Tensor::<1>::from_floats([t as f32], &self.device);
                 let cond = self.row_conditioning(&models, item, false).ok()?;
-                let pred = Self::predict(&models.unet, noisy, tt, &[cond]);
+                let pred = Self::predict(&models, noisy, tt, &[cond], item.control.clone());
                 total += self.objective.loss(pred, target, &[t]).into_scalar::<f32>() as f64;
                 n += 1;
             }
@@ -629,7 +724,12 @@ impl Trainer {
             .map(|(i, p)| (p.as_str(), i as u64))
             .collect();
         let models = models.valid();
-        let grid = self.generate(&models.unet, &models.text_encoders, &prompts)?;
+        let grid = self.generate(
+            &models.unet,
+            &models.text_encoders,
+            models.controlnet.as_ref(),
+            &prompts,
+        )?;
         let n = prompts.len();
         let columns = (n as f64).sqrt().ceil() as usize;
         let (w, h, rgb) = image_grid(&grid, columns);
@@ -660,11 +760,7 @@ impl Trainer {
                 (models, ema, 0)
             }
             Some((step, dir)) => {
-                let weights = match c.lora {
-                    None => dir.join("unet"),
-                    Some(_) => dir.join("pytorch_lora_weights.safetensors"),
-                };
-                let models = self.trainable(Some(&weights))?;
+                let models = self.trainable(Some(&dir.join(self.weights_name(false))))?;
                 let state_path = dir.join("trainer_state.json");
                 let text = std::fs::read_to_string(&state_path)
                     .map_err(|e| TrainError::file(&state_path, e))?;
@@ -677,16 +773,8 @@ impl Trainer {
                 let ema = match c.ema_decay {
                     None => None,
                     Some(d) => {
-                        let weights = match c.lora {
-                            None => dir.join("ema_unet"),
-                            Some(_) => dir.join("ema_lora.safetensors"),
-                        };
-                        let model = TrainedModels::load(
-                            &c.model,
-                            c.lora.as_ref(),
-                            Some(&weights),
-                            &self.device,
-                        )?;
+                        let weights = dir.join(self.weights_name(true));
+                        let model = self.load_models(Some(&weights), &self.device)?;
                         Some(Ema {
                             model,
                             decay: d,
@@ -715,11 +803,13 @@ impl Trainer {
                 let first = (step * c.gradient_accumulation + m) * micro;
                 let mut latents = Vec::with_capacity(micro);
                 let mut embeds = Vec::with_capacity(micro);
+                let mut controls = Vec::new();
                 for k in 0..micro {
                     let global = first + k;
                     epoch = global / n_train;
                     let item = &self.train[train_order.pick(global)];
                     latents.push(self.latents(item, &mut rng));
+                    controls.extend(item.control.clone());
                     // Drawn only when asked, so runs without dropout keep their
                     // random stream. The empty caption keeps the picture's time ids.
                     let dropped =
@@ -753,7 +843,8 @@ impl Trainer {
                         .as_slice(),
                     &self.device,
                 );
-                let pred = Self::predict(&models.unet, noisy, t, &embeds);
+                let control = (!controls.is_empty()).then(|| Tensor::cat(controls, 0));
+                let pred = Self::predict(&models, noisy, t, &embeds, control);
                 let loss = if with_prior {
                     let (ts_i, ts_c) = timesteps.split_at(micro);
                     let instance = self.objective.loss(
@@ -848,9 +939,9 @@ impl Trainer {
         Ok(result)
     }
 
-    /// Writes `models` into `dir`: `unet/` or `pytorch_lora_weights.safetensors`
-    /// (`ema_unet/` or `ema_lora.safetensors` for the EMA ones), plus the kohya file
-    /// with `kohya_too`.
+    /// Writes `models` into `dir`: `controlnet/`, `unet/` or
+    /// `pytorch_lora_weights.safetensors` (`ema_` ones for the EMA models), plus the
+    /// kohya file with `kohya_too`.
     fn save_models(
         &self,
         models: &TrainedModels,
@@ -858,25 +949,37 @@ impl Trainer {
         ema: bool,
         kohya_too: bool,
     ) -> Result<(), TrainError> {
-        let name = match (self.config.lora.is_some(), ema) {
-            (false, false) => "unet",
-            (false, true) => "ema_unet",
-            (true, false) => "pytorch_lora_weights.safetensors",
-            (true, true) => "ema_lora.safetensors",
-        };
         models.save(
             &self.unet_config,
             self.config.lora.as_ref(),
+            self.controlnet_config.as_ref(),
             dir,
-            name,
+            self.weights_name(ema),
             kohya_too,
         )
     }
 
+    /// Where a checkpoint keeps the trained weights (`ema`: the EMA ones).
+    fn weights_name(&self, ema: bool) -> &'static str {
+        let c = &self.config;
+        match (c.controlnet.is_some(), c.lora.is_some(), ema) {
+            (true, _, false) => "controlnet",
+            (true, _, true) => "ema_controlnet",
+            (false, false, false) => "unet",
+            (false, false, true) => "ema_unet",
+            (false, true, false) => "pytorch_lora_weights.safetensors",
+            (false, true, true) => "ema_lora.safetensors",
+        }
+    }
+
     /// Writes the result: a diffusers pipeline folder `output/model/` (full
-    /// fine-tuning) or the LoRA files in `output/`.
+    /// fine-tuning), the LoRA files in `output/`, or the ControlNet as a diffusers
+    /// folder `output/controlnet/`.
     fn export(&self, models: &TrainedModels) -> Result<(), TrainError> {
         let out = &self.config.output;
+        if self.config.controlnet.is_some() {
+            return self.save_models(models, out, false, false);
+        }
         match &self.config.lora {
             Some(_) => self.save_models(models, out, false, true),
             None => {
