@@ -135,7 +135,8 @@ pub struct CommonArgs {
     /// (default 1.0); repeatable. Merged into the weights at load.
     #[arg(long)]
     pub lora: Vec<String>,
-    /// Run the U-Net in f16 (the VAE stays f32).
+    /// Run the U-Net in f16; the VAE too when its config says `force_upcast: false`
+    /// (SDXL's fp16-fix VAE, e.g. `--vae sdxl-vae-fp16-fix`), else it stays f32.
     #[arg(long)]
     pub f16: bool,
     /// Encode prompts longer than 77 tokens in 75-token windows (A1111 style).
@@ -261,6 +262,7 @@ pub fn model_path(args: &CommonArgs) -> PathBuf {
 pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipeline, AnyError> {
     let options = LoadOptions {
         unet_dtype: args.f16.then_some(DType::F16),
+        vae_dtype: args.f16.then_some(DType::F16),
         unet: args.unet.clone(),
         vae: args.vae.clone(),
         vae_tiling: vae_tiling(&args.vae_tiling)?,

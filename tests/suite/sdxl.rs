@@ -630,3 +630,75 @@ fn sdxl_inpainting_matches_diffusers() {
         assert!(d <= 1e-3 * scale, "{name}: {d}");
     }
 }
+
+/// SDXL's fp16-fix VAE (`madebyollin/sdxl-vae-fp16-fix`: SDXL's VAE layout with
+/// `force_upcast: false`) as a drop-in: with `LoadOptions::vae_dtype` f16 it runs in
+/// f16 and decodes the SDXL VAE reference within the f16 tolerance (5e-2); SDXL's own
+/// VAE (`force_upcast` true) stays f32 under the same options, as diffusers upcasts it.
+#[test]
+fn sdxl_fp16_fix_vae_runs_in_f16_and_the_upcast_vae_stays_f32() {
+    use stable_diffusion::burn::tensor::DType;
+    use stable_diffusion::prelude::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let vae_dir = tmp.path().join("vae");
+    std::fs::create_dir_all(&vae_dir).unwrap();
+    std::fs::copy(
+        fixture("tiny-sdxl/vae/diffusion_pytorch_model.safetensors"),
+        vae_dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixture("tiny-sdxl/vae/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_ne!(config["force_upcast"], false);
+    config["force_upcast"] = false.into();
+    std::fs::write(vae_dir.join("config.json"), config.to_string()).unwrap();
+    for (name, device) in crate::common::devices() {
+        if !device.supports_dtype(DType::F16) {
+            eprintln!("[{name}] no f16: skipped");
+            continue;
+        }
+        let load = |vae: Option<std::path::PathBuf>| {
+            StableDiffusionPipeline::from_pretrained(
+                fixture("tiny-sdxl"),
+                &device,
+                &LoadOptions {
+                    vae_dtype: Some(DType::F16),
+                    vae,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let upcast = load(None);
+        let dtype = |p: &StableDiffusionPipeline| p.vae().decoder.conv_in.weight.val().dtype();
+        assert_eq!(
+            dtype(&upcast),
+            DType::F32,
+            "[{name}] force_upcast keeps f32"
+        );
+        let fix = load(Some(vae_dir.clone()));
+        assert_eq!(
+            dtype(&fix),
+            DType::F16,
+            "[{name}] the fp16-fix VAE runs in f16"
+        );
+        let r = Reference::open("reference/sdxl/vae.safetensors");
+        let vae = fix.vae();
+        let z = r.tensor::<4>("decode_in_latents", &device)
+            / stable_diffusion::core::Autoencoder::scaling_factor(vae);
+        let out = vae.decode(z).unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        let got = out
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let want = r.floats("decode_out");
+        let d = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("[{name}] fp16-fix VAE decode in f16: max diff {d:.3e}");
+        assert!(d <= 5e-2, "[{name}] f16 decode differs by {d}");
+    }
+}

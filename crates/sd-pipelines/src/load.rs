@@ -120,8 +120,13 @@ impl LoraSpec {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Float dtype of the U-Net (`F32` when `None`; `F16`/`BF16` halve its memory).
-    /// The text encoder and the VAE stay f32, as diffusers upcasts the VAE.
+    /// The text encoder stays f32.
     pub unet_dtype: Option<DType>,
+    /// Float dtype of the VAE (`F32` when `None`). A VAE whose config does not say
+    /// `force_upcast: false` stays f32, as diffusers upcasts it in f16 pipelines (the
+    /// SD 1.5 and SDXL VAEs overflow in f16); one that does (SDXL's fp16-fix VAE,
+    /// `madebyollin/sdxl-vae-fp16-fix`) runs in this dtype, halving its memory.
+    pub vae_dtype: Option<DType>,
     /// Weight variant to read from a diffusers folder (`"fp16"`: `*.fp16.safetensors`).
     pub variant: Option<String>,
     /// Take the U-Net from this folder (a pipeline folder or a `unet/` folder), e.g.
@@ -227,7 +232,11 @@ pub(crate) fn load_path(
     if let Some(dir) = &options.vae {
         let dir = component_dir(dir, "vae");
         loaded.vae_config = sd_io::model::read_vae_config(&dir.join("config.json"))?;
-        loaded.vae = vae_from_dir(&dir, device, &ComponentOptions::default())?;
+        let opts = ComponentOptions {
+            variant: None,
+            ..vae_options(options, &loaded.vae_config)
+        };
+        loaded.vae = vae_from_dir(&dir, device, &opts)?;
     }
     if let Some(p) = &options.prediction_type {
         loaded.scheduler_config.prediction_type = Some(p.clone());
@@ -252,6 +261,19 @@ pub(crate) fn load_path(
         }
     }
     Ok(loaded)
+}
+
+/// The VAE's load options: `vae_dtype` unless its config asks for the f32 upcast
+/// (`force_upcast`, true unless it says false, as diffusers' default).
+fn vae_options(options: &LoadOptions, config: &AutoencoderKLConfig) -> ComponentOptions {
+    let dtype = match options.vae_dtype {
+        Some(d) if d != DType::F32 && config.force_upcast != Some(false) => None,
+        d => d,
+    };
+    ComponentOptions {
+        dtype,
+        variant: options.variant.clone(),
+    }
 }
 
 fn unet_options(options: &LoadOptions) -> ComponentOptions {
@@ -304,7 +326,7 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         text_encoder_2_only,
         force_zeros_for_empty_prompt,
         unet: model.unet(device, &unet_options(options))?,
-        vae: model.vae(device, &f32_opts)?,
+        vae: model.vae(device, &vae_options(options, &model.vae_config()?))?,
         unet_config: model.unet_config()?,
         vae_config: model.vae_config()?,
         scheduler_config: SchedulerConfig::from_json(&model.scheduler_config_text()?)?,
@@ -399,7 +421,7 @@ fn load_single_file(
         second,
         text_encoder_2_only,
         unet: ckpt.unet(device, &unet_options(options))?,
-        vae: ckpt.vae(device, &f32_opts)?,
+        vae: ckpt.vae(device, &vae_options(options, ckpt.vae_config()))?,
         unet_config: ckpt.unet_config().clone(),
         vae_config: ckpt.vae_config().clone(),
         scheduler_config: SchedulerConfig::from_json(&scheduler)?,
