@@ -786,11 +786,10 @@ impl Trainer {
             }
         };
         let mut log = CsvLog::open(out.join("log.csv"), start)?;
-        let n_train = self.train.len();
         let micro = c.batch_size;
         let mut last_time = Instant::now();
         let mut last_step = start;
-        let mut train_order = EpochOrder::new(c.seed, n_train);
+        let mut train_order = EpochOrder::new(c.seed, self.train.len());
         let mut class_order = EpochOrder::new(c.seed.wrapping_add(0xC1A55), self.class.len());
         for step in start..c.max_steps {
             let mut rng = StdRng::seed_from_u64(
@@ -801,67 +800,14 @@ impl Trainer {
             let mut epoch = 0;
             for m in 0..c.gradient_accumulation {
                 let first = (step * c.gradient_accumulation + m) * micro;
-                let mut latents = Vec::with_capacity(micro);
-                let mut embeds = Vec::with_capacity(micro);
-                let mut controls = Vec::new();
-                for k in 0..micro {
-                    let global = first + k;
-                    epoch = global / n_train;
-                    let item = &self.train[train_order.pick(global)];
-                    latents.push(self.latents(item, &mut rng));
-                    controls.extend(item.control.clone());
-                    // Drawn only when asked, so runs without dropout keep their
-                    // random stream. The empty caption keeps the picture's time ids.
-                    let dropped =
-                        self.empty_embedding.is_some() && rng.random::<f64>() < c.caption_dropout;
-                    embeds.push(self.row_conditioning(&models, item, dropped)?);
-                }
-                // Prior preservation: as many class images, after the instance ones.
-                let with_prior = !self.class.is_empty();
-                if with_prior {
-                    for k in 0..micro {
-                        let item = &self.class[class_order.pick(first + k)];
-                        latents.push(self.latents(item, &mut rng));
-                        embeds.push(self.row_conditioning(&models, item, false)?);
-                    }
-                }
-                let rows = latents.len();
-                let x0 = Tensor::cat(latents, 0);
-                let timesteps: Vec<usize> = (0..rows)
-                    .map(|_| rng.random_range(0..self.objective.num_train_timesteps()))
-                    .collect();
-                let noise = gaussian(x0.dims(), &mut rng, &self.device);
-                let noisy = self
-                    .objective
-                    .add_noise(x0.clone(), noise.clone(), &timesteps);
-                let target = self.objective.target(x0, noise, &timesteps);
-                let t = Tensor::<1>::from_floats(
-                    timesteps
-                        .iter()
-                        .map(|&t| t as f32)
-                        .collect::<Vec<_>>()
-                        .as_slice(),
-                    &self.device,
-                );
-                let control = (!controls.is_empty()).then(|| Tensor::cat(controls, 0));
-                let pred = Self::predict(&models, noisy, t, &embeds, control);
-                let loss = if with_prior {
-                    let (ts_i, ts_c) = timesteps.split_at(micro);
-                    let instance = self.objective.loss(
-                        pred.clone().narrow(0, 0, micro),
-                        target.clone().narrow(0, 0, micro),
-                        ts_i,
-                    );
-                    let prior = self.objective.loss(
-                        pred.narrow(0, micro, micro),
-                        target.narrow(0, micro, micro),
-                        ts_c,
-                    );
-                    instance + prior.mul_scalar(c.prior_loss_weight)
-                } else {
-                    self.objective.loss(pred, target, &timesteps)
-                };
-                let loss = loss.div_scalar(c.gradient_accumulation as f64);
+                let (loss, last_epoch) = self.micro_batch_loss(
+                    &models,
+                    first,
+                    &mut rng,
+                    &mut train_order,
+                    &mut class_order,
+                )?;
+                epoch = last_epoch;
                 loss_sum += loss.clone().into_scalar::<f32>() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &models);
                 accumulator.accumulate(&models, grads);
@@ -904,25 +850,11 @@ impl Trainer {
             }
             if done % c.checkpoint_every == 0 || done == c.max_steps {
                 let dir = out.join(format!("checkpoint-{done}"));
-                self.save_models(&models, &dir, false, false)?;
-                if let Some(e) = &ema {
-                    self.save_models(&e.model, &dir, true, false)?;
-                }
+                self.write_checkpoint(&dir, &models, ema.as_ref(), done)?;
                 let opt_path = dir.join("optimizer.bpk");
                 optim
                     .save(&opt_path)
                     .map_err(|e| TrainError::file(&opt_path, format!("{e:?}")))?;
-                let state = TrainerState {
-                    step: done,
-                    ema_step: ema.as_ref().map_or(0, |e| e.step),
-                    config: c.clone(),
-                };
-                let state_path = dir.join("trainer_state.json");
-                std::fs::write(
-                    &state_path,
-                    serde_json::to_string_pretty(&state).expect("serialisable state"),
-                )
-                .map_err(|e| TrainError::file(&state_path, e))?;
                 wrote = Some(dir);
             }
             on_step(&Progress {
@@ -937,6 +869,109 @@ impl Trainer {
         };
         self.export(&result)?;
         Ok(result)
+    }
+
+    /// One micro-batch from the `first`-th picture on: its rows (instance pictures,
+    /// then as many class pictures with prior preservation), noised at random
+    /// timesteps; the loss divided by the accumulation steps, and the epoch of its last
+    /// picture. Draws from `rng` in a fixed order, so resumed runs repeat it.
+    fn micro_batch_loss(
+        &self,
+        models: &TrainedModels,
+        first: usize,
+        rng: &mut StdRng,
+        train_order: &mut EpochOrder,
+        class_order: &mut EpochOrder,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
+        let c = &self.config;
+        let (micro, n_train) = (c.batch_size, self.train.len());
+        let mut epoch = 0;
+        let mut latents = Vec::with_capacity(micro);
+        let mut embeds = Vec::with_capacity(micro);
+        let mut controls = Vec::new();
+        for k in 0..micro {
+            let global = first + k;
+            epoch = global / n_train;
+            let item = &self.train[train_order.pick(global)];
+            latents.push(self.latents(item, rng));
+            controls.extend(item.control.clone());
+            // Drawn only when asked, so runs without dropout keep their
+            // random stream. The empty caption keeps the picture's time ids.
+            let dropped = self.empty_embedding.is_some() && rng.random::<f64>() < c.caption_dropout;
+            embeds.push(self.row_conditioning(models, item, dropped)?);
+        }
+        // Prior preservation: as many class images, after the instance ones.
+        let with_prior = !self.class.is_empty();
+        if with_prior {
+            for k in 0..micro {
+                let item = &self.class[class_order.pick(first + k)];
+                latents.push(self.latents(item, rng));
+                embeds.push(self.row_conditioning(models, item, false)?);
+            }
+        }
+        let rows = latents.len();
+        let x0 = Tensor::cat(latents, 0);
+        let timesteps: Vec<usize> = (0..rows)
+            .map(|_| rng.random_range(0..self.objective.num_train_timesteps()))
+            .collect();
+        let noise = gaussian(x0.dims(), rng, &self.device);
+        let noisy = self
+            .objective
+            .add_noise(x0.clone(), noise.clone(), &timesteps);
+        let target = self.objective.target(x0, noise, &timesteps);
+        let t = Tensor::<1>::from_floats(
+            timesteps
+                .iter()
+                .map(|&t| t as f32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &self.device,
+        );
+        let control = (!controls.is_empty()).then(|| Tensor::cat(controls, 0));
+        let pred = Self::predict(models, noisy, t, &embeds, control);
+        let loss = if with_prior {
+            let (ts_i, ts_c) = timesteps.split_at(micro);
+            let instance = self.objective.loss(
+                pred.clone().narrow(0, 0, micro),
+                target.clone().narrow(0, 0, micro),
+                ts_i,
+            );
+            let prior = self.objective.loss(
+                pred.narrow(0, micro, micro),
+                target.narrow(0, micro, micro),
+                ts_c,
+            );
+            instance + prior.mul_scalar(c.prior_loss_weight)
+        } else {
+            self.objective.loss(pred, target, &timesteps)
+        };
+        Ok((loss.div_scalar(c.gradient_accumulation as f64), epoch))
+    }
+
+    /// Writes a checkpoint's weights (and the EMA ones) and `trainer_state.json` into
+    /// `dir` (the optimizer state is the caller's).
+    fn write_checkpoint(
+        &self,
+        dir: &Path,
+        models: &TrainedModels,
+        ema: Option<&Ema<TrainedModels>>,
+        done: usize,
+    ) -> Result<(), TrainError> {
+        self.save_models(models, dir, false, false)?;
+        if let Some(e) = ema {
+            self.save_models(&e.model, dir, true, false)?;
+        }
+        let state = TrainerState {
+            step: done,
+            ema_step: ema.map_or(0, |e| e.step),
+            config: self.config.clone(),
+        };
+        let state_path = dir.join("trainer_state.json");
+        std::fs::write(
+            &state_path,
+            serde_json::to_string_pretty(&state).expect("serialisable state"),
+        )
+        .map_err(|e| TrainError::file(&state_path, e))
     }
 
     /// Writes `models` into `dir`: `controlnet/`, `unet/` or
