@@ -867,35 +867,90 @@ fn t2i_adapter_features_match_diffusers() {
     }
 }
 
+/// T2I-Adapters as original TencentARC single files (`gen/t2i_adapter_single_file.py`:
+/// the full adapter's flat `body.{n}` list, the light one's `body.{l}.body.{j}`), with
+/// no config: the config recognised from the tensors is the folder's, the features
+/// equal the folder's exactly and match diffusers'. Handed to the ControlNet loader,
+/// the file is named for what it is.
+#[test]
+fn t2i_adapter_single_files_match_their_folders() {
+    use stable_diffusion::core::Adapter;
+    use stable_diffusion::io::controlnet::{read_t2i_adapter_config, t2i_adapter_from_dir};
+    use stable_diffusion::io::t2i_adapter::t2i_adapter_from_path;
+    let r = Reference::open("reference/t2i_adapter/adapter.safetensors");
+    let device = Device::flex();
+    let image = r.tensor::<4>("image", &device);
+    for (name, prefix) in [
+        ("tiny-t2i-adapter", "full"),
+        ("tiny-t2i-adapter-light", "light"),
+    ] {
+        let opts = ComponentOptions::default();
+        let folder = t2i_adapter_from_dir(&fixture(name), &device, &opts).unwrap();
+        let file = fixture(&format!("{name}.safetensors"));
+        let single = t2i_adapter_from_path(&file, None, &device, &opts).unwrap();
+        let config = read_t2i_adapter_config(&fixture(&format!("{name}/config.json"))).unwrap();
+        let with_config = t2i_adapter_from_path(&file, Some(&config), &device, &opts).unwrap();
+        let a = folder.features(image.clone()).unwrap();
+        for other in [&single, &with_config] {
+            let b = other.features(image.clone()).unwrap();
+            assert_eq!(a.len(), b.len());
+            for (j, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(
+                    x.to_data().try_to_vec::<f32>().unwrap(),
+                    y.to_data().try_to_vec::<f32>().unwrap(),
+                    "{name} feature {j}"
+                );
+                let key = format!("{prefix}.features_{j}");
+                assert_close(&format!("{name} file {key}"), y, &r.floats(&key), 1e-4);
+            }
+        }
+        let err =
+            stable_diffusion::io::controlnet::controlnet_from_path(&file, None, &device, &opts)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("T2I-Adapter"), "{err}");
+    }
+}
+
 /// diffusers' `StableDiffusionAdapterPipeline` case (DDIM 7 steps, scale 0.8)
-/// through the owning pipeline, the control image read from its PNG.
+/// through the owning pipeline, the control image read from its PNG; the adapter
+/// loaded from its folder and from its original single file.
 #[test]
 fn t2i_adapter_pipeline_case_matches_diffusers() {
     use stable_diffusion::prelude::*;
     let device = Device::flex();
-    let options = LoadOptions {
-        adapters: vec![fixture("tiny-t2i-adapter")],
-        ..Default::default()
-    };
-    let pipe =
-        StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
-    assert_eq!(
-        pipe.adapter_names().collect::<Vec<_>>(),
-        ["tiny-t2i-adapter"]
-    );
     let index = read_index("index_t2i_adapter.json");
-    let (r, png, req) = case_request(
-        &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"],
+    for source in ["tiny-t2i-adapter", "tiny-t2i-adapter.safetensors"] {
+        let options = LoadOptions {
+            adapters: vec![fixture(source)],
+            ..Default::default()
+        };
+        let pipe =
+            StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options)
+                .unwrap();
+        assert_eq!(pipe.adapter_names().collect::<Vec<_>>(), [source]);
+        let (r, png, req) = case_request(
+            &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"],
+            &device,
+        );
+        let req = req.adapter(AdapterInput::new(0, png).scale(0.8));
+        let out = pipe.generate(req).unwrap();
+        close_rel(
+            &format!("t2i_adapter txt2img_ddim_7 ({source}) final_latents"),
+            &out.latents,
+            &r.floats("final_latents"),
+            1e-3,
+        );
+    }
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
         &device,
-    );
-    let req = req.adapter(AdapterInput::new(0, png).scale(0.8));
-    let out = pipe.generate(req).unwrap();
-    close_rel(
-        "t2i_adapter txt2img_ddim_7 final_latents",
-        &out.latents,
-        &r.floats("final_latents"),
-        1e-3,
-    );
+        &LoadOptions {
+            adapters: vec![fixture("tiny-t2i-adapter")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let err = pipe
         .generate(GenerationRequest::new("x").adapter(AdapterInput::new(3, fixture("x.png"))))
         .unwrap_err();

@@ -123,6 +123,11 @@ fn refuse_other_control_files(path: &Path, source: &WeightSource) -> Result<(), 
         None
     };
     match kind {
+        Some("a T2I-Adapter") => Err(IoError::Unsupported(format!(
+            "{}: a T2I-Adapter, not a ControlNet; load it as an adapter (--adapter, \
+             LoadOptions::adapters)",
+            path.display()
+        ))),
         Some(k) => Err(IoError::Unsupported(format!(
             "{}: {k} is not supported; use a full ControlNet (diffusers folder or \
              control_model.* file)",

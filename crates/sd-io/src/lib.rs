@@ -9,6 +9,7 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod save;
+pub mod t2i_adapter;
 pub mod tokenizer;
 pub mod weights;
 

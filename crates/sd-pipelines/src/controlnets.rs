@@ -169,18 +169,19 @@ impl StableDiffusionPipeline {
     }
 
     /// Loads a T2I-Adapter (a diffusers folder, e.g.
-    /// `TencentARC/t2iadapter_canny_sd15v2`) for later requests; returns its index
-    /// for [`AdapterInput::new`].
+    /// `TencentARC/t2iadapter_canny_sd15v2`, or a single `.safetensors` file in the
+    /// diffusers or the original TencentARC layout) for later requests; returns its
+    /// index for [`AdapterInput::new`].
     ///
     /// # Errors
-    /// An unreadable folder, weights that do not fit.
+    /// An unreadable folder or file, weights that do not fit.
     pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<usize, PipelineError> {
         let path = path.as_ref();
         let options = sd_io::ComponentOptions {
             dtype: Some(self.unet.conv_in.weight.dtype()),
             variant: None,
         };
-        let model = sd_io::controlnet::t2i_adapter_from_dir(path, &self.device, &options)?;
+        let model = sd_io::t2i_adapter::t2i_adapter_from_path(path, None, &self.device, &options)?;
         let name = path
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
