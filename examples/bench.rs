@@ -172,26 +172,46 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 
 /// Prints one component's figures; `load_s` is the time its loading (`--model`) or
 /// construction (`--config`: lazy, so near zero) took.
-fn report(args: &Args, component: &str, mut times: Vec<f64>, dtype: &str, load_s: f64) {
+fn report(args: &Args, component: &str, times: Vec<f64>, dtype: &str, load_s: f64) {
+    let extra = serde_json::json!({"height": args.height, "width": args.width});
+    report_with(args, component, times, dtype, load_s, extra);
+}
+
+/// [`report`] with the row's own fields (`extra`, a JSON object: its size, and e.g.
+/// a picture's one-step time), added to the JSON row or printed after the text line.
+fn report_with(
+    args: &Args,
+    component: &str,
+    mut times: Vec<f64>,
+    dtype: &str,
+    load_s: f64,
+    extra: serde_json::Value,
+) {
     times.sort_by(|a, b| a.total_cmp(b));
     let (min, max) = (times[0], times[times.len() - 1]);
     let median = times[times.len() / 2];
     let rss = peak_rss_mb();
     let kernels = kernel_times(args, &times);
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "component": component, "median_s": median, "min_s": min, "max_s": max,
-                "peak_rss_mb": rss, "device": args.device, "dtype": dtype, "load_s": load_s,
-                "height": args.height, "width": args.width, "batch": args.batch, "runs": times.len(),
-            })
-        );
+        let mut row = serde_json::json!({
+            "component": component, "median_s": median, "min_s": min, "max_s": max,
+            "peak_rss_mb": rss, "device": args.device, "dtype": dtype, "load_s": load_s,
+            "batch": args.batch, "runs": times.len(),
+        });
+        if let (Some(row), Some(extra)) = (row.as_object_mut(), extra.as_object()) {
+            row.extend(extra.clone());
+        }
+        println!("{row}");
     } else {
         println!(
             "{component:<13} median {median:8.3} s  min {min:8.3} s  max {max:8.3} s  peak RSS {rss:8.0} MB  load {load_s:6.2} s  ({}, {dtype})",
             args.device
         );
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            if !matches!(k.as_str(), "height" | "width") {
+                println!("  {k} {v}");
+            }
+        }
     }
     for (name, calls, seconds) in kernels {
         if args.json {
@@ -506,24 +526,13 @@ fn picture(args: &Args, device: &Device, dir: &std::path::Path) -> Result<(), co
             return Err(e.into());
         }
         let dtype = if args.f16 { "f16" } else { "f32" };
-        if args.json {
-            let mut sorted = t.clone();
-            sorted.sort_by(|a, b| a.total_cmp(b));
-            println!(
-                "{}",
-                serde_json::json!({
-                    "component": "picture", "median_s": sorted[sorted.len() / 2],
-                    "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
-                    "one_step_s": one_step, "steps": args.steps, "load_s": load_s,
-                    "peak_rss_mb": peak_rss_mb(), "device": args.device, "dtype": dtype,
-                    "height": height, "width": width, "runs": t.len(),
-                })
-            );
-        } else {
+        if !args.json {
             println!("{width}x{height}, {} steps:", args.steps);
-            report(args, "picture", t, dtype, load_s);
-            println!("  one-step picture {one_step:.3} s");
         }
+        let extra = serde_json::json!({
+            "height": height, "width": width, "steps": args.steps, "one_step_s": one_step,
+        });
+        report_with(args, "picture", t, dtype, load_s, extra);
     }
     Ok(())
 }
