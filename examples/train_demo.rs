@@ -14,6 +14,18 @@
 //! training: trained VAE, random U-Net), `output/unet-run/` (the U-Net run: log,
 //! loss curve, samples, checkpoints; resumable) and `output/unet-run/model/`, the
 //! finished diffusers pipeline. Stages already done are skipped.
+//!
+//! The demo ControlNet (the demo model has not learned where to put its shape; a
+//! ControlNet given a white blob where the shape goes teaches it):
+//!
+//! ```text
+//! cargo run --release --example train_demo -- --controlnet models/demo-shapes \
+//!     --output runs/demo-cn --ship-controlnet models/demo-shapes-controlnet
+//! ```
+//!
+//! writes `output/cn-data/` (pictures, captions and `conditioning/` blobs),
+//! `output/controlnet-run/` (resumable) and `output/controlnet-run/controlnet/`, then
+//! measures over `--eval` pictures how often the shape lands where the blob is.
 
 mod common;
 
@@ -99,6 +111,23 @@ struct Args {
     /// `models/demo-shapes`) and measure that copy.
     #[arg(long)]
     ship: Option<PathBuf>,
+    /// Train the demo ControlNet for this pipeline (the VAE and U-Net stages are
+    /// skipped).
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// ControlNet optimizer steps.
+    #[arg(long, default_value_t = 1500)]
+    controlnet_steps: usize,
+    /// ControlNet peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    controlnet_lr: f64,
+    /// Write the trained ControlNet with f16 weights here (diffusers layout) and
+    /// measure that copy.
+    #[arg(long)]
+    ship_controlnet: Option<PathBuf>,
+    /// Only measure this ControlNet with the `--controlnet` pipeline (no training).
+    #[arg(long)]
+    eval_controlnet: Option<PathBuf>,
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<(), AnyError> {
@@ -166,6 +195,9 @@ fn run(a: Args) -> Result<(), AnyError> {
     let device = Device::flex();
     if let Some(model) = &a.eval_model {
         return evaluate(&a, model, &device);
+    }
+    if let Some(model) = &a.controlnet {
+        return controlnet_stage(&a, model, &device);
     }
     let data = a.output.join("data");
     if !data.join("00000.txt").exists() {
@@ -259,6 +291,112 @@ fn ship(model: &Path, dest: &Path, device: &Device) -> Result<(), AnyError> {
         model.join("model_index.json"),
         dest.join("model_index.json"),
     )?;
+    Ok(())
+}
+
+/// Trains (or, with `--eval-controlnet`, only measures) the demo ControlNet for the
+/// pipeline `model`.
+fn controlnet_stage(a: &Args, model: &Path, device: &Device) -> Result<(), AnyError> {
+    use stable_diffusion::train::ControlNetTrainConfig;
+    use stable_diffusion::train::synthetic::write_control_data_set;
+    let mut controlnet = match &a.eval_controlnet {
+        Some(dir) => dir.clone(),
+        None => {
+            let data = a.output.join("cn-data");
+            if !data.join("conditioning/00000.png").exists() {
+                let n = write_control_data_set(&data, SIDE, a.copies, a.seed)?;
+                eprintln!("wrote {n} images and control blobs to {}", data.display());
+            }
+            let run_dir = a.output.join("controlnet-run");
+            let config = TrainConfig::from_json(&format!(
+                r#"{{"model": {model:?}, "data": {data:?}, "output": {run_dir:?}, "max_steps": 1}}"#
+            ))?;
+            let steps = a.controlnet_steps;
+            let config = TrainConfig {
+                resolution: SIDE,
+                batch_size: a.batch_size,
+                max_steps: steps,
+                learning_rate: a.controlnet_lr,
+                lr_schedule: LrSchedule::Cosine {
+                    warmup_steps: (steps / 50).max(1),
+                    total_steps: steps,
+                },
+                weight_decay: 0.0,
+                caption_dropout: a.caption_dropout,
+                checkpoint_every: (steps / 5).max(50),
+                controlnet: Some(ControlNetTrainConfig {
+                    // The demo VAE downsamples 8x, as SD's: four levels.
+                    conditioning_embedding_out_channels: vec![16, 32, 64, 128],
+                    ..Default::default()
+                }),
+                sample_prompts: vec![
+                    "a red circle on a white background, top left".into(),
+                    "a blue square on a black background, center".into(),
+                ],
+                sample_every: (steps / 10).max(50),
+                sample_steps: 20,
+                log_every: 20,
+                seed: a.seed,
+                ..config
+            };
+            let trainer = Trainer::new(config, device.clone())?;
+            eprintln!("training the ControlNet on {} examples", trainer.sizes().0);
+            trainer.run(|p| {
+                if p.row.step % 50 == 0 || p.wrote.is_some() {
+                    eprintln!(
+                        "controlnet step {}/{}: loss {:.4}, lr {:.2e}, {:.2} steps/s",
+                        p.row.step, p.max_steps, p.row.loss, p.row.lr, p.row.steps_per_s
+                    );
+                }
+            })?;
+            run_dir.join("controlnet")
+        }
+    };
+    if let Some(dest) = &a.ship_controlnet {
+        use stable_diffusion::io::controlnet::{controlnet_from_dir, read_controlnet_config};
+        let cn = controlnet_from_dir(&controlnet, device, &ComponentOptions::default())?;
+        let config = read_controlnet_config(&controlnet.join("config.json"))?;
+        stable_diffusion::io::save_controlnet(&cn, &config, dest, DType::F16)?;
+        eprintln!("wrote the f16 ControlNet to {}", dest.display());
+        controlnet = dest.clone();
+    }
+    if a.eval > 0 {
+        evaluate_controlnet(a, model, &controlnet, device)?;
+    }
+    Ok(())
+}
+
+/// How often the shape lands where the control blob puts it (and colour + shape).
+fn evaluate_controlnet(
+    a: &Args,
+    model: &Path,
+    controlnet: &Path,
+    device: &Device,
+) -> Result<(), AnyError> {
+    use stable_diffusion::pipelines::{ControlInput, GenerationRequest};
+    use stable_diffusion::train::synthetic::control_match;
+    let options = LoadOptions {
+        controlnets: vec![controlnet.to_path_buf()],
+        ..Default::default()
+    };
+    let pipe = StableDiffusionPipeline::from_pretrained(model, device, &options)?;
+    let report = control_match(a.eval, SIDE, |caption, blob, seed| {
+        // The control image as a [1, 3, H, W] tensor in [0, 1].
+        let values: Vec<f32> = blob.iter().map(|&v| v as f32 / 255.0).collect();
+        let control = Tensor::<4>::from_data(TensorData::new(values, [1, SIDE, SIDE, 3]), device)
+            .permute([0, 3, 1, 2]);
+        let request = GenerationRequest::new(caption)
+            .size(SIDE, SIDE)
+            .steps(a.eval_steps)
+            .guidance(a.eval_guidance)
+            .seed(seed)
+            .control(ControlInput::new(0, control));
+        let out = pipe
+            .generate(request)
+            .map_err(|e| stable_diffusion::train::TrainError::Config(e.to_string()))?;
+        Ok(out.images[0].image.as_raw().clone())
+    })?;
+    println!("with the ControlNet: {report} (position = placement where the blob is)");
     Ok(())
 }
 

@@ -137,6 +137,35 @@ impl Scene {
         out
     }
 
+    /// The scene's control image for the demo ControlNet, `side` x `side` RGB bytes: a
+    /// white disc on black where the shape is (its centre and size; neither its
+    /// outline nor its colour), edges 4x4 supersampled.
+    pub fn control_blob(&self, side: usize) -> Vec<u8> {
+        let [px, py] = POSITIONS[self.position].1;
+        let (cx, cy) = (
+            (px + self.jitter[0]) * side as f32,
+            (py + self.jitter[1]) * side as f32,
+        );
+        let r = self.size * side as f32 / 2.0;
+        let mut out = vec![0u8; side * side * 3];
+        const SS: usize = 4;
+        for y in 0..side {
+            for x in 0..side {
+                let mut hits = 0;
+                for sy in 0..SS {
+                    for sx in 0..SS {
+                        let dx = x as f32 + (sx as f32 + 0.5) / SS as f32 - cx;
+                        let dy = y as f32 + (sy as f32 + 0.5) / SS as f32 - cy;
+                        hits += (dx * dx + dy * dy <= r * r) as usize;
+                    }
+                }
+                let v = (255.0 * hits as f32 / (SS * SS) as f32).round() as u8;
+                out[(y * side + x) * 3..(y * side + x) * 3 + 3].copy_from_slice(&[v; 3]);
+            }
+        }
+        out
+    }
+
     /// Every combination of shape, colour, background and position, with random
     /// size and jitter from `rng`.
     pub fn all(rng: &mut StdRng) -> Vec<Scene> {
@@ -169,15 +198,44 @@ pub fn write_data_set(
     copies: usize,
     seed: u64,
 ) -> Result<usize, TrainError> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
+    write_scenes(dir, side, copies, seed, false)
+}
+
+/// [`write_data_set`] plus each picture's [`Scene::control_blob`] as
+/// `dir/conditioning/NNNNN.png`: the layout of ControlNet training
+/// (`TrainConfig::controlnet`); returns the count.
+pub fn write_control_data_set(
+    dir: &Path,
+    side: usize,
+    copies: usize,
+    seed: u64,
+) -> Result<usize, TrainError> {
+    write_scenes(dir, side, copies, seed, true)
+}
+
+fn write_scenes(
+    dir: &Path,
+    side: usize,
+    copies: usize,
+    seed: u64,
+    control: bool,
+) -> Result<usize, TrainError> {
+    let cond = dir.join("conditioning");
+    let made = if control { &cond } else { dir };
+    std::fs::create_dir_all(made).map_err(|e| TrainError::file(made, e))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n = 0;
     for _ in 0..copies {
         for scene in Scene::all(&mut rng) {
-            let path = dir.join(format!("{n:05}.png"));
+            let name = format!("{n:05}.png");
+            let path = dir.join(&name);
             sd_io::image::write_png_rgb8(&path, side, side, &scene.render(side), None)?;
             let txt = path.with_extension("txt");
             std::fs::write(&txt, scene.caption()).map_err(|e| TrainError::file(&txt, e))?;
+            if control {
+                let blob = scene.control_blob(side);
+                sd_io::image::write_png_rgb8(&cond.join(&name), side, side, &blob, None)?;
+            }
             n += 1;
         }
     }
@@ -316,6 +374,23 @@ mod tests {
     }
 
     #[test]
+    fn control_blobs_sit_where_the_shapes_are() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for scene in Scene::all(&mut rng).iter().step_by(7) {
+            let blob = scene.control_blob(64);
+            // White on black: the classifier reads the blob's centroid as the position.
+            let c = classify(&blob, 64).expect("a blob");
+            assert_eq!(c.position, scene.position, "{}", scene.caption());
+        }
+        let dir = std::env::temp_dir().join(format!("sd-control-set-{}", std::process::id()));
+        let n = write_control_data_set(&dir, 16, 1, 3).unwrap();
+        assert_eq!(n, 180);
+        assert!(dir.join("conditioning/00179.png").exists());
+        assert!(dir.join("00179.txt").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_blank_image_has_no_foreground() {
         assert!(classify(&vec![128u8; 32 * 32 * 3], 32).is_none());
     }
@@ -399,6 +474,32 @@ pub fn prompt_match(
         };
         let out = sd.txt2img(&options, &mut sd_core::NoiseRng::seed(i as u64), None)?;
         let (_, _, rgb) = sd_io::image::to_rgb8(&out.images, 0);
+        report.add(&scene, &rgb, side);
+    }
+    Ok(report)
+}
+
+/// Generates `n` images for the data set's captions (the fixed shuffled order of
+/// [`prompt_match`], seed `i` for the `i`-th image), each with its scene's
+/// [`Scene::control_blob`], through `generate(caption, control RGB bytes, seed)`
+/// (returning the picture's RGB bytes, `side` pixels square), and classifies each:
+/// `position` is the share that lands where the control image puts it.
+///
+/// # Errors
+/// What `generate` returns.
+pub fn control_match(
+    n: usize,
+    side: usize,
+    mut generate: impl FnMut(&str, &[u8], u64) -> Result<Vec<u8>, TrainError>,
+) -> Result<MatchReport, TrainError> {
+    use rand::seq::SliceRandom;
+    let mut rng = StdRng::seed_from_u64(2024);
+    let mut scenes = Scene::all(&mut rng);
+    scenes.shuffle(&mut rng);
+    let mut report = MatchReport::default();
+    for i in 0..n {
+        let scene = scenes[i % scenes.len()];
+        let rgb = generate(&scene.caption(), &scene.control_blob(side), i as u64)?;
         report.add(&scene, &rgb, side);
     }
     Ok(report)
