@@ -89,7 +89,10 @@ fn demo_controlnet_places_the_shape_where_the_blob_is() {
             .guidance(2.5)
             .seed(seed)
             .control(ControlInput::new(0, control));
-        Ok(pipe.generate(request).unwrap().images[0].image.as_raw().clone())
+        Ok(pipe.generate(request).unwrap().images[0]
+            .image
+            .as_raw()
+            .clone())
     })
     .unwrap();
     eprintln!("demo ControlNet: {r}");
