@@ -3,6 +3,7 @@
 //! - [`trainer`]: the training loop (full fine-tuning or LoRA) over an image-caption
 //!   folder, with checkpoints in the diffusers layout, EMA, gradient accumulation,
 //!   validation loss, sample grids, and resumable runs;
+//! - [`config`]: what a run is asked to do ([`TrainConfig`], JSON);
 //! - [`conditioning`]: caption embeddings (SD 1.x/2.x and SDXL, with SDXL's pooled
 //!   embeddings and time ids);
 //! - [`controlnet`]: the ControlNet training loss (the U-Net frozen);
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod conditioning;
+pub mod config;
 pub mod controlnet;
 pub mod data;
 pub mod error;
