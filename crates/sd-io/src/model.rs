@@ -255,6 +255,15 @@ impl DiffusersDir {
             .map_err(|e| IoError::Json { path: p, source: e })
     }
 
+    /// `force_zeros_for_empty_prompt` from `model_index.json` (diffusers'
+    /// `StableDiffusionXLPipeline` registers it), `None` where the index does not say.
+    pub fn force_zeros_for_empty_prompt(&self) -> Result<Option<bool>, IoError> {
+        Ok(self.model_index()?.and_then(|i| {
+            i.get("force_zeros_for_empty_prompt")
+                .and_then(|v| v.as_bool())
+        }))
+    }
+
     /// The U-Net config.
     pub fn unet_config(&self) -> Result<UNet2DConditionConfig, IoError> {
         read_unet_config(&self.root.join("unet/config.json"))

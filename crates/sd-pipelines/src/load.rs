@@ -311,14 +311,8 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
     } else {
         ModelFamily::Sd1
     };
-    // diffusers' StableDiffusionXLPipeline registers it, true unless the index says.
-    let force_zeros_for_empty_prompt = model
-        .model_index()?
-        .and_then(|i| {
-            i.get("force_zeros_for_empty_prompt")
-                .and_then(|v| v.as_bool())
-        })
-        .unwrap_or(true);
+    // True unless the index says, as diffusers' StableDiffusionXLPipeline.
+    let force_zeros_for_empty_prompt = model.force_zeros_for_empty_prompt()?.unwrap_or(true);
     Ok(Loaded {
         tokenizer,
         text_encoder,
@@ -359,11 +353,7 @@ fn load_single_file(
                 _ => configs.tokenizer()?,
             };
             let force_zeros = configs
-                .model_index()?
-                .and_then(|i| {
-                    i.get("force_zeros_for_empty_prompt")
-                        .and_then(|v| v.as_bool())
-                })
+                .force_zeros_for_empty_prompt()?
                 .unwrap_or(!ckpt.text_encoder_2_only());
             let scheduler = configs.scheduler_config_text()?;
             (ckpt, tokenizer, tokenizer_2, scheduler, force_zeros)

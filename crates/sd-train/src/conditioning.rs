@@ -56,13 +56,7 @@ impl CaptionEncoder {
         } else {
             None
         };
-        let force_zeros_for_empty_prompt = dir
-            .model_index()?
-            .and_then(|i| {
-                i.get("force_zeros_for_empty_prompt")
-                    .and_then(|v| v.as_bool())
-            })
-            .unwrap_or(true);
+        let force_zeros_for_empty_prompt = dir.force_zeros_for_empty_prompt()?.unwrap_or(true);
         Ok(Self {
             tokenizer: dir.tokenizer()?,
             text_encoder: dir.text_encoder(device, &options)?,
