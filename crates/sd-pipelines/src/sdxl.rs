@@ -116,6 +116,16 @@ impl MicroConditioning {
     }
 }
 
+/// The second encoder's pooled projection, which SDXL needs.
+fn required_pooled(pooled: Option<Tensor<2>>) -> Result<Tensor<2>, CoreError> {
+    pooled.ok_or_else(|| {
+        invalid(
+            "text_encoder_2",
+            "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
+        )
+    })
+}
+
 impl StableDiffusion<'_> {
     /// Token ids `[batch, 77]` of `prompt` by `tokenizer`.
     pub(crate) fn ids_with(
@@ -143,12 +153,7 @@ impl StableDiffusion<'_> {
         let b = x
             .text_encoder_2
             .encode(self.ids_with(x.tokenizer_2, prompt, batch)?, layer)?;
-        let pooled = b.text_embeds.ok_or_else(|| {
-            invalid(
-                "text_encoder_2",
-                "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
-            )
-        })?;
+        let pooled = required_pooled(b.text_embeds)?;
         if x.text_encoder_2_only {
             return Ok((b.hidden_states, pooled));
         }
@@ -175,15 +180,30 @@ impl StableDiffusion<'_> {
         if o.long_prompts || o.prompt_weighting {
             return self.encode_prompt_sdxl_windows(x, o, layer);
         }
-        let (pe, pp) = self.encode_both(x, &o.prompt, layer, b)?;
+        let positive = self.encode_both(x, &o.prompt, layer, b)?;
+        self.with_negative(x, o, positive, || {
+            let negative = o.negative_prompt.as_deref().unwrap_or("");
+            self.encode_both(x, negative, HiddenLayer::SkipRaw(1), b)
+        })
+    }
+
+    /// `positive` alone without classifier-free guidance, else `[negative; positive]`:
+    /// zeros for an unset negative prompt with `force_zeros_for_empty_prompt`, else
+    /// what `negative` encodes.
+    fn with_negative(
+        &self,
+        x: &SdxlParts<'_>,
+        o: &GenerationOptions,
+        positive: (Tensor<3>, Tensor<2>),
+        negative: impl FnOnce() -> Result<(Tensor<3>, Tensor<2>), CoreError>,
+    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
         if !self.uses_cfg(o.guidance_scale) {
-            return Ok((pe, pp));
+            return Ok(positive);
         }
+        let (pe, pp) = positive;
         let (ne, np) = match (&o.negative_prompt, x.force_zeros_for_empty_prompt) {
             (None, true) => (pe.zeros_like(), pp.zeros_like()),
-            (n, _) => {
-                self.encode_both(x, n.as_deref().unwrap_or(""), HiddenLayer::SkipRaw(1), b)?
-            }
+            _ => negative()?,
         };
         Ok((Tensor::cat(vec![ne, pe], 0), Tensor::cat(vec![np, pp], 0)))
     }
@@ -209,12 +229,7 @@ impl StableDiffusion<'_> {
         let encode = |w2: &Windows, w1: &Windows, layer| -> Result<_, CoreError> {
             let (h2, pooled) =
                 self.encode_windows(x.tokenizer_2, x.text_encoder_2, w2, layer, w, b)?;
-            let pooled = pooled.ok_or_else(|| {
-                invalid(
-                    "text_encoder_2",
-                    "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
-                )
-            })?;
+            let pooled = required_pooled(pooled)?;
             if x.text_encoder_2_only {
                 return Ok((h2, pooled));
             }
@@ -229,15 +244,10 @@ impl StableDiffusion<'_> {
             }
             Ok((Tensor::cat(vec![h1, h2], 2), pooled))
         };
-        let (pe, pp) = encode(&pos2, &pos1, layer)?;
-        if !self.uses_cfg(o.guidance_scale) {
-            return Ok((pe, pp));
-        }
-        let (ne, np) = match (&o.negative_prompt, x.force_zeros_for_empty_prompt) {
-            (None, true) => (pe.zeros_like(), pp.zeros_like()),
-            _ => encode(&neg2, &neg1, HiddenLayer::SkipRaw(1))?,
-        };
-        Ok((Tensor::cat(vec![ne, pe], 0), Tensor::cat(vec![np, pp], 0)))
+        let positive = encode(&pos2, &pos1, layer)?;
+        self.with_negative(x, o, positive, || {
+            encode(&neg2, &neg1, HiddenLayer::SkipRaw(1))
+        })
     }
 
     /// The U-Net's added conditioning for SDXL: the pooled embeddings and the time
