@@ -44,7 +44,7 @@ use stable_diffusion::pipelines::{LoadOptions, StableDiffusionPipeline};
 use stable_diffusion::train::data::{load_training_image, read_folder};
 use stable_diffusion::train::synthetic::{prompt_match, reconstruction_match, write_data_set};
 use stable_diffusion::train::vae::{VaeTrainConfig, latent_scaling_factor, train_vae};
-use stable_diffusion::train::{LrSchedule, TrainConfig, Trainer};
+use stable_diffusion::train::{LrSchedule, Progress, TrainConfig, Trainer};
 
 /// Image side of the demo model.
 const SIDE: usize = 64;
@@ -191,6 +191,18 @@ fn evaluate(a: &Args, model: &Path, device: &Device) -> Result<(), AnyError> {
     Ok(())
 }
 
+/// Prints a training run's progress every `every` steps and when it writes a file.
+fn progress(stage: &'static str, every: usize) -> impl FnMut(&Progress) {
+    move |p| {
+        if p.row.step % every == 0 || p.wrote.is_some() {
+            eprintln!(
+                "{stage} step {}/{}: loss {:.4}, lr {:.2e}, {:.2} steps/s",
+                p.row.step, p.max_steps, p.row.loss, p.row.lr, p.row.steps_per_s
+            );
+        }
+    }
+}
+
 fn run(a: Args) -> Result<(), AnyError> {
     let device = Device::flex();
     if let Some(model) = &a.eval_model {
@@ -240,14 +252,7 @@ fn run(a: Args) -> Result<(), AnyError> {
     };
     let trainer = Trainer::new(config, device.clone())?;
     eprintln!("training the U-Net on {} examples", trainer.sizes().0);
-    trainer.run(|p| {
-        if p.row.step % 100 == 0 || p.wrote.is_some() {
-            eprintln!(
-                "unet step {}/{}: loss {:.4}, lr {:.2e}, {:.2} steps/s",
-                p.row.step, p.max_steps, p.row.loss, p.row.lr, p.row.steps_per_s
-            );
-        }
-    })?;
+    trainer.run(progress("unet", 100))?;
     let mut model = run_dir.join("model");
     if let Some(dest) = &a.ship {
         ship(&model, dest, &device)?;
@@ -341,14 +346,7 @@ fn controlnet_stage(a: &Args, model: &Path, device: &Device) -> Result<(), AnyEr
             };
             let trainer = Trainer::new(config, device.clone())?;
             eprintln!("training the ControlNet on {} examples", trainer.sizes().0);
-            trainer.run(|p| {
-                if p.row.step % 50 == 0 || p.wrote.is_some() {
-                    eprintln!(
-                        "controlnet step {}/{}: loss {:.4}, lr {:.2e}, {:.2} steps/s",
-                        p.row.step, p.max_steps, p.row.loss, p.row.lr, p.row.steps_per_s
-                    );
-                }
-            })?;
+            trainer.run(progress("controlnet", 50))?;
             run_dir.join("controlnet")
         }
     };
@@ -380,11 +378,7 @@ fn evaluate_controlnet(
         ..Default::default()
     };
     let pipe = StableDiffusionPipeline::from_pretrained(model, device, &options)?;
-    let report = control_match(a.eval, SIDE, |caption, blob, seed| {
-        // The control image as a [1, 3, H, W] tensor in [0, 1].
-        let values: Vec<f32> = blob.iter().map(|&v| v as f32 / 255.0).collect();
-        let control = Tensor::<4>::from_data(TensorData::new(values, [1, SIDE, SIDE, 3]), device)
-            .permute([0, 3, 1, 2]);
+    let report = control_match(a.eval, SIDE, |caption, control, seed| {
         let request = GenerationRequest::new(caption)
             .size(SIDE, SIDE)
             .steps(a.eval_steps)

@@ -79,10 +79,7 @@ fn demo_controlnet_places_the_shape_where_the_blob_is() {
         ..Default::default()
     };
     let pipe = StableDiffusionPipeline::from_pretrained(demo_model(), &device, &options).unwrap();
-    let r = control_match(40, 64, |caption, blob, seed| {
-        let values: Vec<f32> = blob.iter().map(|&v| v as f32 / 255.0).collect();
-        let control = Tensor::<4>::from_data(TensorData::new(values, [1, 64, 64, 3]), &device)
-            .permute([0, 3, 1, 2]);
+    let r = control_match(40, 64, |caption, control, seed| {
         let request = GenerationRequest::new(caption)
             .size(64, 64)
             .steps(20)

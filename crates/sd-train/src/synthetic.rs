@@ -447,6 +447,16 @@ impl std::fmt::Display for MatchReport {
     }
 }
 
+/// The scenes the measurements draw, `n` of them: every combination in a fixed
+/// shuffled order, cycled through.
+fn evaluation_scenes(n: usize) -> Vec<Scene> {
+    use rand::seq::SliceRandom;
+    let mut rng = StdRng::seed_from_u64(2024);
+    let mut scenes = Scene::all(&mut rng);
+    scenes.shuffle(&mut rng);
+    scenes.iter().copied().cycle().take(n).collect()
+}
+
 /// Generates `n` images with `sd` for the data set's captions (cycled through in a
 /// fixed shuffled order, seed `i` for the `i`-th image), `side` pixels, and
 /// classifies each against its prompt.
@@ -457,13 +467,8 @@ pub fn prompt_match(
     guidance: f64,
     side: usize,
 ) -> Result<MatchReport, TrainError> {
-    use rand::seq::SliceRandom;
-    let mut rng = StdRng::seed_from_u64(2024);
-    let mut scenes = Scene::all(&mut rng);
-    scenes.shuffle(&mut rng);
     let mut report = MatchReport::default();
-    for i in 0..n {
-        let scene = scenes[i % scenes.len()];
+    for (i, scene) in evaluation_scenes(n).into_iter().enumerate() {
         let options = sd_pipelines::GenerationOptions {
             prompt: scene.caption(),
             steps: sd_core::Steps::Count(steps),
@@ -481,7 +486,7 @@ pub fn prompt_match(
 
 /// Generates `n` images for the data set's captions (the fixed shuffled order of
 /// [`prompt_match`], seed `i` for the `i`-th image), each with its scene's
-/// [`Scene::control_blob`], through `generate(caption, control RGB bytes, seed)`
+/// [`Scene::control_blob`], through `generate(caption, control image, seed)`
 /// (returning the picture's RGB bytes, `side` pixels square), and classifies each:
 /// `position` is the share that lands where the control image puts it.
 ///
@@ -490,16 +495,13 @@ pub fn prompt_match(
 pub fn control_match(
     n: usize,
     side: usize,
-    mut generate: impl FnMut(&str, &[u8], u64) -> Result<Vec<u8>, TrainError>,
+    mut generate: impl FnMut(&str, image::RgbImage, u64) -> Result<Vec<u8>, TrainError>,
 ) -> Result<MatchReport, TrainError> {
-    use rand::seq::SliceRandom;
-    let mut rng = StdRng::seed_from_u64(2024);
-    let mut scenes = Scene::all(&mut rng);
-    scenes.shuffle(&mut rng);
     let mut report = MatchReport::default();
-    for i in 0..n {
-        let scene = scenes[i % scenes.len()];
-        let rgb = generate(&scene.caption(), &scene.control_blob(side), i as u64)?;
+    for (i, scene) in evaluation_scenes(n).into_iter().enumerate() {
+        let blob = image::RgbImage::from_raw(side as u32, side as u32, scene.control_blob(side))
+            .expect("side x side RGB bytes");
+        let rgb = generate(&scene.caption(), blob, i as u64)?;
         report.add(&scene, &rgb, side);
     }
     Ok(report)

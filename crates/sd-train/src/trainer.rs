@@ -251,14 +251,7 @@ impl Trainer {
         // A trained ControlNet draws from the first training picture's control image.
         let control = self.train.first().and_then(|i| i.control.clone());
         let controlnets = match (controlnet, control) {
-            (Some(model), Some(image)) => vec![ControlNetUnit {
-                model,
-                image,
-                conditioning_scale: 1.0,
-                guidance_start: 0.0,
-                guidance_end: 1.0,
-                guess_mode: false,
-            }],
+            (Some(model), Some(image)) => vec![ControlNetUnit::new(model, image)],
             _ => Vec::new(),
         };
         let sd = StableDiffusion {
