@@ -87,14 +87,19 @@ def tokenize(tokenizer, prompt):
                      return_tensors="pt").input_ids
 
 
-with torch.no_grad():
+def encode_prompt(te1, te2):
+    """The recipe's `encode_prompt`: each encoder's `hidden_states[-2]` concatenated,
+    the pooled embedding from the last (text_encoder_2's `text_embeds`)."""
     embeds = []
     for tok, te in ((tok1, te1), (tok2, te2)):
         out = te(tokenize(tok, CAPTION), output_hidden_states=True, return_dict=False)
         pooled = out[0]
         embeds.append(out[-1][-2])
-    prompt_embeds = torch.concat(embeds, dim=-1)
-    pooled = pooled.view(1, -1)
+    return torch.concat(embeds, dim=-1), pooled.view(1, -1)
+
+
+with torch.no_grad():
+    prompt_embeds, pooled = encode_prompt(te1, te2)
     add_time_ids = torch.tensor([list(original_size + (y1, x1) + (RESOLUTION, RESOLUTION))], dtype=torch.float32)
     dist = vae.encode(pixels).latent_dist
     g = torch.Generator().manual_seed(21)
@@ -212,13 +217,7 @@ for model, m in watch:
 for m in (unet, te1, te2):
     m.train()
 optimizer = torch.optim.AdamW(lora_params, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-embeds = []
-for tok, te in ((tok1, te1), (tok2, te2)):
-    out = te(tokenize(tok, CAPTION), output_hidden_states=True, return_dict=False)
-    pooled = out[0]
-    embeds.append(out[-1][-2])
-prompt_embeds = torch.concat(embeds, dim=-1)
-pooled = pooled.view(1, -1)
+prompt_embeds, pooled = encode_prompt(te1, te2)
 rec["prompt_embeds"] = prompt_embeds.detach().clone()
 rec["pooled_prompt_embeds"] = pooled.detach().clone()
 noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -6,7 +6,7 @@
 
 use crate::common;
 
-use common::{LoadedPipeline, Reference, assert_close, devices, fixture, tol};
+use common::{LoadedPipeline, Reference, assert_close, devices, fixture, read_index, tol};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{AddedConditioning, ControlNet, Denoiser, RecordedNoise, Steps};
 use stable_diffusion::io::ComponentOptions;
@@ -14,17 +14,10 @@ use stable_diffusion::io::controlnet::{controlnet_from_dir, controlnet_from_path
 use stable_diffusion::io::image::{control_image_to_tensor, read_image};
 use stable_diffusion::models::ControlNetModel;
 use stable_diffusion::pipelines::{ControlNetUnit, GenerationOptions};
-use stable_diffusion::schedulers::config::sanitize_json;
 use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
 fn controlnet(name: &str, device: &Device) -> ControlNetModel {
     controlnet_from_dir(&fixture(name), device, &ComponentOptions::default()).unwrap()
-}
-
-/// A reference index, `reference/{file}`.
-fn read_index(file: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture(&format!("reference/{file}"))).unwrap();
-    serde_json::from_str(&sanitize_json(&text)).unwrap()
 }
 
 fn index() -> serde_json::Value {

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{Reference, assert_close, devices, fixture, tol};
+use common::{Reference, assert_close, devices, fixture, read_index, tol};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{AddedConditioning, Denoiser};
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
@@ -229,8 +229,7 @@ fn sdxl_pipeline_cases_match_diffusers() {
 }
 
 fn sdxl_index() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("reference/index_sdxl.json")).unwrap();
-    serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap()
+    read_index("index_sdxl.json")
 }
 
 /// Runs one SDXL pipeline case through `pipe` with its recorded noise and checks
@@ -327,36 +326,34 @@ fn run_sdxl_case(
 #[test]
 fn sdxl_long_prompts_and_weighting_match_a1111_through_diffusers() {
     use stable_diffusion::prelude::*;
-    let device = Device::flex();
     let pipe = StableDiffusionPipeline::from_pretrained(
         fixture("tiny-sdxl"),
-        &device,
+        &Device::flex(),
         &LoadOptions::default(),
     )
     .unwrap();
-    let text = std::fs::read_to_string(fixture("reference/index_sdxl_long.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        run_sdxl_case(&pipe, name, case);
-        checked += 1;
+    run_sdxl_index(&pipe, "index_sdxl_long.json", 3);
+}
+
+/// Runs every case of `reference/{file}` through `pipe` ([`run_sdxl_case`]); the index
+/// holds `expected` cases.
+fn run_sdxl_index(
+    pipe: &stable_diffusion::prelude::StableDiffusionPipeline,
+    file: &str,
+    expected: usize,
+) {
+    let index = read_index(file);
+    let cases = index["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), expected, "{file}");
+    for (name, case) in cases {
+        run_sdxl_case(pipe, name, case);
     }
-    assert_eq!(checked, 3);
 }
 
 /// Runs every case of the refiner's index (`gen/ref_sdxl_refiner.py`) through `pipe`.
 fn check_refiner_cases(pipe: &stable_diffusion::prelude::StableDiffusionPipeline) {
     assert_eq!(pipe.family(), stable_diffusion::prelude::ModelFamily::Sdxl);
-    let text = std::fs::read_to_string(fixture("reference/index_sdxl_refiner.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        run_sdxl_case(pipe, name, case);
-        checked += 1;
-    }
-    assert_eq!(checked, 2);
+    run_sdxl_index(pipe, "index_sdxl_refiner.json", 2);
 }
 
 /// The SDXL refiner's layout (made by `gen/ref_sdxl_refiner.py`): a folder with only
@@ -466,9 +463,7 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let text = std::fs::read_to_string(fixture("reference/index_fast.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let index = read_index("index_fast.json");
     let case = |n: &str| index["cases"][format!("pipelines_fast/{n}")].clone();
     let end = case("sdxl_denoising_end_0.7");
     let r_end = Reference::open(&format!("reference/{}", end["file"].as_str().unwrap()));
@@ -571,9 +566,7 @@ fn sdxl_vae_matches_diffusers() {
 fn sdxl_inpainting_matches_diffusers() {
     use stable_diffusion::prelude::*;
     let device = Device::flex();
-    let text = std::fs::read_to_string(fixture("reference/index_sdxl_inpaint.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
+    let index = read_index("index_sdxl_inpaint.json");
     for (name, unet) in [
         (
             "sdxl_inpaint/inpaint9_euler_7_g5",

@@ -560,6 +560,68 @@ fn assert_close(label: &str, got: &[f32], want: &[f32], rel: f32) {
     );
 }
 
+/// One step of diffusers' SDXL LoRA recipe replayed from `r`
+/// (`scripts/make_sdxl_training_reference.py`): `predict(model, noisy, t)` for the
+/// recorded latents noised at timesteps 100 and 700 against the recorded noise (the
+/// tiny SDXL's scheduler); the loss, the gradients of `keys` (read by `factor`), the
+/// global norm clipped at 1 and the AdamW-updated (lr 1e-3, weight decay 1e-2) values
+/// of `keys`, each checked against the reference (`loss`, `grad.{key}`, `grad_norm`,
+/// `param.{key}`).
+fn check_sdxl_recipe_step<M: Module>(
+    r: &Reference,
+    device: &Device,
+    model: M,
+    predict: impl Fn(&M, Tensor<4>, Tensor<1>) -> Tensor<4>,
+    factor: impl Fn(&M, &str, Option<&GradientsParams>) -> Vec<f32>,
+    keys: &[String],
+) {
+    let dir = DiffusersDir::open(fixture("tiny-sdxl")).unwrap();
+    let objective = Objective::from_config(
+        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let latents: Tensor<4> = r.tensor("latents", device);
+    let noise: Tensor<4> = r.tensor("noise", device);
+    let timesteps: Vec<usize> = r.floats("timesteps").iter().map(|&t| t as usize).collect();
+    assert_eq!(timesteps, [100, 700]);
+    let t = Tensor::<1>::from_floats([100.0, 700.0], device);
+    let noisy = objective.add_noise(latents.clone(), noise.clone(), &timesteps);
+    let target = objective.target(latents, noise, &timesteps);
+    let loss = objective.loss(predict(&model, noisy, t), target, &timesteps);
+    assert_close(
+        "loss",
+        &[loss.clone().into_scalar::<f32>()],
+        &r.floats("loss"),
+        1e-5,
+    );
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    for k in keys {
+        assert_close(
+            &format!("grad {k}"),
+            &factor(&model, k, Some(&grads)),
+            &r.floats(&format!("grad.{k}")),
+            1e-4,
+        );
+    }
+    let (grads, norm) = clip_grad_norm(&model, grads, Some(1.0));
+    assert_close("grad norm", &[norm as f32], &r.floats("grad_norm"), 1e-4);
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(1e-2)
+        .init();
+    let model = optim.step(1e-3, model, grads);
+    for k in keys {
+        assert_close(
+            &format!("param {k}"),
+            &factor(&model, k, None),
+            &r.floats(&format!("param.{k}")),
+            1e-4,
+        );
+    }
+}
+
 /// SDXL LoRA training as diffusers' `train_text_to_image_lora_sdxl.py`
 /// (`scripts/make_sdxl_training_reference.py`, the tiny SDXL): the trainer prepares
 /// the data folder's 32x40 picture as the recipe does (both encoders' penultimate
@@ -665,15 +727,7 @@ fn sdxl_lora_training_step_matches_diffusers() {
             "{k}"
         );
     }
-    let objective = Objective::from_config(
-        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
-    )
-    .unwrap();
-    let latents: Tensor<4> = r.tensor("latents", &device);
-    let noise: Tensor<4> = r.tensor("noise", &device);
-    let timesteps: Vec<usize> = r.floats("timesteps").iter().map(|&t| t as usize).collect();
-    assert_eq!(timesteps, [100, 700]);
-    let t = Tensor::<1>::from_floats([100.0, 700.0], &device);
+    let keys: Vec<String> = keys().collect();
     let row = |k: &str| r.tensor::<2>(k, &device).repeat_dim(0, 2);
     let added = stable_diffusion::core::AddedConditioning {
         text_embeds: Some(row("pooled_prompt_embeds")),
@@ -681,42 +735,16 @@ fn sdxl_lora_training_step_matches_diffusers() {
         ..Default::default()
     };
     let context = r.tensor::<3>("prompt_embeds", &device).repeat_dim(0, 2);
-    let noisy = objective.add_noise(latents.clone(), noise.clone(), &timesteps);
-    let target = objective.target(latents, noise, &timesteps);
-    let pred = unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
-    let loss = objective.loss(pred, target, &timesteps);
-    assert_close(
-        "loss",
-        &[loss.clone().into_scalar::<f32>()],
-        &r.floats("loss"),
-        1e-5,
+    check_sdxl_recipe_step(
+        &r,
+        &device,
+        unet,
+        |unet, noisy, t| {
+            unet.forward_added_with_intermediates(noisy, t, context.clone(), &added, |_, _| {})
+        },
+        lora_factor,
+        &keys,
     );
-    let grads = GradientsParams::from_grads(loss.backward(), &unet);
-    for k in keys() {
-        assert_close(
-            &format!("grad {k}"),
-            &lora_factor(&unet, &k, Some(&grads)),
-            &r.floats(&format!("grad.{k}")),
-            1e-4,
-        );
-    }
-    let (grads, norm) = clip_grad_norm(&unet, grads, Some(1.0));
-    assert_close("grad norm", &[norm as f32], &r.floats("grad_norm"), 1e-4);
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(1e-2)
-        .init();
-    let unet = optim.step(1e-3, unet, grads);
-    for k in keys() {
-        assert_close(
-            &format!("param {k}"),
-            &lora_factor(&unet, &k, None),
-            &r.floats(&format!("param.{k}")),
-            1e-4,
-        );
-    }
 
     // A short run: an SDXL LoRA (and a sample grid through the SDXL pipeline) that the
     // pipeline loads.
@@ -821,52 +849,26 @@ fn sdxl_text_encoder_lora_training_step_matches_diffusers() {
         1e-5,
     );
     let (context, added) = Conditioning::batch(&[cond.clone(), cond]);
-    let objective = Objective::from_config(
-        &SchedulerConfig::from_json(&dir.scheduler_config_text().unwrap()).unwrap(),
-    )
-    .unwrap();
-    let latents: Tensor<4> = r.tensor("latents", &device);
-    let noise: Tensor<4> = r.tensor("noise", &device);
-    let timesteps = [100, 700];
-    let t = Tensor::<1>::from_floats([100.0, 700.0], &device);
-    let noisy = objective.add_noise(latents.clone(), noise.clone(), &timesteps);
-    let target = objective.target(latents, noise, &timesteps);
-    let pred = models
-        .unet
-        .forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
-    let loss = objective.loss(pred, target, &timesteps);
-    assert_close(
-        "loss",
-        &[loss.clone().into_scalar::<f32>()],
-        &r.floats("loss"),
-        1e-5,
+    let keys: Vec<String> = watch.iter().map(|(m, k)| format!("{m}.{k}")).collect();
+    check_sdxl_recipe_step(
+        &r,
+        &device,
+        models,
+        |models, noisy, t| {
+            models.unet.forward_added_with_intermediates(
+                noisy,
+                t,
+                context.clone(),
+                &added,
+                |_, _| {},
+            )
+        },
+        |models, key, grads| {
+            let (model, key) = key.split_once('.').unwrap();
+            factor(models, model, key, grads)
+        },
+        &keys,
     );
-    let grads = GradientsParams::from_grads(loss.backward(), &models);
-    for (model, key) in &watch {
-        assert_close(
-            &format!("grad {model} {key}"),
-            &factor(&models, model, key, Some(&grads)),
-            &r.floats(&format!("grad.{model}.{key}")),
-            1e-4,
-        );
-    }
-    let (grads, norm) = clip_grad_norm(&models, grads, Some(1.0));
-    assert_close("grad norm", &[norm as f32], &r.floats("grad_norm"), 1e-4);
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(1e-2)
-        .init();
-    let models = optim.step(1e-3, models, grads);
-    for (model, key) in &watch {
-        assert_close(
-            &format!("param {model} {key}"),
-            &factor(&models, model, key, None),
-            &r.floats(&format!("param.{model}.{key}")),
-            1e-4,
-        );
-    }
 
     // A run that trains the text encoders too writes all three components.
     let tmp = tempfile::tempdir().unwrap();

@@ -19,6 +19,12 @@ pub fn fixture(rel: &str) -> PathBuf {
     }
 }
 
+/// A reference index, `reference/{file}` (JSON with diffusers' `NaN`/`Infinity`).
+pub fn read_index(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("reference/{file}"))).unwrap();
+    serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap()
+}
+
 /// The devices the component parity tests run on: flex always, wgpu when the `wgpu`
 /// feature is on, and CUDA device 0 when the `cuda` feature is on and
 /// `SD_TEST_CUDA=1` says a GPU is there (`scripts/gpu-check.sh` on a GPU machine; CI
