@@ -8,6 +8,7 @@ mod configs;
 mod controlnet;
 mod corrupt_files;
 mod demo_model;
+mod depth;
 mod examples;
 mod fast_paths;
 mod fuzz;

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod controlnet;
+pub mod depth;
 pub mod error;
 pub mod image;
 pub mod ldm;

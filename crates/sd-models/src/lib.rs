@@ -8,6 +8,8 @@ pub mod autoencoder_tiny;
 pub mod clip;
 pub mod config;
 pub mod controlnet;
+pub mod depth_anything;
+pub mod dinov2;
 pub mod embeddings;
 pub mod error;
 pub mod lora;
@@ -24,10 +26,11 @@ pub use autoencoder_kl::AutoencoderKL;
 pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
 pub use config::{
-    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig, T2IAdapterConfig,
-    UNet2DConditionConfig,
+    AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig,
+    DepthAnythingConfig, T2IAdapterConfig, UNet2DConditionConfig,
 };
 pub use controlnet::ControlNetModel;
+pub use depth_anything::DepthAnythingForDepthEstimation;
 pub use error::ConfigError;
 pub use t2i_adapter::T2IAdapter;
 pub use unet_2d_condition::UNet2DConditionModel;

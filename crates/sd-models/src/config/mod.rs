@@ -6,6 +6,7 @@
 
 mod clip;
 mod controlnet;
+mod depth_anything;
 mod one_or_many;
 mod t2i_adapter;
 mod unet;
@@ -14,6 +15,9 @@ mod vae_tiny;
 
 pub use clip::{ClipActivation, ClipTextConfig};
 pub use controlnet::ControlNetConfig;
+pub use depth_anything::{
+    DepthAnythingConfig, DepthEstimationType, Dinov2Config, ReassembleResize, reassemble_resize,
+};
 pub use one_or_many::OneOrMany;
 pub use t2i_adapter::{AdapterType, T2IAdapterConfig};
 pub use unet::{DownBlockType, ResolvedUNetBlocks, UNet2DConditionConfig, UpBlockType};

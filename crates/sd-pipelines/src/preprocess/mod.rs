@@ -1,10 +1,14 @@
 //! Control images made from pictures and poses, as the common ControlNet
-//! preprocessors (lllyasviel's annotators, `controlnet_aux`) make them: Canny edges
-//! and the OpenPose skeleton. Each returns an RGB image for
-//! [`crate::ControlInput::new`].
+//! preprocessors (lllyasviel's annotators, `controlnet_aux`) make them: Canny edges,
+//! the OpenPose skeleton and depth maps (Depth Anything in burn). Each returns an RGB
+//! image for [`crate::ControlInput::new`].
 
 mod canny;
+mod depth;
+mod pil_resize;
 mod pose;
 
 pub use canny::canny;
+pub use depth::{DepthEstimator, DepthImageProcessorConfig, ProcessorSize};
+pub use pil_resize::{PilFilter, pil_resize};
 pub use pose::{OpenPose, PoseKeypoints, draw_openpose};
