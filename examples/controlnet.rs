@@ -8,6 +8,10 @@
 //! cargo run --release --example controlnet -- --model weights/stable-diffusion-v1-5 \
 //!     --controlnet weights/control_v11p_sd15_openpose.safetensors --control-image pose.json \
 //!     --preprocess pose --prompt "a dancer on a stage"
+//! cargo run --release --example controlnet -- --model weights/stable-diffusion-v1-5 \
+//!     --controlnet weights/control_v11f1p_sd15_depth --control-image room.jpg \
+//!     --preprocess depth --depth-model weights/Depth-Anything-V2-Small-hf \
+//!     --prompt "a cosy library, warm light"
 //! ```
 //!
 //! `--controlnet`, `--control-image`, `--preprocess`, `--control-scale`,
@@ -22,7 +26,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::{AnyError, CommonArgs};
-use stable_diffusion::pipelines::preprocess::{OpenPose, canny, draw_openpose};
+use stable_diffusion::burn::prelude::Device;
+use stable_diffusion::pipelines::preprocess::{DepthEstimator, OpenPose, canny, draw_openpose};
 use stable_diffusion::pipelines::{AdapterInput, ControlInput};
 
 #[derive(Parser)]
@@ -39,9 +44,15 @@ struct Args {
     #[arg(long)]
     control_image: Vec<PathBuf>,
     /// What to make of each control image: `none` (use it as it is), `canny`
-    /// (edges), `pose` (draw an OpenPose JSON's skeletons).
+    /// (edges), `depth` (a depth map, with --depth-model), `pose` (draw an OpenPose
+    /// JSON's skeletons).
     #[arg(long, default_value = "none")]
     preprocess: Vec<String>,
+    /// The depth model for `--preprocess depth`: a Depth Anything folder as on the
+    /// hub (`depth-anything/Depth-Anything-V2-Small-hf`: config.json,
+    /// model.safetensors, preprocessor_config.json) or its weight file.
+    #[arg(long)]
+    depth_model: Option<PathBuf>,
     /// Canny thresholds, low and high.
     #[arg(long, num_args = 2, default_values_t = [100.0, 200.0])]
     canny: Vec<f32>,
@@ -70,7 +81,7 @@ struct Args {
     /// The control image of each adapter.
     #[arg(long)]
     adapter_image: Vec<PathBuf>,
-    /// What to make of each adapter image: none, canny or pose.
+    /// What to make of each adapter image: none, canny, depth or pose.
     #[arg(long, default_value = "none")]
     adapter_preprocess: Vec<String>,
     /// adapter_conditioning_scale of each adapter.
@@ -93,25 +104,55 @@ fn nth<T: Copy>(values: &[T], i: usize) -> Option<T> {
         .copied()
 }
 
-fn control_image(
-    path: &Path,
-    how: &str,
-    thresholds: &[f32],
-) -> Result<stable_diffusion::pipelines::image::DynamicImage, AnyError> {
-    Ok(match how {
-        "none" => stable_diffusion::io::image::read_image(path)?,
-        "canny" => {
-            let picture = stable_diffusion::io::image::read_image(path)?;
-            canny(&picture, thresholds[0], thresholds[1])?.into()
+/// Makes control images, loading the depth model on first use.
+struct Preprocessor<'a> {
+    args: &'a Args,
+    device: Device,
+    depth: Option<DepthEstimator>,
+}
+
+impl Preprocessor<'_> {
+    fn control_image(
+        &mut self,
+        path: &Path,
+        how: &str,
+    ) -> Result<stable_diffusion::pipelines::image::DynamicImage, AnyError> {
+        let read = stable_diffusion::io::image::read_image;
+        Ok(match how {
+            "none" => read(path)?,
+            "canny" => canny(&read(path)?, self.args.canny[0], self.args.canny[1])?.into(),
+            "depth" => self.depth()?.depth_map(&read(path)?)?.into(),
+            "pose" => draw_openpose(&OpenPose::from_json(&std::fs::read_to_string(path)?)?).into(),
+            o => {
+                return Err(format!("--preprocess {o}: expected none, canny, depth or pose").into());
+            }
+        })
+    }
+
+    fn depth(&mut self) -> Result<&DepthEstimator, AnyError> {
+        if self.depth.is_none() {
+            let Some(model) = &self.args.depth_model else {
+                return Err(
+                    "--preprocess depth needs --depth-model (a Depth Anything folder, \
+                            e.g. depth-anything/Depth-Anything-V2-Small-hf downloaded)"
+                        .into(),
+                );
+            };
+            self.depth = Some(DepthEstimator::from_pretrained(model, &self.device)?);
         }
-        "pose" => draw_openpose(&OpenPose::from_json(&std::fs::read_to_string(path)?)?).into(),
-        o => return Err(format!("--preprocess {o}: expected none, canny or pose").into()),
-    })
+        Ok(self.depth.as_ref().expect("loaded above"))
+    }
 }
 
 fn run(args: Args) -> Result<(), AnyError> {
     let a = &args.common;
-    let mut pipe = common::load(a, &common::device(&a.device)?)?;
+    let device = common::device(&a.device)?;
+    let mut pipe = common::load(a, &device)?;
+    let mut pre = Preprocessor {
+        args: &args,
+        device,
+        depth: None,
+    };
     let n = args.controlnet.len();
     if args.control_image.len() != n {
         return Err(format!(
@@ -134,7 +175,7 @@ fn run(args: Args) -> Result<(), AnyError> {
             i,
         )
         .unwrap_or("none");
-        let control = control_image(image, how, &args.canny)?;
+        let control = pre.control_image(image, how)?;
         if let Some(out) = &args.save_control {
             let path = out.with_extension("").display().to_string();
             let path = PathBuf::from(format!("{path}-{i}.png"));
@@ -153,7 +194,7 @@ fn run(args: Args) -> Result<(), AnyError> {
     let how: Vec<&str> = args.adapter_preprocess.iter().map(String::as_str).collect();
     for (i, (dir, image)) in args.adapter.iter().zip(&args.adapter_image).enumerate() {
         let index = pipe.load_adapter(dir)?;
-        let control = control_image(image, nth(&how, i).unwrap_or("none"), &args.canny)?;
+        let control = pre.control_image(image, nth(&how, i).unwrap_or("none"))?;
         let scale = nth(&args.adapter_scale, i).unwrap_or(1.0);
         request = request.adapter(AdapterInput::new(index, control).scale(scale));
     }

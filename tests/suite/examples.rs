@@ -809,8 +809,10 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
         .args(["--adapter", &f("tiny-t2i-adapter")])
         .args([
             "--adapter-image",
-            &f("reference/controlnet/control_edge.png"),
+            &f("reference/controlnet/pipelines/img2img_ddim_s0.7_input.png"),
         ])
+        .args(["--adapter-preprocess", "depth"])
+        .args(["--depth-model", &f("tiny-depth-anything")])
         .args(["--adapter-scale", "0.8"])
         .args(["--save-control", control.to_str().unwrap()])
         .args(["--out", out.to_str().unwrap()])
@@ -828,6 +830,27 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
     }
     let image = stable_diffusion::io::image::read_image(&out).unwrap();
     assert_eq!((image.width(), image.height()), (32, 32));
+    // depth without a depth model: a clear error
+    let output = Command::new(example("controlnet"))
+        .args([
+            "--model",
+            &f("tiny-sd15"),
+            "--prompt",
+            "a room",
+            "--steps",
+            "1",
+        ])
+        .args(["--controlnet", &f("tiny-controlnet")])
+        .args([
+            "--control-image",
+            &f("reference/controlnet/control_edge.png"),
+        ])
+        .args(["--preprocess", "depth"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--depth-model"), "{err}");
 }
 
 /// `bench --component write` makes a loadable random-weight folder from configs (here
