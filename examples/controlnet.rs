@@ -49,10 +49,11 @@ struct Args {
     #[arg(long, default_value = "none")]
     preprocess: Vec<String>,
     /// The depth model for `--preprocess depth`: a Depth Anything folder as on the
-    /// hub (`depth-anything/Depth-Anything-V2-Small-hf`: config.json,
-    /// model.safetensors, preprocessor_config.json) or its weight file.
+    /// hub (config.json, model.safetensors, preprocessor_config.json), its weight
+    /// file, or a hub id (`depth-anything/Depth-Anything-V2-Small-hf`, with the `hub`
+    /// feature).
     #[arg(long)]
-    depth_model: Option<PathBuf>,
+    depth_model: Option<String>,
     /// Canny thresholds, low and high.
     #[arg(long, num_args = 2, default_values_t = [100.0, 200.0])]
     canny: Vec<f32>,
@@ -124,7 +125,9 @@ impl Preprocessor<'_> {
             "depth" => self.depth()?.depth_map(&read(path)?)?.into(),
             "pose" => draw_openpose(&OpenPose::from_json(&std::fs::read_to_string(path)?)?).into(),
             o => {
-                return Err(format!("--preprocess {o}: expected none, canny, depth or pose").into());
+                return Err(
+                    format!("--preprocess {o}: expected none, canny, depth or pose").into(),
+                );
             }
         })
     }
@@ -138,7 +141,11 @@ impl Preprocessor<'_> {
                         .into(),
                 );
             };
-            self.depth = Some(DepthEstimator::from_pretrained(model, &self.device)?);
+            self.depth = Some(DepthEstimator::from_pretrained(
+                model.as_str(),
+                &self.device,
+                &Default::default(),
+            )?);
         }
         Ok(self.depth.as_ref().expect("loaded above"))
     }

@@ -25,9 +25,10 @@ use stable_diffusion::pipelines::preprocess::{DepthEstimator, DepthImageProcesso
 #[command(about = "Make a depth map (ControlNet depth input) from a picture with Depth Anything")]
 struct Args {
     /// A Depth Anything folder as on the hub (config.json, model.safetensors,
-    /// preprocessor_config.json) or its weight file.
+    /// preprocessor_config.json), its weight file, or a hub id
+    /// (`depth-anything/Depth-Anything-V2-Small-hf`, with the `hub` feature).
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
-    depth_model: Option<PathBuf>,
+    depth_model: Option<String>,
     /// Build the model from this config.json with random weights (timing only).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -49,7 +50,9 @@ fn run(args: Args) -> Result<(), AnyError> {
     let device = common::device(&args.device)?;
     let start = Instant::now();
     let estimator = match (&args.depth_model, &args.config) {
-        (Some(path), _) => DepthEstimator::from_pretrained(path, &device)?,
+        (Some(source), _) => {
+            DepthEstimator::from_pretrained(source.as_str(), &device, &Default::default())?
+        }
         (None, Some(config)) => {
             let config = read_depth_anything_config(config)?;
             let model = DepthAnythingForDepthEstimation::new(&config, &device)?;

@@ -82,8 +82,12 @@ fn depth_anything_matches_transformers() {
 fn depth_preprocessor_matches_transformers() {
     let r = Reference::open(REF);
     let device = Device::flex();
-    let estimator =
-        DepthEstimator::from_pretrained(&fixture("tiny-depth-anything"), &device).unwrap();
+    let estimator = DepthEstimator::from_pretrained(
+        fixture("tiny-depth-anything"),
+        &device,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(estimator.processor().size.height, 56);
     let [h, w, _] = <[usize; 3]>::try_from(r.shape("image")).unwrap();
     let bytes: Vec<u8> = r.floats("image").iter().map(|v| *v as u8).collect();
@@ -189,4 +193,33 @@ fn depth_anything_v2_configs_give_transformers_parameter_counts() {
         [9, 10, 11, 12]
     );
     assert_eq!(default.backbone_config.hidden_size, 384);
+}
+
+/// `pil_resize` is Pillow's `Image.resize` to the bit: bicubic, bilinear and Lanczos,
+/// down, up, and down one way while up the other.
+#[test]
+fn pil_resize_matches_pillow() {
+    use stable_diffusion::io::pil_resize::{PilFilter, pil_resize};
+    let r = Reference::open(REF);
+    let [h, w, _] = <[usize; 3]>::try_from(r.shape("image")).unwrap();
+    let bytes: Vec<u8> = r.floats("image").iter().map(|v| *v as u8).collect();
+    let image = stable_diffusion::image::RgbImage::from_raw(w as u32, h as u32, bytes).unwrap();
+    for (name, filter) in [
+        ("bicubic", PilFilter::Bicubic),
+        ("bilinear", PilFilter::Bilinear),
+        ("lanczos", PilFilter::Lanczos),
+    ] {
+        for (ow, oh) in [(30, 17), (100, 80), (90, 20)] {
+            let key = format!("pil_{name}_{ow}x{oh}");
+            let got = pil_resize(&image, ow, oh, filter);
+            let want = r.floats(&key);
+            let worst = got
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f32 - b).abs())
+                .fold(0f32, f32::max);
+            assert_eq!(worst, 0.0, "{key}: off by {worst}");
+        }
+    }
 }

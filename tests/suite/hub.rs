@@ -284,3 +284,35 @@ fn offline_without_a_cache_and_unknown_repositories_are_errors() {
             .unwrap();
     assert!(err.to_string().contains("model_index.json"), "{err}");
 }
+
+/// A depth model by hub id: config, safetensors weights and processor config fetched
+/// (the listed pickle never), then found offline in the cache.
+#[test]
+fn depth_model_downloads_by_repository_id() {
+    use stable_diffusion::pipelines::preprocess::DepthEstimator;
+    let server = HubServer::start(fixture("tiny-depth-anything"));
+    let cache = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let hub = hub_options(&server, cache.path(), false, None).hub;
+    let estimator =
+        DepthEstimator::from_pretrained("tiny-owner/tiny-depth", &device, &hub).unwrap();
+    assert_eq!(estimator.processor().size.height, 56);
+    let paths = server.paths();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        assert!(paths.iter().any(|p| p.ends_with(f)), "{f}: {paths:?}");
+    }
+    assert!(paths.iter().all(|p| !p.ends_with(".bin")), "{paths:?}");
+    let before = server.paths().len();
+    let offline = hub_options(&server, cache.path(), true, None).hub;
+    DepthEstimator::from_pretrained("tiny-owner/tiny-depth", &device, &offline).unwrap();
+    assert_eq!(server.paths().len(), before);
+    // an unknown repository offline: a clear error
+    let err = DepthEstimator::from_pretrained("tiny-owner/tiny-sd15-missing", &device, &offline)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+}

@@ -267,8 +267,23 @@ pub fn fit_size(
         let (x, y) = ((w - fw) / 2, (h - fh) / 2);
         image.crop_imm(x as u32, y as u32, fw as u32, fh as u32)
     } else {
-        image.resize_exact(fw as u32, fh as u32, image::imageops::FilterType::Lanczos3)
+        lanczos(&image, fw, fh)
     })
+}
+
+/// A Lanczos resize as diffusers' image processors make it (PIL's `LANCZOS`): 8-bit
+/// pictures through [`crate::pil_resize`] to the bit, deeper ones with the `image`
+/// crate's Lanczos3 at their own precision.
+pub fn lanczos(image: &image::DynamicImage, width: usize, height: usize) -> image::DynamicImage {
+    use crate::pil_resize::{PilFilter, pil_resize};
+    let (w, h) = (width as u32, height as u32);
+    match image {
+        image::DynamicImage::ImageRgb8(rgb) => pil_resize(rgb, w, h, PilFilter::Lanczos).into(),
+        image::DynamicImage::ImageLuma8(_) | image::DynamicImage::ImageRgba8(_) => {
+            pil_resize(&image.to_rgb8(), w, h, PilFilter::Lanczos).into()
+        }
+        _ => image.resize_exact(w, h, image::imageops::FilterType::Lanczos3),
+    }
 }
 
 /// An image as `[1, 3, H, W]` in `[-1, 1]` (diffusers' image preprocessing). Grey
@@ -288,7 +303,7 @@ pub fn image_to_tensor(image: &image::DynamicImage, device: &Device) -> Tensor<4
 
 /// A ControlNet control image as `[1, 3, H, W]` in `[0, 1]` (diffusers' control
 /// image processor: RGB, not normalised to `[-1, 1]`), resized to `width` x
-/// `height` with Lanczos when it has another size.
+/// `height` with Lanczos ([`lanczos`]) when it has another size.
 pub fn control_image_to_tensor(
     image: &image::DynamicImage,
     width: usize,
@@ -299,11 +314,7 @@ pub fn control_image_to_tensor(
     let image = if (image.width() as usize, image.height() as usize) == (width, height) {
         image
     } else {
-        resized = image.resize_exact(
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
+        resized = lanczos(image, width, height);
         &resized
     };
     image_to_tensor(image, device) / 2.0 + 0.5

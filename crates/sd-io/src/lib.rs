@@ -9,6 +9,7 @@ pub mod ldm;
 pub mod loader;
 pub mod lora;
 pub mod model;
+pub mod pil_resize;
 pub mod save;
 pub mod t2i_adapter;
 pub mod tokenizer;

@@ -4,8 +4,8 @@
 //! `neck.fusion_stage.layers.{i}.residual_layer1.convolution1`, `head.conv1`), so weight
 //! keys map 1:1.
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::module::interpolate;
@@ -13,6 +13,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use sd_core::CoreError;
 use sd_kernels::ops::{conv_forward, conv_forward_add};
 
+use crate::attention::{linear, linear_forward};
 use crate::config::{
     DepthAnythingConfig, DepthEstimationType, ReassembleResize, reassemble_resize,
 };
@@ -41,8 +42,9 @@ pub enum ReassembleResizeLayer {
 /// `DepthAnythingReassembleLayer`: a 1x1 projection, then the resize.
 #[derive(Module, Debug)]
 pub struct DepthAnythingReassembleLayer {
-    /// `[channels, hidden, 1, 1]`.
-    pub projection: Conv2d,
+    /// The 1x1 convolution `[channels, hidden, 1, 1]` as a linear layer `[channels,
+    /// hidden]` (the stored 4-D weight loads into it).
+    pub projection: Linear,
     /// Up or down; `None` for `nn.Identity` (factor 1).
     pub resize: Option<ReassembleResizeLayer>,
 }
@@ -161,7 +163,7 @@ impl DepthAnythingNeck {
                 ReassembleResize::Keep => None,
             };
             layers.push(DepthAnythingReassembleLayer {
-                projection: conv(hidden, ch, 1, 1, true, device),
+                projection: linear(hidden, ch, true, device),
                 resize,
             });
         }
@@ -202,12 +204,13 @@ impl DepthAnythingNeck {
             .zip(&self.reassemble_stage.layers)
             .zip(&self.convs)
             .map(|((tokens, layer), conv3)| {
-                let [b, n, c] = tokens.dims();
-                let x = tokens
-                    .narrow(1, 1, n - 1)
-                    .reshape([b, ph, pw, c])
-                    .permute([0, 3, 1, 2]);
-                let x = conv_forward(&layer.projection, x);
+                // The 1x1 projection as the linear layer it is, on the patch tokens, then
+                // to an image (on wgpu, burn's 1x1 convolution of the permuted token
+                // grid came out wrong for some maps, depending on the autotuned kernel)
+                let [b, n, _] = tokens.dims();
+                let x = linear_forward(&layer.projection, tokens.narrow(1, 1, n - 1));
+                let ch = x.dims()[2];
+                let x = x.swap_dims(1, 2).reshape([b, ch, ph, pw]);
                 let x = match &layer.resize {
                     Some(ReassembleResizeLayer::Up(t)) => t.forward(x),
                     Some(ReassembleResizeLayer::Down(d)) => conv_forward(d, x),

@@ -248,8 +248,11 @@ impl StableDiffusionPipeline {
                 let image = match input.image {
                     ImageInput::Tensor(t) => t,
                     ImageInput::Image(im) if model.in_channels() == 1 => {
-                        let filter = image::imageops::FilterType::Lanczos3;
-                        let im = im.resize_exact(width as u32, height as u32, filter);
+                        let im = if (im.width() as usize, im.height() as usize) == (width, height) {
+                            im
+                        } else {
+                            sd_io::image::lanczos(&im, width, height)
+                        };
                         sd_io::image::mask_to_tensor(&im, &self.device)
                     }
                     ImageInput::Image(im) => {

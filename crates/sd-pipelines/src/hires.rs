@@ -152,18 +152,13 @@ fn resize_latents(latents: Tensor<4>, shape: [usize; 4], mode: InterpolateMode) 
 }
 
 /// Pictures `[b, 3, h, w]` in `[0, 1]` resized with Lanczos-3 to `[b, 3, height,
-/// width]` in `[-1, 1]` (through 8-bit RGB, as A1111 does through PIL).
+/// width]` in `[-1, 1]` (through 8-bit RGB and Pillow's Lanczos, as A1111 does).
 fn lanczos(images: &Tensor<4>, width: usize, height: usize, device: &Device) -> Tensor<4> {
     let parts = sd_io::image::tensor_to_images(images)
         .into_iter()
         .map(|im| {
-            let resized = image::imageops::resize(
-                &im,
-                width as u32,
-                height as u32,
-                image::imageops::FilterType::Lanczos3,
-            );
-            sd_io::image::image_to_tensor(&resized.into(), device)
+            let resized = sd_io::image::lanczos(&im.into(), width, height);
+            sd_io::image::image_to_tensor(&resized, device)
         })
         .collect();
     Tensor::cat(parts, 0)

@@ -170,34 +170,82 @@ pub fn index_shards(index_path: &str, text: &str) -> Result<Vec<String>, Pipelin
 }
 
 /// Resolves a hub repository to a local folder holding the pipeline's files.
-#[cfg(not(feature = "hub"))]
-pub(crate) fn download(
-    repo: &str,
-    _revision: Option<&str>,
-    _options: &LoadOptions,
-) -> Result<PathBuf, PipelineError> {
-    Err(PipelineError::Source {
-        source_name: repo.to_string(),
-        message: "no such local file or folder, and this build does not download from the \
-                  Hugging Face hub: build with the `hub` feature, or download the \
-                  repository's *.safetensors, config.json, tokenizer/ and scheduler/ files \
-                  into a folder and pass its path"
-            .into(),
-    })
-}
-
-/// Resolves a hub repository to a local folder holding the pipeline's files: fetched
-/// into the cache (only what is missing), or found there in offline mode.
-#[cfg(feature = "hub")]
 pub(crate) fn download(
     repo: &str,
     revision: Option<&str>,
     options: &LoadOptions,
 ) -> Result<PathBuf, PipelineError> {
+    let variant = options.variant.as_deref();
+    download_repo(
+        repo,
+        revision,
+        &options.hub,
+        "model_index.json",
+        &|listing| pipeline_files(listing, variant),
+    )
+}
+
+/// The files of a transformers model repository (a depth model): `config.json`, the
+/// safetensors weights (`model.safetensors`, or a sharded index whose shards are added
+/// once read) and `preprocessor_config.json` when present. Pickle weights are never
+/// chosen.
+///
+/// # Errors
+/// No `config.json`, or no safetensors weights.
+pub fn model_files(listing: &[String]) -> Result<Vec<String>, PipelineError> {
+    let has = |f: &str| listing.iter().any(|l| l == f);
+    let err = |m: &str| PipelineError::Source {
+        source_name: "hub repository".into(),
+        message: m.into(),
+    };
+    if !has("config.json") {
+        return Err(err("no config.json: not a transformers model"));
+    }
+    let weights = ["model.safetensors", "model.safetensors.index.json"]
+        .into_iter()
+        .find(|w| has(w))
+        .ok_or_else(|| {
+            err("no model.safetensors (pickle .bin files are never downloaded: they can run code)")
+        })?;
+    let mut files = vec!["config.json".to_string(), weights.to_string()];
+    if has("preprocessor_config.json") {
+        files.push("preprocessor_config.json".into());
+    }
+    Ok(files)
+}
+
+#[cfg(not(feature = "hub"))]
+fn download_repo(
+    repo: &str,
+    _revision: Option<&str>,
+    _hub: &HubOptions,
+    _anchor: &str,
+    _choose: &dyn Fn(&[String]) -> Result<Vec<String>, PipelineError>,
+) -> Result<PathBuf, PipelineError> {
+    Err(PipelineError::Source {
+        source_name: repo.to_string(),
+        message: "no such local file or folder, and this build does not download from the \
+                  Hugging Face hub: build with the `hub` feature, or download the \
+                  repository's *.safetensors and *.json files into a folder and pass its path"
+            .into(),
+    })
+}
+
+/// Resolves a hub repository to a local folder holding the files `choose` picks from
+/// its listing: fetched into the cache (only what is missing), or found there in
+/// offline mode (by `anchor`, a file every such repository has at its root).
+#[cfg(feature = "hub")]
+fn download_repo(
+    repo: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+    anchor: &str,
+    choose: &dyn Fn(&[String]) -> Result<Vec<String>, PipelineError>,
+) -> Result<PathBuf, PipelineError> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Cache, Repo, RepoType};
 
-    let hub = options.hub.resolve()?;
+    let hub = hub.resolve()?;
     let err = |m: String| PipelineError::Source {
         source_name: repo.to_string(),
         message: m,
@@ -208,12 +256,11 @@ pub(crate) fn download(
         revision.unwrap_or("main").to_string(),
     );
     let cache = Cache::new(hub.cache_dir.clone());
-    let variant = options.variant.as_deref();
     if hub.offline {
         let cached = cache.repo(handle.clone());
-        let index = cached.get("model_index.json").ok_or_else(|| {
+        let index = cached.get(anchor).ok_or_else(|| {
             err(format!(
-                "offline, and {} holds no model_index.json of it",
+                "offline, and {} holds no {anchor} of it",
                 hub.cache_dir.display()
             ))
         })?;
@@ -233,7 +280,7 @@ pub(crate) fn download(
         .map_err(|e| err(format!("listing the files: {e}")))?;
     let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let mut root = None;
-    for file in pipeline_files(&listing, variant)? {
+    for file in choose(&listing)? {
         let path = remote.get(&file).map_err(|e| err(format!("{file}: {e}")))?;
         if file.ends_with(".json") && file.contains(".safetensors.index") {
             let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{file}: {e}")))?;
@@ -243,11 +290,11 @@ pub(crate) fn download(
                     .map_err(|e| err(format!("{shard}: {e}")))?;
             }
         }
-        if file == "model_index.json" {
+        if file == anchor {
             root = path.parent().map(PathBuf::from);
         }
     }
-    root.ok_or_else(|| err("no model_index.json was fetched".into()))
+    root.ok_or_else(|| err(format!("no {anchor} was fetched")))
 }
 
 #[cfg(test)]
@@ -342,4 +389,14 @@ mod tests {
         );
         assert!(HubOptions::default().resolve_with(|_| None, None).is_err());
     }
+}
+
+/// Resolves a hub repository of a transformers model (a depth model) to a local folder
+/// holding [`model_files`].
+pub(crate) fn download_model(
+    repo: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> Result<PathBuf, PipelineError> {
+    download_repo(repo, revision, hub, "config.json", &model_files)
 }

@@ -14,11 +14,13 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage, RgbImage};
 use sd_io::ComponentOptions;
 use sd_io::depth::depth_anything_from_path;
+use sd_io::pil_resize::{PilFilter, pil_resize};
 use sd_models::DepthAnythingForDepthEstimation;
 use serde::Deserialize;
 
-use super::pil_resize::{PilFilter, pil_resize};
 use crate::error::PipelineError;
+use crate::hub::HubOptions;
+use crate::load::ModelSource;
 
 /// `{"height": h, "width": w}` of a processor config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -214,18 +216,30 @@ impl DepthEstimator {
         }
     }
 
-    /// Loads a Depth Anything folder as downloaded from the hub
-    /// (`depth-anything/Depth-Anything-V2-Small-hf`: `config.json`,
-    /// `model.safetensors`, `preprocessor_config.json`), or a weight file with those
-    /// beside it. Without a `preprocessor_config.json` the V2 settings are used.
+    /// Loads a Depth Anything folder as on the hub (`config.json`,
+    /// `model.safetensors`, `preprocessor_config.json`), a weight file with those
+    /// beside it, or (with the `hub` feature) a hub repository id such as
+    /// `depth-anything/Depth-Anything-V2-Small-hf`, fetched into the cache as
+    /// [`crate::hub::model_files`] says. Without a `preprocessor_config.json` the V2
+    /// settings are used.
     ///
     /// # Errors
     /// Missing or unreadable files, configs this crate cannot honour, missing or
-    /// mismatched weights.
-    pub fn from_pretrained(path: &Path, device: &Device) -> Result<Self, PipelineError> {
-        let model = depth_anything_from_path(path, device, &ComponentOptions::default())?;
+    /// mismatched weights, a repository that cannot be fetched.
+    pub fn from_pretrained(
+        source: impl Into<ModelSource>,
+        device: &Device,
+        hub: &HubOptions,
+    ) -> Result<Self, PipelineError> {
+        let path = match source.into() {
+            ModelSource::Path(p) => p,
+            ModelSource::Hub { repo, revision } => {
+                crate::hub::download_model(&repo, revision.as_deref(), hub)?
+            }
+        };
+        let model = depth_anything_from_path(&path, device, &ComponentOptions::default())?;
         let dir = if path.is_dir() {
-            path.to_path_buf()
+            path.clone()
         } else {
             path.parent().unwrap_or(Path::new(".")).to_path_buf()
         };

@@ -5,10 +5,8 @@
 
 mod canny;
 mod depth;
-mod pil_resize;
 mod pose;
 
 pub use canny::canny;
 pub use depth::{DepthEstimator, DepthImageProcessorConfig, ProcessorSize};
-pub use pil_resize::{PilFilter, pil_resize};
 pub use pose::{OpenPose, PoseKeypoints, draw_openpose};
