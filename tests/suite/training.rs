@@ -109,14 +109,7 @@ fn two_training_steps_match_diffusers() {
     let noise: Tensor<4> = r.tensor("noise", &device);
     let context: Tensor<3> = r.tensor("context", &device);
     let timesteps: Vec<usize> = r.ints("timesteps").iter().map(|&t| t as usize).collect();
-    let t = Tensor::<1>::from_floats(
-        timesteps
-            .iter()
-            .map(|&t| t as f32)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        &device,
-    );
+    let t = Objective::timestep_tensor(&timesteps, &device);
 
     let mut optim = AdamWConfig::new()
         .with_beta_1(0.9)
@@ -189,30 +182,66 @@ fn two_training_steps_match_diffusers() {
 /// the U-Net frozen, the ControlNet's loss, gradients, global norm, clipped AdamW step.
 #[test]
 fn controlnet_training_step_matches_diffusers() {
+    check_controlnet_step(
+        "reference/training_controlnet.safetensors",
+        "tiny-sd15",
+        "tiny-controlnet",
+        &[
+            "conv_in.weight",
+            "time_embedding.linear_1.weight",
+            "controlnet_cond_embedding.conv_in.weight",
+            "controlnet_cond_embedding.blocks.1.bias",
+            "controlnet_cond_embedding.conv_out.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "down_blocks.1.resnets.0.conv1.weight",
+            "mid_block.resnets.1.norm2.weight",
+            "controlnet_down_blocks.0.weight",
+            "controlnet_down_blocks.8.bias",
+            "controlnet_mid_block.weight",
+        ],
+    );
+}
+
+/// One step of diffusers' `train_controlnet_sdxl.py`
+/// (`scripts/make_controlnet_sdxl_training_reference.py`): tiny-sdxl's U-Net frozen,
+/// the SDXL ControlNet given the text embeddings and time ids as the U-Net.
+#[test]
+fn sdxl_controlnet_training_step_matches_diffusers() {
+    check_controlnet_step(
+        "reference/training_controlnet_sdxl.safetensors",
+        "tiny-sdxl",
+        "tiny-controlnet-sdxl",
+        &[
+            "conv_in.weight",
+            "time_embedding.linear_1.weight",
+            "add_embedding.linear_1.weight",
+            "add_embedding.linear_2.bias",
+            "controlnet_cond_embedding.conv_in.weight",
+            "controlnet_cond_embedding.conv_out.weight",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "mid_block.resnets.1.norm2.weight",
+            "controlnet_down_blocks.0.weight",
+            "controlnet_down_blocks.5.bias",
+            "controlnet_mid_block.weight",
+        ],
+    );
+}
+
+/// Replays a ControlNet training step reference: loss, gradients of `keys`, global
+/// norm, the clipped AdamW update (SDXL's `text_embeds` / `time_ids` when recorded).
+fn check_controlnet_step(reference: &str, model: &str, controlnet_dir: &str, keys: &[&str]) {
+    use stable_diffusion::core::AddedConditioning;
     use stable_diffusion::io::controlnet::controlnet_from_dir;
-    const CN_KEYS: [&str; 11] = [
-        "conv_in.weight",
-        "time_embedding.linear_1.weight",
-        "controlnet_cond_embedding.conv_in.weight",
-        "controlnet_cond_embedding.blocks.1.bias",
-        "controlnet_cond_embedding.conv_out.weight",
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-        "down_blocks.1.resnets.0.conv1.weight",
-        "mid_block.resnets.1.norm2.weight",
-        "controlnet_down_blocks.0.weight",
-        "controlnet_down_blocks.8.bias",
-        "controlnet_mid_block.weight",
-    ];
     let device = Device::flex().autodiff();
-    let r = Reference::open("reference/training_controlnet.safetensors");
-    let dir = DiffusersDir::open(fixture("tiny-sd15")).unwrap();
+    let r = Reference::open(reference);
+    let dir = DiffusersDir::open(fixture(model)).unwrap();
     let unet = dir
         .unet(&device, &ComponentOptions::default())
         .unwrap()
         .no_grad();
     let controlnet = stable_param_ids(
         controlnet_from_dir(
-            &fixture("tiny-controlnet"),
+            &fixture(controlnet_dir),
             &device,
             &ComponentOptions::default(),
         )
@@ -223,6 +252,15 @@ fn controlnet_training_step_matches_diffusers() {
     )
     .unwrap();
     let timesteps: Vec<usize> = r.ints("timesteps").iter().map(|&t| t as usize).collect();
+    let added = if r.has("time_ids") {
+        AddedConditioning {
+            text_embeds: Some(r.tensor("text_embeds", &device)),
+            time_ids: Some(r.tensor("time_ids", &device)),
+            ..Default::default()
+        }
+    } else {
+        AddedConditioning::default()
+    };
     let loss = stable_diffusion::train::controlnet_loss(
         &objective,
         &unet,
@@ -231,14 +269,15 @@ fn controlnet_training_step_matches_diffusers() {
         r.tensor("noise", &device),
         &timesteps,
         r.tensor("context", &device),
+        added,
         r.tensor("controlnet_cond", &device),
     );
     let value = loss.clone().into_scalar::<f32>();
     let want = r.floats("loss")[0];
-    eprintln!("ControlNet loss {value} (diffusers {want})");
+    eprintln!("[{controlnet_dir}] ControlNet loss {value} (diffusers {want})");
     assert!((value - want).abs() <= 1e-5 * want.abs().max(1.0));
     let grads = GradientsParams::from_grads(loss.backward(), &controlnet);
-    for key in CN_KEYS {
+    for key in keys {
         let reference = r.floats(&format!("grad.{key}"));
         check_param("grad", &controlnet, key, &reference, Some(&grads), 1e-4);
     }
@@ -256,7 +295,7 @@ fn controlnet_training_step_matches_diffusers() {
         .with_weight_decay(1e-2)
         .init();
     let controlnet = optim.step(1e-3, controlnet, grads);
-    for key in CN_KEYS {
+    for key in keys {
         let reference = r.floats(&format!("param.{key}"));
         check_param("param", &controlnet, key, &reference, None, 1e-4);
     }

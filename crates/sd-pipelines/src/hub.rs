@@ -214,13 +214,26 @@ pub fn model_files(listing: &[String]) -> Result<Vec<String>, PipelineError> {
     Ok(files)
 }
 
+/// Resolves a hub repository of a transformers model (a depth model) to a local folder
+/// holding [`model_files`].
+pub(crate) fn download_model(
+    repo: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> Result<PathBuf, PipelineError> {
+    download_repo(repo, revision, hub, "config.json", &model_files)
+}
+
+/// Picks the files to fetch from a repository's listing.
+type ChooseFiles<'a> = &'a dyn Fn(&[String]) -> Result<Vec<String>, PipelineError>;
+
 #[cfg(not(feature = "hub"))]
 fn download_repo(
     repo: &str,
     _revision: Option<&str>,
     _hub: &HubOptions,
     _anchor: &str,
-    _choose: &dyn Fn(&[String]) -> Result<Vec<String>, PipelineError>,
+    _choose: ChooseFiles<'_>,
 ) -> Result<PathBuf, PipelineError> {
     Err(PipelineError::Source {
         source_name: repo.to_string(),
@@ -240,7 +253,7 @@ fn download_repo(
     revision: Option<&str>,
     hub: &HubOptions,
     anchor: &str,
-    choose: &dyn Fn(&[String]) -> Result<Vec<String>, PipelineError>,
+    choose: ChooseFiles<'_>,
 ) -> Result<PathBuf, PipelineError> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Cache, Repo, RepoType};
@@ -389,14 +402,4 @@ mod tests {
         );
         assert!(HubOptions::default().resolve_with(|_| None, None).is_err());
     }
-}
-
-/// Resolves a hub repository of a transformers model (a depth model) to a local folder
-/// holding [`model_files`].
-pub(crate) fn download_model(
-    repo: &str,
-    revision: Option<&str>,
-    hub: &HubOptions,
-) -> Result<PathBuf, PipelineError> {
-    download_repo(repo, revision, hub, "config.json", &model_files)
 }

@@ -13,7 +13,9 @@ use crate::objective::Objective;
 /// U-Net's skip connections, the U-Net's prediction against the objective's target
 /// (mean squared error, min-SNR weighted when the objective says so). Gradients flow
 /// to the ControlNet; freeze the U-Net with `Module::no_grad` so that only the
-/// ControlNet's parameters get them.
+/// ControlNet's parameters get them. `added` is SDXL's text-time conditioning
+/// (`text_embeds`, `time_ids`; default for SD 1.x / 2.x), as
+/// `train_controlnet_sdxl.py` passes it to both models.
 ///
 /// # Shapes
 /// - `latents`, `noise`: `[b, 4, h, w]` (scaled latents); `timesteps`: `b` values
@@ -29,14 +31,33 @@ pub fn controlnet_loss(
     noise: Tensor<4>,
     timesteps: &[usize],
     context: Tensor<3>,
+    added: AddedConditioning,
     controlnet_cond: Tensor<4>,
 ) -> Tensor<1> {
     let device = latents.device();
     let noisy = objective.add_noise(latents.clone(), noise.clone(), timesteps);
     let target = objective.target(latents, noise, timesteps);
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::<1>::from_floats(t.as_slice(), &device);
-    let none = AddedConditioning::default();
+    let t = Objective::timestep_tensor(timesteps, &device);
+    let pred = controlled_prediction(unet, controlnet, noisy, t, context, added, controlnet_cond);
+    objective.loss(pred, target, timesteps)
+}
+
+/// The U-Net's prediction with the ControlNet's residuals of `controlnet_cond` in its
+/// skip connections (conditioning scale 1, no guess mode), both models given the same
+/// text and added conditioning: the forward pass of ControlNet training.
+///
+/// # Shapes
+/// - `noisy`: `[b, 4, h, w]`; `t`: `[b]`; `context`: `[b, seq, d]`;
+///   `controlnet_cond`: `[b, 3, h * f, w * f]`; output: `[b, 4, h, w]`
+pub fn controlled_prediction(
+    unet: &UNet2DConditionModel,
+    controlnet: &ControlNetModel,
+    noisy: Tensor<4>,
+    t: Tensor<1>,
+    context: Tensor<3>,
+    mut added: AddedConditioning,
+    controlnet_cond: Tensor<4>,
+) -> Tensor<4> {
     let residuals = controlnet.forward_with_intermediates(
         noisy.clone(),
         t.clone(),
@@ -44,16 +65,12 @@ pub fn controlnet_loss(
         controlnet_cond,
         1.0,
         false,
-        &none,
+        &added,
         |_, _| {},
     );
-    let added = AddedConditioning {
-        down_block_additional_residuals: Some(residuals.down_block_res_samples),
-        mid_block_additional_residual: Some(residuals.mid_block_res_sample),
-        ..none
-    };
-    let pred = unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {});
-    objective.loss(pred, target, timesteps)
+    added.down_block_additional_residuals = Some(residuals.down_block_res_samples);
+    added.mid_block_additional_residual = Some(residuals.mid_block_res_sample);
+    unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
 }
 
 /// ControlNet training in the [`crate::Trainer`] (`TrainConfig::controlnet`): the

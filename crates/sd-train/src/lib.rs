@@ -45,7 +45,7 @@ pub mod trainer;
 pub mod vae;
 
 pub use conditioning::{CaptionEncoder, Conditioning};
-pub use controlnet::{ControlNetTrainConfig, controlnet_loss};
+pub use controlnet::{ControlNetTrainConfig, controlled_prediction, controlnet_loss};
 pub use error::TrainError;
 pub use objective::Objective;
 pub use optim::{Ema, LrSchedule, clip_grad_norm, param_by_path, stable_param_ids};

@@ -55,6 +55,15 @@ impl Objective {
         Tensor::<1>::from_floats(v.as_slice(), device).reshape([timesteps.len(), 1, 1, 1])
     }
 
+    /// The timesteps as the U-Net takes them.
+    ///
+    /// # Shapes
+    /// - output: `[timesteps.len()]`
+    pub fn timestep_tensor(timesteps: &[usize], device: &Device) -> Tensor<1> {
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        Tensor::<1>::from_floats(t.as_slice(), device)
+    }
+
     /// `sqrt(a_t) x0 + sqrt(1 - a_t) noise` (diffusers' `DDPMScheduler.add_noise`).
     ///
     /// # Shapes

@@ -37,7 +37,7 @@ use sd_schedulers::{AnyScheduler, PredictionType, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::conditioning::{CaptionEncoder, Conditioning};
-use crate::controlnet::ControlNetTrainConfig;
+use crate::controlnet::{ControlNetTrainConfig, controlled_prediction};
 use crate::data::{Example, load_training_image_with_sizes, read_folder};
 use crate::error::TrainError;
 use crate::monitor::{CsvLog, LogRow, image_grid, write_loss_plot};
@@ -393,24 +393,15 @@ impl Trainer {
         rows: &[Conditioning],
         control: Option<Tensor<4>>,
     ) -> Tensor<4> {
-        let (context, mut added) = Conditioning::batch(rows);
-        if let (Some(cn), Some(control)) = (&models.controlnet, control) {
-            let r = cn.forward_with_intermediates(
-                noisy.clone(),
-                t.clone(),
-                context.clone(),
-                control,
-                1.0,
-                false,
-                &added,
-                |_, _| {},
-            );
-            added.down_block_additional_residuals = Some(r.down_block_res_samples);
-            added.mid_block_additional_residual = Some(r.mid_block_res_sample);
+        let (context, added) = Conditioning::batch(rows);
+        match (&models.controlnet, control) {
+            (Some(cn), Some(control)) => {
+                controlled_prediction(&models.unet, cn, noisy, t, context, added, control)
+            }
+            _ => models
+                .unet
+                .forward_added_with_intermediates(noisy, t, context, &added, |_, _| {}),
         }
-        models
-            .unet
-            .forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
     }
 
     /// Latents `scaling_factor * (mean + std * eps)` of an item.
@@ -680,14 +671,7 @@ impl Trainer {
             .objective
             .add_noise(x0.clone(), noise.clone(), &timesteps);
         let target = self.objective.target(x0, noise, &timesteps);
-        let t = Tensor::<1>::from_floats(
-            timesteps
-                .iter()
-                .map(|&t| t as f32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &self.device,
-        );
+        let t = Objective::timestep_tensor(&timesteps, &self.device);
         let control = (!controls.is_empty()).then(|| Tensor::cat(controls, 0));
         let pred = Self::predict(models, noisy, t, &embeds, control);
         let loss = if with_prior {
