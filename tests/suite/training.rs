@@ -203,7 +203,7 @@ fn controlnet_training_step_matches_diffusers() {
 }
 
 /// One step of diffusers' `train_controlnet_sdxl.py`
-/// (`scripts/make_controlnet_sdxl_training_reference.py`): tiny-sdxl's U-Net frozen,
+/// (`scripts/make_controlnet_training_reference.py`): tiny-sdxl's U-Net frozen,
 /// the SDXL ControlNet given the text embeddings and time ids as the U-Net.
 #[test]
 fn sdxl_controlnet_training_step_matches_diffusers() {
