@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use stable_diffusion::burn::module::{Module, ModuleMapper, Param};
+use stable_diffusion::burn::module::Module;
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::burn::tensor::{DType, FloatDType};
 use stable_diffusion::core::{Autoencoder, HiddenLayer, NoiseRng, Steps};
@@ -118,16 +118,6 @@ struct Args {
     /// `tokenizer_config.json` of `--config`.
     #[arg(long)]
     tokenizer_files: Option<PathBuf>,
-}
-
-/// Casts every float parameter to a dtype.
-struct Cast(FloatDType);
-
-impl ModuleMapper for Cast {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(move |t| t.cast(dtype))
-    }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -287,7 +277,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     let dtype_name = if args.f16 { "f16" } else { "f32" };
     let want = |c: &str| args.component == "all" || args.component == c;
     let d = DiffusersDir::open(&dir)?;
-    let cast = |dt: Option<DType>| dt.map(|d| Cast(FloatDType::from(d)));
+    let cast = |dt: Option<DType>| dt.map(|d| common::Cast(FloatDType::from(d)));
 
     let load_unet = || -> Result<UNet2DConditionModel, common::AnyError> {
         Ok(if real {

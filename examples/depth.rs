@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::AnyError;
+use stable_diffusion::burn::module::Module;
+use stable_diffusion::io::ComponentOptions;
 use stable_diffusion::io::depth::read_depth_anything_config;
 use stable_diffusion::models::DepthAnythingForDepthEstimation;
 use stable_diffusion::pipelines::preprocess::{DepthEstimator, DepthImageProcessorConfig};
@@ -41,6 +43,9 @@ struct Args {
     /// cpu, wgpu or cuda (as the other examples).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Run the model in f16 (half the memory; the depth map is computed in f32).
+    #[arg(long)]
+    f16: bool,
     /// How many times to estimate (the first includes warm-up).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -48,14 +53,27 @@ struct Args {
 
 fn run(args: Args) -> Result<(), AnyError> {
     let device = common::device(&args.device)?;
+    let options = ComponentOptions {
+        dtype: args
+            .f16
+            .then_some(stable_diffusion::burn::tensor::DType::F16),
+        ..Default::default()
+    };
     let start = Instant::now();
     let estimator = match (&args.depth_model, &args.config) {
-        (Some(source), _) => {
-            DepthEstimator::from_pretrained(source.as_str(), &device, &Default::default())?
-        }
+        (Some(source), _) => DepthEstimator::from_pretrained_with(
+            source.as_str(),
+            &device,
+            &Default::default(),
+            &options,
+        )?,
         (None, Some(config)) => {
             let config = read_depth_anything_config(config)?;
             let model = DepthAnythingForDepthEstimation::new(&config, &device)?;
+            let model = match options.dtype {
+                Some(dtype) => model.map(&mut common::Cast(dtype.into())),
+                None => model,
+            };
             DepthEstimator::new(model, DepthImageProcessorConfig::default(), &device)
         }
         (None, None) => return Err("--depth-model or --config".into()),

@@ -223,3 +223,38 @@ fn pil_resize_matches_pillow() {
         }
     }
 }
+
+/// The model loaded in f16 (`from_pretrained_with`): f32 depth out, within f16's
+/// precision of transformers' f32.
+#[test]
+fn depth_anything_runs_in_f16() {
+    use stable_diffusion::burn::tensor::DType;
+    let r = Reference::open(REF);
+    let device = Device::flex();
+    let options = ComponentOptions {
+        dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let estimator = DepthEstimator::from_pretrained_with(
+        fixture("tiny-depth-anything"),
+        &device,
+        &Default::default(),
+        &options,
+    )
+    .unwrap();
+    assert_eq!(
+        estimator.model().head.conv3.weight.val().dtype(),
+        DType::F16
+    );
+    let depth = estimator
+        .model()
+        .predict_depth(r.tensor::<4>("wide_pixel_values", &device))
+        .unwrap();
+    assert_eq!(depth.dtype(), DType::F32);
+    assert_close(
+        "f16 wide_predicted_depth",
+        &depth,
+        &r.floats("wide_predicted_depth"),
+        1e-2,
+    );
+}

@@ -11,7 +11,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use sd_core::CoreError;
-use sd_kernels::ops::{conv_forward, conv_forward_add};
+use sd_kernels::ops::{conv_forward, conv_forward_add, to_dtype, to_f32};
 
 use crate::attention::{linear, linear_forward};
 use crate::config::{
@@ -308,15 +308,19 @@ impl DepthAnythingForDepthEstimation {
     ///
     /// # Shapes
     /// - `pixel_values`: `[b, channels, h, w]`, normalised as the image processor does
-    /// - output: `[b, (h / p) * p, (w / p) * p]`
+    /// - output: `[b, (h / p) * p, (w / p) * p]`, f32 whatever the weights' dtype (the
+    ///   input is cast to it)
     pub fn forward(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         let [_, _, h, w] = pixel_values.dims();
         let p = self.patch_size();
         let (ph, pw) = (h / p, w / p);
-        let features = self.backbone.forward(pixel_values);
+        let dtype = self.head.conv3.weight.val().dtype();
+        let features = self.backbone.forward(to_dtype(pixel_values, dtype));
         let fused = self.neck.forward(features, ph, pw);
-        self.head
-            .forward(fused[self.head_index].clone(), ph * p, pw * p)
+        to_f32(
+            self.head
+                .forward(fused[self.head_index].clone(), ph * p, pw * p),
+        )
     }
 
     /// [`Self::forward`] with its input checked.

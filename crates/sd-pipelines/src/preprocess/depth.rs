@@ -231,13 +231,27 @@ impl DepthEstimator {
         device: &Device,
         hub: &HubOptions,
     ) -> Result<Self, PipelineError> {
+        Self::from_pretrained_with(source, device, hub, &ComponentOptions::default())
+    }
+
+    /// [`Self::from_pretrained`] with the weights' dtype (`F16` / `BF16` halve the
+    /// memory; the depth comes out in f32 either way).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained`].
+    pub fn from_pretrained_with(
+        source: impl Into<ModelSource>,
+        device: &Device,
+        hub: &HubOptions,
+        options: &ComponentOptions,
+    ) -> Result<Self, PipelineError> {
         let path = match source.into() {
             ModelSource::Path(p) => p,
             ModelSource::Hub { repo, revision } => {
                 crate::hub::download_model(&repo, revision.as_deref(), hub)?
             }
         };
-        let model = depth_anything_from_path(&path, device, &ComponentOptions::default())?;
+        let model = depth_anything_from_path(&path, device, options)?;
         let dir = if path.is_dir() {
             path.clone()
         } else {
