@@ -339,54 +339,50 @@ fn load_single_file(
     options: &LoadOptions,
 ) -> Result<Loaded, PipelineError> {
     let f32_opts = ComponentOptions::default();
-    let (ckpt, tokenizer, tokenizer_2, scheduler, force_zeros) = match &options.config {
-        Some(dir) => {
-            let configs = DiffusersDir::open(dir)?;
-            let ckpt = SingleFile::open_with_configs(path, dir)?;
-            let tokenizer_2 = if ckpt.is_sdxl() {
-                Some(configs.tokenizer_2()?)
-            } else {
-                None
-            };
-            let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
-                (Some(t), true) => t.clone(),
-                _ => configs.tokenizer()?,
-            };
-            let force_zeros = configs
-                .force_zeros_for_empty_prompt()?
-                .unwrap_or(!ckpt.text_encoder_2_only());
-            let scheduler = configs.scheduler_config_text()?;
-            (ckpt, tokenizer, tokenizer_2, scheduler, force_zeros)
-        }
-        None => {
-            let ckpt = SingleFile::open(path)?;
-            let (pad, scheduler) = if ckpt.is_sdxl() {
-                ("<|endoftext|>", builtin_configs::SDXL_SCHEDULER)
-            } else if ckpt.is_sd2() {
-                ("!", builtin_configs::SD21_SCHEDULER)
-            } else {
-                ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
-            };
-            // SDXL's tokenizer_2 pads with "!"; the refiner has that one alone.
-            let tokenizer_2 = if ckpt.is_sdxl() {
-                Some(ClipTokenizer::clip("!")?)
-            } else {
-                None
-            };
-            let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
-                (Some(t), true) => t.clone(),
-                _ => ClipTokenizer::clip(pad)?,
-            };
-            // SDXL base 1.0's index says true, the refiner's false.
-            let force_zeros = ckpt.is_sdxl() && !ckpt.text_encoder_2_only();
-            (
-                ckpt,
-                tokenizer,
-                tokenizer_2,
-                scheduler.to_string(),
-                force_zeros,
-            )
-        }
+    // The first tokenizer is read only where there is a first encoder (the refiner's
+    // file has the second alone, and its config folder no `tokenizer/`).
+    type FirstTokenizer<'a> = Box<dyn FnOnce() -> Result<ClipTokenizer, PipelineError> + 'a>;
+    let (ckpt, first, tokenizer_2, scheduler, force_zeros): (_, FirstTokenizer<'_>, _, _, _) =
+        match &options.config {
+            Some(dir) => {
+                let configs = DiffusersDir::open(dir)?;
+                let ckpt = SingleFile::open_with_configs(path, dir)?;
+                let tokenizer_2 = if ckpt.is_sdxl() {
+                    Some(configs.tokenizer_2()?)
+                } else {
+                    None
+                };
+                let force_zeros = configs
+                    .force_zeros_for_empty_prompt()?
+                    .unwrap_or(!ckpt.text_encoder_2_only());
+                let scheduler = configs.scheduler_config_text()?;
+                let first = Box::new(move || Ok(configs.tokenizer()?));
+                (ckpt, first, tokenizer_2, scheduler, force_zeros)
+            }
+            None => {
+                let ckpt = SingleFile::open(path)?;
+                let (pad, scheduler) = if ckpt.is_sdxl() {
+                    ("<|endoftext|>", builtin_configs::SDXL_SCHEDULER)
+                } else if ckpt.is_sd2() {
+                    ("!", builtin_configs::SD21_SCHEDULER)
+                } else {
+                    ("<|endoftext|>", builtin_configs::SD15_SCHEDULER)
+                };
+                // SDXL's tokenizer_2 pads with "!"; the refiner has that one alone.
+                let tokenizer_2 = if ckpt.is_sdxl() {
+                    Some(ClipTokenizer::clip("!")?)
+                } else {
+                    None
+                };
+                // SDXL base 1.0's index says true, the refiner's false.
+                let force_zeros = ckpt.is_sdxl() && !ckpt.text_encoder_2_only();
+                let first = Box::new(move || Ok(ClipTokenizer::clip(pad)?));
+                (ckpt, first, tokenizer_2, scheduler.to_string(), force_zeros)
+            }
+        };
+    let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
+        (Some(t), true) => t.clone(),
+        _ => first()?,
     };
     let family = if ckpt.is_sdxl() {
         ModelFamily::Sdxl
