@@ -23,7 +23,7 @@
 # under 10 minutes whatever hangs. Environment: BIN_DIR (default target/gpu-check), DEVICES
 # (default "cuda wgpu"), MODELS (default "sd15 sdxl"), SIZES (default "512 1024"),
 # STEPS (default 20), WORK (scratch folder, default /tmp/gpu-check), PARITY_FILTER
-# (default "models:: sdxl::sdxl_"), PARITY_TIMEOUT / PICTURE_TIMEOUT (seconds).
+# (default "models:: sdxl::sdxl_ depth::depth_anything"), PARITY_TIMEOUT / PICTURE_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=target/gpu-check
@@ -136,13 +136,13 @@ run() {
   mkdir -p "$work"
   : > "$results"; : > "$mem"
 
-  echo "== parity of the tiny fixtures (models::, sdxl::) on: flex $devices"
+  echo "== parity of the tiny fixtures (models::, sdxl::, depth::) on: flex $devices"
   local dev parity=()
   for dev in $devices; do
     local env=(SD_FIXTURES="$PWD/tests/fixtures" SD_TEST_DEVICES="$dev")
     [ "$dev" = cuda ] && env+=(SD_TEST_CUDA=1)
     # shellcheck disable=SC2086
-    if env "${env[@]}" timeout "$(stage_timeout "${PARITY_TIMEOUT:-150}")" "$BIN_DIR/suite" ${PARITY_FILTER:-models:: sdxl::sdxl_} \
+    if env "${env[@]}" timeout "$(stage_timeout "${PARITY_TIMEOUT:-150}")" "$BIN_DIR/suite" ${PARITY_FILTER:-models:: sdxl::sdxl_ depth::depth_anything} \
         --test-threads 1 > "$work/parity-$dev.log" 2>&1; then
       parity+=("$dev: $(grep -o '[0-9]* passed' "$work/parity-$dev.log" | tail -1)")
     else
