@@ -35,10 +35,10 @@ use stable_diffusion::pipelines::{AdapterInput, ControlInput};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// A ControlNet: a diffusers folder or a .safetensors file (diffusers or original
-    /// control_model.* layout). Repeat for several.
+    /// A ControlNet: a diffusers folder, a .safetensors file (diffusers or original
+    /// control_model.* layout) or a hub repository id. Repeat for several.
     #[arg(long)]
-    controlnet: Vec<PathBuf>,
+    controlnet: Vec<String>,
     /// The control image of each ControlNet (a picture, or an OpenPose .json with
     /// `--preprocess pose`).
     #[arg(long)]
@@ -76,9 +76,10 @@ struct Args {
     /// With --init-image: how much to change it, in (0, 1].
     #[arg(long, default_value_t = 0.75)]
     strength: f64,
-    /// A T2I-Adapter (diffusers folder). Repeat for several.
+    /// A T2I-Adapter: a diffusers folder, a .safetensors file or a hub repository id.
+    /// Repeat for several.
     #[arg(long)]
-    adapter: Vec<PathBuf>,
+    adapter: Vec<String>,
     /// The control image of each adapter.
     #[arg(long)]
     adapter_image: Vec<PathBuf>,
@@ -172,7 +173,7 @@ fn run(args: Args) -> Result<(), AnyError> {
     let frames = common::PreviewFrames::new(a);
     let mut request = common::request(a, &pipe)?.guess_mode(args.guess_mode);
     for (i, (net, image)) in args.controlnet.iter().zip(&args.control_image).enumerate() {
-        let index = pipe.load_controlnet(net)?;
+        let index = pipe.load_controlnet(net.as_str())?;
         let how = nth(
             &args
                 .preprocess
@@ -200,7 +201,7 @@ fn run(args: Args) -> Result<(), AnyError> {
     }
     let how: Vec<&str> = args.adapter_preprocess.iter().map(String::as_str).collect();
     for (i, (dir, image)) in args.adapter.iter().zip(&args.adapter_image).enumerate() {
-        let index = pipe.load_adapter(dir)?;
+        let index = pipe.load_adapter(dir.as_str())?;
         let control = pre.control_image(image, nth(&how, i).unwrap_or("none"))?;
         let scale = nth(&args.adapter_scale, i).unwrap_or(1.0);
         request = request.adapter(AdapterInput::new(index, control).scale(scale));

@@ -316,3 +316,65 @@ fn depth_model_downloads_by_repository_id() {
         .to_string();
     assert!(err.contains("config.json"), "{err}");
 }
+
+/// ControlNets and T2I-Adapters by hub id (`LoadOptions::controlnets` / `adapters`
+/// with the load's hub settings): config and safetensors weights fetched, the pickle
+/// never; the result is the folder's model.
+#[test]
+fn controlnet_and_adapter_download_by_repository_id() {
+    let cn_server = HubServer::start(fixture("tiny-controlnet"));
+    let cache = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let options = LoadOptions {
+        controlnets: vec!["tiny-owner/tiny-controlnet".into()],
+        ..hub_options(&cn_server, cache.path(), false, None)
+    };
+    let pipe =
+        StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
+    assert_eq!(
+        pipe.controlnet_names().collect::<Vec<_>>(),
+        ["tiny-controlnet"]
+    );
+    let paths = cn_server.paths();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.ends_with("diffusion_pytorch_model.safetensors")),
+        "{paths:?}"
+    );
+    assert!(paths.iter().all(|p| !p.ends_with(".bin")), "{paths:?}");
+    // the same ControlNet from the cache, offline, and from the folder: one request,
+    // one picture
+    let offline = hub_options(&cn_server, cache.path(), true, None).hub;
+    let mut pipe = pipe;
+    let again = pipe
+        .load_controlnet_with("tiny-owner/tiny-controlnet", &offline)
+        .unwrap();
+    let local = pipe.load_controlnet(fixture("tiny-controlnet")).unwrap();
+    let draw = |i: usize| {
+        pipe.generate(
+            GenerationRequest::new("a fox")
+                .size(32, 32)
+                .steps(2)
+                .seed(3)
+                .control(ControlInput::new(
+                    i,
+                    fixture("reference/controlnet/control_edge.png"),
+                )),
+        )
+        .unwrap()
+        .images[0]
+            .image
+            .clone()
+    };
+    assert_eq!(draw(again), draw(local));
+
+    let adapter_server = HubServer::start(fixture("tiny-t2i-adapter"));
+    let hub = hub_options(&adapter_server, cache.path(), false, None).hub;
+    pipe.load_adapter_with("tiny-owner/tiny-t2i-adapter", &hub)
+        .unwrap();
+    assert_eq!(
+        pipe.adapter_names().collect::<Vec<_>>(),
+        ["tiny-t2i-adapter"]
+    );
+}

@@ -2,7 +2,7 @@
 //! turning a request's [`ControlInput`]s and [`AdapterInput`]s into the units of
 //! its run.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use sd_core::{Adapter, ControlNet};
 use sd_io::image::{control_image_to_tensor, read_image};
@@ -10,30 +10,50 @@ use sd_models::ControlNetModel;
 
 use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::error::PipelineError;
+use crate::hub::HubOptions;
+use crate::load::ModelSource;
 use crate::pipeline::{StableDiffusionPipeline, Task};
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput};
 
 impl StableDiffusionPipeline {
     /// Loads a ControlNet for later requests: a diffusers folder (the fp16 variant
     /// when the load options ask for it) or a `.safetensors` file, in the diffusers
-    /// or the original (`control_model.*`) layout. Returns its index for
-    /// [`ControlInput::new`].
+    /// or the original (`control_model.*`) layout, or a hub repository id
+    /// (`lllyasviel/control_v11p_sd15_canny`, with the `hub` feature; the
+    /// environment's hub settings). Returns its index for [`ControlInput::new`].
     ///
     /// # Errors
     /// An unreadable source, weights that do not fit, a ControlNet made for another
     /// model (its text width, latent factor or blocks differ from this U-Net's).
-    pub fn load_controlnet(&mut self, path: impl AsRef<Path>) -> Result<usize, PipelineError> {
-        let path = path.as_ref();
-        let options = sd_io::ComponentOptions {
+    pub fn load_controlnet(
+        &mut self,
+        source: impl Into<ModelSource>,
+    ) -> Result<usize, PipelineError> {
+        self.load_controlnet_with(source, &HubOptions::default())
+    }
+
+    /// [`Self::load_controlnet`] fetching hub repositories (`owner/name`, with the
+    /// `hub` feature) as `hub` says.
+    ///
+    /// # Errors
+    /// As [`Self::load_controlnet`]; a repository that cannot be fetched.
+    pub fn load_controlnet_with(
+        &mut self,
+        source: impl Into<ModelSource>,
+        hub: &HubOptions,
+    ) -> Result<usize, PipelineError> {
+        let (path, name) = resolve_component(source.into(), hub)?;
+        let options = self.component_options();
+        let model = sd_io::controlnet::controlnet_from_path(&path, None, &self.device, &options)?;
+        self.add_controlnet(name, model)
+    }
+
+    /// Control models load in the U-Net's dtype.
+    fn component_options(&self) -> sd_io::ComponentOptions {
+        sd_io::ComponentOptions {
             dtype: Some(self.unet.conv_in.weight.dtype()),
             variant: None,
-        };
-        let model = sd_io::controlnet::controlnet_from_path(path, None, &self.device, &options)?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.add_controlnet(name, model)
+        }
     }
 
     /// Adds a ControlNet built by the caller; see [`Self::load_controlnet`].
@@ -168,24 +188,30 @@ impl StableDiffusionPipeline {
             .collect()
     }
 
-    /// Loads a T2I-Adapter (a diffusers folder, e.g.
-    /// `TencentARC/t2iadapter_canny_sd15v2`, or a single `.safetensors` file in the
-    /// diffusers or the original TencentARC layout) for later requests; returns its
-    /// index for [`AdapterInput::new`].
+    /// Loads a T2I-Adapter (a diffusers folder, e.g. a download of
+    /// `TencentARC/t2iadapter_canny_sd15v2`, a single `.safetensors` file in the
+    /// diffusers or the original TencentARC layout, or the hub repository id with the
+    /// `hub` feature) for later requests; returns its index for [`AdapterInput::new`].
     ///
     /// # Errors
     /// An unreadable folder or file, weights that do not fit.
-    pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<usize, PipelineError> {
-        let path = path.as_ref();
-        let options = sd_io::ComponentOptions {
-            dtype: Some(self.unet.conv_in.weight.dtype()),
-            variant: None,
-        };
-        let model = sd_io::t2i_adapter::t2i_adapter_from_path(path, None, &self.device, &options)?;
-        let name = path
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    pub fn load_adapter(&mut self, source: impl Into<ModelSource>) -> Result<usize, PipelineError> {
+        self.load_adapter_with(source, &HubOptions::default())
+    }
+
+    /// [`Self::load_adapter`] fetching hub repositories (`owner/name`, with the `hub`
+    /// feature) as `hub` says.
+    ///
+    /// # Errors
+    /// As [`Self::load_adapter`]; a repository that cannot be fetched.
+    pub fn load_adapter_with(
+        &mut self,
+        source: impl Into<ModelSource>,
+        hub: &HubOptions,
+    ) -> Result<usize, PipelineError> {
+        let (path, name) = resolve_component(source.into(), hub)?;
+        let options = self.component_options();
+        let model = sd_io::t2i_adapter::t2i_adapter_from_path(&path, None, &self.device, &options)?;
         self.adapters.push((name, model));
         Ok(self.adapters.len() - 1)
     }
@@ -271,4 +297,28 @@ impl StableDiffusionPipeline {
             })
             .collect()
     }
+}
+
+/// A control model's local path and name: the path and its file stem, or the hub
+/// repository fetched into the cache and its name.
+fn resolve_component(
+    source: ModelSource,
+    hub: &HubOptions,
+) -> Result<(PathBuf, String), PipelineError> {
+    Ok(match source {
+        ModelSource::Path(path) => {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (path, name)
+        }
+        ModelSource::Hub { repo, revision } => {
+            let name = repo.rsplit('/').next().unwrap_or(&repo).to_string();
+            (
+                crate::hub::download_component(&repo, revision.as_deref(), hub, None)?,
+                name,
+            )
+        }
+    })
 }

@@ -193,25 +193,55 @@ pub(crate) fn download(
 /// # Errors
 /// No `config.json`, or no safetensors weights.
 pub fn model_files(listing: &[String]) -> Result<Vec<String>, PipelineError> {
-    let has = |f: &str| listing.iter().any(|l| l == f);
-    let err = |m: &str| PipelineError::Source {
-        source_name: "hub repository".into(),
-        message: m.into(),
-    };
-    if !has("config.json") {
-        return Err(err("no config.json: not a transformers model"));
-    }
-    let weights = ["model.safetensors", "model.safetensors.index.json"]
-        .into_iter()
-        .find(|w| has(w))
-        .ok_or_else(|| {
-            err("no model.safetensors (pickle .bin files are never downloaded: they can run code)")
-        })?;
-    let mut files = vec!["config.json".to_string(), weights.to_string()];
-    if has("preprocessor_config.json") {
+    let mut files = config_and_weights(listing, "model", None)?;
+    if listing.iter().any(|l| l == "preprocessor_config.json") {
         files.push("preprocessor_config.json".into());
     }
     Ok(files)
+}
+
+/// The files of a diffusers component repository (a ControlNet or T2I-Adapter, e.g.
+/// `lllyasviel/control_v11p_sd15_canny`): `config.json` and
+/// `diffusion_pytorch_model[.{variant}].safetensors` (or its sharded index). Pickle
+/// weights are never chosen.
+///
+/// # Errors
+/// No `config.json`, or no safetensors weights.
+pub fn component_files(
+    listing: &[String],
+    variant: Option<&str>,
+) -> Result<Vec<String>, PipelineError> {
+    config_and_weights(listing, "diffusion_pytorch_model", variant)
+}
+
+/// `config.json` and the first of `{base}.{variant}.safetensors`, its index,
+/// `{base}.safetensors`, its index in the listing.
+fn config_and_weights(
+    listing: &[String],
+    base: &str,
+    variant: Option<&str>,
+) -> Result<Vec<String>, PipelineError> {
+    let has = |f: &str| listing.iter().any(|l| l == f);
+    let err = |m: String| PipelineError::Source {
+        source_name: "hub repository".into(),
+        message: m,
+    };
+    if !has("config.json") {
+        return Err(err("no config.json at its root: not a single model".into()));
+    }
+    let mut candidates = Vec::new();
+    if let Some(v) = variant {
+        candidates.push(format!("{base}.{v}.safetensors"));
+        candidates.push(format!("{base}.safetensors.index.{v}.json"));
+    }
+    candidates.push(format!("{base}.safetensors"));
+    candidates.push(format!("{base}.safetensors.index.json"));
+    let weights = candidates.into_iter().find(|w| has(w)).ok_or_else(|| {
+        err(format!(
+            "no {base}.safetensors (pickle .bin files are never downloaded: they can run code)"
+        ))
+    })?;
+    Ok(vec!["config.json".to_string(), weights])
 }
 
 /// Resolves a hub repository of a transformers model (a depth model) to a local folder
@@ -222,6 +252,19 @@ pub(crate) fn download_model(
     hub: &HubOptions,
 ) -> Result<PathBuf, PipelineError> {
     download_repo(repo, revision, hub, "config.json", &model_files)
+}
+
+/// Resolves a hub repository of a diffusers component (a ControlNet, a T2I-Adapter)
+/// to a local folder holding [`component_files`].
+pub(crate) fn download_component(
+    repo: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+    variant: Option<&str>,
+) -> Result<PathBuf, PipelineError> {
+    download_repo(repo, revision, hub, "config.json", &|listing| {
+        component_files(listing, variant)
+    })
 }
 
 /// Picks the files to fetch from a repository's listing.

@@ -148,11 +148,12 @@ pub struct LoadOptions {
     /// previews and, on request, fast decoding; see
     /// [`crate::StableDiffusionPipeline::load_tiny_vae`].
     pub tiny_vae: Option<PathBuf>,
-    /// ControlNets to load with the model (folders or files); requests name them
-    /// by position ([`crate::ControlInput::new`]).
+    /// ControlNets to load with the model (folders, files, or hub repository ids
+    /// fetched as `hub` says); requests name them by position
+    /// ([`crate::ControlInput::new`]).
     pub controlnets: Vec<PathBuf>,
-    /// T2I-Adapters to load with the model (diffusers folders); requests name them
-    /// by position ([`crate::AdapterInput::new`]).
+    /// T2I-Adapters to load with the model (folders, files or hub repository ids);
+    /// requests name them by position ([`crate::AdapterInput::new`]).
     pub adapters: Vec<PathBuf>,
     /// LoRAs merged into the weights once, at load.
     pub loras: Vec<LoraSpec>,

@@ -112,11 +112,13 @@ impl StableDiffusionPipeline {
         if let Some(dir) = &options.tiny_vae {
             pipeline.load_tiny_vae(dir)?;
         }
+        // Paths, or hub repository ids where no such path exists.
+        let source = |p: &std::path::PathBuf| ModelSource::parse(&p.to_string_lossy());
         for path in &options.controlnets {
-            pipeline.load_controlnet(path)?;
+            pipeline.load_controlnet_with(source(path), &options.hub)?;
         }
         for path in &options.adapters {
-            pipeline.load_adapter(path)?;
+            pipeline.load_adapter_with(source(path), &options.hub)?;
         }
         Ok(pipeline)
     }
