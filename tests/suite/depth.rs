@@ -258,3 +258,55 @@ fn depth_anything_runs_in_f16() {
         1e-2,
     );
 }
+
+/// A metric model's control map is reversed (near white, as for relative depth).
+#[test]
+fn metric_depth_maps_keep_near_white() {
+    use stable_diffusion::pipelines::preprocess::DepthImageProcessorConfig;
+    let dir = fixture("tiny-depth-anything");
+    let device = Device::flex();
+    let mut config = read_depth_anything_config(&dir.join("config.json")).unwrap();
+    config.depth_estimation_type = DepthEstimationType::Metric;
+    config.max_depth = Some(20.0);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let model = depth_anything_from_path(tmp.path(), &device, &Default::default()).unwrap();
+    assert!(model.is_metric());
+    let processor = DepthImageProcessorConfig {
+        size: stable_diffusion::pipelines::preprocess::ProcessorSize {
+            height: 56,
+            width: 56,
+        },
+        ..Default::default()
+    };
+    let estimator = DepthEstimator::new(model, processor, &device);
+    let picture = stable_diffusion::image::RgbImage::from_fn(40, 30, |x, y| {
+        stable_diffusion::image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
+    });
+    let depth: Vec<f32> = estimator
+        .predict_depth(&picture)
+        .unwrap()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let map = estimator
+        .depth_map(&stable_diffusion::image::DynamicImage::ImageRgb8(picture))
+        .unwrap();
+    let far = (0..depth.len())
+        .max_by(|&a, &b| depth[a].total_cmp(&depth[b]))
+        .unwrap();
+    let near = (0..depth.len())
+        .min_by(|&a, &b| depth[a].total_cmp(&depth[b]))
+        .unwrap();
+    assert_eq!(map.as_raw()[3 * far], 0, "the farthest point is black");
+    assert_eq!(map.as_raw()[3 * near], 255, "the nearest point is white");
+}

@@ -303,6 +303,12 @@ impl DepthAnythingForDepthEstimation {
         self.backbone.patch_size()
     }
 
+    /// Whether the model predicts metric depth (metres, larger is farther) rather
+    /// than relative inverse depth (larger is nearer).
+    pub fn is_metric(&self) -> bool {
+        self.head.metric
+    }
+
     /// The predicted depth (relative: inverse depth, larger is nearer), unchecked; see
     /// [`Self::predict_depth`].
     ///

@@ -303,8 +303,9 @@ impl DepthEstimator {
     }
 
     /// The ControlNet depth input for `image`: [`Self::predict_depth`] scaled to
-    /// 0-255 over its range (truncated to 8 bits; a flat map is black), grey in all
-    /// three channels, the picture's size.
+    /// 0-255 over its range (truncated to 8 bits; a flat map is black), near white
+    /// (a metric model's depth is reversed), grey in all three channels, the
+    /// picture's size.
     ///
     /// # Errors
     /// As [`Self::predict_depth`].
@@ -316,12 +317,15 @@ impl DepthEstimator {
             .convert::<f32>()
             .try_into_vec::<f32>()
             .map_err(|e| PipelineError::request("depth", format!("{e:?}")))?;
-        Ok(DynamicImage::ImageLuma8(to_grey(&values, rgb.width(), rgb.height())).to_rgb8())
+        let near_is_large = !self.model.is_metric();
+        let grey = to_grey(&values, rgb.width(), rgb.height(), near_is_large);
+        Ok(DynamicImage::ImageLuma8(grey).to_rgb8())
     }
 }
 
-/// `(d - min) / (max - min) * 255`, truncated to 8 bits (0 where the map is flat).
-fn to_grey(values: &[f32], width: u32, height: u32) -> GrayImage {
+/// `(d - min) / (max - min) * 255`, truncated to 8 bits (0 where the map is flat);
+/// `(max - d) / (max - min) * 255` for metric depth, so that near is white either way.
+fn to_grey(values: &[f32], width: u32, height: u32, near_is_large: bool) -> GrayImage {
     let (lo, hi) = values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
@@ -332,7 +336,8 @@ fn to_grey(values: &[f32], width: u32, height: u32) -> GrayImage {
         .iter()
         .map(|&v| {
             if range > 0.0 {
-                ((v - lo) / range * 255.0).clamp(0.0, 255.0) as u8
+                let d = if near_is_large { v - lo } else { hi - v };
+                (d / range * 255.0).clamp(0.0, 255.0) as u8
             } else {
                 0
             }
@@ -357,9 +362,12 @@ mod tests {
 
     #[test]
     fn grey_spans_the_range() {
-        let g = to_grey(&[1.0, 2.0, 3.0, 3.0], 2, 2);
+        let g = to_grey(&[1.0, 2.0, 3.0, 3.0], 2, 2, true);
         assert_eq!(g.as_raw(), &[0, 127, 255, 255]);
-        assert_eq!(to_grey(&[5.0; 4], 2, 2).as_raw(), &[0; 4]);
+        assert_eq!(to_grey(&[5.0; 4], 2, 2, true).as_raw(), &[0; 4]);
+        // metric depth: far is black
+        let g = to_grey(&[1.0, 2.0, 3.0, 3.0], 2, 2, false);
+        assert_eq!(g.as_raw(), &[255, 127, 0, 0]);
     }
 
     #[test]
