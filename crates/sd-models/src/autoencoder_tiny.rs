@@ -2,9 +2,8 @@
 //! `AutoencoderTinyBlock`, a distilled autoencoder for SD latents that decodes a
 //! 512x512 picture in a fraction of the KL VAE's time (previews, fast decoding).
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::Relu;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -13,15 +12,11 @@ use sd_core::DiagonalGaussian;
 use crate::config::AutoencoderTinyConfig;
 use crate::error::ConfigError;
 use crate::norm::to_dtype;
-use crate::resnet::{conv_forward, conv_forward_add};
+use crate::resnet::{conv_forward, conv_forward_add, conv_strided};
 
 /// A 3x3 convolution with padding 1, stride `stride`, with or without a bias.
 fn conv3(c_in: usize, c_out: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
-    Conv2dConfig::new([c_in, c_out], [3, 3])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-        .with_bias(bias)
-        .init(device)
+    conv_strided(c_in, c_out, 3, stride, bias, device)
 }
 
 /// One entry of diffusers' `nn.Sequential`s in `AutoencoderTiny`. burn names the

@@ -2,8 +2,7 @@
 //! sees a control image (edges, depth, a pose) and returns residuals for the U-Net's
 //! skip connections, each through a zero-initialised 1x1 conv.
 
-use burn::nn::PaddingConfig2d;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use sd_core::{AddedConditioning, ControlResiduals, CoreError};
@@ -13,7 +12,7 @@ use crate::config::{ControlNetConfig, UNet2DConditionConfig};
 use crate::embeddings::{TimeProjection, TimestepEmbedding};
 use crate::error::ConfigError;
 use crate::norm::to_dtype;
-use crate::resnet::{conv, conv_forward};
+use crate::resnet::{conv, conv_forward, conv_strided};
 use crate::unet_2d_blocks::{DownBlock2D, UNetMidBlock2DCrossAttn};
 use crate::unet_encoder::{UNetEncoder, skip_shapes};
 
@@ -36,12 +35,7 @@ impl ControlNetConditioningEmbedding {
         let mut blocks = Vec::with_capacity(2 * widths.len().saturating_sub(1));
         for pair in widths.windows(2) {
             blocks.push(conv(pair[0], pair[0], 3, device));
-            blocks.push(
-                Conv2dConfig::new([pair[0], pair[1]], [3, 3])
-                    .with_stride([2, 2])
-                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                    .init(device),
-            );
+            blocks.push(conv_strided(pair[0], pair[1], 3, 2, true, device));
         }
         Self {
             conv_in: conv(channels, widths[0], 3, device),

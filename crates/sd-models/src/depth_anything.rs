@@ -4,8 +4,8 @@
 //! `neck.fusion_stage.layers.{i}.residual_layer1.convolution1`, `head.conv1`), so weight
 //! keys map 1:1.
 
-use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::{Linear, PaddingConfig2d};
+use burn::nn::Linear;
+use burn::nn::conv::{Conv2d, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::module::interpolate;
@@ -19,14 +19,7 @@ use crate::config::{
 };
 use crate::dinov2::Dinov2Backbone;
 use crate::error::ConfigError;
-
-fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
-    Conv2dConfig::new([c_in, c_out], [k, k])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-        .with_bias(bias)
-        .init(device)
-}
+use crate::resnet::{conv, conv_strided};
 
 /// How a reassemble layer resizes: burn names the variant in module paths
 /// (`resize.Up.weight`); [`crate::diffusers_key`] drops it (`resize.weight`).
@@ -157,7 +150,7 @@ impl DepthAnythingNeck {
                         .with_stride([n, n])
                         .init(device),
                 )),
-                ReassembleResize::Down(n) => Some(ReassembleResizeLayer::Down(conv(
+                ReassembleResize::Down(n) => Some(ReassembleResizeLayer::Down(conv_strided(
                     ch, ch, 3, n, true, device,
                 ))),
                 ReassembleResize::Keep => None,
@@ -168,22 +161,22 @@ impl DepthAnythingNeck {
             });
         }
         let residual = || DepthAnythingPreActResidualLayer {
-            convolution1: conv(f, f, 3, 1, true, device),
-            convolution2: conv(f, f, 3, 1, true, device),
+            convolution1: conv(f, f, 3, device),
+            convolution2: conv(f, f, 3, device),
         };
         Ok(Self {
             reassemble_stage: DepthAnythingReassembleStage { layers },
             convs: c
                 .neck_hidden_sizes
                 .iter()
-                .map(|&ch| conv(ch, f, 3, 1, false, device))
+                .map(|&ch| conv_strided(ch, f, 3, 1, false, device))
                 .collect(),
             fusion_stage: DepthAnythingFeatureFusionStage {
                 layers: c
                     .neck_hidden_sizes
                     .iter()
                     .map(|_| DepthAnythingFeatureFusionLayer {
-                        projection: conv(f, f, 1, 1, true, device),
+                        projection: conv(f, f, 1, device),
                         residual_layer1: residual(),
                         residual_layer2: residual(),
                     })
@@ -287,9 +280,9 @@ impl DepthAnythingForDepthEstimation {
             backbone: Dinov2Backbone::new(&config.backbone_config, device)?,
             neck: DepthAnythingNeck::new(config, device)?,
             head: DepthAnythingDepthEstimationHead {
-                conv1: conv(f, f / 2, 3, 1, true, device),
-                conv2: conv(f / 2, config.head_hidden_size, 3, 1, true, device),
-                conv3: conv(config.head_hidden_size, 1, 1, 1, true, device),
+                conv1: conv(f, f / 2, 3, device),
+                conv2: conv(f / 2, config.head_hidden_size, 3, device),
+                conv3: conv(config.head_hidden_size, 1, 1, device),
                 metric: config.depth_estimation_type == DepthEstimationType::Metric,
                 max_depth: config.max_depth(),
             },

@@ -14,9 +14,24 @@ pub use sd_kernels::ops::{conv_forward, conv_forward_add};
 
 /// A `k x k` convolution with symmetric "same" padding.
 pub(crate) fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv2d {
+    conv_strided(c_in, c_out, k, 1, true, device)
+}
+
+/// A `k x k` convolution with padding `k / 2` on every side, stride `stride`, with or
+/// without a bias.
+pub(crate) fn conv_strided(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    bias: bool,
+    device: &Device,
+) -> Conv2d {
     let p = k / 2;
     Conv2dConfig::new([c_in, c_out], [k, k])
+        .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+        .with_bias(bias)
         .init(device)
 }
 
