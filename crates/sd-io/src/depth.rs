@@ -2,7 +2,7 @@
 //! (`config.json` + `model.safetensors`, as `depth-anything/Depth-Anything-V2-Small-hf`)
 //! or a `.safetensors` file with its `config.json` beside it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use sd_models::{DepthAnythingConfig, DepthAnythingForDepthEstimation};
@@ -30,18 +30,17 @@ pub fn depth_anything_from_path(
     device: &Device,
     options: &ComponentOptions,
 ) -> Result<DepthAnythingForDepthEstimation, IoError> {
-    let (config_path, weights) = if path.is_dir() {
-        let weights = component_weights(path, "model", options.variant.as_deref())?;
-        (path.join("config.json"), weights)
+    let weights = if path.is_dir() {
+        component_weights(path, "model", options.variant.as_deref())?
     } else if path.is_file() {
-        (path.with_file_name("config.json"), path.to_path_buf())
+        path.to_path_buf()
     } else {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
             what: "Depth Anything folder or weight file".into(),
         });
     };
-    let config = read_depth_anything_config(&config_path)?;
+    let config = read_depth_anything_config(&beside(path, "config.json"))?;
     let model =
         DepthAnythingForDepthEstimation::new(&config, device).map_err(config_err(&weights))?;
     let source = WeightSource::open(&weights)?;
@@ -50,4 +49,27 @@ pub fn depth_anything_from_path(
         ..KeyMapping::diffusers()
     };
     load_module(model, &source, &mapping, options.load(), "depth model")
+}
+
+/// The text of the `preprocessor_config.json` that goes with a Depth Anything folder or
+/// weight file (transformers' `DPTImageProcessor` settings), `None` where there is none.
+///
+/// # Errors
+/// A file that is there but cannot be read.
+pub fn read_depth_processor_config_text(path: &Path) -> Result<Option<String>, IoError> {
+    let file = beside(path, "preprocessor_config.json");
+    if file.is_file() {
+        read_json_file(&file).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A side file of a Depth Anything source: in the folder, or next to the weight file.
+fn beside(path: &Path, name: &str) -> PathBuf {
+    if path.is_dir() {
+        path.join(name)
+    } else {
+        path.with_file_name(name)
+    }
 }

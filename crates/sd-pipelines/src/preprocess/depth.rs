@@ -5,15 +5,13 @@
 //! range (near is white) and truncated to 8 bits, as the Depth Anything repository,
 //! `controlnet_aux` and the A1111 / ComfyUI annotators do.
 
-use std::path::Path;
-
 use burn::prelude::*;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage, RgbImage};
 use sd_io::ComponentOptions;
-use sd_io::depth::depth_anything_from_path;
+use sd_io::depth::{depth_anything_from_path, read_depth_processor_config_text};
 use sd_io::pil_resize::{PilFilter, pil_resize};
 use sd_models::DepthAnythingForDepthEstimation;
 use serde::Deserialize;
@@ -73,7 +71,8 @@ pub struct DepthImageProcessorConfig {
     /// Sides are rounded to a multiple of this.
     #[serde(default = "d_multiple")]
     pub ensure_multiple_of: usize,
-    /// PIL's filter number: 0 nearest, 1 Lanczos, 2 bilinear, 3 bicubic.
+    /// PIL's filter number: 0 nearest, 1 Lanczos, 2 bilinear, 3 bicubic (1-3 as
+    /// Pillow computes them, to the bit; nearest by the `image` crate).
     #[serde(default = "d_bicubic")]
     pub resample: u32,
     /// Whether to rescale the 8-bit values.
@@ -252,20 +251,9 @@ impl DepthEstimator {
             }
         };
         let model = depth_anything_from_path(&path, device, options)?;
-        let dir = if path.is_dir() {
-            path.clone()
-        } else {
-            path.parent().unwrap_or(Path::new(".")).to_path_buf()
-        };
-        let file = dir.join("preprocessor_config.json");
-        let processor = if file.is_file() {
-            let json = std::fs::read_to_string(&file).map_err(|source| sd_io::IoError::Io {
-                path: file.clone(),
-                source,
-            })?;
-            DepthImageProcessorConfig::from_json(&json)?
-        } else {
-            DepthImageProcessorConfig::default()
+        let processor = match read_depth_processor_config_text(&path)? {
+            Some(json) => DepthImageProcessorConfig::from_json(&json)?,
+            None => DepthImageProcessorConfig::default(),
         };
         Ok(Self::new(model, processor, device))
     }
