@@ -110,14 +110,7 @@ pub fn pipeline_files(
         ("text_encoder", "model"),
     ] {
         files.push(format!("{component}/config.json"));
-        let mut candidates = Vec::new();
-        if let Some(v) = variant {
-            candidates.push(format!("{component}/{base}.{v}.safetensors"));
-            candidates.push(format!("{component}/{base}.safetensors.index.{v}.json"));
-        }
-        candidates.push(format!("{component}/{base}.safetensors"));
-        candidates.push(format!("{component}/{base}.safetensors.index.json"));
-        match candidates.into_iter().find(|c| has(c)) {
+        match safetensors_weights(listing, &format!("{component}/"), base, variant) {
             Some(w) => files.push(w),
             None => {
                 return Err(PipelineError::Source {
@@ -214,8 +207,7 @@ pub fn component_files(
     config_and_weights(listing, "diffusion_pytorch_model", variant)
 }
 
-/// `config.json` and the first of `{base}.{variant}.safetensors`, its index,
-/// `{base}.safetensors`, its index in the listing.
+/// `config.json` and the root's [`safetensors_weights`].
 fn config_and_weights(
     listing: &[String],
     base: &str,
@@ -229,19 +221,30 @@ fn config_and_weights(
     if !has("config.json") {
         return Err(err("no config.json at its root: not a single model".into()));
     }
-    let mut candidates = Vec::new();
-    if let Some(v) = variant {
-        candidates.push(format!("{base}.{v}.safetensors"));
-        candidates.push(format!("{base}.safetensors.index.{v}.json"));
-    }
-    candidates.push(format!("{base}.safetensors"));
-    candidates.push(format!("{base}.safetensors.index.json"));
-    let weights = candidates.into_iter().find(|w| has(w)).ok_or_else(|| {
+    let weights = safetensors_weights(listing, "", base, variant).ok_or_else(|| {
         err(format!(
             "no {base}.safetensors (pickle .bin files are never downloaded: they can run code)"
         ))
     })?;
     Ok(vec!["config.json".to_string(), weights])
+}
+
+/// The first of `{dir}{base}.{variant}.safetensors`, its sharded index,
+/// `{dir}{base}.safetensors`, its index in the listing (`dir` empty or ending in `/`).
+fn safetensors_weights(
+    listing: &[String],
+    dir: &str,
+    base: &str,
+    variant: Option<&str>,
+) -> Option<String> {
+    let mut candidates = Vec::new();
+    if let Some(v) = variant {
+        candidates.push(format!("{dir}{base}.{v}.safetensors"));
+        candidates.push(format!("{dir}{base}.safetensors.index.{v}.json"));
+    }
+    candidates.push(format!("{dir}{base}.safetensors"));
+    candidates.push(format!("{dir}{base}.safetensors.index.json"));
+    candidates.into_iter().find(|c| listing.contains(c))
 }
 
 /// Resolves a hub repository of a transformers model (a depth model) to a local folder
