@@ -45,6 +45,16 @@ fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     (d, m)
 }
 
+/// `torch.optim.AdamW` as the reference scripts build it (and diffusers' training
+/// scripts by default): betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
+fn diffusers_adamw() -> AdamWConfig {
+    AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(1e-2)
+}
+
 fn check_param(
     label: &str,
     unet: &impl Module,
@@ -111,12 +121,7 @@ fn two_training_steps_match_diffusers() {
     let timesteps: Vec<usize> = r.ints("timesteps").iter().map(|&t| t as usize).collect();
     let t = Objective::timestep_tensor(&timesteps, &device);
 
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(1e-2)
-        .init();
+    let mut optim = diffusers_adamw().init();
     let mut ema = Ema::new(&unet, 0.9999);
     let mut unet = unet;
     for step in 0..2 {
@@ -288,12 +293,7 @@ fn check_controlnet_step(reference: &str, model: &str, controlnet_dir: &str, key
         "{norm} vs {ref_norm}"
     );
     let (grads, _) = clip_grad_norm(&controlnet, grads, Some(0.5 * norm));
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(1e-2)
-        .init();
+    let mut optim = diffusers_adamw().init();
     let controlnet = optim.step(1e-3, controlnet, grads);
     for key in keys {
         let reference = r.floats(&format!("param.{key}"));
@@ -644,12 +644,7 @@ fn check_sdxl_recipe_step<M: Module>(
     }
     let (grads, norm) = clip_grad_norm(&model, grads, Some(1.0));
     assert_close("grad norm", &[norm as f32], &r.floats("grad_norm"), 1e-4);
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(1e-2)
-        .init();
+    let mut optim = diffusers_adamw().init();
     let model = optim.step(1e-3, model, grads);
     for k in keys {
         assert_close(
