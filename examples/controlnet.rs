@@ -138,7 +138,7 @@ impl Preprocessor<'_> {
             let Some(model) = &self.args.depth_model else {
                 return Err(
                     "--preprocess depth needs --depth-model (a Depth Anything folder, \
-                            e.g. depth-anything/Depth-Anything-V2-Small-hf downloaded)"
+                     weight file or hub id, e.g. depth-anything/Depth-Anything-V2-Small-hf)"
                         .into(),
                 );
             };

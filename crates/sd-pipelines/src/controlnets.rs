@@ -16,8 +16,8 @@ use crate::pipeline::{StableDiffusionPipeline, Task};
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput};
 
 impl StableDiffusionPipeline {
-    /// Loads a ControlNet for later requests: a diffusers folder (the fp16 variant
-    /// when the load options ask for it) or a `.safetensors` file, in the diffusers
+    /// Loads a ControlNet for later requests: a diffusers folder (its fp16 weights
+    /// where it has no others) or a `.safetensors` file, in the diffusers
     /// or the original (`control_model.*`) layout, or a hub repository id
     /// (`lllyasviel/control_v11p_sd15_canny`, with the `hub` feature; the
     /// environment's hub settings). Returns its index for [`ControlInput::new`].
