@@ -133,17 +133,47 @@ pub fn write_png_rgb8(
     parameters: Option<&GenerationParameters>,
 ) -> Result<(), IoError> {
     let file = File::create(path).map_err(|e| IoError::io(path, e))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
+    write_png_to(BufWriter::new(file), width, height, rgb, parameters)
+        .map_err(|e| IoError::io(path, std::io::Error::other(e.to_string())))
+}
+
+/// An RGB picture as PNG bytes, with the `parameters` chunk when given (what
+/// [`save_rgb_png`] writes to a file).
+///
+/// # Errors
+/// [`IoError::Unsupported`] when the PNG encoder refuses the picture (a zero side).
+pub fn encode_rgb_png(
+    image: &image::RgbImage,
+    parameters: Option<&GenerationParameters>,
+) -> Result<Vec<u8>, IoError> {
+    let mut out = Vec::new();
+    write_png_to(
+        &mut out,
+        image.width() as usize,
+        image.height() as usize,
+        image.as_raw(),
+        parameters,
+    )
+    .map_err(|e| IoError::Unsupported(format!("PNG encoding: {e}")))?;
+    Ok(out)
+}
+
+fn write_png_to<W: std::io::Write>(
+    out: W,
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    parameters: Option<&GenerationParameters>,
+) -> Result<(), png::EncodingError> {
+    let mut enc = png::Encoder::new(out, width as u32, height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let bad = |e: png::EncodingError| IoError::io(path, std::io::Error::other(e.to_string()));
     if let Some(p) = parameters {
-        enc.add_itxt_chunk("parameters".to_string(), p.to_a1111())
-            .map_err(bad)?;
+        enc.add_itxt_chunk("parameters".to_string(), p.to_a1111())?;
     }
-    let mut writer = enc.write_header().map_err(bad)?;
-    writer.write_image_data(rgb).map_err(bad)?;
-    writer.finish().map_err(bad)
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()
 }
 
 fn decode(path: &Path) -> Result<(png::OutputInfo, Vec<u8>, Option<String>), IoError> {

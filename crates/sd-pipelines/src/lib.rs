@@ -33,6 +33,7 @@
 //! type ([`ExtraConditioning`]).
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod composed;
 pub mod control;
 mod controlnets;
@@ -57,6 +58,7 @@ pub mod sdxl;
 pub mod txt2img;
 mod validate;
 
+pub use batch::batchable;
 pub use composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,
 };

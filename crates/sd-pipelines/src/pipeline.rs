@@ -278,7 +278,7 @@ impl StableDiffusionPipeline {
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
     /// U-Net and text encoder (LoRAs merged) and scheduler; the tiny autoencoder,
     /// when loaded, decodes the previews and, with `tiny_decoder`, the pictures.
-    fn run_parts<'a>(
+    pub(crate) fn run_parts<'a>(
         &'a self,
         (unet, text_encoder, te2): RunModels<'a>,
         scheduler: &'a dyn Scheduler,
@@ -525,7 +525,7 @@ impl StableDiffusionPipeline {
 
     /// Initial noise of a text-to-image batch: image `i` from seed `seed + i`, so each
     /// can be made again alone.
-    fn batch_noise(
+    pub(crate) fn batch_noise(
         &self,
         sd: &StableDiffusion<'_>,
         o: &GenerationOptions,
@@ -543,7 +543,7 @@ impl StableDiffusionPipeline {
         Ok(Tensor::cat(parts, 0))
     }
 
-    fn output(
+    pub(crate) fn output(
         &self,
         out: GenerationOutput,
         r: &GenerationRequest<'_>,

@@ -1,0 +1,247 @@
+//! An HTTP server for Stable Diffusion on burn.
+//!
+//! Three APIs over one job queue:
+//! - OpenAI's images API: `POST /v1/images/generations`, `POST /v1/images/edits`,
+//!   `GET /v1/models`;
+//! - AUTOMATIC1111's `/sdapi/v1` (txt2img, img2img, progress, interrupt, models,
+//!   samplers, schedulers, LoRAs, options, ControlNet units);
+//! - native jobs: `POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/events`
+//!   (Server-Sent Events), `DELETE /v1/jobs/{id}`;
+//!
+//! with `/health`, `/ready`, Prometheus `/metrics` and the OpenAPI document at
+//! `/openapi.json`. Requests are checked completely ([`validate`]) and become a
+//! [`JobSpec`]; the [`queue`] (bounded per model, fair between clients) hands
+//! batches of compatible jobs to generation threads ([`worker`]) that run them on
+//! models the [`registry`] loads on first use under a memory budget.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = sd_server::ServerConfig::default(); // the demo model on 127.0.0.1:7860
+//! let server = sd_server::Server::start(config)?;
+//! let listener = tokio::net::TcpListener::bind(server.config().listen).await?;
+//! server.serve(listener, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod job;
+pub mod metrics;
+pub mod overlay;
+pub mod queue;
+pub mod registry;
+pub mod store;
+pub mod validate;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use burn::prelude::Device;
+
+pub use config::{ApiKey, Limits, ModelConfig, ServerConfig};
+pub use error::{ApiError, ConfigError};
+pub use job::{JobEvent, JobSpec, JobState};
+pub use store::JobHandle;
+
+use crate::auth::RateLimiter;
+use crate::queue::JobQueue;
+use crate::registry::ModelRegistry;
+use crate::store::JobStore;
+
+/// What the handlers and the workers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration (with the models resolved: the demo model when none).
+    pub config: ServerConfig,
+    /// The models.
+    pub registry: ModelRegistry,
+    /// The waiting jobs.
+    pub queue: JobQueue,
+    /// Every job by id.
+    pub store: JobStore,
+    /// Per-key request rates.
+    pub limiter: RateLimiter,
+    /// A1111's current checkpoint (`sd_model_checkpoint`) and other options.
+    pub options: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// When the server started.
+    pub started: Instant,
+}
+
+impl Shared {
+    /// Queues a checked job and returns its handle.
+    ///
+    /// # Errors
+    /// [`ApiError::QueueFull`] when the model's queue is full.
+    pub fn submit(&self, spec: JobSpec) -> Result<Arc<JobHandle>, ApiError> {
+        let job = JobHandle::new(spec);
+        let position = self.queue.push(job.clone())?;
+        self.store.insert(job.clone());
+        job.emit(JobEvent::Queued { position });
+        tracing::info!(job = %job.id, model = %job.spec.model, client = %job.spec.client,
+            task = job.spec.task(), position, "job queued");
+        Ok(job)
+    }
+
+    /// Cancels a job: taken out of the queue at once if waiting, stopped after its
+    /// current step if running; whether it was not over yet.
+    pub fn cancel(&self, job: &Arc<JobHandle>) -> bool {
+        if job.state().is_final() {
+            return false;
+        }
+        job.request_cancel();
+        if self.queue.remove(&job.spec.model, &job.id) {
+            job.finish(Err(ApiError::Cancelled));
+        }
+        true
+    }
+
+    /// The deadline of a job submitted now (`timeout` asked by the client, capped
+    /// by the configured one).
+    pub fn deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        let limit = self.config.limits.job_timeout_secs;
+        let configured = (limit > 0).then(|| Duration::from_secs(limit));
+        let t = match (timeout, configured) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        t.map(|t| Instant::now() + t)
+    }
+}
+
+/// A running server: its shared state and its generation threads.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Checks the configuration, starts the generation threads and loads the
+    /// default model (and those marked `preload`) in the background.
+    ///
+    /// # Errors
+    /// A configuration [`ServerConfig::check`] refuses, a device that is not built in.
+    pub fn start(mut config: ServerConfig) -> Result<Self, ConfigError> {
+        config.check()?;
+        config.models = config.models_or_demo();
+        let device = device(&config.device)?;
+        let budget = config.memory_budget_mb << 20;
+        let shared = Arc::new(Shared {
+            registry: ModelRegistry::new(config.models.clone(), device, budget),
+            queue: JobQueue::new(config.limits.queue_capacity),
+            store: JobStore::new(Duration::from_secs(config.result_ttl_secs)),
+            limiter: RateLimiter::default(),
+            options: Mutex::new(api::a1111::default_options(&config.models[0].name)),
+            started: Instant::now(),
+            config,
+        });
+        metrics::install();
+        let workers = (0..shared.config.workers)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("sd-worker-{i}"))
+                    .spawn(move || worker::run(s))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for m in s
+                .config
+                .models
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| *i == 0 || m.preload)
+            {
+                if let Err(e) = s.registry.get(&m.1.name) {
+                    tracing::error!(model = %m.1.name, error = %e, "preload failed");
+                }
+            }
+        });
+        Ok(Self { shared, workers })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// The shared state (queue, jobs, models).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The HTTP routes with their layers (auth, limits, CORS, tracing).
+    pub fn router(&self) -> Router {
+        api::router(self.shared.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops taking jobs, lets
+    /// the workers finish the queued ones and returns.
+    ///
+    /// # Errors
+    /// The listener fails.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tracing::info!(address = %listener.local_addr()?, "serving");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.stop();
+        Ok(())
+    }
+
+    /// Closes the queue and waits for the generation threads to finish what waits.
+    pub fn stop(self) {
+        self.shared.queue.close();
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn device(name: &str) -> Result<Device, ConfigError> {
+    let missing = |feature: &str| ConfigError::Invalid {
+        key: "device".into(),
+        message: format!("`{name}`: rebuild with `--features {feature}`"),
+    };
+    let device = match name {
+        #[cfg(feature = "flex")]
+        "cpu" => Device::flex(),
+        #[cfg(not(feature = "flex"))]
+        "cpu" => return Err(missing("flex")),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(Default::default()),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => return Err(missing("wgpu")),
+        #[cfg(feature = "cuda")]
+        "cuda" => Device::cuda(0),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => return Err(missing("cuda")),
+        other => {
+            return Err(ConfigError::Invalid {
+                key: "device".into(),
+                message: format!("`{other}`: cpu, wgpu or cuda"),
+            });
+        }
+    };
+    sd_core::check_device(&device).map_err(|e| ConfigError::Invalid {
+        key: "device".into(),
+        message: e.to_string(),
+    })?;
+    Ok(device)
+}

@@ -1,0 +1,250 @@
+//! The jobs the server knows: [`JobHandle`] (state, events, result, cancel flag)
+//! and [`JobStore`] (by id, finished ones kept for a while).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, watch};
+
+use crate::error::ApiError;
+use crate::job::{JobEvent, JobImage, JobProgress, JobSpec, JobState};
+
+/// What a finished job holds.
+pub type JobResult = Result<Arc<Vec<JobImage>>, ApiError>;
+
+#[derive(Debug)]
+struct Inner {
+    step: usize,
+    total: usize,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    preview: Option<Vec<u8>>,
+    result: Option<JobResult>,
+}
+
+/// One job: its spec, its state and its watchers.
+#[derive(Debug)]
+pub struct JobHandle {
+    /// The id clients use.
+    pub id: String,
+    /// What to generate.
+    pub spec: JobSpec,
+    /// When it was submitted.
+    pub created: SystemTime,
+    /// When it was submitted, for latencies.
+    pub submitted: Instant,
+    cancel: AtomicBool,
+    inner: Mutex<Inner>,
+    state: watch::Sender<JobState>,
+    events: broadcast::Sender<JobEvent>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere leaves the data as it was; keep serving it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl JobHandle {
+    /// A queued job.
+    pub fn new(spec: JobSpec) -> Arc<Self> {
+        Arc::new(Self {
+            id: new_id(),
+            spec,
+            created: SystemTime::now(),
+            submitted: Instant::now(),
+            cancel: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                step: 0,
+                total: 0,
+                started: None,
+                finished: None,
+                preview: None,
+                result: None,
+            }),
+            state: watch::channel(JobState::Queued).0,
+            events: broadcast::channel(256).0,
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> JobState {
+        *self.state.borrow()
+    }
+
+    /// Watches the state.
+    pub fn watch_state(&self) -> watch::Receiver<JobState> {
+        self.state.subscribe()
+    }
+
+    /// Receives the events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tells the watchers (none listening is fine).
+    pub fn emit(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Asks the job to stop: a queued job is dropped by its worker, a running one
+    /// stops after its current step.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a cancel was asked for.
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Whether the deadline has passed.
+    pub fn past_deadline(&self) -> bool {
+        self.spec.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Marks the job running with `total` steps.
+    pub fn start(&self, total: usize, batch: usize) {
+        {
+            let mut i = lock(&self.inner);
+            i.started = Some(Instant::now());
+            i.total = total;
+        }
+        self.state.send_replace(JobState::Running);
+        self.emit(JobEvent::Started { batch });
+    }
+
+    /// Records a step (and its preview).
+    pub fn step(&self, step: usize, total: usize, preview: Option<Vec<u8>>) {
+        {
+            let mut i = lock(&self.inner);
+            i.step = step;
+            i.total = total;
+            if let Some(p) = &preview {
+                i.preview = Some(p.clone());
+            }
+        }
+        self.emit(JobEvent::Step { step, total });
+        if let Some(png) = preview {
+            self.emit(JobEvent::Preview { step, png });
+        }
+    }
+
+    /// Ends the job with its result; a job already over stays as it was (a result
+    /// is written once).
+    pub fn finish(&self, result: JobResult) -> bool {
+        let state = match &result {
+            Ok(_) => JobState::Succeeded,
+            Err(ApiError::Cancelled) => JobState::Cancelled,
+            Err(_) => JobState::Failed,
+        };
+        {
+            let mut i = lock(&self.inner);
+            if i.result.is_some() {
+                return false;
+            }
+            i.result = Some(result);
+            i.finished = Some(Instant::now());
+        }
+        self.state.send_replace(state);
+        self.emit(JobEvent::Done(state));
+        true
+    }
+
+    /// The result, once over.
+    pub fn result(&self) -> Option<JobResult> {
+        lock(&self.inner).result.clone()
+    }
+
+    /// Seconds from submission to the end, once over.
+    pub fn latency(&self) -> Option<Duration> {
+        lock(&self.inner).finished.map(|f| f - self.submitted)
+    }
+
+    /// A snapshot for status queries.
+    pub fn progress(&self) -> JobProgress {
+        let i = lock(&self.inner);
+        JobProgress {
+            state: self.state(),
+            step: i.step,
+            total: i.total,
+            created: self.created,
+            running_for: i
+                .started
+                .map(|s| i.finished.unwrap_or_else(Instant::now) - s),
+            preview: i.preview.clone(),
+        }
+    }
+
+    /// Waits until the job is over and returns its result.
+    pub async fn wait(&self) -> JobResult {
+        let mut rx = self.watch_state();
+        // The sender lives as long as the handle, so this ends when the state is final.
+        let _ = rx.wait_for(|s| s.is_final()).await;
+        self.result()
+            .unwrap_or_else(|| Err(ApiError::Internal("job ended without a result".into())))
+    }
+
+    fn expired(&self, ttl: Duration) -> bool {
+        lock(&self.inner)
+            .finished
+            .is_some_and(|f| f.elapsed() > ttl)
+    }
+}
+
+/// A random 128-bit job id, hex.
+fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Every job by id; finished jobs are forgotten `ttl` after they end.
+#[derive(Debug)]
+pub struct JobStore {
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    current: Mutex<Option<Arc<JobHandle>>>,
+    ttl: Duration,
+}
+
+impl JobStore {
+    /// An empty store keeping results for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            jobs: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
+            ttl,
+        }
+    }
+
+    /// Adds a job (and forgets expired ones).
+    pub fn insert(&self, job: Arc<JobHandle>) {
+        let mut jobs = lock(&self.jobs);
+        let ttl = self.ttl;
+        jobs.retain(|_, j| !j.expired(ttl));
+        jobs.insert(job.id.clone(), job);
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &str) -> Option<Arc<JobHandle>> {
+        lock(&self.jobs).get(id).cloned()
+    }
+
+    /// Notes the job a worker has just started (A1111's progress shows it).
+    pub fn set_current(&self, job: &Arc<JobHandle>) {
+        *lock(&self.current) = Some(job.clone());
+    }
+
+    /// The job started last.
+    pub fn current(&self) -> Option<Arc<JobHandle>> {
+        lock(&self.current).clone()
+    }
+
+    /// Jobs not yet over.
+    pub fn active(&self) -> Vec<Arc<JobHandle>> {
+        lock(&self.jobs)
+            .values()
+            .filter(|j| !j.state().is_final())
+            .cloned()
+            .collect()
+    }
+}
