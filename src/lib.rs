@@ -55,6 +55,10 @@ pub use sd_pipelines::StableDiffusionPipeline;
 /// The `image` crate version of the pictures in and out.
 pub use sd_pipelines::image;
 pub use sd_schedulers as schedulers;
+/// The HTTP server (OpenAI and AUTOMATIC1111 APIs, native jobs), with the `server`
+/// feature.
+#[cfg(feature = "server")]
+pub use sd_server as server;
 pub use sd_train as train;
 
 /// What most programs need, in one line: `use stable_diffusion::prelude::*;`.

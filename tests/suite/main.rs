@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod batch;
 mod configs;
 mod controlnet;
 mod corrupt_files;

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use super::common::Draft;
-use super::{b64, parse_json, run_to_end};
+use super::{b64, body_bytes, parse_json, parse_slice, run_to_end};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::{A1111Error, ApiError};
@@ -486,6 +486,34 @@ fn hires(r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Option<HiresSpec>, 
     }))
 }
 
+/// The checked job of a `POST /sdapi/v1/txt2img` body (nothing is queued), the
+/// request echoed as A1111 does, and the hires strength.
+///
+/// # Errors
+/// What is wrong with the body, as a 4xx.
+pub fn txt2img_spec(
+    shared: &Shared,
+    client: &Client,
+    body: &[u8],
+) -> Result<(JobSpec, Value), ApiError> {
+    let r: Txt2ImgRequest = parse_slice(body)?;
+    let mut d = draft(shared, &r.base)?;
+    let size = d.size.unwrap_or((512, 512));
+    d.hires = hires(&r, size)?;
+    control_units(shared, &r.base, None, &mut d)?;
+    if let Some(h) = &d.hires {
+        let target = |side: usize| ((side as f64 * h.scale) as usize / 8 * 8) as i64;
+        validate::check_size(
+            target(size.0),
+            target(size.1),
+            &shared.config.limits,
+            "hr_scale",
+        )?;
+    }
+    let spec = d.into_spec(shared, client)?;
+    Ok((spec, serde_json::to_value(&r).unwrap_or(Value::Null)))
+}
+
 /// Text to image.
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", request_body = Txt2ImgRequest,
     responses((status = 200, body = ImageResponse), (status = 400), (status = 404), (status = 429)))]
@@ -494,28 +522,59 @@ pub async fn txt2img(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> A1111Result<Json<ImageResponse>> {
-    let r: Txt2ImgRequest = parse_json(body, shared.config.limits.max_body_bytes)?;
-    let mut d = draft(&shared, &r.base)?;
-    d.hires = hires(&r, d.size.unwrap_or((512, 512)))?;
-    control_units(&shared, &r.base, None, &mut d)?;
-    if let Some(h) = &d.hires {
-        let (w, h_) = d.size.unwrap_or((512, 512));
-        let target = (
-            (w as f64 * h.scale) as usize,
-            (h_ as f64 * h.scale) as usize,
-        );
-        validate::check_size(
-            (target.0 / 8 * 8) as i64,
-            (target.1 / 8 * 8) as i64,
-            &shared.config.limits,
-            "hr_scale",
-        )?;
-    }
-    let spec = d.into_spec(&shared, &client)?;
-    let parameters = serde_json::to_value(&r).unwrap_or(Value::Null);
+    let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
+    let (spec, parameters) = txt2img_spec(&shared, &client, &bytes)?;
     let strength = spec.hires.as_ref().map(|h| h.strength);
     let (spec, images) = run(&shared, spec).await?;
     Ok(Json(response(&spec, &images, parameters, strength)))
+}
+
+/// The checked job of a `POST /sdapi/v1/img2img` body (nothing is queued) and the
+/// request echoed as A1111 does (without the pictures).
+///
+/// # Errors
+/// What is wrong with the body, as a 4xx.
+pub fn img2img_spec(
+    shared: &Shared,
+    client: &Client,
+    body: &[u8],
+) -> Result<(JobSpec, Value), ApiError> {
+    let limits = &shared.config.limits;
+    let r: Img2ImgRequest = parse_slice(body)?;
+    let mut d = draft(shared, &r.base)?;
+    let first = r
+        .init_images
+        .as_ref()
+        .and_then(|i| i.first())
+        .ok_or_else(|| ApiError::invalid("init_images", "one init image is required"))?;
+    let init = validate::decode_base64_image(first, limits, "init_images")?;
+    let (w, h) = d.size.unwrap_or((512, 512));
+    let resize_mode = r.resize_mode.unwrap_or(0);
+    let init = resize_init(&init, w as u32, h as u32, resize_mode)?;
+    let strength = r.base.denoising_strength.unwrap_or(0.75);
+    control_units(shared, &r.base, Some(&init), &mut d)?;
+    let init_rgb = init.to_rgb8();
+    match &r.mask {
+        Some(m) if !m.is_empty() => {
+            let mask = validate::decode_base64_image(m, limits, "mask")?;
+            let mask = resize_init(&mask, w as u32, h as u32, resize_mode)?.to_luma8();
+            inpaint(&r, &mut d, init_rgb, &mask, strength)?;
+        }
+        _ => {
+            d.init = Some(InitSpec {
+                image: init_rgb,
+                mask: None,
+                strength,
+            })
+        }
+    }
+    let spec = d.into_spec(shared, client)?;
+    let mut parameters = serde_json::to_value(&r).unwrap_or(Value::Null);
+    if let Some(o) = parameters.as_object_mut() {
+        o.insert("init_images".into(), Value::Null);
+        o.insert("mask".into(), Value::Null);
+    }
+    Ok((spec, parameters))
 }
 
 /// Image to image and inpainting.
@@ -526,43 +585,11 @@ pub async fn img2img(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> A1111Result<Json<ImageResponse>> {
-    let limits = shared.config.limits.clone();
-    let r: Img2ImgRequest = parse_json(body, limits.max_body_bytes)?;
-    let mut d = draft(&shared, &r.base)?;
-    let first = r
-        .init_images
-        .as_ref()
-        .and_then(|i| i.first())
-        .ok_or_else(|| ApiError::invalid("init_images", "one init image is required"))?;
-    let init = validate::decode_base64_image(first, &limits, "init_images")?;
-    let (w, h) = d.size.unwrap_or((512, 512));
-    let init = resize_init(&init, w as u32, h as u32, r.resize_mode.unwrap_or(0))?;
-    let strength = r.base.denoising_strength.unwrap_or(0.75);
-    control_units(&shared, &r.base, Some(&init), &mut d)?;
-    let init_rgb = init.to_rgb8();
-    match &r.mask {
-        Some(m) if !m.is_empty() => {
-            let mask = validate::decode_base64_image(m, &limits, "mask")?;
-            let mask =
-                resize_init(&mask, w as u32, h as u32, r.resize_mode.unwrap_or(0))?.to_luma8();
-            inpaint(&r, &mut d, init_rgb, &mask, strength)?;
-        }
-        _ => {
-            d.init = Some(InitSpec {
-                image: init_rgb,
-                mask: None,
-                strength,
-            });
-        }
-    }
-    let spec = d.into_spec(&shared, &client)?;
-    let mut parameters = serde_json::to_value(&r).unwrap_or(Value::Null);
-    if let Some(o) = parameters.as_object_mut() {
-        o.insert("init_images".into(), Value::Null);
-        o.insert("mask".into(), Value::Null);
-    }
+    let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
+    let (spec, parameters) = img2img_spec(&shared, &client, &bytes)?;
+    let strength = spec.init.as_ref().map(|i| i.strength);
     let (spec, images) = run(&shared, spec).await?;
-    Ok(Json(response(&spec, &images, parameters, Some(strength))))
+    Ok(Json(response(&spec, &images, parameters, strength)))
 }
 
 /// A1111's inpainting: mask blurred / inverted, the hole pre-filled, "only masked"

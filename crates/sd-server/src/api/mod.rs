@@ -157,8 +157,12 @@ pub(crate) fn parse_json<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<T, ApiError> {
-    let bytes = body_bytes(body, limit)?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid {
+    parse_slice(&body_bytes(body, limit)?)
+}
+
+/// [`parse_json`] over bytes already read.
+pub(crate) fn parse_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid {
         param: None,
         message: format!("invalid JSON body: {e}"),
     })
@@ -212,3 +216,6 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
 use super::common::{Draft, LoraRef, fit_init};
-use super::{b64, parse_json};
+use super::{b64, body_bytes, parse_slice};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::ApiError;
@@ -270,6 +270,15 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
     Ok(d)
 }
 
+/// The checked job of a `POST /v1/jobs` body (nothing is queued).
+///
+/// # Errors
+/// What is wrong with the body, as a 4xx.
+pub fn job_spec(shared: &Shared, client: &Client, body: &[u8]) -> Result<crate::JobSpec, ApiError> {
+    let r: JobRequest = parse_slice(body)?;
+    draft(r, shared)?.into_spec(shared, client)
+}
+
 /// Queues a job.
 #[utoipa::path(post, path = "/v1/jobs", request_body = JobRequest,
     responses((status = 202, body = JobCreated), (status = 400), (status = 404), (status = 429)))]
@@ -278,8 +287,8 @@ pub async fn create_job(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
-    let r: JobRequest = parse_json(body, shared.config.limits.max_body_bytes)?;
-    let spec = draft(r, &shared)?.into_spec(&shared, &client)?;
+    let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
+    let spec = job_spec(&shared, &client, &bytes)?;
     let job = shared.submit(spec)?;
     let position = shared.queue.position(&job.spec.model, &job.id).unwrap_or(0);
     Ok((

@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::common::{Draft, LoraRef, fit_init, has_transparency, openai_mask};
-use super::{b64, parse_json, run_to_end, unix_now};
+use super::{b64, body_bytes, parse_slice, run_to_end, unix_now};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::ApiError;
-use crate::job::InitSpec;
+use crate::job::{InitSpec, JobSpec};
 use crate::validate;
 
 /// `POST /v1/images/generations`.
@@ -144,14 +144,25 @@ pub async fn generations(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ImagesResponse>, ApiError> {
+    let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
+    let spec = generation_spec(&shared, &client, &bytes)?;
+    let (_, images) = run_to_end(&shared, spec).await?;
+    Ok(respond(&images))
+}
+
+/// The checked job of a `POST /v1/images/generations` body (nothing is queued).
+///
+/// # Errors
+/// What is wrong with the body, as a 4xx.
+pub fn generation_spec(shared: &Shared, client: &Client, body: &[u8]) -> Result<JobSpec, ApiError> {
     let limits = &shared.config.limits;
-    let r: ImageGenerationRequest = parse_json(body, limits.max_body_bytes)?;
+    let r: ImageGenerationRequest = parse_slice(body)?;
     check_format(r.response_format.as_deref())?;
     let size = match &r.size {
         Some(s) => validate::parse_size(s, limits)?,
         None => None,
     };
-    let spec = Draft {
+    Draft {
         model: r.model,
         prompt: r.prompt,
         prompt_required: true,
@@ -171,9 +182,7 @@ pub async fn generations(
         clip_skip: r.clip_skip,
         ..Draft::default()
     }
-    .into_spec(&shared, &client)?;
-    let (_, images) = run_to_end(&shared, spec).await?;
-    Ok(respond(&images))
+    .into_spec(shared, client)
 }
 
 /// Image to image and inpainting (multipart: `image`, optional `mask`, `prompt`,
