@@ -21,6 +21,7 @@ mod open_clip;
 mod pipelines;
 mod schedulers;
 mod sdxl;
+mod server;
 mod taesd;
 mod tokenizer;
 mod training;

@@ -31,6 +31,13 @@ pub struct ModelConfig {
     /// A tiny autoencoder (TAESD folder) for previews.
     #[serde(default)]
     pub tiny_vae: Option<PathBuf>,
+    /// For a single file: the diffusers folder whose configs describe it
+    /// (diffusers' `from_single_file(config=...)`).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Weights' precision: `f32` (default), `f16` or `bf16` (U-Net and VAE).
+    #[serde(default)]
+    pub dtype: Option<String>,
     /// Memory the model takes once loaded, in MiB; estimated from its weight files
     /// when not given.
     #[serde(default)]
@@ -56,6 +63,8 @@ impl ModelConfig {
             lora_dir: None,
             controlnets: BTreeMap::new(),
             tiny_vae: None,
+            config: None,
+            dtype: None,
             memory_mb: None,
             preload: false,
             default_steps: None,
@@ -213,6 +222,7 @@ impl ServerConfig {
             }
             m.lora_dir.as_mut().map(fix);
             m.tiny_vae.as_mut().map(fix);
+            m.config.as_mut().map(fix);
             m.controlnets.values_mut().for_each(fix);
         }
         self
@@ -249,6 +259,11 @@ impl ServerConfig {
             }
             if !names.insert(m.name.as_str()) {
                 return invalid("model.name", format!("`{}` appears twice", m.name));
+            }
+            if let Some(d) = &m.dtype
+                && !["f32", "f16", "bf16"].contains(&d.as_str())
+            {
+                return invalid("model.dtype", format!("`{d}`: f32, f16 or bf16"));
             }
             for cn in m.controlnets.keys() {
                 if !crate::validate::is_plain_name(cn) {

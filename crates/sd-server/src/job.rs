@@ -195,6 +195,8 @@ pub enum JobEvent {
 pub struct JobProgress {
     /// Where it is.
     pub state: JobState,
+    /// Jobs in the U-Net batch it ran in (0 before it started).
+    pub batch: usize,
     /// Steps done.
     pub step: usize,
     /// Steps in all (0 while queued).

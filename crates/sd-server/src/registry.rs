@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use burn::prelude::Device;
+use burn::tensor::DType;
 use sd_pipelines::{LoadOptions, ModelSource, StableDiffusionPipeline};
 
 use crate::config::ModelConfig;
@@ -165,10 +166,14 @@ impl ModelRegistry {
         if let Some(m) = self.touch(name) {
             return Ok(m);
         }
-        let bytes = config
-            .memory_mb
-            .map(|mb| mb << 20)
-            .unwrap_or_else(|| estimate_bytes(Path::new(&config.path)));
+        let bytes = config.memory_mb.map(|mb| mb << 20).unwrap_or_else(|| {
+            let f32_bytes = estimate_bytes(Path::new(&config.path));
+            if config.dtype.as_deref().is_some_and(|d| d != "f32") {
+                f32_bytes / 2
+            } else {
+                f32_bytes
+            }
+        });
         self.make_room(name, bytes)?;
         let started = std::time::Instant::now();
         let model = load(&config, &self.device, bytes)?;
@@ -240,9 +245,17 @@ impl ModelRegistry {
 
 fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel, ApiError> {
     let controlnets: Vec<String> = config.controlnets.keys().cloned().collect();
+    let dtype = match config.dtype.as_deref() {
+        Some("f16") => Some(DType::F16),
+        Some("bf16") => Some(DType::BF16),
+        _ => None,
+    };
     let options = LoadOptions {
         tiny_vae: config.tiny_vae.clone(),
         controlnets: config.controlnets.values().cloned().collect(),
+        config: config.config.clone(),
+        unet_dtype: dtype,
+        vae_dtype: dtype,
         ..LoadOptions::default()
     };
     let pipeline = StableDiffusionPipeline::from_pretrained(

@@ -16,6 +16,7 @@ pub type JobResult = Result<Arc<Vec<JobImage>>, ApiError>;
 
 #[derive(Debug)]
 struct Inner {
+    batch: usize,
     step: usize,
     total: usize,
     started: Option<Instant>,
@@ -56,6 +57,7 @@ impl JobHandle {
             submitted: Instant::now(),
             cancel: AtomicBool::new(false),
             inner: Mutex::new(Inner {
+                batch: 0,
                 step: 0,
                 total: 0,
                 started: None,
@@ -110,6 +112,7 @@ impl JobHandle {
             let mut i = lock(&self.inner);
             i.started = Some(Instant::now());
             i.total = total;
+            i.batch = batch;
         }
         self.state.send_replace(JobState::Running);
         self.emit(JobEvent::Started { batch });
@@ -167,6 +170,7 @@ impl JobHandle {
         let i = lock(&self.inner);
         JobProgress {
             state: self.state(),
+            batch: i.batch,
             step: i.step,
             total: i.total,
             created: self.created,

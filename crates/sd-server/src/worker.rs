@@ -99,6 +99,8 @@ fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, Pipelin
             .iter()
             .map(|g| {
                 let mut parameters = g.parameters.clone();
+                // The name clients know the model by, not its folder's.
+                parameters.model = job.spec.model.clone();
                 let image = match &job.spec.overlay {
                     Some(o) => {
                         let image = o.apply(&g.image);

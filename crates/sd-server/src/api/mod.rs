@@ -162,6 +162,13 @@ pub(crate) fn parse_json<T: DeserializeOwned>(
 
 /// [`parse_json`] over bytes already read.
 pub(crate) fn parse_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde reads a struct from an array too; the APIs take objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::Invalid {
+            param: None,
+            message: "the body must be a JSON object".into(),
+        });
+    }
     serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid {
         param: None,
         message: format!("invalid JSON body: {e}"),

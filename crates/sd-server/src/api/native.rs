@@ -158,6 +158,8 @@ pub struct JobStatusResponse {
     pub step: usize,
     /// Steps in all.
     pub total: usize,
+    /// Jobs in the U-Net batch it ran in (0 before it started).
+    pub batch: usize,
     /// The pictures (base64 PNG), once succeeded.
     pub images: Option<Vec<String>>,
     /// Their generation parameters.
@@ -364,6 +366,7 @@ pub async fn get_job(
         position: shared.queue.position(&job.spec.model, &job.id),
         step: p.step,
         total: p.total,
+        batch: p.batch,
         images,
         parameters,
         error,
