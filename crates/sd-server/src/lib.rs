@@ -1,4 +1,5 @@
-//! An HTTP server for Stable Diffusion on burn.
+//! An HTTP server for Stable Diffusion on burn (the workspace's `docs/serving.md` is
+//! the guide).
 //!
 //! Three APIs over one job queue:
 //! - OpenAI's images API: `POST /v1/images/generations`, `POST /v1/images/edits`,
@@ -14,14 +15,11 @@
 //! batches of compatible jobs to generation threads ([`worker`]) that run them on
 //! models the [`registry`] loads on first use under a memory budget.
 //!
-//! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = sd_server::ServerConfig::default(); // the demo model on 127.0.0.1:7860
-//! let server = sd_server::Server::start(config)?;
-//! let listener = tokio::net::TcpListener::bind(server.config().listen).await?;
-//! server.serve(listener, std::future::pending()).await?;
-//! # Ok(()) }
-//! ```
+//! In a program of one's own: [`Server::start`] with a [`ServerConfig`] (the
+//! default: the demo model on 127.0.0.1:7860), a tokio `TcpListener` bound to
+//! [`Server::config`]'s `listen` address, then [`Server::serve`] with a shutdown
+//! future; [`Server::router`] gives the axum `Router` to mount elsewhere. The
+//! `sd-server` binary (`src/main.rs`) is exactly that.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -185,8 +183,8 @@ impl Server {
         api::router(self.shared.clone())
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then stops taking jobs, lets
-    /// the workers finish the queued ones and returns.
+    /// Serves on `listener` until `shutdown` resolves; requests in flight are
+    /// answered (synchronous ones after their jobs), then [`Self::stop`].
     ///
     /// # Errors
     /// The listener fails.
@@ -206,9 +204,15 @@ impl Server {
         Ok(())
     }
 
-    /// Closes the queue and waits for the generation threads to finish what waits.
+    /// Stops: new jobs are refused, waiting ones end with "shutting down", the
+    /// running batches finish, and the generation threads are joined.
     pub fn stop(self) {
         self.shared.queue.close();
+        for job in self.shared.queue.drain() {
+            job.finish(Err(ApiError::Unavailable(
+                "the server is shutting down".into(),
+            )));
+        }
         for w in self.workers {
             let _ = w.join();
         }

@@ -244,6 +244,20 @@ impl JobQueue {
         self.lock().closed = true;
         self.ready.notify_all();
     }
+
+    /// Takes every waiting job out (shutting down: nobody would fetch their results).
+    pub fn drain(&self) -> Vec<Arc<JobHandle>> {
+        let mut lines = self.lock();
+        let mut out = Vec::new();
+        for (model, line) in &mut lines.models {
+            for (_, jobs) in line.clients.drain(..) {
+                out.extend(jobs);
+            }
+            line.len = 0;
+            crate::metrics::queue_depth(model, 0);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +309,12 @@ mod tests {
         ));
         let j = job("a", 1);
         assert!(!q.remove("m", &j.id));
+        let q2 = JobQueue::new(4);
+        q2.push(job("a", 1)).unwrap();
+        q2.push(job("b", 2)).unwrap();
+        q2.close();
+        assert_eq!(q2.drain().len(), 2);
+        assert!(q2.pop_batch(4).is_none());
         q.close();
         assert!(matches!(q.push(job("d", 1)), Err(ApiError::Unavailable(_))));
         // Closed: what waits is still handed out (one batch of both), then nothing.

@@ -365,3 +365,45 @@ fn decode_preview(text: &str) {
         "TAESD previews at full size"
     );
 }
+
+#[test]
+fn a_client_that_goes_away_cancels_its_job() {
+    let s = TestServer::start(config());
+    let base = s.base.clone();
+    let client = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(1500)))
+            .build()
+            .into();
+        agent
+            .post(format!("{base}/sdapi/v1/txt2img"))
+            .send(
+                json!({"prompt": "x", "width": 64, "height": 64, "steps": 150})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .is_err()
+    });
+    // The running job's id, from A1111's progress.
+    let mut id = String::new();
+    for _ in 0..400 {
+        let p = s.get("/sdapi/v1/progress?skip_current_image=true").json();
+        if let Some(job) = p["state"]["job"].as_str().filter(|j| !j.is_empty()) {
+            id = job.to_string();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!id.is_empty(), "the job ran");
+    assert!(client.join().unwrap(), "the client gave up");
+    let mut status = json!(null);
+    for _ in 0..400 {
+        status = s.get(&format!("/v1/jobs/{id}")).json();
+        if status["status"] != "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(status["status"], "cancelled", "{status}");
+    assert!(status["step"].as_u64().unwrap() < 150);
+}
