@@ -32,7 +32,7 @@ pub struct Args {
     /// A model's tiny autoencoder for previews: NAME=DIR.
     #[arg(long = "tiny-vae", value_name = "NAME=DIR")]
     pub tiny_vaes: Vec<String>,
-    /// An API key: NAME=KEY[@REQUESTS_PER_MINUTE] (prefer the config file: flags
+    /// An API key: NAME=KEY, or NAME=KEY@REQUESTS_PER_MINUTE (prefer the config file: flags
     /// show in the process list).
     #[arg(long = "api-key", value_name = "NAME=KEY")]
     pub api_keys: Vec<String>,

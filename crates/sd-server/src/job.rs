@@ -1,5 +1,5 @@
 //! A job: what to generate ([`JobSpec`], checked and independent of the API it came
-//! through), its state ([`JobStatus`]) and what it tells its watchers ([`JobEvent`]).
+//! through), its state ([`JobState`]) and what it tells its watchers ([`JobEvent`]).
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -219,24 +219,29 @@ impl Server {
     }
 }
 
-fn device(name: &str) -> Result<Device, ConfigError> {
-    let missing = |feature: &str| ConfigError::Invalid {
+/// A device this build does not have.
+#[allow(dead_code, reason = "unused when every backend feature is on")]
+fn missing(name: &str, feature: &str) -> ConfigError {
+    ConfigError::Invalid {
         key: "device".into(),
         message: format!("`{name}`: rebuild with `--features {feature}`"),
-    };
+    }
+}
+
+fn device(name: &str) -> Result<Device, ConfigError> {
     let device = match name {
         #[cfg(feature = "flex")]
         "cpu" => Device::flex(),
         #[cfg(not(feature = "flex"))]
-        "cpu" => return Err(missing("flex")),
+        "cpu" => return Err(missing(name, "flex")),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(Default::default()),
         #[cfg(not(feature = "wgpu"))]
-        "wgpu" => return Err(missing("wgpu")),
+        "wgpu" => return Err(missing(name, "wgpu")),
         #[cfg(feature = "cuda")]
         "cuda" => Device::cuda(0),
         #[cfg(not(feature = "cuda"))]
-        "cuda" => return Err(missing("cuda")),
+        "cuda" => return Err(missing(name, "cuda")),
         other => {
             return Err(ConfigError::Invalid {
                 key: "device".into(),

@@ -201,7 +201,7 @@ fn request_for(
     let watcher = job.clone();
     Ok(r.on_step(move |info: &StepInfo<'_>| {
         let done = info.step + 1;
-        let preview = (every > 0 && (done % every == 0 || done == info.total))
+        let preview = (every > 0 && (done.is_multiple_of(every) || done == info.total))
             .then(|| preview_png(info))
             .flatten();
         watcher.step(done, info.total, preview);

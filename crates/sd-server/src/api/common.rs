@@ -200,8 +200,19 @@ impl Draft {
     }
 }
 
+/// An init image and its mask fitted to a picture size.
+#[derive(Debug)]
+pub struct FittedInit {
+    /// The picture.
+    pub image: RgbImage,
+    /// The mask, at the same size.
+    pub mask: Option<GrayImage>,
+    /// `(width, height)`.
+    pub size: (usize, usize),
+}
+
 /// An init image (and mask) at `size`, or at its own size rounded down to multiples
-/// of 8 when no size is given; the picture's size.
+/// of 8 when no size is given.
 ///
 /// # Errors
 /// A picture smaller than 8 pixels a side.
@@ -209,7 +220,7 @@ pub fn fit_init(
     image: &DynamicImage,
     mask: Option<&DynamicImage>,
     size: Option<(usize, usize)>,
-) -> Result<(RgbImage, Option<GrayImage>, (usize, usize)), ApiError> {
+) -> Result<FittedInit, ApiError> {
     let (w, h) = size.unwrap_or((
         (image.width() as usize / 8) * 8,
         (image.height() as usize / 8) * 8,
@@ -224,9 +235,11 @@ pub fn fit_init(
             i.resize_exact(w as u32, h as u32, FilterType::Lanczos3)
         }
     };
-    let image = resize(image).to_rgb8();
-    let mask = mask.map(|m| resize(m).to_luma8());
-    Ok((image, mask, (w, h)))
+    Ok(FittedInit {
+        image: resize(image).to_rgb8(),
+        mask: mask.map(|m| resize(m).to_luma8()),
+        size: (w, h),
+    })
 }
 
 /// A mask from OpenAI's convention: where the mask picture is transparent is

@@ -233,7 +233,8 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
             .as_deref()
             .map(|m| validate::decode_base64_image(m, limits, "mask"))
             .transpose()?;
-        let (picture, mask, size) = fit_init(&image, mask.as_ref(), d.size)?;
+        let fitted = fit_init(&image, mask.as_ref(), d.size)?;
+        let (picture, mask, size) = (fitted.image, fitted.mask, fitted.size);
         validate::check_size(size.0 as i64, size.1 as i64, limits, "init_image")?;
         let strength = r
             .strength

@@ -236,7 +236,8 @@ pub async fn edits(
         Some(s) => validate::parse_size(s, &limits)?,
         None => None,
     };
-    let (picture, mask, (w, h)) = fit_init(&image, mask.as_ref(), size)?;
+    let fitted = fit_init(&image, mask.as_ref(), size)?;
+    let (picture, mask, (w, h)) = (fitted.image, fitted.mask, fitted.size);
     validate::check_size(w as i64, h as i64, &limits, "image")?;
     let strength = float("strength")?.unwrap_or(if mask.is_some() { 1.0 } else { 0.75 });
     let spec = Draft {

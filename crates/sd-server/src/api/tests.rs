@@ -27,8 +27,10 @@ fn shared() -> Arc<Shared> {
     let mut model = ModelConfig::new("tiny", TINY);
     model.lora_dir = Some(LORAS.into());
     model.controlnets.insert("cn".into(), "unused".into());
-    let mut config = ServerConfig::default();
-    config.models = vec![model];
+    let config = ServerConfig {
+        models: vec![model],
+        ..ServerConfig::default()
+    };
     Arc::new(Shared {
         registry: ModelRegistry::new(config.models.clone(), burn::prelude::Device::flex(), 0),
         queue: JobQueue::new(4),
