@@ -359,6 +359,48 @@ fn parameter_count(file: &Path) -> Option<u64> {
 mod tests {
     use super::*;
 
+    const TINY: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tiny-sd15"
+    );
+
+    fn model(name: &str) -> ModelConfig {
+        ModelConfig {
+            memory_mb: Some(100),
+            ..ModelConfig::new(name, TINY)
+        }
+    }
+
+    #[test]
+    fn least_recently_used_idle_model_makes_room_and_models_in_use_stay() {
+        let registry = ModelRegistry::new(
+            vec![model("a"), model("b"), model("c")],
+            Device::flex(),
+            250 << 20,
+        );
+        let a = registry.get("a").unwrap();
+        drop(registry.get("b").unwrap());
+        assert_eq!(registry.loaded_names(), ["a", "b"]);
+        // `a` is held by a job: loading `c` unloads `b`, the idle one.
+        drop(registry.get("c").unwrap());
+        assert_eq!(registry.loaded_names(), ["a", "c"]);
+        // With `a` and `c` both held, `b` does not fit: a clear refusal.
+        let c = registry.get("c").unwrap();
+        let e = registry.get("b").unwrap_err();
+        assert!(
+            matches!(&e, ApiError::Unavailable(m) if m.contains("memory budget")),
+            "{e:?}"
+        );
+        drop((a, c));
+        // Idle again: `a` was used least recently, so it goes.
+        drop(registry.get("b").unwrap());
+        assert_eq!(registry.loaded_names(), ["b", "c"]);
+        assert!(matches!(
+            registry.get("../a"),
+            Err(ApiError::NotFound { .. })
+        ));
+    }
+
     #[test]
     fn estimates_the_demo_model_from_headers() {
         let bytes = estimate_bytes(Path::new(crate::config::DEMO_MODEL));
