@@ -141,18 +141,23 @@ pub fn parse_size(text: &str, limits: &Limits) -> Result<Option<(usize, usize)>,
     check_size(w, h, limits, "size").map(Some)
 }
 
+/// Checks a count lies in `1..=max`.
+fn check_count(v: i64, max: usize, param: &str) -> Result<usize, ApiError> {
+    if v < 1 || v as u64 > max as u64 {
+        return Err(ApiError::invalid(
+            param,
+            format!("{v}: between 1 and {max}"),
+        ));
+    }
+    Ok(v as usize)
+}
+
 /// Checks a step count.
 ///
 /// # Errors
 /// Zero, negative or over `max_steps`.
 pub fn check_steps(steps: i64, limits: &Limits, param: &str) -> Result<usize, ApiError> {
-    if steps < 1 || steps as u64 > limits.max_steps as u64 {
-        return Err(ApiError::invalid(
-            param,
-            format!("{steps}: between 1 and {}", limits.max_steps),
-        ));
-    }
-    Ok(steps as usize)
+    check_count(steps, limits.max_steps, param)
 }
 
 /// Checks an image count.
@@ -160,13 +165,7 @@ pub fn check_steps(steps: i64, limits: &Limits, param: &str) -> Result<usize, Ap
 /// # Errors
 /// Zero, negative or over `max_images`.
 pub fn check_images(n: i64, limits: &Limits, param: &str) -> Result<usize, ApiError> {
-    if n < 1 || n as u64 > limits.max_images as u64 {
-        return Err(ApiError::invalid(
-            param,
-            format!("{n}: between 1 and {}", limits.max_images),
-        ));
-    }
-    Ok(n as usize)
+    check_count(n, limits.max_images, param)
 }
 
 /// Checks a number lies in `[lo, hi]` (finite).

@@ -522,10 +522,27 @@ pub async fn txt2img(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> A1111Result<Json<ImageResponse>> {
+    generate(&shared, &client, body, txt2img_spec).await
+}
+
+/// What builds a job from a body: [`txt2img_spec`] or [`img2img_spec`].
+type SpecFn = fn(&Shared, &Client, &[u8]) -> Result<(JobSpec, Value), ApiError>;
+
+/// A synchronous A1111 generation: the job checked, run, answered with `info`.
+async fn generate(
+    shared: &Arc<Shared>,
+    client: &Client,
+    body: Result<Bytes, BytesRejection>,
+    spec_of: SpecFn,
+) -> A1111Result<Json<ImageResponse>> {
     let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
-    let (spec, parameters) = txt2img_spec(&shared, &client, &bytes)?;
-    let strength = spec.hires.as_ref().map(|h| h.strength);
-    let (spec, images) = run(&shared, spec).await?;
+    let (spec, parameters) = spec_of(shared, client, &bytes)?;
+    let strength = match (&spec.init, &spec.hires) {
+        (Some(init), _) => Some(init.strength),
+        (None, Some(hires)) => Some(hires.strength),
+        (None, None) => None,
+    };
+    let (spec, images) = run(shared, spec).await?;
     Ok(Json(response(&spec, &images, parameters, strength)))
 }
 
@@ -585,11 +602,7 @@ pub async fn img2img(
     Extension(client): Extension<Client>,
     body: Result<Bytes, BytesRejection>,
 ) -> A1111Result<Json<ImageResponse>> {
-    let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
-    let (spec, parameters) = img2img_spec(&shared, &client, &bytes)?;
-    let strength = spec.init.as_ref().map(|i| i.strength);
-    let (spec, images) = run(&shared, spec).await?;
-    Ok(Json(response(&spec, &images, parameters, strength)))
+    generate(&shared, &client, body, img2img_spec).await
 }
 
 /// A1111's inpainting: mask blurred / inverted, the hole pre-filled, "only masked"
