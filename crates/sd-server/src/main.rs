@@ -27,7 +27,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    tracing::info!("shutting down: finishing queued jobs");
+    tracing::info!("shutting down: answering the requests in flight, ending waiting jobs");
 }
 
 fn main() -> ExitCode {
