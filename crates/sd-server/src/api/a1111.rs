@@ -899,6 +899,7 @@ pub async fn loras(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 /// Re-reads the LoRA folders.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-loras", responses((status = 200)))]
 pub async fn refresh_loras(State(shared): State<Arc<Shared>>) -> Json<Value> {
     shared.registry.refresh_loras();
     Json(Value::Null)
