@@ -181,7 +181,7 @@ fn compatible_jobs_share_a_batch_and_match_alone() {
     assert_eq!(alone["batch"], 1);
     let blocker = create(
         &s,
-        json!({"prompt": "first", "width": 32, "height": 32, "steps": 40}),
+        json!({"prompt": "first", "width": 32, "height": 32, "steps": 100}),
     );
     while s.get(&format!("/v1/jobs/{blocker}")).json()["status"] == "queued" {
         std::thread::sleep(Duration::from_millis(5));
