@@ -101,6 +101,17 @@ impl Shared {
         true
     }
 
+    /// Interrupts a running job (AUTOMATIC1111's interrupt): it stops after its
+    /// current step and answers with the pictures of its latents so far; a waiting
+    /// job is cancelled.
+    pub fn interrupt(&self, job: &Arc<JobHandle>) {
+        if job.state() == JobState::Running {
+            job.request_interrupt();
+        } else {
+            self.cancel(job);
+        }
+    }
+
     /// The deadline of a job submitted now (`timeout` asked by the client, capped
     /// by the configured one).
     pub fn deadline(&self, timeout: Option<Duration>) -> Option<Instant> {

@@ -37,6 +37,8 @@ pub struct JobHandle {
     /// When it was submitted, for latencies.
     pub submitted: Instant,
     cancel: AtomicBool,
+    interrupt: AtomicBool,
+    partial: Mutex<Option<Vec<JobImage>>>,
     inner: Mutex<Inner>,
     state: watch::Sender<JobState>,
     events: broadcast::Sender<JobEvent>,
@@ -56,6 +58,8 @@ impl JobHandle {
             created: SystemTime::now(),
             submitted: Instant::now(),
             cancel: AtomicBool::new(false),
+            interrupt: AtomicBool::new(false),
+            partial: Mutex::new(None),
             inner: Mutex::new(Inner {
                 batch: 0,
                 step: 0,
@@ -99,6 +103,27 @@ impl JobHandle {
     /// Whether a cancel was asked for.
     pub fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Asks a running job to stop after its current step and answer with the
+    /// pictures of its latents so far (AUTOMATIC1111's interrupt).
+    pub fn request_interrupt(&self) {
+        self.interrupt.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an interrupt was asked for.
+    pub fn interrupt_requested(&self) -> bool {
+        self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// Keeps the pictures an interrupted job answers with.
+    pub fn set_partial(&self, images: Vec<JobImage>) {
+        *lock(&self.partial) = Some(images);
+    }
+
+    /// The pictures of an interrupted job, once.
+    pub fn take_partial(&self) -> Option<Vec<JobImage>> {
+        lock(&self.partial).take()
     }
 
     /// Whether the deadline has passed.

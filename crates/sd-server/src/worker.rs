@@ -116,10 +116,11 @@ fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, Pipelin
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Arc::new),
-        Err(e) => Err(match from_pipeline(&e) {
-            ApiError::Cancelled if job.past_deadline() => deadline_error(job),
-            other => other,
-        }),
+        Err(e) => match from_pipeline(&e) {
+            ApiError::Cancelled if job.past_deadline() => Err(deadline_error(job)),
+            ApiError::Cancelled => job.take_partial().map(Arc::new).ok_or(ApiError::Cancelled),
+            other => Err(other),
+        },
     };
     match &result {
         Ok(images) => {
@@ -136,11 +137,11 @@ fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, Pipelin
 }
 
 /// The pipeline request of a job, its callback reporting to the job.
-fn request_for(
+fn request_for<'m>(
     job: &Arc<JobHandle>,
-    model: &LoadedModel,
+    model: &'m LoadedModel,
     shared: &Shared,
-) -> Result<GenerationRequest<'static>, ApiError> {
+) -> Result<GenerationRequest<'m>, ApiError> {
     let s: &JobSpec = &job.spec;
     let mut r = GenerationRequest::new(s.prompt.clone())
         .negative_prompt(s.negative_prompt.clone())
@@ -199,7 +200,13 @@ fn request_for(
     r = r.guess_mode(s.guess_mode);
     let every = shared.config.preview_every;
     let watcher = job.clone();
+    let name = model.name.clone();
+    let pipeline = &model.pipeline;
     Ok(r.on_step(move |info: &StepInfo<'_>| {
+        if watcher.interrupt_requested() {
+            watcher.set_partial(partial_images(pipeline, info, &watcher.spec, &name));
+            return false;
+        }
         let done = info.step + 1;
         let preview = (every > 0 && (done.is_multiple_of(every) || done == info.total))
             .then(|| preview_png(info))
@@ -207,6 +214,50 @@ fn request_for(
         watcher.step(done, info.total, preview);
         !(watcher.cancel_requested() || watcher.past_deadline())
     }))
+}
+
+/// The pictures of the latents as they are at this step, decoded by the VAE, with
+/// the job's parameters (AUTOMATIC1111 answers an interrupt with them).
+fn partial_images(
+    pipeline: &sd_pipelines::StableDiffusionPipeline,
+    info: &StepInfo<'_>,
+    spec: &JobSpec,
+    model: &str,
+) -> Vec<JobImage> {
+    use sd_core::Autoencoder;
+    let vae = pipeline.vae();
+    let Ok(raw) = vae.decode(info.latents.clone() / vae.scaling_factor()) else {
+        return Vec::new();
+    };
+    let sampler = spec.scheduler.as_deref().map_or("model default", |ours| {
+        crate::validate::SAMPLERS
+            .iter()
+            .find(|(_, o, _)| *o == ours)
+            .map_or(ours, |(a1111, _, _)| a1111)
+    });
+    sd_io::image::tensor_to_images(&(raw / 2.0 + 0.5).clamp(0.0, 1.0))
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, image)| {
+            let image = match &spec.overlay {
+                Some(o) => o.apply(&image),
+                None => image,
+            };
+            let parameters = sd_io::image::GenerationParameters {
+                prompt: spec.prompt.clone(),
+                negative_prompt: spec.negative_prompt.clone(),
+                steps: spec.steps,
+                sampler: sampler.to_string(),
+                cfg_scale: spec.guidance,
+                seed: spec.seed.wrapping_add(i as u64),
+                width: image.width() as usize,
+                height: image.height() as usize,
+                model: model.to_string(),
+            };
+            let png = sd_io::image::encode_rgb_png(&image, Some(&parameters)).ok()?;
+            Some(JobImage { png, parameters })
+        })
+        .collect()
 }
 
 /// The step's preview (the tiny autoencoder's when loaded, else the latents' colours)

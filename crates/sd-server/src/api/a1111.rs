@@ -831,7 +831,8 @@ fn state_json(job: &str, job_count: usize, step: usize, steps: usize) -> Value {
     })
 }
 
-/// Stops the running jobs (the caller's own when API keys are configured).
+/// Stops the running jobs (the caller's own when API keys are configured); their
+/// requests answer with the pictures of the latents so far, as A1111's do.
 #[utoipa::path(post, path = "/sdapi/v1/interrupt", responses((status = 200)))]
 pub async fn interrupt(
     State(shared): State<Arc<Shared>>,
@@ -840,7 +841,7 @@ pub async fn interrupt(
     let own = !shared.config.api_keys.is_empty();
     for job in shared.store.active() {
         if job.state() == JobState::Running && (!own || job.spec.client == client.0) {
-            shared.cancel(&job);
+            shared.interrupt(&job);
         }
     }
     Json(json!({}))
