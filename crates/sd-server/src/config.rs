@@ -31,6 +31,10 @@ pub struct ModelConfig {
     /// A tiny autoencoder (TAESD folder) for previews.
     #[serde(default)]
     pub tiny_vae: Option<PathBuf>,
+    /// A Depth Anything model (folder, file or hub id) for the `depth_anything`
+    /// ControlNet preprocessor.
+    #[serde(default)]
+    pub depth_model: Option<String>,
     /// For a single file: the diffusers folder whose configs describe it
     /// (diffusers' `from_single_file(config=...)`).
     #[serde(default)]
@@ -63,6 +67,7 @@ impl ModelConfig {
             lora_dir: None,
             controlnets: BTreeMap::new(),
             tiny_vae: None,
+            depth_model: None,
             config: None,
             dtype: None,
             memory_mb: None,

@@ -38,8 +38,11 @@ pub struct ControlSpec {
     pub name: String,
     /// Its index among the model's ControlNets.
     pub index: usize,
-    /// The control image (already preprocessed).
+    /// The control image (preprocessed, or the picture to estimate depth from).
     pub image: RgbImage,
+    /// Estimate a depth map from `image` first (the model's Depth Anything), on the
+    /// generation thread.
+    pub depth: bool,
     /// Scale of the residuals.
     pub scale: f64,
     /// From this fraction of the steps...

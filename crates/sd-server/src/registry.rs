@@ -21,6 +21,8 @@ pub struct LoadedModel {
     pub pipeline: StableDiffusionPipeline,
     /// The ControlNets' names, in the pipeline's order.
     pub controlnets: Vec<String>,
+    /// The depth estimator of the `depth_anything` preprocessor, when configured.
+    pub depth: Option<sd_pipelines::preprocess::DepthEstimator>,
     /// What it is counted as against the budget.
     pub bytes: u64,
 }
@@ -268,10 +270,28 @@ fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel
         tracing::error!(model = config.name, error = %e, "model failed to load");
         ApiError::Unavailable(format!("model `{}` failed to load", config.name))
     })?;
+    let depth = match &config.depth_model {
+        Some(source) => Some(
+            sd_pipelines::preprocess::DepthEstimator::from_pretrained(
+                ModelSource::parse(source),
+                device,
+                &sd_pipelines::HubOptions::default(),
+            )
+            .map_err(|e| {
+                tracing::error!(model = config.name, error = %e, "depth model failed to load");
+                ApiError::Unavailable(format!(
+                    "the depth model of `{}` failed to load",
+                    config.name
+                ))
+            })?,
+        ),
+        None => None,
+    };
     Ok(LoadedModel {
         name: config.name.clone(),
         pipeline,
         controlnets,
+        depth,
         bytes,
     })
 }

@@ -191,8 +191,18 @@ fn request_for<'m>(
                 c.name
             )));
         }
+        let image = DynamicImage::ImageRgb8(c.image.clone());
+        let image = match (&model.depth, c.depth) {
+            (_, false) => image,
+            (Some(estimator), true) => DynamicImage::ImageRgb8(
+                estimator
+                    .depth_map(&image)
+                    .map_err(|e| ApiError::Generation(format!("depth estimation: {e}")))?,
+            ),
+            (None, true) => return Err(ApiError::Internal("no depth model is loaded".into())),
+        };
         r = r.control(
-            ControlInput::new(c.index, DynamicImage::ImageRgb8(c.image.clone()))
+            ControlInput::new(c.index, image)
                 .scale(c.scale)
                 .guidance_range(c.start, c.end),
         );

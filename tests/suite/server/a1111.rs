@@ -176,6 +176,12 @@ fn controlnet_units_in_the_extensions_shape() {
     decode_png(r.json()["images"][0].as_str().unwrap(), 32, 32);
     let r = s.post_json("/sdapi/v1/txt2img", &body(unit("tiny-cn", "none")));
     assert_eq!(r.status, 200, "{}", r.body);
+    // Depth Anything (the model's configured depth model) on the generation thread.
+    let r = s.post_json(
+        "/sdapi/v1/txt2img",
+        &body(unit("tiny-cn", "depth_anything")),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = s.post_json(
         "/sdapi/v1/txt2img",
         &body(unit("control_v11p_sd15_canny", "canny")),

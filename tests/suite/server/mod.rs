@@ -58,6 +58,11 @@ pub fn tiny_models() -> Vec<ModelConfig> {
     tiny.controlnets
         .insert("tiny-cn".into(), fixture("tiny-controlnet"));
     tiny.tiny_vae = Some(fixture("tiny-taesd"));
+    tiny.depth_model = Some(
+        fixture("tiny-depth-anything")
+            .to_string_lossy()
+            .into_owned(),
+    );
     tiny.default_steps = Some(3);
     let mut file = ModelConfig::new(
         "tiny-file",

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
-use super::common::Draft;
+use super::common::{ControlDraft, Draft};
 use super::{b64, body_bytes, parse_json, parse_slice, run_to_end};
 use crate::Shared;
 use crate::auth::Client;
@@ -374,18 +374,28 @@ fn control_units(
                 .ok_or_else(|| ApiError::invalid("controlnet image", "each unit needs an image"))?,
             Some(_) => return Err(ApiError::invalid("controlnet image", "a base64 string")),
         };
-        let image = preprocess(&u, &image)?;
+        // Depth Anything is a network: it runs on the generation thread, not here.
+        let depth = matches!(
+            u.module.as_deref(),
+            Some("depth_anything" | "depth_anything_v2")
+        );
+        let image = if depth {
+            image
+        } else {
+            preprocess(&u, &image)?
+        };
         let image = image
             .resize_exact(w as u32, h as u32, FilterType::Lanczos3)
             .to_rgb8();
         modes.push(control_mode(u.control_mode.as_ref())?);
-        draft.control.push((
+        draft.control.push(ControlDraft {
             name,
             image,
-            u.weight.unwrap_or(1.0),
-            u.guidance_start.unwrap_or(0.0),
-            u.guidance_end.unwrap_or(1.0),
-        ));
+            depth,
+            scale: u.weight.unwrap_or(1.0),
+            start: u.guidance_start.unwrap_or(0.0),
+            end: u.guidance_end.unwrap_or(1.0),
+        });
     }
     if modes.windows(2).any(|m| m[0] != m[1]) {
         return Err(ApiError::invalid(
@@ -427,7 +437,8 @@ fn preprocess(u: &ControlNetUnit, image: &DynamicImage) -> Result<DynamicImage, 
         other => Err(ApiError::invalid(
             "module",
             format!(
-                "preprocessor `{other}` is not available here: use `canny`, or `none` with a preprocessed image"
+                "preprocessor `{other}` is not available here: use `canny`, `depth_anything` (with \
+                 the model's `depth_model`), or `none` with a preprocessed image"
             ),
         )),
     }

@@ -29,6 +29,23 @@ fn one() -> f64 {
     1.0
 }
 
+/// One ControlNet of a draft.
+#[derive(Debug)]
+pub struct ControlDraft {
+    /// The ControlNet's configured name.
+    pub name: String,
+    /// Its control image.
+    pub image: RgbImage,
+    /// Estimate depth from the image first.
+    pub depth: bool,
+    /// Scale.
+    pub scale: f64,
+    /// Start fraction.
+    pub start: f64,
+    /// End fraction.
+    pub end: f64,
+}
+
 /// A job as an API describes it, before the checks.
 #[derive(Debug, Default)]
 pub struct Draft {
@@ -62,8 +79,8 @@ pub struct Draft {
     pub init: Option<InitSpec>,
     /// Hires fix.
     pub hires: Option<HiresSpec>,
-    /// ControlNets: (name, image, scale, start, end).
-    pub control: Vec<(String, RgbImage, f64, f64, f64)>,
+    /// ControlNets.
+    pub control: Vec<ControlDraft>,
     /// Guess mode.
     pub guess_mode: bool,
     /// A deadline asked by the client.
@@ -137,7 +154,15 @@ impl Draft {
             ));
         }
         let mut control = Vec::new();
-        for (name, image, scale, start, end) in self.control {
+        for ControlDraft {
+            name,
+            image,
+            depth,
+            scale,
+            start,
+            end,
+        } in self.control
+        {
             let Some(index) = model.controlnets.keys().position(|k| *k == name) else {
                 return Err(ApiError::NotFound {
                     what: "controlnet",
@@ -160,10 +185,19 @@ impl Draft {
             check_range(scale, 0.0, 10.0, "controlnet weight")?;
             check_range(start, 0.0, 1.0, "guidance_start")?;
             check_range(end, start, 1.0, "guidance_end")?;
+            if depth && model.depth_model.is_none() {
+                return Err(ApiError::invalid(
+                    "module",
+                    format!(
+                        "model `{model_name}` has no depth model (`depth_model` in its configuration)"
+                    ),
+                ));
+            }
             control.push(ControlSpec {
                 name,
                 index,
                 image,
+                depth,
                 scale,
                 start,
                 end,

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
-use super::common::{Draft, LoraRef, fit_init};
+use super::common::{ControlDraft, Draft, LoraRef, fit_init};
 use super::{b64, body_bytes, parse_slice};
 use crate::Shared;
 use crate::auth::Client;
@@ -262,13 +262,14 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
     }
     for c in r.controlnets {
         let image = validate::decode_base64_image(&c.image, limits, "controlnets.image")?;
-        d.control.push((
-            c.name,
-            image.to_rgb8(),
-            c.scale.unwrap_or(1.0),
-            c.start.unwrap_or(0.0),
-            c.end.unwrap_or(1.0),
-        ));
+        d.control.push(ControlDraft {
+            name: c.name,
+            image: image.to_rgb8(),
+            depth: false,
+            scale: c.scale.unwrap_or(1.0),
+            start: c.start.unwrap_or(0.0),
+            end: c.end.unwrap_or(1.0),
+        });
     }
     Ok(d)
 }

@@ -215,6 +215,18 @@ fn valid_minimal_bodies_parse() {
         br#"{"prompt":"a cat","width":32,"height":32,"steps":3}"#,
     )
     .unwrap();
+    // Depth Anything as a preprocessor needs the model's depth model.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::new_rgb8(8, 8)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let unit =
+        json!({"module": "depth_anything", "model": "cn", "image": super::b64(&png.into_inner())});
+    let depth = json!({"prompt": "x", "width": 32, "height": 32,
+        "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    .to_string();
+    let e = super::a1111::txt2img_spec(&s, &c, depth.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("depth_model"), "{e}");
     let e = super::native::job_spec(&s, &c, br#"{"prompt":"a cat","loras":[{"name":"../x"}]}"#)
         .unwrap_err();
     assert!(
