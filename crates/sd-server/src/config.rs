@@ -337,6 +337,17 @@ mod tests {
     }
 
     #[test]
+    fn the_guides_example_file_parses() {
+        let guide = include_str!("../../../docs/serving.md");
+        let start = guide.find("```toml\n").expect("a TOML example") + 8;
+        let end = start + guide[start..].find("```").expect("its end");
+        let c = ServerConfig::from_toml(&guide[start..end]).unwrap();
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[0].dtype.as_deref(), Some("f16"));
+        assert_eq!(c.api_keys[0].requests_per_minute, 120);
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_names() {
         assert!(ServerConfig::from_toml("listn = \"x\"").is_err());
         let e = ServerConfig::from_toml("[[model]]\nname = \"../x\"\npath = \"p\"").unwrap_err();
