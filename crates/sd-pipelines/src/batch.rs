@@ -5,7 +5,9 @@
 use burn::prelude::*;
 use sd_core::{AddedConditioning, CoreError, NoiseRng, NoiseSource, Steps};
 
-use crate::composed::StepInfo;
+use sd_schedulers::AnyScheduler;
+
+use crate::composed::{GenerationOptions, StepInfo};
 use crate::denoise::{Conditioning, ExtraConditioning};
 use crate::error::PipelineError;
 use crate::output::Generation;
@@ -67,6 +69,14 @@ fn batch_shape(r: &GenerationRequest<'_>) -> Option<BatchShape> {
 /// micro-conditioning may differ.
 pub fn batchable(a: &GenerationRequest<'_>, b: &GenerationRequest<'_>) -> bool {
     matches!((batch_shape(a), batch_shape(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// What [`StableDiffusionPipeline::batch_plan`] settles for the whole batch.
+struct BatchPlan {
+    scheduler: AnyScheduler,
+    sampler: String,
+    /// The first request's options with the batch's image count.
+    total: GenerationOptions,
 }
 
 /// The noise of a batch: each request's rows drawn from its own generator, so every
@@ -133,13 +143,12 @@ impl StableDiffusionPipeline {
         let shape = requests.first().and_then(batch_shape);
         let together = requests.len() > 1
             && shape.is_some()
-            && requests.iter().all(|r| batch_shape(r) == shape)
-            && self.batch_fits(&requests);
-        if !together {
+            && requests.iter().all(|r| batch_shape(r) == shape);
+        let Some(plan) = together.then(|| self.batch_plan(&requests)).flatten() else {
             return requests.into_iter().map(|r| self.generate(r)).collect();
-        }
+        };
         let n = requests.len();
-        match self.run_batch(&mut requests) {
+        match self.run_batch(&mut requests, plan) {
             Ok(results) => results,
             Err(e) => {
                 let cancelled = match e {
@@ -159,40 +168,43 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// Whether every request passes its own checks and the whole batch fits in the
-    /// memory available; otherwise the requests run one by one (each then gets its
-    /// own error, or runs in the memory a single request needs).
-    fn batch_fits(&self, requests: &[GenerationRequest<'_>]) -> bool {
-        if requests.iter().any(|r| self.checked_scheduler(r).is_err()) {
-            return false;
+    /// The batch's scheduler and options when every request passes its own checks
+    /// and the whole batch fits in the memory available; otherwise `None`, and the
+    /// requests run one by one (each then gets its own error, or runs in the memory
+    /// a single request needs).
+    fn batch_plan(&self, requests: &[GenerationRequest<'_>]) -> Option<BatchPlan> {
+        let mut checked = requests.iter().map(|r| self.checked_scheduler(r));
+        let (scheduler, sampler) = checked.next()?.ok()?;
+        if checked.any(|c| c.is_err()) {
+            return None;
         }
         let mut total = self.options(&requests[0]);
         total.batch_size = requests.iter().map(|r| r.num_images).sum();
-        self.check_memory(&total).is_ok()
+        self.check_memory(&total).ok()?;
+        Some(BatchPlan {
+            scheduler,
+            sampler,
+            total,
+        })
     }
 
-    /// One batch of compatible text-to-image requests (checked by the caller).
+    /// One batch of compatible text-to-image requests, planned by [`Self::batch_plan`].
     fn run_batch(
         &self,
         requests: &mut [GenerationRequest<'_>],
+        plan: BatchPlan,
     ) -> Result<Vec<Result<Generation, PipelineError>>, PipelineError> {
-        let (scheduler, sampler) = self.checked_scheduler(&requests[0])?;
-        let sd = self.run_parts(
-            (
-                &self.unet,
-                &self.text_encoder,
-                self.second.as_ref().map(|(_, t)| t),
-            ),
-            &scheduler,
-            requests[0].tiny_decoder,
-        );
+        let BatchPlan {
+            scheduler,
+            sampler,
+            total,
+        } = plan;
+        let sd = self.run_parts(self.own_models(), &scheduler, requests[0].tiny_decoder);
         let seeds: Vec<u64> = requests
             .iter()
             .map(|r| r.seed.unwrap_or_else(rand::random::<u64>))
             .collect();
-        let mut total = self.options(&requests[0]);
-        total.batch_size = requests.iter().map(|r| r.num_images).sum();
-        let cfg = total.guidance_scale > 1.0 && self.unet.time_cond_proj_dim().is_none();
+        let cfg = sd.uses_cfg(total.guidance_scale);
         let (mut embeds, mut added, mut noise) = (Vec::new(), Vec::new(), Vec::new());
         for (r, seed) in requests.iter().zip(&seeds) {
             let options = self.options(r);

@@ -271,8 +271,13 @@ impl StableDiffusionPipeline {
     /// The borrowing composition over these parts with `scheduler`, for the
     /// lower-level task methods ([`StableDiffusion::txt2img`], ...).
     pub fn composed<'a>(&'a self, scheduler: &'a dyn Scheduler) -> StableDiffusion<'a> {
+        self.run_parts(self.own_models(), scheduler, false)
+    }
+
+    /// The pipeline's own U-Net and text encoders (no LoRAs merged for a run).
+    pub(crate) fn own_models(&self) -> RunModels<'_> {
         let te2 = self.second.as_ref().map(|(_, t)| t);
-        self.run_parts((&self.unet, &self.text_encoder, te2), scheduler, false)
+        (&self.unet, &self.text_encoder, te2)
     }
 
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
