@@ -96,24 +96,8 @@ fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, Pipelin
     let result = match result {
         Ok(generation) => generation
             .images
-            .iter()
-            .map(|g| {
-                let mut parameters = g.parameters.clone();
-                // The name clients know the model by, not its folder's.
-                parameters.model = job.spec.model.clone();
-                let image = match &job.spec.overlay {
-                    Some(o) => {
-                        let image = o.apply(&g.image);
-                        parameters.width = image.width() as usize;
-                        parameters.height = image.height() as usize;
-                        image
-                    }
-                    None => g.image.clone(),
-                };
-                sd_io::image::encode_rgb_png(&image, Some(&parameters))
-                    .map(|png| JobImage { png, parameters })
-                    .map_err(|e| ApiError::Internal(e.to_string()))
-            })
+            .into_iter()
+            .map(|g| job_image(&job.spec, g.image, g.parameters))
             .collect::<Result<Vec<_>, _>>()
             .map(Arc::new),
         Err(e) => match from_pipeline(&e) {
@@ -210,11 +194,10 @@ fn request_for<'m>(
     r = r.guess_mode(s.guess_mode);
     let every = shared.config.preview_every;
     let watcher = job.clone();
-    let name = model.name.clone();
     let pipeline = &model.pipeline;
     Ok(r.on_step(move |info: &StepInfo<'_>| {
         if watcher.interrupt_requested() {
-            watcher.set_partial(partial_images(pipeline, info, &watcher.spec, &name));
+            watcher.set_partial(partial_images(pipeline, info, &watcher.spec));
             return false;
         }
         let done = info.step + 1;
@@ -226,33 +209,50 @@ fn request_for<'m>(
     }))
 }
 
+/// A picture of a job as clients get it: pasted over the original (A1111's
+/// inpainting), its parameters naming the model as clients know it and giving the
+/// final size, encoded as PNG.
+fn job_image(
+    spec: &JobSpec,
+    image: image::RgbImage,
+    mut parameters: sd_io::image::GenerationParameters,
+) -> Result<JobImage, ApiError> {
+    let image = match &spec.overlay {
+        Some(o) => o.apply(&image),
+        None => image,
+    };
+    parameters.model = spec.model.clone();
+    parameters.width = image.width() as usize;
+    parameters.height = image.height() as usize;
+    let png = sd_io::image::encode_rgb_png(&image, Some(&parameters))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(JobImage { png, parameters })
+}
+
 /// The pictures of the latents as they are at this step, decoded by the VAE, with
 /// the job's parameters (AUTOMATIC1111 answers an interrupt with them).
 fn partial_images(
     pipeline: &sd_pipelines::StableDiffusionPipeline,
     info: &StepInfo<'_>,
     spec: &JobSpec,
-    model: &str,
 ) -> Vec<JobImage> {
-    use sd_core::Autoencoder;
-    let vae = pipeline.vae();
-    let Ok(raw) = vae.decode(info.latents.clone() / vae.scaling_factor()) else {
+    let Ok(images) = pipeline
+        .composed(pipeline.scheduler())
+        .decode(info.latents.clone())
+    else {
         return Vec::new();
     };
+    // The label the pipeline gives a named scheduler.
     let sampler = spec.scheduler.as_deref().map_or("model default", |ours| {
-        crate::validate::SAMPLERS
+        sd_schedulers::SCHEDULER_NAMES
             .iter()
-            .find(|(_, o, _)| *o == ours)
-            .map_or(ours, |(a1111, _, _)| a1111)
+            .find(|(name, _)| name.eq_ignore_ascii_case(ours))
+            .map_or(ours, |(_, a1111)| a1111)
     });
-    sd_io::image::tensor_to_images(&(raw / 2.0 + 0.5).clamp(0.0, 1.0))
+    sd_io::image::tensor_to_images(&images)
         .into_iter()
         .enumerate()
         .filter_map(|(i, image)| {
-            let image = match &spec.overlay {
-                Some(o) => o.apply(&image),
-                None => image,
-            };
             let parameters = sd_io::image::GenerationParameters {
                 prompt: spec.prompt.clone(),
                 negative_prompt: spec.negative_prompt.clone(),
@@ -260,12 +260,12 @@ fn partial_images(
                 sampler: sampler.to_string(),
                 cfg_scale: spec.guidance,
                 seed: spec.seed.wrapping_add(i as u64),
-                width: image.width() as usize,
-                height: image.height() as usize,
-                model: model.to_string(),
+                // Size and model: set by `job_image`.
+                width: 0,
+                height: 0,
+                model: String::new(),
             };
-            let png = sd_io::image::encode_rgb_png(&image, Some(&parameters)).ok()?;
-            Some(JobImage { png, parameters })
+            job_image(spec, image, parameters).ok()
         })
         .collect()
 }
