@@ -35,10 +35,7 @@ impl RateLimiter {
         }
         let capacity = f64::from(per_minute);
         let rate = capacity / 60.0;
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buckets = crate::lock(&self.buckets);
         let now = Instant::now();
         let (tokens, last) = buckets.entry(key.to_string()).or_insert((capacity, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(capacity);

@@ -18,8 +18,9 @@
 //! In a program of one's own: [`Server::start`] with a [`ServerConfig`] (the
 //! default: the demo model on 127.0.0.1:7860), a tokio `TcpListener` bound to
 //! [`Server::config`]'s `listen` address, then [`Server::serve`] with a shutdown
-//! future; [`Server::router`] gives the axum `Router` to mount elsewhere. The
-//! `sd-server` binary (`src/main.rs`) is exactly that.
+//! future; [`Server::router`] gives the axum `Router` to mount elsewhere, and
+//! [`Server::spawn`] serves from a thread of its own (programs that are not async,
+//! tests, benchmarks). The `sd-server` binary (`src/main.rs`) is the first way.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -37,7 +38,7 @@ pub mod validate;
 pub mod worker;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,12 @@ use crate::auth::RateLimiter;
 use crate::queue::JobQueue;
 use crate::registry::ModelRegistry;
 use crate::store::JobStore;
+
+/// Locks a mutex; one poisoned by a panic elsewhere is used as it was left (every
+/// lock here guards data a panic cannot leave half-written).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// What the handlers and the workers share.
 #[derive(Debug)]
@@ -215,6 +222,33 @@ impl Server {
         Ok(())
     }
 
+    /// Serves on `listen` from a thread of its own with its own async runtime (for
+    /// programs that are not async, tests and benchmarks; port 0 picks a free one);
+    /// the returned handle stops it when dropped.
+    ///
+    /// # Errors
+    /// The runtime or the listener cannot be made.
+    pub fn spawn(self, listen: std::net::SocketAddr) -> std::io::Result<RunningServer> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(listen))?;
+        let addr = listener.local_addr()?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("sd-server-http".into())
+            .spawn(move || {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = runtime.block_on(self.serve(listener, stopped)) {
+                    tracing::error!(error = %e, "server stopped");
+                }
+            })?;
+        Ok(RunningServer {
+            addr,
+            shutdown: Some(shutdown),
+        })
+    }
+
     /// Stops: new jobs are refused, waiting ones end with "shutting down", the
     /// running batches finish, and the generation threads are joined.
     pub fn stop(self) {
@@ -236,6 +270,34 @@ fn missing(name: &str, feature: &str) -> ConfigError {
     ConfigError::Invalid {
         key: "device".into(),
         message: format!("`{name}`: rebuild with `--features {feature}`"),
+    }
+}
+
+/// A server serving from its own thread ([`Server::spawn`]); dropping it shuts the
+/// server down as [`Server::serve`] does.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDRESS`, the base of every route.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 }
 

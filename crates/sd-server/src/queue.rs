@@ -147,9 +147,7 @@ impl JobQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Lines> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.lines)
     }
 
     /// Queues a job; its position (0: next).

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use burn::prelude::Device;
 use burn::tensor::DType;
@@ -12,6 +12,7 @@ use sd_pipelines::{LoadOptions, ModelSource, StableDiffusionPipeline};
 
 use crate::config::ModelConfig;
 use crate::error::ApiError;
+use crate::lock;
 
 /// A loaded model and what comes with it.
 pub struct LoadedModel {
@@ -66,10 +67,6 @@ impl std::fmt::Debug for ModelRegistry {
             .field("budget_bytes", &self.budget_bytes)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ModelRegistry {

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, watch};
 
 use crate::error::ApiError;
 use crate::job::{JobEvent, JobImage, JobProgress, JobSpec, JobState};
+use crate::lock;
 
 /// What a finished job holds.
 pub type JobResult = Result<Arc<Vec<JobImage>>, ApiError>;
@@ -42,11 +43,6 @@ pub struct JobHandle {
     inner: Mutex<Inner>,
     state: watch::Sender<JobState>,
     events: broadcast::Sender<JobEvent>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere leaves the data as it was; keep serving it.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl JobHandle {

@@ -254,11 +254,7 @@ fn refuse_unsupported(p: &Processing) -> Result<(), ApiError> {
 /// LoRA tags out of the prompt, A1111's defaults.
 fn draft(shared: &Shared, p: &Processing) -> Result<Draft, ApiError> {
     refuse_unsupported(p)?;
-    let options = shared
-        .options
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let options = crate::lock(&shared.options).clone();
     let setting = |key: &str| {
         p.override_settings
             .as_ref()
@@ -918,10 +914,7 @@ pub async fn refresh_loras(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 fn current_model(shared: &Shared) -> String {
-    shared
-        .options
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::lock(&shared.options)
         .get("sd_model_checkpoint")
         .and_then(Value::as_str)
         .map_or_else(|| shared.registry.default_name().to_string(), String::from)
@@ -930,13 +923,7 @@ fn current_model(shared: &Shared) -> String {
 /// The options.
 #[utoipa::path(get, path = "/sdapi/v1/options", responses((status = 200)))]
 pub async fn get_options(State(shared): State<Arc<Shared>>) -> Json<Map<String, Value>> {
-    Json(
-        shared
-            .options
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone(),
-    )
+    Json(crate::lock(&shared.options).clone())
 }
 
 /// Sets options: `sd_model_checkpoint` (a configured model only),
@@ -965,11 +952,7 @@ pub async fn set_options(
             other => tracing::debug!(option = other, "option not used by this server; ignored"),
         }
     }
-    let mut options = shared
-        .options
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    options.extend(updates);
+    crate::lock(&shared.options).extend(updates);
     Ok(Json(Value::Null))
 }
 

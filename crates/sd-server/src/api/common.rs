@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::Shared;
 use crate::auth::Client;
+use crate::config::ModelConfig;
 use crate::error::ApiError;
 use crate::job::{ControlSpec, HiresSpec, InitSpec, JobSpec};
 use crate::validate::{self, check_images, check_prompt, check_range, check_steps};
@@ -131,78 +132,8 @@ impl Draft {
                 ));
             }
         };
-        let available = shared.registry.loras(&model_name);
-        let mut loras = Vec::new();
-        for (name, weight) in &self.loras {
-            if !available.contains_key(name) {
-                return Err(ApiError::NotFound {
-                    what: "lora",
-                    name: name.clone(),
-                    hint: format!(
-                        "; model `{model_name}` has: {}",
-                        if available.is_empty() {
-                            "none".into()
-                        } else {
-                            available.keys().cloned().collect::<Vec<_>>().join(", ")
-                        }
-                    ),
-                });
-            }
-            loras.push((
-                name.clone(),
-                check_range(*weight, -10.0, 10.0, "lora weight")? as f32,
-            ));
-        }
-        let mut control = Vec::new();
-        for ControlDraft {
-            name,
-            image,
-            depth,
-            scale,
-            start,
-            end,
-        } in self.control
-        {
-            let Some(index) = model.controlnets.keys().position(|k| *k == name) else {
-                return Err(ApiError::NotFound {
-                    what: "controlnet",
-                    name,
-                    hint: format!(
-                        "; model `{model_name}` has: {}",
-                        if model.controlnets.is_empty() {
-                            "none".into()
-                        } else {
-                            model
-                                .controlnets
-                                .keys()
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        }
-                    ),
-                });
-            };
-            check_range(scale, 0.0, 10.0, "controlnet weight")?;
-            check_range(start, 0.0, 1.0, "guidance_start")?;
-            check_range(end, start, 1.0, "guidance_end")?;
-            if depth && model.depth_model.is_none() {
-                return Err(ApiError::invalid(
-                    "module",
-                    format!(
-                        "model `{model_name}` has no depth model (`depth_model` in its configuration)"
-                    ),
-                ));
-            }
-            control.push(ControlSpec {
-                name,
-                index,
-                image,
-                depth,
-                scale,
-                start,
-                end,
-            });
-        }
+        let loras = resolve_loras(shared, &model_name, &self.loras)?;
+        let control = resolve_control(model, self.control)?;
         if let Some(init) = &self.init {
             check_range(init.strength, 0.0, 1.0, "strength")?;
             if init.strength == 0.0 {
@@ -234,34 +165,111 @@ impl Draft {
     }
 }
 
-/// An init image and its mask fitted to a picture size.
-#[derive(Debug)]
-pub struct FittedInit {
-    /// The picture.
-    pub image: RgbImage,
-    /// The mask, at the same size.
-    pub mask: Option<GrayImage>,
-    /// `(width, height)`.
-    pub size: (usize, usize),
+/// `, model `NAME` has: a, b` (or `none`), for not-found messages.
+fn has(model: &str, names: impl Iterator<Item = impl AsRef<str>>) -> String {
+    let names: Vec<String> = names.map(|n| n.as_ref().to_string()).collect();
+    let list = if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    };
+    format!("; model `{model}` has: {list}")
 }
 
-/// An init image (and mask) at `size`, or at its own size rounded down to multiples
-/// of 8 when no size is given.
+/// LoRA names resolved against the model's folder, weights checked.
+fn resolve_loras(
+    shared: &Shared,
+    model: &str,
+    asked: &[(String, f64)],
+) -> Result<Vec<(String, f32)>, ApiError> {
+    let available = shared.registry.loras(model);
+    asked
+        .iter()
+        .map(|(name, weight)| {
+            if !available.contains_key(name) {
+                return Err(ApiError::NotFound {
+                    what: "lora",
+                    name: name.clone(),
+                    hint: has(model, available.keys()),
+                });
+            }
+            Ok((
+                name.clone(),
+                check_range(*weight, -10.0, 10.0, "lora weight")? as f32,
+            ))
+        })
+        .collect()
+}
+
+/// ControlNet names resolved to the model's ControlNets, settings checked.
+fn resolve_control(
+    model: &ModelConfig,
+    asked: Vec<ControlDraft>,
+) -> Result<Vec<ControlSpec>, ApiError> {
+    let mut control = Vec::with_capacity(asked.len());
+    for ControlDraft {
+        name,
+        image,
+        depth,
+        scale,
+        start,
+        end,
+    } in asked
+    {
+        let Some(index) = model.controlnets.keys().position(|k| *k == name) else {
+            return Err(ApiError::NotFound {
+                what: "controlnet",
+                name,
+                hint: has(&model.name, model.controlnets.keys()),
+            });
+        };
+        check_range(scale, 0.0, 10.0, "controlnet weight")?;
+        check_range(start, 0.0, 1.0, "guidance_start")?;
+        check_range(end, start, 1.0, "guidance_end")?;
+        if depth && model.depth_model.is_none() {
+            return Err(ApiError::invalid(
+                "module",
+                format!(
+                    "model `{}` has no depth model (`depth_model` in its configuration)",
+                    model.name
+                ),
+            ));
+        }
+        control.push(ControlSpec {
+            name,
+            index,
+            image,
+            depth,
+            scale,
+            start,
+            end,
+        });
+    }
+    Ok(control)
+}
+
+/// An init image (and mask) as a job takes it: at `size`, or at its own size
+/// rounded down to multiples of 8 when no size is given, within the limits; the
+/// strength defaults to 1 with a mask (inpainting) and 0.75 without (img2img).
 ///
 /// # Errors
-/// A picture smaller than 8 pixels a side.
-pub fn fit_init(
+/// A picture smaller than 8 pixels a side or over the limits.
+pub fn init_spec(
     image: &DynamicImage,
     mask: Option<&DynamicImage>,
     size: Option<(usize, usize)>,
-) -> Result<FittedInit, ApiError> {
+    strength: Option<f64>,
+    limits: &crate::Limits,
+    param: &str,
+) -> Result<InitSpec, ApiError> {
     let (w, h) = size.unwrap_or((
         (image.width() as usize / 8) * 8,
         (image.height() as usize / 8) * 8,
     ));
     if w == 0 || h == 0 {
-        return Err(ApiError::invalid("image", "at least 8 pixels a side"));
+        return Err(ApiError::invalid(param, "at least 8 pixels a side"));
     }
+    validate::check_size(w as i64, h as i64, limits, param)?;
     let resize = |i: &DynamicImage| {
         if (i.width() as usize, i.height() as usize) == (w, h) {
             i.clone()
@@ -269,10 +277,11 @@ pub fn fit_init(
             i.resize_exact(w as u32, h as u32, FilterType::Lanczos3)
         }
     };
-    Ok(FittedInit {
+    let mask = mask.map(|m| resize(m).to_luma8());
+    Ok(InitSpec {
         image: resize(image).to_rgb8(),
-        mask: mask.map(|m| resize(m).to_luma8()),
-        size: (w, h),
+        strength: strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.75 }),
+        mask,
     })
 }
 

@@ -20,12 +20,12 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
-use super::common::{ControlDraft, Draft, LoraRef, fit_init};
+use super::common::{ControlDraft, Draft, LoraRef, init_spec};
 use super::{b64, body_bytes, parse_slice};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::ApiError;
-use crate::job::{HiresSpec, InitSpec, JobEvent, JobState};
+use crate::job::{HiresSpec, JobEvent, JobState};
 use crate::store::JobHandle;
 use crate::validate;
 
@@ -233,18 +233,16 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
             .as_deref()
             .map(|m| validate::decode_base64_image(m, limits, "mask"))
             .transpose()?;
-        let fitted = fit_init(&image, mask.as_ref(), d.size)?;
-        let (picture, mask, size) = (fitted.image, fitted.mask, fitted.size);
-        validate::check_size(size.0 as i64, size.1 as i64, limits, "init_image")?;
-        let strength = r
-            .strength
-            .unwrap_or(if mask.is_some() { 1.0 } else { 0.75 });
-        d.size = Some(size);
-        d.init = Some(InitSpec {
-            image: picture,
-            mask,
-            strength,
-        });
+        let init = init_spec(
+            &image,
+            mask.as_ref(),
+            d.size,
+            r.strength,
+            limits,
+            "init_image",
+        )?;
+        d.size = Some((init.image.width() as usize, init.image.height() as usize));
+        d.init = Some(init);
     } else if r.mask.is_some() || r.strength.is_some() {
         return Err(ApiError::invalid(
             "init_image",

@@ -16,12 +16,12 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::common::{Draft, LoraRef, fit_init, has_transparency, openai_mask};
+use super::common::{Draft, LoraRef, has_transparency, init_spec, openai_mask};
 use super::{b64, body_bytes, parse_slice, run_to_end, unix_now};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::ApiError;
-use crate::job::{InitSpec, JobSpec};
+use crate::job::JobSpec;
 use crate::validate;
 
 /// `POST /v1/images/generations`.
@@ -236,26 +236,26 @@ pub async fn edits(
         Some(s) => validate::parse_size(s, &limits)?,
         None => None,
     };
-    let fitted = fit_init(&image, mask.as_ref(), size)?;
-    let (picture, mask, (w, h)) = (fitted.image, fitted.mask, fitted.size);
-    validate::check_size(w as i64, h as i64, &limits, "image")?;
-    let strength = float("strength")?.unwrap_or(if mask.is_some() { 1.0 } else { 0.75 });
+    let init = init_spec(
+        &image,
+        mask.as_ref(),
+        size,
+        float("strength")?,
+        &limits,
+        "image",
+    )?;
     let spec = Draft {
         model: text("model").map(String::from),
         prompt: text("prompt").unwrap_or_default().to_string(),
         prompt_required: true,
         negative_prompt: text("negative_prompt").map(String::from),
-        size: Some((w, h)),
+        size: Some((init.image.width() as usize, init.image.height() as usize)),
         n: int("n")?.unwrap_or(1),
         steps: int("steps")?,
         guidance: float("guidance")?,
         seed: int("seed")?,
         sampler: text("scheduler").map(String::from),
-        init: Some(InitSpec {
-            image: picture,
-            mask,
-            strength,
-        }),
+        init: Some(init),
         ..Draft::default()
     }
     .into_spec(&shared, &client)?;
