@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use sd_server::{ModelConfig, Server, ServerConfig};
+use sd_server::{ModelConfig, RunningServer, Server, ServerConfig};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -76,11 +76,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn start(
-    args: &Args,
-    max_batch: usize,
-    result_ttl: u64,
-) -> (String, tokio::sync::oneshot::Sender<()>) {
+/// The server on a free loopback port, stopped when the handle is dropped.
+fn start(args: &Args, max_batch: usize, result_ttl: u64) -> RunningServer {
     let model = match &args.model {
         Some(p) => ModelConfig::new("model", p.clone()),
         None => ModelConfig::demo(),
@@ -93,19 +90,10 @@ fn start(
         ..ServerConfig::default()
     };
     config.limits.queue_capacity = 256;
-    let server = Server::start(config).expect("the server starts");
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("a loopback port");
-    let base = format!("http://{}", listener.local_addr().expect("an address"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let _ = runtime.block_on(server.serve(listener, async {
-            let _ = rx.await;
-        }));
-    });
-    (base, tx)
+    Server::start(config)
+        .expect("the server starts")
+        .spawn("127.0.0.1:0".parse().expect("an address"))
+        .expect("a loopback port")
 }
 
 fn agent() -> ureq::Agent {
@@ -231,17 +219,19 @@ fn main() -> ExitCode {
     );
     let mut all_ok = true;
     for batching in [false, true] {
-        let (base, stop) = start(&args, if batching { args.max_batch } else { 1 }, 600);
+        let server = start(&args, if batching { args.max_batch } else { 1 }, 600);
+        let base = server.url();
         let _ = run(&base, &args, 4, 2, 1_000_000); // warm-up: the model loads, kernels tune
         for &c in &args.concurrency {
             let r = run(&base, &args, args.requests, c, c * 10_000);
             all_ok &= r.failed == 0 && r.lost == 0;
             report(&args, "cell", batching, c, &r);
         }
-        let _ = stop.send(());
+        drop(server);
     }
     if args.long > 0 {
-        let (base, stop) = start(&args, args.max_batch, args.result_ttl);
+        let server = start(&args, args.max_batch, args.result_ttl);
+        let base = server.url();
         let _ = run(
             &base,
             &args,
@@ -289,7 +279,7 @@ fn main() -> ExitCode {
             args.result_ttl
         );
         all_ok &= total.failed == 0 && total.lost == 0;
-        let _ = stop.send(());
+        drop(server);
     }
     if all_ok {
         ExitCode::SUCCESS

@@ -27,6 +27,15 @@ fn requests(scheduler: &str) -> Vec<GenerationRequest<'static>> {
     ]
 }
 
+fn pipeline(model: &str) -> StableDiffusionPipeline {
+    StableDiffusionPipeline::from_pretrained(
+        fixture(model),
+        &Device::flex(),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
 fn max_diff(
     a: &stable_diffusion::pipelines::Generation,
     b: &stable_diffusion::pipelines::Generation,
@@ -38,10 +47,7 @@ fn max_diff(
 }
 
 fn check_batch_matches_alone(model: &str, scheduler: &str) {
-    let device = Device::flex();
-    let pipe =
-        StableDiffusionPipeline::from_pretrained(fixture(model), &device, &LoadOptions::default())
-            .unwrap();
+    let pipe = pipeline(model);
     let (r, alone) = (requests(scheduler), requests(scheduler));
     assert!(batchable(&r[0], &r[1]) && batchable(&r[0], &r[2]));
     let together = pipe.generate_batch(r);
@@ -83,17 +89,9 @@ fn batch_matches_each_request_alone_sdxl() {
 
 #[test]
 fn batch_cancels_one_request_and_runs_the_others() {
-    let device = Device::flex();
-    let pipe = StableDiffusionPipeline::from_pretrained(
-        fixture("tiny-sd15"),
-        &device,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let pipe = pipeline("tiny-sd15");
     let mut r = requests("euler");
-    let mut seen = Vec::new();
     let second = r.remove(1).on_step(move |s| {
-        seen.push(s.latents.dims()[0]);
         assert_eq!(s.latents.dims()[0], 2, "the request's own rows");
         s.step < 1
     });

@@ -322,47 +322,39 @@ fn progress_shows_the_running_job_and_interrupt_stops_it() {
             "stopping_generation"
         ]
     );
-    let base = s.base.clone();
-    let long = std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent
-            .post(format!("{base}/sdapi/v1/txt2img"))
-            .send(
-                json!({"prompt": "x", "width": 32, "height": 32, "steps": 150})
-                    .to_string()
-                    .as_bytes(),
+    std::thread::scope(|scope| {
+        let long = scope.spawn(|| {
+            s.post_json(
+                "/sdapi/v1/txt2img",
+                &json!({"prompt": "x", "width": 32, "height": 32, "steps": 150}),
             )
-            .unwrap();
-        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-    });
-    let mut seen = None;
-    for _ in 0..400 {
-        let p = s.get("/sdapi/v1/progress").json();
-        if p["progress"].as_f64().unwrap() > 0.0 && p["current_image"].is_string() {
-            seen = Some(p);
-            break;
+        });
+        let mut seen = None;
+        for _ in 0..400 {
+            let p = s.get("/sdapi/v1/progress").json();
+            if p["progress"].as_f64().unwrap() > 0.0 && p["current_image"].is_string() {
+                seen = Some(p);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
         }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let p = seen.expect("progress while running");
-    assert!(p["progress"].as_f64().unwrap() < 1.0);
-    assert!(p["eta_relative"].as_f64().unwrap() >= 0.0);
-    assert_eq!(p["state"]["sampling_steps"], 150);
-    assert_eq!(p["state"]["job_count"], 1);
-    decode_preview(p["current_image"].as_str().unwrap());
-    assert_eq!(s.post_json("/sdapi/v1/interrupt", &json!({})).status, 200);
-    // As A1111: the interrupted request answers with the pictures of its latents so far.
-    let (status, body) = long.join().unwrap();
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    decode_png(v["images"][0].as_str().unwrap(), 32, 32);
-    assert_eq!(info(&v)["steps"], 150);
-    let id = p["state"]["job"].as_str().unwrap();
-    let job = s.get(&format!("/v1/jobs/{id}")).json();
-    assert!(job["step"].as_u64().unwrap() < 150, "stopped early: {job}");
+        let p = seen.expect("progress while running");
+        assert!(p["progress"].as_f64().unwrap() < 1.0);
+        assert!(p["eta_relative"].as_f64().unwrap() >= 0.0);
+        assert_eq!(p["state"]["sampling_steps"], 150);
+        assert_eq!(p["state"]["job_count"], 1);
+        decode_preview(p["current_image"].as_str().unwrap());
+        assert_eq!(s.post_json("/sdapi/v1/interrupt", &json!({})).status, 200);
+        // As A1111: the interrupted request answers with the pictures of its latents so far.
+        let reply = long.join().unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let v = reply.json();
+        decode_png(v["images"][0].as_str().unwrap(), 32, 32);
+        assert_eq!(info(&v)["steps"], 150);
+        let id = p["state"]["job"].as_str().unwrap();
+        let job = s.get(&format!("/v1/jobs/{id}")).json();
+        assert!(job["step"].as_u64().unwrap() < 150, "stopped early: {job}");
+    });
 }
 
 fn decode_preview(text: &str) {

@@ -19,12 +19,13 @@ use stable_diffusion::image::{DynamicImage, ImageFormat, RgbImage, RgbaImage};
 use stable_diffusion::pipelines::image;
 
 use crate::common::fixture;
-use sd_server::{ModelConfig, Server, ServerConfig};
+use sd_server::{ModelConfig, RunningServer, Server, ServerConfig};
 
 /// A server on a free loopback port, stopped when dropped.
 pub struct TestServer {
     pub base: String,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stops the server when the test's server is dropped.
+    _server: RunningServer,
     agent: ureq::Agent,
 }
 
@@ -82,26 +83,18 @@ pub fn config() -> ServerConfig {
 
 impl TestServer {
     pub fn start(config: ServerConfig) -> Self {
-        let server = Server::start(config).expect("server starts");
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let _ = runtime.block_on(server.serve(listener, async {
-                let _ = rx.await;
-            }));
-        });
+        let server = Server::start(config)
+            .expect("server starts")
+            .spawn("127.0.0.1:0".parse().unwrap())
+            .expect("server serves");
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
             .build()
             .into();
         let s = Self {
-            base,
-            shutdown: Some(tx),
+            base: server.url(),
+            _server: server,
             agent,
         };
         s.wait_ready();
@@ -230,14 +223,6 @@ impl TestServer {
             }
         }
         out
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
