@@ -10,9 +10,37 @@ use crate::config::{ApiKey, ModelConfig, ServerConfig};
 
 /// Serve Stable Diffusion over HTTP: OpenAI's images API (/v1/images/*), AUTOMATIC1111's
 /// (/sdapi/v1/*) and native jobs with live progress (/v1/jobs).
+///
+/// One machine: `sd-server --model NAME=PATH`. Several: API replicas
+/// `sd-server --queue redis://HOST:PORT` and workers
+/// `sd-server worker --queue redis://HOST:PORT --model NAME=PATH`.
 #[derive(Parser, Debug)]
 #[command(name = "sd-server", version)]
 pub struct Args {
+    /// `serve` (the default: the HTTP APIs; with `--queue redis://...` an API
+    /// replica) or `worker` (runs the jobs of a shared queue; serves /health,
+    /// /ready and /metrics only).
+    #[arg(value_name = "ROLE", value_parser = ["serve", "worker"])]
+    pub role: Option<String>,
+    /// Where jobs wait: `memory` (default) or `redis://HOST:PORT[/DB]`.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Seconds a job may go without its worker's heartbeat before another worker
+    /// claims it (shared queue).
+    #[arg(long)]
+    pub visibility_timeout_secs: Option<u64>,
+    /// Milliseconds between a worker's heartbeats (shared queue).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Failed runs of a job before it goes to the dead-letter stream (shared queue).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// This worker's consumer name (default: host name and process id).
+    #[arg(long)]
+    pub worker_name: Option<String>,
+    /// Seconds a finished job's result stays available.
+    #[arg(long)]
+    pub result_ttl_secs: Option<u64>,
     /// A TOML configuration file (flags below override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -84,6 +112,11 @@ impl Args {
     pub fn into_config(self) -> Result<ServerConfig, String> {
         config(self)
     }
+
+    /// Whether the worker role was asked for.
+    pub fn is_worker(&self) -> bool {
+        self.role.as_deref() == Some("worker")
+    }
 }
 
 fn config(args: Args) -> Result<ServerConfig, String> {
@@ -140,6 +173,19 @@ fn config(args: Args) -> Result<ServerConfig, String> {
     if let Some(d) = args.device {
         c.device = d;
     }
+    if let Some(q) = args.queue {
+        c.queue = q;
+    }
+    let cl = &mut c.cluster;
+    cl.visibility_timeout_secs = args
+        .visibility_timeout_secs
+        .unwrap_or(cl.visibility_timeout_secs);
+    cl.heartbeat_ms = args.heartbeat_ms.unwrap_or(cl.heartbeat_ms);
+    cl.max_attempts = args.max_attempts.unwrap_or(cl.max_attempts);
+    if args.worker_name.is_some() {
+        cl.worker_name = args.worker_name;
+    }
+    c.result_ttl_secs = args.result_ttl_secs.unwrap_or(c.result_ttl_secs);
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }
@@ -209,6 +255,34 @@ mod tests {
             &["--api-key", "a=short"],
             &["--max-batch", "0"],
             &["--device", "tpu"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn roles_and_the_shared_queue() {
+        let args = Args::try_parse_from([
+            "sd-server",
+            "worker",
+            "--queue",
+            "redis://127.0.0.1:6379",
+            "--visibility-timeout-secs",
+            "9",
+            "--heartbeat-ms",
+            "1000",
+        ])
+        .unwrap();
+        assert!(args.is_worker());
+        let c = args.into_config().unwrap();
+        assert_eq!(c.queue, "redis://127.0.0.1:6379");
+        assert_eq!(c.cluster.visibility_timeout_secs, 9);
+        assert!(!Args::try_parse_from(["sd-server"]).unwrap().is_worker());
+        assert!(Args::try_parse_from(["sd-server", "wroker"]).is_err());
+        for bad in [
+            &["--queue", "kafka://x"][..],
+            &["--queue", "redis://x", "--heartbeat-ms", "20000"],
+            &["--max-attempts", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

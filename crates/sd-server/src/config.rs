@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
@@ -14,7 +14,7 @@ pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/
 
 /// One model the server may load: its name in requests, where its weights are, and
 /// what comes with it.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients use (`model`, `sd_model_checkpoint`).
@@ -168,6 +168,39 @@ pub struct ServerConfig {
     pub result_ttl_secs: u64,
     /// The device: `cpu`, `wgpu` or `cuda` (with those features built in).
     pub device: String,
+    /// Where jobs wait: `memory` (this process's queue) or `redis://HOST:PORT[/DB]`
+    /// (a Redis shared by API replicas and workers on other machines).
+    pub queue: String,
+    /// The shared queue's delivery settings.
+    pub cluster: ClusterConfig,
+}
+
+/// How jobs are delivered through a shared (Redis) queue.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Seconds a job may go without its worker's heartbeat before another worker
+    /// claims it (the worker is taken for dead).
+    pub visibility_timeout_secs: u64,
+    /// Milliseconds between a worker's heartbeats (at most a third of the
+    /// visibility timeout).
+    pub heartbeat_ms: u64,
+    /// Runs of a job that fail (an error, or a worker dying under it) before it
+    /// goes to the dead-letter stream.
+    pub max_attempts: u32,
+    /// This worker's name in the consumer group (default: host name and process id).
+    pub worker_name: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            visibility_timeout_secs: 30,
+            heartbeat_ms: 2000,
+            max_attempts: 3,
+            worker_name: None,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -184,6 +217,8 @@ impl Default for ServerConfig {
             preview_every: 5,
             result_ttl_secs: 600,
             device: "cpu".into(),
+            queue: "memory".into(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -278,6 +313,28 @@ impl ServerConfig {
         }
         if self.workers == 0 {
             return invalid("workers", "must be at least 1".into());
+        }
+        if self.queue != "memory"
+            && !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|p| self.queue.starts_with(p))
+        {
+            return invalid(
+                "queue",
+                format!("`{}`: `memory` or `redis://HOST:PORT`", self.queue),
+            );
+        }
+        let c = &self.cluster;
+        if c.max_attempts == 0
+            || c.heartbeat_ms == 0
+            || c.heartbeat_ms * 3 > c.visibility_timeout_secs * 1000
+        {
+            return invalid(
+                "cluster",
+                "max_attempts and heartbeat_ms at least 1, heartbeat_ms at most a third of \
+                 visibility_timeout_secs"
+                    .into(),
+            );
         }
         if self.max_batch == 0 {
             return invalid("max_batch", "must be at least 1".into());

@@ -26,6 +26,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod job;
@@ -35,6 +36,7 @@ pub mod queue;
 pub mod registry;
 pub mod store;
 pub mod validate;
+pub mod wire;
 pub mod worker;
 
 use std::future::Future;
@@ -45,7 +47,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use burn::prelude::Device;
 
-pub use config::{ApiKey, Limits, ModelConfig, ServerConfig};
+pub use config::{ApiKey, ClusterConfig, Limits, ModelConfig, ServerConfig};
 pub use error::{ApiError, ConfigError};
 pub use job::{JobEvent, JobSpec, JobState};
 pub use store::JobHandle;
@@ -78,21 +80,87 @@ pub struct Shared {
     pub options: Mutex<serde_json::Map<String, serde_json::Value>>,
     /// When the server started.
     pub started: Instant,
+    /// The shared queue of an API replica (`queue = "redis://..."`); `None`: this
+    /// process's own queue and generation threads.
+    pub cluster: Option<Arc<cluster::api::RedisQueue>>,
 }
 
 impl Shared {
-    /// Queues a checked job and returns its handle.
+    /// Queues a checked job and returns its handle; with an idempotency key used
+    /// before, the job it named instead.
     ///
     /// # Errors
-    /// [`ApiError::QueueFull`] when the model's queue is full.
-    pub fn submit(&self, spec: JobSpec) -> Result<Arc<JobHandle>, ApiError> {
-        let job = JobHandle::new(spec);
-        let position = self.queue.push(job.clone())?;
-        self.store.insert(job.clone());
-        job.emit(JobEvent::Queued { position });
-        tracing::info!(job = %job.id, model = %job.spec.model, client = %job.spec.client,
-            task = job.spec.task(), position, "job queued");
+    /// [`ApiError::QueueFull`] when the model's queue is full;
+    /// [`ApiError::Unavailable`] when the shared queue is unreachable (nothing
+    /// was queued).
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        idempotency: Option<&str>,
+    ) -> Result<Arc<JobHandle>, ApiError> {
+        if let Some(job) = idempotency.and_then(|k| self.store.by_key(k)) {
+            return Ok(job);
+        }
+        let (job, new) = match &self.cluster {
+            Some(q) => q.submit(spec, idempotency).await?,
+            None => {
+                let job = JobHandle::new(spec);
+                let position = self.queue.push(job.clone())?;
+                job.set_position(Some(position));
+                (job, true)
+            }
+        };
+        if let Some(known) = self.store.get(&job.id) {
+            return Ok(known);
+        }
+        self.store.insert(job.clone(), idempotency);
+        if new {
+            let position = job.noted_position().unwrap_or(0);
+            job.emit(JobEvent::Queued { position });
+            tracing::info!(job = %job.id, model = %job.spec.model, client = %job.spec.client,
+                task = job.spec.task(), position, "job queued");
+        }
         Ok(job)
+    }
+
+    /// A job by id: this process's, or (an API replica) one in the shared queue,
+    /// followed from now on.
+    ///
+    /// # Errors
+    /// The shared queue is unreachable.
+    pub async fn find_job(&self, id: &str) -> Result<Option<Arc<JobHandle>>, ApiError> {
+        if let Some(job) = self.store.get(id) {
+            return Ok(Some(job));
+        }
+        let Some(q) = &self.cluster else {
+            return Ok(None);
+        };
+        let Some(job) = q.lookup(id).await? else {
+            return Ok(None);
+        };
+        if let Some(known) = self.store.get(id) {
+            return Ok(Some(known));
+        }
+        self.store.insert(job.clone(), None);
+        Ok(Some(job))
+    }
+
+    /// Jobs ahead of `job` in its model's queue; `None` when it is not waiting.
+    pub fn position(&self, job: &JobHandle) -> Option<usize> {
+        match &self.cluster {
+            Some(_) => (job.state() == JobState::Queued)
+                .then(|| job.noted_position())
+                .flatten(),
+            None => self.queue.position(&job.spec.model, &job.id),
+        }
+    }
+
+    /// Jobs waiting (with a shared queue: waiting or running), all models.
+    pub fn queued_total(&self) -> usize {
+        match &self.cluster {
+            Some(q) => q.total(),
+            None => self.queue.total(),
+        }
     }
 
     /// Cancels a job: taken out of the queue at once if waiting, stopped after its
@@ -102,7 +170,9 @@ impl Shared {
             return false;
         }
         job.request_cancel();
-        if self.queue.remove(&job.spec.model, &job.id) {
+        if let Some(q) = &self.cluster {
+            remote_cancel(q, job, false);
+        } else if self.queue.remove(&job.spec.model, &job.id) {
             job.finish(Err(ApiError::Cancelled));
         }
         true
@@ -114,6 +184,9 @@ impl Shared {
     pub fn interrupt(&self, job: &Arc<JobHandle>) {
         if job.state() == JobState::Running {
             job.request_interrupt();
+            if let Some(q) = &self.cluster {
+                remote_cancel(q, job, true);
+            }
         } else {
             self.cancel(job);
         }
@@ -132,11 +205,27 @@ impl Shared {
     }
 }
 
+/// Asks the shared queue to stop a job (in the background: cancels come from
+/// synchronous code, such as a request dropped mid-way).
+fn remote_cancel(q: &Arc<cluster::api::RedisQueue>, job: &Arc<JobHandle>, interrupt: bool) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (q, job) = (q.clone(), job.clone());
+    runtime.spawn(async move {
+        if let Err(e) = q.cancel(&job, interrupt).await {
+            tracing::warn!(job = %job.id, error = %e, "cancel not delivered");
+        }
+    });
+}
+
 /// A running server: its shared state and its generation threads.
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// A worker of a shared queue: health, readiness and metrics only.
+    ops_only: bool,
 }
 
 impl Server {
@@ -145,30 +234,109 @@ impl Server {
     ///
     /// # Errors
     /// A configuration [`ServerConfig::check`] refuses, a device that is not built in.
-    pub fn start(mut config: ServerConfig) -> Result<Self, ConfigError> {
+    pub fn start(config: ServerConfig) -> Result<Self, ConfigError> {
+        let api_replica = config.queue != "memory";
+        if api_replica && !config.models.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "model".into(),
+                message: "with a shared queue the models are the workers' (`sd-server worker \
+                          --queue ... --model ...`); API replicas learn them from the queue"
+                    .into(),
+            });
+        }
+        let shared = Self::shared_state(config, api_replica)?;
+        let workers = if shared.cluster.is_some() {
+            Vec::new()
+        } else {
+            (0..shared.config.workers)
+                .map(|i| {
+                    let s = shared.clone();
+                    std::thread::Builder::new()
+                        .name(format!("sd-worker-{i}"))
+                        .spawn(move || worker::run(s))
+                        .expect("spawning a worker thread")
+                })
+                .collect()
+        };
+        if shared.cluster.is_none() {
+            Self::preload(&shared);
+        }
+        Ok(Self {
+            shared,
+            workers,
+            ops_only: false,
+        })
+    }
+
+    /// Starts a worker of a shared queue (`sd-server worker`): the models loaded
+    /// (the default one and those marked `preload` at once, in the background),
+    /// no generation threads yet: [`cluster::worker::Worker::run`] runs the jobs.
+    /// [`Self::router`] of the returned server serves health, readiness and
+    /// metrics only.
+    ///
+    /// # Errors
+    /// A configuration [`ServerConfig::check`] refuses, a `memory` queue, a
+    /// device that is not built in.
+    pub fn start_worker(
+        config: ServerConfig,
+    ) -> Result<(Self, Arc<cluster::worker::Worker>), ConfigError> {
+        if config.queue == "memory" {
+            return Err(ConfigError::Invalid {
+                key: "queue".into(),
+                message: "a worker needs a shared queue: --queue redis://HOST:PORT".into(),
+            });
+        }
+        let shared = Self::shared_state(config, false)?;
+        let worker = cluster::worker::Worker::new(shared.clone()).map_err(|message| {
+            ConfigError::Invalid {
+                key: "queue".into(),
+                message,
+            }
+        })?;
+        Self::preload(&shared);
+        Ok((
+            Self {
+                shared,
+                workers: Vec::new(),
+                ops_only: true,
+            },
+            worker,
+        ))
+    }
+
+    /// The state of a single server or a worker (`replica` false: the models
+    /// configured, the demo model when none) or of an API replica.
+    fn shared_state(mut config: ServerConfig, replica: bool) -> Result<Arc<Shared>, ConfigError> {
         config.check()?;
-        config.models = config.models_or_demo();
+        let cluster = if !replica {
+            config.models = config.models_or_demo();
+            None
+        } else {
+            let q = cluster::api::RedisQueue::new(
+                &config.queue,
+                config.limits.queue_capacity,
+                config.result_ttl_secs,
+            )?;
+            Some(Arc::new(q))
+        };
         let device = device(&config.device)?;
         let budget = config.memory_budget_mb << 20;
-        let shared = Arc::new(Shared {
+        let default_model = config.models.first().map_or("", |m| m.name.as_str());
+        metrics::install();
+        Ok(Arc::new(Shared {
             registry: ModelRegistry::new(config.models.clone(), device, budget),
             queue: JobQueue::new(config.limits.queue_capacity),
             store: JobStore::new(Duration::from_secs(config.result_ttl_secs)),
             limiter: RateLimiter::default(),
-            options: Mutex::new(api::a1111::default_options(&config.models[0].name)),
+            options: Mutex::new(api::a1111::default_options(default_model)),
             started: Instant::now(),
+            cluster,
             config,
-        });
-        metrics::install();
-        let workers = (0..shared.config.workers)
-            .map(|i| {
-                let s = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("sd-worker-{i}"))
-                    .spawn(move || worker::run(s))
-                    .expect("spawning a worker thread")
-            })
-            .collect();
+        }))
+    }
+
+    /// Loads the default model and those marked `preload`, in the background.
+    fn preload(shared: &Arc<Shared>) {
         let s = shared.clone();
         std::thread::spawn(move || {
             for m in s
@@ -183,7 +351,6 @@ impl Server {
                 }
             }
         });
-        Ok(Self { shared, workers })
     }
 
     /// The configuration in force.
@@ -198,7 +365,11 @@ impl Server {
 
     /// The HTTP routes with their layers (auth, limits, CORS, tracing).
     pub fn router(&self) -> Router {
-        api::router(self.shared.clone())
+        if self.ops_only {
+            api::ops_router(self.shared.clone())
+        } else {
+            api::router(self.shared.clone())
+        }
     }
 
     /// Serves on `listener` until `shutdown` resolves; requests in flight are
@@ -215,9 +386,18 @@ impl Server {
             .router()
             .into_make_service_with_connect_info::<std::net::SocketAddr>();
         tracing::info!(address = %listener.local_addr()?, "serving");
+        let follower = self.shared.cluster.as_ref().map(|_| {
+            tokio::spawn(cluster::api::RedisQueue::follow(
+                self.shared.clone(),
+                Duration::from_millis(500),
+            ))
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
+        if let Some(f) = follower {
+            f.abort();
+        }
         self.stop();
         Ok(())
     }

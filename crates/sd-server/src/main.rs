@@ -30,6 +30,26 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: answering the requests in flight, ending waiting jobs");
 }
 
+/// The worker role: jobs from the shared queue until SIGTERM (then drained), and
+/// /health, /ready, /metrics on the listen address.
+async fn run_worker(config: sd_server::ServerConfig) -> Result<(), String> {
+    let (server, worker) = Server::start_worker(config).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(server.config().listen)
+        .await
+        .map_err(|e| format!("{}: {e}", server.config().listen))?;
+    eprintln!(
+        "sd-server worker {}: probes on http://{}",
+        worker.name(),
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let app = server.router();
+    let probes = tokio::spawn(async move { axum::serve(listener, app).await });
+    worker.run(shutdown_signal()).await;
+    probes.abort();
+    server.stop();
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -37,7 +57,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = match Args::parse().into_config() {
+    let args = Args::parse();
+    let worker = args.is_worker();
+    let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sd-server: {e}");
@@ -52,6 +74,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        if worker {
+            return run_worker(config).await;
+        }
         let server = Server::start(config).map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(server.config().listen)
             .await

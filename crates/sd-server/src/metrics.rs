@@ -57,6 +57,24 @@ fn describe() {
         "Resident memory of the server process"
     );
     describe_gauge!("sd_models_loaded", "Models loaded");
+    describe_counter!(
+        "sd_duplicate_results_total",
+        "Results of jobs run twice (a worker taken for dead) that were dropped because the first was stored"
+    );
+    describe_histogram!(
+        "sd_job_wait_seconds",
+        "Submission to the start of generation, per model"
+    );
+}
+
+/// A result dropped because the job's first result was already stored.
+pub fn duplicate_result() {
+    counter!("sd_duplicate_results_total").increment(1);
+}
+
+/// A job started `seconds` after it was submitted.
+pub fn job_wait(model: &str, seconds: f64) {
+    histogram!("sd_job_wait_seconds", "model" => model.to_string()).record(seconds);
 }
 
 /// The text exposition, with the resident memory read now.

@@ -51,7 +51,7 @@ struct Residents {
 
 /// The configured models, some loaded.
 pub struct ModelRegistry {
-    configs: Vec<ModelConfig>,
+    configs: RwLock<Vec<ModelConfig>>,
     loras: RwLock<BTreeMap<String, BTreeMap<String, PathBuf>>>,
     residents: Mutex<Residents>,
     loading: Mutex<()>,
@@ -74,7 +74,7 @@ impl ModelRegistry {
     /// `budget_bytes` (0: no limit).
     pub fn new(configs: Vec<ModelConfig>, device: Device, budget_bytes: u64) -> Self {
         let registry = Self {
-            configs,
+            configs: RwLock::new(configs),
             loras: RwLock::new(BTreeMap::new()),
             residents: Mutex::new(Residents::default()),
             loading: Mutex::new(()),
@@ -87,35 +87,75 @@ impl ModelRegistry {
 
     /// The configured models' names, the default first.
     pub fn names(&self) -> Vec<String> {
-        self.configs.iter().map(|c| c.name.clone()).collect()
+        self.configs().iter().map(|c| c.name.clone()).collect()
     }
 
-    /// The default model's name.
-    pub fn default_name(&self) -> &str {
-        &self.configs[0].name
+    fn configs(&self) -> std::sync::RwLockReadGuard<'_, Vec<ModelConfig>> {
+        self.configs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The default model's name (empty while a shared queue's workers have
+    /// announced none).
+    pub fn default_name(&self) -> String {
+        self.configs()
+            .first()
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
     }
 
     /// A model's configuration.
-    pub fn config(&self, name: &str) -> Option<&ModelConfig> {
-        self.configs.iter().find(|c| c.name == name)
+    pub fn config(&self, name: &str) -> Option<ModelConfig> {
+        self.configs().iter().find(|c| c.name == name).cloned()
+    }
+
+    /// Replaces the models and their LoRAs' names with those the workers of a
+    /// shared queue announce (an API replica, which loads nothing itself).
+    pub fn set_catalog(&self, configs: Vec<ModelConfig>, loras: BTreeMap<String, Vec<String>>) {
+        let loras = loras
+            .into_iter()
+            .map(|(m, names)| {
+                (
+                    m,
+                    names
+                        .into_iter()
+                        .map(|n| (n.clone(), PathBuf::from(n)))
+                        .collect(),
+                )
+            })
+            .collect();
+        *self
+            .configs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = configs;
+        *self
+            .loras
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = loras;
     }
 
     /// The configuration of `name`, or [`ApiError::NotFound`] listing the models.
     ///
     /// # Errors
     /// A name that is not configured.
-    pub fn resolve(&self, name: &str) -> Result<&ModelConfig, ApiError> {
+    pub fn resolve(&self, name: &str) -> Result<ModelConfig, ApiError> {
         self.config(name).ok_or_else(|| ApiError::NotFound {
             what: "model",
             name: name.to_string(),
-            hint: format!("; available: {}", self.names().join(", ")),
+            hint: match self.names() {
+                names if names.is_empty() => {
+                    "; no model is served yet (no worker has announced one)".into()
+                }
+                names => format!("; available: {}", names.join(", ")),
+            },
         })
     }
 
     /// Re-reads every model's LoRA folder (`*.safetensors`, named by file stem).
     pub fn refresh_loras(&self) {
         let found = self
-            .configs
+            .configs()
             .iter()
             .map(|c| {
                 (
@@ -160,7 +200,7 @@ impl ModelRegistry {
         if let Some(m) = self.touch(name) {
             return Ok(m);
         }
-        let config = self.resolve(name)?.clone();
+        let config = self.resolve(name)?;
         let _loading = lock(&self.loading);
         if let Some(m) = self.touch(name) {
             return Ok(m);

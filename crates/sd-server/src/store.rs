@@ -2,7 +2,7 @@
 //! and [`JobStore`] (by id, finished ones kept for a while).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,6 +39,8 @@ pub struct JobHandle {
     pub submitted: Instant,
     cancel: AtomicBool,
     interrupt: AtomicBool,
+    /// Its place in a shared (Redis) queue as last seen; `usize::MAX`: unknown.
+    position: AtomicUsize,
     partial: Mutex<Option<Vec<JobImage>>>,
     inner: Mutex<Inner>,
     state: watch::Sender<JobState>,
@@ -48,13 +50,20 @@ pub struct JobHandle {
 impl JobHandle {
     /// A queued job.
     pub fn new(spec: JobSpec) -> Arc<Self> {
+        Self::with_id(new_id(), spec, SystemTime::now())
+    }
+
+    /// A queued job with a given id and submission time (a job of a shared queue,
+    /// as this process sees it).
+    pub fn with_id(id: String, spec: JobSpec, created: SystemTime) -> Arc<Self> {
         Arc::new(Self {
-            id: new_id(),
+            id,
             spec,
-            created: SystemTime::now(),
+            created,
             submitted: Instant::now(),
             cancel: AtomicBool::new(false),
             interrupt: AtomicBool::new(false),
+            position: AtomicUsize::new(usize::MAX),
             partial: Mutex::new(None),
             inner: Mutex::new(Inner {
                 batch: 0,
@@ -112,6 +121,18 @@ impl JobHandle {
         self.interrupt.load(Ordering::SeqCst)
     }
 
+    /// Notes its place in a shared queue (`None`: unknown).
+    pub fn set_position(&self, position: Option<usize>) {
+        self.position
+            .store(position.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// Its place in a shared queue as last noted.
+    pub fn noted_position(&self) -> Option<usize> {
+        let p = self.position.load(Ordering::Relaxed);
+        (p != usize::MAX).then_some(p)
+    }
+
     /// Keeps the pictures an interrupted job answers with.
     pub fn set_partial(&self, images: Vec<JobImage>) {
         *lock(&self.partial) = Some(images);
@@ -153,6 +174,12 @@ impl JobHandle {
         if let Some(png) = preview {
             self.emit(JobEvent::Preview { step, png });
         }
+    }
+
+    /// Records a preview made elsewhere (a worker of a shared queue).
+    pub fn set_preview(&self, step: usize, png: Vec<u8>) {
+        lock(&self.inner).preview = Some(png.clone());
+        self.emit(JobEvent::Preview { step, png });
     }
 
     /// Ends the job with its result; a job already over stays as it was (a result
@@ -219,7 +246,7 @@ impl JobHandle {
 }
 
 /// A random 128-bit job id, hex.
-fn new_id() -> String {
+pub fn new_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
@@ -227,6 +254,8 @@ fn new_id() -> String {
 #[derive(Debug)]
 pub struct JobStore {
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    /// Idempotency keys -> job ids.
+    keys: Mutex<HashMap<String, String>>,
     current: Mutex<Option<Arc<JobHandle>>>,
     ttl: Duration,
 }
@@ -236,17 +265,30 @@ impl JobStore {
     pub fn new(ttl: Duration) -> Self {
         Self {
             jobs: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
             current: Mutex::new(None),
             ttl,
         }
     }
 
-    /// Adds a job (and forgets expired ones).
-    pub fn insert(&self, job: Arc<JobHandle>) {
+    /// Adds a job, under an idempotency key if given (and forgets expired jobs
+    /// and their keys).
+    pub fn insert(&self, job: Arc<JobHandle>, idempotency: Option<&str>) {
         let mut jobs = lock(&self.jobs);
         let ttl = self.ttl;
         jobs.retain(|_, j| !j.expired(ttl));
+        let mut keys = lock(&self.keys);
+        keys.retain(|_, id| jobs.contains_key(id));
+        if let Some(k) = idempotency {
+            keys.insert(k.to_string(), job.id.clone());
+        }
         jobs.insert(job.id.clone(), job);
+    }
+
+    /// The job an idempotency key named.
+    pub fn by_key(&self, key: &str) -> Option<Arc<JobHandle>> {
+        let id = lock(&self.keys).get(key).cloned()?;
+        self.get(&id)
     }
 
     /// A job by id.

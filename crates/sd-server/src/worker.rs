@@ -45,7 +45,7 @@ fn deadline_error(job: &JobHandle) -> ApiError {
     )
 }
 
-fn run_batch(shared: &Shared, batch: Vec<Arc<JobHandle>>) {
+pub(crate) fn run_batch(shared: &Shared, batch: Vec<Arc<JobHandle>>) {
     let batch: Vec<_> = batch.into_iter().filter(still_wanted).collect();
     let Some(first) = batch.first() else {
         return;

@@ -263,7 +263,8 @@ fn draft(shared: &Shared, p: &Processing) -> Result<Draft, ApiError> {
             .cloned()
     };
     let model = match setting("sd_model_checkpoint") {
-        Some(Value::String(s)) => Some(checkpoint_name(shared, &s)?),
+        // Empty: an API replica whose workers had announced no model at start.
+        Some(Value::String(s)) if !s.is_empty() => Some(checkpoint_name(shared, &s)?),
         _ => None,
     };
     let clip_skip = match setting("CLIP_stop_at_last_layers") {
@@ -779,7 +780,7 @@ pub async fn progress(
     query: Result<Query<ProgressQuery>, QueryRejection>,
 ) -> Json<ProgressResponse> {
     let skip = query.is_ok_and(|q| q.skip_current_image);
-    let job_count = shared.queue.total()
+    let job_count = shared.queued_total()
         + shared
             .store
             .active()
@@ -909,7 +910,10 @@ pub async fn loras(State(shared): State<Arc<Shared>>) -> Json<Value> {
 /// Re-reads the LoRA folders.
 #[utoipa::path(post, path = "/sdapi/v1/refresh-loras", responses((status = 200)))]
 pub async fn refresh_loras(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    shared.registry.refresh_loras();
+    // An API replica's LoRA names are the workers' (they look again every 10 s).
+    if shared.cluster.is_none() {
+        shared.registry.refresh_loras();
+    }
     Json(Value::Null)
 }
 
@@ -917,7 +921,8 @@ fn current_model(shared: &Shared) -> String {
     crate::lock(&shared.options)
         .get("sd_model_checkpoint")
         .and_then(Value::as_str)
-        .map_or_else(|| shared.registry.default_name().to_string(), String::from)
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| shared.registry.default_name(), String::from)
 }
 
 /// The options.

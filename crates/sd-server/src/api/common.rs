@@ -100,7 +100,7 @@ impl Draft {
         let model_name = self
             .model
             .clone()
-            .unwrap_or_else(|| shared.registry.default_name().to_string());
+            .unwrap_or_else(|| shared.registry.default_name());
         let model = shared.registry.resolve(&model_name)?;
         check_prompt(&self.prompt, limits, "prompt", self.prompt_required)?;
         if let Some(n) = &self.negative_prompt {
@@ -133,7 +133,7 @@ impl Draft {
             }
         };
         let loras = resolve_loras(shared, &model_name, &self.loras)?;
-        let control = resolve_control(model, self.control)?;
+        let control = resolve_control(&model, self.control)?;
         if let Some(init) = &self.init {
             check_range(init.strength, 0.0, 1.0, "strength")?;
             if init.strength == 0.0 {

@@ -117,6 +117,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router.layer(TraceLayer::new_for_http()).with_state(shared)
 }
 
+/// A worker's routes (`sd-server worker`): `/health`, `/ready` (a model loaded)
+/// and `/metrics`, for probes and scraping; no API.
+pub fn ops_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .layer(TraceLayer::new_for_http())
+        .with_state(shared)
+}
+
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
@@ -205,7 +217,7 @@ pub(crate) async fn run_to_end(
     shared: &Arc<Shared>,
     spec: crate::JobSpec,
 ) -> Result<(Arc<JobHandle>, Arc<Vec<crate::job::JobImage>>), ApiError> {
-    let job = shared.submit(spec)?;
+    let job = shared.submit(spec, None).await?;
     let _guard = CancelOnDrop::new(shared, &job);
     let images = job.wait().await?;
     Ok((job, images))

@@ -287,12 +287,26 @@ pub fn job_spec(shared: &Shared, client: &Client, body: &[u8]) -> Result<crate::
 pub async fn create_job(
     State(shared): State<Arc<Shared>>,
     Extension(client): Extension<Client>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     let bytes = body_bytes(body, shared.config.limits.max_body_bytes)?;
     let spec = job_spec(&shared, &client, &bytes)?;
-    let job = shared.submit(spec)?;
-    let position = shared.queue.position(&job.spec.model, &job.id).unwrap_or(0);
+    let idempotency = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 128)
+                .ok_or_else(|| {
+                    ApiError::invalid("Idempotency-Key", "1 to 128 visible ASCII characters")
+                })
+        })
+        .transpose()?;
+    // Keys are per client: one client's key never finds another's job.
+    let idempotency = idempotency.map(|k| format!("{}:{k}", client.0));
+    let job = shared.submit(spec, idempotency.as_deref()).await?;
+    let position = shared.position(&job).unwrap_or(0);
     Ok((
         StatusCode::ACCEPTED,
         Json(JobCreated {
@@ -303,13 +317,13 @@ pub async fn create_job(
     ))
 }
 
-fn find(shared: &Shared, id: &str, client: &Client) -> Result<Arc<JobHandle>, ApiError> {
+async fn find(shared: &Shared, id: &str, client: &Client) -> Result<Arc<JobHandle>, ApiError> {
     let not_found = || ApiError::NotFound {
         what: "job",
         name: id.to_string(),
         hint: String::new(),
     };
-    let job = shared.store.get(id).ok_or_else(not_found)?;
+    let job = shared.find_job(id).await?.ok_or_else(not_found)?;
     // With API keys, a job is seen only by the key that made it.
     if !shared.config.api_keys.is_empty() && job.spec.client != client.0 {
         return Err(not_found());
@@ -337,7 +351,7 @@ pub async fn get_job(
     Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatusResponse>, ApiError> {
-    let job = find(&shared, &id, &client)?;
+    let job = find(&shared, &id, &client).await?;
     let p = job.progress();
     let result = job.result();
     let (images, parameters, error) = match &result {
@@ -363,7 +377,7 @@ pub async fn get_job(
             .created
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        position: shared.queue.position(&job.spec.model, &job.id),
+        position: shared.position(&job),
         step: p.step,
         total: p.total,
         batch: p.batch,
@@ -381,7 +395,7 @@ pub async fn cancel_job(
     Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = find(&shared, &id, &client)?;
+    let job = find(&shared, &id, &client).await?;
     let cancelled = shared.cancel(&job);
     Ok(Json(
         json!({"id": job.id, "status": job.state(), "cancelled": cancelled}),
@@ -459,7 +473,7 @@ impl EventState {
                 () = tick => {
                     if self.job.state().is_final() {
                         self.final_events();
-                    } else if let Some(p) = self.shared.queue.position(&self.job.spec.model, &self.job.id)
+                    } else if let Some(p) = self.shared.position(&self.job)
                         && self.last_position != Some(p)
                     {
                         self.last_position = Some(p);
@@ -481,7 +495,7 @@ pub async fn job_events(
     Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&shared, &id, &client)?;
+    let job = find(&shared, &id, &client).await?;
     let rx = job.subscribe();
     let mut state = EventState {
         shared: shared.clone(),
@@ -494,7 +508,7 @@ pub async fn job_events(
     let p = job.progress();
     match p.state {
         JobState::Queued => {
-            let position = shared.queue.position(&job.spec.model, &job.id).unwrap_or(0);
+            let position = shared.position(&job).unwrap_or(0);
             state.last_position = Some(position);
             state
                 .pending

@@ -19,21 +19,34 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 once a model is loaded, 503 before.
+/// 200 once a model is loaded (an API replica of a shared queue: once Redis
+/// answers), 503 before.
 #[utoipa::path(get, path = "/ready", responses((status = 200), (status = 503)))]
 pub async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {
-    let loaded = shared.registry.loaded_names();
-    let status = if loaded.is_empty() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
+    let queued = shared.queued_total();
+    let (ready, body) = match &shared.cluster {
+        Some(q) => {
+            let reachable = q.reachable();
+            let models = shared.registry.names();
+            (
+                reachable,
+                json!({"ready": reachable, "queue": "redis", "models": models, "queued": queued}),
+            )
+        }
+        None => {
+            let loaded = shared.registry.loaded_names();
+            (
+                !loaded.is_empty(),
+                json!({"ready": !loaded.is_empty(), "models_loaded": loaded, "queued": queued}),
+            )
+        }
     };
-    (
-        status,
-        Json(
-            json!({"ready": !loaded.is_empty(), "models_loaded": loaded, "queued": shared.queue.total()}),
-        ),
-    )
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }
 
 /// Prometheus text exposition.

@@ -38,6 +38,7 @@ fn shared() -> Arc<Shared> {
         limiter: RateLimiter::default(),
         options: Mutex::new(super::a1111::default_options("tiny")),
         started: Instant::now(),
+        cluster: None,
         config,
     })
 }
