@@ -86,6 +86,28 @@ impl Worker {
         &self.name
     }
 
+    /// Runs from a thread of its own with its own async runtime (programs that
+    /// are not async, tests, benchmarks); [`RunningWorker::stop`] (or dropping
+    /// it) drains it.
+    ///
+    /// # Errors
+    /// The runtime or the thread cannot be made.
+    pub fn spawn(self: Arc<Self>) -> std::io::Result<RunningWorker> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("sd-cluster-{}", self.name))
+            .spawn(move || {
+                runtime.block_on(self.run(async {
+                    let _ = stopped.await;
+                }));
+            })?;
+        Ok(RunningWorker {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
     /// Runs until `shutdown` resolves, then drains: the batches running finish,
     /// jobs taken but not started go back to their queues, nothing new is taken.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
@@ -532,6 +554,36 @@ impl Worker {
             .await
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// A worker running on its own thread ([`Worker::spawn`]).
+#[derive(Debug)]
+pub struct RunningWorker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningWorker {
+    /// Drains the worker (running batches finish, taken jobs go back) and waits
+    /// for it.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.shut();
     }
 }
 
