@@ -315,7 +315,7 @@ impl ServerConfig {
             return invalid("workers", "must be at least 1".into());
         }
         if self.queue != "memory"
-            && !["redis://", "rediss://", "redis+unix://", "unix://"]
+            && !["redis://", "redis+unix://", "unix://"]
                 .iter()
                 .any(|p| self.queue.starts_with(p))
         {

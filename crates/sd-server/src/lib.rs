@@ -21,6 +21,11 @@
 //! future; [`Server::router`] gives the axum `Router` to mount elsewhere, and
 //! [`Server::spawn`] serves from a thread of its own (programs that are not async,
 //! tests, benchmarks). The `sd-server` binary (`src/main.rs`) is the first way.
+//!
+//! Several machines share one queue through Redis ([`cluster`]): a [`ServerConfig`]
+//! with `queue = "redis://..."` makes [`Server::start`] an API replica (no models, no
+//! generation threads), and [`Server::start_worker`] with
+//! [`cluster::worker::Worker::run`] (or [`cluster::worker::Worker::spawn`]) a worker.
 #![warn(missing_docs)]
 
 pub mod api;
