@@ -596,17 +596,34 @@ fn a_poison_job_is_dead_lettered_and_sigterm_drains_a_worker() {
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(a["id"], b["id"]);
 
-    // Cancel through the other replica reaches the job.
+    // A job queued through one replica: its events and A1111's progress through
+    // the other, and a cancel there that reaches the worker running it.
     let (_, long, _) = post(
         &agent,
         &apis[0].url("/v1/jobs"),
         &json!({"prompt": "long", "steps": 150, "width": 256, "height": 256}),
     );
     let long = long["id"].as_str().unwrap().to_string();
+    let events = std::thread::spawn({
+        let url = apis[1].url(&format!("/v1/jobs/{long}/events"));
+        let agent = agent.clone();
+        move || {
+            let mut r = agent.get(url).call().expect("the event stream opens");
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut r.body_mut().as_reader(), &mut text);
+            text
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while call(agent.get(apis[1].url(&format!("/v1/jobs/{long}"))).call()).1["status"] != "running"
-    {
-        assert!(Instant::now() < deadline, "the long job never started");
+    loop {
+        let progress = call(agent.get(apis[1].url("/sdapi/v1/progress")).call()).1;
+        // (The job queued with the idempotency key above may still be running.)
+        if progress["state"]["job"] == long.as_str()
+            && progress["progress"].as_f64().unwrap_or(0.0) > 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress seen: {progress}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let (status, _, _) = call(
@@ -617,6 +634,11 @@ fn a_poison_job_is_dead_lettered_and_sigterm_drains_a_worker() {
     assert_eq!(status, 200);
     let job = wait_done(&agent, &refs, &long, Duration::from_secs(30));
     assert_eq!(job["status"], "cancelled", "{job}");
+    let events = events.join().unwrap();
+    assert!(
+        events.contains("event: step") && events.contains("event: cancelled"),
+        "{events}"
+    );
 
     // SIGTERM while a job runs: the worker finishes it and exits; what it had
     // taken but not started goes back for another worker.

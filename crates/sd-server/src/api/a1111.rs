@@ -780,17 +780,27 @@ pub async fn progress(
     query: Result<Query<ProgressQuery>, QueryRejection>,
 ) -> Json<ProgressResponse> {
     let skip = query.is_ok_and(|q| q.skip_current_image);
-    let job_count = shared.queued_total()
-        + shared
-            .store
-            .active()
+    // A shared queue's count already holds the running jobs.
+    let running_here = if shared.cluster.is_some() {
+        0
+    } else {
+        let active = shared.store.active();
+        active
             .iter()
             .filter(|j| j.state() == JobState::Running)
-            .count();
+            .count()
+    };
+    let job_count = shared.queued_total() + running_here;
+    // The job a generation thread here started last; on an API replica of a
+    // shared queue, a running job this replica follows.
     let current = shared
         .store
         .current()
-        .filter(|j| j.state() == JobState::Running);
+        .filter(|j| j.state() == JobState::Running)
+        .or_else(|| {
+            let active = shared.store.active();
+            active.into_iter().find(|j| j.state() == JobState::Running)
+        });
     let Some(job) = current else {
         return Json(ProgressResponse {
             progress: 0.0,

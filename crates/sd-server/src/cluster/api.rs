@@ -41,7 +41,8 @@ pub struct RedisQueue {
 
 fn state_of(name: &str) -> Option<JobState> {
     Some(match name {
-        "queued" => JobState::Queued,
+        // Held by a worker, its batch not started yet.
+        "queued" | "taken" => JobState::Queued,
         "running" => JobState::Running,
         "succeeded" => JobState::Succeeded,
         "failed" => JobState::Failed,

@@ -2,8 +2,9 @@
 //! atomic: two workers finishing the same job, a cancel racing a worker's take,
 //! a retry racing a reclaim all leave one consistent job.
 //!
-//! A job's hash `state` goes `queued` -> `running` -> `succeeded` | `failed` |
-//! `cancelled`; once final it never changes and its `result` is never rewritten.
+//! A job's hash `state` goes `queued` -> `taken` (a worker holds it) -> `running`
+//! (its batch started) -> `succeeded` | `failed` | `cancelled`; once final it never
+//! changes and its `result` is never rewritten.
 //! Its `entry` names the stream entry that carries it now: a script given an
 //! older entry only acknowledges and deletes that entry.
 
@@ -37,7 +38,7 @@ return {'new', entry, tostring(len)}
 
 /// A worker takes a delivered entry: skips (acknowledging) an entry whose job is
 /// gone, over or carried by a newer entry; ends a job cancelled while it waited;
-/// counts the attempt and marks the job running, or reports it spent.
+/// counts the attempt and marks the job taken, or reports it spent.
 ///
 /// KEYS: job, queue, running set. ARGV: entry, group, worker, now ms, max
 /// attempts, id, TTL s, event channel, the cancelled result JSON.
@@ -66,8 +67,7 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[5]) then
   return {'dead', tostring(attempts - 1), redis.call('HGET', KEYS[1], 'last_error') or ''}
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3], 'started', ARGV[4],
-  'step', 0, 'heartbeat', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'taken', 'worker', ARGV[3], 'taken', ARGV[4], 'step', 0)
 redis.call('SADD', KEYS[3], ARGV[6])
 return {'run', redis.call('HGET', KEYS[1], 'spec'), tostring(attempts),
   redis.call('HGET', KEYS[1], 'created') or '0'}
@@ -121,10 +121,10 @@ local state = redis.call('HGET', KEYS[1], 'state')
 local current = redis.call('HGET', KEYS[1], 'entry') == ARGV[1]
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
-if state ~= 'running' or not current then return 0 end
+if (state ~= 'running' and state ~= 'taken') or not current then return 0 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[4])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'step', 0)
-redis.call('HDEL', KEYS[1], 'worker', 'started', 'preview')
+redis.call('HDEL', KEYS[1], 'worker', 'taken', 'started', 'preview')
 if ARGV[3] == '' then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 else
@@ -162,15 +162,20 @@ return 'requested'
     )
 });
 
-/// Records a running job's progress (never a job that is over, or whose hash
-/// has expired) and publishes the event.
+/// Records a taken or running job's progress (never a job that is over, or
+/// whose hash has expired): its start (`running`, with the start time), steps and
+/// previews; publishes the event.
 ///
 /// KEYS: job. ARGV: step, total, batch, preview (empty: none), event channel,
-/// event JSON.
+/// event JSON, now ms.
 pub static PROGRESS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' and state ~= 'taken' then return 0 end
+if state == 'taken' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[7])
+end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total', ARGV[2], 'batch', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'preview', ARGV[4]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6])

@@ -286,6 +286,7 @@ impl Worker {
                     Err(e) if e.code() == Some("NOGROUP") => self.regroup().await?,
                     Err(e) => return Err(e.to_string()),
                 }
+                forget_gone_consumers(&mut c, model, &self.name).await;
             }
             if !out.is_empty() {
                 return Ok(out);
@@ -557,6 +558,28 @@ impl Worker {
     }
 }
 
+/// Consumers of `model`'s group that hold nothing and were last seen an hour ago
+/// (workers that died, their jobs since claimed) leave the group.
+async fn forget_gone_consumers(c: &mut ConnectionManager, model: &str, me: &str) {
+    const GONE_MS: usize = 3_600_000;
+    let consumers: redis::RedisResult<redis::streams::StreamInfoConsumersReply> =
+        c.xinfo_consumers(queue_key(model), GROUP).await;
+    for gone in consumers
+        .map(|r| r.consumers)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| k.name != me && k.pending == 0 && k.idle > GONE_MS)
+    {
+        let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(queue_key(model))
+            .arg(GROUP)
+            .arg(&gone.name)
+            .query_async(c)
+            .await;
+    }
+}
+
 /// A worker running on its own thread ([`Worker::spawn`]).
 #[derive(Debug)]
 pub struct RunningWorker {
@@ -618,6 +641,7 @@ async fn forward(
             .arg(preview)
             .arg(events_channel(&job.id))
             .arg(json)
+            .arg(unix_ms())
             .invoke_async(&mut c)
             .await;
         if let Err(e) = sent {
