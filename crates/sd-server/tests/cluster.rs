@@ -378,6 +378,55 @@ fn wait_busy(redis: &Redis, limit: Duration) -> Option<String> {
     None
 }
 
+/// Redis, two API replicas and the named workers, all ready, the model announced.
+struct Cluster {
+    logs: tempfile::TempDir,
+    loras: tempfile::TempDir,
+    redis: Redis,
+    apis: [Node; 2],
+    workers: BTreeMap<String, Node>,
+    agent: ureq::Agent,
+}
+
+impl Cluster {
+    fn start(workers: &[&str]) -> Self {
+        let logs = tempfile::tempdir().unwrap();
+        let loras = lora_dir();
+        let redis = Redis::start();
+        let apis = [
+            Node::api("api-a", &redis, logs.path()),
+            Node::api("api-b", &redis, logs.path()),
+        ];
+        let workers: BTreeMap<String, Node> = workers
+            .iter()
+            .map(|n| {
+                let node = Node::worker(n, &redis, loras.path(), logs.path());
+                (n.to_string(), node)
+            })
+            .collect();
+        let agent = agent();
+        for n in apis.iter().chain(workers.values()) {
+            n.wait_ready(&agent);
+        }
+        // The replicas learn the model from the workers' announcements.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for api in &apis {
+            while call(agent.get(api.url("/v1/models")).call()).1["data"][0]["id"] != "tiny" {
+                assert!(Instant::now() < deadline, "the model was never announced");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self {
+            logs,
+            loras,
+            redis,
+            apis,
+            workers,
+            agent,
+        }
+    }
+}
+
 #[test]
 fn three_hundred_jobs_survive_two_worker_kills_and_a_redis_restart() {
     if !redis_available() {
@@ -386,32 +435,14 @@ fn three_hundred_jobs_survive_two_worker_kills_and_a_redis_restart() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let logs = tempfile::tempdir().unwrap();
-    let loras = lora_dir();
-    let mut redis = Redis::start();
-    let apis = [
-        Node::api("api-a", &redis, logs.path()),
-        Node::api("api-b", &redis, logs.path()),
-    ];
-    let mut workers: BTreeMap<String, Node> = ["w1", "w2", "w3"]
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                Node::worker(n, &redis, loras.path(), logs.path()),
-            )
-        })
-        .collect();
-    let agent = agent();
-    for n in apis.iter().chain(workers.values()) {
-        n.wait_ready(&agent);
-    }
-    // The replicas learn the model from the workers' announcements.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while call(agent.get(apis[1].url("/v1/models")).call()).1["data"][0]["id"] != "tiny" {
-        assert!(Instant::now() < deadline, "the model was never announced");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Cluster {
+        logs,
+        loras,
+        mut redis,
+        apis,
+        mut workers,
+        agent,
+    } = Cluster::start(&["w1", "w2", "w3"]);
 
     let refused = Mutex::new(0usize);
     let accepted: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -543,23 +574,15 @@ fn a_poison_job_is_dead_lettered_and_sigterm_drains_a_worker() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let logs = tempfile::tempdir().unwrap();
-    let loras = lora_dir();
-    let redis = Redis::start();
-    let apis = [
-        Node::api("api-a", &redis, logs.path()),
-        Node::api("api-b", &redis, logs.path()),
-    ];
-    let w1 = Node::worker("w1", &redis, loras.path(), logs.path());
-    let agent = agent();
-    for n in apis.iter().chain([&w1]) {
-        n.wait_ready(&agent);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while call(agent.get(apis[0].url("/v1/models")).call()).1["data"][0]["id"] != "tiny" {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Cluster {
+        logs,
+        loras,
+        redis,
+        apis,
+        mut workers,
+        agent,
+    } = Cluster::start(&["w1"]);
+    let w1 = workers.remove("w1").expect("started");
     let refs: Vec<&Node> = apis.iter().collect();
 
     // A poison job: every attempt fails; after three it is dead-lettered.
