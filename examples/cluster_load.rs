@@ -220,11 +220,11 @@ fn throughput(args: &Args, base: &str) -> Result<f64, String> {
 
 fn run(args: &Args) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (mut redis, url) = match &args.redis {
+    let (_redis, url) = match &args.redis {
         Some(u) => (None, u.clone()),
         None => {
             let (child, url) = start_redis(dir.path())?;
-            (Some(child), url)
+            (Some(KillOnDrop(child)), url)
         }
     };
     let replica = api(&url)?;
@@ -268,12 +268,14 @@ fn run(args: &Args) -> Result<(), String> {
         w.stop();
     }
     drop(replica);
-    let single = serve(ServerConfig {
+    let mut config = ServerConfig {
         models: vec![model(args)],
         max_batch: args.max_batch,
         preview_every: 0,
         ..ServerConfig::default()
-    })?;
+    };
+    config.limits.queue_capacity = 100_000;
+    let single = serve(config)?;
     let sbase = single.url();
     while get_json(&agent(), &format!("{sbase}/ready"))["ready"] != true {
         std::thread::sleep(Duration::from_millis(50));
@@ -287,11 +289,17 @@ fn run(args: &Args) -> Result<(), String> {
     )?;
     let rate = throughput(args, &sbase)?;
     println!("  single process (memory queue): {rate:.0} img/min");
-    if let Some(r) = redis.as_mut() {
-        let _ = r.kill();
-        let _ = r.wait();
-    }
     Ok(())
+}
+
+/// The redis-server started here, stopped however the run ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn main() -> ExitCode {
