@@ -2,7 +2,7 @@
 //! the models it holds with `XREADGROUP`, claims the entries of workers gone
 //! silent past the visibility timeout with `XAUTOCLAIM`, runs what it took in
 //! batches of compatible jobs through the same code as the single server
-//! ([`crate::worker::run_batch`]), publishes progress, stores results once and
+//! (`worker::run_batch`), publishes progress, stores results once and
 //! acknowledges. A heartbeat keeps its entries from being claimed while it lives
 //! and carries cancels to its jobs; SIGTERM drains it.
 
