@@ -1,6 +1,7 @@
 //! # stable-diffusion
 //!
-//! Stable Diffusion 1.x / 2.x on the [burn](https://burn.dev) deep-learning framework.
+//! Stable Diffusion 1.x / 2.x and XL (with ControlNet, T2I-Adapter, LoRA, LCM and
+//! TAESD) on the [burn](https://burn.dev) deep-learning framework.
 //! One line brings what a program needs ([`prelude`]); one call loads a model and
 //! one more makes pictures:
 //!
