@@ -184,13 +184,13 @@ pub struct CommonArgs {
     #[arg(long, default_value = "latent")]
     pub hires_upscaler: String,
     /// SDXL micro-conditioning: the original size, HEIGHT,WIDTH (default: the size).
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     pub original_size: Option<Vec<usize>>,
     /// SDXL micro-conditioning: the target size, HEIGHT,WIDTH (default: the size).
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     pub target_size: Option<Vec<usize>>,
     /// SDXL micro-conditioning: the crop's top-left corner, TOP,LEFT (default 0,0).
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     pub crops_coords: Option<Vec<usize>>,
     /// SDXL refiner: the aesthetic score (6.0) and, with guidance, the negative one.
     #[arg(long, default_value_t = 6.0)]
@@ -200,8 +200,13 @@ pub struct CommonArgs {
     pub negative_aesthetic_score: f64,
 }
 
-fn pair(v: &Option<Vec<usize>>) -> Option<(usize, usize)> {
-    v.as_ref().filter(|v| v.len() == 2).map(|v| (v[0], v[1]))
+/// A flag of two numbers, given as `A,B` or `A B`.
+fn pair(v: &Option<Vec<usize>>, flag: &str) -> Result<Option<(usize, usize)>, AnyError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some(&[a, b]) => Ok(Some((a, b))),
+        Some(other) => Err(format!("--{flag}: expected two numbers, A,B; got {other:?}").into()),
+    }
 }
 
 /// The `--vae-tiling` value.
@@ -339,9 +344,9 @@ pub fn request(
         o => return Err(format!("--vae-decoder {o}: expected full or tiny").into()),
     });
     r = r.micro_conditioning(stable_diffusion::pipelines::MicroConditioning {
-        original_size: pair(&args.original_size),
-        target_size: pair(&args.target_size),
-        crops_coords_top_left: pair(&args.crops_coords).unwrap_or((0, 0)),
+        original_size: pair(&args.original_size, "original-size")?,
+        target_size: pair(&args.target_size, "target-size")?,
+        crops_coords_top_left: pair(&args.crops_coords, "crops-coords")?.unwrap_or((0, 0)),
         aesthetic_score: args.aesthetic_score,
         negative_aesthetic_score: args.negative_aesthetic_score,
         ..Default::default()
