@@ -150,8 +150,8 @@ impl AdapterInput {
 pub enum SchedulerChoice {
     /// The model's own (its `scheduler_config.json`).
     Model,
-    /// A name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`, `dpmpp-2m-karras`, `lms`,
-    /// `pndm`; A1111 spellings too) over the model's scheduler config.
+    /// A name of [`sd_schedulers::SCHEDULER_NAMES`] (A1111 spellings too) over the
+    /// model's scheduler config.
     Name(String),
     /// A diffusers `scheduler_config.json` text whose `_class_name` picks the class.
     Config(String),
@@ -327,8 +327,8 @@ impl<'a> GenerationRequest<'a> {
         self
     }
 
-    /// A scheduler by name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
-    /// `dpmpp-2m-karras`, `lms`, `pndm`).
+    /// A scheduler by a name of [`sd_schedulers::SCHEDULER_NAMES`] (A1111 spellings
+    /// too).
     pub fn scheduler(mut self, name: impl Into<String>) -> Self {
         self.scheduler = SchedulerChoice::Name(name.into());
         self

@@ -92,9 +92,8 @@ impl AnyScheduler {
         })
     }
 
-    /// Builds a scheduler by user-facing name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
-    /// `dpmpp-2m-karras`, `lms`, `pndm`; A1111 spellings like "Euler a" and
-    /// "DPM++ 2M Karras" too) over a model's scheduler config.
+    /// Builds a scheduler by a name of [`SCHEDULER_NAMES`] (or its A1111 spelling,
+    /// "Euler a", "DPM++ 2M Karras", ...) over a model's scheduler config.
     pub fn from_name(name: &str, base: &SchedulerConfig) -> Result<Self, CoreError> {
         let key: String = name
             .to_ascii_lowercase()
