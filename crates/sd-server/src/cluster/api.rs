@@ -5,8 +5,8 @@
 //! hashes. The handlers see the same handles as with the in-process queue.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
@@ -36,7 +36,6 @@ pub struct RedisQueue {
     result_ttl: u64,
     queued: AtomicUsize,
     reachable: AtomicBool,
-    depths: Mutex<BTreeMap<String, usize>>,
 }
 
 fn state_of(name: &str) -> Option<JobState> {
@@ -71,7 +70,6 @@ impl RedisQueue {
             result_ttl,
             queued: AtomicUsize::new(0),
             reachable: AtomicBool::new(false),
-            depths: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -228,33 +226,25 @@ impl RedisQueue {
             tracing::info!(models = ?names, "models announced by the workers");
         }
         registry.set_catalog(configs, loras);
-        let mut depths = BTreeMap::new();
+        let mut queued = 0;
         for name in &names {
             let len: usize = c.xlen(queue_key(name)).await.map_err(redis_err)?;
             crate::metrics::queue_depth(name, len);
-            depths.insert(name.clone(), len);
+            queued += len;
         }
-        self.queued.store(depths.values().sum(), Ordering::Relaxed);
-        *crate::lock(&self.depths) = depths;
+        self.queued.store(queued, Ordering::Relaxed);
         let active = shared.store.active();
         if active.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for job in &active {
-            pipe.cmd("HMGET")
-                .arg(job_key(&job.id))
-                .arg(&["state", "step", "total", "batch", "entry", "result"]);
+            pipe.cmd("HMGET").arg(job_key(&job.id)).arg(&FOLLOWED);
         }
         let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await.map_err(redis_err)?;
         let mut entries: BTreeMap<String, Vec<(Arc<JobHandle>, String)>> = BTreeMap::new();
         for (job, row) in active.iter().zip(rows) {
-            let fields: HashMap<String, String> =
-                ["state", "step", "total", "batch", "entry", "result"]
-                    .iter()
-                    .zip(row)
-                    .filter_map(|(k, v)| Some(((*k).to_string(), v?)))
-                    .collect();
+            let fields = followed_fields(row);
             if fields.is_empty() {
                 job.finish(Err(ApiError::Internal(
                     "the job is gone from the queue".into(),
@@ -311,6 +301,18 @@ async fn positions(
 fn base64_decode(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(text)
+}
+
+/// The fields of a job's hash a mirror follows (not the spec, not the preview).
+const FOLLOWED: [&str; 6] = ["state", "step", "total", "batch", "entry", "result"];
+
+/// An `HMGET` of [`FOLLOWED`] as a map of the fields present.
+fn followed_fields(row: Vec<Option<String>>) -> HashMap<String, String> {
+    FOLLOWED
+        .iter()
+        .zip(row)
+        .filter_map(|(k, v)| Some(((*k).to_string(), v?)))
+        .collect()
 }
 
 /// Brings a mirror up to a job's hash fields (state, step, total, batch, result).
@@ -396,9 +398,13 @@ async fn dispatch(q: &RedisQueue, job: &Arc<JobHandle>, payload: &str) {
             let Ok(mut c) = q.conn().await else {
                 return;
             };
-            let fields: Result<HashMap<String, String>, _> = c.hgetall(job_key(&job.id)).await;
-            if let Ok(fields) = fields {
-                apply(job, &fields);
+            let row: Result<Vec<Option<String>>, _> = redis::cmd("HMGET")
+                .arg(job_key(&job.id))
+                .arg(&FOLLOWED)
+                .query_async(&mut c)
+                .await;
+            if let Ok(row) = row {
+                apply(job, &followed_fields(row));
             }
         }
     }
