@@ -46,6 +46,8 @@ pub struct Worker {
     models: Vec<String>,
     held: Mutex<HashMap<String, Held>>,
     draining: AtomicBool,
+    /// Whether its consumer groups were made (or found) in this Redis.
+    grouped: AtomicBool,
 }
 
 /// The consumer name of this process: the configured one, else host and pid.
@@ -78,6 +80,7 @@ impl Worker {
             blocking,
             held: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            grouped: AtomicBool::new(false),
         }))
     }
 
@@ -138,7 +141,23 @@ impl Worker {
         tracing::info!(worker = %self.name, "drained");
     }
 
-    /// Tells the API replicas what it serves, makes the consumer groups.
+    /// Makes its models' streams and consumer groups where Redis has none (at the
+    /// first heartbeat, and after a Redis that lost them answered `NOGROUP`).
+    async fn make_groups(&self, c: &mut ConnectionManager) -> redis::RedisResult<()> {
+        for name in &self.models {
+            let made: redis::RedisResult<()> =
+                c.xgroup_create_mkstream(queue_key(name), GROUP, "0").await;
+            if let Err(e) = made
+                && e.code() != Some("BUSYGROUP")
+            {
+                return Err(e);
+            }
+        }
+        self.grouped.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Tells the API replicas what it serves and that it lives.
     async fn announce(&self, c: &mut ConnectionManager) -> redis::RedisResult<()> {
         let registry = &self.shared.registry;
         for name in &self.models {
@@ -151,13 +170,6 @@ impl Worker {
             };
             let json = serde_json::to_string(&advert).unwrap_or_default();
             let _: () = c.hset(MODELS, name, json).await?;
-            let made: redis::RedisResult<()> =
-                c.xgroup_create_mkstream(queue_key(name), GROUP, "0").await;
-            if let Err(e) = made
-                && e.code() != Some("BUSYGROUP")
-            {
-                return Err(e);
-            }
         }
         let ttl = (self.shared.config.cluster.heartbeat_ms * 3)
             .div_ceil(1000)
@@ -170,7 +182,8 @@ impl Worker {
             .await
     }
 
-    /// Every heartbeat: the announcement, the held entries' idle times reset
+    /// Every heartbeat: the announcement (and the consumer groups, the first
+    /// time), the held entries' idle times reset
     /// (`XCLAIM ... JUSTID` to itself), cancels and interrupts handed to the jobs.
     async fn heartbeat(self: Arc<Self>) {
         let period = Duration::from_millis(self.shared.config.cluster.heartbeat_ms);
@@ -190,6 +203,9 @@ impl Worker {
 
     async fn beat(&self) -> Result<(), String> {
         let mut c = self.link.get().await.map_err(|e| e.to_string())?;
+        if !self.grouped.load(Ordering::SeqCst) {
+            self.make_groups(&mut c).await.map_err(|e| e.to_string())?;
+        }
         self.announce(&mut c).await.map_err(|e| e.to_string())?;
         let held: Vec<Held> = crate::lock(&self.held).values().cloned().collect();
         if held.is_empty() {
@@ -324,6 +340,7 @@ impl Worker {
     /// Makes the consumer groups again (a Redis that lost them).
     async fn regroup(&self) -> Result<(), String> {
         let mut c = self.link.get().await.map_err(|e| e.to_string())?;
+        self.make_groups(&mut c).await.map_err(|e| e.to_string())?;
         self.announce(&mut c).await.map_err(|e| e.to_string())
     }
 
