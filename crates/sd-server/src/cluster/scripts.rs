@@ -12,6 +12,29 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Lua shared by the scripts of a job's state, by their common layout: `KEYS[1]`
+/// is the job's hash, `KEYS[2]` its model's stream, and (where a worker names its
+/// entry) `ARGV[1]` the entry, `ARGV[2]` the consumer group.
+const PRELUDE: &str = r#"
+local function over(state)
+  return state == 'succeeded' or state == 'failed' or state == 'cancelled'
+end
+local function release_entry()
+  redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+end
+local function finish(state, result, now, ttl, channel)
+  redis.call('HSET', KEYS[1], 'state', state, 'result', result, 'finished', now)
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('PUBLISH', channel, '{"event":"done"}')
+end
+"#;
+
+/// A script of the job's state: [`PRELUDE`] then `body`.
+fn with_prelude(body: &str) -> Script {
+    Script::new(&[PRELUDE, body].concat())
+}
+
 /// Queues a job: the stream entry and the hash, unless the model's stream holds
 /// `capacity` entries, or the idempotency key already names a job.
 ///
@@ -45,22 +68,19 @@ return {'new', entry, tostring(len)}
 /// Returns `{"run", spec, attempts, created ms}`, `{"dead", attempts, last error}` or
 /// `{"skip", why}`.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_prelude(
         r#"
 local function drop(why)
-  redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-  redis.call('XDEL', KEYS[2], ARGV[1])
+  release_entry()
   return {'skip', why}
 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return drop('gone') end
 if redis.call('HGET', KEYS[1], 'entry') ~= ARGV[1] then return drop('stale') end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return drop('over') end
+if over(state) then return drop('over') end
 if redis.call('HGET', KEYS[1], 'cancel') == 'cancel' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'result', ARGV[9], 'finished', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  finish('cancelled', ARGV[9], ARGV[4], ARGV[7], ARGV[8])
   redis.call('SREM', KEYS[3], ARGV[6])
-  redis.call('PUBLISH', ARGV[8], '{"event":"done"}')
   return drop('cancelled')
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -84,24 +104,19 @@ return {'run', redis.call('HGET', KEYS[1], 'spec'), tostring(attempts),
 /// none), model, attempts.
 /// Returns 1 when written, 0 when the result was already there.
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_prelude(
         r#"
 local state = redis.call('HGET', KEYS[1], 'state')
 local current = redis.call('HGET', KEYS[1], 'entry') == ARGV[1]
-redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[2], ARGV[1])
-if not state or not current or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[4], 'result', ARGV[3], 'finished', ARGV[6])
+release_entry()
+if not state or not current or over(state) then return 0 end
 redis.call('HDEL', KEYS[1], 'preview')
-redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('SREM', KEYS[3], ARGV[7])
 if ARGV[9] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', ARGV[7], 'model', ARGV[10],
     'error', ARGV[9], 'attempts', ARGV[11])
 end
-redis.call('PUBLISH', ARGV[8], '{"event":"done"}')
+finish(ARGV[4], ARGV[3], ARGV[6], ARGV[5], ARGV[8])
 return 1
 "#,
     )
@@ -115,12 +130,11 @@ return 1
 /// id.
 /// Returns 1 when queued again, 0 when the job was over or carried elsewhere.
 pub static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_prelude(
         r#"
 local state = redis.call('HGET', KEYS[1], 'state')
 local current = redis.call('HGET', KEYS[1], 'entry') == ARGV[1]
-redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[2], ARGV[1])
+release_entry()
 if (state ~= 'running' and state ~= 'taken') or not current then return 0 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[4])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'step', 0)
@@ -143,17 +157,15 @@ return 1
 /// result JSON.
 /// Returns `missing`, `over`, `cancelled` (it waited) or `requested`.
 pub static CANCEL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_prelude(
         r#"
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 'over' end
+if over(state) then return 'over' end
 if state == 'queued' then
   redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'entry'))
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'result', ARGV[5], 'finished', ARGV[2],
-    'cancel', 'cancel')
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('PUBLISH', ARGV[4], '{"event":"done"}')
+  redis.call('HSET', KEYS[1], 'cancel', 'cancel')
+  finish('cancelled', ARGV[5], ARGV[2], ARGV[3], ARGV[4])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
