@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use image::{GrayImage, RgbImage};
 use sd_io::image::GenerationParameters;
 use sd_pipelines::HiresUpscaler;
@@ -40,6 +38,11 @@ mod b64 {
     }
 }
 
+/// PNG bytes as base64 in JSON, for optional fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Png(#[serde(with = "b64")] Vec<u8>);
+
 fn png_of(image: &RgbImage) -> Vec<u8> {
     sd_io::image::encode_rgb_png(image, None).unwrap_or_default()
 }
@@ -60,7 +63,7 @@ pub struct WireInit {
     #[serde(with = "b64")]
     image: Vec<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    mask: Option<String>,
+    mask: Option<Png>,
     strength: f64,
 }
 
@@ -176,7 +179,7 @@ impl From<&JobSpec> for WireSpec {
             loras: s.loras.clone(),
             init: s.init.as_ref().map(|i| WireInit {
                 image: png_of(&i.image),
-                mask: i.mask.as_ref().map(|m| STANDARD.encode(gray_png_of(m))),
+                mask: i.mask.as_ref().map(|m| Png(gray_png_of(m))),
                 strength: i.strength,
             }),
             hires: s.hires.as_ref().map(|h| {
@@ -225,10 +228,7 @@ impl WireSpec {
             Some(i) => {
                 let mask = match i.mask {
                     None => None,
-                    Some(m) => {
-                        let bytes = STANDARD.decode(m).map_err(|e| format!("mask: {e}"))?;
-                        Some(decode(&bytes, "mask")?.to_luma8())
-                    }
+                    Some(m) => Some(decode(&m.0, "mask")?.to_luma8()),
                 };
                 Some(InitSpec {
                     image: decode(&i.image, "init image")?.to_rgb8(),
