@@ -378,8 +378,10 @@ fn wait_busy(redis: &Redis, limit: Duration) -> Option<String> {
     None
 }
 
-/// Redis, two API replicas and the named workers, all ready, the model announced.
+/// Redis, two API replicas and the named workers, all ready, the model announced;
+/// one cluster at a time on the machine.
 struct Cluster {
+    _serial: std::sync::MutexGuard<'static, ()>,
     logs: tempfile::TempDir,
     loras: tempfile::TempDir,
     redis: Redis,
@@ -389,7 +391,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(workers: &[&str]) -> Self {
+    /// `None` where `redis-server` is missing (and not under CI: see
+    /// [`redis_available`]).
+    fn start(workers: &[&str]) -> Option<Self> {
+        if !redis_available() {
+            return None;
+        }
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let logs = tempfile::tempdir().unwrap();
         let loras = lora_dir();
         let redis = Redis::start();
@@ -416,33 +426,32 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Self {
+        Some(Self {
+            _serial: serial,
             logs,
             loras,
             redis,
             apis,
             workers,
             agent,
-        }
+        })
     }
 }
 
 #[test]
 fn three_hundred_jobs_survive_two_worker_kills_and_a_redis_restart() {
-    if !redis_available() {
-        return;
-    }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Cluster {
+    let Some(Cluster {
+        _serial,
         logs,
         loras,
         mut redis,
         apis,
         mut workers,
         agent,
-    } = Cluster::start(&["w1", "w2", "w3"]);
+    }) = Cluster::start(&["w1", "w2", "w3"])
+    else {
+        return;
+    };
 
     let refused = Mutex::new(0usize);
     let accepted: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -577,20 +586,18 @@ fn three_hundred_jobs_survive_two_worker_kills_and_a_redis_restart() {
 
 #[test]
 fn a_poison_job_is_dead_lettered_and_sigterm_drains_a_worker() {
-    if !redis_available() {
-        return;
-    }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Cluster {
+    let Some(Cluster {
+        _serial,
         logs,
         loras,
         redis,
         apis,
         mut workers,
         agent,
-    } = Cluster::start(&["w1"]);
+    }) = Cluster::start(&["w1"])
+    else {
+        return;
+    };
     let w1 = workers.remove("w1").expect("started");
     let refs: Vec<&Node> = apis.iter().collect();
 
