@@ -419,13 +419,11 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             });
         let scheduler = AnyScheduler::from_config(&SchedulerConfig::from_json(&sched_text)?)?;
         let sd = StableDiffusion {
-            tokenizer: &tokenizer,
-            text_encoder: &te,
+            conditioner: stable_diffusion::pipelines::TextConditioner::clip(&tokenizer, &te),
             unet: &unet,
             vae: &vae,
             decoder: None,
             preview_decoder: None,
-            sdxl: None,
             scheduler: &scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),

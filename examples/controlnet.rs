@@ -58,7 +58,7 @@ struct Args {
     #[arg(long, num_args = 2, default_values_t = [100.0, 200.0])]
     canny: Vec<f32>,
     /// controlnet_conditioning_scale of each ControlNet (default: the task's, 1.0
-    /// text to image, 0.8 with --init-image).
+    /// text to image, 0.8 with --image).
     #[arg(long)]
     control_scale: Vec<f64>,
     /// Fraction of the steps where each ControlNet starts guiding.
@@ -70,10 +70,11 @@ struct Args {
     /// Guess mode: the ControlNets see the conditional half only (for short prompts).
     #[arg(long)]
     guess_mode: bool,
-    /// Start from this image (image to image) instead of noise.
-    #[arg(long)]
+    /// Start from this image (image to image) instead of noise, as the img2img
+    /// example's --image (`--init-image` is accepted too).
+    #[arg(long = "image", alias = "init-image")]
     init_image: Option<PathBuf>,
-    /// With --init-image: how much to change it, in (0, 1].
+    /// With --image: how much to change it, in (0, 1].
     #[arg(long, default_value_t = 0.75)]
     strength: f64,
     /// A T2I-Adapter: a diffusers folder, a .safetensors file or a hub repository id.

@@ -83,6 +83,12 @@ pub struct CommonArgs {
     /// What to avoid.
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// SDXL: what the second text encoder reads (default: --prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+    /// SDXL: the second encoder's negative prompt (default: --negative-prompt).
+    #[arg(long)]
+    pub negative_prompt_2: Option<String>,
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -192,6 +198,16 @@ pub struct CommonArgs {
     /// SDXL micro-conditioning: the crop's top-left corner, TOP,LEFT (default 0,0).
     #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     pub crops_coords: Option<Vec<usize>>,
+    /// SDXL micro-conditioning of the negative half: the original size, HEIGHT,WIDTH
+    /// (text to image: used together with --negative-target-size).
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    pub negative_original_size: Option<Vec<usize>>,
+    /// SDXL micro-conditioning of the negative half: the target size, HEIGHT,WIDTH.
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    pub negative_target_size: Option<Vec<usize>>,
+    /// SDXL micro-conditioning of the negative half: the crop corner, TOP,LEFT.
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    pub negative_crops_coords: Option<Vec<usize>>,
     /// SDXL refiner: the aesthetic score (6.0) and, with guidance, the negative one.
     #[arg(long, default_value_t = 6.0)]
     pub aesthetic_score: f64,
@@ -312,6 +328,12 @@ pub fn request(
     if let Some(n) = &args.negative_prompt {
         r = r.negative_prompt(n.clone());
     }
+    if let Some(p) = &args.prompt_2 {
+        r = r.prompt_2(p.clone());
+    }
+    if let Some(n) = &args.negative_prompt_2 {
+        r = r.negative_prompt_2(n.clone());
+    }
     if args.width.is_some() || args.height.is_some() {
         r = r.size(args.width.unwrap_or(side), args.height.unwrap_or(side));
     }
@@ -347,9 +369,12 @@ pub fn request(
         original_size: pair(&args.original_size, "original-size")?,
         target_size: pair(&args.target_size, "target-size")?,
         crops_coords_top_left: pair(&args.crops_coords, "crops-coords")?.unwrap_or((0, 0)),
+        negative_original_size: pair(&args.negative_original_size, "negative-original-size")?,
+        negative_target_size: pair(&args.negative_target_size, "negative-target-size")?,
+        negative_crops_coords_top_left: pair(&args.negative_crops_coords, "negative-crops-coords")?
+            .unwrap_or((0, 0)),
         aesthetic_score: args.aesthetic_score,
         negative_aesthetic_score: args.negative_aesthetic_score,
-        ..Default::default()
     });
     if let Some(scale) = args.hires_scale {
         r = r.hires_fix(HiresFix {

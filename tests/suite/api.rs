@@ -313,12 +313,14 @@ fn component_misuse_is_an_error() {
     let ids = Tensor::<2, Int>::zeros([1, 78], &device);
     let err = pipe
         .text_encoder()
+        .unwrap()
         .encode(ids, HiddenLayer::Last)
         .unwrap_err();
     assert!(matches!(err, CoreError::Shape { .. }), "{err}");
     let ids = Tensor::<2, Int>::zeros([1, 77], &device);
     let err = pipe
         .text_encoder()
+        .unwrap()
         .encode(ids, HiddenLayer::Skip(5))
         .unwrap_err();
     assert!(err.to_string().contains("clip_skip"), "{err}");

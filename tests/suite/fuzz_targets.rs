@@ -282,10 +282,11 @@ pub fn lora(f: &Fixtures, bytes: &[u8]) {
     {
         let _ = apply_lora(f.pipe.unet().clone(), &[(&w, 0.5)], LoraMode::Merge);
     }
-    if file.has(LoraComponent::TextEncoder)
-        && let Ok(w) = file.weights_for(LoraComponent::TextEncoder, f.pipe.text_encoder())
+    if let Some(te) = f.pipe.text_encoder()
+        && file.has(LoraComponent::TextEncoder)
+        && let Ok(w) = file.weights_for(LoraComponent::TextEncoder, te)
     {
-        let _ = apply_lora(f.pipe.text_encoder().clone(), &[(&w, 0.5)], LoraMode::Merge);
+        let _ = apply_lora(te.clone(), &[(&w, 0.5)], LoraMode::Merge);
     }
 }
 

@@ -293,13 +293,14 @@ fn tiny_sd<'a>(
     inpaint: bool,
 ) -> StableDiffusion<'a> {
     StableDiffusion {
-        tokenizer: &m.tokenizer,
-        text_encoder: &m.text_encoder,
+        conditioner: stable_diffusion::pipelines::TextConditioner::clip(
+            &m.tokenizer,
+            &m.text_encoder,
+        ),
         unet: if inpaint { &m.inpaint_unet } else { &m.unet },
         vae: &m.vae,
         decoder: None,
         preview_decoder: None,
-        sdxl: None,
         scheduler,
         controlnets: Vec::new(),
         adapters: Vec::new(),

@@ -276,6 +276,12 @@ fn run_sdxl_case(
     if let Some(n) = text("negative_prompt") {
         req = req.negative_prompt(n);
     }
+    if let Some(p) = text("prompt_2") {
+        req = req.prompt_2(p);
+    }
+    if let Some(n) = text("negative_prompt_2") {
+        req = req.negative_prompt_2(n);
+    }
     req = match call["timesteps"].as_array() {
         Some(ts) => req.schedule(Steps::Timesteps(
             ts.iter().map(|t| t.as_f64().unwrap()).collect(),
@@ -333,6 +339,75 @@ fn sdxl_long_prompts_and_weighting_match_a1111_through_diffusers() {
     )
     .unwrap();
     run_sdxl_index(&pipe, "index_sdxl_long.json", 3);
+}
+
+/// SDXL's second prompt (`gen/ref_sdxl_prompt_2.py`): different `prompt_2` and
+/// `negative_prompt_2`; a `negative_prompt_2` that diffusers never reads (no negative
+/// prompt: zeros); an empty `prompt_2` standing for the prompt.
+#[test]
+fn sdxl_prompt_2_and_negative_prompt_2_match_diffusers() {
+    use stable_diffusion::prelude::*;
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &Device::flex(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    run_sdxl_index(&pipe, "index_sdxl_prompt_2.json", 3);
+}
+
+/// A second prompt is for a second text encoder: a model with one refuses it by
+/// name; the refiner, as diffusers, encodes the first prompt with its one encoder
+/// and ignores `prompt_2`.
+#[test]
+fn prompt_2_is_refused_with_one_encoder_and_ignored_by_the_refiner() {
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let sd15 = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let request = || GenerationRequest::new("a cat").size(32, 32).steps(2);
+    let err = sd15
+        .validate(&request().prompt_2("a dog"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prompt_2"), "{err}");
+    let err = sd15
+        .generate(request().negative_prompt_2("blur"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("negative_prompt_2"), "{err}");
+    let refiner = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl-refiner"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert!(refiner.text_encoder().is_none() && refiner.text_encoder_2().is_some());
+    let plain = refiner.encode_prompt(&request()).unwrap();
+    let with_2 = refiner
+        .encode_prompt(&request().prompt_2("a dog").negative_prompt_2("blur"))
+        .unwrap();
+    plain
+        .embeds
+        .to_data()
+        .assert_eq(&with_2.embeds.to_data(), true);
+    // The base model reads it.
+    let base = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let a = base.encode_prompt(&request()).unwrap();
+    let b = base.encode_prompt(&request().prompt_2("a dog")).unwrap();
+    assert_eq!(a.embeds.dims(), b.embeds.dims());
+    let diff = (a.embeds - b.embeds).abs().max().into_scalar::<f32>();
+    assert!(diff > 1e-3, "prompt_2 changed nothing ({diff})");
 }
 
 /// Runs every case of `reference/{file}` through `pipe` ([`run_sdxl_case`]); the index

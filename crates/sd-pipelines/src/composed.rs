@@ -7,21 +7,27 @@
 
 use burn::prelude::*;
 use sd_core::{
-    Autoencoder, CoreError, Denoiser, NoiseSource, PromptTokenizer, Scheduler, SchedulerRun, Steps,
-    TextEncoder, img2img_start,
+    Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps, img2img_start,
 };
 
+use crate::conditioner::TextConditioner;
 use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::preview::latent_preview;
-use crate::sdxl::{MicroConditioning, SdxlParts};
+use crate::sdxl::MicroConditioning;
 
 /// Options shared by every task of [`StableDiffusion`].
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
     /// What to draw.
     pub prompt: String,
-    /// What to avoid; `None` is the empty prompt (diffusers' default).
+    /// What to avoid; `None` is the empty prompt (diffusers' default; SDXL base:
+    /// zeros, `force_zeros_for_empty_prompt`).
     pub negative_prompt: Option<String>,
+    /// SDXL's `prompt_2`, for the second text encoder; `None` (or empty): `prompt`.
+    pub prompt_2: Option<String>,
+    /// SDXL's `negative_prompt_2`, for the second text encoder; `None` (or empty):
+    /// the negative prompt.
+    pub negative_prompt_2: Option<String>,
     /// How the scheduler picks its steps.
     pub steps: Steps,
     /// Classifier-free guidance scale (finite); `<= 1` runs no unconditional pass.
@@ -55,6 +61,8 @@ impl Default for GenerationOptions {
         Self {
             prompt: String::new(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             steps: Steps::Count(50),
             guidance_scale: 7.5,
             width: 512,
@@ -140,10 +148,9 @@ pub struct GenerationOutput {
 /// the sd-core traits. [`crate::StableDiffusionPipeline`] owns its parts and lends
 /// them to this type for every run.
 pub struct StableDiffusion<'a> {
-    /// The tokenizer.
-    pub tokenizer: &'a dyn PromptTokenizer,
-    /// The text encoder.
-    pub text_encoder: &'a dyn TextEncoder,
+    /// The text conditioner (the family's tokenizers and text encoders):
+    /// [`TextConditioner::clip`] for SD 1.x / 2.x, [`TextConditioner::Sdxl`].
+    pub conditioner: TextConditioner<'a>,
     /// The denoiser (a 4-channel or a 9-channel inpainting U-Net).
     pub unet: &'a dyn Denoiser,
     /// The autoencoder.
@@ -156,9 +163,6 @@ pub struct StableDiffusion<'a> {
     pub preview_decoder: Option<&'a dyn Autoencoder>,
     /// The scheduler.
     pub scheduler: &'a dyn Scheduler,
-    /// SDXL's second tokenizer and text encoder: with them the prompt is encoded as
-    /// SDXL does (and the U-Net gets the pooled embedding and time ids).
-    pub sdxl: Option<SdxlParts<'a>>,
     /// ControlNets guiding every step, with their images (empty: none).
     pub controlnets: Vec<ControlNetUnit<'a>>,
     /// T2I-Adapters guiding the run, with their images (empty: none).

@@ -35,6 +35,7 @@
 
 pub mod batch;
 pub mod composed;
+pub mod conditioner;
 pub mod control;
 mod controlnets;
 pub mod denoise;
@@ -62,6 +63,9 @@ pub use batch::batchable;
 pub use composed::{
     GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,
 };
+pub use conditioner::{
+    ClipConditioner, PromptEmbeddings, SdxlConditioner, TextConditioner, TextEncoders,
+};
 pub use control::{AdapterUnit, ControlNetUnit, check_units};
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
 pub use error::PipelineError;
@@ -76,7 +80,7 @@ pub use preview::latent_preview;
 pub use request::{
     AdapterInput, ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice,
 };
-pub use sdxl::{MicroConditioning, SdxlParts};
+pub use sdxl::MicroConditioning;
 
 /// The burn version the pipelines are written against.
 pub use burn;

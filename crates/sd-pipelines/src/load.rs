@@ -15,6 +15,7 @@ use sd_models::{
 };
 use sd_schedulers::SchedulerConfig;
 
+use crate::conditioner::TextEncoders;
 use crate::error::PipelineError;
 
 /// Where [`crate::StableDiffusionPipeline::from_pretrained`] loads from.
@@ -175,15 +176,8 @@ pub enum ModelFamily {
 
 /// The loaded components and what was recognised about them.
 pub(crate) struct Loaded {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
-    /// SDXL's second tokenizer and text encoder.
-    pub second: Option<(ClipTokenizer, ClipTextModel)>,
-    /// The SDXL refiner's layout: no first text encoder; `tokenizer` and
-    /// `text_encoder` are the second's, which alone encodes prompts.
-    pub text_encoder_2_only: bool,
-    /// `force_zeros_for_empty_prompt` (SDXL).
-    pub force_zeros_for_empty_prompt: bool,
+    /// The tokenizers and text encoders, by conditioning family.
+    pub text_encoders: TextEncoders,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub unet_config: UNet2DConditionConfig,
@@ -244,22 +238,11 @@ pub(crate) fn load_path(
     }
     loaded.vae = loaded.vae.with_tiling(options.vae_tiling);
     for lora in &options.loras {
-        let targets = LoraTargets::borrowed(
-            &loaded.unet,
-            &loaded.text_encoder,
-            loaded.second.as_ref().map(|(_, t)| t),
-        );
+        let targets = LoraTargets::borrowed(&loaded.unet, &loaded.text_encoders);
         let t = apply_lora_file(targets, &loaded.unet_config, lora)?;
-        let (unet, text_encoder, te2) = (
-            t.unet.into_owned(),
-            t.text_encoder.into_owned(),
-            t.text_encoder_2.map(Cow::into_owned),
-        );
+        let (unet, te, te2) = t.into_owned();
         loaded.unet = unet;
-        loaded.text_encoder = text_encoder;
-        if let (Some(te2), Some(second)) = (te2, loaded.second.as_mut()) {
-            second.1 = te2;
-        }
+        loaded.text_encoders.replace(te, te2);
     }
     Ok(loaded)
 }
@@ -290,36 +273,16 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
         dtype: None,
         variant: options.variant.clone(),
     };
-    // The SDXL refiner (stabilityai/stable-diffusion-xl-refiner-1.0) has only the
-    // second tokenizer and text encoder (`[null, null]` for the first in its index).
-    let text_encoder_2_only = !model.has("text_encoder") && model.has("text_encoder_2");
-    let second = if model.has("text_encoder_2") {
-        Some((
-            model.tokenizer_2()?,
-            model.text_encoder_2(device, &f32_opts)?,
-        ))
-    } else {
-        None
+    let text_encoders = TextEncoders::from_dir(&model, device, &f32_opts)?;
+    let family = match &text_encoders {
+        TextEncoders::Sdxl { .. } => ModelFamily::Sdxl,
+        TextEncoders::Clip { text_encoder, .. } if text_encoder_width(text_encoder) == 1024 => {
+            ModelFamily::Sd2
+        }
+        TextEncoders::Clip { .. } => ModelFamily::Sd1,
     };
-    let (tokenizer, text_encoder) = match (&second, text_encoder_2_only) {
-        (Some((tokenizer_2, te2)), true) => (tokenizer_2.clone(), te2.clone()),
-        _ => (model.tokenizer()?, model.text_encoder(device, &f32_opts)?),
-    };
-    let family = if second.is_some() {
-        ModelFamily::Sdxl
-    } else if text_encoder_width(&text_encoder) == 1024 {
-        ModelFamily::Sd2
-    } else {
-        ModelFamily::Sd1
-    };
-    // True unless the index says, as diffusers' StableDiffusionXLPipeline.
-    let force_zeros_for_empty_prompt = model.force_zeros_for_empty_prompt()?.unwrap_or(true);
     Ok(Loaded {
-        tokenizer,
-        text_encoder,
-        second,
-        text_encoder_2_only,
-        force_zeros_for_empty_prompt,
+        text_encoders,
         unet: model.unet(device, &unet_options(options))?,
         vae: model.vae(device, &vae_options(options, &model.vae_config()?))?,
         unet_config: model.unet_config()?,
@@ -381,10 +344,6 @@ fn load_single_file(
                 (ckpt, first, tokenizer_2, scheduler.to_string(), force_zeros)
             }
         };
-    let tokenizer = match (&tokenizer_2, ckpt.text_encoder_2_only()) {
-        (Some(t), true) => t.clone(),
-        _ => first()?,
-    };
     let family = if ckpt.is_sdxl() {
         ModelFamily::Sdxl
     } else if ckpt.is_sd2() {
@@ -392,21 +351,24 @@ fn load_single_file(
     } else {
         ModelFamily::Sd1
     };
-    let second = match tokenizer_2 {
-        Some(t) => Some((t, ckpt.text_encoder_2(device, &f32_opts)?)),
-        None => None,
-    };
-    let text_encoder_2_only = ckpt.text_encoder_2_only();
-    let text_encoder = match (&second, text_encoder_2_only) {
-        (Some((_, te2)), true) => te2.clone(),
-        _ => ckpt.text_encoder(device, &f32_opts)?,
+    let text_encoders = match tokenizer_2 {
+        Some(tokenizer_2) => TextEncoders::Sdxl {
+            first: if ckpt.text_encoder_2_only() {
+                None
+            } else {
+                Some((first()?, ckpt.text_encoder(device, &f32_opts)?))
+            },
+            tokenizer_2,
+            text_encoder_2: ckpt.text_encoder_2(device, &f32_opts)?,
+            force_zeros_for_empty_prompt: force_zeros,
+        },
+        None => TextEncoders::Clip {
+            tokenizer: first()?,
+            text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+        },
     };
     Ok(Loaded {
-        tokenizer,
-        text_encoder,
-        force_zeros_for_empty_prompt: force_zeros,
-        second,
-        text_encoder_2_only,
+        text_encoders,
         unet: ckpt.unet(device, &unet_options(options))?,
         vae: ckpt.vae(device, &vae_options(options, ckpt.vae_config()))?,
         unet_config: ckpt.unet_config().clone(),
@@ -420,21 +382,37 @@ fn load_single_file(
 /// The models a LoRA file may adapt, borrowed until one is changed.
 pub(crate) struct LoraTargets<'a> {
     pub unet: Cow<'a, UNet2DConditionModel>,
-    pub text_encoder: Cow<'a, ClipTextModel>,
+    /// The first text encoder (`None`: the SDXL refiner has none).
+    pub text_encoder: Option<Cow<'a, ClipTextModel>>,
     pub text_encoder_2: Option<Cow<'a, ClipTextModel>>,
 }
 
 impl<'a> LoraTargets<'a> {
-    pub fn borrowed(
-        unet: &'a UNet2DConditionModel,
-        text_encoder: &'a ClipTextModel,
-        text_encoder_2: Option<&'a ClipTextModel>,
-    ) -> Self {
+    pub fn borrowed(unet: &'a UNet2DConditionModel, text_encoders: &'a TextEncoders) -> Self {
         Self {
             unet: Cow::Borrowed(unet),
-            text_encoder: Cow::Borrowed(text_encoder),
-            text_encoder_2: text_encoder_2.map(Cow::Borrowed),
+            text_encoder: text_encoders.text_encoder().map(Cow::Borrowed),
+            text_encoder_2: text_encoders.text_encoder_2().map(Cow::Borrowed),
         }
+    }
+
+    /// The U-Net and the encoders a LoRA changed (`None`: unchanged).
+    pub fn into_owned(
+        self,
+    ) -> (
+        UNet2DConditionModel,
+        Option<ClipTextModel>,
+        Option<ClipTextModel>,
+    ) {
+        let changed = |t: Option<Cow<'a, ClipTextModel>>| match t {
+            Some(Cow::Owned(t)) => Some(t),
+            _ => None,
+        };
+        (
+            self.unet.into_owned(),
+            changed(self.text_encoder),
+            changed(self.text_encoder_2),
+        )
     }
 }
 
@@ -468,13 +446,18 @@ pub(crate) fn apply_lora_file<'a>(
         )?);
     }
     if file.has(LoraComponent::TextEncoder) {
-        let w = file.weights_for(LoraComponent::TextEncoder, text_encoder.as_ref())?;
-        let te = apply_lora(
-            text_encoder.into_owned(),
-            &[(&w, strength)],
-            LoraMode::Merge,
-        )?;
-        text_encoder = Cow::Owned(te);
+        let Some(te) = text_encoder else {
+            return Err(PipelineError::request(
+                "lora",
+                format!(
+                    "{} has layers for a first text encoder, which this model (the SDXL refiner) lacks",
+                    lora.path.display()
+                ),
+            ));
+        };
+        let w = file.weights_for(LoraComponent::TextEncoder, te.as_ref())?;
+        let te = apply_lora(te.into_owned(), &[(&w, strength)], LoraMode::Merge)?;
+        text_encoder = Some(Cow::Owned(te));
     }
     if file.has(LoraComponent::TextEncoder2) {
         let Some(te2) = text_encoder_2 else {

@@ -1,8 +1,6 @@
 //! [`StableDiffusionPipeline`]: the owning pipeline, from a folder, a file or the hub
 //! to pictures.
 
-use std::borrow::Cow;
-
 use burn::prelude::*;
 use burn::tensor::DType;
 use sd_core::{Autoencoder, NoiseRng, NoiseSource, Scheduler, Steps};
@@ -15,6 +13,7 @@ use sd_models::{
 use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
 
 use crate::composed::{GenerationOptions, GenerationOutput, StableDiffusion, StepInfo};
+use crate::conditioner::{PromptEmbeddings, TextConditioner, TextEncoders};
 use crate::error::PipelineError;
 use crate::interpolate::Endpoints;
 use crate::load::{
@@ -23,18 +22,13 @@ use crate::load::{
 use crate::memory::{RunShape, available_bytes, estimate_bytes};
 use crate::output::{GeneratedImage, Generation};
 use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
-use crate::sdxl::SdxlParts;
 
 /// A Stable Diffusion 1.x / 2.x / XL model that owns its parts: tokenizer, text encoder,
 /// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
 /// runs a [`GenerationRequest`] (txt2img, img2img, inpainting or outpainting, from
 /// what the request sets).
 pub struct StableDiffusionPipeline {
-    pub(crate) tokenizer: ClipTokenizer,
-    pub(crate) text_encoder: ClipTextModel,
-    pub(crate) second: Option<(ClipTokenizer, ClipTextModel)>,
-    pub(crate) text_encoder_2_only: bool,
-    pub(crate) force_zeros_for_empty_prompt: bool,
+    pub(crate) text_encoders: TextEncoders,
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
@@ -49,22 +43,8 @@ pub struct StableDiffusionPipeline {
     pub(crate) device: Device,
 }
 
-/// The U-Net and text encoders of a run.
-type RunModels<'a> = (
-    &'a UNet2DConditionModel,
-    &'a ClipTextModel,
-    Option<&'a ClipTextModel>,
-);
-
-impl<'a> LoraTargets<'a> {
-    fn refs(&self) -> RunModels<'_> {
-        (
-            self.unet.as_ref(),
-            self.text_encoder.as_ref(),
-            self.text_encoder_2.as_deref(),
-        )
-    }
-}
+/// The U-Net and text conditioner of a run.
+type RunModels<'a> = (&'a UNet2DConditionModel, TextConditioner<'a>);
 
 /// The parts of a task, resolved from a request.
 #[allow(clippy::large_enum_variant, reason = "one value per request")]
@@ -168,11 +148,7 @@ impl StableDiffusionPipeline {
     fn from_loaded(l: Loaded, device: &Device) -> Result<Self, PipelineError> {
         let scheduler = AnyScheduler::from_config(&l.scheduler_config)?;
         Ok(Self {
-            tokenizer: l.tokenizer,
-            text_encoder: l.text_encoder,
-            second: l.second,
-            text_encoder_2_only: l.text_encoder_2_only,
-            force_zeros_for_empty_prompt: l.force_zeros_for_empty_prompt,
+            text_encoders: l.text_encoders,
             unet: l.unet,
             vae: l.vae,
             tiny_vae: None,
@@ -214,14 +190,24 @@ impl StableDiffusionPipeline {
         &self.device
     }
 
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+    /// The tokenizers and text encoders, by conditioning family.
+    pub fn text_encoders(&self) -> &TextEncoders {
+        &self.text_encoders
     }
 
-    /// The text encoder.
-    pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
+    /// The text conditioner over the pipeline's own encoders (no LoRAs merged).
+    pub fn conditioner(&self) -> TextConditioner<'_> {
+        self.text_encoders.conditioner()
+    }
+
+    /// The first tokenizer (`None` for the SDXL refiner, which has only the second).
+    pub fn tokenizer(&self) -> Option<&ClipTokenizer> {
+        self.text_encoders.tokenizer()
+    }
+
+    /// The first text encoder (`None` for the SDXL refiner).
+    pub fn text_encoder(&self) -> Option<&ClipTextModel> {
+        self.text_encoders.text_encoder()
     }
 
     /// The U-Net.
@@ -255,16 +241,9 @@ impl StableDiffusionPipeline {
     /// An unreadable file or layers that do not fit the model.
     pub fn fuse_lora(&mut self, lora: &LoraSpec) -> Result<(), PipelineError> {
         let t = apply_lora_file(self.lora_targets(), &self.unet_config, lora)?;
-        let (unet, text_encoder, te2) = (
-            t.unet.into_owned(),
-            t.text_encoder.into_owned(),
-            t.text_encoder_2.map(Cow::into_owned),
-        );
+        let (unet, te, te2) = t.into_owned();
         self.unet = unet;
-        self.text_encoder = text_encoder;
-        if let (Some(te2), Some(second)) = (te2, self.second.as_mut()) {
-            second.1 = te2;
-        }
+        self.text_encoders.replace(te, te2);
         Ok(())
     }
 
@@ -276,8 +255,16 @@ impl StableDiffusionPipeline {
 
     /// The pipeline's own U-Net and text encoders (no LoRAs merged for a run).
     pub(crate) fn own_models(&self) -> RunModels<'_> {
-        let te2 = self.second.as_ref().map(|(_, t)| t);
-        (&self.unet, &self.text_encoder, te2)
+        (&self.unet, self.text_encoders.conditioner())
+    }
+
+    /// A run's U-Net and text encoders: `t`'s (LoRAs merged) with the pipeline's
+    /// tokenizers.
+    fn run_models<'a>(&'a self, t: &'a LoraTargets<'_>) -> RunModels<'a> {
+        let conditioner = self
+            .text_encoders
+            .conditioner_with(t.text_encoder.as_deref(), t.text_encoder_2.as_deref());
+        (t.unet.as_ref(), conditioner)
     }
 
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
@@ -285,38 +272,27 @@ impl StableDiffusionPipeline {
     /// when loaded, decodes the previews and, with `tiny_decoder`, the pictures.
     pub(crate) fn run_parts<'a>(
         &'a self,
-        (unet, text_encoder, te2): RunModels<'a>,
+        (unet, conditioner): RunModels<'a>,
         scheduler: &'a dyn Scheduler,
         tiny_decoder: bool,
     ) -> StableDiffusion<'a> {
         let tiny = self.tiny_vae.as_ref().map(|t| t as &dyn Autoencoder);
         StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder,
+            conditioner,
             unet,
             vae: &self.vae,
             decoder: tiny.filter(|_| tiny_decoder),
             preview_decoder: tiny,
             scheduler,
-            sdxl: self
-                .second
-                .as_ref()
-                .zip(te2)
-                .map(|((tokenizer_2, _), te2)| SdxlParts {
-                    tokenizer_2,
-                    text_encoder_2: te2,
-                    force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
-                    text_encoder_2_only: self.text_encoder_2_only,
-                }),
             controlnets: Vec::new(),
             adapters: Vec::new(),
             device: self.device.clone(),
         }
     }
 
-    /// SDXL's second tokenizer and text encoder, when the model has them.
+    /// SDXL's second text encoder, when the model has one.
     pub fn text_encoder_2(&self) -> Option<&ClipTextModel> {
-        self.second.as_ref().map(|(_, t)| t)
+        self.text_encoders.text_encoder_2()
     }
 
     /// The scheduler a request asks for, with its sigma schedule and eta.
@@ -354,11 +330,7 @@ impl StableDiffusionPipeline {
 
     /// The pipeline's own models, borrowed.
     fn lora_targets(&self) -> LoraTargets<'_> {
-        LoraTargets::borrowed(
-            &self.unet,
-            &self.text_encoder,
-            self.second.as_ref().map(|(_, t)| t),
-        )
+        LoraTargets::borrowed(&self.unet, &self.text_encoders)
     }
 
     /// Copies of the models with the request's LoRAs merged, or the pipeline's own
@@ -469,7 +441,7 @@ impl StableDiffusionPipeline {
         let (scheduler, sampler) = self.checked_scheduler(&request)?;
         let models = self.models_for(&request.loras)?;
         let task = self.task(&mut request)?;
-        let mut sd = self.run_parts(models.refs(), &scheduler, request.tiny_decoder);
+        let mut sd = self.run_parts(self.run_models(&models), &scheduler, request.tiny_decoder);
         sd.controlnets = self.control_units(control, &task, &request)?;
         sd.adapters = self.adapter_units(adapter_inputs, &task, &request)?;
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
@@ -510,10 +482,28 @@ impl StableDiffusionPipeline {
         Ok(self.output(out, &request, &sampler, seed))
     }
 
+    /// The prompt embeddings a request runs with, as [`Self::generate`] computes them:
+    /// `[negative; positive]` with classifier-free guidance, else the positive;
+    /// SDXL's pooled embedding besides. The request's LoRAs are merged for it.
+    ///
+    /// # Errors
+    /// A clip skip past the encoders, a second prompt for a model with one encoder,
+    /// LoRAs that do not fit, tokenizer failures.
+    pub fn encode_prompt(
+        &self,
+        request: &GenerationRequest<'_>,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        let models = self.models_for(&request.loras)?;
+        let sd = self.run_parts(self.run_models(&models), &self.scheduler, false);
+        Ok(sd.prompt_embeddings(&self.options(request))?)
+    }
+
     pub(crate) fn options(&self, r: &GenerationRequest<'_>) -> GenerationOptions {
         GenerationOptions {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone(),
+            prompt_2: r.prompt_2.clone(),
+            negative_prompt_2: r.negative_prompt_2.clone(),
             steps: r.steps.clone(),
             guidance_scale: r.guidance,
             width: r.width.unwrap_or_else(|| self.default_size()),
@@ -605,7 +595,7 @@ impl StableDiffusionPipeline {
         let (scheduler, sampler) = self.checked_scheduler(&a)?;
         self.validate(&b)?;
         let models = self.models_for(&a.loras)?;
-        let sd = self.run_parts(models.refs(), &scheduler, a.tiny_decoder);
+        let sd = self.run_parts(self.run_models(&models), &scheduler, a.tiny_decoder);
         let (oa, ob) = (self.options(&a), self.options(&b));
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);

@@ -171,6 +171,8 @@ pub type RequestCallback<'a> = Box<dyn FnMut(&StepInfo<'_>) -> bool + 'a>;
 pub struct GenerationRequest<'a> {
     pub(crate) prompt: String,
     pub(crate) negative_prompt: Option<String>,
+    pub(crate) prompt_2: Option<String>,
+    pub(crate) negative_prompt_2: Option<String>,
     pub(crate) width: Option<usize>,
     pub(crate) height: Option<usize>,
     pub(crate) steps: Steps,
@@ -207,6 +209,8 @@ impl fmt::Debug for GenerationRequest<'_> {
         f.debug_struct("GenerationRequest")
             .field("prompt", &self.prompt)
             .field("negative_prompt", &self.negative_prompt)
+            .field("prompt_2", &self.prompt_2)
+            .field("negative_prompt_2", &self.negative_prompt_2)
             .field("size", &(self.width, self.height))
             .field("steps", &self.steps)
             .field("guidance", &self.guidance)
@@ -234,6 +238,8 @@ impl<'a> GenerationRequest<'a> {
         Self {
             prompt: prompt.into(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             width: None,
             height: None,
             steps: Steps::Count(50),
@@ -269,6 +275,21 @@ impl<'a> GenerationRequest<'a> {
     /// What to avoid.
     pub fn negative_prompt(mut self, text: impl Into<String>) -> Self {
         self.negative_prompt = Some(text.into());
+        self
+    }
+
+    /// SDXL's `prompt_2`: what the second text encoder (OpenCLIP bigG) reads; unset
+    /// or empty, it reads the prompt. Refused by models with one text encoder.
+    pub fn prompt_2(mut self, text: impl Into<String>) -> Self {
+        self.prompt_2 = Some(text.into());
+        self
+    }
+
+    /// SDXL's `negative_prompt_2`, for the second text encoder; unset or empty, the
+    /// negative prompt. Without a negative prompt SDXL base's negative is zeros
+    /// (`force_zeros_for_empty_prompt`) and this is not read, as in diffusers.
+    pub fn negative_prompt_2(mut self, text: impl Into<String>) -> Self {
+        self.negative_prompt_2 = Some(text.into());
         self
     }
 

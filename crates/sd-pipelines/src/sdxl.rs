@@ -1,40 +1,11 @@
-//! SDXL's conditioning (diffusers' `StableDiffusionXLPipeline`): two text encoders
-//! whose penultimate layers are concatenated, the second one's pooled projection,
-//! and the micro-conditioning time ids, fed to the U-Net's `text_time` addition.
+//! SDXL's added conditioning (diffusers' `StableDiffusionXLPipeline`): the pooled
+//! prompt embedding (from [`crate::conditioner::SdxlConditioner`]) and the
+//! micro-conditioning time ids, fed to the U-Net's `text_time` addition.
 
 use burn::prelude::*;
-use sd_core::{AddedConditioning, CoreError, HiddenLayer, PromptTokenizer, TextEncoder};
+use sd_core::{AddedConditioning, CoreError};
 
 use crate::composed::{GenerationOptions, StableDiffusion, invalid};
-use crate::prompt_encoding::Windows;
-
-/// SDXL's second tokenizer and text encoder (OpenCLIP bigG as diffusers ships it, a
-/// `CLIPTextModelWithProjection`), and how empty negative prompts are encoded.
-#[derive(Clone, Copy)]
-pub struct SdxlParts<'a> {
-    /// `tokenizer_2` (pads with `!`).
-    pub tokenizer_2: &'a dyn PromptTokenizer,
-    /// `text_encoder_2`; its `text_embeds` are the pooled prompt embedding.
-    pub text_encoder_2: &'a dyn TextEncoder,
-    /// `force_zeros_for_empty_prompt` (`model_index.json`, true for SDXL base): with
-    /// guidance and no negative prompt, the negative embeddings are zeros.
-    pub force_zeros_for_empty_prompt: bool,
-    /// The refiner's layout (diffusers' `text_encoder=None`): the prompt embeddings
-    /// are `text_encoder_2`'s alone and the first encoder is not run.
-    pub text_encoder_2_only: bool,
-}
-
-impl std::fmt::Debug for SdxlParts<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SdxlParts")
-            .field(
-                "force_zeros_for_empty_prompt",
-                &self.force_zeros_for_empty_prompt,
-            )
-            .field("text_encoder_2_only", &self.text_encoder_2_only)
-            .finish_non_exhaustive()
-    }
-}
 
 /// SDXL's micro-conditioning: sizes are `(height, width)`, crops `(top, left)`, in
 /// pixels. Unset sizes are the generated picture's; the crop is `(0, 0)`.
@@ -116,140 +87,7 @@ impl MicroConditioning {
     }
 }
 
-/// The second encoder's pooled projection, which SDXL needs.
-fn required_pooled(pooled: Option<Tensor<2>>) -> Result<Tensor<2>, CoreError> {
-    pooled.ok_or_else(|| {
-        invalid(
-            "text_encoder_2",
-            "SDXL's second text encoder must have a text_projection (CLIPTextModelWithProjection)",
-        )
-    })
-}
-
 impl StableDiffusion<'_> {
-    /// Token ids `[batch, 77]` of `prompt` by `tokenizer`.
-    pub(crate) fn ids_with(
-        &self,
-        tokenizer: &dyn PromptTokenizer,
-        prompt: &str,
-        batch: usize,
-    ) -> Result<Tensor<2, Int>, CoreError> {
-        let ids = tokenizer.encode_padded(prompt)?;
-        let n = ids.len();
-        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
-        Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
-    }
-
-    /// One prompt through both encoders: the concatenated layer `[b, 77, d1 + d2]`
-    /// (`[b, 77, d2]` for the refiner) and the pooled projection `[b, p]`.
-    fn encode_both(
-        &self,
-        x: &SdxlParts<'_>,
-        prompt: &str,
-        layer: HiddenLayer,
-        batch: usize,
-    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        let b = x
-            .text_encoder_2
-            .encode(self.ids_with(x.tokenizer_2, prompt, batch)?, layer)?;
-        let pooled = required_pooled(b.text_embeds)?;
-        if x.text_encoder_2_only {
-            return Ok((b.hidden_states, pooled));
-        }
-        let a = self
-            .text_encoder
-            .encode(self.ids_with(self.tokenizer, prompt, batch)?, layer)?;
-        Ok((
-            Tensor::cat(vec![a.hidden_states, b.hidden_states], 2),
-            pooled,
-        ))
-    }
-
-    /// SDXL's `encode_prompt`: `[negative; positive]` with classifier-free guidance
-    /// (zeros for an unset negative prompt when `force_zeros_for_empty_prompt`),
-    /// else the positive only; prompt embeddings and pooled embeddings.
-    pub(crate) fn encode_prompt_sdxl(
-        &self,
-        x: &SdxlParts<'_>,
-        o: &GenerationOptions,
-    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        let b = o.batch_size;
-        // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
-        let layer = HiddenLayer::SkipRaw(o.clip_skip.unwrap_or(0) + 1);
-        if o.long_prompts || o.prompt_weighting {
-            return self.encode_prompt_sdxl_windows(x, o, layer);
-        }
-        let positive = self.encode_both(x, &o.prompt, layer, b)?;
-        self.with_negative(x, o, positive, || {
-            let negative = o.negative_prompt.as_deref().unwrap_or("");
-            self.encode_both(x, negative, HiddenLayer::SkipRaw(1), b)
-        })
-    }
-
-    /// `positive` alone without classifier-free guidance, else `[negative; positive]`:
-    /// zeros for an unset negative prompt with `force_zeros_for_empty_prompt`, else
-    /// what `negative` encodes.
-    fn with_negative(
-        &self,
-        x: &SdxlParts<'_>,
-        o: &GenerationOptions,
-        positive: (Tensor<3>, Tensor<2>),
-        negative: impl FnOnce() -> Result<(Tensor<3>, Tensor<2>), CoreError>,
-    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        if !self.uses_cfg(o.guidance_scale) {
-            return Ok(positive);
-        }
-        let (pe, pp) = positive;
-        let (ne, np) = match (&o.negative_prompt, x.force_zeros_for_empty_prompt) {
-            (None, true) => (pe.zeros_like(), pp.zeros_like()),
-            _ => negative()?,
-        };
-        Ok((Tensor::cat(vec![ne, pe], 0), Tensor::cat(vec![np, pp], 0)))
-    }
-
-    /// Long prompts and A1111 weighting for SDXL, as A1111 does them: the same
-    /// 75-token windows through both encoders, each encoder's windows weighted (its
-    /// own mean restored) and concatenated along the sequence, the two encoders along
-    /// the features: `[b, 77 * windows, d1 + d2]`; the pooled projection is the second
-    /// encoder's of the first window. Negatives as [`Self::encode_prompt_sdxl`].
-    fn encode_prompt_sdxl_windows(
-        &self,
-        x: &SdxlParts<'_>,
-        o: &GenerationOptions,
-        layer: HiddenLayer,
-    ) -> Result<(Tensor<3>, Tensor<2>), CoreError> {
-        let (b, w) = (o.batch_size, o.prompt_weighting);
-        let [pos2, neg2] = self.prompt_windows(x.tokenizer_2, o)?;
-        let [pos1, neg1] = if x.text_encoder_2_only {
-            [Vec::new(), Vec::new()]
-        } else {
-            self.prompt_windows(self.tokenizer, o)?
-        };
-        let encode = |w2: &Windows, w1: &Windows, layer| -> Result<_, CoreError> {
-            let (h2, pooled) =
-                self.encode_windows(x.tokenizer_2, x.text_encoder_2, w2, layer, w, b)?;
-            let pooled = required_pooled(pooled)?;
-            if x.text_encoder_2_only {
-                return Ok((h2, pooled));
-            }
-            let h1 = self
-                .encode_windows(self.tokenizer, self.text_encoder, w1, layer, w, b)?
-                .0;
-            if h1.dims()[1] != h2.dims()[1] {
-                return Err(invalid(
-                    "tokenizer_2",
-                    "the two tokenizers cut the prompt into different numbers of windows",
-                ));
-            }
-            Ok((Tensor::cat(vec![h1, h2], 2), pooled))
-        };
-        let positive = encode(&pos2, &pos1, layer)?;
-        self.with_negative(x, o, positive, || {
-            encode(&neg2, &neg1, HiddenLayer::SkipRaw(1))
-        })
-    }
-
     /// The U-Net's added conditioning for SDXL: the pooled embeddings and the time
     /// ids, batched as the prompt embeddings (`[negative; positive]` with guidance).
     pub(crate) fn sdxl_added(

@@ -1,7 +1,7 @@
 //! Every check of a request, without running a model: what
 //! [`StableDiffusionPipeline::generate`] does first, and a dry run for callers.
 
-use sd_core::{Autoencoder, Scheduler, TextEncoder, img2img_start};
+use sd_core::{Autoencoder, Scheduler, img2img_start};
 use sd_io::image::{SizeMode, fitted_size};
 use sd_schedulers::AnyScheduler;
 
@@ -69,18 +69,7 @@ impl StableDiffusionPipeline {
         let (scheduler, label) = self.scheduler_for(r)?;
         let options = self.options(r);
         check_options(&options)?;
-        if let Some(k) = r.clip_skip
-            && k > 0
-            && k >= self.text_encoder.num_hidden_layers()
-        {
-            return Err(PipelineError::request(
-                "clip_skip",
-                format!(
-                    "{k} skips every layer of the text encoder ({} layers)",
-                    self.text_encoder.num_hidden_layers()
-                ),
-            ));
-        }
+        self.conditioner().check(&options)?;
         let run = scheduler.start(&options.steps)?;
         let (width, height) = self.task_size(r, &options)?;
         if r.init_image.is_some() && r.outpaint.is_none() {

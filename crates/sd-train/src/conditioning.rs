@@ -9,19 +9,15 @@ use burn::prelude::*;
 use sd_core::{AddedConditioning, HiddenLayer, PromptTokenizer};
 use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir};
 use sd_models::ClipTextModel;
-use sd_pipelines::SdxlParts;
+use sd_pipelines::{TextConditioner, TextEncoders};
 
 use crate::error::TrainError;
 
 /// The frozen tokenizers and text encoders of the model being trained.
 pub struct CaptionEncoder {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    /// SDXL: `tokenizer_2` and `text_encoder_2`.
-    second: Option<(ClipTokenizer, ClipTextModel)>,
-    /// SDXL's `force_zeros_for_empty_prompt` (`model_index.json`, default true), for
-    /// the sample pictures.
-    force_zeros_for_empty_prompt: bool,
+    /// SD 1.x / 2.x's encoder or SDXL base's two (with its
+    /// `force_zeros_for_empty_prompt`, for the sample pictures).
+    encoders: TextEncoders,
 }
 
 /// One caption's conditioning (batch 1).
@@ -51,44 +47,27 @@ impl CaptionEncoder {
                     .into(),
             ));
         }
-        let second = if dir.has("text_encoder_2") {
-            Some((dir.tokenizer_2()?, dir.text_encoder_2(device, &options)?))
-        } else {
-            None
-        };
-        let force_zeros_for_empty_prompt = dir.force_zeros_for_empty_prompt()?.unwrap_or(true);
         Ok(Self {
-            tokenizer: dir.tokenizer()?,
-            text_encoder: dir.text_encoder(device, &options)?,
-            second,
-            force_zeros_for_empty_prompt,
+            encoders: TextEncoders::from_dir(dir, device, &options)?,
         })
     }
 
     /// Whether the model is SDXL (two text encoders, `text_time` conditioning).
     pub fn is_sdxl(&self) -> bool {
-        self.second.is_some()
+        self.encoders.text_encoder_2().is_some()
     }
 
-    /// The first tokenizer.
-    pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+    /// The frozen tokenizers and text encoders.
+    pub fn text_encoders(&self) -> &TextEncoders {
+        &self.encoders
     }
 
-    /// The first text encoder.
-    pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
-    }
-
-    /// SDXL's second encoder for the pipelines (sample pictures); `trained` replaces
-    /// the frozen encoders (`[text_encoder, text_encoder_2]`) when not empty.
-    pub fn sdxl_parts<'a>(&'a self, trained: &'a [ClipTextModel]) -> Option<SdxlParts<'a>> {
-        self.second.as_ref().map(|(tokenizer_2, frozen)| SdxlParts {
-            tokenizer_2,
-            text_encoder_2: trained.get(1).unwrap_or(frozen),
-            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
-            text_encoder_2_only: false,
-        })
+    /// The text conditioner for the pipelines (sample pictures); `trained` replaces
+    /// the frozen encoders (`[text_encoder]` or `[text_encoder, text_encoder_2]`) when
+    /// not empty.
+    pub fn conditioner<'a>(&'a self, trained: &'a [ClipTextModel]) -> TextConditioner<'a> {
+        self.encoders
+            .conditioner_with(trained.first(), trained.get(1))
     }
 
     /// The conditioning of `caption` by the frozen encoders, without time ids.
@@ -111,23 +90,32 @@ impl CaptionEncoder {
         trained: &[ClipTextModel],
         device: &Device,
     ) -> Result<Conditioning, TrainError> {
-        let expected = 1 + usize::from(self.second.is_some());
+        let expected = 1 + usize::from(self.is_sdxl());
         if !trained.is_empty() && trained.len() != expected {
             return Err(TrainError::Config(format!(
                 "{} trained text encoders for a model with {expected}",
                 trained.len()
             )));
         }
-        let text_encoder = trained.first().unwrap_or(&self.text_encoder);
         let ids = |tokenizer: &ClipTokenizer| -> Result<Tensor<2, Int>, TrainError> {
             let ids = tokenizer.encode_padded(caption)?;
             let n = ids.len();
             let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
             Ok(Tensor::from_data(TensorData::new(ids, [1, n]), device))
         };
-        let Some((tokenizer_2, frozen_2)) = &self.second else {
+        let (Some(tokenizer), Some(frozen)) =
+            (self.encoders.tokenizer(), self.encoders.text_encoder())
+        else {
+            return Err(TrainError::Config(
+                "the model has no first text encoder (the SDXL refiner)".into(),
+            ));
+        };
+        let text_encoder = trained.first().unwrap_or(frozen);
+        let (Some(tokenizer_2), Some(frozen_2)) =
+            (self.encoders.tokenizer_2(), self.encoders.text_encoder_2())
+        else {
             let embedding = text_encoder
-                .forward(ids(&self.tokenizer)?, HiddenLayer::Last)
+                .forward(ids(tokenizer)?, HiddenLayer::Last)
                 .hidden_states;
             return Ok(Conditioning {
                 embedding,
@@ -136,7 +124,7 @@ impl CaptionEncoder {
             });
         };
         // SDXL: `hidden_states[-2]` of each, concatenated; pooled from the second.
-        let a = text_encoder.forward(ids(&self.tokenizer)?, HiddenLayer::SkipRaw(1));
+        let a = text_encoder.forward(ids(tokenizer)?, HiddenLayer::SkipRaw(1));
         let text_encoder_2 = trained.get(1).unwrap_or(frozen_2);
         let b = text_encoder_2.forward(ids(tokenizer_2)?, HiddenLayer::SkipRaw(1));
         let pooled = b.text_embeds.ok_or_else(|| {

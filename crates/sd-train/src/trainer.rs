@@ -255,15 +255,11 @@ impl Trainer {
             _ => Vec::new(),
         };
         let sd = StableDiffusion {
-            tokenizer: self.captions.tokenizer(),
-            text_encoder: text_encoders
-                .first()
-                .unwrap_or(self.captions.text_encoder()),
+            conditioner: self.captions.conditioner(text_encoders),
             unet,
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
-            sdxl: self.captions.sdxl_parts(text_encoders),
             scheduler: &scheduler,
             controlnets,
             adapters: Vec::new(),

@@ -181,13 +181,14 @@ impl LoadedPipeline {
     /// The pipeline over the loaded components.
     pub fn sd(&self) -> stable_diffusion::pipelines::StableDiffusion<'_> {
         stable_diffusion::pipelines::StableDiffusion {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
+            conditioner: stable_diffusion::pipelines::TextConditioner::clip(
+                &self.tokenizer,
+                &self.text_encoder,
+            ),
             unet: &self.unet,
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
-            sdxl: None,
             scheduler: &self.scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),

@@ -1,0 +1,154 @@
+//! Text conditioners: how a run's prompts become what the denoiser is conditioned
+//! on, one type per conditioning family, chosen once when a model is loaded.
+//!
+//! - [`ClipConditioner`]: SD 1.x / 2.x, one CLIP text encoder (diffusers'
+//!   `StableDiffusionPipeline.encode_prompt`).
+//! - [`SdxlConditioner`]: SDXL, CLIP ViT-L and OpenCLIP bigG with the pooled
+//!   projection (`StableDiffusionXLPipeline.encode_prompt`), or the refiner's second
+//!   encoder alone; `prompt_2` / `negative_prompt_2` go to the second encoder.
+//!
+//! A family with other encoders (CLIP-L + CLIP-G + T5, CLIP-L + T5) is one more
+//! variant of [`TextConditioner`] with its own file; the denoising loop only sees
+//! [`PromptEmbeddings`].
+
+mod clip;
+mod owned;
+mod sdxl;
+mod windows;
+
+use burn::prelude::*;
+use sd_core::{CoreError, HiddenLayer, PromptTokenizer, TextEncoder};
+
+pub use clip::ClipConditioner;
+pub use owned::TextEncoders;
+pub use sdxl::SdxlConditioner;
+
+use crate::composed::{GenerationOptions, invalid};
+
+/// What a text conditioner gives the denoiser for a run.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// The prompt embeddings `[2 * batch, seq, d]` = `[negative; positive]` with
+    /// classifier-free guidance, else `[batch, seq, d]`.
+    pub embeds: Tensor<3>,
+    /// The pooled embedding, batched as `embeds` (SDXL: `[rows, 1280]`); `None` for
+    /// families without one.
+    pub pooled: Option<Tensor<2>>,
+}
+
+/// The text conditioner of a run: one variant per conditioning family, each
+/// borrowing its tokenizers and encoders (any [`TextEncoder`] implementation).
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum TextConditioner<'a> {
+    /// SD 1.x / 2.x.
+    Clip(ClipConditioner<'a>),
+    /// SDXL base or refiner.
+    Sdxl(SdxlConditioner<'a>),
+}
+
+impl std::fmt::Debug for TextConditioner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Clip(_) => f.write_str("TextConditioner::Clip"),
+            Self::Sdxl(x) => x.fmt(f),
+        }
+    }
+}
+
+impl<'a> TextConditioner<'a> {
+    /// SD 1.x / 2.x conditioning by one tokenizer and text encoder.
+    pub fn clip(tokenizer: &'a dyn PromptTokenizer, text_encoder: &'a dyn TextEncoder) -> Self {
+        Self::Clip(ClipConditioner {
+            tokenizer,
+            text_encoder,
+        })
+    }
+
+    /// Encodes the options' prompts (`prompt`, `negative_prompt`, and where the family
+    /// has a second encoder `prompt_2`, `negative_prompt_2`) for `options.batch_size`
+    /// images; the negative half only with `cfg` (classifier-free guidance).
+    ///
+    /// # Errors
+    /// A `clip_skip` past the encoders' layers, a second prompt the family has no
+    /// encoder for, tokenizer failures, an SDXL second encoder without projection.
+    pub fn encode(
+        &self,
+        options: &GenerationOptions,
+        cfg: bool,
+        device: &Device,
+    ) -> Result<PromptEmbeddings, CoreError> {
+        self.check(options)?;
+        match self {
+            Self::Clip(c) => c.encode(options, cfg, device),
+            Self::Sdxl(x) => x.encode(options, cfg, device),
+        }
+    }
+
+    /// Checks what the options ask of the text encoders without running them: the
+    /// clip skip against the encoders' layers, a second prompt only where the family
+    /// has a second encoder.
+    ///
+    /// # Errors
+    /// [`CoreError::InvalidArgument`] naming the option.
+    pub fn check(&self, options: &GenerationOptions) -> Result<(), CoreError> {
+        let layers = match self {
+            Self::Clip(c) => {
+                for (name, value) in [
+                    ("prompt_2", &options.prompt_2),
+                    ("negative_prompt_2", &options.negative_prompt_2),
+                ] {
+                    if value.is_some() {
+                        return Err(invalid(
+                            name,
+                            "the model has one text encoder; a second prompt is for SDXL's second encoder",
+                        ));
+                    }
+                }
+                c.text_encoder.num_hidden_layers()
+            }
+            Self::Sdxl(x) => x.num_hidden_layers(),
+        };
+        hidden_layer(options.clip_skip, layers).map(|_| ())
+    }
+
+    /// The width of the prompt embeddings' features (`d`).
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Clip(c) => c.text_encoder.hidden_size(),
+            Self::Sdxl(x) => x.hidden_size(),
+        }
+    }
+}
+
+/// The hidden layer `clip_skip` asks for of an encoder with `layers` layers.
+///
+/// # Errors
+/// A clip skip that skips every layer.
+pub(crate) fn hidden_layer(
+    clip_skip: Option<usize>,
+    layers: usize,
+) -> Result<HiddenLayer, CoreError> {
+    match clip_skip {
+        None | Some(0) => Ok(HiddenLayer::Last),
+        Some(k) if k >= layers => Err(invalid(
+            "clip_skip",
+            format!("{k} skips every layer of the text encoder ({layers} layers)"),
+        )),
+        Some(k) => Ok(HiddenLayer::Skip(k)),
+    }
+}
+
+/// Token ids `[batch, max_length]` of `prompt` by `tokenizer`, padded.
+pub(crate) fn token_ids(
+    tokenizer: &dyn PromptTokenizer,
+    prompt: &str,
+    batch: usize,
+    device: &Device,
+) -> Result<Tensor<2, Int>, CoreError> {
+    let ids = tokenizer.encode_padded(prompt)?;
+    let n = ids.len();
+    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+    Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
+}
