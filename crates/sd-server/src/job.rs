@@ -60,8 +60,12 @@ pub struct JobSpec {
     pub client: String,
     /// What to draw (LoRA tags removed).
     pub prompt: String,
-    /// What to avoid.
+    /// What to avoid (empty: none, which SDXL base encodes as zeros).
     pub negative_prompt: String,
+    /// SDXL's second prompt, for the second text encoder.
+    pub prompt_2: Option<String>,
+    /// SDXL's second negative prompt.
+    pub negative_prompt_2: Option<String>,
     /// Picture size; `None`: the model's.
     pub size: Option<(usize, usize)>,
     /// Denoising steps.
@@ -102,6 +106,8 @@ impl JobSpec {
             client: "anonymous".into(),
             prompt: prompt.into(),
             negative_prompt: String::new(),
+            prompt_2: None,
+            negative_prompt_2: None,
             size: None,
             steps: 20,
             guidance: 7.5,

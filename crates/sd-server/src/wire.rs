@@ -98,6 +98,10 @@ pub struct WireSpec {
     client: String,
     prompt: String,
     negative_prompt: String,
+    #[serde(default)]
+    prompt_2: Option<String>,
+    #[serde(default)]
+    negative_prompt_2: Option<String>,
     size: Option<(usize, usize)>,
     steps: usize,
     guidance: f64,
@@ -168,6 +172,8 @@ impl From<&JobSpec> for WireSpec {
             client: s.client.clone(),
             prompt: s.prompt.clone(),
             negative_prompt: s.negative_prompt.clone(),
+            prompt_2: s.prompt_2.clone(),
+            negative_prompt_2: s.negative_prompt_2.clone(),
             size: s.size,
             steps: s.steps,
             guidance: s.guidance,
@@ -281,6 +287,8 @@ impl WireSpec {
             client: self.client,
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
+            prompt_2: self.prompt_2,
+            negative_prompt_2: self.negative_prompt_2,
             size: self.size,
             steps: self.steps,
             guidance: self.guidance,

@@ -128,11 +128,21 @@ fn request_for<'m>(
 ) -> Result<GenerationRequest<'m>, ApiError> {
     let s: &JobSpec = &job.spec;
     let mut r = GenerationRequest::new(s.prompt.clone())
-        .negative_prompt(s.negative_prompt.clone())
         .steps(s.steps)
         .guidance(s.guidance)
         .seed(s.seed)
         .num_images(s.n);
+    // An empty negative prompt is none: SDXL base then zeros the negative half, as
+    // diffusers does without one (SD 1.x/2.x encode "" either way).
+    if !s.negative_prompt.is_empty() {
+        r = r.negative_prompt(s.negative_prompt.clone());
+    }
+    if let Some(p) = &s.prompt_2 {
+        r = r.prompt_2(p.clone());
+    }
+    if let Some(n) = &s.negative_prompt_2 {
+        r = r.negative_prompt_2(n.clone());
+    }
     if let Some((w, h)) = s.size {
         r = r.size(w, h);
     }

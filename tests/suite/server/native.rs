@@ -226,3 +226,18 @@ fn a_job_past_its_deadline_fails() {
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["error"]["kind"], "deadline");
 }
+
+/// SDXL's second prompts travel to the pipeline: a model with one text encoder
+/// refuses them by name (the job fails with the pipeline's words).
+#[test]
+fn a_second_prompt_reaches_the_pipeline() {
+    let s = TestServer::shared();
+    let id = create(
+        s,
+        json!({"prompt": "a lighthouse", "prompt_2": "an oil painting", "width": 32, "height": 32, "steps": 2}),
+    );
+    let v = wait_final(s, &id);
+    assert_eq!(v["status"], "failed", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("prompt_2"), "{v}");
+}

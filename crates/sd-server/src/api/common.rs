@@ -58,6 +58,10 @@ pub struct Draft {
     pub prompt_required: bool,
     /// Negative prompt.
     pub negative_prompt: Option<String>,
+    /// SDXL's second prompt.
+    pub prompt_2: Option<String>,
+    /// SDXL's second negative prompt.
+    pub negative_prompt_2: Option<String>,
     /// Size, checked.
     pub size: Option<(usize, usize)>,
     /// Images.
@@ -103,8 +107,14 @@ impl Draft {
             .unwrap_or_else(|| shared.registry.default_name());
         let model = shared.registry.resolve(&model_name)?;
         check_prompt(&self.prompt, limits, "prompt", self.prompt_required)?;
-        if let Some(n) = &self.negative_prompt {
-            check_prompt(n, limits, "negative_prompt", false)?;
+        for (name, text) in [
+            ("negative_prompt", &self.negative_prompt),
+            ("prompt_2", &self.prompt_2),
+            ("negative_prompt_2", &self.negative_prompt_2),
+        ] {
+            if let Some(t) = text {
+                check_prompt(t, limits, name, false)?;
+            }
         }
         let n = check_images(self.n, limits, "n")?;
         let steps = match self.steps {
@@ -146,6 +156,8 @@ impl Draft {
             client: client.0.clone(),
             prompt: self.prompt,
             negative_prompt: self.negative_prompt.unwrap_or_default(),
+            prompt_2: self.prompt_2,
+            negative_prompt_2: self.negative_prompt_2,
             size: self.size,
             steps,
             guidance,

@@ -75,9 +75,15 @@ pub struct JobRequest {
     /// A configured model (default: the first).
     #[serde(default)]
     pub model: Option<String>,
-    /// What to avoid.
+    /// What to avoid (SDXL base without one: zeros, as diffusers).
     #[serde(default)]
     pub negative_prompt: Option<String>,
+    /// SDXL: what the second text encoder reads (default: the prompt).
+    #[serde(default)]
+    pub prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt (default: the negative prompt).
+    #[serde(default)]
+    pub negative_prompt_2: Option<String>,
     /// Width (default: the model's, or the init image's).
     #[serde(default)]
     pub width: Option<i64>,
@@ -209,6 +215,8 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
         prompt: r.prompt,
         prompt_required: true,
         negative_prompt: r.negative_prompt,
+        prompt_2: r.prompt_2,
+        negative_prompt_2: r.negative_prompt_2,
         size,
         n: r.n.unwrap_or(1),
         steps: r.steps,
