@@ -107,7 +107,7 @@ pub struct CommonArgs {
     /// CLIP skip (diffusers' clip_skip: layers skipped at the end).
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lms, pndm, lcm, tcd (default: the model's own).
+    /// A scheduler name of `sd_schedulers::SCHEDULER_NAMES` (ddim, euler, euler-a, dpmpp-2m-karras, ...; A1111 spellings too); default: the model's own.
     #[arg(long)]
     pub scheduler: Option<String>,
     /// A diffusers scheduler_config.json whose `_class_name` picks the scheduler.
@@ -358,7 +358,7 @@ pub fn request(
         r = r.init_latents(read_tensor(p, "latents", device)?);
     }
     if let Some(path) = &args.noise {
-        r = r.noise(recorded_noise(path, device)?);
+        r = r.noise(stable_diffusion::io::read_recorded_noise(path, device)?);
     }
     r = r.tiny_decoder(match args.vae_decoder.as_str() {
         "full" => false,
@@ -426,19 +426,6 @@ fn read_tensor(path: &Path, key: &str, device: &Device) -> Result<Tensor<4>, Any
 }
 
 /// Recorded noise (`noise_000`, `noise_001`, ...) replayed in draw order.
-fn recorded_noise(path: &Path, device: &Device) -> Result<RecordedNoise, AnyError> {
-    let source = WeightSource::open(path)?;
-    let mut tensors = Vec::new();
-    for i in 0.. {
-        let key = format!("noise_{i:03}");
-        if source.get(&key).is_none() {
-            break;
-        }
-        tensors.push(read_tensor(path, &key, device)?);
-    }
-    Ok(RecordedNoise::new(tensors))
-}
-
 pub fn progress() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(

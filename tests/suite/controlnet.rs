@@ -6,14 +6,14 @@
 
 use crate::common;
 
-use common::{LoadedPipeline, Reference, assert_close, devices, fixture, read_index, tol};
+use common::{Case, LoadedPipeline, Reference, assert_close, devices, fixture, read_index, tol};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::core::{AddedConditioning, ControlNet, Denoiser, RecordedNoise, Steps};
+use stable_diffusion::core::{AddedConditioning, ControlNet, Denoiser};
 use stable_diffusion::io::ComponentOptions;
 use stable_diffusion::io::controlnet::{controlnet_from_dir, controlnet_from_path};
 use stable_diffusion::io::image::{control_image_to_tensor, read_image};
 use stable_diffusion::models::ControlNetModel;
-use stable_diffusion::pipelines::{ControlNetUnit, GenerationOptions};
+use stable_diffusion::pipelines::ControlNetUnit;
 use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
 fn controlnet(name: &str, device: &Device) -> ControlNetModel {
@@ -22,35 +22,6 @@ fn controlnet(name: &str, device: &Device) -> ControlNetModel {
 
 fn index() -> serde_json::Value {
     read_index("index_controlnet.json")
-}
-
-/// A pipeline case's reference file and its control image, and the request its
-/// call describes: prompts, 32x32, steps, guidance, scheduler, initial latents.
-fn case_request(
-    case: &serde_json::Value,
-    device: &Device,
-) -> (
-    Reference,
-    std::path::PathBuf,
-    stable_diffusion::pipelines::GenerationRequest<'static>,
-) {
-    use stable_diffusion::pipelines::{GenerationRequest, SchedulerChoice};
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let call = &case["params"]["call"];
-    let png = fixture(&format!(
-        "reference/{}",
-        case["params"]["control_png"].as_str().unwrap()
-    ));
-    let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-        .negative_prompt(call["negative_prompt"].as_str().unwrap())
-        .size(32, 32)
-        .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
-        .guidance(call["guidance_scale"].as_f64().unwrap())
-        .scheduler_choice(SchedulerChoice::Config(
-            case["params"]["scheduler_config"].to_string(),
-        ))
-        .init_latents(r.tensor::<4>("init_latents", device));
-    (r, png, req)
 }
 
 /// The reference inputs: sample, timesteps, prompt embeddings, control images.
@@ -255,21 +226,6 @@ fn scales(call: &serde_json::Value, n: usize) -> Vec<f64> {
     }
 }
 
-fn close_rel(what: &str, got: &Tensor<4>, want: &[f32], tol: f32) {
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    assert_close(what, got, want, tol * scale);
-}
-
-fn recorded_noise(r: &Reference, device: &Device) -> (RecordedNoise, usize) {
-    let noises: Vec<Tensor<4>> = (0..)
-        .map(|i| format!("noise_{i:03}"))
-        .take_while(|k| r.has(k))
-        .map(|k| r.tensor::<4>(&k, device))
-        .collect();
-    let n = noises.len();
-    (RecordedNoise::new(noises), n)
-}
-
 /// Every ControlNet pipeline case through the borrowed pipeline.
 #[test]
 fn controlnet_pipeline_cases_match_diffusers() {
@@ -282,20 +238,18 @@ fn controlnet_pipeline_cases_match_diffusers() {
         .map(|n| controlnet(n.as_str().unwrap(), &device))
         .collect();
     let models = LoadedPipeline::open(fixture("tiny-sd15"), &device);
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        if !name.starts_with("controlnet/pipelines/") {
-            continue;
-        }
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let params = &case["params"];
-        let call = &params["call"];
-        let config = SchedulerConfig::from_json(&params["scheduler_config"].to_string()).unwrap();
+    let cases = Case::all("index_controlnet.json", "controlnet/pipelines/");
+    assert_eq!(cases.len(), 5);
+    for case in &cases {
+        let (name, r) = (&case.name, &case.r);
+        let params = case.params();
+        let call = case.call();
+        let config = SchedulerConfig::from_json(&case.scheduler_config()).unwrap();
         let scheduler =
             AnyScheduler::from_class(params["scheduler"].as_str().unwrap(), &config).unwrap();
         let mut sd = models.sd();
         sd.scheduler = &scheduler;
-        let images = control_images(&r, case, &device);
+        let images = control_images(r, &case.entry, &device);
         let which: Vec<usize> = params["controlnets"]
             .as_array()
             .unwrap()
@@ -317,19 +271,8 @@ fn controlnet_pipeline_cases_match_diffusers() {
             assert_eq!(got, want, "{name} controlnet{k} scales");
             sd.controlnets.push(unit);
         }
-        let options = GenerationOptions {
-            prompt: call["prompt"].as_str().unwrap().into(),
-            negative_prompt: call["negative_prompt"].as_str().map(String::from),
-            steps: Steps::Count(call["num_inference_steps"].as_u64().unwrap() as usize),
-            guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-            width: 32,
-            height: 32,
-            init_latents: r
-                .has("init_latents")
-                .then(|| r.tensor::<4>("init_latents", &device)),
-            ..Default::default()
-        };
-        let (mut noise, n) = recorded_noise(&r, &device);
+        let options = case.options(&device);
+        let mut noise = case.noise(&device);
         let out = if r.has("input_image_preprocessed") {
             let image = r.tensor::<4>("input_image_preprocessed", &device);
             let strength = call["strength"].as_f64().unwrap();
@@ -338,18 +281,11 @@ fn controlnet_pipeline_cases_match_diffusers() {
             sd.txt2img(&options, &mut noise, None)
         }
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(noise.drawn(), n, "{name}: every recorded noise used");
-        close_rel(
-            &format!("{name} final_latents"),
-            &out.latents,
-            &r.floats("final_latents"),
-            1e-3,
-        );
+        assert_eq!(noise.remaining(), 0, "{name}: every recorded noise used");
+        case.check_latents(&out.latents, 1e-3);
         let image: Tensor<4> = out.images.permute([0, 2, 3, 1]);
         assert_close(&format!("{name} image"), &image, &r.floats("image"), 1e-3);
-        checked += 1;
     }
-    assert_eq!(checked, 5);
 }
 
 /// The owning pipeline: ControlNets loaded with the model, control images given as
@@ -369,46 +305,28 @@ fn owning_pipeline_runs_controlnet_cases() {
         pipe.controlnet_names().collect::<Vec<_>>(),
         ["tiny-controlnet", "tiny-controlnet_1"]
     );
-    let index = index();
     for name in [
         "controlnet/pipelines/txt2img_ddim_7_multi",
         "controlnet/pipelines/img2img_ddim_s0.7",
     ] {
-        let case = &index["cases"][name];
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let call = &case["params"]["call"];
-        let (noise, _) = recorded_noise(&r, &device);
-        let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-            .negative_prompt(call["negative_prompt"].as_str().unwrap())
-            .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
-            .guidance(call["guidance_scale"].as_f64().unwrap())
-            .scheduler_choice(SchedulerChoice::Config(
-                case["params"]["scheduler_config"].to_string(),
-            ))
-            .noise(noise);
-        let pngs = &case["params"]["control_png"];
+        let case = Case::open("index_controlnet.json", name);
+        let call = case.call();
+        // The control images' (or init image's) size is the picture's.
+        let mut req = case.request_sized_by_inputs(&device);
+        let pngs = &case.params()["control_png"];
         if name.ends_with("multi") {
             let s = scales(call, 2);
             for k in 0..2 {
                 let png = fixture(&format!("reference/{}", pngs[k].as_str().unwrap()));
                 req = req.control(ControlInput::new(k, png).scale(s[k]));
             }
-            req = req.init_latents(r.tensor::<4>("init_latents", &device));
         } else {
             let png = fixture(&format!("reference/{}", pngs.as_str().unwrap()));
-            req = req.control(ControlInput::new(0, png)).init_image(
-                r.tensor::<4>("input_image_preprocessed", &device),
-                call["strength"].as_f64().unwrap(),
-            );
+            req = req.control(ControlInput::new(0, png));
         }
         let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(out.images[0].image.dimensions(), (32, 32));
-        close_rel(
-            &format!("{name} (owning) final_latents"),
-            &out.latents,
-            &r.floats("final_latents"),
-            1e-3,
-        );
+        case.check_latents(&out.latents, 1e-3);
     }
 }
 
@@ -664,48 +582,26 @@ fn sdxl_controlnet_pipeline_cases_match_diffusers() {
     let net = pipe
         .load_controlnet(fixture("tiny-controlnet-sdxl"))
         .unwrap();
-    let index = read_index("index_controlnet_sdxl.json");
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        if !name.contains("/pipelines/") {
-            continue;
-        }
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let call = &case["params"]["call"];
-        let png = fixture(&format!(
-            "reference/{}",
-            case["params"]["control_png"].as_str().unwrap()
-        ));
-        let want = r.floats("controlnet0.conditioning_scales");
-        let mut input = ControlInput::new(net, png).scale(0.7);
+    let cases = Case::all("index_controlnet_sdxl.json", "controlnet_sdxl/pipelines/");
+    assert_eq!(cases.len(), 2);
+    for case in &cases {
+        let call = case.call();
+        let mut input = ControlInput::new(net, case.control_png(0)).scale(0.7);
         if let Some(end) = call["control_guidance_end"].as_f64() {
             input = input.guidance_range(0.0, end);
         }
-        let (noise, n) = recorded_noise(&r, &device);
-        assert_eq!(n, 0);
-        let req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-            .negative_prompt(call["negative_prompt"].as_str().unwrap())
-            .steps(7)
-            .guidance(5.0)
-            .scheduler_choice(SchedulerChoice::Config(
-                case["params"]["scheduler_config"].to_string(),
-            ))
-            .noise(noise)
-            .init_latents(r.tensor::<4>("init_latents", &device))
+        assert_eq!(case.noise_count(), 0);
+        let req = case
+            .request(&device)
             .guess_mode(call["guess_mode"].as_bool().unwrap_or(false))
             .control(input);
-        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = pipe
+            .generate(req)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert_eq!(out.images[0].image.dimensions(), (32, 32));
-        assert_eq!(want.len(), 7);
-        close_rel(
-            &format!("{name} final_latents"),
-            &out.latents,
-            &r.floats("final_latents"),
-            1e-3,
-        );
-        checked += 1;
+        assert_eq!(case.r.floats("controlnet0.conditioning_scales").len(), 7);
+        case.check_latents(&out.latents, 1e-3);
     }
-    assert_eq!(checked, 2);
 }
 
 /// diffusers' `ControlNetModel.from_unet`: the encoder half copied (own parameter
@@ -912,7 +808,10 @@ fn t2i_adapter_single_files_match_their_folders() {
 fn t2i_adapter_pipeline_case_matches_diffusers() {
     use stable_diffusion::prelude::*;
     let device = Device::flex();
-    let index = read_index("index_t2i_adapter.json");
+    let case = Case::open(
+        "index_t2i_adapter.json",
+        "t2i_adapter/pipelines/txt2img_ddim_7",
+    );
     for source in ["tiny-t2i-adapter", "tiny-t2i-adapter.safetensors"] {
         let options = LoadOptions {
             adapters: vec![fixture(source)],
@@ -926,18 +825,12 @@ fn t2i_adapter_pipeline_case_matches_diffusers() {
             pipe.adapter_names().collect::<Vec<_>>(),
             ["tiny-t2i-adapter"]
         );
-        let (r, png, req) = case_request(
-            &index["cases"]["t2i_adapter/pipelines/txt2img_ddim_7"],
-            &device,
-        );
-        let req = req.adapter(AdapterInput::new(0, png).scale(0.8));
+        let req = case
+            .request(&device)
+            .adapter(AdapterInput::new(0, case.control_png(0)).scale(0.8));
         let out = pipe.generate(req).unwrap();
-        close_rel(
-            &format!("t2i_adapter txt2img_ddim_7 ({source}) final_latents"),
-            &out.latents,
-            &r.floats("final_latents"),
-            1e-3,
-        );
+        eprintln!("adapter from {source}:");
+        case.check_latents(&out.latents, 1e-3);
     }
     let pipe = StableDiffusionPipeline::from_pretrained(
         fixture("tiny-sd15"),
@@ -984,19 +877,15 @@ fn sdxl_t2i_adapter_case_matches_diffusers() {
     )
     .unwrap();
     let i = pipe.load_adapter(fixture("tiny-t2i-adapter-sdxl")).unwrap();
-    let index = read_index("index_t2i_adapter_sdxl.json");
-    let case = &index["cases"]["t2i_adapter_sdxl/pipelines/txt2img_euler_7_g5"];
-    let (r, png, req) = case_request(case, &device);
-    let req = req.adapter(
-        AdapterInput::new(i, png)
+    let case = Case::open(
+        "index_t2i_adapter_sdxl.json",
+        "t2i_adapter_sdxl/pipelines/txt2img_euler_7_g5",
+    );
+    let req = case.request(&device).adapter(
+        AdapterInput::new(i, case.control_png(0))
             .scale(0.9)
             .conditioning_factor(0.6),
     );
     let out = pipe.generate(req).unwrap();
-    close_rel(
-        "t2i_adapter_sdxl final_latents",
-        &out.latents,
-        &r.floats("final_latents"),
-        1e-3,
-    );
+    case.check_latents(&out.latents, 1e-3);
 }

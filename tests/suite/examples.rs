@@ -4,12 +4,11 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Reference, fixture};
+use common::{Case, Reference, fixture};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::io::WeightSource;
 use stable_diffusion::io::image::{GenerationParameters, load_image, load_mask, read_parameters};
 
 /// `target/<profile>/examples/<name>`, built by `cargo test` with the tests.
@@ -25,111 +24,20 @@ pub(crate) fn example(name: &str) -> PathBuf {
     path
 }
 
-fn write_tensors(path: &Path, tensors: &[(String, Vec<f32>, Vec<usize>)]) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, _, shape), b)| {
-            (
-                name.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-fn scheduler_config(case: &str) -> String {
-    let text = std::fs::read_to_string(fixture("reference/index.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
-    index["cases"][format!("pipelines/{case}")]["params"]["scheduler_config"].to_string()
-}
-
-/// Runs `example` on the reference case and compares the saved latents.
+/// Runs `example_name` on case `pipelines/{case}` of the SD 1.5 index (its prompts,
+/// steps, guidance, size, scheduler, initial latents and recorded noise, plus
+/// `extra` flags) and compares the saved latents; the PNG carries the parameters.
 fn run(example_name: &str, case: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
-    let r = Reference::open(&format!("reference/pipelines/{case}.safetensors"));
-    let sched = tmp.path().join("scheduler_config.json");
-    std::fs::write(&sched, scheduler_config(case)).unwrap();
-    let mut noise = Vec::new();
-    for i in 0.. {
-        let k = format!("noise_{i:03}");
-        if !r.has(&k) {
-            break;
-        }
-        noise.push((k.clone(), r.floats(&k), r.shape(&k)));
-    }
-    let out = tmp.path().join("out.png");
-    let latents = tmp.path().join("latents.safetensors");
-    let mut cmd = Command::new(example(example_name));
-    cmd.args(["--model", fixture("tiny-sd15").to_str().unwrap()])
-        .args(["--prompt", "a photograph of an astronaut riding a horse"])
-        .args(["--negative-prompt", "blurry, low quality"])
-        .args([
-            "--steps",
-            "10",
-            "--guidance",
-            "7.5",
-            "--width",
-            "32",
-            "--height",
-            "32",
-        ])
-        .args(["--scheduler-config", sched.to_str().unwrap()])
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--save-latents",
-            latents.to_str().unwrap(),
-        ]);
-    if !noise.is_empty() {
-        let p = tmp.path().join("noise.safetensors");
-        write_tensors(&p, &noise);
-        cmd.args(["--noise", p.to_str().unwrap()]);
-    }
-    if r.has("init_latents") {
-        let p = tmp.path().join("init.safetensors");
-        write_tensors(
-            &p,
-            &[(
-                "latents".into(),
-                r.floats("init_latents"),
-                r.shape("init_latents"),
-            )],
-        );
-        cmd.args(["--init-latents", p.to_str().unwrap()]);
-    }
+    let case = Case::open("index.json", &format!("pipelines/{case}"));
+    let exe = example(example_name);
+    let mut cmd = case.example_command(&exe, &fixture("tiny-sd15"), tmp.path(), None);
     cmd.args(extra);
-    let output = cmd.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{example_name} {case} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got = WeightSource::open(&latents).unwrap();
-    let shape = got.get("latents").unwrap().shape.clone();
-    let got = got
-        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
+    case.check_example(cmd, tmp.path(), 1e-3);
+    let params = read_parameters(tmp.path().join("out.png"))
         .unwrap()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want = r.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{example_name} {case}: final_latents max abs diff {d:.3e}");
-    assert!(d <= 1e-3 * scale, "{case}: {d}");
-    // The PNG carries its parameters.
-    let params = read_parameters(&out).unwrap().expect("parameters chunk");
-    assert_eq!(params.prompt, "a photograph of an astronaut riding a horse");
+        .expect("parameters chunk");
+    assert_eq!(params.prompt, case.text("prompt").unwrap());
     assert_eq!(params.steps, 10);
     assert_eq!((params.width, params.height), (32, 32));
 }
@@ -567,68 +475,14 @@ fn train_example_fine_tunes_a_lora_that_txt2img_loads() {
 #[test]
 fn lcm_lora_in_four_steps_through_the_example() {
     let tmp = tempfile::tempdir().unwrap();
-    let r = Reference::open("reference/pipelines_fast/lcm_lora_lcm4.safetensors");
-    let noise: Vec<_> = (0..3)
-        .map(|i| {
-            let k = format!("noise_{i:03}");
-            (k.clone(), r.floats(&k), r.shape(&k))
-        })
-        .collect();
-    let noise_file = tmp.path().join("noise.safetensors");
-    write_tensors(&noise_file, &noise);
-    let init = tmp.path().join("init.safetensors");
-    write_tensors(
-        &init,
-        &[(
-            "latents".into(),
-            r.floats("init_latents"),
-            r.shape("init_latents"),
-        )],
-    );
-    let latents = tmp.path().join("latents.safetensors");
-    let out = Command::new(example("txt2img"))
-        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
-        .args([
-            "--lora",
-            fixture("lora/lcm_lora_kohya.safetensors").to_str().unwrap(),
-        ])
-        .args(["--prompt", "a red fox in the snow", "--scheduler", "lcm"])
-        .args([
-            "--steps",
-            "4",
-            "--guidance",
-            "1",
-            "--width",
-            "32",
-            "--height",
-            "32",
-        ])
-        .args(["--init-latents", init.to_str().unwrap()])
-        .args(["--noise", noise_file.to_str().unwrap()])
-        .args(["--save-latents", latents.to_str().unwrap()])
-        .args(["--out", tmp.path().join("fox.png").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = WeightSource::open(&latents).unwrap();
-    let shape = got.get("latents").unwrap().shape.clone();
-    let got = got
-        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
-        .unwrap()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want = r.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(d <= 1e-3 * scale, "LCM-LoRA through the example: {d}");
-    let params = read_parameters(tmp.path().join("fox.png"))
+    let case = Case::open("index_fast.json", "pipelines_fast/lcm_lora_lcm4");
+    assert_eq!(case.noise_count(), 3);
+    let exe = example("txt2img");
+    let mut cmd = case.example_command(&exe, &fixture("tiny-sd15"), tmp.path(), Some("lcm"));
+    let lora = fixture("lora/lcm_lora_kohya.safetensors");
+    cmd.arg("--lora").arg(lora);
+    case.check_example(cmd, tmp.path(), 1e-3);
+    let params = read_parameters(tmp.path().join("out.png"))
         .unwrap()
         .unwrap();
     assert_eq!((params.steps, params.sampler.as_str()), (4, "LCM"));
@@ -639,67 +493,28 @@ fn lcm_lora_in_four_steps_through_the_example() {
 #[test]
 fn sdxl_refiner_handover_through_the_example() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = Reference::open("reference/pipelines_fast/sdxl_denoising_end_0.7.safetensors");
-    let refined = Reference::open("reference/pipelines_fast/sdxl_denoising_start_0.7.safetensors");
-    let init = tmp.path().join("init.safetensors");
-    write_tensors(
-        &init,
-        &[(
-            "latents".into(),
-            base.floats("init_latents"),
-            base.shape("init_latents"),
-        )],
-    );
-    let latents = tmp.path().join("latents.safetensors");
+    let base = Case::open("index_fast.json", "pipelines_fast/sdxl_denoising_end_0.7");
+    let refined = Case::open("index_fast.json", "pipelines_fast/sdxl_denoising_start_0.7");
     let model = fixture("tiny-sdxl");
-    let out = Command::new(example("txt2img"))
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--refiner",
-            model.to_str().unwrap(),
-        ])
-        .args(["--refiner-start", "0.7", "--scheduler", "euler"])
-        .args([
-            "--prompt",
-            "a red fox in the snow",
-            "--negative-prompt",
-            "blurry",
-        ])
-        .args([
-            "--steps",
-            "10",
-            "--guidance",
-            "5",
-            "--width",
-            "32",
-            "--height",
-            "32",
-        ])
-        .args(["--init-latents", init.to_str().unwrap()])
-        .args(["--save-latents", latents.to_str().unwrap()])
-        .args(["--out", tmp.path().join("fox.png").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = WeightSource::open(&latents).unwrap();
-    let shape = got.get("latents").unwrap().shape.clone();
-    let got = got
-        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
-        .unwrap()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want = refined.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(d <= 1e-3 * scale, "refined latents differ by {d}");
+    let exe = example("txt2img");
+    let mut cmd = base.example_command(&exe, &model, tmp.path(), Some("euler"));
+    cmd.arg("--refiner").arg(&model);
+    cmd.args(["--refiner-start", "0.7"]);
+    refined.check_example(cmd, tmp.path(), 1e-3);
+}
+
+/// SDXL's second prompts through `txt2img` (`--prompt-2`, `--negative-prompt-2`):
+/// every case of `gen/ref_sdxl_prompt_2.py` matches diffusers.
+#[test]
+fn sdxl_prompt_2_through_the_example() {
+    let cases = Case::all("index_sdxl_prompt_2.json", "");
+    assert_eq!(cases.len(), 3);
+    let exe = example("txt2img");
+    for case in &cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let cmd = case.example_command(&exe, &fixture("tiny-sdxl"), tmp.path(), None);
+        case.check_example(cmd, tmp.path(), 1e-3);
+    }
 }
 
 /// The controlnet example: two ControlNets with their own scales reproduce
@@ -708,35 +523,14 @@ fn sdxl_refiner_handover_through_the_example() {
 #[test]
 fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(fixture("reference/index_controlnet.json")).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&stable_diffusion::schedulers::config::sanitize_json(&text)).unwrap();
-    let case = &index["cases"]["controlnet/pipelines/txt2img_ddim_7_multi"];
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let sched = tmp.path().join("scheduler_config.json");
-    std::fs::write(&sched, case["params"]["scheduler_config"].to_string()).unwrap();
-    let init = tmp.path().join("init.safetensors");
-    write_tensors(
-        &init,
-        &[(
-            "latents".into(),
-            r.floats("init_latents"),
-            r.shape("init_latents"),
-        )],
-    );
-    let (out, latents) = (
-        tmp.path().join("out.png"),
-        tmp.path().join("latents.safetensors"),
+    let case = Case::open(
+        "index_controlnet.json",
+        "controlnet/pipelines/txt2img_ddim_7_multi",
     );
     let f = |p: &str| fixture(p).to_str().unwrap().to_string();
-    let output = Command::new(example("controlnet"))
-        .args(["--model", &f("tiny-sd15")])
-        .args(["--prompt", "a photograph of an astronaut riding a horse"])
-        .args(["--negative-prompt", "blurry, low quality"])
-        .args(["--steps", "7", "--guidance", "7.5"])
-        .args(["--scheduler-config", sched.to_str().unwrap()])
-        .args(["--init-latents", init.to_str().unwrap()])
-        .args(["--controlnet", &f("tiny-controlnet")])
+    let exe = example("controlnet");
+    let mut cmd = case.example_command(&exe, &fixture("tiny-sd15"), tmp.path(), None);
+    cmd.args(["--controlnet", &f("tiny-controlnet")])
         .args([
             "--control-image",
             &f("reference/controlnet/control_edge.png"),
@@ -746,33 +540,11 @@ fn controlnet_example_runs_multi_controlnet_and_preprocessors() {
             "--control-image",
             &f("reference/controlnet/control_depth.png"),
         ])
-        .args(["--control-scale", "1.0", "--control-scale", "0.6"])
-        .args(["--out", out.to_str().unwrap()])
-        .args(["--save-latents", latents.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got = WeightSource::open(&latents).unwrap();
-    let shape = got.get("latents").unwrap().shape.clone();
-    let got = got
-        .read_float("latents", stable_diffusion::burn::tensor::DType::F32, shape)
-        .unwrap()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want = r.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("controlnet example multi: final_latents max abs diff {d:.3e}");
-    assert!(d <= 1e-3 * scale, "{d}");
+        .args(["--control-scale", "1.0", "--control-scale", "0.6"]);
+    case.check_example(cmd, tmp.path(), 1e-3);
 
     // Canny edges of a picture, and an OpenPose skeleton, as control images.
+    let out = tmp.path().join("pose.png");
     let mut k = vec![0.0f64; 54];
     for (i, (x, y)) in [(0usize, (16.0, 6.0)), (1, (16.0, 14.0)), (2, (10.0, 14.0))] {
         k[3 * i] = x;

@@ -1,7 +1,7 @@
 //! The ways to a picture sooner through the owning pipeline: the tiny autoencoder as
 //! preview and final decoder, and the hires fix.
 
-use crate::common::fixture;
+use crate::common::{Case, fixture, values};
 
 use stable_diffusion::core::CoreError;
 use stable_diffusion::prelude::*;
@@ -19,10 +19,6 @@ fn request(prompt: &str) -> GenerationRequest<'static> {
         .size(32, 32)
         .steps(3)
         .seed(11)
-}
-
-fn values(t: &Tensor<4>) -> Vec<f32> {
-    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -183,49 +179,23 @@ fn hires_fix_misuse_is_an_error() {
 
 /// A pipeline case of `reference/index_fast.json` (made by
 /// `tests/fixtures/gen/ref_fast_sampling.py`).
-fn fast_case(name: &str) -> (serde_json::Value, crate::common::Reference) {
-    let text = std::fs::read_to_string(fixture("reference/index_fast.json")).unwrap();
-    let text = stable_diffusion::schedulers::config::sanitize_json(&text);
-    let index: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let case = index["cases"][format!("pipelines_fast/{name}")].clone();
-    let r =
-        crate::common::Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    (case, r)
+fn fast_case(name: &str) -> Case {
+    Case::open("index_fast.json", &format!("pipelines_fast/{name}"))
 }
 
-/// Runs a fast case through the owning pipeline with its recorded noise; returns the
-/// final latents' largest difference relative to their largest magnitude.
+/// Runs a fast case through the owning pipeline with its recorded noise, the request
+/// changed by `request`; returns the final latents' largest difference relative to
+/// their largest magnitude.
 fn run_fast_case(
     pipe: &StableDiffusionPipeline,
     name: &str,
     request: impl FnOnce(GenerationRequest<'static>) -> GenerationRequest<'static>,
 ) -> f32 {
-    let device = pipe.device().clone();
-    let (case, r) = fast_case(name);
-    let call = &case["params"]["call"];
-    let noises: Vec<Tensor<4>> = (0..)
-        .map(|i| format!("noise_{i:03}"))
-        .take_while(|k| r.has(k))
-        .map(|k| r.tensor::<4>(&k, &device))
-        .collect();
-    let scheduler = case["params"]["scheduler_config"].to_string();
-    let base = GenerationRequest::new(call["prompt"].as_str().unwrap())
-        .size(32, 32)
-        .steps(call["num_inference_steps"].as_u64().unwrap() as usize)
-        .guidance(call["guidance_scale"].as_f64().unwrap())
-        .scheduler_choice(SchedulerChoice::Config(scheduler))
-        .init_latents(r.tensor::<4>("init_latents", &device))
-        .noise(RecordedNoise::new(noises));
-    let out = pipe.generate(request(base)).unwrap();
-    let got = values(&out.latents);
-    let want = r.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{name}: final latents max diff {d:.3e} (scale {scale})");
-    d / scale
+    let case = fast_case(name);
+    let out = pipe.generate(request(case.request(pipe.device()))).unwrap();
+    let d = case.latents_error(&out.latents);
+    eprintln!("{name}: final latents max diff {d:.3e} of their scale");
+    d
 }
 
 #[test]
@@ -254,16 +224,10 @@ fn lcm_lora_in_four_steps_matches_diffusers_in_both_layouts() {
 #[test]
 fn guidance_embedding_lcm_unet_matches_diffusers() {
     let device = Device::flex();
-    let (_, r) = fast_case("w_embedding");
+    let r = fast_case("w_embedding").r;
     let w = r.tensor::<1>("w", &device);
     let emb = stable_diffusion::models::embeddings::guidance_scale_embedding(w, 32);
-    let want = r.floats("embedding");
-    let got = emb.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(d < 1e-5, "w embedding differs by {d}");
+    crate::common::assert_close("w embedding", &emb, &r.floats("embedding"), 1e-5);
 
     let options = LoadOptions {
         unet: Some(fixture("tiny-lcm-unet")),

@@ -3,13 +3,12 @@
 
 use crate::common;
 
-use common::{Reference, fixture};
+use common::{Case, assert_close, fixture};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{NoiseRng, RecordedNoise, Steps};
 use stable_diffusion::io::{ClipTokenizer, ComponentOptions, DiffusersDir};
 use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
 use stable_diffusion::pipelines::{GenerationOptions, StableDiffusion};
-use stable_diffusion::schedulers::config::sanitize_json;
 use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
 struct Models {
@@ -35,113 +34,51 @@ fn models(device: &Device) -> Models {
     }
 }
 
-fn close(what: &str, got: &Tensor<4>, want: &[f32], rel_to_max: bool, tol: f32) {
-    let g = got.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    assert_eq!(g.len(), want.len(), "{what}");
-    let scale = if rel_to_max {
-        want.iter().fold(1.0f32, |m, x| m.max(x.abs()))
-    } else {
-        1.0
-    };
-    let d = g
-        .iter()
-        .zip(want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{what}: max abs diff {d:.3e} (allowed {:.1e})", tol * scale);
-    assert!(d <= tol * scale, "{what}: max diff {d} > {}", tol * scale);
-}
-
-fn run_case(name: &str, case: &serde_json::Value, m: &Models, device: &Device) {
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let params = &case["params"];
-    let call = &params["call"];
-    let config = SchedulerConfig::from_json(&params["scheduler_config"].to_string()).unwrap();
+/// One case through the borrowed pipeline: the prompt embeddings (1e-4), the final
+/// latents (1e-3 of their scale, every recorded draw used) and the picture (1e-3).
+fn run_case(case: &Case, m: &Models, device: &Device) {
+    let name = &case.name;
+    let params = case.params();
+    let config = SchedulerConfig::from_json(&case.scheduler_config()).unwrap();
     let scheduler =
         AnyScheduler::from_class(params["scheduler"].as_str().unwrap(), &config).unwrap();
-    let steps = match call.get("sigmas") {
-        Some(s) => Steps::Sigmas(
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect(),
-        ),
-        None => Steps::Count(call["num_inference_steps"].as_u64().unwrap() as usize),
-    };
-    let inpaint = params["pipeline"] == "StableDiffusionInpaintPipeline";
+    let inpaint = case.pipeline() == "StableDiffusionInpaintPipeline";
     let sd = tiny_sd(m, &scheduler, device, inpaint);
-    let options = GenerationOptions {
-        prompt: call["prompt"].as_str().unwrap().into(),
-        negative_prompt: call["negative_prompt"].as_str().map(String::from),
-        steps,
-        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-        width: 32,
-        height: 32,
-        clip_skip: call
-            .get("clip_skip")
-            .and_then(|c| c.as_u64())
-            .map(|c| c as usize),
-        batch_size: 1,
-        init_latents: r
-            .has("init_latents")
-            .then(|| r.tensor::<4>("init_latents", device)),
-        ..Default::default()
-    };
+    let options = case.options(device);
     let embeds = sd.encode_prompt(&options).unwrap();
-    let want = r.floats("prompt_embeds");
     assert_eq!(
-        r.shape("prompt_embeds")[0],
+        case.r.shape("prompt_embeds")[0],
         if options.guidance_scale > 1.0 { 2 } else { 1 }
     );
-    let e = embeds.to_data().try_to_vec::<f32>().unwrap();
-    let d = e
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(d < 1e-4, "{name} prompt_embeds {d}");
-
-    let noises: Vec<Tensor<4>> = (0..)
-        .map(|i| format!("noise_{i:03}"))
-        .take_while(|k| r.has(k))
-        .map(|k| r.tensor::<4>(&k, device))
-        .collect();
-    let n_noises = noises.len();
-    let mut noise = RecordedNoise::new(noises);
-    let out = match params["pipeline"].as_str().unwrap() {
+    assert_close(
+        &format!("{name} prompt_embeds"),
+        &embeds,
+        &case.r.floats("prompt_embeds"),
+        1e-4,
+    );
+    let mut noise = case.noise(device);
+    let image = || case.r.tensor::<4>("input_image_preprocessed", device);
+    let out = match case.pipeline() {
         "StableDiffusionPipeline" => sd.txt2img(&options, &mut noise, None).unwrap(),
         "StableDiffusionImg2ImgPipeline" => {
-            let image = r.tensor::<4>("input_image_preprocessed", device);
-            sd.img2img(
-                &options,
-                image,
-                call["strength"].as_f64().unwrap(),
-                &mut noise,
-                None,
-            )
-            .unwrap()
+            let strength = case.call()["strength"].as_f64().unwrap();
+            sd.img2img(&options, image(), strength, &mut noise, None)
+                .unwrap()
         }
         _ => {
-            let image = r.tensor::<4>("input_image_preprocessed", device);
-            let mask = r.tensor::<4>("mask_preprocessed", device);
-            sd.inpaint(&options, image, mask, 1.0, &mut noise, None)
+            let mask = case.r.tensor::<4>("mask_preprocessed", device);
+            sd.inpaint(&options, image(), mask, 1.0, &mut noise, None)
                 .unwrap()
         }
     };
-    assert_eq!(noise.drawn(), n_noises, "{name}: every recorded noise used");
-    close(
-        &format!("{name} final_latents"),
-        &out.latents,
-        &r.floats("final_latents"),
-        true,
-        1e-3,
-    );
+    assert_eq!(noise.remaining(), 0, "{name}: every recorded noise used");
+    case.check_latents(&out.latents, 1e-3);
     let image = out.images.permute([0, 2, 3, 1]);
     let image: Tensor<4> = image.reshape([1, 32, 32, 3]);
-    close(
+    assert_close(
         &format!("{name} image"),
         &image,
-        &r.floats("image"),
-        false,
+        &case.r.floats("image"),
         1e-3,
     );
 }
@@ -150,16 +87,11 @@ fn run_case(name: &str, case: &serde_json::Value, m: &Models, device: &Device) {
 fn every_pipeline_case_matches_diffusers() {
     let device = Device::flex();
     let m = models(&device);
-    let text = std::fs::read_to_string(fixture("reference/index.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
-    let mut n = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        if name.starts_with("pipelines/") {
-            run_case(name, case, &m, &device);
-            n += 1;
-        }
+    let cases = Case::all("index.json", "pipelines/");
+    assert_eq!(cases.len(), 10);
+    for case in &cases {
+        run_case(case, &m, &device);
     }
-    assert_eq!(n, 10);
 }
 
 #[test]

@@ -9,14 +9,12 @@ use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{
     NoiseRng, NoiseSource, RecordedNoise, Scheduler, SchedulerRun, Steps,
 };
-use stable_diffusion::schedulers::config::sanitize_json;
 use stable_diffusion::schedulers::{
     AnyScheduler, AysPreset, NoiseSchedule, SchedulerConfig, SigmaSchedule,
 };
 
 fn index() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("reference/index.json")).unwrap();
-    serde_json::from_str(&sanitize_json(&text)).unwrap()
+    crate::common::read_index("index.json")
 }
 
 fn base_config_json() -> serde_json::Value {
@@ -54,18 +52,7 @@ fn rel_close(what: &str, got: &[f64], want: &[f32], rel: f64) {
 }
 
 fn tensor_close(what: &str, got: &Tensor<4>, want: &[f32], rel: f32) {
-    let g = got.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    assert_eq!(g.len(), want.len(), "{what}");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = g
-        .iter()
-        .zip(want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        d <= rel * scale,
-        "{what}: max diff {d} > {} (scale {scale})",
-        rel * scale
-    );
+    crate::common::assert_rel_close(what, &crate::common::values(got), want, rel);
 }
 
 fn slice(r: &Reference, key: &str, i: usize, device: &Device) -> (Tensor<4>, Vec<f32>) {
@@ -468,12 +455,9 @@ fn zero_terminal_snr_gives_finite_schedules() {
 #[test]
 fn lcm_and_trailing_euler_ancestral_match_diffusers() {
     let device = Device::flex();
-    let text = std::fs::read_to_string(fixture("reference/index_ext.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
     let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let params = &case["params"];
+    for case in crate::common::Case::all("index_ext.json", "") {
+        let (name, r, params) = (&case.name, &case.r, case.params());
         let config = SchedulerConfig::from_json(&params["resolved_config"].to_string()).unwrap();
         let scheduler = AnyScheduler::from_class(params["class"].as_str().unwrap(), &config)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -496,12 +480,9 @@ fn lcm_and_trailing_euler_ancestral_match_diffusers() {
 #[test]
 fn tcd_matches_diffusers() {
     let device = Device::flex();
-    let text = std::fs::read_to_string(fixture("reference/index_tcd.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_str(&sanitize_json(&text)).unwrap();
     let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let params = &case["params"];
+    for case in crate::common::Case::all("index_tcd.json", "") {
+        let (name, r, params) = (&case.name, &case.r, case.params());
         let config = SchedulerConfig::from_json(&params["resolved_config"].to_string()).unwrap();
         let gamma = params["step_kwargs"]["eta"].as_f64().unwrap();
         let scheduler = AnyScheduler::from_class(params["class"].as_str().unwrap(), &config)

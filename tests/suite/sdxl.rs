@@ -3,12 +3,11 @@
 
 use crate::common;
 
-use common::{Reference, assert_close, devices, fixture, read_index, tol};
+use common::{Case, Reference, assert_close, devices, fixture, tol};
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{AddedConditioning, Denoiser};
 use stable_diffusion::io::{ComponentOptions, DiffusersDir};
 use stable_diffusion::models::UNet2DConditionModel;
-use stable_diffusion::pipelines::MicroConditioning;
 
 pub(crate) fn tiny_sdxl() -> DiffusersDir {
     DiffusersDir::open(fixture("tiny-sdxl")).unwrap()
@@ -196,11 +195,6 @@ fn sdxl_text_encoders_match_diffusers() {
     }
 }
 
-fn size(v: &serde_json::Value) -> Option<(usize, usize)> {
-    let a = v.as_array()?;
-    Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
-}
-
 /// Every SDXL pipeline case of the fixtures (txt2img with Euler, DPM++ 2M Karras,
 /// AYS timesteps, micro-conditioning and its negatives, no negative prompt (zeros),
 /// Turbo-style Euler a trailing at guidance 0, img2img) through the owning pipeline
@@ -216,113 +210,22 @@ fn sdxl_pipeline_cases_match_diffusers() {
     )
     .unwrap();
     assert_eq!(pipe.family(), ModelFamily::Sdxl);
-    let index = sdxl_index();
-    let mut checked = 0;
-    for (name, case) in index["cases"].as_object().unwrap() {
-        if !name.starts_with("sdxl/pipelines/") {
-            continue;
-        }
-        run_sdxl_case(&pipe, name, case);
-        checked += 1;
+    let cases = Case::all("index_sdxl.json", "sdxl/pipelines/");
+    assert_eq!(cases.len(), 9);
+    for case in &cases {
+        run_sdxl_case(&pipe, case);
     }
-    assert_eq!(checked, 9);
-}
-
-fn sdxl_index() -> serde_json::Value {
-    read_index("index_sdxl.json")
 }
 
 /// Runs one SDXL pipeline case through `pipe` with its recorded noise and checks
-/// the final latents and the picture.
-fn run_sdxl_case(
-    pipe: &stable_diffusion::prelude::StableDiffusionPipeline,
-    name: &str,
-    case: &serde_json::Value,
-) {
-    use stable_diffusion::prelude::*;
-    let device = pipe.device().clone();
-    let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-    let call = &case["params"]["call"];
-    let noises: Vec<Tensor<4>> = (0..)
-        .map(|i| format!("noise_{i:03}"))
-        .take_while(|k| r.has(k))
-        .map(|k| r.tensor::<4>(&k, &device))
-        .collect();
-    let n_noises = noises.len();
-    let noise = RecordedNoise::new(noises);
-    // Cases whose embeddings were made outside diffusers (A1111's long prompts and
-    // weighting) keep the prompt text and options in `params`.
-    let params = &case["params"];
-    let text = |k: &str| call[k].as_str().or(params[k].as_str());
-    let mut req = GenerationRequest::new(text("prompt").unwrap())
-        .long_prompts(params["long_prompts"].as_bool().unwrap_or(false))
-        .prompt_weighting(params["prompt_weighting"].as_bool().unwrap_or(false))
-        .size(32, 32)
-        .guidance(call["guidance_scale"].as_f64().unwrap())
-        .scheduler_choice(SchedulerChoice::Config(
-            case["params"]["scheduler_config"].to_string(),
-        ))
-        .noise(noise)
-        .micro_conditioning(MicroConditioning {
-            original_size: size(&call["original_size"]),
-            crops_coords_top_left: size(&call["crops_coords_top_left"]).unwrap_or((0, 0)),
-            target_size: size(&call["target_size"]),
-            negative_original_size: size(&call["negative_original_size"]),
-            negative_crops_coords_top_left: size(&call["negative_crops_coords_top_left"])
-                .unwrap_or((0, 0)),
-            negative_target_size: size(&call["negative_target_size"]),
-            ..Default::default()
-        });
-    if let Some(n) = text("negative_prompt") {
-        req = req.negative_prompt(n);
-    }
-    if let Some(p) = text("prompt_2") {
-        req = req.prompt_2(p);
-    }
-    if let Some(n) = text("negative_prompt_2") {
-        req = req.negative_prompt_2(n);
-    }
-    req = match call["timesteps"].as_array() {
-        Some(ts) => req.schedule(Steps::Timesteps(
-            ts.iter().map(|t| t.as_f64().unwrap()).collect(),
-        )),
-        None => req.steps(call["num_inference_steps"].as_u64().unwrap() as usize),
-    };
-    if let Some(start) = call["denoising_start"].as_f64() {
-        req = req.denoising_start(start);
-    }
-    req = if r.has("input_image_preprocessed") {
-        req.init_image(
-            r.tensor::<4>("input_image_preprocessed", &device),
-            call["strength"].as_f64().unwrap(),
-        )
-    } else {
-        req.init_latents(r.tensor::<4>("init_latents", &device))
-    };
-    let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let got = out
-        .latents
-        .to_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want = r.floats("final_latents");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{name}: final latents max diff {d:.3e} (scale {scale}, {n_noises} draws)");
-    assert!(d <= 1e-3 * scale, "{name}: final latents differ by {d}");
+/// the final latents (1e-3 of their scale) and the picture (1 level in 255).
+fn run_sdxl_case(pipe: &stable_diffusion::prelude::StableDiffusionPipeline, case: &Case) {
+    let out = pipe
+        .generate(case.request(pipe.device()))
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    case.check_latents(&out.latents, 1e-3);
     // The picture: the VAE at scaling factor 0.13025, in 8 bits.
-    let want = r.floats("image");
-    let got = out.images[0].image.as_raw();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f32 - b * 255.0).abs())
-        .fold(0.0f32, f32::max);
-    assert!(worst <= 1.0, "{name}: picture differs by {worst} / 255");
+    case.check_image(out.images[0].image.as_raw(), 1.0);
 }
 
 /// Long prompts and A1111 weighting for SDXL (`gen/ref_sdxl_long_prompts.py`: A1111's
@@ -417,11 +320,10 @@ fn run_sdxl_index(
     file: &str,
     expected: usize,
 ) {
-    let index = read_index(file);
-    let cases = index["cases"].as_object().unwrap();
+    let cases = Case::all(file, "");
     assert_eq!(cases.len(), expected, "{file}");
-    for (name, case) in cases {
-        run_sdxl_case(pipe, name, case);
+    for case in &cases {
+        run_sdxl_case(pipe, case);
     }
 }
 
@@ -508,9 +410,8 @@ fn sdxl_single_file_matches_diffusers() {
     )
     .unwrap();
     assert_eq!(pipe.family(), ModelFamily::Sdxl);
-    let index = sdxl_index();
-    let name = "sdxl/pipelines/txt2img_euler_7_g5";
-    run_sdxl_case(&pipe, name, &index["cases"][name]);
+    let case = Case::open("index_sdxl.json", "sdxl/pipelines/txt2img_euler_7_g5");
+    run_sdxl_case(&pipe, &case);
     // Without the tiny configs it is taken for SDXL base 1.0, whose shapes it lacks:
     // an error listing them, not a panic.
     let err = StableDiffusionPipeline::from_pretrained(
@@ -538,15 +439,10 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let index = read_index("index_fast.json");
-    let case = |n: &str| index["cases"][format!("pipelines_fast/{n}")].clone();
-    let end = case("sdxl_denoising_end_0.7");
-    let r_end = Reference::open(&format!("reference/{}", end["file"].as_str().unwrap()));
-    let r_start = Reference::open(&format!(
-        "reference/{}",
-        case("sdxl_denoising_start_0.7")["file"].as_str().unwrap()
-    ));
-    let scheduler = SchedulerChoice::Config(end["params"]["scheduler_config"].to_string());
+    let end = Case::open("index_fast.json", "pipelines_fast/sdxl_denoising_end_0.7");
+    let start = Case::open("index_fast.json", "pipelines_fast/sdxl_denoising_start_0.7");
+    let (r_end, r_start) = (&end.r, &start.r);
+    let scheduler = SchedulerChoice::Config(end.scheduler_config());
     let request = || {
         GenerationRequest::new("a red fox in the snow")
             .negative_prompt("blurry")
@@ -573,20 +469,7 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
         .map(|&t| t as f64)
         .collect();
     assert_eq!(steps, want, "the base stops after 7 steps");
-    let close = |what: &str, got: &Tensor<4>, want: &[f32]| {
-        let g = got.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-        let d = g
-            .iter()
-            .zip(want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(d <= 1e-3 * scale, "{what}: {d} (scale {scale})");
-    };
-    close(
-        "base latents",
-        &base.latents,
-        &r_end.floats("final_latents"),
-    );
+    end.check_latents(&base.latents, 1e-3);
     let mut steps = Vec::new();
     let refined = pipe
         .generate(
@@ -605,11 +488,7 @@ fn sdxl_base_to_refiner_handover_matches_diffusers() {
         .map(|&t| t as f64)
         .collect();
     assert_eq!(steps, want, "the refiner runs the remaining 3 steps");
-    close(
-        "refined latents",
-        &refined.latents,
-        &r_start.floats("final_latents"),
-    );
+    start.check_latents(&refined.latents, 1e-3);
     // Misuse: a start without latents, a fraction outside (0, 1).
     let err = pipe.generate(request().denoising_start(0.7)).unwrap_err();
     assert!(err.to_string().contains("init_latents"), "{err}");
@@ -641,7 +520,6 @@ fn sdxl_vae_matches_diffusers() {
 fn sdxl_inpainting_matches_diffusers() {
     use stable_diffusion::prelude::*;
     let device = Device::flex();
-    let index = read_index("index_sdxl_inpaint.json");
     for (name, unet) in [
         (
             "sdxl_inpaint/inpaint9_euler_7_g5",
@@ -657,45 +535,11 @@ fn sdxl_inpainting_matches_diffusers() {
             StableDiffusionPipeline::from_pretrained(fixture("tiny-sdxl"), &device, &options)
                 .unwrap();
         assert_eq!(pipe.family(), ModelFamily::Sdxl);
-        let case = &index["cases"][name];
-        let r = Reference::open(&format!("reference/{}", case["file"].as_str().unwrap()));
-        let call = &case["params"]["call"];
-        let noises: Vec<Tensor<4>> = (0..)
-            .map(|i| format!("noise_{i:03}"))
-            .take_while(|k| r.has(k))
-            .map(|k| r.tensor::<4>(&k, &device))
-            .collect();
-        let mut req = GenerationRequest::new(call["prompt"].as_str().unwrap())
-            .negative_prompt(call["negative_prompt"].as_str().unwrap())
-            .steps(7)
-            .guidance(5.0)
-            .scheduler_choice(SchedulerChoice::Config(
-                case["params"]["scheduler_config"].to_string(),
-            ))
-            .noise(RecordedNoise::new(noises))
-            .init_image(
-                r.tensor::<4>("input_image_preprocessed", &device),
-                call["strength"].as_f64().unwrap(),
-            )
-            .mask(r.tensor::<4>("mask_preprocessed", &device));
-        if r.has("init_latents") {
-            req = req.init_latents(r.tensor::<4>("init_latents", &device));
-        }
-        let out = pipe.generate(req).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let got = out
-            .latents
-            .to_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let want = r.floats("final_latents");
-        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-        let d = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!("{name}: final_latents max abs diff {d:.3e}");
-        assert!(d <= 1e-3 * scale, "{name}: {d}");
+        let case = Case::open("index_sdxl_inpaint.json", name);
+        let out = pipe
+            .generate(case.request(&device))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        case.check_latents(&out.latents, 1e-3);
     }
 }
 
@@ -756,17 +600,7 @@ fn sdxl_fp16_fix_vae_runs_in_f16_and_the_upcast_vae_stays_f32() {
             / stable_diffusion::core::Autoencoder::scaling_factor(vae);
         let out = vae.decode(z).unwrap();
         assert_eq!(out.dtype(), DType::F32);
-        let got = out
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let want = r.floats("decode_out");
-        let d = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!("[{name}] fp16-fix VAE decode in f16: max diff {d:.3e}");
-        assert!(d <= 5e-2, "[{name}] f16 decode differs by {d}");
+        let what = format!("[{name}] fp16-fix VAE decode in f16");
+        assert_close(&what, &out, &r.floats("decode_out"), 5e-2);
     }
 }

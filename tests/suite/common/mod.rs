@@ -2,6 +2,10 @@
 //! tolerance checks.
 #![allow(dead_code)]
 
+mod case;
+
+pub use case::{Case, assert_rel_close, values};
+
 use std::path::PathBuf;
 
 use stable_diffusion::burn::prelude::*;
