@@ -10,7 +10,7 @@ use sd_models::{
     AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, ControlNetModel,
     T2IAdapter, UNet2DConditionConfig, UNet2DConditionModel,
 };
-use sd_schedulers::{AnyScheduler, SCHEDULER_NAMES, SchedulerConfig};
+use sd_schedulers::{AnyScheduler, SchedulerConfig, SchedulerName};
 
 use crate::composed::{GenerationOptions, GenerationOutput, StableDiffusion, StepInfo};
 use crate::conditioner::{PromptEmbeddings, TextConditioner, TextEncoders};
@@ -304,10 +304,7 @@ impl StableDiffusionPipeline {
             SchedulerChoice::Model => (self.scheduler.clone(), sampler_label(&self.scheduler)),
             SchedulerChoice::Name(n) => {
                 let s = AnyScheduler::from_name(n, &self.scheduler_config)?;
-                let label = SCHEDULER_NAMES
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                    .map_or_else(|| n.clone(), |(_, a1111)| a1111.to_string());
+                let label = SchedulerName::label(n).to_string();
                 (s, label)
             }
             SchedulerChoice::Config(json) => {

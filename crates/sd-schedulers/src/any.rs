@@ -8,12 +8,15 @@ use crate::ddim::Ddim;
 use crate::dpm_solver::DpmSolverMultistep;
 use crate::k_diffusion::{KDiffusion, KMethod};
 use crate::lcm::Lcm;
+use crate::names::{SCHEDULER_NAMES, SchedulerName};
 use crate::pndm::Pndm;
 use crate::sigmas::SigmaSchedule;
 use crate::tcd::Tcd;
 
-/// One of the schedulers of this crate.
+/// One of the schedulers of this crate (more, flow matching first, are to come:
+/// match with a wildcard arm).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum AnyScheduler {
     /// `DDIMScheduler`.
     Ddim(Ddim),
@@ -28,20 +31,6 @@ pub enum AnyScheduler {
     /// `TCDScheduler` (Trajectory Consistency Distillation, TCD-LoRA).
     Tcd(Tcd),
 }
-
-/// The user-facing names [`AnyScheduler::from_name`] knows, with the A1111 / ComfyUI
-/// names they correspond to.
-pub const SCHEDULER_NAMES: [(&str, &str); 9] = [
-    ("ddim", "DDIM"),
-    ("euler", "Euler"),
-    ("euler-a", "Euler a"),
-    ("dpmpp-2m", "DPM++ 2M"),
-    ("dpmpp-2m-karras", "DPM++ 2M Karras"),
-    ("lms", "LMS"),
-    ("pndm", "PLMS"),
-    ("lcm", "LCM"),
-    ("tcd", "TCD"),
-];
 
 impl AnyScheduler {
     /// Builds the class named by `config.class_name`.
@@ -84,51 +73,27 @@ impl AnyScheduler {
             other => {
                 return Err(CoreError::Config {
                     field: "_class_name",
-                    message: format!(
-                        "`{other}` is not supported (DDIM, Euler, Euler ancestral, DPM-Solver multistep, LMS, PNDM, LCM, TCD)"
-                    ),
+                    message: format!("`{other}` is not supported ({})", supported_classes()),
                 });
             }
         })
     }
 
-    /// Builds a scheduler by a name of [`SCHEDULER_NAMES`] (or its A1111 spelling,
-    /// "Euler a", "DPM++ 2M Karras", ...) over a model's scheduler config.
+    /// Builds a scheduler by a name of [`SCHEDULER_NAMES`] (ours, its A1111
+    /// spelling "Euler a", "DPM++ 2M Karras", or an alias) over a model's scheduler
+    /// config.
+    ///
+    /// # Errors
+    /// An unknown name (listing the known ones); a config the class cannot honour.
     pub fn from_name(name: &str, base: &SchedulerConfig) -> Result<Self, CoreError> {
-        let key: String = name
-            .to_ascii_lowercase()
-            .chars()
-            .map(|c| if c == ' ' || c == '_' { '-' } else { c })
-            .collect();
-        let key = key.replace("++", "pp").replace("-ancestral", "-a");
-        Ok(match key.as_str() {
-            "ddim" => Self::from_class("DDIMScheduler", base)?,
-            "euler" => Self::from_class("EulerDiscreteScheduler", base)?,
-            "euler-a" | "eulera" => Self::from_class("EulerAncestralDiscreteScheduler", base)?,
-            "lms" => Self::from_class("LMSDiscreteScheduler", base)?,
-            "pndm" | "plms" => Self::from_class("PNDMScheduler", base)?,
-            "lcm" => Self::from_class("LCMScheduler", base)?,
-            "tcd" => Self::from_class("TCDScheduler", base)?,
-            "dpmpp-2m" | "dpm-solver++" | "dpmpp2m" => {
-                let mut c = base.clone();
-                c.use_karras_sigmas = Some(false);
-                Self::from_class("DPMSolverMultistepScheduler", &c)?
-            }
-            "dpmpp-2m-karras" => {
-                let mut c = base.clone();
-                c.use_karras_sigmas = Some(true);
-                Self::from_class("DPMSolverMultistepScheduler", &c)?
-            }
-            _ => {
-                return Err(CoreError::InvalidArgument {
-                    name: "scheduler",
-                    message: format!(
-                        "unknown scheduler `{name}`; known: {}",
-                        SCHEDULER_NAMES.map(|(n, _)| n).join(", ")
-                    ),
-                });
-            }
-        })
+        let entry = SchedulerName::find(name).ok_or_else(|| CoreError::InvalidArgument {
+            name: "scheduler",
+            message: format!(
+                "unknown scheduler `{name}`; known: {}",
+                SchedulerName::known()
+            ),
+        })?;
+        Self::from_class(entry.class, &entry.config(base))
     }
 
     /// Replaces the sigma schedule where the scheduler walks sigmas (Euler family,
@@ -232,4 +197,15 @@ impl Scheduler for AnyScheduler {
     fn num_train_timesteps(&self) -> usize {
         self.inner().num_train_timesteps()
     }
+}
+
+/// The classes of [`SCHEDULER_NAMES`], each once.
+fn supported_classes() -> String {
+    let mut classes: Vec<&str> = Vec::new();
+    for e in SCHEDULER_NAMES {
+        if !classes.contains(&e.class) {
+            classes.push(e.class);
+        }
+    }
+    classes.join(", ")
 }

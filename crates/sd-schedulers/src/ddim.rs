@@ -189,9 +189,7 @@ pub(crate) fn split_prediction(
 }
 
 impl SchedulerRun for DdimRun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+    crate::schedule::run_skeleton!();
 
     fn sigmas(&self) -> Option<&[f64]> {
         None
@@ -243,14 +241,5 @@ impl SchedulerRun for DdimRun {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let a = self.alpha_t[i];
         Ok(original * a.sqrt() + noise * (1.0 - a).sqrt())
-    }
-
-    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
-        Ok(())
-    }
-
-    fn begin_index(&self) -> usize {
-        self.begin
     }
 }

@@ -293,9 +293,7 @@ fn lambda(sigma: f64) -> f64 {
 }
 
 impl SchedulerRun for DpmRun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+    crate::schedule::run_skeleton!();
 
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
@@ -374,14 +372,5 @@ impl SchedulerRun for DpmRun {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let (a, s) = alpha_sigma(self.sigmas[i]);
         Ok(original * a + noise * s)
-    }
-
-    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
-        Ok(())
-    }
-
-    fn begin_index(&self) -> usize {
-        self.begin
     }
 }

@@ -331,9 +331,7 @@ fn lms_coefficient(sigmas: &[f64], order: usize, t: usize, current: usize) -> f6
 }
 
 impl SchedulerRun for KRun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+    crate::schedule::run_skeleton!();
 
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
@@ -399,14 +397,5 @@ impl SchedulerRun for KRun {
     ) -> Result<Tensor<4>, CoreError> {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         Ok(original + noise * self.sigmas[i])
-    }
-
-    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
-        Ok(())
-    }
-
-    fn begin_index(&self) -> usize {
-        self.begin
     }
 }

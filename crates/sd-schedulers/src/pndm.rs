@@ -147,9 +147,7 @@ impl PndmRun {
 }
 
 impl SchedulerRun for PndmRun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+    crate::schedule::run_skeleton!();
 
     fn sigmas(&self) -> Option<&[f64]> {
         None
@@ -223,14 +221,5 @@ impl SchedulerRun for PndmRun {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let a = self.schedule.alpha_cumprod(self.timesteps[i] as i64);
         Ok(original * a.sqrt() + noise * (1.0 - a).sqrt())
-    }
-
-    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
-        Ok(())
-    }
-
-    fn begin_index(&self) -> usize {
-        self.begin
     }
 }

@@ -344,6 +344,30 @@ pub(crate) fn check_count(n: usize, t: usize) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// The part of [`sd_core::SchedulerRun`] every run of this crate shares, over its
+/// fields `timesteps: Vec<f64>` (one per step) and `begin: usize` (the first step
+/// to run): `timesteps`, `skip_to` (img2img starts part-way, leaving at least one
+/// step) and `begin_index`. A new scheduler's run (flow matching next) expands it in
+/// its `impl SchedulerRun` and writes only what differs: sigmas, input scaling,
+/// `step`, `add_noise`.
+macro_rules! run_skeleton {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn skip_to(&mut self, begin: usize) -> Result<(), sd_core::CoreError> {
+            self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
+            Ok(())
+        }
+
+        fn begin_index(&self) -> usize {
+            self.begin
+        }
+    };
+}
+pub(crate) use run_skeleton;
+
 /// `skip_to(begin)` must leave at least one step.
 pub(crate) fn check_begin(begin: usize, len: usize) -> Result<usize, CoreError> {
     if begin >= len {

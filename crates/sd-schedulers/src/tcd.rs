@@ -132,9 +132,7 @@ impl TcdRun {
 }
 
 impl SchedulerRun for TcdRun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+    crate::schedule::run_skeleton!();
 
     fn sigmas(&self) -> Option<&[f64]> {
         None
@@ -193,14 +191,5 @@ impl SchedulerRun for TcdRun {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
         let a = self.alpha(self.timesteps[i] as i64);
         Ok(original * a.sqrt() + noise * (1.0 - a).sqrt())
-    }
-
-    fn skip_to(&mut self, begin: usize) -> Result<(), CoreError> {
-        self.begin = crate::schedule::check_begin(begin, self.timesteps.len())?;
-        Ok(())
-    }
-
-    fn begin_index(&self) -> usize {
-        self.begin
     }
 }

@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use base64::Engine;
 use image::DynamicImage;
-use sd_schedulers::SigmaSchedule;
+use sd_schedulers::{SCHEDULER_NAMES, SchedulerName, SigmaSchedule};
 
 use crate::config::Limits;
 use crate::error::ApiError;
@@ -21,19 +21,6 @@ pub fn is_plain_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
-
-/// A1111's samplers: (name, our scheduler, aliases).
-pub const SAMPLERS: [(&str, &str, &[&str]); 9] = [
-    ("DPM++ 2M", "dpmpp-2m", &["k_dpmpp_2m"]),
-    ("DPM++ 2M Karras", "dpmpp-2m-karras", &["k_dpmpp_2m_ka"]),
-    ("Euler a", "euler-a", &["k_euler_a", "k_euler_ancestral"]),
-    ("Euler", "euler", &["k_euler"]),
-    ("LMS", "lms", &["k_lms"]),
-    ("DDIM", "ddim", &[]),
-    ("PLMS", "pndm", &[]),
-    ("LCM", "lcm", &["k_lcm"]),
-    ("TCD", "tcd", &[]),
-];
 
 /// A1111's schedulers (the sigma schedule beside a sampler): (name, label).
 pub const SCHEDULERS: [(&str, &str); 3] = [
@@ -53,18 +40,11 @@ pub fn resolve_sampler(
     scheduler: Option<&str>,
 ) -> Result<(String, Option<SigmaSchedule>), ApiError> {
     let key = |s: &str| s.to_ascii_lowercase().replace([' ', '_'], "-");
-    let found = SAMPLERS.iter().find(|(name, ours, aliases)| {
-        key(name) == key(sampler)
-            || key(ours) == key(sampler)
-            || aliases.iter().any(|a| key(a) == key(sampler))
-    });
-    let Some((_, ours, _)) = found else {
+    let Some(SchedulerName { name: ours, .. }) = SchedulerName::find(sampler) else {
+        let known: Vec<&str> = SCHEDULER_NAMES.iter().map(|e| e.a1111).collect();
         return Err(ApiError::invalid(
             "sampler_name",
-            format!(
-                "unknown sampler `{sampler}`; known: {}",
-                SAMPLERS.map(|(n, _, _)| n).join(", ")
-            ),
+            format!("unknown sampler `{sampler}`; known: {}", known.join(", ")),
         ));
     };
     let schedule = match scheduler.map(key).as_deref() {

@@ -253,12 +253,10 @@ fn partial_images(
         return Vec::new();
     };
     // The label the pipeline gives a named scheduler.
-    let sampler = spec.scheduler.as_deref().map_or("model default", |ours| {
-        sd_schedulers::SCHEDULER_NAMES
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(ours))
-            .map_or(ours, |(_, a1111)| a1111)
-    });
+    let sampler = spec
+        .scheduler
+        .as_deref()
+        .map_or("model default", sd_schedulers::SchedulerName::label);
     sd_io::image::tensor_to_images(&images)
         .into_iter()
         .enumerate()

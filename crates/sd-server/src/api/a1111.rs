@@ -24,7 +24,7 @@ use crate::auth::Client;
 use crate::error::{A1111Error, ApiError};
 use crate::job::{HiresSpec, InitSpec, JobImage, JobSpec, JobState};
 use crate::overlay::{Overlay, crop_region, fill, prepare_mask};
-use crate::validate::{self, SAMPLERS, SCHEDULERS};
+use crate::validate::{self, SCHEDULERS};
 
 type A1111Result<T> = Result<T, A1111Error>;
 
@@ -882,9 +882,9 @@ pub async fn sd_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
 #[utoipa::path(get, path = "/sdapi/v1/samplers", responses((status = 200)))]
 pub async fn samplers() -> Json<Value> {
     Json(Value::Array(
-        SAMPLERS
+        sd_schedulers::SCHEDULER_NAMES
             .iter()
-            .map(|(name, _, aliases)| json!({"name": name, "aliases": aliases, "options": {}}))
+            .map(|e| json!({"name": e.a1111, "aliases": e.aliases, "options": {}}))
             .collect(),
     ))
 }
