@@ -467,7 +467,7 @@ fn lcm_and_trailing_euler_ancestral_match_diffusers() {
                 continue;
             }
             let run = scheduler.start(&Steps::Count(n)).unwrap();
-            check_trajectory(&format!("{name} n={n}"), &r, &p, run, 1e-5, &device);
+            check_trajectory(&format!("{name} n={n}"), r, &p, run, 1e-5, &device);
             checked += 1;
         }
     }
@@ -494,7 +494,7 @@ fn tcd_matches_diffusers() {
                 continue;
             }
             let run = scheduler.start(&Steps::Count(n)).unwrap();
-            check_trajectory(&format!("{name} n={n}"), &r, &p, run, 1e-5, &device);
+            check_trajectory(&format!("{name} n={n}"), r, &p, run, 1e-5, &device);
             checked += 1;
         }
         let mut run = scheduler.start(&Steps::Count(10)).unwrap();
