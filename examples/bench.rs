@@ -327,7 +327,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
         let t = time(&device, args.runs, || {
             let _ = te
-                .forward(ids.clone(), HiddenLayer::Last)
+                .forward_unchecked(ids.clone(), HiddenLayer::Last)
                 .hidden_states
                 .into_data();
         });
@@ -347,7 +347,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             Tensor::<2, Int>::from_data(TensorData::new(vec![49406i64; 77], [1, 77]), &device);
         let t = time(&device, args.runs, || {
             let _ = te
-                .forward(ids.clone(), HiddenLayer::SkipRaw(1))
+                .forward_unchecked(ids.clone(), HiddenLayer::SkipRaw(1))
                 .hidden_states
                 .into_data();
         });

@@ -336,7 +336,19 @@ fn component_misuse_is_an_error() {
     assert!(err.to_string().contains("timesteps"), "{err}");
     let wide = Tensor::<3>::zeros([1, 77, 48], &device);
     assert!(Denoiser::forward(unet, x.clone(), t.clone(), wide).is_err());
-    assert!(Denoiser::forward(unet, x, t, ctx).is_ok());
+    assert!(Denoiser::forward(unet, x.clone(), t.clone(), ctx.clone()).is_ok());
+    // The methods a user reaches by default are the checked ones (the trait's).
+    let t2 = Tensor::<1>::zeros([2], &device);
+    let err = unet.forward(x.clone(), t2, ctx.clone()).unwrap_err();
+    assert!(err.to_string().contains("timesteps"), "{err}");
+    let three = Tensor::<4>::zeros([1, 3, 4, 4], &device);
+    assert!(unet.forward(three, t.clone(), ctx.clone()).is_err());
+    assert_eq!(unet.forward(x, t, ctx).unwrap().dims(), [1, 4, 4, 4]);
+    let te = pipe.text_encoder().unwrap();
+    let err = te
+        .forward(Tensor::<2, Int>::zeros([1, 78], &device), HiddenLayer::Last)
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Shape { .. }), "{err}");
     // VAE sizes not multiples of the factor; latents with other channels.
     let vae = pipe.vae();
     let err = vae

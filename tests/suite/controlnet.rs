@@ -83,7 +83,7 @@ fn controlnet_residuals_match_diffusers() {
                 }
             },
         );
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen.len(), 3, "{seen:?}");
         check_residuals(&format!("[{name}]"), &out, &r, "scale1.0", t);
         for (scale, guess, prefix) in [(0.5, false, "scale0.5"), (1.0, true, "guess_mode")] {
             let out = ControlNet::forward(

@@ -376,11 +376,13 @@ fn sharded_weights_load_like_one_file() {
     );
     let unet = dir.unet(&device, &ComponentOptions::default()).unwrap();
     let r = common::Reference::open("reference/unet.safetensors");
-    let out = unet.forward(
-        r.tensor::<4>("sample", &device),
-        r.tensor::<1>("timestep_t500_float", &device),
-        r.tensor::<3>("encoder_hidden_states", &device),
-    );
+    let out = unet
+        .forward(
+            r.tensor::<4>("sample", &device),
+            r.tensor::<1>("timestep_t500_float", &device),
+            r.tensor::<3>("encoder_hidden_states", &device),
+        )
+        .unwrap();
     common::assert_close("sharded unet out_t500", &out, &r.floats("out_t500"), 1e-4);
 }
 

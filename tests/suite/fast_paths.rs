@@ -63,6 +63,11 @@ fn the_tiny_autoencoder_decodes_previews_and_on_request_the_picture() {
     let full = pipe.generate(request("a fox")).unwrap();
     assert_eq!(values(&full.latents), values(&out.latents));
     assert_ne!(full.images[0].image.as_raw(), got);
+    // Latents to pictures without composing by hand: the same two pictures.
+    let tiny = pipe.decode_latents(out.latents.clone(), true).unwrap();
+    assert_eq!(tiny[0].as_raw(), got);
+    let vae = pipe.decode_latents(out.latents, false).unwrap();
+    assert_eq!(vae[0].as_raw(), full.images[0].image.as_raw());
 }
 
 #[test]
@@ -73,6 +78,9 @@ fn tiny_decoder_without_a_tiny_autoencoder_is_an_error() {
     let err = pipe
         .generate(request("a fox").tiny_decoder(true))
         .unwrap_err();
+    assert!(err.to_string().contains("tiny autoencoder"), "{err}");
+    let latents = Tensor::<4>::zeros([1, 4, 4, 4], &device);
+    let err = pipe.decode_latents(latents, true).unwrap_err();
     assert!(err.to_string().contains("tiny autoencoder"), "{err}");
     // Previews fall back to the cheap one.
     pipe.generate(request("a fox").on_step(|s| {

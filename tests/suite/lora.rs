@@ -45,7 +45,7 @@ fn diffusers_and_kohya_loras_match_diffusers() {
     let base: Tensor<4> = r.tensor("base", &device);
     let (x, t, ctx) = inputs(&device);
     let model = unet(&device);
-    let out = model.forward(x.clone(), t.clone(), ctx.clone());
+    let out = model.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
     assert!(max_diff(out, base.clone()) < 1e-5);
     for (file, format) in [
         (
@@ -64,14 +64,17 @@ fn diffusers_and_kohya_loras_match_diffusers() {
         );
         for mode in [LoraMode::Merge, LoraMode::OnTheFly] {
             let m = apply_lora(model.clone(), &[(&weights, 1.0)], mode).unwrap();
-            let y = m.forward(x.clone(), t.clone(), ctx.clone());
+            let y = m.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
             let d = max_diff(y, adapted.clone());
             eprintln!("{file} {mode:?}: max |ours - diffusers| = {d:.3e}");
             assert!(d < 1e-5, "{file} {mode:?}: {d}");
         }
         // Strength 0 is the base model.
         let m = apply_lora(model.clone(), &[(&weights, 0.0)], LoraMode::OnTheFly).unwrap();
-        let d = max_diff(m.forward(x.clone(), t.clone(), ctx.clone()), base.clone());
+        let d = max_diff(
+            m.forward(x.clone(), t.clone(), ctx.clone()).unwrap(),
+            base.clone(),
+        );
         assert!(d < 1e-5);
     }
 }
@@ -101,14 +104,16 @@ fn zero_initialised_lora_changes_nothing_and_merging_equals_on_the_fly() {
     let device = Device::flex();
     let (x, t, ctx) = inputs(&device);
     let model = unet(&device);
-    let base = model.forward(x.clone(), t.clone(), ctx.clone());
+    let base = model.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
     let config = LoraConfig {
         rank: 4,
         alpha: 4.0,
         targets: LoraTargets::unet_attention(),
     };
     let trainable = attach_trainable_lora(model.clone(), &config).unwrap();
-    let y = trainable.forward(x.clone(), t.clone(), ctx.clone());
+    let y = trainable
+        .forward(x.clone(), t.clone(), ctx.clone())
+        .unwrap();
     assert_eq!(
         max_diff(y, base.clone()),
         0.0,
@@ -125,9 +130,13 @@ fn zero_initialised_lora_changes_nothing_and_merging_equals_on_the_fly() {
     }
     let on_the_fly = apply_lora(model.clone(), &[(&weights, 0.8)], LoraMode::OnTheFly).unwrap();
     let merged = apply_lora(model.clone(), &[(&weights, 0.8)], LoraMode::Merge).unwrap();
-    let a = on_the_fly.forward(x.clone(), t.clone(), ctx.clone());
-    let b = merged.forward(x.clone(), t.clone(), ctx.clone());
-    let c = merge_lora(on_the_fly.clone()).forward(x.clone(), t.clone(), ctx.clone());
+    let a = on_the_fly
+        .forward(x.clone(), t.clone(), ctx.clone())
+        .unwrap();
+    let b = merged.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
+    let c = merge_lora(on_the_fly.clone())
+        .forward(x.clone(), t.clone(), ctx.clone())
+        .unwrap();
     assert!(max_diff(a.clone(), base) > 1e-3, "the LoRA acts");
     assert!(max_diff(a.clone(), b) < 1e-5, "merged equals on the fly");
     assert!(max_diff(a, c) < 1e-5, "materialised equals on the fly");
@@ -193,7 +202,7 @@ fn saved_checkpoint_reloads_bit_identically() {
     )
     .unwrap();
     let (x, t, ctx) = inputs(&device);
-    let a = model.forward(x.clone(), t.clone(), ctx.clone());
-    let b = reloaded.forward(x, t, ctx);
+    let a = model.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
+    let b = reloaded.forward(x, t, ctx).unwrap();
     assert_eq!(max_diff(a, b), 0.0);
 }

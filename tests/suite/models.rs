@@ -19,7 +19,7 @@ fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
     let r = Reference::open("reference/text_encoder.safetensors");
     let ids = r.int_tensor::<2>("input_ids", device);
     let t = tol(name, 1e-4, 1e-3);
-    let out = te.forward(ids.clone(), HiddenLayer::Last);
+    let out = te.forward(ids.clone(), HiddenLayer::Last).unwrap();
     assert_close(
         &format!("[{name}] last_hidden_state"),
         &out.hidden_states,
@@ -32,7 +32,7 @@ fn check_text_encoder(name: &str, device: &Device, te: &ClipTextModel) {
         &r.floats("pooler_output"),
         t,
     );
-    let skip = te.forward(ids.clone(), HiddenLayer::Skip(1));
+    let skip = te.forward(ids.clone(), HiddenLayer::Skip(1)).unwrap();
     assert_close(
         &format!("[{name}] penultimate_hidden_state_final_ln"),
         &skip.hidden_states,
@@ -79,7 +79,7 @@ fn check_unet(name: &str, device: &Device, unet: &UNet2DConditionModel, file: &s
             } else {
                 r.int_tensor::<1>(&key, device).float()
             };
-            let out = unet.forward(sample.clone(), ts, ctx.clone());
+            let out = unet.forward(sample.clone(), ts, ctx.clone()).unwrap();
             assert_close(
                 &format!("[{name}] {file} out_{case} ({kind} t)"),
                 &out,
@@ -89,11 +89,13 @@ fn check_unet(name: &str, device: &Device, unet: &UNet2DConditionModel, file: &s
         }
     }
     for case in ["mixed", "frac"] {
-        let out = unet.forward(
-            sample.clone(),
-            r.tensor::<1>(&format!("timestep_{case}"), device),
-            ctx.clone(),
-        );
+        let out = unet
+            .forward(
+                sample.clone(),
+                r.tensor::<1>(&format!("timestep_{case}"), device),
+                ctx.clone(),
+            )
+            .unwrap();
         assert_close(
             &format!("[{name}] {file} out_{case}"),
             &out,
@@ -280,11 +282,13 @@ fn vae_handles_non_square_inputs() {
 fn unet_handles_non_square_latents() {
     let device = Device::flex();
     let unet = tiny().unet(&device, &ComponentOptions::default()).unwrap();
-    let out = unet.forward(
-        Tensor::zeros([1, 4, 8, 24], &device),
-        Tensor::from_floats([10.0], &device),
-        Tensor::zeros([1, 77, 32], &device),
-    );
+    let out = unet
+        .forward(
+            Tensor::zeros([1, 4, 8, 24], &device),
+            Tensor::from_floats([10.0], &device),
+            Tensor::zeros([1, 77, 32], &device),
+        )
+        .unwrap();
     assert_eq!(out.dims(), [1, 4, 8, 24]);
 }
 
@@ -327,11 +331,13 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
     let sample = r.tensor::<4>("sample", &device);
     let ctx = r.tensor::<3>("encoder_hidden_states", &device);
     for case in ["t999", "t500", "t1"] {
-        let out = unet.forward(
-            sample.clone(),
-            r.tensor::<1>(&format!("timestep_{case}_float"), &device),
-            ctx.clone(),
-        );
+        let out = unet
+            .forward(
+                sample.clone(),
+                r.tensor::<1>(&format!("timestep_{case}_float"), &device),
+                ctx.clone(),
+            )
+            .unwrap();
         assert_eq!(
             out.dtype(),
             DType::F32,
@@ -365,7 +371,9 @@ fn f16_components_match_within_the_f16_tolerance() {
         }
         let te = tiny().text_encoder(&device, &opts).unwrap();
         let r = Reference::open("reference/text_encoder.safetensors");
-        let out = te.forward(r.int_tensor::<2>("input_ids", &device), HiddenLayer::Last);
+        let out = te
+            .forward(r.int_tensor::<2>("input_ids", &device), HiddenLayer::Last)
+            .unwrap();
         assert_close(
             &format!("[{name}] f16 last_hidden_state"),
             &out.hidden_states,
@@ -381,11 +389,13 @@ fn f16_components_match_within_the_f16_tolerance() {
 
         let unet = tiny().unet(&device, &opts).unwrap();
         let r = Reference::open("reference/unet.safetensors");
-        let out = unet.forward(
-            r.tensor::<4>("sample", &device),
-            r.tensor::<1>("timestep_t500_float", &device),
-            r.tensor::<3>("encoder_hidden_states", &device),
-        );
+        let out = unet
+            .forward(
+                r.tensor::<4>("sample", &device),
+                r.tensor::<1>("timestep_t500_float", &device),
+                r.tensor::<3>("encoder_hidden_states", &device),
+            )
+            .unwrap();
         assert_close(
             &format!("[{name}] f16 unet out_t500"),
             &out,

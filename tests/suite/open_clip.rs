@@ -116,7 +116,7 @@ fn open_clip_single_file_text_encoder_matches_the_folder() {
         .unwrap();
     let r = Reference::open("reference/text_encoder.safetensors");
     let ids = r.int_tensor::<2>("input_ids", &device);
-    let out = te.forward(ids.clone(), HiddenLayer::Last);
+    let out = te.forward(ids.clone(), HiddenLayer::Last).unwrap();
     assert_close(
         "open_clip last_hidden_state",
         &out.hidden_states,
@@ -129,7 +129,7 @@ fn open_clip_single_file_text_encoder_matches_the_folder() {
         &r.floats("pooler_output"),
         1e-4,
     );
-    let skip = te.forward(ids, HiddenLayer::Skip(1));
+    let skip = te.forward(ids, HiddenLayer::Skip(1)).unwrap();
     assert_close(
         "open_clip clip skip",
         &skip.hidden_states,

@@ -189,18 +189,35 @@ impl ClipTextModel {
         last.gather(1, idx).reshape([b, d])
     }
 
-    /// Encodes `input_ids`, returning the requested layer and the pooled output. The
-    /// checked entry point is [`sd_core::TextEncoder::encode`], which returns errors
-    /// for what this method, as burn modules' `forward` methods do, panics on.
+    /// Encodes `input_ids`, returning the requested layer and the pooled output,
+    /// the inputs checked first (the same as [`sd_core::TextEncoder::encode`]).
     ///
     /// # Shapes
     /// - `input_ids`: `[b, seq]`, seq <= max_position_embeddings
     /// - output: hidden states `[b, seq, hidden]`, pooled `[b, hidden]`
     ///
+    /// # Errors
+    /// [`sd_core::CoreError::Shape`] for more ids than positions,
+    /// [`sd_core::CoreError::InvalidArgument`] for a skip of every layer or more
+    /// (never clamped silently).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layer: HiddenLayer,
+    ) -> Result<TextEncoderOutput, sd_core::CoreError> {
+        sd_core::check_text_encoder_inputs(self, input_ids.dims(), layer)?;
+        Ok(self.forward_unchecked(input_ids, layer))
+    }
+
+    /// [`Self::forward`] without the checks.
+    ///
     /// # Panics
-    /// A skip of every layer or more (never clamped silently), more ids than
-    /// positions.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, layer: HiddenLayer) -> TextEncoderOutput {
+    /// A skip of every layer or more, more ids than positions.
+    pub fn forward_unchecked(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layer: HiddenLayer,
+    ) -> TextEncoderOutput {
         let n = self.text_model.encoder.layers.len();
         let k = layer.skipped();
         assert!(
@@ -233,8 +250,7 @@ impl sd_core::TextEncoder for ClipTextModel {
         input_ids: Tensor<2, Int>,
         layer: HiddenLayer,
     ) -> Result<TextEncoderOutput, sd_core::CoreError> {
-        sd_core::check_text_encoder_inputs(self, input_ids.dims(), layer)?;
-        Ok(self.forward(input_ids, layer))
+        self.forward(input_ids, layer)
     }
 
     fn hidden_size(&self) -> usize {

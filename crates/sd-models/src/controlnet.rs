@@ -233,8 +233,8 @@ impl ControlNetModel {
     }
 
     /// The residuals for the U-Net, scaled (see [`sd_core::ControlNet::forward`]),
-    /// handing `conv_in`, `controlnet_cond_embedding` and `down_blocks.i` to
-    /// `observe`.
+    /// handing `conv_in`, `controlnet_cond_embedding`, `down_blocks.i` and
+    /// `mid_block` (before its zero conv) to `observe`.
     ///
     /// # Shapes
     /// - `sample` `[b, in_channels, h, w]`, `timesteps` `[b]`,
@@ -273,6 +273,7 @@ impl ControlNetModel {
             observe(&format!("down_blocks.{i}"), &h);
         }
         let mid = self.mid_block.forward(h, &temb, &context);
+        observe("mid_block", &mid);
 
         let n = skips.len();
         // Guess mode: logspace(-1, 0, n + 1), shallow residuals weakest.

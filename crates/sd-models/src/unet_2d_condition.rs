@@ -145,23 +145,46 @@ impl UNet2DConditionModel {
             .map(|p| p.weight.dims()[0])
     }
 
-    /// Predicts the noise (or `v`) for noisy latents.
+    /// Predicts the noise (or `v`) for noisy latents, the inputs checked first (the
+    /// same as [`sd_core::Denoiser::forward`]).
     ///
     /// # Shapes
     /// - `sample`: `[b, in_channels, h, w]` (any h, w; SD uses multiples of 8)
     /// - `timesteps`: `[b]` (fractional allowed)
     /// - `encoder_hidden_states`: `[b, seq, cross_attention_dim]`
     /// - output: `[b, out_channels, h, w]`, in `sample`'s dtype
+    ///
+    /// # Errors
+    /// [`sd_core::CoreError::Shape`] for channels, a timestep count other than the
+    /// batch, a conditioning width other than `cross_attention_dim`; a missing SDXL
+    /// `text_time` conditioning.
     pub fn forward(
         &self,
         sample: Tensor<4>,
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
-    ) -> Tensor<4> {
-        self.forward_with_intermediates(sample, timesteps, encoder_hidden_states, |_, _| {})
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::Denoiser::forward(self, sample, timesteps, encoder_hidden_states)
     }
 
-    /// [`Self::forward`], handing each named intermediate (`conv_in`, `down_blocks.i`,
+    /// [`Self::forward`] with conditioning beyond the text (SDXL's pooled embedding
+    /// and time ids, LCM's guidance embedding, ControlNet residuals, adapter
+    /// features), checked (the same as [`sd_core::Denoiser::forward_added`]).
+    ///
+    /// # Errors
+    /// As [`Self::forward`]; added conditioning or residuals that do not fit.
+    pub fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::Denoiser::forward_added(self, sample, timesteps, encoder_hidden_states, added)
+    }
+
+    /// The U-Net without the input checks (training loops over shapes they made),
+    /// handing each named intermediate (`conv_in`, `down_blocks.i`,
     /// `mid_block`, `up_blocks.i`, `conv_norm_out`) to `observe`, to localise a mismatch.
     pub fn forward_with_intermediates(
         &self,
@@ -180,8 +203,8 @@ impl UNet2DConditionModel {
         )
     }
 
-    /// [`Self::forward_with_intermediates`] with conditioning beyond the text
-    /// (`timestep_cond`).
+    /// [`Self::forward_with_intermediates`] with conditioning beyond the text, not
+    /// checked: [`Self::forward_added`] checks first.
     pub fn forward_added_with_intermediates(
         &self,
         sample: Tensor<4>,

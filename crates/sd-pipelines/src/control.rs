@@ -94,8 +94,13 @@ pub fn check_units(
             return Err(CoreError::invalid(
                 "control_image",
                 format!(
-                    "ControlNet {i}'s image is {:?}, expected [1 or {b}, {}, {}, {}]",
+                    "ControlNet {i}'s image is {:?}, expected [{}, {}, {}, {}]",
                     u.image.dims(),
+                    if b == 1 {
+                        "1".to_string()
+                    } else {
+                        format!("1 or {b}")
+                    },
                     want[0],
                     want[1],
                     want[2]

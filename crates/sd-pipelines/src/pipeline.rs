@@ -140,6 +140,31 @@ impl StableDiffusionPipeline {
         Ok(())
     }
 
+    /// Decodes latents (a [`Generation`]'s `latents`, a step's [`StepInfo::latents`])
+    /// to 8-bit pictures: by the VAE, or with `tiny` by the tiny autoencoder (TAESD,
+    /// several times faster).
+    ///
+    /// # Shapes
+    /// - `latents`: `[b, c, h, w]` scaled as the U-Net sees them; `b` pictures of
+    ///   `w * f` x `h * f` out
+    ///
+    /// # Errors
+    /// `tiny` without a tiny autoencoder loaded; latents the decoder cannot take.
+    pub fn decode_latents(
+        &self,
+        latents: Tensor<4>,
+        tiny: bool,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        if tiny && self.tiny_vae.is_none() {
+            return Err(PipelineError::request(
+                "tiny_decoder",
+                "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
+            ));
+        }
+        let sd = self.run_parts(self.own_models(), &self.scheduler, tiny);
+        Ok(sd_io::image::tensor_to_images(&sd.decode(latents)?))
+    }
+
     /// The tiny autoencoder, when one is loaded.
     pub fn tiny_vae(&self) -> Option<&AutoencoderTiny> {
         self.tiny_vae.as_ref()

@@ -115,7 +115,7 @@ impl CaptionEncoder {
             (self.encoders.tokenizer_2(), self.encoders.text_encoder_2())
         else {
             let embedding = text_encoder
-                .forward(ids(tokenizer)?, HiddenLayer::Last)
+                .forward(ids(tokenizer)?, HiddenLayer::Last)?
                 .hidden_states;
             return Ok(Conditioning {
                 embedding,
@@ -124,9 +124,9 @@ impl CaptionEncoder {
             });
         };
         // SDXL: `hidden_states[-2]` of each, concatenated; pooled from the second.
-        let a = text_encoder.forward(ids(tokenizer)?, HiddenLayer::SkipRaw(1));
+        let a = text_encoder.forward(ids(tokenizer)?, HiddenLayer::SkipRaw(1))?;
         let text_encoder_2 = trained.get(1).unwrap_or(frozen_2);
-        let b = text_encoder_2.forward(ids(tokenizer_2)?, HiddenLayer::SkipRaw(1));
+        let b = text_encoder_2.forward(ids(tokenizer_2)?, HiddenLayer::SkipRaw(1))?;
         let pooled = b.text_embeds.ok_or_else(|| {
             TrainError::Config(
                 "SDXL's text_encoder_2 has no text_projection (CLIPTextModelWithProjection)".into(),
