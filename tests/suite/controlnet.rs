@@ -8,7 +8,7 @@ use crate::common;
 
 use common::{Case, LoadedPipeline, Reference, assert_close, devices, fixture, read_index, tol};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::core::{AddedConditioning, ControlNet, Denoiser};
+use stable_diffusion::core::{AddedConditioning, ControlNet, ControlSignals, Denoiser};
 use stable_diffusion::io::ComponentOptions;
 use stable_diffusion::io::controlnet::{controlnet_from_dir, controlnet_from_path};
 use stable_diffusion::io::image::{control_image_to_tensor, read_image};
@@ -105,13 +105,19 @@ fn controlnet_residuals_match_diffusers() {
             .unwrap()
             .unet(&device, &ComponentOptions::default())
             .unwrap();
-        let added = AddedConditioning {
+        let control = ControlSignals {
             down_block_additional_residuals: Some(out_of(&out).0),
             mid_block_additional_residual: Some(out_of(&out).1),
             ..Default::default()
         };
         let with = unet
-            .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+            .forward_controlled(
+                sample.clone(),
+                ts.clone(),
+                ctx.clone(),
+                &AddedConditioning::default(),
+                &control,
+            )
             .unwrap();
         assert_close(
             &format!("[{name}] unet_out_with_control"),
@@ -174,19 +180,27 @@ fn residuals_that_do_not_fit_are_errors() {
         .unwrap();
     let mut fewer = out.down_block_res_samples.clone();
     fewer.pop();
-    let added = AddedConditioning {
+    let control = ControlSignals {
         down_block_additional_residuals: Some(fewer),
         ..Default::default()
     };
     let err = unet
-        .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+        .forward_controlled(
+            sample.clone(),
+            ts.clone(),
+            ctx.clone(),
+            &AddedConditioning::default(),
+            &control,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("8 residuals for 9"), "{err}");
-    let added = AddedConditioning {
+    let control = ControlSignals {
         mid_block_additional_residual: Some(out.down_block_res_samples[0].clone()),
         ..Default::default()
     };
-    let err = unet.forward_added(sample, ts, ctx, &added).unwrap_err();
+    let err = unet
+        .forward_controlled(sample, ts, ctx, &AddedConditioning::default(), &control)
+        .unwrap_err();
     assert!(err.to_string().contains("mid_block"), "{err}");
 }
 
@@ -552,12 +566,14 @@ fn sdxl_controlnet_residuals_match_diffusers() {
             .unet(&device, &ComponentOptions::default())
             .unwrap();
         let (down, mid) = out_of(&residuals.unwrap());
-        let added = AddedConditioning {
+        let control = ControlSignals {
             down_block_additional_residuals: Some(down),
             mid_block_additional_residual: Some(mid),
-            ..added
+            ..Default::default()
         };
-        let with = unet.forward_added(sample, ts, ctx, &added).unwrap();
+        let with = unet
+            .forward_controlled(sample, ts, ctx, &added, &control)
+            .unwrap();
         assert_close(
             &format!("[{name}] sdxl unet_out_with_control"),
             &with,
@@ -734,19 +750,27 @@ fn t2i_adapter_features_match_diffusers() {
         let ctx = r.tensor::<3>("encoder_hidden_states", &device);
         let mut wrong = features.clone();
         wrong.swap(0, 2);
-        let added = AddedConditioning {
+        let control = ControlSignals {
             down_intrablock_additional_residuals: Some(wrong),
             ..Default::default()
         };
         let err = unet
-            .forward_added(sample.clone(), ts.clone(), ctx.clone(), &added)
+            .forward_controlled(
+                sample.clone(),
+                ts.clone(),
+                ctx.clone(),
+                &AddedConditioning::default(),
+                &control,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("feature 0"), "{err}");
-        let added = AddedConditioning {
+        let control = ControlSignals {
             down_intrablock_additional_residuals: Some(features),
             ..Default::default()
         };
-        let out = unet.forward_added(sample, ts, ctx, &added).unwrap();
+        let out = unet
+            .forward_controlled(sample, ts, ctx, &AddedConditioning::default(), &control)
+            .unwrap();
         assert_close(
             &format!("[{name}] unet_out_with_adapter"),
             &out,

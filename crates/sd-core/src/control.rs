@@ -101,6 +101,46 @@ pub trait ControlNet {
     }
 }
 
+/// What control models hand a denoiser, apart from what the denoiser itself is
+/// conditioned on ([`AddedConditioning`]): ControlNet residuals and T2I-Adapter
+/// features, for [`crate::Denoiser::forward_controlled`]. Empty by default. The
+/// fields are the U-Net's (diffusers' names); a transformer denoiser's control
+/// models add theirs beside them.
+#[derive(Debug, Clone, Default)]
+pub struct ControlSignals {
+    /// ControlNet residuals added to the U-Net's skip connections, one per skip
+    /// state in the order the down blocks produce them (diffusers'
+    /// `down_block_additional_residuals`); each `[batch, c, h, w]` as its skip, or
+    /// `[batch, c, 1, 1]` from a globally pooled ControlNet.
+    pub down_block_additional_residuals: Option<Vec<Tensor<4>>>,
+    /// The ControlNet residual added to the mid block's output
+    /// (`mid_block_additional_residual`), `[batch, c, h, w]` or `[batch, c, 1, 1]`.
+    pub mid_block_additional_residual: Option<Tensor<4>>,
+    /// T2I-Adapter features added inside the down blocks, in order (diffusers'
+    /// `down_intrablock_additional_residuals`): to the last resnet/attention output
+    /// of a cross-attention block (before its downsampler), to the output of a plain
+    /// block, and (SDXL adapters) a last one of the mid block's shape to its output.
+    pub down_intrablock_additional_residuals: Option<Vec<Tensor<4>>>,
+}
+
+impl ControlSignals {
+    /// ControlNet residuals (several ControlNets' summed).
+    pub fn residuals(r: ControlResiduals) -> Self {
+        Self {
+            down_block_additional_residuals: Some(r.down_block_res_samples),
+            mid_block_additional_residual: Some(r.mid_block_res_sample),
+            down_intrablock_additional_residuals: None,
+        }
+    }
+
+    /// Whether there is no signal.
+    pub fn is_empty(&self) -> bool {
+        self.down_block_additional_residuals.is_none()
+            && self.mid_block_additional_residual.is_none()
+            && self.down_intrablock_additional_residuals.is_none()
+    }
+}
+
 /// A T2I-Adapter: a light encoder of a control image whose feature maps are added
 /// inside the denoiser's down blocks (diffusers' `down_intrablock_additional_residuals`),
 /// computed once per run.

@@ -2,6 +2,7 @@
 
 use burn::prelude::*;
 
+use crate::control::ControlSignals;
 use crate::error::CoreError;
 
 /// A model predicting noise (or `v`, or `x0`, as its scheduler's `prediction_type`
@@ -44,6 +45,25 @@ pub trait Denoiser {
         self.forward(sample, timesteps, encoder_hidden_states)
     }
 
+    /// [`Self::forward_added`] with the signals of control models (ControlNet
+    /// residuals, T2I-Adapter features) added inside the network. The default takes
+    /// none: empty signals run [`Self::forward_added`], anything else is an error.
+    ///
+    /// # Errors
+    /// As [`Self::forward_added`]; [`CoreError::Shape`] for signals the model does
+    /// not take or that do not fit its blocks.
+    fn forward_controlled(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &AddedConditioning,
+        control: &ControlSignals,
+    ) -> Result<Tensor<4>, CoreError> {
+        check_control_signals(self, control)?;
+        self.forward_added(sample, timesteps, encoder_hidden_states, added)
+    }
+
     /// The width of the guidance-scale embedding the model takes as
     /// [`AddedConditioning::timestep_cond`] (LCM-distilled U-Nets'
     /// `time_cond_proj_dim`); `None` for models guided by classifier-free guidance.
@@ -57,8 +77,8 @@ pub trait Denoiser {
         None
     }
 
-    /// Whether [`Self::forward_added`] adds ControlNet residuals
-    /// ([`AddedConditioning::down_block_additional_residuals`]); `false` by default.
+    /// Whether [`Self::forward_controlled`] adds control signals
+    /// ([`ControlSignals`]); `false` by default.
     fn takes_control_residuals(&self) -> bool {
         false
     }
@@ -74,7 +94,8 @@ pub trait Denoiser {
 }
 
 /// Conditioning a denoiser takes beyond the text (diffusers' `timestep_cond` and
-/// `added_cond_kwargs`).
+/// `added_cond_kwargs`): what the model itself is conditioned on. Control models'
+/// signals travel apart, as [`ControlSignals`].
 #[derive(Debug, Clone, Default)]
 pub struct AddedConditioning {
     /// The embedded guidance scale `[batch, time_cond_proj_dim]` of LCM-distilled
@@ -86,19 +107,6 @@ pub struct AddedConditioning {
     /// corner, target size, each height first; the refiner: an aesthetic score
     /// instead of the target size).
     pub time_ids: Option<Tensor<2>>,
-    /// ControlNet residuals added to the U-Net's skip connections, one per skip
-    /// state in the order the down blocks produce them (diffusers'
-    /// `down_block_additional_residuals`); each `[batch, c, h, w]` as its skip, or
-    /// `[batch, c, 1, 1]` from a globally pooled ControlNet.
-    pub down_block_additional_residuals: Option<Vec<Tensor<4>>>,
-    /// The ControlNet residual added to the mid block's output
-    /// (`mid_block_additional_residual`), `[batch, c, h, w]` or `[batch, c, 1, 1]`.
-    pub mid_block_additional_residual: Option<Tensor<4>>,
-    /// T2I-Adapter features added inside the down blocks, in order (diffusers'
-    /// `down_intrablock_additional_residuals`): to the last resnet/attention output
-    /// of a cross-attention block (before its downsampler), to the output of a plain
-    /// block, and (SDXL adapters) a last one of the mid block's shape to its output.
-    pub down_intrablock_additional_residuals: Option<Vec<Tensor<4>>>,
 }
 
 /// What a `text_time` denoiser (SDXL) takes: `text_embeds` width plus time ids times
@@ -121,16 +129,6 @@ pub fn check_added_conditioning(
     added: &AddedConditioning,
 ) -> Result<(), CoreError> {
     check_text_time(denoiser.text_time_dims(), batch, added)?;
-    if (added.down_block_additional_residuals.is_some()
-        || added.mid_block_additional_residual.is_some()
-        || added.down_intrablock_additional_residuals.is_some())
-        && !denoiser.takes_control_residuals()
-    {
-        return Err(CoreError::shape(
-            "down_block_additional_residuals",
-            "the denoiser takes no ControlNet residuals",
-        ));
-    }
     match (&added.timestep_cond, denoiser.time_cond_proj_dim()) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(CoreError::shape(
@@ -143,6 +141,23 @@ pub fn check_added_conditioning(
         )),
         _ => Ok(()),
     }
+}
+
+/// Checks that a denoiser given non-empty [`ControlSignals`] takes them.
+///
+/// # Errors
+/// [`CoreError::Shape`] naming the signal.
+pub fn check_control_signals(
+    denoiser: &(impl Denoiser + ?Sized),
+    control: &ControlSignals,
+) -> Result<(), CoreError> {
+    if !control.is_empty() && !denoiser.takes_control_residuals() {
+        return Err(CoreError::shape(
+            "down_block_additional_residuals",
+            "the denoiser takes no ControlNet residuals or adapter features",
+        ));
+    }
+    Ok(())
 }
 
 fn check_text_time(

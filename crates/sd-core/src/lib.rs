@@ -12,9 +12,10 @@ pub mod text_encoder;
 pub mod tokenizer;
 
 pub use autoencoder::{Autoencoder, DiagonalGaussian, check_vae_image, check_vae_latents};
-pub use control::{Adapter, ControlNet, ControlResiduals};
+pub use control::{Adapter, ControlNet, ControlResiduals, ControlSignals};
 pub use denoiser::{
-    AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_denoiser_inputs,
+    AddedConditioning, Denoiser, TextTimeDims, check_added_conditioning, check_control_signals,
+    check_denoiser_inputs,
 };
 pub use device::check_device;
 pub use error::CoreError;

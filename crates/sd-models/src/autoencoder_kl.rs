@@ -322,7 +322,8 @@ impl AutoencoderKL {
         (self.tile_pixels / self.downscale_factor).max(1)
     }
 
-    fn dtype(&self) -> burn::tensor::DType {
+    /// The dtype its weights are stored and computed in.
+    pub fn dtype(&self) -> burn::tensor::DType {
         self.encoder.conv_in.weight.val().dtype()
     }
 

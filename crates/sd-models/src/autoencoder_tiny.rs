@@ -217,7 +217,8 @@ impl AutoencoderTiny {
         })
     }
 
-    fn dtype(&self) -> burn::tensor::DType {
+    /// The dtype its weights are stored and computed in.
+    pub fn dtype(&self) -> burn::tensor::DType {
         match self.decoder.layers.first() {
             Some(TinyLayer::Conv(c)) => c.weight.dtype(),
             _ => burn::tensor::DType::F32,

@@ -91,6 +91,16 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// The dtype its weights are stored and computed in.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.text_model
+            .embeddings
+            .token_embedding
+            .weight
+            .val()
+            .dtype()
+    }
+
     /// Builds the model from a config.
     pub fn new(config: &ClipTextConfig, device: &Device) -> Result<Self, ConfigError> {
         config.validate()?;

@@ -109,6 +109,11 @@ pub struct ControlNetModel {
 }
 
 impl ControlNetModel {
+    /// The dtype its weights are stored and computed in.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.conv_in.weight.val().dtype()
+    }
+
     /// Builds the model from a config (weights initialised at random, to be
     /// replaced by loading).
     pub fn new(config: &ControlNetConfig, device: &Device) -> Result<Self, ConfigError> {
@@ -214,7 +219,7 @@ impl ControlNetModel {
 
     /// The time embedding, plus SDXL's text-time embedding when given.
     fn embed_time(&self, timesteps: Tensor<1>, added: &AddedConditioning) -> Tensor<2> {
-        let dtype = self.conv_in.weight.val().dtype();
+        let dtype = self.dtype();
         let proj = |dim| TimeProjection {
             dim,
             flip_sin_to_cos: self.flip_sin_to_cos,
@@ -254,7 +259,7 @@ impl ControlNetModel {
         mut observe: impl FnMut(&str, &Tensor<4>),
     ) -> ControlResiduals {
         let in_dtype = sample.dtype();
-        let dtype = self.conv_in.weight.val().dtype();
+        let dtype = self.dtype();
         let context = to_dtype(encoder_hidden_states, dtype);
         let cond = to_dtype(controlnet_cond, dtype);
         let cond = if self.bgr { cond.flip([1]) } else { cond };

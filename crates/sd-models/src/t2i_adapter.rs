@@ -112,6 +112,11 @@ pub struct T2IAdapter {
 }
 
 impl T2IAdapter {
+    /// The dtype its weights are stored and computed in.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.adapter.body[0].resnets[0].block1.weight.val().dtype()
+    }
+
     /// Builds the adapter from a config (weights to be loaded).
     pub fn new(config: &T2IAdapterConfig, device: &Device) -> Result<Self, ConfigError> {
         config.validate()?;
@@ -159,7 +164,7 @@ impl T2IAdapter {
     /// # Shapes
     /// - `[b, in_channels, H, W]` to one `[b, c_i, h_i, w_i]` per block
     pub fn forward(&self, image: Tensor<4>) -> Vec<Tensor<4>> {
-        let dtype = self.adapter.body[0].resnets[0].block1.weight.val().dtype();
+        let dtype = self.dtype();
         let mut h = pixel_unshuffle(
             crate::norm::to_dtype(image.clone(), dtype),
             self.downscale_factor,

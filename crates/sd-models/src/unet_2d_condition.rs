@@ -43,6 +43,12 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// The dtype its weights are stored and computed in (f32, or f16 / bf16 as
+    /// loaded); inputs are cast to it and outputs back.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.conv_in.weight.val().dtype()
+    }
+
     /// Builds the model from a config (weights lazily initialised at random, to be
     /// replaced by loading).
     pub fn new(config: &UNet2DConditionConfig, device: &Device) -> Result<Self, ConfigError> {
@@ -113,7 +119,7 @@ impl UNet2DConditionModel {
         timesteps: Tensor<1>,
         timestep_cond: Option<Tensor<2>>,
     ) -> (Tensor<2>, Tensor<2>) {
-        let dtype = self.conv_in.weight.val().dtype();
+        let dtype = self.dtype();
         let proj = TimeProjection {
             dim: self.time_proj_dim,
             flip_sin_to_cos: self.flip_sin_to_cos,
@@ -133,7 +139,7 @@ impl UNet2DConditionModel {
             flip_sin_to_cos: self.flip_sin_to_cos,
             freq_shift: self.freq_shift,
         };
-        let dtype = self.conv_in.weight.val().dtype();
+        let dtype = self.dtype();
         proj.embed_text_time(self.add_embedding.as_ref()?, added, dtype)
     }
 
@@ -183,6 +189,30 @@ impl UNet2DConditionModel {
         sd_core::Denoiser::forward_added(self, sample, timesteps, encoder_hidden_states, added)
     }
 
+    /// [`Self::forward_added`] with control models' signals (ControlNet residuals,
+    /// T2I-Adapter features), checked (the same as
+    /// [`sd_core::Denoiser::forward_controlled`]).
+    ///
+    /// # Errors
+    /// As [`Self::forward_added`]; residuals or features that do not fit the blocks.
+    pub fn forward_controlled(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
+        control: &sd_core::ControlSignals,
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
+        sd_core::Denoiser::forward_controlled(
+            self,
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            control,
+        )
+    }
+
     /// The U-Net without the input checks (training loops over shapes they made),
     /// handing each named intermediate (`conv_in`, `down_blocks.i`,
     /// `mid_block`, `up_blocks.i`, `conv_norm_out`) to `observe`, to localise a mismatch.
@@ -211,10 +241,32 @@ impl UNet2DConditionModel {
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
         added: &sd_core::AddedConditioning,
+        observe: impl FnMut(&str, &Tensor<4>),
+    ) -> Tensor<4> {
+        let control = sd_core::ControlSignals::default();
+        self.forward_controlled_with_intermediates(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            &control,
+            observe,
+        )
+    }
+
+    /// [`Self::forward_added_with_intermediates`] with control signals, not checked:
+    /// [`Self::forward_controlled`] checks first.
+    pub fn forward_controlled_with_intermediates(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
+        control: &sd_core::ControlSignals,
         mut observe: impl FnMut(&str, &Tensor<4>),
     ) -> Tensor<4> {
         let in_dtype = sample.dtype();
-        let dtype = self.conv_in.weight.val().dtype();
+        let dtype = self.dtype();
         let sample = to_dtype(sample, dtype);
         let context = to_dtype(encoder_hidden_states, dtype);
         let sample = if self.center_input_sample {
@@ -231,7 +283,7 @@ impl UNet2DConditionModel {
         let mut h = conv_forward(&self.conv_in, sample);
         observe("conv_in", &h);
         let mut skips = vec![h.clone()];
-        let mut intrablock: std::collections::VecDeque<Tensor<4>> = added
+        let mut intrablock: std::collections::VecDeque<Tensor<4>> = control
             .down_intrablock_additional_residuals
             .iter()
             .flatten()
@@ -254,7 +306,7 @@ impl UNet2DConditionModel {
             skips.extend(states);
             observe(&format!("down_blocks.{i}"), &h);
         }
-        if let Some(residuals) = &added.down_block_additional_residuals {
+        if let Some(residuals) = &control.down_block_additional_residuals {
             for (skip, r) in skips.iter_mut().zip(residuals) {
                 *skip = skip.clone() + to_dtype(r.clone(), dtype);
             }
@@ -263,7 +315,7 @@ impl UNet2DConditionModel {
         if let Some(r) = intrablock.pop_front().filter(|r| r.dims() == h.dims()) {
             h = h + r;
         }
-        if let Some(r) = &added.mid_block_additional_residual {
+        if let Some(r) = &control.mid_block_additional_residual {
             h = h + to_dtype(r.clone(), dtype);
         }
         observe("mid_block", &h);
@@ -295,20 +347,20 @@ impl UNet2DConditionModel {
             .collect()
     }
 
-    /// Checks ControlNet residuals in `added` against this U-Net's skip connections
-    /// for a sample of shape `sample`.
+    /// Checks control signals (ControlNet residuals, adapter features) against this
+    /// U-Net's skip connections for a sample of shape `sample`.
     ///
     /// # Errors
     /// [`sd_core::CoreError::Shape`] naming the residual that does not fit.
     pub fn check_control_residuals(
         &self,
         sample: [usize; 4],
-        added: &sd_core::AddedConditioning,
+        control: &sd_core::ControlSignals,
     ) -> Result<(), sd_core::CoreError> {
         let expected = crate::unet_encoder::skip_shapes(&self.conv_in, &self.down_blocks, sample);
-        crate::unet_encoder::check_residuals(&expected, added)?;
+        crate::unet_encoder::check_residuals(&expected, control)?;
         let expected = crate::unet_encoder::intrablock_shapes(&self.down_blocks, sample, &expected);
-        crate::unet_encoder::check_intrablock(&expected, added)
+        crate::unet_encoder::check_intrablock(&expected, control)
     }
 }
 
@@ -330,6 +382,25 @@ impl sd_core::Denoiser for UNet2DConditionModel {
         encoder_hidden_states: Tensor<3>,
         added: &sd_core::AddedConditioning,
     ) -> Result<Tensor<4>, sd_core::CoreError> {
+        let control = sd_core::ControlSignals::default();
+        sd_core::Denoiser::forward_controlled(
+            self,
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            &control,
+        )
+    }
+
+    fn forward_controlled(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &sd_core::AddedConditioning,
+        control: &sd_core::ControlSignals,
+    ) -> Result<Tensor<4>, sd_core::CoreError> {
         sd_core::check_denoiser_inputs(
             self,
             sample.dims(),
@@ -337,12 +408,13 @@ impl sd_core::Denoiser for UNet2DConditionModel {
             encoder_hidden_states.dims(),
         )?;
         sd_core::check_added_conditioning(self, sample.dims()[0], added)?;
-        self.check_control_residuals(sample.dims(), added)?;
-        Ok(self.forward_added_with_intermediates(
+        self.check_control_residuals(sample.dims(), control)?;
+        Ok(self.forward_controlled_with_intermediates(
             sample,
             timesteps,
             encoder_hidden_states,
             added,
+            control,
             |_, _| {},
         ))
     }

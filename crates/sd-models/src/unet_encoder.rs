@@ -125,13 +125,13 @@ pub(crate) fn skip_shapes(
 /// skip, each of its skip's shape or pooled to `[b, c, 1, 1]`.
 pub(crate) fn check_residuals(
     expected: &[[usize; 4]],
-    added: &sd_core::AddedConditioning,
+    control: &sd_core::ControlSignals,
 ) -> Result<(), sd_core::CoreError> {
     let fits = |r: [usize; 4], e: [usize; 4]| r == e || r == [e[0], e[1], 1, 1];
     let Some((mid, skips)) = expected.split_last() else {
         return Ok(());
     };
-    if let Some(res) = &added.down_block_additional_residuals {
+    if let Some(res) = &control.down_block_additional_residuals {
         if res.len() != skips.len() {
             return Err(sd_core::CoreError::shape(
                 "down_block_additional_residuals",
@@ -151,7 +151,7 @@ pub(crate) fn check_residuals(
             }
         }
     }
-    if let Some(r) = &added.mid_block_additional_residual
+    if let Some(r) = &control.mid_block_additional_residual
         && !fits(r.dims(), *mid)
     {
         return Err(sd_core::CoreError::shape(
@@ -194,9 +194,9 @@ pub(crate) fn intrablock_shapes(
 /// Checks T2I-Adapter features against where they are added.
 pub(crate) fn check_intrablock(
     expected: &[[usize; 4]],
-    added: &sd_core::AddedConditioning,
+    control: &sd_core::ControlSignals,
 ) -> Result<(), sd_core::CoreError> {
-    let Some(res) = &added.down_intrablock_additional_residuals else {
+    let Some(res) = &control.down_intrablock_additional_residuals else {
         return Ok(());
     };
     if res.len() > expected.len() {

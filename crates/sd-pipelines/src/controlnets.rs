@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use burn::prelude::*;
 use sd_core::{Adapter, ControlNet};
 use sd_io::image::{control_image_to_tensor, read_image};
 use sd_models::ControlNetModel;
@@ -42,18 +43,29 @@ impl StableDiffusionPipeline {
         source: impl Into<ModelSource>,
         hub: &HubOptions,
     ) -> Result<usize, PipelineError> {
-        let (path, name) = resolve_component(source.into(), hub)?;
-        let options = self.component_options();
-        let model = sd_io::controlnet::controlnet_from_path(&path, None, &self.device, &options)?;
+        let read = |p: &_, d: &_, o: &_| sd_io::controlnet::controlnet_from_path(p, None, d, o);
+        let (name, model) = self.read_control_model(source.into(), hub, read)?;
         self.add_controlnet(name, model)
     }
 
-    /// Control models load in the U-Net's dtype.
-    fn component_options(&self) -> sd_io::ComponentOptions {
-        sd_io::ComponentOptions {
-            dtype: Some(self.unet.conv_in.weight.dtype()),
+    /// A control model (ControlNet or adapter) from a path or the hub, in the
+    /// U-Net's dtype, and its name (the file stem, or the repository's name).
+    fn read_control_model<M>(
+        &self,
+        source: ModelSource,
+        hub: &HubOptions,
+        read: impl FnOnce(
+            &std::path::Path,
+            &Device,
+            &sd_io::ComponentOptions,
+        ) -> Result<M, sd_io::IoError>,
+    ) -> Result<(String, M), PipelineError> {
+        let (path, name) = resolve_component(source, hub)?;
+        let options = sd_io::ComponentOptions {
+            dtype: Some(self.unet.dtype()),
             variant: None,
-        }
+        };
+        Ok((name, read(&path, &self.device, &options)?))
     }
 
     /// Adds a ControlNet built by the caller; see [`Self::load_controlnet`].
@@ -112,27 +124,9 @@ impl StableDiffusionPipeline {
         r: &mut GenerationRequest<'_>,
     ) -> Result<Vec<ControlInput>, PipelineError> {
         let mut inputs = std::mem::take(&mut r.control);
-        for input in &mut inputs {
-            if input.controlnet >= self.controlnets.len() {
-                return Err(PipelineError::request(
-                    "control",
-                    format!(
-                        "ControlNet {} is not loaded ({} loaded)",
-                        input.controlnet,
-                        self.controlnets.len()
-                    ),
-                ));
-            }
-            if let ImageInput::Path(p) = &input.image {
-                input.image = ImageInput::Image(read_image(p)?);
-            }
-        }
-        if !inputs.is_empty() && (r.hires.is_some() || r.outpaint.is_some()) {
-            return Err(PipelineError::request(
-                "control",
-                "ControlNet with the hires fix or outpainting is not supported",
-            ));
-        }
+        let loaded = self.controlnets.len();
+        let images = inputs.iter_mut().map(|i| (i.controlnet, &mut i.image));
+        read_inputs(images, loaded, ("control", "ControlNet"), r)?;
         let size = inputs.first().and_then(|i| match &i.image {
             ImageInput::Image(im) => Some((im.width() as usize, im.height() as usize)),
             ImageInput::Tensor(t) => Some((t.dims()[3], t.dims()[2])),
@@ -157,25 +151,17 @@ impl StableDiffusionPipeline {
         task: &Task,
         r: &GenerationRequest<'_>,
     ) -> Result<Vec<ControlNetUnit<'_>>, PipelineError> {
-        let options = self.options(r);
-        let (width, height, default_scale) = match task {
-            Task::Img2Img(image, _) => (image.dims()[3], image.dims()[2], 0.8),
-            Task::Inpaint(image, _, _) => (image.dims()[3], image.dims()[2], 0.5),
-            _ => (options.width, options.height, 1.0),
+        let size = self.control_size(task, r);
+        let default_scale = match task {
+            Task::Img2Img(..) => 0.8,
+            Task::Inpaint(..) => 0.5,
+            _ => 1.0,
         };
         inputs
             .into_iter()
             .map(|input| {
                 let model = &self.controlnets[input.controlnet].1;
-                let image = match input.image {
-                    ImageInput::Tensor(t) => t,
-                    ImageInput::Image(im) => {
-                        control_image_to_tensor(&im, width, height, &self.device)
-                    }
-                    ImageInput::Path(p) => {
-                        control_image_to_tensor(&read_image(&p)?, width, height, &self.device)
-                    }
-                };
+                let image = self.control_tensor(input.image, size, false)?;
                 Ok(ControlNetUnit {
                     model: model as &dyn ControlNet,
                     image,
@@ -209,9 +195,8 @@ impl StableDiffusionPipeline {
         source: impl Into<ModelSource>,
         hub: &HubOptions,
     ) -> Result<usize, PipelineError> {
-        let (path, name) = resolve_component(source.into(), hub)?;
-        let options = self.component_options();
-        let model = sd_io::t2i_adapter::t2i_adapter_from_path(&path, None, &self.device, &options)?;
+        let read = |p: &_, d: &_, o: &_| sd_io::t2i_adapter::t2i_adapter_from_path(p, None, d, o);
+        let (name, model) = self.read_control_model(source.into(), hub, read)?;
         self.adapters.push((name, model));
         Ok(self.adapters.len() - 1)
     }
@@ -228,27 +213,9 @@ impl StableDiffusionPipeline {
         r: &mut GenerationRequest<'_>,
     ) -> Result<Vec<AdapterInput>, PipelineError> {
         let mut inputs = std::mem::take(&mut r.adapters);
-        for input in &mut inputs {
-            if input.adapter >= self.adapters.len() {
-                return Err(PipelineError::request(
-                    "adapter",
-                    format!(
-                        "T2I-Adapter {} is not loaded ({} loaded)",
-                        input.adapter,
-                        self.adapters.len()
-                    ),
-                ));
-            }
-            if let ImageInput::Path(p) = &input.image {
-                input.image = ImageInput::Image(read_image(p)?);
-            }
-        }
-        if !inputs.is_empty() && (r.hires.is_some() || r.outpaint.is_some()) {
-            return Err(PipelineError::request(
-                "adapter",
-                "T2I-Adapters with the hires fix or outpainting are not supported",
-            ));
-        }
+        let loaded = self.adapters.len();
+        let images = inputs.iter_mut().map(|i| (i.adapter, &mut i.image));
+        read_inputs(images, loaded, ("adapter", "T2I-Adapter"), r)?;
         Ok(inputs)
     }
 
@@ -260,34 +227,12 @@ impl StableDiffusionPipeline {
         task: &Task,
         r: &GenerationRequest<'_>,
     ) -> Result<Vec<AdapterUnit<'_>>, PipelineError> {
-        let options = self.options(r);
-        let (width, height) = match task {
-            Task::Img2Img(image, _) | Task::Inpaint(image, _, _) => {
-                (image.dims()[3], image.dims()[2])
-            }
-            _ => (options.width, options.height),
-        };
+        let size = self.control_size(task, r);
         inputs
             .into_iter()
             .map(|input| {
                 let model = &self.adapters[input.adapter].1;
-                let image = match input.image {
-                    ImageInput::Tensor(t) => t,
-                    ImageInput::Image(im) if model.in_channels() == 1 => {
-                        let im = if (im.width() as usize, im.height() as usize) == (width, height) {
-                            im
-                        } else {
-                            sd_io::image::lanczos(&im, width, height)
-                        };
-                        sd_io::image::mask_to_tensor(&im, &self.device)
-                    }
-                    ImageInput::Image(im) => {
-                        control_image_to_tensor(&im, width, height, &self.device)
-                    }
-                    ImageInput::Path(p) => {
-                        control_image_to_tensor(&read_image(&p)?, width, height, &self.device)
-                    }
-                };
+                let image = self.control_tensor(input.image, size, model.in_channels() == 1)?;
                 Ok(AdapterUnit {
                     model: model as &dyn Adapter,
                     image,
@@ -297,6 +242,78 @@ impl StableDiffusionPipeline {
             })
             .collect()
     }
+
+    /// The size control images are brought to: the init image's, else the
+    /// request's.
+    fn control_size(&self, task: &Task, r: &GenerationRequest<'_>) -> (usize, usize) {
+        match task {
+            Task::Img2Img(image, _) | Task::Inpaint(image, _, _) => {
+                (image.dims()[3], image.dims()[2])
+            }
+            _ => {
+                let o = self.options(r);
+                (o.width, o.height)
+            }
+        }
+    }
+
+    /// A control image as a tensor `[1, c, H, W]` in `[0, 1]` at `(width, height)`
+    /// (tensors as they are): RGB as diffusers' control image processor, or with
+    /// `grey` one channel (a one-channel adapter).
+    fn control_tensor(
+        &self,
+        image: ImageInput,
+        (width, height): (usize, usize),
+        grey: bool,
+    ) -> Result<Tensor<4>, PipelineError> {
+        let image = match image {
+            ImageInput::Tensor(t) => return Ok(t),
+            ImageInput::Image(im) => im,
+            ImageInput::Path(p) => read_image(&p)?,
+        };
+        Ok(if grey {
+            let fits = (image.width() as usize, image.height() as usize) == (width, height);
+            let image = if fits {
+                image
+            } else {
+                sd_io::image::lanczos(&image, width, height)
+            };
+            sd_io::image::mask_to_tensor(&image, &self.device)
+        } else {
+            control_image_to_tensor(&image, width, height, &self.device)
+        })
+    }
+}
+
+/// Checks a request's control inputs of one kind (`(parameter, model kind)`): each
+/// names a loaded model (`loaded` of them), files are read into images, and the
+/// hires fix and outpainting, which take none, are refused.
+fn read_inputs<'i>(
+    inputs: impl Iterator<Item = (usize, &'i mut ImageInput)>,
+    loaded: usize,
+    (param, kind): (&'static str, &str),
+    r: &GenerationRequest<'_>,
+) -> Result<(), PipelineError> {
+    let mut any = false;
+    for (index, image) in inputs {
+        any = true;
+        if index >= loaded {
+            return Err(PipelineError::request(
+                param,
+                format!("{kind} {index} is not loaded ({loaded} loaded)"),
+            ));
+        }
+        if let ImageInput::Path(p) = image {
+            *image = ImageInput::Image(read_image(p)?);
+        }
+    }
+    if any && (r.hires.is_some() || r.outpaint.is_some()) {
+        return Err(PipelineError::request(
+            param,
+            format!("{kind}s with the hires fix or outpainting are not supported"),
+        ));
+    }
+    Ok(())
 }
 
 /// A control model's local path and name: the path and its file stem, or the hub

@@ -2,7 +2,7 @@
 //! it.
 
 use burn::prelude::*;
-use sd_core::{AddedConditioning, CoreError, NoiseSource, SchedulerRun};
+use sd_core::{AddedConditioning, ControlSignals, CoreError, NoiseSource, SchedulerRun};
 
 use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
 use crate::control::{PreparedAdapters, PreparedControl, check_units};
@@ -138,19 +138,13 @@ impl StableDiffusion<'_> {
                 Some(e) => Tensor::cat(vec![x, e.clone()], 1),
                 None => x,
             };
-            let mut step_added = match residuals {
-                Some(r) => AddedConditioning {
-                    down_block_additional_residuals: Some(r.down_block_res_samples),
-                    mid_block_additional_residual: Some(r.mid_block_res_sample),
-                    ..added.clone()
-                },
-                None => added.clone(),
-            };
-            step_added.down_intrablock_additional_residuals = adapters.at(i - begin);
+            let mut signals =
+                residuals.map_or_else(ControlSignals::default, ControlSignals::residuals);
+            signals.down_intrablock_additional_residuals = adapters.at(i - begin);
             let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
             let out = self
                 .unet
-                .forward_added(x, ts, embeds.clone(), &step_added)?;
+                .forward_controlled(x, ts, embeds.clone(), &added, &signals)?;
             let pred = guide(out, cfg, guidance)?;
             latents = run.step(pred, i, latents, noise)?.prev_sample;
             if let Some(Blend { region, keep }) = &blend {

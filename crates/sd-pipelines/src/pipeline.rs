@@ -429,7 +429,7 @@ impl StableDiffusionPipeline {
             height: o.height,
             width: o.width,
             vae_tile: tiling.applies(o.height, o.width, tile).then_some(tile),
-            unet_bytes: if self.unet.conv_in.weight.dtype() == DType::F32 {
+            unet_bytes: if self.unet.dtype() == DType::F32 {
                 4
             } else {
                 2

@@ -3,7 +3,7 @@
 //! one to fine-tune) trained on (image, caption, control image) triples.
 
 use burn::prelude::*;
-use sd_core::AddedConditioning;
+use sd_core::{AddedConditioning, ControlSignals};
 use sd_models::{ControlNetModel, UNet2DConditionModel};
 
 use crate::objective::Objective;
@@ -55,7 +55,7 @@ pub fn controlled_prediction(
     noisy: Tensor<4>,
     t: Tensor<1>,
     context: Tensor<3>,
-    mut added: AddedConditioning,
+    added: AddedConditioning,
     controlnet_cond: Tensor<4>,
 ) -> Tensor<4> {
     let residuals = controlnet.forward_with_intermediates(
@@ -68,9 +68,8 @@ pub fn controlled_prediction(
         &added,
         |_, _| {},
     );
-    added.down_block_additional_residuals = Some(residuals.down_block_res_samples);
-    added.mid_block_additional_residual = Some(residuals.mid_block_res_sample);
-    unet.forward_added_with_intermediates(noisy, t, context, &added, |_, _| {})
+    let control = ControlSignals::residuals(residuals);
+    unet.forward_controlled_with_intermediates(noisy, t, context, &added, &control, |_, _| {})
 }
 
 /// ControlNet training in the [`crate::Trainer`] (`TrainConfig::controlnet`): the
