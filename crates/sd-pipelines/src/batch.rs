@@ -5,13 +5,12 @@
 use burn::prelude::*;
 use sd_core::{AddedConditioning, CoreError, NoiseRng, NoiseSource, Steps};
 
-use sd_schedulers::AnyScheduler;
-
 use crate::composed::{GenerationOptions, StepInfo};
 use crate::denoise::{Conditioning, ExtraConditioning};
 use crate::error::PipelineError;
 use crate::output::Generation;
 use crate::pipeline::StableDiffusionPipeline;
+use crate::plan::RunPlan;
 use crate::request::{GenerationRequest, SchedulerChoice};
 
 /// What requests must share to run as one batch: the latent shape, the schedule,
@@ -73,8 +72,8 @@ pub fn batchable(a: &GenerationRequest<'_>, b: &GenerationRequest<'_>) -> bool {
 
 /// What [`StableDiffusionPipeline::batch_plan`] settles for the whole batch.
 struct BatchPlan {
-    scheduler: AnyScheduler,
-    sampler: String,
+    /// Each request's plan ([`StableDiffusionPipeline::validate`]'s).
+    plans: Vec<RunPlan>,
     /// The first request's options with the batch's image count.
     total: GenerationOptions,
 }
@@ -173,19 +172,15 @@ impl StableDiffusionPipeline {
     /// requests run one by one (each then gets its own error, or runs in the memory
     /// a single request needs).
     fn batch_plan(&self, requests: &[GenerationRequest<'_>]) -> Option<BatchPlan> {
-        let mut checked = requests.iter().map(|r| self.checked_scheduler(r));
-        let (scheduler, sampler) = checked.next()?.ok()?;
-        if checked.any(|c| c.is_err()) {
-            return None;
-        }
-        let mut total = self.options(&requests[0]);
-        total.batch_size = requests.iter().map(|r| r.num_images).sum();
+        let plans: Vec<RunPlan> = requests
+            .iter()
+            .map(|r| self.validate(r))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let mut total = plans[0].options.clone();
+        total.batch_size = plans.iter().map(|p| p.options.batch_size).sum();
         self.check_memory(&total).ok()?;
-        Some(BatchPlan {
-            scheduler,
-            sampler,
-            total,
-        })
+        Some(BatchPlan { plans, total })
     }
 
     /// One batch of compatible text-to-image requests, planned by [`Self::batch_plan`].
@@ -194,24 +189,23 @@ impl StableDiffusionPipeline {
         requests: &mut [GenerationRequest<'_>],
         plan: BatchPlan,
     ) -> Result<Vec<Result<Generation, PipelineError>>, PipelineError> {
-        let BatchPlan {
-            scheduler,
-            sampler,
-            total,
-        } = plan;
-        let sd = self.run_parts(self.own_models(), &scheduler, requests[0].tiny_decoder);
+        let BatchPlan { plans, total } = plan;
+        let sd = self.run_parts(
+            self.own_models(),
+            &plans[0].scheduler,
+            requests[0].tiny_decoder,
+        );
         let seeds: Vec<u64> = requests
             .iter()
             .map(|r| r.seed.unwrap_or_else(rand::random::<u64>))
             .collect();
         let cfg = sd.uses_cfg(total.guidance_scale);
         let (mut embeds, mut added, mut noise) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, seed) in requests.iter().zip(&seeds) {
-            let options = self.options(r);
-            let (e, a) = sd.encode_conditioning(&options, false)?;
+        for (plan, seed) in plans.iter().zip(&seeds) {
+            let (e, a) = sd.encode_conditioning(&plan.options, false)?;
             embeds.push(e);
             added.push(a);
-            noise.push(self.batch_noise(&sd, &options, *seed)?);
+            noise.push(self.batch_noise(&sd, &plan.options, *seed)?);
         }
         let (text_embeds, time_ids) = added
             .into_iter()
@@ -227,7 +221,7 @@ impl StableDiffusionPipeline {
                 ..AddedConditioning::default()
             },
         };
-        let rows: Vec<usize> = requests.iter().map(|r| r.num_images).collect();
+        let rows: Vec<usize> = plans.iter().map(|p| p.options.batch_size).collect();
         let mut callbacks: Vec<_> = requests.iter_mut().map(|r| r.callback.take()).collect();
         let mut cancelled: Vec<Option<usize>> = vec![None; requests.len()];
         let mut step_all = |info: &StepInfo<'_>| {
@@ -268,7 +262,7 @@ impl StableDiffusionPipeline {
         let images = sd.decode(latents.clone())?;
         let mut offset = 0;
         let mut results = Vec::with_capacity(requests.len());
-        for (i, r) in requests.iter().enumerate() {
+        for (i, plan) in plans.iter().enumerate() {
             if let Some(step) = cancelled[i] {
                 results.push(Err(CoreError::Cancelled(step).into()));
             } else {
@@ -276,7 +270,7 @@ impl StableDiffusionPipeline {
                     images: images.clone().narrow(0, offset, rows[i]),
                     latents: latents.clone().narrow(0, offset, rows[i]),
                 };
-                results.push(Ok(self.output(out, r, &sampler, seeds[i])));
+                results.push(Ok(self.output(out, plan, seeds[i], true)));
             }
             offset += rows[i];
         }

@@ -15,6 +15,12 @@ use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::preview::latent_preview;
 use crate::sdxl::MicroConditioning;
 
+/// diffusers' default classifier-free guidance scale.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+
+/// diffusers' default number of denoising steps.
+pub const DEFAULT_STEPS: usize = 50;
+
 /// Options shared by every task of [`StableDiffusion`].
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
@@ -63,8 +69,8 @@ impl Default for GenerationOptions {
             negative_prompt: None,
             prompt_2: None,
             negative_prompt_2: None,
-            steps: Steps::Count(50),
-            guidance_scale: 7.5,
+            steps: Steps::Count(DEFAULT_STEPS),
+            guidance_scale: DEFAULT_GUIDANCE_SCALE,
             width: 512,
             height: 512,
             clip_skip: None,
@@ -204,7 +210,10 @@ pub fn check_options(o: &GenerationOptions) -> Result<(), CoreError> {
         ));
     }
     if o.batch_size == 0 {
-        return Err(invalid("batch_size", "must be at least 1"));
+        return Err(invalid(
+            "batch_size",
+            "must be at least 1 (a request's num_images)",
+        ));
     }
     if o.steps == Steps::Count(0) {
         return Err(invalid("steps", "must be at least 1"));

@@ -13,7 +13,8 @@ use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::error::PipelineError;
 use crate::hub::HubOptions;
 use crate::load::ModelSource;
-use crate::pipeline::{StableDiffusionPipeline, Task};
+use crate::pipeline::StableDiffusionPipeline;
+use crate::plan::RunPlan;
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput};
 
 impl StableDiffusionPipeline {
@@ -148,15 +149,11 @@ impl StableDiffusionPipeline {
     pub(crate) fn control_units(
         &self,
         inputs: Vec<ControlInput>,
-        task: &Task,
-        r: &GenerationRequest<'_>,
+        plan: &RunPlan,
+        guess_mode: bool,
     ) -> Result<Vec<ControlNetUnit<'_>>, PipelineError> {
-        let size = self.control_size(task, r);
-        let default_scale = match task {
-            Task::Img2Img(..) => 0.8,
-            Task::Inpaint(..) => 0.5,
-            _ => 1.0,
-        };
+        let size = plan.size;
+        let default_scale = plan.task.default_control_scale();
         inputs
             .into_iter()
             .map(|input| {
@@ -168,7 +165,7 @@ impl StableDiffusionPipeline {
                     conditioning_scale: input.scale.unwrap_or(default_scale),
                     guidance_start: input.start,
                     guidance_end: input.end,
-                    guess_mode: r.guess_mode,
+                    guess_mode,
                 })
             })
             .collect()
@@ -224,10 +221,9 @@ impl StableDiffusionPipeline {
     pub(crate) fn adapter_units(
         &self,
         inputs: Vec<AdapterInput>,
-        task: &Task,
-        r: &GenerationRequest<'_>,
+        plan: &RunPlan,
     ) -> Result<Vec<AdapterUnit<'_>>, PipelineError> {
-        let size = self.control_size(task, r);
+        let size = plan.size;
         inputs
             .into_iter()
             .map(|input| {
@@ -241,20 +237,6 @@ impl StableDiffusionPipeline {
                 })
             })
             .collect()
-    }
-
-    /// The size control images are brought to: the init image's, else the
-    /// request's.
-    fn control_size(&self, task: &Task, r: &GenerationRequest<'_>) -> (usize, usize) {
-        match task {
-            Task::Img2Img(image, _) | Task::Inpaint(image, _, _) => {
-                (image.dims()[3], image.dims()[2])
-            }
-            _ => {
-                let o = self.options(r);
-                (o.width, o.height)
-            }
-        }
     }
 
     /// A control image as a tensor `[1, c, H, W]` in `[0, 1]` at `(width, height)`

@@ -50,6 +50,7 @@ pub mod memory;
 pub mod outpaint;
 pub mod output;
 pub mod pipeline;
+pub mod plan;
 pub mod preprocess;
 pub mod preview;
 pub mod prompt;
@@ -76,6 +77,7 @@ pub use load::{LoadOptions, LoraSpec, ModelFamily, ModelSource};
 pub use outpaint::{Extend, outpaint_alpha};
 pub use output::{GeneratedImage, Generation};
 pub use pipeline::StableDiffusionPipeline;
+pub use plan::{RunPlan, TaskPlan};
 pub use preview::latent_preview;
 pub use request::{
     AdapterInput, ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice,

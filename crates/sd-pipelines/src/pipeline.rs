@@ -21,7 +21,8 @@ use crate::load::{
 };
 use crate::memory::{RunShape, available_bytes, estimate_bytes};
 use crate::output::{GeneratedImage, Generation};
-use crate::request::{GenerationRequest, ImageInput, SchedulerChoice};
+use crate::plan::{RunPlan, TaskPlan};
+use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput, SchedulerChoice};
 
 /// A Stable Diffusion 1.x / 2.x / XL model that owns its parts: tokenizer, text encoder,
 /// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
@@ -385,35 +386,31 @@ impl StableDiffusionPipeline {
         })
     }
 
-    /// The task a request describes, its images read and fitted.
-    fn task(&self, r: &mut GenerationRequest<'_>) -> Result<Task, PipelineError> {
-        crate::validate::check_inputs(r)?;
+    /// The planned task with its inputs: the request's images read and fitted, or
+    /// the latents a hand-over continues.
+    fn task(&self, plan: &TaskPlan, r: &mut GenerationRequest<'_>) -> Result<Task, PipelineError> {
         let image = r.init_image.take();
         let mask = r.mask.take();
-        let strength = r.strength.unwrap_or(1.0);
-        if let Some(start) = r.denoising_start {
-            let latents = r.init_latents.take().ok_or_else(|| {
-                PipelineError::request(
-                    "denoising_start",
-                    "continues a base run's latents: set them with init_latents",
-                )
-            })?;
-            return Ok(Task::Refine(latents, start));
-        }
-        match (image, mask, r.outpaint) {
-            (None, _, _) => Ok(Task::Txt2Img),
-            (Some(i), None, None) => Ok(Task::Img2Img(self.image_tensor(i, r, false)?, strength)),
-            (Some(i), Some(m), None) => Ok(Task::Inpaint(
-                self.image_tensor(i, r, false)?,
-                self.image_tensor(m, r, true)?,
-                strength,
-            )),
-            (Some(i), _, Some((extend, seam))) => Ok(Task::Outpaint(
-                self.image_tensor(i, r, false)?,
-                extend,
-                seam,
-            )),
-        }
+        let read = |input: Option<ImageInput>, mask: bool| match input {
+            Some(i) => self.image_tensor(i, r, mask),
+            None => Err(PipelineError::request("init_image", "missing")),
+        };
+        Ok(match *plan {
+            TaskPlan::Txt2Img { .. } => Task::Txt2Img,
+            TaskPlan::Refine { denoising_start } => {
+                let latents = r.init_latents.take().ok_or_else(|| {
+                    PipelineError::request("denoising_start", "needs init_latents")
+                })?;
+                Task::Refine(latents, denoising_start)
+            }
+            TaskPlan::Img2Img { strength } => Task::Img2Img(read(image, false)?, strength),
+            TaskPlan::Inpaint { strength } => {
+                Task::Inpaint(read(image, false)?, read(mask, true)?, strength)
+            }
+            TaskPlan::Outpaint { extend, seam } => {
+                Task::Outpaint(read(image, false)?, extend, seam)
+            }
+        })
     }
 
     /// Refuses a run whose activations cannot fit in the memory available.
@@ -458,21 +455,37 @@ impl StableDiffusionPipeline {
         &self,
         mut request: GenerationRequest<'_>,
     ) -> Result<Generation, PipelineError> {
+        // A text-to-image request without a size takes the first control image's.
         let control = self.read_control_images(&mut request)?;
-        let adapter_inputs = self.read_adapter_images(&mut request)?;
-        let (scheduler, sampler) = self.checked_scheduler(&request)?;
+        let adapters = self.read_adapter_images(&mut request)?;
+        let plan = self.validate(&request)?;
+        self.execute(plan, request, (control, adapters))
+    }
+
+    /// Runs a request as `plan` ([`Self::validate`]'s) says.
+    fn execute(
+        &self,
+        plan: RunPlan,
+        mut request: GenerationRequest<'_>,
+        (control, adapters): (Vec<ControlInput>, Vec<AdapterInput>),
+    ) -> Result<Generation, PipelineError> {
         let models = self.models_for(&request.loras)?;
-        let task = self.task(&mut request)?;
-        let mut sd = self.run_parts(self.run_models(&models), &scheduler, request.tiny_decoder);
-        sd.controlnets = self.control_units(control, &task, &request)?;
-        sd.adapters = self.adapter_units(adapter_inputs, &task, &request)?;
+        let task = self.task(&plan.task, &mut request)?;
+        let mut sd = self.run_parts(
+            self.run_models(&models),
+            &plan.scheduler,
+            request.tiny_decoder,
+        );
+        sd.controlnets = self.control_units(control, &plan, request.guess_mode)?;
+        sd.adapters = self.adapter_units(adapters, &plan)?;
         let seed = request.seed.unwrap_or_else(rand::random::<u64>);
-        let mut options = self.options(&request);
+        let mut options = plan.options.clone();
         options.init_latents = request.init_latents.take();
-        if matches!(task, Task::Txt2Img)
+        // Text to image draws image i from seed + i, so each can be made again alone.
+        let per_image_seed = matches!(task, Task::Txt2Img)
             && options.init_latents.is_none()
-            && request.noise.is_none()
-        {
+            && request.noise.is_none();
+        if per_image_seed {
             options.init_latents = Some(self.batch_noise(&sd, &options, seed)?);
         }
         let mut noise: Box<dyn NoiseSource + '_> = match request.noise.take() {
@@ -483,8 +496,12 @@ impl StableDiffusionPipeline {
         let cb = callback
             .as_mut()
             .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
+        let hires = match &plan.task {
+            TaskPlan::Txt2Img { hires } => *hires,
+            _ => None,
+        };
         let out = match task {
-            Task::Txt2Img => match &request.hires {
+            Task::Txt2Img => match &hires {
                 Some(h) => sd.txt2img_hires(&options, h, noise.as_mut(), cb)?,
                 None => sd.txt2img(&options, noise.as_mut(), cb)?,
             },
@@ -501,7 +518,7 @@ impl StableDiffusionPipeline {
                 sd.outpaint(&options, image, extend, seam, noise.as_mut(), cb)?
             }
         };
-        Ok(self.output(out, &request, &sampler, seed))
+        Ok(self.output(out, &plan, seed, per_image_seed))
     }
 
     /// The prompt embeddings a request runs with, as [`Self::generate`] computes them:
@@ -540,18 +557,15 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// Initial noise of a text-to-image batch: image `i` from seed `seed + i`, so each
-    /// can be made again alone.
+    /// Initial noise of a text-to-image batch of a [`RunPlan`]'s options: image `i`
+    /// from seed `seed + i`, so each can be made again alone.
     pub(crate) fn batch_noise(
         &self,
         sd: &StableDiffusion<'_>,
         o: &GenerationOptions,
         seed: u64,
     ) -> Result<Tensor<4>, PipelineError> {
-        if o.batch_size == 0 {
-            return Err(PipelineError::request("num_images", "must be at least 1"));
-        }
-        crate::composed::check_size(o.width, o.height)?;
+        // The options are a plan's: the image count and size are checked.
         let f = sd.vae.downscale_factor();
         let shape = [1, sd.vae.latent_channels(), o.height / f, o.width / f];
         let parts = (0..o.batch_size as u64)
@@ -560,30 +574,31 @@ impl StableDiffusionPipeline {
         Ok(Tensor::cat(parts, 0))
     }
 
+    /// The pictures of a run with their parameters; image `i`'s seed is `seed + i`
+    /// where each was drawn from its own (`per_image_seed`), else `seed`.
     pub(crate) fn output(
         &self,
         out: GenerationOutput,
-        r: &GenerationRequest<'_>,
-        sampler: &str,
+        plan: &RunPlan,
         seed: u64,
+        per_image_seed: bool,
     ) -> Generation {
-        let images = sd_io::image::tensor_to_images(&out.images);
-        let per_image_seed = r.init_image.is_none() && r.noise.is_none();
-        let steps = match &r.steps {
+        let o = &plan.options;
+        let steps = match &o.steps {
             Steps::Count(n) => *n,
             Steps::Timesteps(t) => t.len(),
             Steps::Sigmas(s) => s.len().saturating_sub(1),
         };
-        let images = images
+        let images = sd_io::image::tensor_to_images(&out.images)
             .into_iter()
             .enumerate()
             .map(|(i, image)| GeneratedImage {
                 parameters: GenerationParameters {
-                    prompt: r.prompt.clone(),
-                    negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+                    prompt: o.prompt.clone(),
+                    negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
                     steps,
-                    sampler: sampler.to_string(),
-                    cfg_scale: r.guidance,
+                    sampler: plan.sampler.clone(),
+                    cfg_scale: o.guidance_scale,
                     seed: if per_image_seed {
                         seed.wrapping_add(i as u64)
                     } else {
@@ -614,11 +629,11 @@ impl StableDiffusionPipeline {
         b: GenerationRequest<'_>,
         frames: usize,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let (scheduler, sampler) = self.checked_scheduler(&a)?;
-        self.validate(&b)?;
+        let plan = self.validate(&a)?;
+        let ob = self.validate(&b)?.options;
         let models = self.models_for(&a.loras)?;
-        let sd = self.run_parts(self.run_models(&models), &scheduler, a.tiny_decoder);
-        let (oa, ob) = (self.options(&a), self.options(&b));
+        let sd = self.run_parts(self.run_models(&models), &plan.scheduler, a.tiny_decoder);
+        let oa = plan.options.clone();
         let seed_a = a.seed.unwrap_or_else(rand::random::<u64>);
         let seed_b = b.seed.unwrap_or_else(rand::random::<u64>);
         let ends = Endpoints {
@@ -635,7 +650,7 @@ impl StableDiffusionPipeline {
         let outs = sd.interpolate(ends, frames, &mut noise, cb)?;
         Ok(outs
             .into_iter()
-            .flat_map(|o| self.output(o, &a, &sampler, seed_a).images)
+            .flat_map(|o| self.output(o, &plan, seed_a, true).images)
             .collect())
     }
 }

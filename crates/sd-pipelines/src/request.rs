@@ -8,7 +8,7 @@ use sd_core::{NoiseSource, Steps};
 use sd_io::image::SizeMode;
 use sd_schedulers::{AnyScheduler, SigmaSchedule};
 
-use crate::composed::StepInfo;
+use crate::composed::{DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, StepInfo};
 use crate::hires::HiresFix;
 use crate::load::LoraSpec;
 use crate::outpaint::Extend;
@@ -242,8 +242,8 @@ impl<'a> GenerationRequest<'a> {
             negative_prompt_2: None,
             width: None,
             height: None,
-            steps: Steps::Count(50),
-            guidance: 7.5,
+            steps: Steps::Count(DEFAULT_STEPS),
+            guidance: DEFAULT_GUIDANCE_SCALE,
             seed: None,
             scheduler: SchedulerChoice::Model,
             sigma_schedule: None,

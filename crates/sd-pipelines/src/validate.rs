@@ -3,19 +3,43 @@
 
 use sd_core::{Autoencoder, Scheduler, img2img_start};
 use sd_io::image::{SizeMode, fitted_size};
-use sd_schedulers::AnyScheduler;
 
 use crate::composed::{GenerationOptions, check_options, check_size};
 use crate::error::PipelineError;
 use crate::pipeline::StableDiffusionPipeline;
+use crate::plan::{RunPlan, TaskPlan};
 use crate::request::{GenerationRequest, ImageInput};
+
+/// The task the request's inputs describe (their combination checked by
+/// [`check_inputs`]).
+///
+/// # Errors
+/// A hand-over without the latents it continues.
+fn task_plan(r: &GenerationRequest<'_>) -> Result<TaskPlan, PipelineError> {
+    if let Some(denoising_start) = r.denoising_start {
+        if r.init_latents.is_none() {
+            return Err(PipelineError::request(
+                "denoising_start",
+                "continues a base run's latents: set them with init_latents",
+            ));
+        }
+        return Ok(TaskPlan::Refine { denoising_start });
+    }
+    let strength = r.strength.unwrap_or(1.0);
+    Ok(match (&r.init_image, &r.mask, r.outpaint) {
+        (None, _, _) => TaskPlan::Txt2Img { hires: r.hires },
+        (Some(_), None, None) => TaskPlan::Img2Img { strength },
+        (Some(_), Some(_), None) => TaskPlan::Inpaint { strength },
+        (Some(_), _, Some((extend, seam))) => TaskPlan::Outpaint { extend, seam },
+    })
+}
 
 /// How a request's inputs may combine: a mask or outpaint margins need an init
 /// image, and outpainting makes its own mask.
 ///
 /// # Errors
 /// [`PipelineError::Request`] naming the input that does not fit.
-pub(crate) fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
+fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
     if r.init_image.is_none() && (r.mask.is_some() || r.outpaint.is_some()) {
         return Err(PipelineError::request(
             "init_image",
@@ -46,51 +70,40 @@ pub(crate) fn check_inputs(r: &GenerationRequest<'_>) -> Result<(), PipelineErro
 }
 
 impl StableDiffusionPipeline {
-    /// Checks a request without running anything: the scheduler and its steps, the
-    /// guidance scale, image count and size, clip skip, the input images and how they
-    /// combine, the strength, and the memory the run would need. [`Self::generate`]
-    /// runs these checks first.
+    /// Checks a request without running anything and resolves it into the plan
+    /// [`Self::generate`] executes: the scheduler and its steps, the guidance scale,
+    /// image count and size, clip skip and second prompts, the input images and how
+    /// they combine, the strength, the hires fix, and the memory the run would need.
     ///
     /// # Errors
     /// What [`Self::generate`] would refuse before denoising.
-    pub fn validate(&self, r: &GenerationRequest<'_>) -> Result<(), PipelineError> {
-        self.checked_scheduler(r).map(|_| ())
-    }
-
-    /// [`Self::validate`], returning the scheduler (and its sampler label) the
-    /// request runs with, so that a run builds it once.
-    pub(crate) fn checked_scheduler(
-        &self,
-        r: &GenerationRequest<'_>,
-    ) -> Result<(AnyScheduler, String), PipelineError> {
-        if r.num_images == 0 {
-            return Err(PipelineError::request("num_images", "must be at least 1"));
-        }
-        let (scheduler, label) = self.scheduler_for(r)?;
+    pub fn validate(&self, r: &GenerationRequest<'_>) -> Result<RunPlan, PipelineError> {
+        check_inputs(r)?;
+        let (scheduler, sampler) = self.scheduler_for(r)?;
         let options = self.options(r);
         check_options(&options)?;
         self.conditioner().check(&options)?;
         let run = scheduler.start(&options.steps)?;
-        let (width, height) = self.task_size(r, &options)?;
-        if r.init_image.is_some() && r.outpaint.is_none() {
-            let strength = r.strength.unwrap_or(1.0);
-            if img2img_start(run.len(), strength)? >= run.len() {
-                return Err(PipelineError::request(
-                    "strength",
-                    format!("{strength} leaves no step to run"),
-                ));
-            }
+        let task = task_plan(r)?;
+        let size = self.task_size(r, &options)?;
+        if let TaskPlan::Img2Img { strength } | TaskPlan::Inpaint { strength } = task
+            && img2img_start(run.len(), strength)? >= run.len()
+        {
+            return Err(PipelineError::request(
+                "strength",
+                format!("{strength} leaves no step to run"),
+            ));
         }
-        self.check_size_factor(width, height)?;
+        self.check_size_factor(size.0, size.1)?;
         if r.tiny_decoder && self.tiny_vae.is_none() {
             return Err(PipelineError::request(
                 "tiny_decoder",
                 "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
             ));
         }
-        let (width, height) = match &r.hires {
+        let output_size = match &r.hires {
             Some(h) => {
-                let (w, ht) = h.target_size(width, height)?;
+                let (w, ht) = h.target_size(size.0, size.1)?;
                 self.check_size_factor(w, ht)?;
                 let second = scheduler.start(&h.second_pass_steps(&options.steps))?;
                 if img2img_start(second.len(), h.strength)? >= second.len() {
@@ -101,14 +114,18 @@ impl StableDiffusionPipeline {
                 }
                 (w, ht)
             }
-            None => (width, height),
+            None => size,
         };
-        self.check_memory(&GenerationOptions {
-            width,
-            height,
-            ..options
-        })?;
-        Ok((scheduler, label))
+        let plan = RunPlan {
+            task,
+            scheduler,
+            sampler,
+            options,
+            size,
+            output_size,
+        };
+        self.check_memory(&plan.output_options())?;
+        Ok(plan)
     }
 
     /// Sizes must be multiples of 8 and of the VAE's factor.
@@ -142,7 +159,6 @@ impl StableDiffusionPipeline {
         r: &GenerationRequest<'_>,
         o: &GenerationOptions,
     ) -> Result<(usize, usize), PipelineError> {
-        check_inputs(r)?;
         let Some(image) = &r.init_image else {
             return Ok((o.width, o.height));
         };
