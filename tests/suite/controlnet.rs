@@ -285,17 +285,7 @@ fn controlnet_pipeline_cases_match_diffusers() {
             assert_eq!(got, want, "{name} controlnet{k} scales");
             sd.controlnets.push(unit);
         }
-        let options = case.options(&device);
-        let mut noise = case.noise(&device);
-        let out = if r.has("input_image_preprocessed") {
-            let image = r.tensor::<4>("input_image_preprocessed", &device);
-            let strength = call["strength"].as_f64().unwrap();
-            sd.img2img(&options, image, strength, &mut noise, None)
-        } else {
-            sd.txt2img(&options, &mut noise, None)
-        }
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(noise.remaining(), 0, "{name}: every recorded noise used");
+        let out = case.run_composed(&sd, &device);
         case.check_latents(&out.latents, 1e-3);
         let image: Tensor<4> = out.images.permute([0, 2, 3, 1]);
         assert_close(&format!("{name} image"), &image, &r.floats("image"), 1e-3);

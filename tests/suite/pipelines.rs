@@ -56,22 +56,7 @@ fn run_case(case: &Case, m: &Models, device: &Device) {
         &case.r.floats("prompt_embeds"),
         1e-4,
     );
-    let mut noise = case.noise(device);
-    let image = || case.r.tensor::<4>("input_image_preprocessed", device);
-    let out = match case.pipeline() {
-        "StableDiffusionPipeline" => sd.txt2img(&options, &mut noise, None).unwrap(),
-        "StableDiffusionImg2ImgPipeline" => {
-            let strength = case.call()["strength"].as_f64().unwrap();
-            sd.img2img(&options, image(), strength, &mut noise, None)
-                .unwrap()
-        }
-        _ => {
-            let mask = case.r.tensor::<4>("mask_preprocessed", device);
-            sd.inpaint(&options, image(), mask, 1.0, &mut noise, None)
-                .unwrap()
-        }
-    };
-    assert_eq!(noise.remaining(), 0, "{name}: every recorded noise used");
+    let out = case.run_composed(&sd, device);
     case.check_latents(&out.latents, 1e-3);
     let image = out.images.permute([0, 2, 3, 1]);
     let image: Tensor<4> = image.reshape([1, 32, 32, 3]);

@@ -220,9 +220,7 @@ fn sdxl_pipeline_cases_match_diffusers() {
 /// Runs one SDXL pipeline case through `pipe` with its recorded noise and checks
 /// the final latents (1e-3 of their scale) and the picture (1 level in 255).
 fn run_sdxl_case(pipe: &stable_diffusion::prelude::StableDiffusionPipeline, case: &Case) {
-    let out = pipe
-        .generate(case.request(pipe.device()))
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let out = case.generate(pipe, |r| r);
     case.check_latents(&out.latents, 1e-3);
     // The picture: the VAE at scaling factor 0.13025, in 8 bits.
     case.check_image(out.images[0].image.as_raw(), 1.0);
@@ -536,9 +534,7 @@ fn sdxl_inpainting_matches_diffusers() {
                 .unwrap();
         assert_eq!(pipe.family(), ModelFamily::Sdxl);
         let case = Case::open("index_sdxl_inpaint.json", name);
-        let out = pipe
-            .generate(case.request(&device))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = case.generate(&pipe, |r| r);
         case.check_latents(&out.latents, 1e-3);
     }
 }

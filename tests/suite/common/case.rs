@@ -10,7 +10,8 @@ use stable_diffusion::burn::prelude::*;
 use stable_diffusion::core::{RecordedNoise, Steps};
 use stable_diffusion::io::{WeightSource, recorded_noise_tensors};
 use stable_diffusion::pipelines::{
-    GenerationOptions, GenerationRequest, MicroConditioning, SchedulerChoice,
+    Generation, GenerationOptions, GenerationOutput, GenerationRequest, MicroConditioning,
+    SchedulerChoice, StableDiffusion, StableDiffusionPipeline,
 };
 
 use super::{Reference, fixture, read_index};
@@ -274,6 +275,44 @@ impl Case {
             req = req.init_latents(latents);
         }
         req
+    }
+
+    /// Runs the case's request, changed by `adjust` (LoRAs, control inputs, ...),
+    /// through the owning pipeline.
+    pub fn generate(
+        &self,
+        pipe: &StableDiffusionPipeline,
+        adjust: impl FnOnce(GenerationRequest<'static>) -> GenerationRequest<'static>,
+    ) -> Generation {
+        pipe.generate(adjust(self.request(pipe.device())))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+
+    /// Runs the case through the borrowing composition `sd` (its scheduler and
+    /// control units set by the caller) as the reference's pipeline class does
+    /// (text to image, image to image, inpainting), with the recorded noise, every
+    /// draw of which it asserts was used.
+    pub fn run_composed(&self, sd: &StableDiffusion<'_>, device: &Device) -> GenerationOutput {
+        let options = self.options(device);
+        let mut noise = self.noise(device);
+        let image = || self.r.tensor::<4>("input_image_preprocessed", device);
+        let strength = self.call()["strength"].as_f64().unwrap_or(1.0);
+        let out = if self.r.has("mask_preprocessed") {
+            let mask = self.r.tensor::<4>("mask_preprocessed", device);
+            sd.inpaint(&options, image(), mask, strength, &mut noise, None)
+        } else if self.r.has("input_image_preprocessed") {
+            sd.img2img(&options, image(), strength, &mut noise, None)
+        } else {
+            sd.txt2img(&options, &mut noise, None)
+        }
+        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        assert_eq!(
+            noise.remaining(),
+            0,
+            "{}: every recorded noise used",
+            self.name
+        );
+        out
     }
 
     /// The final latents' largest difference relative to their largest magnitude.
