@@ -424,6 +424,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
             vae: &vae,
             decoder: None,
             preview_decoder: None,
+            watermark: None,
             scheduler: &scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),

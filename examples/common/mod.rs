@@ -170,6 +170,12 @@ pub struct CommonArgs {
     /// What decodes the picture: full (the VAE) or tiny (`--tiny-vae`, faster).
     #[arg(long, default_value = "full")]
     pub vae_decoder: String,
+    /// No invisible watermark (SDXL's pictures carry one by default, as diffusers').
+    #[arg(long, conflicts_with = "watermark")]
+    pub no_watermark: bool,
+    /// The invisible watermark in the pictures of any model (256x256 or more).
+    #[arg(long)]
+    pub watermark: bool,
     /// Write every Nth step's preview as a frame of `--preview-out`.
     #[arg(long, default_value_t = 1)]
     pub preview_every: usize,
@@ -289,11 +295,19 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
         vae_tiling: vae_tiling(&args.vae_tiling)?,
         loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
         tiny_vae: args.tiny_vae.clone(),
+        watermark: match (args.watermark, args.no_watermark) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         ..Default::default()
     };
     // A folder, a file, or (with the `hub` feature) a hub repository id.
     let source = ModelSource::parse(&model_path(args).to_string_lossy());
     let pipe = StableDiffusionPipeline::from_pretrained(source, device, &options)?;
+    if args.no_watermark && pipe.family() == stable_diffusion::pipelines::ModelFamily::Sdxl {
+        eprintln!("the invisible watermark is off: these SDXL pictures carry no provenance mark");
+    }
     for lora in &options.loras {
         eprintln!(
             "LoRA {} merged at strength {}",

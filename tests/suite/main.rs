@@ -25,3 +25,4 @@ mod server;
 mod taesd;
 mod tokenizer;
 mod training;
+mod watermark;

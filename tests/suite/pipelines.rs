@@ -218,6 +218,7 @@ fn tiny_sd<'a>(
         vae: &m.vae,
         decoder: None,
         preview_decoder: None,
+        watermark: None,
         scheduler,
         controlnets: Vec::new(),
         adapters: Vec::new(),

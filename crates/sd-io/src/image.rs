@@ -93,7 +93,8 @@ impl GenerationParameters {
     }
 }
 
-/// Converts one image `[3, H, W]` (or `[1, 3, H, W]`) in `[0, 1]` to RGB8 bytes.
+/// Converts one image `[3, H, W]` (or `[1, 3, H, W]`) in `[0, 1]` to RGB8 bytes, rounding
+/// half to even as diffusers' `numpy_to_pil` (`(x * 255).round()`) does.
 pub fn to_rgb8(image: &Tensor<4>, index: usize) -> (usize, usize, Vec<u8>) {
     let [_, c, h, w] = image.dims();
     let one = image.clone().slice([index..index + 1, 0..c, 0..h, 0..w]);
@@ -107,7 +108,7 @@ pub fn to_rgb8(image: &Tensor<4>, index: usize) -> (usize, usize, Vec<u8>) {
         w,
         h,
         v.iter()
-            .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .map(|x| (x.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
             .collect(),
     )
 }

@@ -14,6 +14,7 @@ pub mod pil_resize;
 pub mod save;
 pub mod t2i_adapter;
 pub mod tokenizer;
+pub mod watermark;
 pub mod weights;
 
 pub use error::{IoError, WeightsReport};
@@ -23,4 +24,5 @@ pub use model::{ComponentOptions, DiffusersDir, SingleFile};
 pub use noise::{read_recorded_noise, recorded_noise_tensors};
 pub use save::{save_controlnet, save_text_encoder, save_unet, save_vae, write_safetensors};
 pub use tokenizer::ClipTokenizer;
+pub use watermark::DwtDctWatermark;
 pub use weights::WeightSource;

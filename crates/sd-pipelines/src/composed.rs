@@ -10,6 +10,8 @@ use sd_core::{
     Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps, img2img_start,
 };
 
+use sd_io::watermark::DwtDctWatermark;
+
 use crate::conditioner::TextConditioner;
 use crate::control::{AdapterUnit, ControlNetUnit};
 use crate::preview::latent_preview;
@@ -167,6 +169,9 @@ pub struct StableDiffusion<'a> {
     /// Decodes [`StepInfo::preview`] (the tiny autoencoder); `None`: the cheap
     /// linear preview.
     pub preview_decoder: Option<&'a dyn Autoencoder>,
+    /// The invisible watermark put into the pictures ([`Self::decode`]) as
+    /// diffusers' SDXL pipelines do; `None`: none.
+    pub watermark: Option<&'a DwtDctWatermark>,
     /// The scheduler.
     pub scheduler: &'a dyn Scheduler,
     /// ControlNets guiding every step, with their images (empty: none).
@@ -175,6 +180,23 @@ pub struct StableDiffusion<'a> {
     pub adapters: Vec<AdapterUnit<'a>>,
     /// Where tensors are created.
     pub device: Device,
+}
+
+/// `raw` (`[b, 3, H, W]` around `[-1, 1]`) with `wm` in every picture, clamped to
+/// `[-1, 1]` where marked (diffusers' `apply_watermark`).
+fn watermarked(raw: Tensor<4>, wm: &DwtDctWatermark) -> Tensor<4> {
+    let [b, c, h, w] = raw.dims();
+    if !DwtDctWatermark::applies(w, h) || c != 3 {
+        return raw;
+    }
+    let device = raw.device();
+    let Ok(mut values) = raw.clone().into_data().convert::<f32>().try_to_vec::<f32>() else {
+        return raw;
+    };
+    for picture in values.chunks_exact_mut(c * h * w).take(b) {
+        wm.apply_to_decoded(picture, w, h);
+    }
+    Tensor::from_data(TensorData::new(values, [b, c, h, w]), &device)
 }
 
 pub(crate) fn invalid(name: &'static str, message: impl Into<String>) -> CoreError {
@@ -222,7 +244,8 @@ pub fn check_options(o: &GenerationOptions) -> Result<(), CoreError> {
 }
 
 impl StableDiffusion<'_> {
-    /// Decodes scaled latents to images in `[0, 1]`.
+    /// Decodes scaled latents to the pictures in `[0, 1]`, with the watermark when
+    /// the composition has one (marked before clamping, as diffusers does).
     ///
     /// # Shapes
     /// - `[b, 4, h, w]` to `[b, 3, h * 8, w * 8]`
@@ -230,9 +253,24 @@ impl StableDiffusion<'_> {
     /// # Errors
     /// As [`Autoencoder::decode`].
     pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
-        let vae = self.decoder.unwrap_or(self.vae);
-        let raw = vae.decode(latents / vae.scaling_factor())?;
+        let raw = self.decode_raw(latents)?;
+        let raw = match self.watermark {
+            Some(wm) => watermarked(raw, wm),
+            None => raw,
+        };
         Ok((raw / 2.0 + 0.5).clamp(0.0, 1.0))
+    }
+
+    /// [`Self::decode`] without the watermark, for pictures that are not the run's
+    /// result (the hires fix's first pass).
+    pub(crate) fn decode_unmarked(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
+        Ok((self.decode_raw(latents)? / 2.0 + 0.5).clamp(0.0, 1.0))
+    }
+
+    /// The decoder's output, around `[-1, 1]`.
+    fn decode_raw(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
+        let vae = self.decoder.unwrap_or(self.vae);
+        vae.decode(latents / vae.scaling_factor())
     }
 
     /// The latent shape `[batch, c, h / f, w / f]` of the options, checked.

@@ -120,7 +120,7 @@ impl StableDiffusion<'_> {
             HiresUpscaler::LatentNearest => resize_latents(first, shape, InterpolateMode::Nearest),
             HiresUpscaler::LatentBicubic => resize_latents(first, shape, InterpolateMode::Cubic),
             HiresUpscaler::Lanczos => {
-                let image = lanczos(&self.decode(first)?, width, height, &self.device);
+                let image = lanczos(&self.decode_unmarked(first)?, width, height, &self.device);
                 self.encode_image(image, shape[0], noise)?
             }
         };

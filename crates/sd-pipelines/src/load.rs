@@ -149,6 +149,10 @@ pub struct LoadOptions {
     /// previews and, on request, fast decoding; see
     /// [`crate::StableDiffusionPipeline::load_tiny_vae`].
     pub tiny_vae: Option<PathBuf>,
+    /// The invisible watermark ([`sd_io::watermark::DwtDctWatermark`], SDXL's message)
+    /// in every picture of 256x256 or more: `None` does as diffusers (on for SDXL, off
+    /// for SD 1.x/2.x), `Some(false)` turns it off, `Some(true)` on for any model.
+    pub watermark: Option<bool>,
     /// ControlNets to load with the model (folders, files, or hub repository ids
     /// fetched as `hub` says); requests name them by position
     /// ([`crate::ControlInput::new`]).

@@ -6,6 +6,7 @@ use burn::tensor::DType;
 use sd_core::{Autoencoder, NoiseRng, NoiseSource, Scheduler, Steps};
 use sd_io::ClipTokenizer;
 use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tensor, read_image};
+use sd_io::watermark::DwtDctWatermark;
 use sd_models::{
     AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, ControlNetModel,
     T2IAdapter, UNet2DConditionConfig, UNet2DConditionModel,
@@ -33,6 +34,7 @@ pub struct StableDiffusionPipeline {
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
+    pub(crate) watermark: Option<DwtDctWatermark>,
     pub(crate) controlnets: Vec<(String, ControlNetModel)>,
     pub(crate) adapters: Vec<(String, T2IAdapter)>,
     pub(crate) unet_config: UNet2DConditionConfig,
@@ -90,6 +92,11 @@ impl StableDiffusionPipeline {
             loaded.name = name;
         }
         let mut pipeline = Self::from_loaded(loaded, device)?;
+        // diffusers marks SDXL's pictures (add_watermarker) and no others.
+        let watermark = options
+            .watermark
+            .unwrap_or(pipeline.family == ModelFamily::Sdxl);
+        pipeline.set_watermark(watermark.then(DwtDctWatermark::sdxl));
         if let Some(dir) = &options.tiny_vae {
             pipeline.load_tiny_vae(dir)?;
         }
@@ -166,6 +173,18 @@ impl StableDiffusionPipeline {
         Ok(sd_io::image::tensor_to_images(&sd.decode(latents)?))
     }
 
+    /// Sets (or with `None` turns off) the invisible watermark put into every
+    /// picture of 256x256 pixels or more ([`LoadOptions::watermark`]; on for SDXL
+    /// by default, as diffusers).
+    pub fn set_watermark(&mut self, watermark: Option<DwtDctWatermark>) {
+        self.watermark = watermark;
+    }
+
+    /// The invisible watermark the pictures get, if any.
+    pub fn watermark(&self) -> Option<&DwtDctWatermark> {
+        self.watermark.as_ref()
+    }
+
     /// The tiny autoencoder, when one is loaded.
     pub fn tiny_vae(&self) -> Option<&AutoencoderTiny> {
         self.tiny_vae.as_ref()
@@ -178,6 +197,7 @@ impl StableDiffusionPipeline {
             unet: l.unet,
             vae: l.vae,
             tiny_vae: None,
+            watermark: None,
             controlnets: Vec::new(),
             adapters: Vec::new(),
             unet_config: l.unet_config,
@@ -309,6 +329,7 @@ impl StableDiffusionPipeline {
             vae: &self.vae,
             decoder: tiny.filter(|_| tiny_decoder),
             preview_decoder: tiny,
+            watermark: self.watermark.as_ref(),
             scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),

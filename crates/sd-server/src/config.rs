@@ -56,6 +56,11 @@ pub struct ModelConfig {
     /// set).
     #[serde(default)]
     pub default_guidance: Option<f64>,
+    /// The invisible watermark in every picture of 256x256 or more: unset does as
+    /// diffusers (on for SDXL models, off for SD 1.x/2.x); `false` turns it off,
+    /// `true` on for any model.
+    #[serde(default)]
+    pub watermark: Option<bool>,
 }
 
 impl ModelConfig {
@@ -74,6 +79,7 @@ impl ModelConfig {
             preload: false,
             default_steps: None,
             default_guidance: None,
+            watermark: None,
         }
     }
 

@@ -295,6 +295,7 @@ fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel
         config: config.config.clone(),
         unet_dtype: dtype,
         vae_dtype: dtype,
+        watermark: config.watermark,
         ..LoadOptions::default()
     };
     let pipeline = StableDiffusionPipeline::from_pretrained(

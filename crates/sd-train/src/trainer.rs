@@ -260,6 +260,7 @@ impl Trainer {
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
+            watermark: None,
             scheduler: &scheduler,
             controlnets,
             adapters: Vec::new(),

@@ -193,6 +193,7 @@ impl LoadedPipeline {
             vae: &self.vae,
             decoder: None,
             preview_decoder: None,
+            watermark: None,
             scheduler: &self.scheduler,
             controlnets: Vec::new(),
             adapters: Vec::new(),
