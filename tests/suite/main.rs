@@ -19,6 +19,7 @@ mod lora;
 mod models;
 mod open_clip;
 mod pipelines;
+mod safety_checker;
 mod schedulers;
 mod sdxl;
 mod server;

@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod pil_resize;
+pub mod safety_checker;
 pub mod save;
 pub mod t2i_adapter;
 pub mod tokenizer;

@@ -58,6 +58,46 @@ pub struct ClipEncoderLayer {
     pub layer_norm2: LayerNorm,
 }
 
+impl ClipEncoderLayer {
+    /// A layer of width `d` with `heads` heads and an MLP `intermediate` wide.
+    pub(crate) fn new(
+        d: usize,
+        heads: usize,
+        intermediate: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Self {
+        Self {
+            self_attn: ClipAttention {
+                q_proj: linear(d, d, true, device),
+                k_proj: linear(d, d, true, device),
+                v_proj: linear(d, d, true, device),
+                out_proj: linear(d, d, true, device),
+                heads,
+            },
+            layer_norm1: LayerNorm::new(d, eps, device),
+            mlp: ClipMlp {
+                fc1: linear(d, intermediate, true, device),
+                fc2: linear(intermediate, d, true, device),
+            },
+            layer_norm2: LayerNorm::new(d, eps, device),
+        }
+    }
+
+    /// The layer over `x` `[b, seq, d]`: attention (`causal` for text), then the MLP
+    /// with `quick_gelu` (OpenAI CLIP) or the exact `gelu` (OpenCLIP).
+    pub(crate) fn forward(&self, x: Tensor<3>, causal: bool, quick: bool) -> Tensor<3> {
+        let a = &self.self_attn;
+        let h = self.layer_norm1.forward(x.clone());
+        let [q, k, v] = linear_forward_many([&a.q_proj, &a.k_proj, &a.v_proj], h);
+        let attn = multi_head_attention(q, k, v, a.heads, causal);
+        let x = linear_forward_residual(&a.out_proj, attn, x);
+        let h = linear_forward(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
+        let h = if quick { quick_gelu(h) } else { gelu(h) };
+        linear_forward_residual(&self.mlp.fc2, h, x)
+    }
+}
+
 /// The stack of layers.
 #[derive(Module, Debug)]
 pub struct ClipEncoder {
@@ -107,20 +147,14 @@ impl ClipTextModel {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
         let layers = (0..config.num_hidden_layers)
-            .map(|_| ClipEncoderLayer {
-                self_attn: ClipAttention {
-                    q_proj: linear(d, d, true, device),
-                    k_proj: linear(d, d, true, device),
-                    v_proj: linear(d, d, true, device),
-                    out_proj: linear(d, d, true, device),
-                    heads: config.num_attention_heads,
-                },
-                layer_norm1: LayerNorm::new(d, eps, device),
-                mlp: ClipMlp {
-                    fc1: linear(d, config.intermediate_size, true, device),
-                    fc2: linear(config.intermediate_size, d, true, device),
-                },
-                layer_norm2: LayerNorm::new(d, eps, device),
+            .map(|_| {
+                ClipEncoderLayer::new(
+                    d,
+                    config.num_attention_heads,
+                    config.intermediate_size,
+                    eps,
+                    device,
+                )
             })
             .collect();
         Ok(Self {
@@ -144,23 +178,7 @@ impl ClipTextModel {
     }
 
     fn layer_forward(&self, layer: &ClipEncoderLayer, x: Tensor<3>) -> Tensor<3> {
-        let a = &layer.self_attn;
-        let h = layer.layer_norm1.forward(x.clone());
-        let [q, k, v] = linear_forward_many([&a.q_proj, &a.k_proj, &a.v_proj], h);
-        let attn = multi_head_attention(q, k, v, a.heads, true);
-        let x = linear_forward_residual(&a.out_proj, attn, x);
-        let h = linear_forward(&layer.mlp.fc1, layer.layer_norm2.forward(x.clone()));
-        linear_forward_residual(&layer.mlp.fc2, self.activation(h), x)
-    }
-
-    /// The MLP's activation: `quick_gelu` (OpenAI CLIP) or the exact `gelu`
-    /// (OpenCLIP); one in-place pass on the CPU backend.
-    fn activation(&self, h: Tensor<3>) -> Tensor<3> {
-        if self.quick_gelu {
-            quick_gelu(h)
-        } else {
-            gelu(h)
-        }
+        layer.forward(x, true, self.quick_gelu)
     }
 
     /// All hidden states: the embeddings, then each layer's output (no final norm).

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod controlnet;
 pub mod depth_anything;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod lora;
 pub mod norm;
 pub mod resnet;
+pub mod safety_checker;
 pub mod t2i_adapter;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
@@ -27,11 +29,12 @@ pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
 pub use config::{
     AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig,
-    DepthAnythingConfig, T2IAdapterConfig, UNet2DConditionConfig,
+    DepthAnythingConfig, SafetyCheckerConfig, T2IAdapterConfig, UNet2DConditionConfig,
 };
 pub use controlnet::ControlNetModel;
 pub use depth_anything::DepthAnythingForDepthEstimation;
 pub use error::ConfigError;
+pub use safety_checker::{SafetyCheck, StableDiffusionSafetyChecker};
 pub use t2i_adapter::T2IAdapter;
 pub use unet_2d_condition::UNet2DConditionModel;
 pub use vae_tiling::VaeTiling;

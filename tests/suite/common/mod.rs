@@ -112,6 +112,13 @@ impl Reference {
             .is_float()
     }
 
+    /// A tensor's raw bytes (uint8 pictures).
+    pub fn bytes(&self, key: &str) -> &[u8] {
+        self.source
+            .bytes(key)
+            .unwrap_or_else(|| panic!("no `{key}`"))
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.source.get(key).is_some()
     }

@@ -8,6 +8,7 @@ mod clip;
 mod controlnet;
 mod depth_anything;
 mod one_or_many;
+mod safety_checker;
 mod t2i_adapter;
 mod unet;
 mod vae;
@@ -19,6 +20,7 @@ pub use depth_anything::{
     DepthAnythingConfig, DepthEstimationType, Dinov2Config, ReassembleResize, reassemble_resize,
 };
 pub use one_or_many::OneOrMany;
+pub use safety_checker::{ClipVisionConfig, SafetyCheckerConfig};
 pub use t2i_adapter::{AdapterType, T2IAdapterConfig};
 pub use unet::{DownBlockType, ResolvedUNetBlocks, UNet2DConditionConfig, UpBlockType};
 pub use vae::AutoencoderKLConfig;
