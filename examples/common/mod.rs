@@ -176,6 +176,10 @@ pub struct CommonArgs {
     /// The invisible watermark in the pictures of any model (256x256 or more).
     #[arg(long)]
     pub watermark: bool,
+    /// Do not run the model folder's safety checker (diffusers runs it on every SD
+    /// 1.x/2.x picture and blacks out the flagged ones).
+    #[arg(long)]
+    pub no_safety_checker: bool,
     /// Write every Nth step's preview as a frame of `--preview-out`.
     #[arg(long, default_value_t = 1)]
     pub preview_every: usize,
@@ -300,6 +304,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
             (_, true) => Some(false),
             _ => None,
         },
+        safety_checker: args.no_safety_checker.then_some(false),
         ..Default::default()
     };
     // A folder, a file, or (with the `hub` feature) a hub repository id.
@@ -307,6 +312,11 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
     let pipe = StableDiffusionPipeline::from_pretrained(source, device, &options)?;
     if args.no_watermark && pipe.family() == stable_diffusion::pipelines::ModelFamily::Sdxl {
         eprintln!("the invisible watermark is off: these SDXL pictures carry no provenance mark");
+    }
+    if args.no_safety_checker {
+        eprintln!(
+            "the safety checker is off, as asked: pictures are not checked (see docs/responsible-use.md)"
+        );
     }
     for lora in &options.loras {
         eprintln!(

@@ -107,3 +107,99 @@ fn the_real_safety_checker_config_builds_diffusers_parameter_count() {
     .to_string();
     assert!(err.contains("num_attention_heads"), "{err}");
 }
+
+/// Copies `tiny-sd15` and the tiny checker into one pipeline folder, as diffusers'
+/// SD 1.x folders ship them.
+fn folder_with_checker(root: &std::path::Path) -> std::path::PathBuf {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = root.join("sd15-with-checker");
+    copy(&fixture("tiny-sd15"), &dir);
+    copy(&fixture("tiny-safety-checker"), &dir);
+    dir
+}
+
+/// The owning pipeline loads `safety_checker/` with `feature_extractor/` as
+/// diffusers does, runs it on every picture (flagged ones black, the verdict in
+/// `nsfw_content_detected`), and leaves it out only when asked.
+#[test]
+fn the_pipeline_runs_the_checker_and_blacks_out_flagged_pictures() {
+    use stable_diffusion::burn::module::Param;
+    use stable_diffusion::prelude::*;
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = folder_with_checker(tmp.path());
+    let request = || {
+        GenerationRequest::new("a lighthouse")
+            .size(32, 32)
+            .steps(2)
+            .seed(5)
+            .num_images(2)
+    };
+    let mut pipe =
+        StableDiffusionPipeline::from_pretrained(&dir, &device, &LoadOptions::default()).unwrap();
+    let checker = pipe
+        .safety_checker()
+        .cloned()
+        .expect("loaded from the folder");
+    let out = pipe.generate(request()).unwrap();
+    // The verdicts are the checker's on the pictures as made.
+    let plain = StableDiffusionPipeline::from_pretrained(
+        &dir,
+        &device,
+        &LoadOptions {
+            safety_checker: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(plain.safety_checker().is_none());
+    let unchecked = plain.generate(request()).unwrap();
+    assert!(
+        unchecked
+            .images
+            .iter()
+            .all(|i| i.nsfw_content_detected.is_none())
+    );
+    let mut pictures: Vec<_> = unchecked.images.iter().map(|i| i.image.clone()).collect();
+    let flags = checker.run(&mut pictures, &device).unwrap();
+    for (i, image) in out.images.iter().enumerate() {
+        assert_eq!(image.nsfw_content_detected, Some(flags[i]));
+        assert_eq!(image.image, pictures[i], "image {i}");
+    }
+    // Thresholds every picture passes, and ones every picture trips.
+    for (threshold, flagged) in [(2.0f32, false), (-2.0, true)] {
+        let mut strict = checker.clone();
+        strict.model.concept_embeds_weights =
+            Param::from_tensor(Tensor::full([17], threshold, &device));
+        pipe.set_safety_checker(Some(strict));
+        let out = pipe.generate(request()).unwrap();
+        for image in &out.images {
+            assert_eq!(image.nsfw_content_detected, Some(flagged));
+            assert_eq!(image.image.iter().all(|&v| v == 0), flagged);
+        }
+    }
+    // Asked for where there is none: an error.
+    let err = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd15"),
+        &device,
+        &LoadOptions {
+            safety_checker: Some(true),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("safety_checker"), "{err}");
+}

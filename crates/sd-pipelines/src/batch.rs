@@ -270,7 +270,7 @@ impl StableDiffusionPipeline {
                     images: images.clone().narrow(0, offset, rows[i]),
                     latents: latents.clone().narrow(0, offset, rows[i]),
                 };
-                results.push(Ok(self.output(out, plan, seeds[i], true)));
+                results.push(self.output(out, plan, seeds[i], true));
             }
             offset += rows[i];
         }

@@ -56,6 +56,7 @@ pub mod preview;
 pub mod prompt;
 mod prompt_encoding;
 pub mod request;
+pub mod safety;
 pub mod sdxl;
 pub mod txt2img;
 mod validate;
@@ -82,6 +83,7 @@ pub use preview::latent_preview;
 pub use request::{
     AdapterInput, ControlInput, GenerationRequest, ImageInput, RequestCallback, SchedulerChoice,
 };
+pub use safety::SafetyChecker;
 pub use sdxl::MicroConditioning;
 
 /// The burn version the pipelines are written against.

@@ -153,6 +153,12 @@ pub struct LoadOptions {
     /// in every picture of 256x256 or more: `None` does as diffusers (on for SDXL, off
     /// for SD 1.x/2.x), `Some(false)` turns it off, `Some(true)` on for any model.
     pub watermark: Option<bool>,
+    /// The safety checker (diffusers' `StableDiffusionSafetyChecker`) run on every
+    /// picture, flagged ones blacked out: `None` loads it when the model folder has
+    /// `safety_checker/` and `feature_extractor/` (as diffusers), `Some(false)`
+    /// does not (an explicit choice; see docs/responsible-use.md), `Some(true)`
+    /// requires it.
+    pub safety_checker: Option<bool>,
     /// ControlNets to load with the model (folders, files, or hub repository ids
     /// fetched as `hub` says); requests name them by position
     /// ([`crate::ControlInput::new`]).

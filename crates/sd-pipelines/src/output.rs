@@ -15,6 +15,10 @@ pub struct GeneratedImage {
     /// Prompt, sampler, steps, guidance, seed, size and model (A1111's
     /// `parameters`).
     pub parameters: GenerationParameters,
+    /// The safety checker's verdict (diffusers' `nsfw_content_detected`): `true`
+    /// when it flagged the picture, which is then black; `None` when the pipeline
+    /// has no checker.
+    pub nsfw_content_detected: Option<bool>,
 }
 
 impl GeneratedImage {

@@ -24,6 +24,7 @@ use crate::memory::{RunShape, available_bytes, estimate_bytes};
 use crate::output::{GeneratedImage, Generation};
 use crate::plan::{RunPlan, TaskPlan};
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput, SchedulerChoice};
+use crate::safety::SafetyChecker;
 
 /// A Stable Diffusion 1.x / 2.x / XL model that owns its parts: tokenizer, text encoder,
 /// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
@@ -35,6 +36,7 @@ pub struct StableDiffusionPipeline {
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
     pub(crate) watermark: Option<DwtDctWatermark>,
+    pub(crate) safety_checker: Option<SafetyChecker>,
     pub(crate) controlnets: Vec<(String, ControlNetModel)>,
     pub(crate) adapters: Vec<(String, T2IAdapter)>,
     pub(crate) unet_config: UNet2DConditionConfig,
@@ -88,6 +90,26 @@ impl StableDiffusionPipeline {
             }
         };
         let mut loaded = crate::load::load_path(&path, device, options)?;
+        let safety_checker = match options.safety_checker {
+            Some(false) => None,
+            wanted if path.is_dir() => {
+                let checker = SafetyChecker::from_pipeline_dir(&path, device)?;
+                if wanted == Some(true) && checker.is_none() {
+                    return Err(PipelineError::Source {
+                        source_name: path.display().to_string(),
+                        message: "no safety_checker/ and feature_extractor/ for the safety checker asked for".into(),
+                    });
+                }
+                checker
+            }
+            Some(true) => {
+                return Err(PipelineError::Source {
+                    source_name: path.display().to_string(),
+                    message: "a single file has no safety checker; load the model's folder".into(),
+                });
+            }
+            None => None,
+        };
         if let Some(name) = name {
             loaded.name = name;
         }
@@ -97,6 +119,7 @@ impl StableDiffusionPipeline {
             .watermark
             .unwrap_or(pipeline.family == ModelFamily::Sdxl);
         pipeline.set_watermark(watermark.then(DwtDctWatermark::sdxl));
+        pipeline.safety_checker = safety_checker;
         if let Some(dir) = &options.tiny_vae {
             pipeline.load_tiny_vae(dir)?;
         }
@@ -180,6 +203,17 @@ impl StableDiffusionPipeline {
         self.watermark = watermark;
     }
 
+    /// Sets (or with `None` turns off) the safety checker run on every picture
+    /// ([`LoadOptions::safety_checker`]).
+    pub fn set_safety_checker(&mut self, checker: Option<SafetyChecker>) {
+        self.safety_checker = checker;
+    }
+
+    /// The safety checker, if the pipeline has one.
+    pub fn safety_checker(&self) -> Option<&SafetyChecker> {
+        self.safety_checker.as_ref()
+    }
+
     /// The invisible watermark the pictures get, if any.
     pub fn watermark(&self) -> Option<&DwtDctWatermark> {
         self.watermark.as_ref()
@@ -198,6 +232,7 @@ impl StableDiffusionPipeline {
             vae: l.vae,
             tiny_vae: None,
             watermark: None,
+            safety_checker: None,
             controlnets: Vec::new(),
             adapters: Vec::new(),
             unet_config: l.unet_config,
@@ -539,7 +574,7 @@ impl StableDiffusionPipeline {
                 sd.outpaint(&options, image, extend, seam, noise.as_mut(), cb)?
             }
         };
-        Ok(self.output(out, &plan, seed, per_image_seed))
+        self.output(out, &plan, seed, per_image_seed)
     }
 
     /// The prompt embeddings a request runs with, as [`Self::generate`] computes them:
@@ -603,17 +638,27 @@ impl StableDiffusionPipeline {
         plan: &RunPlan,
         seed: u64,
         per_image_seed: bool,
-    ) -> Generation {
+    ) -> Result<Generation, PipelineError> {
         let o = &plan.options;
+        let mut pictures = sd_io::image::tensor_to_images(&out.images);
+        let flags = match &self.safety_checker {
+            Some(checker) => checker
+                .run(&mut pictures, &self.device)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => vec![None; pictures.len()],
+        };
         let steps = match &o.steps {
             Steps::Count(n) => *n,
             Steps::Timesteps(t) => t.len(),
             Steps::Sigmas(s) => s.len().saturating_sub(1),
         };
-        let images = sd_io::image::tensor_to_images(&out.images)
+        let images = pictures
             .into_iter()
+            .zip(flags)
             .enumerate()
-            .map(|(i, image)| GeneratedImage {
+            .map(|(i, (image, nsfw_content_detected))| GeneratedImage {
                 parameters: GenerationParameters {
                     prompt: o.prompt.clone(),
                     negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
@@ -630,12 +675,13 @@ impl StableDiffusionPipeline {
                     model: self.name.clone(),
                 },
                 image,
+                nsfw_content_detected,
             })
             .collect();
-        Generation {
+        Ok(Generation {
             images,
             latents: out.latents,
-        }
+        })
     }
 
     /// Latent interpolation from request `a` to request `b` in `frames` pictures:
@@ -669,10 +715,11 @@ impl StableDiffusionPipeline {
             .as_mut()
             .map(|c| &mut **c as &mut dyn FnMut(&StepInfo<'_>) -> bool);
         let outs = sd.interpolate(ends, frames, &mut noise, cb)?;
-        Ok(outs
-            .into_iter()
-            .flat_map(|o| self.output(o, &plan, seed_a, true).images)
-            .collect())
+        let mut images = Vec::with_capacity(outs.len());
+        for o in outs {
+            images.extend(self.output(o, &plan, seed_a, true)?.images);
+        }
+        Ok(images)
     }
 }
 

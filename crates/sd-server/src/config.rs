@@ -61,6 +61,10 @@ pub struct ModelConfig {
     /// `true` on for any model.
     #[serde(default)]
     pub watermark: Option<bool>,
+    /// The model folder's safety checker: unset runs it where the folder has one
+    /// (as diffusers), `false` does not (logged at load), `true` requires one.
+    #[serde(default)]
+    pub safety_checker: Option<bool>,
 }
 
 impl ModelConfig {
@@ -80,6 +84,7 @@ impl ModelConfig {
             default_steps: None,
             default_guidance: None,
             watermark: None,
+            safety_checker: None,
         }
     }
 

@@ -296,8 +296,15 @@ fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel
         unet_dtype: dtype,
         vae_dtype: dtype,
         watermark: config.watermark,
+        safety_checker: config.safety_checker,
         ..LoadOptions::default()
     };
+    if config.safety_checker == Some(false) {
+        tracing::warn!(
+            model = config.name,
+            "the safety checker is off for this model, as configured: its pictures are not checked"
+        );
+    }
     let pipeline = StableDiffusionPipeline::from_pretrained(
         ModelSource::parse(&config.path),
         device,
