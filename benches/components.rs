@@ -1,5 +1,6 @@
 //! criterion benches of the pieces that decide Stable Diffusion's speed, at SD 1.5
-//! sizes (512x512, so 64x64 latents), on the CPU backend:
+//! sizes (512x512, so 64x64 latents), on the CPU backend, and of the watermark at
+//! SDXL's 1024x1024:
 //!
 //! ```text
 //! cargo bench --bench components               # all
@@ -216,12 +217,34 @@ fn scheduler_and_tokenizer(c: &mut Criterion) {
     g.finish();
 }
 
+/// SDXL's invisible watermark on one 1024x1024 picture, and reading it back.
+fn watermark(c: &mut Criterion) {
+    use stable_diffusion::io::watermark::DwtDctWatermark;
+    let mut g = c.benchmark_group("watermark");
+    let wm = DwtDctWatermark::sdxl();
+    let (w, h) = (1024, 1024);
+    let picture: Vec<f32> = (0..3 * w * h)
+        .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    g.bench_function("embed_1024", |b| {
+        b.iter(|| {
+            let mut x = picture.clone();
+            wm.apply_to_decoded(&mut x, w, h);
+            std::hint::black_box(x)
+        })
+    });
+    let rgb: Vec<f32> = picture.iter().map(|v| (v + 1.0) * 127.5).collect();
+    g.bench_function("decode_1024", |b| b.iter(|| wm.decode(&rgb, w, h)));
+    g.finish();
+}
+
 criterion_group!(
     benches,
     attention,
     blocks,
     conv3x3,
     linear,
-    scheduler_and_tokenizer
+    scheduler_and_tokenizer,
+    watermark
 );
 criterion_main!(benches);
