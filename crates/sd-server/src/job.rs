@@ -166,6 +166,9 @@ pub struct JobImage {
     pub png: Vec<u8>,
     /// How it was made.
     pub parameters: sd_io::image::GenerationParameters,
+    /// The model's safety checker's verdict (`true`: flagged, the picture is black);
+    /// `None` without a checker.
+    pub nsfw_content_detected: Option<bool>,
 }
 
 /// What a job's watchers are told.

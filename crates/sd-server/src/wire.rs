@@ -326,6 +326,8 @@ pub struct WireImage {
     width: usize,
     height: usize,
     model: String,
+    #[serde(default)]
+    nsfw_content_detected: Option<bool>,
 }
 
 impl From<&JobImage> for WireImage {
@@ -342,6 +344,7 @@ impl From<&JobImage> for WireImage {
             width: p.width,
             height: p.height,
             model: p.model.clone(),
+            nsfw_content_detected: i.nsfw_content_detected,
         }
     }
 }
@@ -361,6 +364,7 @@ impl From<WireImage> for JobImage {
                 height: w.height,
                 model: w.model,
             },
+            nsfw_content_detected: w.nsfw_content_detected,
         }
     }
 }

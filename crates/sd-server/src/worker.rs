@@ -97,7 +97,7 @@ fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, Pipelin
         Ok(generation) => generation
             .images
             .into_iter()
-            .map(|g| job_image(&job.spec, g.image, g.parameters))
+            .map(|g| job_image(&job.spec, g.image, g.parameters, g.nsfw_content_detected))
             .collect::<Result<Vec<_>, _>>()
             .map(Arc::new),
         Err(e) => match from_pipeline(&e) {
@@ -226,6 +226,7 @@ fn job_image(
     spec: &JobSpec,
     image: image::RgbImage,
     mut parameters: sd_io::image::GenerationParameters,
+    nsfw_content_detected: Option<bool>,
 ) -> Result<JobImage, ApiError> {
     let image = match &spec.overlay {
         Some(o) => o.apply(&image),
@@ -236,7 +237,11 @@ fn job_image(
     parameters.height = image.height() as usize;
     let png = sd_io::image::encode_rgb_png(&image, Some(&parameters))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(JobImage { png, parameters })
+    Ok(JobImage {
+        png,
+        parameters,
+        nsfw_content_detected,
+    })
 }
 
 /// The pictures of the latents as they are at this step, decoded by the VAE, with
@@ -273,7 +278,7 @@ fn partial_images(
                 height: 0,
                 model: String::new(),
             };
-            job_image(spec, image, parameters).ok()
+            job_image(spec, image, parameters, None).ok()
         })
         .collect()
 }

@@ -55,6 +55,11 @@ fn job_events_from_queue_to_result() {
     let (_, result) = events.last().unwrap();
     assert_eq!(result["images"].as_array().unwrap().len(), 2);
     assert_eq!(result["parameters"][1]["seed"], 10);
+    // The tiny model has no safety checker: no verdict.
+    assert!(
+        result["parameters"][0]["nsfw_content_detected"].is_null(),
+        "{result}"
+    );
     // The finished job's status, and its events replayed as the result alone.
     let v = s.get(&format!("/v1/jobs/{id}")).json();
     assert_eq!(

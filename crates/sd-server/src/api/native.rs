@@ -25,7 +25,7 @@ use super::{b64, body_bytes, parse_slice};
 use crate::Shared;
 use crate::auth::Client;
 use crate::error::ApiError;
-use crate::job::{HiresSpec, JobEvent, JobState};
+use crate::job::{HiresSpec, JobEvent, JobImage, JobState};
 use crate::store::JobHandle;
 use crate::validate;
 
@@ -343,11 +343,14 @@ fn error_json(e: &ApiError) -> Value {
     json!({"kind": e.kind(), "message": e.to_string()})
 }
 
-fn parameters_json(p: &sd_io::image::GenerationParameters) -> Value {
+/// A picture's parameters, and the safety checker's verdict (`null` without one).
+fn parameters_json(i: &JobImage) -> Value {
+    let p = &i.parameters;
     json!({
         "prompt": p.prompt, "negative_prompt": p.negative_prompt, "steps": p.steps,
         "sampler": p.sampler, "cfg_scale": p.cfg_scale, "seed": p.seed,
         "width": p.width, "height": p.height, "model": p.model,
+        "nsfw_content_detected": i.nsfw_content_detected,
     })
 }
 
@@ -365,12 +368,7 @@ pub async fn get_job(
     let (images, parameters, error) = match &result {
         Some(Ok(images)) => (
             Some(images.iter().map(|i| b64(&i.png)).collect()),
-            Some(
-                images
-                    .iter()
-                    .map(|i| parameters_json(&i.parameters))
-                    .collect(),
-            ),
+            Some(images.iter().map(|i| parameters_json(i)).collect()),
             None,
         ),
         Some(Err(e)) => (None, None, Some(error_json(e))),
@@ -433,12 +431,19 @@ impl EventState {
                 &json!({
                     "id": self.job.id,
                     "images": images.iter().map(|i| b64(&i.png)).collect::<Vec<_>>(),
-                    "parameters": images.iter().map(|i| parameters_json(&i.parameters)).collect::<Vec<_>>(),
+                    "parameters": images.iter().map(|i| parameters_json(i)).collect::<Vec<_>>(),
                 }),
             )),
             Some(Err(e)) => {
-                let name = if matches!(e, ApiError::Cancelled) { "cancelled" } else { "error" };
-                self.pending.push_back(event(name, &json!({"id": self.job.id, "error": error_json(&e)})));
+                let name = if matches!(e, ApiError::Cancelled) {
+                    "cancelled"
+                } else {
+                    "error"
+                };
+                self.pending.push_back(event(
+                    name,
+                    &json!({"id": self.job.id, "error": error_json(&e)}),
+                ));
             }
             None => {}
         }
