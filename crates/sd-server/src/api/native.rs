@@ -368,7 +368,7 @@ pub async fn get_job(
     let (images, parameters, error) = match &result {
         Some(Ok(images)) => (
             Some(images.iter().map(|i| b64(&i.png)).collect()),
-            Some(images.iter().map(|i| parameters_json(i)).collect()),
+            Some(images.iter().map(parameters_json).collect()),
             None,
         ),
         Some(Err(e)) => (None, None, Some(error_json(e))),
@@ -431,7 +431,7 @@ impl EventState {
                 &json!({
                     "id": self.job.id,
                     "images": images.iter().map(|i| b64(&i.png)).collect::<Vec<_>>(),
-                    "parameters": images.iter().map(|i| parameters_json(i)).collect::<Vec<_>>(),
+                    "parameters": images.iter().map(parameters_json).collect::<Vec<_>>(),
                 }),
             )),
             Some(Err(e)) => {
