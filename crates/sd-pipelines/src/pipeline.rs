@@ -186,12 +186,7 @@ impl StableDiffusionPipeline {
         latents: Tensor<4>,
         tiny: bool,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        if tiny && self.tiny_vae.is_none() {
-            return Err(PipelineError::request(
-                "tiny_decoder",
-                "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
-            ));
-        }
+        self.check_tiny_decoder(tiny)?;
         let sd = self.run_parts(self.own_models(), &self.scheduler, tiny);
         Ok(sd_io::image::tensor_to_images(&sd.decode(latents)?))
     }

@@ -95,12 +95,7 @@ impl StableDiffusionPipeline {
             ));
         }
         self.check_size_factor(size.0, size.1)?;
-        if r.tiny_decoder && self.tiny_vae.is_none() {
-            return Err(PipelineError::request(
-                "tiny_decoder",
-                "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
-            ));
-        }
+        self.check_tiny_decoder(r.tiny_decoder)?;
         let output_size = match &r.hires {
             Some(h) => {
                 let (w, ht) = h.target_size(size.0, size.1)?;
@@ -126,6 +121,17 @@ impl StableDiffusionPipeline {
         };
         self.check_memory(&plan.output_options())?;
         Ok(plan)
+    }
+
+    /// Decoding with the tiny autoencoder needs one loaded.
+    pub(crate) fn check_tiny_decoder(&self, tiny: bool) -> Result<(), PipelineError> {
+        if tiny && self.tiny_vae.is_none() {
+            return Err(PipelineError::request(
+                "tiny_decoder",
+                "the pipeline has no tiny autoencoder: load one with load_tiny_vae",
+            ));
+        }
+        Ok(())
     }
 
     /// Sizes must be multiples of 8 and of the VAE's factor.

@@ -6,9 +6,10 @@
 //! size, the crop corner and the resolution).
 
 use burn::prelude::*;
-use sd_core::{AddedConditioning, HiddenLayer, PromptTokenizer};
+use sd_core::{AddedConditioning, HiddenLayer};
 use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir};
 use sd_models::ClipTextModel;
+use sd_pipelines::conditioner::token_ids;
 use sd_pipelines::{TextConditioner, TextEncoders};
 
 use crate::error::TrainError;
@@ -97,12 +98,7 @@ impl CaptionEncoder {
                 trained.len()
             )));
         }
-        let ids = |tokenizer: &ClipTokenizer| -> Result<Tensor<2, Int>, TrainError> {
-            let ids = tokenizer.encode_padded(caption)?;
-            let n = ids.len();
-            let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-            Ok(Tensor::from_data(TensorData::new(ids, [1, n]), device))
-        };
+        let ids = |tokenizer: &ClipTokenizer| token_ids(tokenizer, caption, 1, device);
         let (Some(tokenizer), Some(frozen)) =
             (self.encoders.tokenizer(), self.encoders.text_encoder())
         else {

@@ -14,7 +14,7 @@ use stable_diffusion::pipelines::{
     SchedulerChoice, StableDiffusion, StableDiffusionPipeline,
 };
 
-use super::{Reference, fixture, read_index};
+use super::{Reference, fixture, max_abs_diff_values, read_index};
 
 /// One case of an index: its entry (`file`, `params` with `call`) and its tensors.
 pub struct Case {
@@ -29,13 +29,8 @@ pub struct Case {
 /// Largest `|a - b|`, and the scale it is measured against (the reference's largest
 /// magnitude, at least 1).
 pub fn rel_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
-    assert_eq!(got.len(), want.len(), "element count");
     let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = got.iter().zip(want).fold(0.0f32, |m, (a, b)| {
-        let d = (a - b).abs();
-        if d.is_nan() { f32::INFINITY } else { m.max(d) }
-    });
-    (d, scale)
+    (max_abs_diff_values(got, want), scale)
 }
 
 /// Asserts `max |a - b| <= tol * scale` ([`rel_diff`]), printing the figure; returns
@@ -156,7 +151,9 @@ impl Case {
 
     /// How many draws were recorded.
     pub fn noise_count(&self) -> usize {
-        self.noise_tensors(&Device::flex()).len()
+        (0..)
+            .take_while(|&i| self.r.has(&stable_diffusion::io::noise::noise_key(i)))
+            .count()
     }
 
     fn noise_tensors(&self, device: &Device) -> Vec<Tensor<4>> {

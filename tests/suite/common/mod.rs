@@ -126,11 +126,12 @@ impl Reference {
 
 /// Max |a - b| between a tensor and reference values (shapes must agree).
 pub fn max_abs_diff<const D: usize>(actual: &Tensor<D>, expected: &[f32]) -> f32 {
-    let got = actual
-        .to_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap();
+    max_abs_diff_values(&values(actual), expected)
+}
+
+/// Max |a - b| between two lists of values of one length; a NaN difference counts
+/// as infinite.
+pub fn max_abs_diff_values(got: &[f32], expected: &[f32]) -> f32 {
     assert_eq!(got.len(), expected.len(), "element count");
     got.iter()
         .zip(expected)

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClipActivation;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, MAX_WIDTH, check_range};
 
 fn default_eps() -> f64 {
     1e-5
@@ -57,12 +57,7 @@ impl ClipVisionConfig {
             ("patch_size", self.patch_size),
             ("num_channels", self.num_channels),
         ] {
-            if v == 0 || v > 1 << 16 {
-                return Err(ConfigError::unsupported(
-                    field,
-                    format!("{v} is out of range"),
-                ));
-            }
+            check_range(field, v, MAX_WIDTH)?;
         }
         if self.num_hidden_layers > 256 {
             return Err(ConfigError::unsupported(
@@ -123,13 +118,7 @@ impl SafetyCheckerConfig {
     /// [`ConfigError::Unsupported`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.vision_config.validate()?;
-        if self.projection_dim == 0 || self.projection_dim > 1 << 16 {
-            return Err(ConfigError::unsupported(
-                "projection_dim",
-                format!("{} is out of range", self.projection_dim),
-            ));
-        }
-        Ok(())
+        check_range("projection_dim", self.projection_dim, MAX_WIDTH)
     }
 
     /// `CompVis/stable-diffusion-safety-checker`'s: CLIP ViT-L/14 (1024 wide, 24

@@ -140,7 +140,10 @@ pub(crate) fn hidden_layer(
 }
 
 /// Token ids `[batch, max_length]` of `prompt` by `tokenizer`, padded.
-pub(crate) fn token_ids(
+///
+/// # Errors
+/// Tokenizer failures.
+pub fn token_ids(
     tokenizer: &dyn PromptTokenizer,
     prompt: &str,
     batch: usize,
