@@ -518,3 +518,117 @@ fn tcd_matches_diffusers() {
         "past the distillation grid"
     );
 }
+
+/// Flow matching (SD 3.x) made by `tests/fixtures/gen/ref_flow_match.py` over SD 3.5's
+/// scheduler config: Euler at 1, 2, 4 and 28 steps, shift 1, dynamic shifting at two
+/// image sizes, `shift_terminal`, `invert_sigmas`, Karras and exponential sigmas,
+/// custom sigmas and timesteps, stochastic sampling; Heun; DPM++ 2M on flow sigmas;
+/// and each one's `scale_noise` (img2img's noising).
+#[test]
+fn flow_matching_matches_diffusers() {
+    let device = Device::flex();
+    let mut checked = 0;
+    for case in crate::common::Case::all("index_flow_match.json", "") {
+        let (name, r, params) = (&case.name, &case.r, case.params());
+        let config = SchedulerConfig::from_json(&params["resolved_config"].to_string()).unwrap();
+        let mut scheduler = AnyScheduler::from_class(params["class"].as_str().unwrap(), &config)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(len) = params["image_seq_len"].as_u64() {
+            scheduler = scheduler.with_image_seq_len(len as usize);
+        }
+        let floats = |key: &str| -> Option<Vec<f64>> {
+            let v = params["set_timesteps_kwargs"].get(key)?.as_array()?;
+            Some(v.iter().map(|x| x.as_f64().unwrap()).collect())
+        };
+        let steps_for = |n: usize| match (floats("sigmas"), floats("timesteps")) {
+            (Some(s), _) => Steps::Sigmas(s),
+            (_, Some(t)) => Steps::Timesteps(t),
+            _ => Steps::Count(n),
+        };
+        let counts = case.entry["per_step_count"].as_object().unwrap();
+        for n in counts.keys().map(|k| k.parse::<usize>().unwrap()) {
+            let run = scheduler.start(&steps_for(n)).unwrap();
+            check_trajectory(
+                &format!("{name} n={n}"),
+                r,
+                &format!("n{n}."),
+                run,
+                1e-6,
+                &device,
+            );
+            checked += 1;
+        }
+        let mut run = scheduler.start(&Steps::Count(10)).unwrap();
+        run.skip_to(4).unwrap();
+        let t = if r.source_dtype_is_int("add_noise.timestep") {
+            r.ints("add_noise.timestep")[0] as f64
+        } else {
+            r.floats("add_noise.timestep")[0] as f64
+        };
+        let got = run.timestep(4).unwrap();
+        assert!(
+            (got - t).abs() <= 1e-6 * t.max(1.0),
+            "{name} add_noise timestep {got} vs {t}"
+        );
+        tensor_close(
+            &format!("{name} add_noise"),
+            &run.add_noise(
+                r.tensor::<4>("add_noise.original", &device),
+                r.tensor::<4>("add_noise.noise", &device),
+                4,
+            )
+            .unwrap(),
+            &r.floats("add_noise.result"),
+            1e-5,
+        );
+    }
+    assert_eq!(
+        checked,
+        4 + 1 + 2 + 1 + 2 + 1 + 2 + 1 + 1 + 1 + 1 + 3 + 4,
+        "step counts checked"
+    );
+}
+
+/// Scheduler names over SD 3.5's config build the flow-matching classes; names with
+/// no flow form are refused by name, as `heun` is over SD 1.5's.
+#[test]
+fn scheduler_names_follow_the_model_kind() {
+    let sd3 = SchedulerConfig::from_json(
+        &std::fs::read_to_string(common::fixture(
+            "configs/sd3/sd3-scheduler/scheduler_config.json",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for (name, class) in [
+        ("euler", "FlowMatchEulerDiscreteScheduler"),
+        ("Euler", "FlowMatchEulerDiscreteScheduler"),
+        ("heun", "FlowMatchHeunDiscreteScheduler"),
+        ("DPM++ 2M", "DPMSolverMultistepScheduler"),
+    ] {
+        let s = AnyScheduler::from_name(name, &sd3).unwrap();
+        assert_eq!(s.class_name(), class, "{name}");
+    }
+    let dpm = AnyScheduler::from_name("dpmpp-2m", &sd3).unwrap();
+    let run = dpm.start(&Steps::Count(4)).unwrap();
+    assert_eq!(
+        run.timesteps(),
+        &[999.0, 899.0, 749.0, 499.0],
+        "flow sigmas, shift 3"
+    );
+    for name in ["ddim", "euler-a", "dpmpp-2m-karras", "lcm"] {
+        let err = AnyScheduler::from_name(name, &sd3).unwrap_err().to_string();
+        assert!(
+            err.contains("flow-matching") && err.contains("heun"),
+            "{name}: {err}"
+        );
+    }
+    let sd15 = SchedulerConfig::from_json(&base_config_json().to_string()).unwrap();
+    let err = AnyScheduler::from_name("heun", &sd15)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("diffusion model") && err.contains("ddim"),
+        "{err}"
+    );
+}

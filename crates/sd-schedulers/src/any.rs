@@ -6,6 +6,7 @@ use sd_core::{CoreError, Scheduler, SchedulerRun, Steps};
 use crate::config::SchedulerConfig;
 use crate::ddim::Ddim;
 use crate::dpm_solver::DpmSolverMultistep;
+use crate::flow_match::{FlowMatch, FlowMethod};
 use crate::k_diffusion::{KDiffusion, KMethod};
 use crate::lcm::Lcm;
 use crate::names::{SCHEDULER_NAMES, SchedulerName};
@@ -13,8 +14,7 @@ use crate::pndm::Pndm;
 use crate::sigmas::SigmaSchedule;
 use crate::tcd::Tcd;
 
-/// One of the schedulers of this crate (more, flow matching first, are to come:
-/// match with a wildcard arm).
+/// One of the schedulers of this crate (more are to come: match with a wildcard arm).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AnyScheduler {
@@ -30,6 +30,8 @@ pub enum AnyScheduler {
     Lcm(Lcm),
     /// `TCDScheduler` (Trajectory Consistency Distillation, TCD-LoRA).
     Tcd(Tcd),
+    /// `FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler` (SD 3.x).
+    FlowMatch(FlowMatch),
 }
 
 impl AnyScheduler {
@@ -70,6 +72,12 @@ impl AnyScheduler {
             "PNDMScheduler" => Self::Pndm(Pndm::from_config(config)?),
             "LCMScheduler" => Self::Lcm(Lcm::from_config(config)?),
             "TCDScheduler" => Self::Tcd(Tcd::from_config(config)?),
+            "FlowMatchEulerDiscreteScheduler" => {
+                Self::FlowMatch(FlowMatch::from_config(config, FlowMethod::Euler)?)
+            }
+            "FlowMatchHeunDiscreteScheduler" => {
+                Self::FlowMatch(FlowMatch::from_config(config, FlowMethod::Heun)?)
+            }
             other => {
                 return Err(CoreError::Config {
                     field: "_class_name",
@@ -81,10 +89,14 @@ impl AnyScheduler {
 
     /// Builds a scheduler by a name of [`SCHEDULER_NAMES`] (ours, its A1111
     /// spelling "Euler a", "DPM++ 2M Karras", or an alias) over a model's scheduler
-    /// config.
+    /// config. Over a flow-matching config (SD 3.x) a name builds its flow-matching
+    /// class (`euler`: `FlowMatchEulerDiscreteScheduler`; `dpmpp-2m`: DPM++ on flow
+    /// sigmas with the config's shift).
     ///
     /// # Errors
-    /// An unknown name (listing the known ones); a config the class cannot honour.
+    /// An unknown name (listing the known ones); a name without a form for the
+    /// model's kind of config (`ddim` on SD 3, `heun` on SD 1.5); a config the class
+    /// cannot honour.
     pub fn from_name(name: &str, base: &SchedulerConfig) -> Result<Self, CoreError> {
         let entry = SchedulerName::find(name).ok_or_else(|| CoreError::InvalidArgument {
             name: "scheduler",
@@ -93,7 +105,34 @@ impl AnyScheduler {
                 SchedulerName::known()
             ),
         })?;
-        Self::from_class(entry.class, &entry.config(base))
+        let flow = SchedulerName::is_flow_config(base);
+        let class = entry.class_for(flow).ok_or_else(|| {
+            let (kind, fits) = if flow {
+                (
+                    "a flow-matching model (SD 3.x)",
+                    SchedulerName::known_for(true),
+                )
+            } else {
+                (
+                    "a diffusion model (SD 1.x / 2.x / XL)",
+                    SchedulerName::known_for(false),
+                )
+            };
+            CoreError::invalid(
+                "scheduler",
+                format!("`{name}` does not apply to {kind}; these do: {fits}"),
+            )
+        })?;
+        Self::from_class(class, &entry.config(base))
+    }
+
+    /// Sets the image size where the scheduler shifts by resolution (flow matching
+    /// with `use_dynamic_shifting`: `seq_len` latent patches); others are unchanged.
+    pub fn with_image_seq_len(self, seq_len: usize) -> Self {
+        match self {
+            Self::FlowMatch(f) => Self::FlowMatch(f.with_image_seq_len(seq_len)),
+            other => other,
+        }
     }
 
     /// Replaces the sigma schedule where the scheduler walks sigmas (Euler family,
@@ -101,7 +140,8 @@ impl AnyScheduler {
     pub fn with_sigmas(self, sigmas: SigmaSchedule) -> Result<Self, CoreError> {
         Ok(match self {
             Self::KDiffusion(k) => Self::KDiffusion(k.with_sigmas(sigmas)),
-            Self::DpmSolver(d) => Self::DpmSolver(d.with_sigmas(sigmas)),
+            Self::DpmSolver(d) => Self::DpmSolver(d.with_sigmas(sigmas)?),
+            Self::FlowMatch(f) => Self::FlowMatch(f.with_sigmas(sigmas)?),
             Self::Ddim(d) => match sigmas {
                 SigmaSchedule::AlignYourSteps(p) => Self::Ddim(d.with_ays(p)),
                 SigmaSchedule::Model => Self::Ddim(d),
@@ -181,6 +221,7 @@ impl AnyScheduler {
             Self::Pndm(s) => s,
             Self::Lcm(s) => s,
             Self::Tcd(s) => s,
+            Self::FlowMatch(s) => s,
         }
     }
 }

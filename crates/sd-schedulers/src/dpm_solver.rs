@@ -37,6 +37,9 @@ pub struct DpmSolverMultistep {
     final_sigma_min: bool,
     lambda_min_clipped: f64,
     sigmas: SigmaSchedule,
+    /// `flow_shift` where the config walks flow-matching sigmas (`use_flow_sigmas`
+    /// with `prediction_type: "flow_prediction"`, SD 3.x).
+    flow_shift: Option<f64>,
 }
 
 impl DpmSolverMultistep {
@@ -69,10 +72,10 @@ impl DpmSolverMultistep {
                 format!("{order}: only 1 and 2 are supported"),
             ));
         }
+        let flow_shift = flow_shift(c)?;
         for (field, v) in [
             ("thresholding", c.thresholding),
             ("use_lu_lambdas", c.use_lu_lambdas),
-            ("use_flow_sigmas", c.use_flow_sigmas),
             ("use_beta_sigmas", c.use_beta_sigmas),
             ("use_dynamic_shifting", c.use_dynamic_shifting),
         ] {
@@ -113,9 +116,20 @@ impl DpmSolverMultistep {
         };
         let mut schedule = NoiseSchedule::from_config(c)?;
         schedule.fix_zero_terminal_snr(c);
+        if flow_shift.is_some() && !matches!(sigmas, SigmaSchedule::Model) {
+            return Err(unsupported(
+                "use_flow_sigmas",
+                "flow sigmas take no Karras or exponential conversion",
+            ));
+        }
+        let prediction = match flow_shift {
+            Some(_) => PredictionType::Sample, // unused: flow predictions convert in `step`
+            None => PredictionType::from_config(c)?,
+        };
         Ok(Self {
             schedule,
-            prediction: PredictionType::from_config(c)?,
+            prediction,
+            flow_shift,
             spacing: TimestepSpacing::from_config(c, TimestepSpacing::Linspace)?,
             steps_offset: c.steps_offset.unwrap_or(0),
             order,
@@ -129,12 +143,60 @@ impl DpmSolverMultistep {
     }
 
     /// Replaces the sigma schedule (Karras, exponential, Align Your Steps, custom).
-    pub fn with_sigmas(mut self, sigmas: SigmaSchedule) -> Self {
+    ///
+    /// # Errors
+    /// [`CoreError::Unsupported`] for any schedule over flow sigmas.
+    pub fn with_sigmas(mut self, sigmas: SigmaSchedule) -> Result<Self, CoreError> {
+        if self.flow_shift.is_some() && sigmas != SigmaSchedule::Model {
+            return Err(CoreError::Unsupported(
+                "DPM++ on flow sigmas walks its own shifted schedule: no sigma schedule".into(),
+            ));
+        }
         self.sigmas = sigmas;
-        self
+        Ok(self)
+    }
+
+    /// Whether it walks flow-matching sigmas (SD 3.x), and their shift.
+    pub fn flow_shift(&self) -> Option<f64> {
+        self.flow_shift
+    }
+
+    /// diffusers' flow sigmas: `1 - linspace(1, 1/T, n + 1)` shifted, descending,
+    /// without the final 0; timesteps `sigma * T` truncated to integers.
+    fn flow_timesteps_and_sigmas(
+        &self,
+        shift: f64,
+        steps: &Steps,
+    ) -> Result<(Vec<f64>, Vec<f64>), CoreError> {
+        let t = self.schedule.num_train_timesteps;
+        let Steps::Count(n) = steps else {
+            return Err(CoreError::Unsupported(
+                "DPM++ on flow sigmas takes a step count only".into(),
+            ));
+        };
+        check_count(*n, t)?;
+        let mut sig: Vec<f64> = linspace(1.0, 1.0 / t as f64, n + 1)
+            .into_iter()
+            .rev()
+            .take(*n)
+            .map(|a| {
+                let s = 1.0 - a;
+                shift * s / (1.0 + (shift - 1.0) * s)
+            })
+            .collect();
+        let ts = sig.iter().map(|s| (s * t as f64).trunc()).collect();
+        sig.push(if self.final_sigma_min {
+            f64::from(self.schedule.train_sigmas()[0])
+        } else {
+            0.0
+        });
+        Ok((ts, sig.into_iter().map(f32_round).collect()))
     }
 
     fn timesteps_and_sigmas(&self, steps: &Steps) -> Result<(Vec<f64>, Vec<f64>), CoreError> {
+        if let Some(shift) = self.flow_shift {
+            return self.flow_timesteps_and_sigmas(shift, steps);
+        }
         let t = self.schedule.num_train_timesteps;
         let train: Vec<f64> = self
             .schedule
@@ -248,6 +310,7 @@ struct DpmRun {
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_zero: bool,
+    flow: bool,
     model_outputs: Vec<Tensor<4>>,
     lower_order_nums: usize,
     begin: usize,
@@ -270,6 +333,7 @@ impl Scheduler for DpmSolverMultistep {
             lower_order_final: self.lower_order_final,
             euler_at_final: self.euler_at_final,
             final_sigma_zero: !self.final_sigma_min,
+            flow: self.flow_shift.is_some(),
             model_outputs: Vec::new(),
             lower_order_nums: 0,
             begin: 0,
@@ -281,15 +345,39 @@ impl Scheduler for DpmSolverMultistep {
     }
 }
 
-/// `(alpha_t, sigma_t)` of the VP process at k-diffusion noise level `sigma`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+/// `(alpha_t, sigma_t)` at noise level `sigma`: of the VP process at a k-diffusion
+/// sigma, or `(1 - sigma, sigma)` on flow sigmas.
+fn alpha_sigma(sigma: f64, flow: bool) -> (f64, f64) {
+    if flow {
+        return (1.0 - sigma, sigma);
+    }
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
-fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
+fn lambda(sigma: f64, flow: bool) -> f64 {
+    let (a, s) = alpha_sigma(sigma, flow);
     a.ln() - s.ln()
+}
+
+/// `flow_shift` where the config asks for flow sigmas; flow sigmas and flow
+/// predictions only together.
+fn flow_shift(c: &SchedulerConfig) -> Result<Option<f64>, CoreError> {
+    let flow_prediction = c.prediction_type.as_deref() == Some("flow_prediction");
+    match (c.use_flow_sigmas == Some(true), flow_prediction) {
+        (false, false) => Ok(None),
+        (true, true) => {
+            let shift = c.flow_shift.unwrap_or(1.0);
+            if !(shift.is_finite() && shift > 0.0) {
+                return Err(unsupported("flow_shift", format!("{shift} is not > 0")));
+            }
+            Ok(Some(shift))
+        }
+        _ => Err(unsupported(
+            "use_flow_sigmas",
+            "flow sigmas go with prediction_type `flow_prediction` (and only with it)",
+        )),
+    }
 }
 
 impl SchedulerRun for DpmRun {
@@ -321,8 +409,10 @@ impl SchedulerRun for DpmRun {
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
         let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;
         let sigma_s0 = self.sigmas[i];
-        let (alpha_s0, sig_s0) = alpha_sigma(sigma_s0);
+        let flow = self.flow;
+        let (alpha_s0, sig_s0) = alpha_sigma(sigma_s0, flow);
         let x0 = match self.prediction {
+            _ if flow => sample.clone() - model_output * sigma_s0,
             PredictionType::Epsilon => (sample.clone() - model_output * sig_s0) / alpha_s0,
             PredictionType::Sample => model_output,
             PredictionType::VPrediction => sample.clone() * alpha_s0 - model_output * sig_s0,
@@ -332,8 +422,8 @@ impl SchedulerRun for DpmRun {
             self.model_outputs.remove(0);
         }
         let sigma_t = self.sigmas[i + 1];
-        let (alpha_t, sig_t) = alpha_sigma(sigma_t);
-        let h = lambda(sigma_t) - lambda(sigma_s0);
+        let (alpha_t, sig_t) = alpha_sigma(sigma_t, flow);
+        let h = lambda(sigma_t, flow) - lambda(sigma_s0, flow);
         let phi = alpha_t * ((-h).exp() - 1.0);
         let first = self.order == 1 || self.lower_order_nums < 1 || lower_order_final;
         let prev = if first {
@@ -343,7 +433,7 @@ impl SchedulerRun for DpmRun {
             let m0 = x0.clone();
             let m1 = self.model_outputs[self.model_outputs.len() - 2].clone();
             let sigma_s1 = self.sigmas[i - 1];
-            let h0 = lambda(sigma_s0) - lambda(sigma_s1);
+            let h0 = lambda(sigma_s0, flow) - lambda(sigma_s1, flow);
             let r0 = h0 / h;
             let d1 = (m0.clone() - m1) * (1.0 / r0);
             match self.solver_type {
@@ -370,7 +460,7 @@ impl SchedulerRun for DpmRun {
         i: usize,
     ) -> Result<Tensor<4>, CoreError> {
         sd_core::check_step_inputs(i, self.timesteps.len(), &original, &noise)?;
-        let (a, s) = alpha_sigma(self.sigmas[i]);
+        let (a, s) = alpha_sigma(self.sigmas[i], self.flow);
         Ok(original * a + noise * s)
     }
 }

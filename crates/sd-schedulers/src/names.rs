@@ -18,11 +18,14 @@ pub struct SchedulerName {
     pub class: &'static str,
     /// `use_karras_sigmas` forced on or off (DPM++ 2M with and without Karras).
     pub karras: Option<bool>,
+    /// The class built over a flow-matching config (SD 3.x), where the name has one.
+    pub flow: Option<&'static str>,
 }
 
 /// Every scheduler name [`crate::AnyScheduler::from_name`] knows. A scheduler
-/// family added to the crate (flow matching: `FlowMatchEulerDiscreteScheduler` with
-/// its shift) adds its rows here and its class to `AnyScheduler::from_class`.
+/// family added to the crate adds its rows here and its class to
+/// `AnyScheduler::from_class`. `class` is what a name builds over a diffusion
+/// model's config, `flow` over a flow-matching one (SD 3.x); `heun` is flow-only.
 pub const SCHEDULER_NAMES: &[SchedulerName] = &[
     SchedulerName {
         name: "ddim",
@@ -30,6 +33,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &[],
         class: "DDIMScheduler",
         karras: None,
+        flow: None,
     },
     SchedulerName {
         name: "euler",
@@ -37,6 +41,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["k_euler"],
         class: "EulerDiscreteScheduler",
         karras: None,
+        flow: Some("FlowMatchEulerDiscreteScheduler"),
     },
     SchedulerName {
         name: "euler-a",
@@ -44,6 +49,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["eulera", "k_euler_a", "k_euler_ancestral"],
         class: "EulerAncestralDiscreteScheduler",
         karras: None,
+        flow: None,
     },
     SchedulerName {
         name: "dpmpp-2m",
@@ -51,6 +57,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["dpm-solver++", "dpmpp2m", "k_dpmpp_2m"],
         class: "DPMSolverMultistepScheduler",
         karras: Some(false),
+        flow: Some("DPMSolverMultistepScheduler"),
     },
     SchedulerName {
         name: "dpmpp-2m-karras",
@@ -58,6 +65,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["k_dpmpp_2m_ka"],
         class: "DPMSolverMultistepScheduler",
         karras: Some(true),
+        flow: None,
     },
     SchedulerName {
         name: "lms",
@@ -65,6 +73,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["k_lms"],
         class: "LMSDiscreteScheduler",
         karras: None,
+        flow: None,
     },
     SchedulerName {
         name: "pndm",
@@ -72,6 +81,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &[],
         class: "PNDMScheduler",
         karras: None,
+        flow: None,
     },
     SchedulerName {
         name: "lcm",
@@ -79,6 +89,7 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &["k_lcm"],
         class: "LCMScheduler",
         karras: None,
+        flow: None,
     },
     SchedulerName {
         name: "tcd",
@@ -86,6 +97,15 @@ pub const SCHEDULER_NAMES: &[SchedulerName] = &[
         aliases: &[],
         class: "TCDScheduler",
         karras: None,
+        flow: None,
+    },
+    SchedulerName {
+        name: "heun",
+        a1111: "Heun",
+        aliases: &["k_heun"],
+        class: "FlowMatchHeunDiscreteScheduler",
+        karras: None,
+        flow: Some("FlowMatchHeunDiscreteScheduler"),
     },
 ];
 
@@ -124,11 +144,50 @@ impl SchedulerName {
             .join(", ")
     }
 
-    /// `base` with this entry's overrides.
+    /// Whether `class` is a flow-matching class (`FlowMatch*`).
+    fn is_flow_class(class: &str) -> bool {
+        class.starts_with("FlowMatch")
+    }
+
+    /// Whether a model's scheduler config is a flow-matching one (SD 3.x).
+    pub fn is_flow_config(base: &SchedulerConfig) -> bool {
+        base.class_name.as_deref().is_some_and(Self::is_flow_class)
+    }
+
+    /// The class this name builds over a flow-matching (`flow`) or diffusion config,
+    /// or `None` where it has no such form.
+    pub fn class_for(&self, flow: bool) -> Option<&'static str> {
+        if flow {
+            self.flow
+        } else {
+            Some(self.class).filter(|c| !Self::is_flow_class(c))
+        }
+    }
+
+    /// Our names that apply to a flow-matching (`flow`) or diffusion model,
+    /// comma-separated.
+    pub fn known_for(flow: bool) -> String {
+        SCHEDULER_NAMES
+            .iter()
+            .filter(|e| e.class_for(flow).is_some())
+            .map(|e| e.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `base` with this entry's overrides; over a flow-matching config, DPM++ walks
+    /// flow sigmas with the config's shift (diffusers' `use_flow_sigmas`,
+    /// `flow_shift`, `prediction_type: "flow_prediction"`).
     pub fn config(&self, base: &SchedulerConfig) -> SchedulerConfig {
         let mut c = base.clone();
         if let Some(k) = self.karras {
             c.use_karras_sigmas = Some(k);
+        }
+        if Self::is_flow_config(base) && self.flow == Some("DPMSolverMultistepScheduler") {
+            c.use_flow_sigmas = Some(true);
+            c.flow_shift = Some(base.shift.unwrap_or(1.0));
+            c.prediction_type = Some("flow_prediction".into());
+            c.use_karras_sigmas = None;
         }
         c
     }
@@ -156,7 +215,8 @@ mod tests {
                 "{spelling}"
             );
         }
-        assert_eq!(SchedulerName::find("heun"), None);
+        assert_eq!(SchedulerName::find("heun").map(|e| e.name), Some("heun"));
+        assert_eq!(SchedulerName::find("dpm2"), None);
         assert_eq!(SchedulerName::label("dpmpp-2m"), "DPM++ 2M");
         // No spelling names two entries.
         let mut owner = std::collections::HashMap::new();
