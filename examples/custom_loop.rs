@@ -76,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let eps = u.clone() + (c - u) * 7.5;
         x = run.step(eps, i, x, &mut rng)?.prev_sample;
     }
-    let image = (vae.decode(x / vae.scaling_factor())? / 2.0 + 0.5).clamp(0.0, 1.0);
+    let image = (vae.decode(vae.unscale_latents(x))? / 2.0 + 0.5).clamp(0.0, 1.0);
     stable_diffusion::io::image::save_png(&image, 0, &args.out, None)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())

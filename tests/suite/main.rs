@@ -21,6 +21,7 @@ mod open_clip;
 mod pipelines;
 mod safety_checker;
 mod schedulers;
+mod sd3;
 mod sdxl;
 mod server;
 mod taesd;

@@ -81,8 +81,8 @@ pub trait Autoencoder {
     /// multiples of [`Self::downscale_factor`].
     fn encode(&self, image: Tensor<4>) -> Result<DiagonalGaussian, CoreError>;
 
-    /// Decodes unscaled latents `z` (divide the denoiser's latents by
-    /// [`Self::scaling_factor`] first) to images, roughly in `[-1, 1]`, unclamped.
+    /// Decodes unscaled latents `z` (the denoiser's latents through
+    /// [`Self::unscale_latents`] first) to images, roughly in `[-1, 1]`, unclamped.
     ///
     /// # Shapes
     /// - `z`: `[batch, latent_channels, h, w]`
@@ -94,6 +94,37 @@ pub trait Autoencoder {
 
     /// The factor latents are multiplied by after encoding (0.18215 for SD 1.x/2.x).
     fn scaling_factor(&self) -> f64;
+
+    /// The shift subtracted from latents before scaling (`shift_factor`: 0.0609 for
+    /// the SD 3 VAE; 0 for SD 1.x/2.x/XL).
+    fn shift_factor(&self) -> f64 {
+        0.0
+    }
+
+    /// The denoiser's latents to the decoder's input:
+    /// `latents / scaling_factor + shift_factor`.
+    ///
+    /// # Shapes
+    /// - `[b, c, h, w]` to `[b, c, h, w]`
+    fn unscale_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        let z = latents / self.scaling_factor();
+        match self.shift_factor() {
+            0.0 => z,
+            shift => z + shift,
+        }
+    }
+
+    /// Encoded latents to the denoiser's: `(z - shift_factor) * scaling_factor`.
+    ///
+    /// # Shapes
+    /// - `[b, c, h, w]` to `[b, c, h, w]`
+    fn scale_latents(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = match self.shift_factor() {
+            0.0 => z,
+            shift => z - shift,
+        };
+        z * self.scaling_factor()
+    }
 
     /// Spatial downscaling between images and latents (8 for SD).
     fn downscale_factor(&self) -> usize;

@@ -215,6 +215,7 @@ pub struct AutoencoderKL {
     /// 1x1 conv on the latents (when `use_post_quant_conv`).
     pub post_quant_conv: Option<Conv2d>,
     scaling_factor: f64,
+    shift_factor: f64,
     latent_channels: usize,
     downscale_factor: usize,
     /// Tile size in pixels (`sample_size` of the config).
@@ -294,6 +295,7 @@ impl AutoencoderKL {
                 .use_post_quant_conv
                 .then(|| conv(lat, lat, 1, device)),
             scaling_factor: config.scaling_factor,
+            shift_factor: config.shift_factor.unwrap_or(0.0),
             latent_channels: lat,
             downscale_factor: config.downscale_factor(),
             tile_pixels: config.sample_size.unwrap_or(512),
@@ -393,6 +395,10 @@ impl sd_core::Autoencoder for AutoencoderKL {
 
     fn scaling_factor(&self) -> f64 {
         self.scaling_factor
+    }
+
+    fn shift_factor(&self) -> f64 {
+        self.shift_factor
     }
 
     fn downscale_factor(&self) -> usize {

@@ -192,6 +192,7 @@ pub struct AutoencoderTiny {
     /// Latents to image.
     pub decoder: DecoderTiny,
     scaling_factor: f64,
+    shift_factor: f64,
     latent_magnitude: f64,
     latent_shift: f64,
     downscale_factor: usize,
@@ -210,6 +211,7 @@ impl AutoencoderTiny {
             encoder: EncoderTiny::new(config, device),
             decoder: DecoderTiny::new(config, device),
             scaling_factor: config.scaling_factor,
+            shift_factor: config.shift_factor,
             latent_magnitude: config.latent_magnitude,
             latent_shift: config.latent_shift,
             downscale_factor: config.downscale_factor(),
@@ -288,6 +290,10 @@ impl sd_core::Autoencoder for AutoencoderTiny {
 
     fn scaling_factor(&self) -> f64 {
         self.scaling_factor
+    }
+
+    fn shift_factor(&self) -> f64 {
+        self.shift_factor
     }
 
     fn downscale_factor(&self) -> usize {

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod ada_norm;
 pub mod attention;
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
@@ -13,12 +14,15 @@ pub mod depth_anything;
 pub mod dinov2;
 pub mod embeddings;
 pub mod error;
+pub mod joint_transformer_block;
 pub mod lora;
 pub mod norm;
 pub mod resnet;
 pub mod safety_checker;
 pub mod t2i_adapter;
+pub mod t5;
 pub mod transformer_2d;
+pub mod transformer_sd3;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 mod unet_encoder;
@@ -29,13 +33,16 @@ pub use autoencoder_tiny::AutoencoderTiny;
 pub use clip::ClipTextModel;
 pub use config::{
     AutoencoderKLConfig, AutoencoderTinyConfig, ClipTextConfig, ControlNetConfig,
-    DepthAnythingConfig, SafetyCheckerConfig, T2IAdapterConfig, UNet2DConditionConfig,
+    DepthAnythingConfig, SD3Transformer2DConfig, SafetyCheckerConfig, T2IAdapterConfig, T5Config,
+    UNet2DConditionConfig,
 };
 pub use controlnet::ControlNetModel;
 pub use depth_anything::DepthAnythingForDepthEstimation;
 pub use error::ConfigError;
 pub use safety_checker::{SafetyCheck, StableDiffusionSafetyChecker};
 pub use t2i_adapter::T2IAdapter;
+pub use t5::T5EncoderModel;
+pub use transformer_sd3::SD3Transformer2DModel;
 pub use unet_2d_condition::UNet2DConditionModel;
 pub use vae_tiling::VaeTiling;
 

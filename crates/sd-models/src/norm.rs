@@ -101,3 +101,41 @@ impl LayerNorm {
         to_dtype(y, dtype)
     }
 }
+
+/// diffusers' `RMSNorm` / T5's `T5LayerNorm`: `x / sqrt(mean(x²) + eps) * weight`
+/// over the last axis, statistics in f32; no mean, no shift.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Scale `[d]`.
+    pub weight: Param<Tensor<1>>,
+    epsilon: f64,
+}
+
+impl RmsNorm {
+    /// An RMS norm over a last axis of width `d`.
+    pub fn new(d: usize, epsilon: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Ones.init([d], device),
+            epsilon,
+        }
+    }
+
+    /// # Shapes
+    /// - input and output: `[..., d]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        sd_kernels::ops::rms_norm(x, Some(self.weight.val()), self.epsilon)
+    }
+}
+
+/// `torch.nn.LayerNorm(d, elementwise_affine=False)` over the last axis (the SD 3
+/// transformer's norms, modulated afterwards), statistics in f32.
+///
+/// # Shapes
+/// - input and output: `[..., d]`
+pub fn layer_norm_plain<const D: usize>(x: Tensor<D>, epsilon: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = to_f32(x);
+    let centered = x.clone() - x.mean_dim(D - 1);
+    let variance = centered.clone().powi_scalar(2).mean_dim(D - 1);
+    to_dtype(centered * (variance + epsilon).sqrt().recip(), dtype)
+}

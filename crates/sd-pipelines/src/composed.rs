@@ -120,7 +120,7 @@ impl StepInfo<'_> {
     pub fn preview(&self) -> Tensor<4> {
         self.preview_decoder
             .and_then(|d| {
-                d.decode(self.latents.clone() / d.scaling_factor())
+                d.decode(d.unscale_latents(self.latents.clone()))
                     .ok()
                     .map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0))
             })
@@ -270,7 +270,7 @@ impl StableDiffusion<'_> {
     /// The decoder's output, around `[-1, 1]`.
     fn decode_raw(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
         let vae = self.decoder.unwrap_or(self.vae);
-        vae.decode(latents / vae.scaling_factor())
+        vae.decode(vae.unscale_latents(latents))
     }
 
     /// The latent shape `[batch, c, h / f, w / f]` of the options, checked.
@@ -302,12 +302,12 @@ impl StableDiffusion<'_> {
     ) -> Result<Tensor<4>, CoreError> {
         let dist = self.vae.encode(image)?;
         // diffusers draws from the posterior only when there is one (not for TAESD).
-        let l = if dist.is_random() {
+        let l = self.vae.scale_latents(if dist.is_random() {
             let eps = noise.normal(dist.mean.dims(), &self.device)?;
             dist.sample(eps)
         } else {
             dist.mode()
-        } * self.vae.scaling_factor();
+        });
         let b = l.dims()[0];
         Ok(if b == batch {
             l

@@ -32,3 +32,12 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
     burn::tensor::activation::gelu(x)
 }
+
+/// The tanh approximation of `gelu` (`gelu_new` of T5, `gelu-approximate` /
+/// `GELU(approximate="tanh")` of the SD 3 transformer's feed-forwards).
+///
+/// # Shapes
+/// - any; output the same
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    burn::tensor::activation::gelu_approximate(x)
+}

@@ -89,3 +89,35 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     let [b, h, n, d] = x.dims();
     x.swap_dims(1, 2).reshape([b, n, h * d])
 }
+
+/// Softmax attention with an additive bias and an explicit scale,
+/// `softmax(scale · q kᵀ + bias) v`, computed in f32 (T5: scale 1 and the relative
+/// position bias).
+///
+/// # Shapes
+/// - `q`: `[batch, heads, n_q, d]`, `k`/`v`: `[batch, heads, n_k, d]`
+/// - `bias`: `[batch, heads, n_q, n_k]`
+/// - output: `[batch, heads, n_q, d]`
+pub fn biased_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    scale: f64,
+) -> Tensor<4> {
+    let dtype = q.dtype();
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        softcap: None,
+        is_causal: false,
+    };
+    let out = attention(
+        to_f32(q),
+        to_f32(k),
+        to_f32(v),
+        None,
+        Some(to_f32(bias)),
+        options,
+    );
+    to_dtype(out, dtype)
+}

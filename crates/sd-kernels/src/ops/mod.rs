@@ -9,7 +9,9 @@
 //! | [`conv_forward`], [`conv_forward_add`] | 2-D convolution (+ per-image bias + residual) |
 //! | [`group_norm`] | GroupNorm (+ SiLU), statistics in f32 |
 //! | [`multi_head_attention`], [`scaled_dot_product_attention`] | softmax attention, computed in f32 |
-//! | [`quick_gelu`], [`gelu`] | CLIP / OpenCLIP activations |
+//! | [`biased_attention`] | softmax attention with an additive bias (T5) |
+//! | [`rms_norm`] | RMS normalisation, statistics in f32 (T5, SD 3 q/k norms) |
+//! | [`quick_gelu`], [`gelu`], [`gelu_tanh`] | CLIP / OpenCLIP / T5 and SD 3 activations |
 
 pub mod activation;
 pub mod attention;
@@ -18,9 +20,11 @@ pub mod dtype;
 pub mod linear;
 pub mod norm;
 
-pub use activation::{gelu, quick_gelu};
-pub use attention::{merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads};
+pub use activation::{gelu, gelu_tanh, quick_gelu};
+pub use attention::{
+    biased_attention, merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads,
+};
 pub use conv::{conv_forward, conv_forward_add};
 pub use dtype::{to_dtype, to_f32};
 pub use linear::{geglu_forward, linear_forward, linear_forward_many, linear_forward_residual};
-pub use norm::group_norm;
+pub use norm::{group_norm, rms_norm};

@@ -84,3 +84,30 @@ fn group_norm_generic<const D: usize>(
     shape[1] = c;
     y * weight.reshape(shape) + bias.reshape(shape)
 }
+
+/// RMS normalisation over the last axis, `x / sqrt(mean(x²) + eps) * weight`, the
+/// statistics in f32 (T5's `T5LayerNorm`, diffusers' `RMSNorm`); no weight scales
+/// nothing.
+///
+/// # Shapes
+/// - `x` and output: `[..., d]`; `weight`: `[d]`
+pub fn rms_norm<const D: usize>(
+    x: Tensor<D>,
+    weight: Option<Tensor<1>>,
+    epsilon: f64,
+) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = to_f32(x);
+    let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+    let y = x * (variance + epsilon).sqrt().recip();
+    let y = match weight {
+        Some(w) => {
+            let d = w.dims()[0];
+            let mut shape = [1usize; D];
+            shape[D - 1] = d;
+            y * to_f32(w).reshape(shape)
+        }
+        None => y,
+    };
+    to_dtype(y, dtype)
+}

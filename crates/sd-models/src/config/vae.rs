@@ -61,9 +61,9 @@ pub struct AutoencoderKLConfig {
     /// Latent scaling factor (0.18215 SD 1.x/2.x).
     #[serde(default = "d_scale")]
     pub scaling_factor: f64,
-    /// Only `null` (SD3/Flux VAEs shift latents).
+    /// The latent shift (SD 3: 0.0609; `null` or absent: none).
     #[serde(default)]
-    pub shift_factor: Option<Value>,
+    pub shift_factor: Option<f64>,
     /// Only `null`.
     #[serde(default)]
     pub latents_mean: Option<Value>,
@@ -152,8 +152,10 @@ impl AutoencoderKLConfig {
         if self.layers_per_block == 0 {
             return Err(u("layers_per_block", "must be at least 1"));
         }
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return Err(u("shift_factor", "must be a finite number or null"));
+        }
         for (field, v) in [
-            ("shift_factor", &self.shift_factor),
             ("latents_mean", &self.latents_mean),
             ("latents_std", &self.latents_std),
         ] {

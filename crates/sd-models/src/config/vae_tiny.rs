@@ -82,7 +82,7 @@ pub struct AutoencoderTinyConfig {
     /// Latent scaling factor: 1.0, TAESD takes the diffusion latents as they are.
     #[serde(default = "d_one")]
     pub scaling_factor: f64,
-    /// Only 0.
+    /// The latent shift (0; TAESD3 for SD 3: 0.0609).
     #[serde(default)]
     pub shift_factor: f64,
 }
@@ -165,8 +165,8 @@ impl AutoencoderTinyConfig {
         if self.upsampling_scaling_factor != 2 {
             return Err(u("upsampling_scaling_factor", "only 2 is supported"));
         }
-        if self.shift_factor != 0.0 {
-            return Err(u("shift_factor", "only 0 is supported"));
+        if !self.shift_factor.is_finite() {
+            return Err(u("shift_factor", "must be a finite number"));
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
             return Err(u("scaling_factor", "must be a positive number"));
