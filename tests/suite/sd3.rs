@@ -4,8 +4,10 @@
 
 use crate::common;
 
-use common::fixture;
+use common::{Reference, assert_close, devices, fixture, tol};
 use stable_diffusion::burn::prelude::*;
+use stable_diffusion::core::Autoencoder;
+use stable_diffusion::io::{ComponentOptions, DiffusersDir, sd3::sd3_transformer_from_dir};
 use stable_diffusion::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, SD3Transformer2DConfig,
     SD3Transformer2DModel, T5Config, T5EncoderModel,
@@ -75,6 +77,146 @@ fn sd3_config_errors_name_the_field() {
     let mut t5: serde_json::Value =
         serde_json::from_str(&config_text("t5-v1_1-xxl-encoder")).unwrap();
     t5["feed_forward_proj"] = serde_json::json!("gated-tanh");
-    let err = T5Config::from_json(&t5.to_string()).unwrap_err().to_string();
+    let err = T5Config::from_json(&t5.to_string())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("feed_forward_proj"), "{err}");
+}
+
+fn components() -> Reference {
+    Reference::open("reference/sd3/components.safetensors")
+}
+
+/// The tiny T5 encoder (40 tokens: every bucket kind, the far ones clamped) against
+/// transformers' `T5EncoderModel` last hidden state.
+#[test]
+fn t5_encoder_matches_transformers() {
+    let r = components();
+    let dir = DiffusersDir::open(fixture("tiny-sd3")).unwrap();
+    for (name, device) in devices() {
+        let t5 = dir
+            .text_encoder_3(&device, &ComponentOptions::default())
+            .unwrap();
+        let out = t5
+            .forward(r.int_tensor::<2>("t5.input_ids", &device))
+            .unwrap();
+        assert_close(
+            &format!("[{name}] t5"),
+            &out,
+            &r.floats("t5.last_hidden_state"),
+            tol(name, 1e-4, 1e-3),
+        );
+    }
+}
+
+/// The SD 3 style (tiny-sd3) and SD 3.5 Medium style (MMDiT-X, q/k RMS norm)
+/// transformers on non-square 8x12 latents (a crop of the 24x24 position table)
+/// at two timesteps, whole and with block 1 skipped, against diffusers.
+#[test]
+fn sd3_transformers_match_diffusers() {
+    let r = components();
+    for (name, device) in devices() {
+        let sample = r.tensor::<4>("transformer.sample", &device);
+        let context = r.tensor::<3>("transformer.encoder_hidden_states", &device);
+        let pooled = r.tensor::<2>("transformer.pooled_projections", &device);
+        let t = r.tensor::<1>("transformer.timestep", &device);
+        for (key, dir) in [
+            ("sd3", fixture("tiny-sd3/transformer")),
+            ("sd35", fixture("tiny-sd35-transformer")),
+        ] {
+            let model =
+                sd3_transformer_from_dir(&dir, &device, &ComponentOptions::default()).unwrap();
+            for (skip, suffix) in [(&[][..], "out"), (&[1][..], "out_skip1")] {
+                let out = model
+                    .forward(
+                        sample.clone(),
+                        t.clone(),
+                        context.clone(),
+                        pooled.clone(),
+                        skip,
+                    )
+                    .unwrap();
+                assert_close(
+                    &format!("[{name}] {key} {suffix}"),
+                    &out,
+                    &r.floats(&format!("transformer.{key}.{suffix}")),
+                    tol(name, 1e-4, 2e-3),
+                );
+            }
+        }
+    }
+}
+
+/// The 16-channel SD 3 VAE: decode through `unscale_latents` (divide by 1.5305, add
+/// 0.0609) and encode's mean through `scale_latents`, against diffusers.
+#[test]
+fn sd3_vae_matches_diffusers() {
+    let r = components();
+    let dir = DiffusersDir::open(fixture("tiny-sd3")).unwrap();
+    for (name, device) in devices() {
+        let vae = dir.vae(&device, &ComponentOptions::default()).unwrap();
+        assert_eq!((vae.latent_channels(), vae.shift_factor()), (16, 0.0609));
+        let z = vae.unscale_latents(r.tensor::<4>("vae.latents", &device));
+        let t = tol(name, 1e-4, 2e-3);
+        assert_close(
+            &format!("[{name}] decoded"),
+            &vae.decode(z).unwrap(),
+            &r.floats("vae.decoded"),
+            t,
+        );
+        let mean = vae
+            .encode(r.tensor::<4>("vae.image", &device))
+            .unwrap()
+            .mode();
+        assert_close(
+            &format!("[{name}] mean"),
+            &mean,
+            &r.floats("vae.encode_mean"),
+            t,
+        );
+        let scaled = vae.scale_latents(mean);
+        assert_close(
+            &format!("[{name}] scaled"),
+            &scaled,
+            &r.floats("vae.scaled_mean"),
+            t,
+        );
+    }
+}
+
+/// Bad inputs to the transformer are errors naming the input, never a panic.
+#[test]
+fn sd3_transformer_refuses_bad_inputs() {
+    let device = Device::flex();
+    let model = sd3_transformer_from_dir(
+        &fixture("tiny-sd3/transformer"),
+        &device,
+        &ComponentOptions::default(),
+    )
+    .unwrap();
+    let ok = |b: usize, c: usize, h: usize, w: usize| Tensor::<4>::zeros([b, c, h, w], &device);
+    let t = Tensor::<1>::from_floats([500.0], &device);
+    let ctx = Tensor::<3>::zeros([1, 4, 96], &device);
+    let pooled = Tensor::<2>::zeros([1, 80], &device);
+    let err = |s, t, c, p, skip: &[usize]| model.forward(s, t, c, p, skip).unwrap_err().to_string();
+    assert!(err(ok(1, 4, 8, 8), t.clone(), ctx.clone(), pooled.clone(), &[]).contains("sample"));
+    assert!(err(ok(1, 16, 7, 8), t.clone(), ctx.clone(), pooled.clone(), &[]).contains("patch"));
+    assert!(
+        err(
+            ok(1, 16, 50, 8),
+            t.clone(),
+            ctx.clone(),
+            pooled.clone(),
+            &[]
+        )
+        .contains("at most 48")
+    );
+    let wide = Tensor::<3>::zeros([1, 4, 95], &device);
+    assert!(
+        err(ok(1, 16, 8, 8), t.clone(), wide, pooled.clone(), &[])
+            .contains("encoder_hidden_states")
+    );
+    let narrow = Tensor::<2>::zeros([1, 79], &device);
+    assert!(err(ok(1, 16, 8, 8), t.clone(), ctx.clone(), narrow, &[]).contains("pooled"));
+    assert!(err(ok(1, 16, 8, 8), t, ctx, pooled, &[3]).contains("skip_layers"));
 }

@@ -13,6 +13,7 @@ pub mod noise;
 pub mod pil_resize;
 pub mod safety_checker;
 pub mod save;
+pub mod sd3;
 pub mod t2i_adapter;
 pub mod tokenizer;
 pub mod watermark;

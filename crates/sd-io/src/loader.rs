@@ -48,9 +48,24 @@ impl<'a> KeyMapping<'a> {
         Self {
             key_of: Box::new(sd_models::diffusers_key),
             prefix: String::new(),
-            ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
+            // Buffers stored beside the weights: CLIP's position ids, the SD 3
+            // transformer's sin-cos table (computed, not read).
+            ignorable: Box::new(|k| {
+                k.ends_with("embeddings.position_ids") || k == "pos_embed.pos_embed"
+            }),
             fused_parts: 1,
             transposed: Box::new(|_| false),
+        }
+    }
+
+    /// transformers' T5 files: `layer.0` / `layer.1`, `SelfAttention`,
+    /// `DenseReluDense` ([`sd_models::t5::t5_key`]); the tied
+    /// `encoder.embed_tokens.weight`, where stored beside `shared.weight`, is unused.
+    pub fn t5() -> Self {
+        Self {
+            key_of: Box::new(sd_models::t5::t5_key),
+            ignorable: Box::new(|k| k == "encoder.embed_tokens.weight"),
+            ..Self::diffusers()
         }
     }
 

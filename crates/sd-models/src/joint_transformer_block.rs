@@ -120,7 +120,7 @@ impl JointAttention {
         let [b, total, d] = out.dims();
         let image = linear_forward(&self.to_out, out.clone().slice([0..b, 0..n, 0..d]));
         let text = (total > n)
-            .then(|| self.to_add_out.as_ref())
+            .then_some(self.to_add_out.as_ref())
             .flatten()
             .map(|o| linear_forward(o, out.slice([0..b, n..total, 0..d])));
         (image, text)
