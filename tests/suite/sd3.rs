@@ -12,6 +12,8 @@ use stable_diffusion::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, SD3Transformer2DConfig,
     SD3Transformer2DModel, T5Config, T5EncoderModel,
 };
+use stable_diffusion::pipelines::{Sd3Conditioner, StableDiffusion, TextConditioner};
+use stable_diffusion::schedulers::{AnyScheduler, SchedulerConfig};
 
 fn config_text(name: &str) -> String {
     std::fs::read_to_string(fixture(&format!("configs/sd3/{name}/config.json"))).unwrap()
@@ -219,4 +221,103 @@ fn sd3_transformer_refuses_bad_inputs() {
     let narrow = Tensor::<2>::zeros([1, 79], &device);
     assert!(err(ok(1, 16, 8, 8), t.clone(), ctx.clone(), narrow, &[]).contains("pooled"));
     assert!(err(ok(1, 16, 8, 8), t, ctx, pooled, &[3]).contains("skip_layers"));
+}
+
+/// The tiny SD 3 folder's parts, owned for a test.
+struct Sd3Parts {
+    tokenizer: stable_diffusion::io::ClipTokenizer,
+    text_encoder: ClipTextModel,
+    tokenizer_2: stable_diffusion::io::ClipTokenizer,
+    text_encoder_2: ClipTextModel,
+    tokenizer_3: stable_diffusion::io::T5Tokenizer,
+    text_encoder_3: T5EncoderModel,
+    transformer: SD3Transformer2DModel,
+    vae: AutoencoderKL,
+}
+
+impl Sd3Parts {
+    fn load(device: &Device, transformer: Option<&str>) -> Self {
+        let dir = DiffusersDir::open(fixture("tiny-sd3")).unwrap();
+        let o = ComponentOptions::default();
+        let transformer_dir = transformer.map_or(fixture("tiny-sd3/transformer"), fixture);
+        Self {
+            tokenizer: dir.tokenizer().unwrap(),
+            text_encoder: dir.text_encoder(device, &o).unwrap(),
+            tokenizer_2: dir.tokenizer_2().unwrap(),
+            text_encoder_2: dir.text_encoder_2(device, &o).unwrap(),
+            tokenizer_3: dir.tokenizer_3().unwrap(),
+            text_encoder_3: dir.text_encoder_3(device, &o).unwrap(),
+            transformer: sd3_transformer_from_dir(&transformer_dir, device, &o).unwrap(),
+            vae: dir.vae(device, &o).unwrap(),
+        }
+    }
+
+    fn composed<'a>(
+        &'a self,
+        scheduler: &'a dyn stable_diffusion::core::Scheduler,
+        t5: bool,
+        device: &Device,
+    ) -> StableDiffusion<'a> {
+        let conditioner = TextConditioner::Sd3(Sd3Conditioner {
+            clip_l: (&self.tokenizer, &self.text_encoder),
+            clip_g: (&self.tokenizer_2, &self.text_encoder_2),
+            t5: t5.then_some((
+                &self.tokenizer_3 as &dyn stable_diffusion::core::PromptTokenizer,
+                &self.text_encoder_3 as &dyn stable_diffusion::core::SequenceEncoder,
+            )),
+            joint_attention_dim: self.transformer.joint_attention_dim(),
+        });
+        StableDiffusion {
+            conditioner,
+            unet: &self.transformer,
+            vae: &self.vae,
+            decoder: None,
+            preview_decoder: None,
+            watermark: None,
+            scheduler,
+            controlnets: Vec::new(),
+            adapters: Vec::new(),
+            device: device.clone(),
+        }
+    }
+}
+
+/// diffusers' `StableDiffusion3Pipeline` on the tiny SD 3 model
+/// (`gen/ref_sd3_pipeline.py`): Euler, second and third prompts with negatives and
+/// clip skip, no T5 (zeros), no guidance with a 20-token T5, skip-layer guidance on
+/// the MMDiT-X transformer, Heun, DPM++ 2M on flow sigmas. The prompt embeddings,
+/// pooled embeddings, final latents and pictures match.
+#[test]
+fn sd3_pipelines_match_diffusers() {
+    for (name, device) in devices() {
+        let t = tol(name, 1e-3, 1e-2);
+        for case in common::Case::all("index_sd3_pipelines.json", "") {
+            let opts = &case.params()["options"];
+            let parts = Sd3Parts::load(&device, opts["transformer"].as_str());
+            let config = SchedulerConfig::from_json(&case.scheduler_config()).unwrap();
+            let class = case.params()["scheduler_class"].as_str().unwrap();
+            let scheduler = AnyScheduler::from_class(class, &config).unwrap();
+            let t5 = !opts["drop_t5"].as_bool().unwrap_or(false);
+            let sd = parts.composed(&scheduler, t5, &device);
+            let options = case.options(&device);
+            let cfg = sd.uses_cfg(options.guidance_scale);
+            let embeds = sd.conditioner.encode(&options, cfg, &device).unwrap();
+            assert_close(
+                &format!("[{name}] {} prompt_embeds", case.name),
+                &embeds.embeds,
+                &case.r.floats("prompt_embeds"),
+                tol(name, 1e-4, 1e-3),
+            );
+            assert_close(
+                &format!("[{name}] {} pooled", case.name),
+                &embeds.pooled.unwrap(),
+                &case.r.floats("pooled_projections"),
+                tol(name, 1e-4, 1e-3),
+            );
+            let out = case.run_composed(&sd, &device);
+            case.check_latents(&out.latents, t);
+            let (_, _, picture) = stable_diffusion::io::image::to_rgb8(&out.images, 0);
+            case.check_image(&picture, tol(name, 1.0, 3.0));
+        }
+    }
 }

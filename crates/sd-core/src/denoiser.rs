@@ -77,10 +77,44 @@ pub trait Denoiser {
         None
     }
 
+    /// For denoisers conditioned on a pooled text embedding alone (SD 3's
+    /// `pooled_projections`, given as [`AddedConditioning::text_embeds`]): its width.
+    fn pooled_projection_dim(&self) -> Option<usize> {
+        None
+    }
+
+    /// [`Self::forward_added`] with the blocks `skip_layers` passed over (SD 3.5's
+    /// skip-layer guidance). The default skips nothing and refuses a non-empty list.
+    ///
+    /// # Errors
+    /// As [`Self::forward_added`]; [`CoreError::Unsupported`] where the denoiser has
+    /// no skippable blocks, [`CoreError::InvalidArgument`] for a block it lacks.
+    fn forward_skipping(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &AddedConditioning,
+        skip_layers: &[usize],
+    ) -> Result<Tensor<4>, CoreError> {
+        if !skip_layers.is_empty() {
+            return Err(CoreError::Unsupported(
+                "skip-layer guidance needs a transformer denoiser (SD 3.x)".into(),
+            ));
+        }
+        self.forward_added(sample, timesteps, encoder_hidden_states, added)
+    }
+
     /// Whether [`Self::forward_controlled`] adds control signals
     /// ([`ControlSignals`]); `false` by default.
     fn takes_control_residuals(&self) -> bool {
         false
+    }
+
+    /// What the latents' sides must be multiples of (the SD 3 transformer's patch
+    /// side; 1 for U-Nets).
+    fn sample_multiple(&self) -> usize {
+        1
     }
 
     /// Channels expected in `sample` (4, or 9 for an inpainting U-Net).
@@ -128,7 +162,10 @@ pub fn check_added_conditioning(
     batch: usize,
     added: &AddedConditioning,
 ) -> Result<(), CoreError> {
-    check_text_time(denoiser.text_time_dims(), batch, added)?;
+    match denoiser.pooled_projection_dim() {
+        Some(d) => check_pooled(d, batch, added)?,
+        None => check_text_time(denoiser.text_time_dims(), batch, added)?,
+    }
     match (&added.timestep_cond, denoiser.time_cond_proj_dim()) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(CoreError::shape(
@@ -158,6 +195,27 @@ pub fn check_control_signals(
         ));
     }
     Ok(())
+}
+
+/// A pooled-only denoiser's conditioning: `text_embeds` `[batch, d]`, no time ids.
+fn check_pooled(d: usize, batch: usize, added: &AddedConditioning) -> Result<(), CoreError> {
+    if added.time_ids.is_some() {
+        return Err(CoreError::shape(
+            "time_ids",
+            "the denoiser takes a pooled embedding alone, no time ids",
+        ));
+    }
+    match &added.text_embeds {
+        None => Err(CoreError::shape(
+            "text_embeds",
+            format!("this denoiser (SD 3) needs the pooled text embedding [{batch}, {d}]"),
+        )),
+        Some(te) if te.dims() != [batch, d] => Err(CoreError::shape(
+            "text_embeds",
+            format!("shape {:?}, expected [{batch}, {d}]", te.dims()),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 fn check_text_time(

@@ -23,7 +23,9 @@ pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
 pub use scheduler::{
     Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, handover_index, img2img_start,
 };
-pub use text_encoder::{HiddenLayer, TextEncoder, TextEncoderOutput, check_text_encoder_inputs};
+pub use text_encoder::{
+    HiddenLayer, SequenceEncoder, TextEncoder, TextEncoderOutput, check_text_encoder_inputs,
+};
 pub use tokenizer::PromptTokenizer;
 
 /// Re-export of the burn version these traits are written against.

@@ -72,6 +72,22 @@ pub trait TextEncoder {
     fn num_hidden_layers(&self) -> usize;
 }
 
+/// A text encoder whose whole last hidden state is the conditioning (T5 of SD 3):
+/// no layers to pick, no pooled output.
+pub trait SequenceEncoder {
+    /// The last hidden state of `input_ids`.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq_len]`; output `[batch, seq_len, hidden_size]`
+    ///
+    /// # Errors
+    /// [`CoreError::Shape`] for an empty batch or sequence.
+    fn encode_sequence(&self, input_ids: Tensor<2, Int>) -> Result<Tensor<3>, CoreError>;
+
+    /// Width of the states (4096 for T5-XXL).
+    fn hidden_size(&self) -> usize;
+}
+
 /// Checks the inputs of [`TextEncoder::encode`] against an encoder's sizes.
 ///
 /// # Errors

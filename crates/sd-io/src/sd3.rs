@@ -79,4 +79,9 @@ impl DiffusersDir {
     ) -> Result<T5EncoderModel, IoError> {
         t5_encoder_from_dir(&self.root().join("text_encoder_3"), device, options)
     }
+
+    /// SD 3's T5 tokenizer (`tokenizer_3/`), padding to 256 tokens.
+    pub fn tokenizer_3(&self) -> Result<crate::T5Tokenizer, IoError> {
+        crate::T5Tokenizer::from_dir(self.root().join("tokenizer_3"))
+    }
 }

@@ -286,6 +286,16 @@ impl T5EncoderModel {
     }
 }
 
+impl sd_core::SequenceEncoder for T5EncoderModel {
+    fn encode_sequence(&self, input_ids: Tensor<2, Int>) -> Result<Tensor<3>, sd_core::CoreError> {
+        self.forward(input_ids)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.d_model
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

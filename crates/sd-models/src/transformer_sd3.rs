@@ -8,7 +8,7 @@ use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use sd_core::CoreError;
+use sd_core::{AddedConditioning, CoreError, Denoiser};
 use sd_kernels::ops::linear_forward;
 
 use crate::ada_norm::AdaLayerNormContinuous;
@@ -315,6 +315,11 @@ impl SD3Transformer2DModel {
         Ok(self.unpatchify(x, b, h, w))
     }
 
+    /// Number of joint blocks (the range of skip-layer guidance's blocks).
+    pub fn num_layers(&self) -> usize {
+        self.transformer_blocks.len()
+    }
+
     /// `[b, (h/p)(w/p), p p c]` to `[b, c, h, w]` (diffusers' `nhwpqc -> nchpwq`).
     fn unpatchify(&self, x: Tensor<3>, b: usize, h: usize, w: usize) -> Tensor<4> {
         let p = self.pos_embed.patch_size;
@@ -323,5 +328,76 @@ impl SD3Transformer2DModel {
         x.reshape([b, hp, wp, p, p, c])
             .permute([0, 5, 1, 3, 2, 4])
             .reshape([b, c, h, w])
+    }
+}
+
+/// The transformer as a [`Denoiser`]: the pooled CLIP embedding travels as
+/// [`AddedConditioning::text_embeds`] (checked against `pooled_projection_dim`).
+impl Denoiser for SD3Transformer2DModel {
+    fn forward(
+        &self,
+        sample: Tensor<4>,
+        _timesteps: Tensor<1>,
+        _encoder_hidden_states: Tensor<3>,
+    ) -> Result<Tensor<4>, CoreError> {
+        Err(CoreError::shape(
+            "text_embeds",
+            format!(
+                "the SD 3 transformer needs the pooled text embedding [{}, {}] (forward_added)",
+                sample.dims()[0],
+                self.pooled_projection_dim
+            ),
+        ))
+    }
+
+    fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &AddedConditioning,
+    ) -> Result<Tensor<4>, CoreError> {
+        self.forward_skipping(sample, timesteps, encoder_hidden_states, added, &[])
+    }
+
+    fn forward_skipping(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: &AddedConditioning,
+        skip_layers: &[usize],
+    ) -> Result<Tensor<4>, CoreError> {
+        sd_core::check_added_conditioning(self, sample.dims()[0], added)?;
+        let pooled = added.text_embeds.clone().expect("checked");
+        let out = SD3Transformer2DModel::forward(
+            self,
+            sample.clone(),
+            timesteps,
+            encoder_hidden_states,
+            pooled,
+            skip_layers,
+        )?;
+        Ok(crate::norm::to_dtype(out, sample.dtype()))
+    }
+
+    fn pooled_projection_dim(&self) -> Option<usize> {
+        Some(self.pooled_projection_dim)
+    }
+
+    fn sample_multiple(&self) -> usize {
+        self.pos_embed.patch_size
+    }
+
+    fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    fn cross_attention_dim(&self) -> usize {
+        self.joint_attention_dim
     }
 }

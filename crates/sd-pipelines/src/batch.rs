@@ -220,6 +220,7 @@ impl StableDiffusionPipeline {
                 time_ids: join_optional(time_ids, cfg),
                 ..AddedConditioning::default()
             },
+            skip_layer_guidance: total.skip_layer_guidance.clone(),
         };
         let rows: Vec<usize> = plans.iter().map(|p| p.options.batch_size).collect();
         let mut callbacks: Vec<_> = requests.iter_mut().map(|r| r.callback.take()).collect();

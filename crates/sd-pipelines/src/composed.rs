@@ -36,6 +36,15 @@ pub struct GenerationOptions {
     /// SDXL's `negative_prompt_2`, for the second text encoder; `None` (or empty):
     /// the negative prompt.
     pub negative_prompt_2: Option<String>,
+    /// SD 3's `prompt_3`, for the T5 encoder; `None` (or empty): `prompt`.
+    pub prompt_3: Option<String>,
+    /// SD 3's `negative_prompt_3`, for the T5 encoder; `None` (or empty): the
+    /// negative prompt.
+    pub negative_prompt_3: Option<String>,
+    /// SD 3's `max_sequence_length`: the T5 tokens (256 by default, at most 512).
+    pub max_sequence_length: Option<usize>,
+    /// SD 3.5's skip-layer guidance (`None`: off).
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
     /// How the scheduler picks its steps.
     pub steps: Steps,
     /// Classifier-free guidance scale (finite); `<= 1` runs no unconditional pass.
@@ -71,6 +80,10 @@ impl Default for GenerationOptions {
             negative_prompt: None,
             prompt_2: None,
             negative_prompt_2: None,
+            prompt_3: None,
+            negative_prompt_3: None,
+            max_sequence_length: None,
+            skip_layer_guidance: None,
             steps: Steps::Count(DEFAULT_STEPS),
             guidance_scale: DEFAULT_GUIDANCE_SCALE,
             width: 512,
@@ -83,6 +96,62 @@ impl Default for GenerationOptions {
             micro: MicroConditioning::default(),
             denoising_end: None,
         }
+    }
+}
+
+/// SD 3.5's skip-layer guidance (diffusers' `skip_guidance_layers` and the
+/// `skip_layer_guidance_*` arguments of `StableDiffusion3Pipeline`): at the steps `i`
+/// with `steps * start < i < steps * stop`, the positive prompt's prediction with
+/// `layers` skipped is taken away after classifier-free guidance,
+/// `pred += (cond - skipped) * scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkipLayerGuidance {
+    /// The transformer blocks skipped (SD 3.5 Medium: 7, 8, 9).
+    pub layers: Vec<usize>,
+    /// `skip_layer_guidance_scale` (2.8).
+    pub scale: f64,
+    /// `skip_layer_guidance_start`, a fraction of the steps (0.01).
+    pub start: f64,
+    /// `skip_layer_guidance_stop`, a fraction of the steps (0.2).
+    pub stop: f64,
+}
+
+impl SkipLayerGuidance {
+    /// diffusers' defaults (scale 2.8, from 1 % to 20 % of the steps) over `layers`.
+    pub fn new(layers: Vec<usize>) -> Self {
+        Self {
+            layers,
+            scale: 2.8,
+            start: 0.01,
+            stop: 0.2,
+        }
+    }
+
+    /// Whether step `i` of `steps` gets the extra pass.
+    pub fn applies(&self, i: usize, steps: usize) -> bool {
+        let (i, n) = (i as f64, steps as f64);
+        i > n * self.start && i < n * self.stop
+    }
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// [`CoreError::InvalidArgument`] for no layers, a non-finite scale, or a
+    /// start / stop outside `[0, 1]`.
+    pub fn check(&self) -> Result<(), CoreError> {
+        if self.layers.is_empty() {
+            return Err(invalid("skip_layer_guidance", "no layers to skip"));
+        }
+        if !self.scale.is_finite() {
+            return Err(invalid("skip_layer_guidance", "the scale must be finite"));
+        }
+        if !(0.0..=1.0).contains(&self.start) || !(0.0..=1.0).contains(&self.stop) {
+            return Err(invalid(
+                "skip_layer_guidance",
+                "start and stop are fractions of the steps in [0, 1]",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +351,18 @@ impl StableDiffusion<'_> {
             return Err(invalid(
                 "width",
                 format!("must be a multiple of the VAE factor {f}"),
+            ));
+        }
+        let m = f * self.unet.sample_multiple();
+        if !o.width.is_multiple_of(m) || !o.height.is_multiple_of(m) {
+            return Err(invalid(
+                "width",
+                format!(
+                    "{}x{}: the sides must be multiples of {m} (the VAE factor {f} times the                      transformer's patch {})",
+                    o.width,
+                    o.height,
+                    self.unet.sample_multiple()
+                ),
             ));
         }
         Ok([

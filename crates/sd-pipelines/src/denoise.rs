@@ -4,7 +4,9 @@
 use burn::prelude::*;
 use sd_core::{AddedConditioning, ControlSignals, CoreError, NoiseSource, SchedulerRun};
 
-use crate::composed::{GenerationOutput, StableDiffusion, StepCallback, StepInfo};
+use crate::composed::{
+    GenerationOutput, SkipLayerGuidance, StableDiffusion, StepCallback, StepInfo,
+};
 use crate::control::{PreparedAdapters, PreparedControl, check_units};
 
 /// Legacy inpainting with an ordinary U-Net: after every step the known region is
@@ -47,6 +49,8 @@ pub struct Conditioning {
     /// What the U-Net takes besides the text, batched as `embeds` (SDXL's pooled
     /// embeddings and time ids; see [`StableDiffusion::encode_conditioning`]).
     pub added: AddedConditioning,
+    /// SD 3.5's skip-layer guidance (with classifier-free guidance only).
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
 }
 
 /// A `Blend` prepared for the loop: the complement mask computed once.
@@ -98,8 +102,13 @@ impl StableDiffusion<'_> {
             guidance,
             extra,
             added,
+            skip_layer_guidance,
         } = conditioning;
         let cfg = self.uses_cfg(guidance);
+        let slg = match skip_layer_guidance {
+            Some(s) if cfg => Some(SkipLayerPass::new(s, &embeds, &added)?),
+            _ => None,
+        };
         let added = AddedConditioning {
             timestep_cond: self.guidance_embedding(guidance, latents.dims()[0]),
             ..added
@@ -145,7 +154,14 @@ impl StableDiffusion<'_> {
             let out = self
                 .unet
                 .forward_controlled(x, ts, embeds.clone(), &added, &signals)?;
-            let pred = guide(out, cfg, guidance)?;
+            let pred = match &slg {
+                Some(s) if s.slg.applies(i - begin, run.len() - begin) => {
+                    let x = run.scale_model_input(latents.clone(), i)?;
+                    let ts = Tensor::<1>::full([x.dims()[0]], t, &self.device);
+                    s.guide(self.unet, out, guidance, x, ts)?
+                }
+                _ => guide(out, cfg, guidance)?,
+            };
             latents = run.step(pred, i, latents, noise)?.prev_sample;
             if let Some(Blend { region, keep }) = &blend {
                 let known = if i + 1 < total {
@@ -169,6 +185,56 @@ impl StableDiffusion<'_> {
             }
         }
         Ok(latents)
+    }
+}
+
+/// Skip-layer guidance prepared for the loop: the positive halves of the
+/// conditioning.
+struct SkipLayerPass {
+    slg: SkipLayerGuidance,
+    embeds: Tensor<3>,
+    added: AddedConditioning,
+}
+
+/// The positive (second) half of a `[negative; positive]` batch.
+fn positive_half<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let b = x.dims()[0];
+    x.narrow(0, b / 2, b / 2)
+}
+
+impl SkipLayerPass {
+    fn new(
+        slg: SkipLayerGuidance,
+        embeds: &Tensor<3>,
+        added: &AddedConditioning,
+    ) -> Result<Self, CoreError> {
+        slg.check()?;
+        Ok(Self {
+            slg,
+            embeds: positive_half(embeds.clone()),
+            added: AddedConditioning {
+                timestep_cond: added.timestep_cond.clone().map(positive_half),
+                text_embeds: added.text_embeds.clone().map(positive_half),
+                time_ids: added.time_ids.clone().map(positive_half),
+            },
+        })
+    }
+
+    /// Classifier-free guidance plus `(c - skipped) * scale`, the skipped
+    /// prediction from the positive prompt with the layers passed over.
+    fn guide(
+        &self,
+        denoiser: &dyn sd_core::Denoiser,
+        out: Tensor<4>,
+        guidance: f64,
+        x: Tensor<4>,
+        ts: Tensor<1>,
+    ) -> Result<Tensor<4>, CoreError> {
+        let c = positive_half(out.clone());
+        let pred = guide(out, true, guidance)?;
+        let skipped =
+            denoiser.forward_skipping(x, ts, self.embeds.clone(), &self.added, &self.slg.layers)?;
+        Ok(pred + (c - skipped) * self.slg.scale)
     }
 }
 

@@ -136,6 +136,7 @@ impl StableDiffusion<'_> {
                 Some(p) => self.sdxl_added(&second, p.clone(), false)?,
                 None => added,
             },
+            skip_layer_guidance: options.skip_layer_guidance.clone(),
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

@@ -33,6 +33,7 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
             added,
+            skip_layer_guidance: options.skip_layer_guidance.clone(),
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }
@@ -91,6 +92,7 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
             added,
+            skip_layer_guidance: options.skip_layer_guidance.clone(),
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

@@ -90,6 +90,7 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra,
             added,
+            skip_layer_guidance: options.skip_layer_guidance.clone(),
         };
         self.denoise_and_decode(run.as_mut(), latents, conditioning, noise, callback)
     }

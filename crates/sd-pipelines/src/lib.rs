@@ -63,10 +63,12 @@ mod validate;
 
 pub use batch::batchable;
 pub use composed::{
-    GenerationOptions, GenerationOutput, StableDiffusion, StepCallback, StepInfo, check_size,
+    GenerationOptions, GenerationOutput, SkipLayerGuidance, StableDiffusion, StepCallback,
+    StepInfo, check_size,
 };
 pub use conditioner::{
-    ClipConditioner, PromptEmbeddings, SdxlConditioner, TextConditioner, TextEncoders,
+    ClipConditioner, DEFAULT_MAX_SEQUENCE_LENGTH, PromptEmbeddings, Sd3Conditioner,
+    SdxlConditioner, TextConditioner, TextEncoders,
 };
 pub use control::{AdapterUnit, ControlNetUnit, check_units};
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};

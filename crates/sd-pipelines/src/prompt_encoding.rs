@@ -50,6 +50,10 @@ impl StableDiffusion<'_> {
             (TextConditioner::Sdxl(_), Some(pooled)) => {
                 self.sdxl_added(options, pooled, img2img)?
             }
+            (_, Some(pooled)) if self.unet.pooled_projection_dim().is_some() => AddedConditioning {
+                text_embeds: Some(pooled),
+                ..Default::default()
+            },
             _ => AddedConditioning::default(),
         };
         Ok((embeds, added))

@@ -8,7 +8,7 @@ use sd_core::{NoiseSource, Steps};
 use sd_io::image::SizeMode;
 use sd_schedulers::{AnyScheduler, SigmaSchedule};
 
-use crate::composed::{DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, StepInfo};
+use crate::composed::{DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, SkipLayerGuidance, StepInfo};
 use crate::hires::HiresFix;
 use crate::load::LoraSpec;
 use crate::outpaint::Extend;
@@ -173,6 +173,10 @@ pub struct GenerationRequest<'a> {
     pub(crate) negative_prompt: Option<String>,
     pub(crate) prompt_2: Option<String>,
     pub(crate) negative_prompt_2: Option<String>,
+    pub(crate) prompt_3: Option<String>,
+    pub(crate) negative_prompt_3: Option<String>,
+    pub(crate) max_sequence_length: Option<usize>,
+    pub(crate) skip_layer_guidance: Option<SkipLayerGuidance>,
     pub(crate) width: Option<usize>,
     pub(crate) height: Option<usize>,
     pub(crate) steps: Steps,
@@ -211,6 +215,10 @@ impl fmt::Debug for GenerationRequest<'_> {
             .field("negative_prompt", &self.negative_prompt)
             .field("prompt_2", &self.prompt_2)
             .field("negative_prompt_2", &self.negative_prompt_2)
+            .field("prompt_3", &self.prompt_3)
+            .field("negative_prompt_3", &self.negative_prompt_3)
+            .field("max_sequence_length", &self.max_sequence_length)
+            .field("skip_layer_guidance", &self.skip_layer_guidance)
             .field("size", &(self.width, self.height))
             .field("steps", &self.steps)
             .field("guidance", &self.guidance)
@@ -240,6 +248,10 @@ impl<'a> GenerationRequest<'a> {
             negative_prompt: None,
             prompt_2: None,
             negative_prompt_2: None,
+            prompt_3: None,
+            negative_prompt_3: None,
+            max_sequence_length: None,
+            skip_layer_guidance: None,
             width: None,
             height: None,
             steps: Steps::Count(DEFAULT_STEPS),
@@ -290,6 +302,32 @@ impl<'a> GenerationRequest<'a> {
     /// (`force_zeros_for_empty_prompt`) and this is not read, as in diffusers.
     pub fn negative_prompt_2(mut self, text: impl Into<String>) -> Self {
         self.negative_prompt_2 = Some(text.into());
+        self
+    }
+
+    /// SD 3's `prompt_3`: what the T5 encoder reads; unset or empty, the prompt.
+    /// Refused by models without T5.
+    pub fn prompt_3(mut self, text: impl Into<String>) -> Self {
+        self.prompt_3 = Some(text.into());
+        self
+    }
+
+    /// SD 3's `negative_prompt_3`, for the T5 encoder; unset or empty, the negative
+    /// prompt.
+    pub fn negative_prompt_3(mut self, text: impl Into<String>) -> Self {
+        self.negative_prompt_3 = Some(text.into());
+        self
+    }
+
+    /// SD 3's `max_sequence_length`: T5 tokens (256 by default, at most 512).
+    pub fn max_sequence_length(mut self, tokens: usize) -> Self {
+        self.max_sequence_length = Some(tokens);
+        self
+    }
+
+    /// SD 3.5's skip-layer guidance ([`SkipLayerGuidance`]).
+    pub fn skip_layer_guidance(mut self, slg: SkipLayerGuidance) -> Self {
+        self.skip_layer_guidance = Some(slg);
         self
     }
 

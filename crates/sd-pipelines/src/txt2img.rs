@@ -95,6 +95,7 @@ impl StableDiffusion<'_> {
             guidance: options.guidance_scale,
             extra: ExtraConditioning::None,
             added,
+            skip_layer_guidance: options.skip_layer_guidance.clone(),
         };
         let end = match options.denoising_end {
             Some(f) => {

@@ -11,7 +11,7 @@ use stable_diffusion::core::{RecordedNoise, Steps};
 use stable_diffusion::io::{WeightSource, recorded_noise_tensors};
 use stable_diffusion::pipelines::{
     Generation, GenerationOptions, GenerationOutput, GenerationRequest, MicroConditioning,
-    SchedulerChoice, StableDiffusion, StableDiffusionPipeline,
+    SchedulerChoice, SkipLayerGuidance, StableDiffusion, StableDiffusionPipeline,
 };
 
 use super::{Reference, fixture, max_abs_diff_values, read_index};
@@ -139,6 +139,24 @@ impl Case {
         self.call()["guidance_scale"].as_f64().unwrap_or(7.5)
     }
 
+    /// The call's skip-layer guidance (`skip_guidance_layers` and the
+    /// `skip_layer_guidance_*` values, diffusers' defaults where unset).
+    pub fn skip_layer_guidance(&self) -> Option<SkipLayerGuidance> {
+        let c = self.call();
+        let layers = c["skip_guidance_layers"].as_array()?;
+        let mut slg = SkipLayerGuidance::new(
+            layers
+                .iter()
+                .map(|l| l.as_u64().unwrap() as usize)
+                .collect(),
+        );
+        let f = |k: &str, d: f64| c[k].as_f64().unwrap_or(d);
+        slg.scale = f("skip_layer_guidance_scale", slg.scale);
+        slg.start = f("skip_layer_guidance_start", slg.start);
+        slg.stop = f("skip_layer_guidance_stop", slg.stop);
+        Some(slg)
+    }
+
     /// The call's `clip_skip`.
     pub fn clip_skip(&self) -> Option<usize> {
         self.call()["clip_skip"].as_u64().map(|c| c as usize)
@@ -201,6 +219,12 @@ impl Case {
             negative_prompt: self.text("negative_prompt").map(String::from),
             prompt_2: self.text("prompt_2").map(String::from),
             negative_prompt_2: self.text("negative_prompt_2").map(String::from),
+            prompt_3: self.text("prompt_3").map(String::from),
+            negative_prompt_3: self.text("negative_prompt_3").map(String::from),
+            max_sequence_length: self.call()["max_sequence_length"]
+                .as_u64()
+                .map(|v| v as usize),
+            skip_layer_guidance: self.skip_layer_guidance(),
             steps: self.steps(),
             guidance_scale: self.guidance(),
             width,

@@ -7,12 +7,16 @@
 //!   projection (`StableDiffusionXLPipeline.encode_prompt`), or the refiner's second
 //!   encoder alone; `prompt_2` / `negative_prompt_2` go to the second encoder.
 //!
-//! A family with other encoders (CLIP-L + CLIP-G + T5, CLIP-L + T5) is one more
-//! variant of [`TextConditioner`] with its own file; the denoising loop only sees
+//! - [`Sd3Conditioner`]: SD 3 / SD 3.5, CLIP-L, CLIP-G and T5
+//!   (`StableDiffusion3Pipeline.encode_prompt`); `prompt_3` goes to T5.
+//!
+//! A family with other encoders (CLIP-L + T5) is one more variant of
+//! [`TextConditioner`] with its own file; the denoising loop only sees
 //! [`PromptEmbeddings`].
 
 mod clip;
 mod owned;
+mod sd3;
 mod sdxl;
 mod windows;
 
@@ -21,6 +25,7 @@ use sd_core::{CoreError, HiddenLayer, PromptTokenizer, TextEncoder};
 
 pub use clip::ClipConditioner;
 pub use owned::TextEncoders;
+pub use sd3::{DEFAULT_MAX_SEQUENCE_LENGTH, Sd3Conditioner};
 pub use sdxl::SdxlConditioner;
 
 use crate::composed::{GenerationOptions, invalid};
@@ -45,6 +50,8 @@ pub enum TextConditioner<'a> {
     Clip(ClipConditioner<'a>),
     /// SDXL base or refiner.
     Sdxl(SdxlConditioner<'a>),
+    /// SD 3 / SD 3.5.
+    Sd3(Sd3Conditioner<'a>),
 }
 
 impl std::fmt::Debug for TextConditioner<'_> {
@@ -52,6 +59,7 @@ impl std::fmt::Debug for TextConditioner<'_> {
         match self {
             Self::Clip(_) => f.write_str("TextConditioner::Clip"),
             Self::Sdxl(x) => x.fmt(f),
+            Self::Sd3(x) => x.fmt(f),
         }
     }
 }
@@ -82,6 +90,7 @@ impl<'a> TextConditioner<'a> {
         match self {
             Self::Clip(c) => c.encode(options, cfg, device),
             Self::Sdxl(x) => x.encode(options, cfg, device),
+            Self::Sd3(x) => x.encode(options, cfg, device),
         }
     }
 
@@ -92,6 +101,22 @@ impl<'a> TextConditioner<'a> {
     /// # Errors
     /// [`CoreError::InvalidArgument`] naming the option.
     pub fn check(&self, options: &GenerationOptions) -> Result<(), CoreError> {
+        if !matches!(self, Self::Sd3(_)) {
+            for (name, value) in [
+                ("prompt_3", &options.prompt_3),
+                ("negative_prompt_3", &options.negative_prompt_3),
+            ] {
+                if value.is_some() {
+                    return Err(invalid(name, "a third prompt is for SD 3's T5 encoder"));
+                }
+            }
+            if options.max_sequence_length.is_some() {
+                return Err(invalid(
+                    "max_sequence_length",
+                    "the T5 sequence length is an SD 3 setting",
+                ));
+            }
+        }
         let layers = match self {
             Self::Clip(c) => {
                 for (name, value) in [
@@ -108,6 +133,10 @@ impl<'a> TextConditioner<'a> {
                 c.text_encoder.num_hidden_layers()
             }
             Self::Sdxl(x) => x.num_hidden_layers(),
+            Self::Sd3(x) => {
+                x.check(options)?;
+                x.num_hidden_layers()
+            }
         };
         hidden_layer(options.clip_skip, layers).map(|_| ())
     }
@@ -117,6 +146,7 @@ impl<'a> TextConditioner<'a> {
         match self {
             Self::Clip(c) => c.text_encoder.hidden_size(),
             Self::Sdxl(x) => x.hidden_size(),
+            Self::Sd3(x) => x.joint_attention_dim,
         }
     }
 }

@@ -51,7 +51,7 @@ fn required_pooled(pooled: Option<Tensor<2>>) -> Result<Tensor<2>, CoreError> {
 
 /// diffusers' `prompt_2 = prompt_2 or prompt`: an unset or empty second prompt is the
 /// first.
-fn or_first<'s>(second: Option<&'s str>, first: &'s str) -> &'s str {
+pub(super) fn or_first<'s>(second: Option<&'s str>, first: &'s str) -> &'s str {
     second.filter(|s| !s.is_empty()).unwrap_or(first)
 }
 
@@ -214,7 +214,7 @@ impl SdxlConditioner<'_> {
 
 /// `[negative; positive]` with `cfg` (zeros where no negative was encoded), else the
 /// positive.
-fn rows((pe, pp): Pair, negative: Option<Pair>, cfg: bool) -> Pair {
+pub(super) fn rows((pe, pp): Pair, negative: Option<Pair>, cfg: bool) -> Pair {
     if !cfg {
         return (pe, pp);
     }
