@@ -7,7 +7,7 @@
 
 use burn::prelude::*;
 use sd_core::{
-    Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps, img2img_start,
+    Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps,
 };
 
 use sd_io::watermark::DwtDctWatermark;
@@ -381,20 +381,33 @@ impl StableDiffusion<'_> {
         batch: usize,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor<4>, CoreError> {
+        Ok(self.encode_image_sampled(image, batch, noise)?.0)
+    }
+
+    /// [`Self::encode_image`] and whether it drew a posterior sample (an
+    /// `AutoencoderKL`; TAESD's encoding is deterministic).
+    pub(crate) fn encode_image_sampled(
+        &self,
+        image: Tensor<4>,
+        batch: usize,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<(Tensor<4>, bool), CoreError> {
         let dist = self.vae.encode(image)?;
         // diffusers draws from the posterior only when there is one (not for TAESD).
-        let l = self.vae.scale_latents(if dist.is_random() {
+        let sampled = dist.is_random();
+        let l = self.vae.scale_latents(if sampled {
             let eps = noise.normal(dist.mean.dims(), &self.device)?;
             dist.sample(eps)
         } else {
             dist.mode()
         });
         let b = l.dims()[0];
-        Ok(if b == batch {
+        let l = if b == batch {
             l
         } else {
             l.repeat_dim(0, batch / b.max(1))
-        })
+        };
+        Ok((l, sampled))
     }
 
     /// Starts a run and skips to diffusers' img2img `t_start` for `strength`.
@@ -404,7 +417,7 @@ impl StableDiffusion<'_> {
         strength: f64,
     ) -> Result<(Box<dyn SchedulerRun>, usize), CoreError> {
         let mut run = self.scheduler.start(steps)?;
-        let start = img2img_start(run.len(), strength)?;
+        let start = self.conditioner.img2img_start(run.len(), strength)?;
         if start >= run.len() {
             return Err(invalid(
                 "strength",

@@ -68,11 +68,18 @@ impl StableDiffusion<'_> {
             let extra = ExtraConditioning::Concat(Tensor::cat(vec![m, masked_latents], 1));
             (latents, extra)
         } else {
-            let image_latents = self.encode_image(image, b, noise)?;
+            let (image_latents, sampled) = self.encode_image_sampled(image.clone(), b, noise)?;
             let n = match &options.init_latents {
                 Some(l) => l.clone(),
                 None => noise.normal(shape, &self.device)?,
             };
+            if sampled {
+                // diffusers encodes the masked image here too (`prepare_mask_latents`),
+                // drawing a posterior sample only a 9-channel model uses: the draw is
+                // taken, the encode skipped.
+                let [ib, _, _, _] = image.dims();
+                noise.normal([ib, shape[1], lh, lw], &self.device)?;
+            }
             let latents = if strength >= 1.0 {
                 n.clone() * run.init_noise_sigma()
             } else {

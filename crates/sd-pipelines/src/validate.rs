@@ -1,7 +1,7 @@
 //! Every check of a request, without running a model: what
 //! [`StableDiffusionPipeline::generate`] does first, and a dry run for callers.
 
-use sd_core::{Autoencoder, Scheduler, img2img_start};
+use sd_core::{Autoencoder, Scheduler};
 use sd_io::image::{SizeMode, fitted_size};
 
 use crate::composed::{GenerationOptions, check_options, check_size};
@@ -87,7 +87,7 @@ impl StableDiffusionPipeline {
         let task = task_plan(r)?;
         let size = self.task_size(r, &options)?;
         if let TaskPlan::Img2Img { strength } | TaskPlan::Inpaint { strength } = task
-            && img2img_start(run.len(), strength)? >= run.len()
+            && self.conditioner().img2img_start(run.len(), strength)? >= run.len()
         {
             return Err(PipelineError::request(
                 "strength",
@@ -101,7 +101,7 @@ impl StableDiffusionPipeline {
                 let (w, ht) = h.target_size(size.0, size.1)?;
                 self.check_size_factor(w, ht)?;
                 let second = scheduler.start(&h.second_pass_steps(&options.steps))?;
-                if img2img_start(second.len(), h.strength)? >= second.len() {
+                if self.conditioner().img2img_start(second.len(), h.strength)? >= second.len() {
                     return Err(PipelineError::request(
                         "hires_fix",
                         format!("strength {} leaves no step to run", h.strength),

@@ -141,6 +141,20 @@ impl<'a> TextConditioner<'a> {
         hidden_layer(options.clip_skip, layers).map(|_| ())
     }
 
+    /// The step the family's image-to-image and inpainting pipelines start a run of
+    /// `steps` at for `strength` in (0, 1]: diffusers' SD 1.x / 2.x / XL rule
+    /// `steps - int(steps * strength)`, or SD 3's `int(steps - steps * strength)`
+    /// (they differ where `steps * strength` is fractional).
+    ///
+    /// # Errors
+    /// A strength outside (0, 1].
+    pub fn img2img_start(&self, steps: usize, strength: f64) -> Result<usize, CoreError> {
+        match self {
+            Self::Sd3(_) => sd3::img2img_start(steps, strength),
+            _ => sd_core::img2img_start(steps, strength),
+        }
+    }
+
     /// The width of the prompt embeddings' features (`d`).
     pub fn hidden_size(&self) -> usize {
         match self {

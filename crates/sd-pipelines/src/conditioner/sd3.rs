@@ -180,6 +180,19 @@ impl Sd3Conditioner<'_> {
     }
 }
 
+/// `StableDiffusion3Img2ImgPipeline.get_timesteps`: `int(max(steps - min(steps *
+/// strength, steps), 0))`.
+///
+/// # Errors
+/// A strength outside (0, 1].
+pub(crate) fn img2img_start(steps: usize, strength: f64) -> Result<usize, CoreError> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(invalid("strength", format!("{strength} is outside (0, 1]")));
+    }
+    let n = steps as f64;
+    Ok((n - (n * strength).min(n)).max(0.0) as usize)
+}
+
 /// `len` T5 ids of `text`: the content truncated to `len - 1`, `</s>`, padding.
 fn t5_ids(
     tokenizer: &dyn PromptTokenizer,
