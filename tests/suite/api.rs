@@ -325,7 +325,7 @@ fn component_misuse_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("clip_skip"), "{err}");
     // U-Net channels, timesteps against the batch, conditioning width.
-    let unet = pipe.unet();
+    let unet = pipe.unet().unwrap();
     let ctx = Tensor::<3>::zeros([1, 77, 32], &device);
     let x = Tensor::<4>::zeros([1, 3, 4, 4], &device);
     let t = Tensor::<1>::zeros([1], &device);

@@ -242,7 +242,7 @@ fn guidance_embedding_lcm_unet_matches_diffusers() {
     };
     let pipe =
         StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
-    assert_eq!(pipe.unet().time_cond_proj_dim(), Some(32));
+    assert_eq!(pipe.unet().unwrap().time_cond_proj_dim(), Some(32));
     // Guidance 8 is embedded: one U-Net pass per step, no negative prompt batch.
     let d = run_fast_case(&pipe, "lcm_unet_w8", |r| r);
     assert!(d < 1e-3, "guidance-embedding LCM latents differ by {d}");

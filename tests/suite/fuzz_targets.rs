@@ -277,10 +277,11 @@ pub fn lora(f: &Fixtures, bytes: &[u8]) {
     let Ok(file) = LoraFile::open(&path) else {
         return;
     };
-    if file.has(LoraComponent::Unet)
-        && let Ok(w) = file.weights_for(LoraComponent::Unet, f.pipe.unet())
+    if let Some(unet) = f.pipe.unet()
+        && file.has(LoraComponent::Unet)
+        && let Ok(w) = file.weights_for(LoraComponent::Unet, unet)
     {
-        let _ = apply_lora(f.pipe.unet().clone(), &[(&w, 0.5)], LoraMode::Merge);
+        let _ = apply_lora(unet.clone(), &[(&w, 0.5)], LoraMode::Merge);
     }
     if let Some(te) = f.pipe.text_encoder()
         && file.has(LoraComponent::TextEncoder)

@@ -6,9 +6,7 @@
 //! the one loop of `denoise.rs`.
 
 use burn::prelude::*;
-use sd_core::{
-    Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps,
-};
+use sd_core::{Autoencoder, CoreError, Denoiser, NoiseSource, Scheduler, SchedulerRun, Steps};
 
 use sd_io::watermark::DwtDctWatermark;
 

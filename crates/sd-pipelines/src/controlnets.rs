@@ -63,7 +63,7 @@ impl StableDiffusionPipeline {
     ) -> Result<(String, M), PipelineError> {
         let (path, name) = resolve_component(source, hub)?;
         let options = sd_io::ComponentOptions {
-            dtype: Some(self.unet.dtype()),
+            dtype: Some(self.denoiser.dtype()),
             variant: None,
         };
         Ok((name, read(&path, &self.device, &options)?))
@@ -82,7 +82,8 @@ impl StableDiffusionPipeline {
         let mismatch = |what: String| {
             PipelineError::request("controlnet", format!("ControlNet `{name}` {what}"))
         };
-        let d = sd_core::Denoiser::cross_attention_dim(&self.unet);
+        let (unet, _) = self.denoiser.require_unet("ControlNet")?;
+        let d = sd_core::Denoiser::cross_attention_dim(unet);
         if model.cross_attention_dim() != d {
             return Err(mismatch(format!(
                 "cross-attends to width {}, this U-Net to {d}",
@@ -96,14 +97,14 @@ impl StableDiffusionPipeline {
                 model.downscale_factor()
             )));
         }
-        if model.skip_channels() != self.unet.skip_channels() {
+        if model.skip_channels() != unet.skip_channels() {
             return Err(mismatch(format!(
                 "has residual widths {:?}, this U-Net's skip connections {:?}",
                 model.skip_channels(),
-                self.unet.skip_channels()
+                unet.skip_channels()
             )));
         }
-        if model.add_embedding.is_some() != self.unet.add_embedding.is_some() {
+        if model.add_embedding.is_some() != unet.add_embedding.is_some() {
             return Err(mismatch(
                 "and this U-Net differ in SDXL's text_time conditioning".into(),
             ));

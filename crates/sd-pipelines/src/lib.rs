@@ -39,6 +39,7 @@ pub mod conditioner;
 pub mod control;
 mod controlnets;
 pub mod denoise;
+mod denoiser_model;
 pub mod error;
 pub mod hires;
 pub mod hub;
@@ -72,6 +73,7 @@ pub use conditioner::{
 };
 pub use control::{AdapterUnit, ControlNetUnit, check_units};
 pub use denoise::{Conditioning, ExtraConditioning, KnownRegion};
+pub use denoiser_model::DenoiserModel;
 pub use error::PipelineError;
 pub use hires::{HiresFix, HiresUpscaler};
 pub use hub::HubOptions;

@@ -7,15 +7,14 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 use sd_io::model::{builtin_configs, unet_from_dir, vae_from_dir};
+use sd_io::sd3::read_sd3_transformer_config;
 use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir, LoraComponent, LoraFile, SingleFile};
 use sd_models::lora::{LoraMode, apply_lora};
-use sd_models::{
-    AutoencoderKL, AutoencoderKLConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel,
-    VaeTiling,
-};
+use sd_models::{AutoencoderKL, AutoencoderKLConfig, ClipTextModel, VaeTiling};
 use sd_schedulers::SchedulerConfig;
 
 use crate::conditioner::TextEncoders;
+use crate::denoiser_model::DenoiserModel;
 use crate::error::PipelineError;
 
 /// Where [`crate::StableDiffusionPipeline::from_pretrained`] loads from.
@@ -182,15 +181,17 @@ pub enum ModelFamily {
     Sd2,
     /// Stable Diffusion XL (CLIP ViT-L and OpenCLIP bigG, the `text_time` U-Net).
     Sdxl,
+    /// Stable Diffusion 3 / 3.5 (CLIP-L, CLIP-G and T5, the MMDiT transformer, flow
+    /// matching).
+    Sd3,
 }
 
 /// The loaded components and what was recognised about them.
 pub(crate) struct Loaded {
     /// The tokenizers and text encoders, by conditioning family.
     pub text_encoders: TextEncoders,
-    pub unet: UNet2DConditionModel,
+    pub denoiser: DenoiserModel,
     pub vae: AutoencoderKL,
-    pub unet_config: UNet2DConditionConfig,
     pub vae_config: AutoencoderKLConfig,
     pub scheduler_config: SchedulerConfig,
     pub family: ModelFamily,
@@ -230,9 +231,14 @@ pub(crate) fn load_path(
     };
     let unet_opts = unet_options(options);
     if let Some(dir) = &options.unet {
+        loaded
+            .denoiser
+            .require_unet("LoadOptions::unet (a replacement U-Net)")?;
         let dir = component_dir(dir, "unet");
-        loaded.unet_config = sd_io::model::read_unet_config(&dir.join("config.json"))?;
-        loaded.unet = unet_from_dir(&dir, device, &unet_opts)?;
+        loaded.denoiser = DenoiserModel::UNet {
+            config: sd_io::model::read_unet_config(&dir.join("config.json"))?,
+            model: unet_from_dir(&dir, device, &unet_opts)?,
+        };
     }
     if let Some(dir) = &options.vae {
         let dir = component_dir(dir, "vae");
@@ -248,10 +254,10 @@ pub(crate) fn load_path(
     }
     loaded.vae = loaded.vae.with_tiling(options.vae_tiling);
     for lora in &options.loras {
-        let targets = LoraTargets::borrowed(&loaded.unet, &loaded.text_encoders);
-        let t = apply_lora_file(targets, &loaded.unet_config, lora)?;
-        let (unet, te, te2) = t.into_owned();
-        loaded.unet = unet;
+        let targets = LoraTargets::borrowed(&loaded.denoiser, &loaded.text_encoders);
+        let t = apply_lora_file(targets, lora)?;
+        let (denoiser, te, te2) = t.into_owned();
+        loaded.denoiser = denoiser;
         loaded.text_encoders.replace(te, te2);
     }
     Ok(loaded)
@@ -285,17 +291,28 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
     };
     let text_encoders = TextEncoders::from_dir(&model, device, &f32_opts)?;
     let family = match &text_encoders {
+        TextEncoders::Sd3 { .. } => ModelFamily::Sd3,
         TextEncoders::Sdxl { .. } => ModelFamily::Sdxl,
         TextEncoders::Clip { text_encoder, .. } if text_encoder_width(text_encoder) == 1024 => {
             ModelFamily::Sd2
         }
         TextEncoders::Clip { .. } => ModelFamily::Sd1,
     };
+    let denoiser = if family == ModelFamily::Sd3 {
+        DenoiserModel::Sd3 {
+            config: read_sd3_transformer_config(&dir.join("transformer/config.json"))?,
+            model: model.sd3_transformer(device, &unet_options(options))?,
+        }
+    } else {
+        DenoiserModel::UNet {
+            model: model.unet(device, &unet_options(options))?,
+            config: model.unet_config()?,
+        }
+    };
     Ok(Loaded {
         text_encoders,
-        unet: model.unet(device, &unet_options(options))?,
+        denoiser,
         vae: model.vae(device, &vae_options(options, &model.vae_config()?))?,
-        unet_config: model.unet_config()?,
         vae_config: model.vae_config()?,
         scheduler_config: SchedulerConfig::from_json(&model.scheduler_config_text()?)?,
         family,
@@ -379,9 +396,11 @@ fn load_single_file(
     };
     Ok(Loaded {
         text_encoders,
-        unet: ckpt.unet(device, &unet_options(options))?,
+        denoiser: DenoiserModel::UNet {
+            model: ckpt.unet(device, &unet_options(options))?,
+            config: ckpt.unet_config().clone(),
+        },
         vae: ckpt.vae(device, &vae_options(options, ckpt.vae_config()))?,
-        unet_config: ckpt.unet_config().clone(),
         vae_config: ckpt.vae_config().clone(),
         scheduler_config: SchedulerConfig::from_json(&scheduler)?,
         family,
@@ -391,35 +410,29 @@ fn load_single_file(
 
 /// The models a LoRA file may adapt, borrowed until one is changed.
 pub(crate) struct LoraTargets<'a> {
-    pub unet: Cow<'a, UNet2DConditionModel>,
+    pub denoiser: Cow<'a, DenoiserModel>,
     /// The first text encoder (`None`: the SDXL refiner has none).
     pub text_encoder: Option<Cow<'a, ClipTextModel>>,
     pub text_encoder_2: Option<Cow<'a, ClipTextModel>>,
 }
 
 impl<'a> LoraTargets<'a> {
-    pub fn borrowed(unet: &'a UNet2DConditionModel, text_encoders: &'a TextEncoders) -> Self {
+    pub fn borrowed(denoiser: &'a DenoiserModel, text_encoders: &'a TextEncoders) -> Self {
         Self {
-            unet: Cow::Borrowed(unet),
+            denoiser: Cow::Borrowed(denoiser),
             text_encoder: text_encoders.text_encoder().map(Cow::Borrowed),
             text_encoder_2: text_encoders.text_encoder_2().map(Cow::Borrowed),
         }
     }
 
-    /// The U-Net and the encoders a LoRA changed (`None`: unchanged).
-    pub fn into_owned(
-        self,
-    ) -> (
-        UNet2DConditionModel,
-        Option<ClipTextModel>,
-        Option<ClipTextModel>,
-    ) {
+    /// The denoiser and the encoders a LoRA changed (`None`: unchanged).
+    pub fn into_owned(self) -> (DenoiserModel, Option<ClipTextModel>, Option<ClipTextModel>) {
         let changed = |t: Option<Cow<'a, ClipTextModel>>| match t {
             Some(Cow::Owned(t)) => Some(t),
             _ => None,
         };
         (
-            self.unet.into_owned(),
+            self.denoiser.into_owned(),
             changed(self.text_encoder),
             changed(self.text_encoder_2),
         )
@@ -431,29 +444,29 @@ impl<'a> LoraTargets<'a> {
 /// ones (kohya's SDXL LoRAs: `lora_unet_input_blocks_4_1_...`).
 pub(crate) fn apply_lora_file<'a>(
     t: LoraTargets<'a>,
-    unet_config: &UNet2DConditionConfig,
     lora: &LoraSpec,
 ) -> Result<LoraTargets<'a>, PipelineError> {
     let file = LoraFile::open(&lora.path)?;
     let LoraTargets {
-        mut unet,
+        mut denoiser,
         mut text_encoder,
         mut text_encoder_2,
     } = t;
     let strength = lora.strength;
     if file.has(LoraComponent::Unet) {
+        let (unet, unet_config) = denoiser.require_unet("a LoRA")?;
         let ldm = sd_io::ldm::LdmKeyMap::unet(unet_config);
         let alias = |k: &str| {
             ldm.map(k)
                 .strip_prefix(sd_io::ldm::UNET_PREFIX)
                 .map(String::from)
         };
-        let w = file.weights_for_aliased(LoraComponent::Unet, unet.as_ref(), alias)?;
-        unet = Cow::Owned(apply_lora(
-            unet.into_owned(),
-            &[(&w, strength)],
-            LoraMode::Merge,
-        )?);
+        let w = file.weights_for_aliased(LoraComponent::Unet, unet, alias)?;
+        let merged = DenoiserModel::UNet {
+            model: apply_lora(unet.clone(), &[(&w, strength)], LoraMode::Merge)?,
+            config: unet_config.clone(),
+        };
+        denoiser = Cow::Owned(merged);
     }
     if file.has(LoraComponent::TextEncoder) {
         let Some(te) = text_encoder else {
@@ -484,7 +497,7 @@ pub(crate) fn apply_lora_file<'a>(
         text_encoder_2 = Some(Cow::Owned(te2));
     }
     Ok(LoraTargets {
-        unet,
+        denoiser,
         text_encoder,
         text_encoder_2,
     })

@@ -9,12 +9,13 @@ use sd_io::image::{GenerationParameters, fit_size, image_to_tensor, mask_to_tens
 use sd_io::watermark::DwtDctWatermark;
 use sd_models::{
     AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, ClipTextModel, ControlNetModel,
-    T2IAdapter, UNet2DConditionConfig, UNet2DConditionModel,
+    T2IAdapter, UNet2DConditionModel,
 };
 use sd_schedulers::{AnyScheduler, SchedulerConfig, SchedulerName};
 
 use crate::composed::{GenerationOptions, GenerationOutput, StableDiffusion, StepInfo};
 use crate::conditioner::{PromptEmbeddings, TextConditioner, TextEncoders};
+use crate::denoiser_model::DenoiserModel;
 use crate::error::PipelineError;
 use crate::interpolate::Endpoints;
 use crate::load::{
@@ -32,14 +33,13 @@ use crate::safety::SafetyChecker;
 /// what the request sets).
 pub struct StableDiffusionPipeline {
     pub(crate) text_encoders: TextEncoders,
-    pub(crate) unet: UNet2DConditionModel,
+    pub(crate) denoiser: DenoiserModel,
     pub(crate) vae: AutoencoderKL,
     pub(crate) tiny_vae: Option<AutoencoderTiny>,
     pub(crate) watermark: Option<DwtDctWatermark>,
     pub(crate) safety_checker: Option<SafetyChecker>,
     pub(crate) controlnets: Vec<(String, ControlNetModel)>,
     pub(crate) adapters: Vec<(String, T2IAdapter)>,
-    pub(crate) unet_config: UNet2DConditionConfig,
     pub(crate) vae_config: AutoencoderKLConfig,
     pub(crate) scheduler_config: SchedulerConfig,
     pub(crate) scheduler: AnyScheduler,
@@ -48,8 +48,8 @@ pub struct StableDiffusionPipeline {
     pub(crate) device: Device,
 }
 
-/// The U-Net and text conditioner of a run.
-type RunModels<'a> = (&'a UNet2DConditionModel, TextConditioner<'a>);
+/// The denoiser and text conditioner of a run.
+type RunModels<'a> = (&'a dyn sd_core::Denoiser, TextConditioner<'a>);
 
 /// The parts of a task, resolved from a request.
 #[allow(clippy::large_enum_variant, reason = "one value per request")]
@@ -223,14 +223,13 @@ impl StableDiffusionPipeline {
         let scheduler = AnyScheduler::from_config(&l.scheduler_config)?;
         Ok(Self {
             text_encoders: l.text_encoders,
-            unet: l.unet,
+            denoiser: l.denoiser,
             vae: l.vae,
             tiny_vae: None,
             watermark: None,
             safety_checker: None,
             controlnets: Vec::new(),
             adapters: Vec::new(),
-            unet_config: l.unet_config,
             vae_config: l.vae_config,
             scheduler_config: l.scheduler_config,
             scheduler,
@@ -252,13 +251,13 @@ impl StableDiffusionPipeline {
 
     /// Whether the U-Net is a 9-channel inpainting one.
     pub fn is_inpainting(&self) -> bool {
-        self.unet_config.in_channels == 2 * self.vae.latent_channels() + 1
+        self.denoiser.as_denoiser().in_channels() == 2 * self.vae.latent_channels() + 1
     }
 
-    /// The default picture side in pixels (the U-Net's `sample_size` times the VAE's
-    /// factor: 512 for SD 1.5, 768 for SD 2.1).
+    /// The default picture side in pixels (the denoiser's `sample_size` times the
+    /// VAE's factor: 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL and SD 3).
     pub fn default_size(&self) -> usize {
-        self.unet_config.sample_size.unwrap_or(64) * self.vae.downscale_factor()
+        self.denoiser.sample_size() * self.vae.downscale_factor()
     }
 
     /// The device the models live on.
@@ -286,9 +285,14 @@ impl StableDiffusionPipeline {
         self.text_encoders.text_encoder()
     }
 
-    /// The U-Net.
-    pub fn unet(&self) -> &UNet2DConditionModel {
-        &self.unet
+    /// The U-Net (`None` for SD 3, whose denoiser is a transformer).
+    pub fn unet(&self) -> Option<&UNet2DConditionModel> {
+        self.denoiser.unet()
+    }
+
+    /// The denoiser: the U-Net or the SD 3 transformer, with its config.
+    pub fn denoiser(&self) -> &DenoiserModel {
+        &self.denoiser
     }
 
     /// The VAE.
@@ -316,9 +320,9 @@ impl StableDiffusionPipeline {
     /// # Errors
     /// An unreadable file or layers that do not fit the model.
     pub fn fuse_lora(&mut self, lora: &LoraSpec) -> Result<(), PipelineError> {
-        let t = apply_lora_file(self.lora_targets(), &self.unet_config, lora)?;
-        let (unet, te, te2) = t.into_owned();
-        self.unet = unet;
+        let t = apply_lora_file(self.lora_targets(), lora)?;
+        let (denoiser, te, te2) = t.into_owned();
+        self.denoiser = denoiser;
         self.text_encoders.replace(te, te2);
         Ok(())
     }
@@ -331,7 +335,10 @@ impl StableDiffusionPipeline {
 
     /// The pipeline's own U-Net and text encoders (no LoRAs merged for a run).
     pub(crate) fn own_models(&self) -> RunModels<'_> {
-        (&self.unet, self.text_encoders.conditioner())
+        (
+            self.denoiser.as_denoiser(),
+            self.text_encoders.conditioner(),
+        )
     }
 
     /// A run's U-Net and text encoders: `t`'s (LoRAs merged) with the pipeline's
@@ -340,7 +347,7 @@ impl StableDiffusionPipeline {
         let conditioner = self
             .text_encoders
             .conditioner_with(t.text_encoder.as_deref(), t.text_encoder_2.as_deref());
-        (t.unet.as_ref(), conditioner)
+        (t.denoiser.as_ref().as_denoiser(), conditioner)
     }
 
     /// The composition of one run: the pipeline's tokenizer and VAE with the run's
@@ -399,12 +406,19 @@ impl StableDiffusionPipeline {
             Some(eta) => s.with_eta(eta)?,
             None => s,
         };
-        Ok((s, label))
+        // Resolution-dependent shifting (flow matching's `use_dynamic_shifting`)
+        // needs the image's patch count, as diffusers' SD 3 pipeline computes it.
+        let f = self.vae.downscale_factor() * self.denoiser.as_denoiser().sample_multiple();
+        let (w, h) = (
+            r.width.unwrap_or_else(|| self.default_size()),
+            r.height.unwrap_or_else(|| self.default_size()),
+        );
+        Ok((s.with_image_seq_len((h / f) * (w / f)), label))
     }
 
     /// The pipeline's own models, borrowed.
     fn lora_targets(&self) -> LoraTargets<'_> {
-        LoraTargets::borrowed(&self.unet, &self.text_encoders)
+        LoraTargets::borrowed(&self.denoiser, &self.text_encoders)
     }
 
     /// Copies of the models with the request's LoRAs merged, or the pipeline's own
@@ -412,7 +426,7 @@ impl StableDiffusionPipeline {
     fn models_for(&self, loras: &[LoraSpec]) -> Result<LoraTargets<'_>, PipelineError> {
         let mut models = self.lora_targets();
         for lora in loras {
-            models = apply_lora_file(models, &self.unet_config, lora)?;
+            models = apply_lora_file(models, lora)?;
         }
         Ok(models)
     }
@@ -473,17 +487,22 @@ impl StableDiffusionPipeline {
         let tile = self.vae.tile_pixels();
         let shape = RunShape {
             batch: o.batch_size,
-            guidance: o.guidance_scale > 1.0 && self.unet.time_cond_proj_dim().is_none(),
+            guidance: o.guidance_scale > 1.0
+                && self.denoiser.as_denoiser().time_cond_proj_dim().is_none(),
             height: o.height,
             width: o.width,
             vae_tile: tiling.applies(o.height, o.width, tile).then_some(tile),
-            unet_bytes: if self.unet.dtype() == DType::F32 {
+            unet_bytes: if self.denoiser.dtype() == DType::F32 {
                 4
             } else {
                 2
             },
         };
-        let needed = estimate_bytes(&self.unet_config, &self.vae_config, shape);
+        // The estimate models the U-Net's activations; SD 3 runs are not estimated.
+        let Some(unet_config) = self.denoiser.unet_config() else {
+            return Ok(());
+        };
+        let needed = estimate_bytes(unet_config, &self.vae_config, shape);
         if needed > available {
             return Err(PipelineError::OutOfMemory {
                 what: format!("{} image(s) of {}x{}", o.batch_size, o.width, o.height),

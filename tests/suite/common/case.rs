@@ -269,6 +269,8 @@ impl Case {
             ),
             (o.prompt_2, GenerationRequest::prompt_2),
             (o.negative_prompt_2, GenerationRequest::negative_prompt_2),
+            (o.prompt_3, GenerationRequest::prompt_3),
+            (o.negative_prompt_3, GenerationRequest::negative_prompt_3),
         ];
         for (text, set) in texts {
             if let Some(t) = text {
@@ -277,6 +279,12 @@ impl Case {
         }
         if let Some(k) = o.clip_skip {
             req = req.clip_skip(k);
+        }
+        if let Some(n) = o.max_sequence_length {
+            req = req.max_sequence_length(n);
+        }
+        if let Some(slg) = o.skip_layer_guidance {
+            req = req.skip_layer_guidance(slg);
         }
         if let Some(start) = self.call()["denoising_start"].as_f64() {
             req = req.denoising_start(start);

@@ -2,10 +2,10 @@
 //! per conditioning family, recognised once when the model is loaded.
 
 use burn::prelude::Device;
-use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir, IoError};
-use sd_models::ClipTextModel;
+use sd_io::{ClipTokenizer, ComponentOptions, DiffusersDir, IoError, T5Tokenizer};
+use sd_models::{ClipTextModel, T5EncoderModel};
 
-use super::{ClipConditioner, SdxlConditioner, TextConditioner};
+use super::{ClipConditioner, Sd3Conditioner, SdxlConditioner, TextConditioner};
 
 /// The tokenizers and text encoders of a loaded model.
 #[derive(Debug, Clone)]
@@ -30,6 +30,18 @@ pub enum TextEncoders {
         /// `force_zeros_for_empty_prompt` (`model_index.json`).
         force_zeros_for_empty_prompt: bool,
     },
+    /// SD 3 / 3.5: CLIP-L and CLIP-G with projection, and T5 (optional).
+    Sd3 {
+        /// `tokenizer` and `text_encoder` (CLIP-L).
+        clip_l: (ClipTokenizer, ClipTextModel),
+        /// `tokenizer_2` and `text_encoder_2` (CLIP-G).
+        clip_g: (ClipTokenizer, ClipTextModel),
+        /// `tokenizer_3` and `text_encoder_3` (T5-XXL); `None` where the folder has
+        /// none (its states are zeros, as diffusers without `text_encoder_3`).
+        t5: Option<(T5Tokenizer, T5EncoderModel)>,
+        /// The transformer's text width (`joint_attention_dim`).
+        joint_attention_dim: usize,
+    },
 }
 
 impl TextEncoders {
@@ -44,6 +56,9 @@ impl TextEncoders {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<Self, IoError> {
+        if dir.has("transformer") {
+            return Self::sd3_from_dir(dir, device, options);
+        }
         if !dir.has("text_encoder_2") {
             return Ok(Self::Clip {
                 tokenizer: dir.tokenizer()?,
@@ -63,6 +78,28 @@ impl TextEncoders {
             text_encoder_2: dir.text_encoder_2(device, options)?,
             // True unless the index says, as diffusers' StableDiffusionXLPipeline.
             force_zeros_for_empty_prompt: dir.force_zeros_for_empty_prompt()?.unwrap_or(true),
+        })
+    }
+
+    /// SD 3's encoders (a folder with `transformer/`): both CLIP encoders with their
+    /// projections, T5 where `text_encoder_3/` is there.
+    fn sd3_from_dir(
+        dir: &DiffusersDir,
+        device: &Device,
+        options: &ComponentOptions,
+    ) -> Result<Self, IoError> {
+        let transformer =
+            sd_io::sd3::read_sd3_transformer_config(&dir.root().join("transformer/config.json"))?;
+        let t5 = if dir.has("text_encoder_3") {
+            Some((dir.tokenizer_3()?, dir.text_encoder_3(device, options)?))
+        } else {
+            None
+        };
+        Ok(Self::Sd3 {
+            clip_l: (dir.tokenizer()?, dir.text_encoder(device, options)?),
+            clip_g: (dir.tokenizer_2()?, dir.text_encoder_2(device, options)?),
+            t5,
+            joint_attention_dim: transformer.joint_attention_dim,
         })
     }
 
@@ -102,6 +139,22 @@ impl TextEncoders {
                 text_encoder_2: text_encoder_2.unwrap_or(own_2),
                 force_zeros_for_empty_prompt: *force_zeros_for_empty_prompt,
             }),
+            Self::Sd3 {
+                clip_l,
+                clip_g,
+                t5,
+                joint_attention_dim,
+            } => TextConditioner::Sd3(Sd3Conditioner {
+                clip_l: (&clip_l.0, text_encoder.unwrap_or(&clip_l.1)),
+                clip_g: (&clip_g.0, text_encoder_2.unwrap_or(&clip_g.1)),
+                t5: t5.as_ref().map(|(tok, te)| {
+                    (
+                        tok as &dyn sd_core::PromptTokenizer,
+                        te as &dyn sd_core::SequenceEncoder,
+                    )
+                }),
+                joint_attention_dim: *joint_attention_dim,
+            }),
         }
     }
 
@@ -110,6 +163,7 @@ impl TextEncoders {
         match self {
             Self::Clip { tokenizer, .. } => Some(tokenizer),
             Self::Sdxl { first, .. } => first.as_ref().map(|(t, _)| t),
+            Self::Sd3 { clip_l, .. } => Some(&clip_l.0),
         }
     }
 
@@ -118,22 +172,33 @@ impl TextEncoders {
         match self {
             Self::Clip { text_encoder, .. } => Some(text_encoder),
             Self::Sdxl { first, .. } => first.as_ref().map(|(_, t)| t),
+            Self::Sd3 { clip_l, .. } => Some(&clip_l.1),
         }
     }
 
-    /// SDXL's second tokenizer.
+    /// The second tokenizer (SDXL, SD 3).
     pub fn tokenizer_2(&self) -> Option<&ClipTokenizer> {
         match self {
             Self::Clip { .. } => None,
             Self::Sdxl { tokenizer_2, .. } => Some(tokenizer_2),
+            Self::Sd3 { clip_g, .. } => Some(&clip_g.0),
         }
     }
 
-    /// SDXL's second text encoder.
+    /// The second text encoder (SDXL's OpenCLIP bigG, SD 3's CLIP-G).
     pub fn text_encoder_2(&self) -> Option<&ClipTextModel> {
         match self {
             Self::Clip { .. } => None,
             Self::Sdxl { text_encoder_2, .. } => Some(text_encoder_2),
+            Self::Sd3 { clip_g, .. } => Some(&clip_g.1),
+        }
+    }
+
+    /// SD 3's T5 encoder, where the model has one.
+    pub fn text_encoder_3(&self) -> Option<&T5EncoderModel> {
+        match self {
+            Self::Sd3 { t5, .. } => t5.as_ref().map(|(_, te)| te),
+            _ => None,
         }
     }
 
@@ -161,6 +226,14 @@ impl TextEncoders {
                 }
                 if let Some(t) = text_encoder_2 {
                     *own_2 = t;
+                }
+            }
+            Self::Sd3 { clip_l, clip_g, .. } => {
+                if let Some(t) = text_encoder {
+                    clip_l.1 = t;
+                }
+                if let Some(t) = text_encoder_2 {
+                    clip_g.1 = t;
                 }
             }
         }
