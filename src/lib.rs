@@ -76,14 +76,14 @@ pub mod prelude {
     pub use sd_io::image::{GenerationParameters, SizeMode};
     pub use sd_io::{ComponentOptions, DiffusersDir, IoError, SingleFile};
     pub use sd_models::{
-        AutoencoderKL, AutoencoderTiny, ClipTextModel, ControlNetModel, T2IAdapter,
-        UNet2DConditionModel, VaeTiling,
+        AutoencoderKL, AutoencoderTiny, ClipTextModel, ControlNetModel, SD3Transformer2DModel,
+        T2IAdapter, T5EncoderModel, UNet2DConditionModel, VaeTiling,
     };
     pub use sd_pipelines::{
         AdapterInput, AdapterUnit, ControlInput, ControlNetUnit, Extend, GeneratedImage,
         Generation, GenerationOptions, GenerationRequest, HiresFix, HiresUpscaler, ImageInput,
         LoadOptions, LoraSpec, ModelFamily, ModelSource, PipelineError, SchedulerChoice,
-        StableDiffusion, StableDiffusionPipeline, StepInfo,
+        SkipLayerGuidance, StableDiffusion, StableDiffusionPipeline, StepInfo,
     };
     pub use sd_schedulers::{AnyScheduler, AysPreset, SchedulerConfig, SigmaSchedule};
 }

@@ -89,6 +89,31 @@ pub struct CommonArgs {
     /// SDXL: the second encoder's negative prompt (default: --negative-prompt).
     #[arg(long)]
     pub negative_prompt_2: Option<String>,
+    /// SD 3: what the T5 encoder reads (default: --prompt).
+    #[arg(long)]
+    pub prompt_3: Option<String>,
+    /// SD 3: the T5 encoder's negative prompt (default: --negative-prompt).
+    #[arg(long)]
+    pub negative_prompt_3: Option<String>,
+    /// SD 3: T5 tokens (diffusers' max_sequence_length, default 256, at most 512).
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// SD 3: the flow-matching shift of the model's scheduler (SD 3.5: 3.0).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// SD 3.5: skip-layer guidance over these transformer blocks, comma separated
+    /// (SD 3.5 Medium: 7,8,9).
+    #[arg(long, value_delimiter = ',')]
+    pub skip_layer_guidance: Option<Vec<usize>>,
+    /// Skip-layer guidance scale (diffusers' default 2.8).
+    #[arg(long, default_value_t = 2.8)]
+    pub slg_scale: f64,
+    /// Skip-layer guidance from this fraction of the steps (0.01).
+    #[arg(long, default_value_t = 0.01)]
+    pub slg_start: f64,
+    /// Skip-layer guidance until this fraction of the steps (0.2).
+    #[arg(long, default_value_t = 0.2)]
+    pub slg_stop: f64,
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -357,6 +382,26 @@ pub fn request(
     }
     if let Some(n) = &args.negative_prompt_2 {
         r = r.negative_prompt_2(n.clone());
+    }
+    if let Some(p) = &args.prompt_3 {
+        r = r.prompt_3(p.clone());
+    }
+    if let Some(n) = &args.negative_prompt_3 {
+        r = r.negative_prompt_3(n.clone());
+    }
+    if let Some(n) = args.max_sequence_length {
+        r = r.max_sequence_length(n);
+    }
+    if let Some(s) = args.shift {
+        r = r.shift(s);
+    }
+    if let Some(layers) = &args.skip_layer_guidance {
+        r = r.skip_layer_guidance(SkipLayerGuidance {
+            layers: layers.clone(),
+            scale: args.slg_scale,
+            start: args.slg_start,
+            stop: args.slg_stop,
+        });
     }
     if args.width.is_some() || args.height.is_some() {
         r = r.size(args.width.unwrap_or(side), args.height.unwrap_or(side));

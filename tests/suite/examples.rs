@@ -714,3 +714,36 @@ fn cuda_without_a_driver_is_a_clear_error() {
         }
     }
 }
+
+/// SD 3 through `txt2img`: the tiny SD 3 folder with second and third prompts,
+/// negatives and clip skip, and with a 20-token T5 and no guidance (`--prompt-3`,
+/// `--negative-prompt-3`, `--max-sequence-length`), against diffusers; `--shift`
+/// changes the run (and is refused for an SD 1.5 model).
+#[test]
+fn sd3_through_the_example() {
+    let exe = example("txt2img");
+    for name in [
+        "sd3_pipelines/prompts_2_3_and_negatives_clip_skip",
+        "sd3_pipelines/no_cfg_short_t5",
+    ] {
+        let case = Case::open("index_sd3_pipelines.json", name);
+        let tmp = tempfile::tempdir().unwrap();
+        let cmd = case.example_command(&exe, &fixture("tiny-sd3"), tmp.path(), None);
+        case.check_example(cmd, tmp.path(), 1e-3);
+    }
+    let case = Case::open("index_sd3_pipelines.json", "sd3_pipelines/txt2img_euler");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = case.example_command(&exe, &fixture("tiny-sd3"), tmp.path(), Some("euler"));
+    cmd.args(["--shift", "1.5"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = std::process::Command::new(&exe)
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap(), "--steps", "1"])
+        .args(["--width", "32", "--height", "32", "--shift", "3"])
+        .arg("--out")
+        .arg(tmp.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("shift"));
+}

@@ -384,10 +384,16 @@ impl StableDiffusionPipeline {
         &self,
         r: &GenerationRequest<'_>,
     ) -> Result<(AnyScheduler, String), PipelineError> {
+        let base = self.shifted_config(r)?;
         let (s, label) = match &r.scheduler {
+            SchedulerChoice::Model if r.shift.is_some() => {
+                let s = AnyScheduler::from_config(&base)?;
+                let label = sampler_label(&s);
+                (s, label)
+            }
             SchedulerChoice::Model => (self.scheduler.clone(), sampler_label(&self.scheduler)),
             SchedulerChoice::Name(n) => {
-                let s = AnyScheduler::from_name(n, &self.scheduler_config)?;
+                let s = AnyScheduler::from_name(n, &base)?;
                 let label = SchedulerName::label(n).to_string();
                 (s, label)
             }
@@ -414,6 +420,38 @@ impl StableDiffusionPipeline {
             r.height.unwrap_or_else(|| self.default_size()),
         );
         Ok((s.with_image_seq_len((h / f) * (w / f)), label))
+    }
+
+    /// The model's scheduler config with the request's flow-matching shift.
+    fn shifted_config(&self, r: &GenerationRequest<'_>) -> Result<SchedulerConfig, PipelineError> {
+        let Some(shift) = r.shift else {
+            return Ok(self.scheduler_config.clone());
+        };
+        if !SchedulerName::is_flow_config(&self.scheduler_config) {
+            return Err(PipelineError::request(
+                "shift",
+                "the shift is a flow-matching (SD 3.x) setting; this model's scheduler is not one",
+            ));
+        }
+        if matches!(
+            r.scheduler,
+            SchedulerChoice::Config(_) | SchedulerChoice::Scheduler(_)
+        ) {
+            return Err(PipelineError::request(
+                "shift",
+                "a shift applies to the model's scheduler or a named one; a given config or scheduler carries its own",
+            ));
+        }
+        if !(shift.is_finite() && shift > 0.0) {
+            return Err(PipelineError::request(
+                "shift",
+                format!("{shift} is not > 0"),
+            ));
+        }
+        Ok(SchedulerConfig {
+            shift: Some(shift),
+            ..self.scheduler_config.clone()
+        })
     }
 
     /// The pipeline's own models, borrowed.

@@ -177,6 +177,7 @@ pub struct GenerationRequest<'a> {
     pub(crate) negative_prompt_3: Option<String>,
     pub(crate) max_sequence_length: Option<usize>,
     pub(crate) skip_layer_guidance: Option<SkipLayerGuidance>,
+    pub(crate) shift: Option<f64>,
     pub(crate) width: Option<usize>,
     pub(crate) height: Option<usize>,
     pub(crate) steps: Steps,
@@ -219,6 +220,7 @@ impl fmt::Debug for GenerationRequest<'_> {
             .field("negative_prompt_3", &self.negative_prompt_3)
             .field("max_sequence_length", &self.max_sequence_length)
             .field("skip_layer_guidance", &self.skip_layer_guidance)
+            .field("shift", &self.shift)
             .field("size", &(self.width, self.height))
             .field("steps", &self.steps)
             .field("guidance", &self.guidance)
@@ -252,6 +254,7 @@ impl<'a> GenerationRequest<'a> {
             negative_prompt_3: None,
             max_sequence_length: None,
             skip_layer_guidance: None,
+            shift: None,
             width: None,
             height: None,
             steps: Steps::Count(DEFAULT_STEPS),
@@ -328,6 +331,13 @@ impl<'a> GenerationRequest<'a> {
     /// SD 3.5's skip-layer guidance ([`SkipLayerGuidance`]).
     pub fn skip_layer_guidance(mut self, slg: SkipLayerGuidance) -> Self {
         self.skip_layer_guidance = Some(slg);
+        self
+    }
+
+    /// The flow-matching shift (SD 3.x; SD 3.5's config says 3.0) of the model's
+    /// scheduler or a named one; refused for diffusion models' schedulers.
+    pub fn shift(mut self, shift: f64) -> Self {
+        self.shift = Some(shift);
         self
     }
 

@@ -397,10 +397,29 @@ impl Case {
             ("negative_prompt", "--negative-prompt"),
             ("prompt_2", "--prompt-2"),
             ("negative_prompt_2", "--negative-prompt-2"),
+            ("prompt_3", "--prompt-3"),
+            ("negative_prompt_3", "--negative-prompt-3"),
         ];
         for (key, flag) in flags {
             if let Some(t) = self.text(key) {
                 cmd.args([flag, t]);
+            }
+        }
+        if let Some(k) = self.clip_skip() {
+            cmd.args(["--clip-skip", &k.to_string()]);
+        }
+        if let Some(n) = self.call()["max_sequence_length"].as_u64() {
+            cmd.args(["--max-sequence-length", &n.to_string()]);
+        }
+        if let Some(slg) = self.skip_layer_guidance() {
+            let layers: Vec<String> = slg.layers.iter().map(|l| l.to_string()).collect();
+            cmd.args(["--skip-layer-guidance", &layers.join(",")]);
+            for (flag, v) in [
+                ("--slg-scale", slg.scale),
+                ("--slg-start", slg.start),
+                ("--slg-stop", slg.stop),
+            ] {
+                cmd.args([flag, &v.to_string()]);
             }
         }
         let (w, h) = self.size();
