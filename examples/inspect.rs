@@ -15,8 +15,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use stable_diffusion::burn::prelude::*;
 use stable_diffusion::io::ldm::{TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use stable_diffusion::io::model::component_weights;
+use stable_diffusion::io::sd3::{read_sd3_transformer_config, read_t5_config};
 use stable_diffusion::io::{DiffusersDir, IoError, SingleFile, WeightSource};
-use stable_diffusion::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use stable_diffusion::models::{
+    AutoencoderKL, ClipTextModel, SD3Transformer2DModel, T5EncoderModel, UNet2DConditionModel,
+};
 
 #[derive(Parser)]
 #[command(
@@ -71,12 +75,19 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
     let dir = DiffusersDir::open(path)?;
     let device = Device::flex();
     let mut rows = Vec::new();
-    let components: [(&'static str, &str); 4] = [
+    let components: [(&'static str, &str); 6] = [
         ("unet", "UNet2DConditionModel"),
+        ("transformer", "SD3Transformer2DModel"),
         ("vae", "AutoencoderKL"),
         ("text_encoder", "CLIPTextModel"),
         ("text_encoder_2", "CLIPTextModelWithProjection"),
+        ("text_encoder_3", "T5EncoderModel"),
     ];
+    // The index names each component's class (SD 3's CLIP-L has a projection).
+    let indexed = |component: &str| -> Option<String> {
+        let index = dir.model_index().ok()??;
+        index.get(component)?.get(1)?.as_str().map(String::from)
+    };
     for (component, default_class) in components {
         let config = path.join(component).join("config.json");
         if !config.exists() {
@@ -88,8 +99,19 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
                 UNet2DConditionModel::new(&dir.unet_config()?, &device).map(|m| m.num_params())
             }
             "vae" => AutoencoderKL::new(&dir.vae_config()?, &device).map(|m| m.num_params()),
+            "transformer" => {
+                SD3Transformer2DModel::new(&read_sd3_transformer_config(&config)?, &device)
+                    .map(|m| m.num_params())
+            }
+            "text_encoder_3" => {
+                T5EncoderModel::new(&read_t5_config(&config)?, &device).map(|m| m.num_params())
+            }
             "text_encoder" => {
-                ClipTextModel::new(&dir.text_encoder_config()?, &device).map(|m| m.num_params())
+                let mut c = dir.text_encoder_config()?;
+                if indexed(component).as_deref() == Some("CLIPTextModelWithProjection") {
+                    c.architectures = vec!["CLIPTextModelWithProjection".into()];
+                }
+                ClipTextModel::new(&c, &device).map(|m| m.num_params())
             }
             _ => ClipTextModel::new(&dir.text_encoder_2_config()?, &device).map(|m| m.num_params()),
         }
@@ -101,11 +123,10 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
             "unet" => dir.unet_weights(None),
             "vae" => dir.vae_weights(None),
             "text_encoder" => dir.text_encoder_weights(None),
-            _ => stable_diffusion::io::model::component_weights(
-                &path.join("text_encoder_2"),
-                "model",
-                None,
-            ),
+            "transformer" => {
+                component_weights(&path.join(component), "diffusion_pytorch_model", None)
+            }
+            _ => component_weights(&path.join(component), "model", None),
         };
         let (dtypes, bytes, source) = match weights {
             Ok(w) => {
@@ -118,7 +139,7 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
         };
         rows.push(Row {
             component,
-            class: class_of(&config, default_class),
+            class: indexed(component).unwrap_or_else(|| class_of(&config, default_class)),
             params,
             dtypes,
             bytes,
@@ -128,7 +149,7 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
     if rows.is_empty() {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
-            what: "unet/, vae/ or text_encoder/ with a config.json".into(),
+            what: "unet/, transformer/, vae/ or text_encoder/ with a config.json".into(),
         });
     }
     Ok(rows)

@@ -190,6 +190,41 @@ fn bad_input_gives_a_one_line_error() {
     );
 }
 
+/// SD 3.5 Medium's real configs laid out as its diffusers folder
+/// (`configs/sd35-medium`, no weights): the transformer, VAE, both CLIP encoders and
+/// T5-XXL with diffusers' counts and the index's classes.
+#[test]
+fn inspect_reports_sd35_medium() {
+    let out = Command::new(example("inspect"))
+        .args([fixture("configs/sd35-medium").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |c: &str| lines.iter().find(|l| l["component"] == c).unwrap().clone();
+    for (component, class, params) in [
+        ("transformer", "SD3Transformer2DModel", 2_243_171_520u64),
+        ("vae", "AutoencoderKL", 83_819_683),
+        ("text_encoder", "CLIPTextModelWithProjection", 123_650_304),
+        ("text_encoder_2", "CLIPTextModelWithProjection", 694_659_840),
+        ("text_encoder_3", "T5EncoderModel", 4_762_310_656),
+    ] {
+        assert_eq!(
+            row(component)["params"].as_u64().unwrap(),
+            params,
+            "{component}"
+        );
+        assert_eq!(row(component)["class"], class, "{component}");
+    }
+}
+
 #[test]
 fn inspect_reports_classes_and_parameter_counts() {
     let out = Command::new(example("inspect"))
@@ -736,9 +771,18 @@ fn sd3_through_the_example() {
     let mut cmd = case.example_command(&exe, &fixture("tiny-sd3"), tmp.path(), Some("euler"));
     cmd.args(["--shift", "1.5"]);
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = std::process::Command::new(&exe)
-        .args(["--model", fixture("tiny-sd15").to_str().unwrap(), "--steps", "1"])
+        .args([
+            "--model",
+            fixture("tiny-sd15").to_str().unwrap(),
+            "--steps",
+            "1",
+        ])
         .args(["--width", "32", "--height", "32", "--shift", "3"])
         .arg("--out")
         .arg(tmp.path().join("x.png"))
