@@ -51,6 +51,65 @@ pub struct ControlSpec {
     pub end: f64,
 }
 
+/// SD 3's settings of a job (ignored where unset; refused by other models when
+/// set).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, ToSchema)]
+pub struct Sd3Options {
+    /// What the T5 encoder reads (default: the prompt).
+    #[serde(default)]
+    pub prompt_3: Option<String>,
+    /// The T5 encoder's negative prompt (default: the negative prompt).
+    #[serde(default)]
+    pub negative_prompt_3: Option<String>,
+    /// T5 tokens (256 by default, at most 512).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
+    /// The flow-matching shift (SD 3.5: 3.0).
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// Skip-layer guidance's blocks (SD 3.5 Medium: 7, 8, 9); empty: off.
+    #[serde(default)]
+    pub skip_layer_guidance: Vec<usize>,
+    /// Its scale (2.8), start and stop (0.01, 0.2: fractions of the steps).
+    #[serde(default)]
+    pub slg_scale: Option<f64>,
+    /// Skip-layer guidance's first fraction of the steps.
+    #[serde(default)]
+    pub slg_start: Option<f64>,
+    /// Skip-layer guidance's last fraction of the steps.
+    #[serde(default)]
+    pub slg_stop: Option<f64>,
+}
+
+impl Sd3Options {
+    /// These settings on a request.
+    pub fn apply<'a>(
+        &self,
+        mut r: sd_pipelines::GenerationRequest<'a>,
+    ) -> sd_pipelines::GenerationRequest<'a> {
+        if let Some(p) = &self.prompt_3 {
+            r = r.prompt_3(p.clone());
+        }
+        if let Some(n) = &self.negative_prompt_3 {
+            r = r.negative_prompt_3(n.clone());
+        }
+        if let Some(n) = self.max_sequence_length {
+            r = r.max_sequence_length(n);
+        }
+        if let Some(s) = self.shift {
+            r = r.shift(s);
+        }
+        if !self.skip_layer_guidance.is_empty() {
+            let mut slg = sd_pipelines::SkipLayerGuidance::new(self.skip_layer_guidance.clone());
+            slg.scale = self.slg_scale.unwrap_or(slg.scale);
+            slg.start = self.slg_start.unwrap_or(slg.start);
+            slg.stop = self.slg_stop.unwrap_or(slg.stop);
+            r = r.skip_layer_guidance(slg);
+        }
+        r
+    }
+}
+
 /// A checked job: every name resolved to the configured set, every number in range.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -66,6 +125,8 @@ pub struct JobSpec {
     pub prompt_2: Option<String>,
     /// SDXL's second negative prompt.
     pub negative_prompt_2: Option<String>,
+    /// SD 3's settings.
+    pub sd3: Sd3Options,
     /// Picture size; `None`: the model's.
     pub size: Option<(usize, usize)>,
     /// Denoising steps.
@@ -108,6 +169,7 @@ impl JobSpec {
             negative_prompt: String::new(),
             prompt_2: None,
             negative_prompt_2: None,
+            sd3: Sd3Options::default(),
             size: None,
             steps: 20,
             guidance: 7.5,

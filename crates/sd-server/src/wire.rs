@@ -102,6 +102,8 @@ pub struct WireSpec {
     prompt_2: Option<String>,
     #[serde(default)]
     negative_prompt_2: Option<String>,
+    #[serde(default)]
+    sd3: crate::job::Sd3Options,
     size: Option<(usize, usize)>,
     steps: usize,
     guidance: f64,
@@ -174,6 +176,7 @@ impl From<&JobSpec> for WireSpec {
             negative_prompt: s.negative_prompt.clone(),
             prompt_2: s.prompt_2.clone(),
             negative_prompt_2: s.negative_prompt_2.clone(),
+            sd3: s.sd3.clone(),
             size: s.size,
             steps: s.steps,
             guidance: s.guidance,
@@ -289,6 +292,7 @@ impl WireSpec {
             negative_prompt: self.negative_prompt,
             prompt_2: self.prompt_2,
             negative_prompt_2: self.negative_prompt_2,
+            sd3: self.sd3,
             size: self.size,
             steps: self.steps,
             guidance: self.guidance,

@@ -143,6 +143,7 @@ fn request_for<'m>(
     if let Some(n) = &s.negative_prompt_2 {
         r = r.negative_prompt_2(n.clone());
     }
+    let mut r = s.sd3.apply(r);
     if let Some((w, h)) = s.size {
         r = r.size(w, h);
     }

@@ -246,3 +246,40 @@ fn a_second_prompt_reaches_the_pipeline() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("prompt_2"), "{v}");
 }
+
+/// SD 3 through the native API: a tiny SD 3 model takes `prompt_3`,
+/// `max_sequence_length`, `shift` and skip-layer guidance; an SD 1.5 model refuses
+/// `prompt_3` by name.
+#[test]
+fn sd3_settings_reach_the_pipeline() {
+    use sd_server::{ModelConfig, ServerConfig};
+    let sd3 = TestServer::start(ServerConfig {
+        models: vec![ModelConfig::new(
+            "tiny-sd3",
+            crate::common::fixture("tiny-sd3").to_string_lossy(),
+        )],
+        ..ServerConfig::default()
+    });
+    let r = sd3.post_json(
+        "/v1/jobs",
+        &json!({"prompt": "a lighthouse", "prompt_3": "a red fox in the rain", "width": 32,
+               "height": 32, "steps": 3, "guidance": 4.5, "max_sequence_length": 32,
+               "shift": 2.0, "skip_layer_guidance": [1], "slg_start": 0.0, "slg_stop": 1.0}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let v = wait_final(&sd3, &id);
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let s = TestServer::shared();
+    let r = s.post_json(
+        "/v1/jobs",
+        &json!({"prompt": "a lighthouse", "prompt_3": "an oil painting", "width": 32, "height": 32, "steps": 2}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = wait_final(s, r.json()["id"].as_str().unwrap());
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("prompt_3"),
+        "{v}"
+    );
+}

@@ -62,6 +62,8 @@ pub struct Draft {
     pub prompt_2: Option<String>,
     /// SDXL's second negative prompt.
     pub negative_prompt_2: Option<String>,
+    /// SD 3's settings.
+    pub sd3: crate::job::Sd3Options,
     /// Size, checked.
     pub size: Option<(usize, usize)>,
     /// Images.
@@ -111,6 +113,8 @@ impl Draft {
             ("negative_prompt", &self.negative_prompt),
             ("prompt_2", &self.prompt_2),
             ("negative_prompt_2", &self.negative_prompt_2),
+            ("prompt_3", &self.sd3.prompt_3),
+            ("negative_prompt_3", &self.sd3.negative_prompt_3),
         ] {
             if let Some(t) = text {
                 check_prompt(t, limits, name, false)?;
@@ -158,6 +162,7 @@ impl Draft {
             negative_prompt: self.negative_prompt.unwrap_or_default(),
             prompt_2: self.prompt_2,
             negative_prompt_2: self.negative_prompt_2,
+            sd3: self.sd3,
             size: self.size,
             steps,
             guidance,

@@ -84,6 +84,30 @@ pub struct JobRequest {
     /// SDXL: the second text encoder's negative prompt (default: the negative prompt).
     #[serde(default)]
     pub negative_prompt_2: Option<String>,
+    /// SD 3: what the T5 encoder reads (default: the prompt).
+    #[serde(default)]
+    pub prompt_3: Option<String>,
+    /// SD 3: the T5 encoder's negative prompt (default: the negative prompt).
+    #[serde(default)]
+    pub negative_prompt_3: Option<String>,
+    /// SD 3: T5 tokens (256; at most 512).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
+    /// SD 3: the flow-matching shift of the scheduler (SD 3.5's config: 3.0).
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// SD 3.5: skip-layer guidance's transformer blocks (Medium: [7, 8, 9]).
+    #[serde(default)]
+    pub skip_layer_guidance: Vec<usize>,
+    /// Skip-layer guidance's scale (2.8).
+    #[serde(default)]
+    pub slg_scale: Option<f64>,
+    /// Skip-layer guidance from this fraction of the steps (0.01).
+    #[serde(default)]
+    pub slg_start: Option<f64>,
+    /// Skip-layer guidance until this fraction of the steps (0.2).
+    #[serde(default)]
+    pub slg_stop: Option<f64>,
     /// Width (default: the model's, or the init image's).
     #[serde(default)]
     pub width: Option<i64>,
@@ -217,6 +241,16 @@ fn draft(r: JobRequest, shared: &Shared) -> Result<Draft, ApiError> {
         negative_prompt: r.negative_prompt,
         prompt_2: r.prompt_2,
         negative_prompt_2: r.negative_prompt_2,
+        sd3: crate::job::Sd3Options {
+            prompt_3: r.prompt_3,
+            negative_prompt_3: r.negative_prompt_3,
+            max_sequence_length: r.max_sequence_length,
+            shift: r.shift,
+            skip_layer_guidance: r.skip_layer_guidance,
+            slg_scale: r.slg_scale,
+            slg_start: r.slg_start,
+            slg_stop: r.slg_stop,
+        },
         size,
         n: r.n.unwrap_or(1),
         steps: r.steps,
