@@ -47,7 +47,9 @@ struct Args {
     model: Option<PathBuf>,
     /// unet, vae, text_encoder, pipeline, all; picture (seconds per picture through
     /// the owning pipeline, `--model`); taesd (the tiny autoencoder's decode); write
-    /// (a random-weight diffusers folder from `--config` at `--out`).
+    /// (a random-weight diffusers folder from `--config` at `--out`); transformer
+    /// (an SD 3 folder's `transformer/`: one step of `--batch` latents 16 x H/8 x
+    /// W/8 with 333 text tokens, as `benches/pytorch_sd3_transformer.py` times it).
     #[arg(long, default_value = "all")]
     component: String,
     /// U-Net batch (2 = CFG).
@@ -268,6 +270,9 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     };
     if args.component == "picture" {
         return picture(&args, &device, &dir);
+    }
+    if args.component == "transformer" {
+        return sd3_transformer(&args, &device, &dir);
     }
     if args.component == "write" {
         return write_random(&args, &dir);
@@ -599,6 +604,67 @@ fn write_random(args: &Args, config: &std::path::Path) -> Result<(), common::Any
         Ok(())
     });
     eprintln!("wrote {} in {seconds:.1} s", out.display());
+    Ok(())
+}
+
+/// One SD 3 transformer step (`--component transformer`): `--batch` latents of 16
+/// channels at H/8 x W/8, 77 + 256 text tokens, the pooled embedding, timestep 500;
+/// random weights from `--config` (materialised by the warm-up) or `--model`'s.
+fn sd3_transformer(
+    args: &Args,
+    device: &Device,
+    dir: &std::path::Path,
+) -> Result<(), common::AnyError> {
+    use stable_diffusion::io::sd3::{read_sd3_transformer_config, sd3_transformer_from_dir};
+    use stable_diffusion::models::SD3Transformer2DModel;
+    let half = args.f16.then_some(DType::F16);
+    let (model, load_s) = timed(|| -> Result<SD3Transformer2DModel, common::AnyError> {
+        let tdir = dir.join("transformer");
+        Ok(if args.model.is_some() {
+            let o = ComponentOptions {
+                dtype: half,
+                ..Default::default()
+            };
+            sd3_transformer_from_dir(&tdir, device, &o)?
+        } else {
+            let config = read_sd3_transformer_config(&tdir.join("config.json"))?;
+            let m = SD3Transformer2DModel::new(&config, device)?;
+            match half {
+                Some(d) => m.map(&mut common::Cast(FloatDType::from(d))),
+                None => m,
+            }
+        })
+    });
+    let model = model?;
+    let b = args.batch;
+    let (lh, lw) = (args.height / 8, args.width / 8);
+    let mut rng = NoiseRng::seed(0);
+    use stable_diffusion::core::NoiseSource;
+    let sample = rng.normal([b, model.in_channels(), lh, lw], device)?;
+    let context: Tensor<3> = rng
+        .normal([b, 1, 333, model.joint_attention_dim()], device)?
+        .reshape([b, 333, model.joint_attention_dim()]);
+    let pooled: Tensor<2> = rng
+        .normal([b, 1, 1, model.pooled_projection_dim()], device)?
+        .reshape([b, model.pooled_projection_dim()]);
+    let t = Tensor::<1>::full([b], 500.0, device);
+    let mut failed = None;
+    let times = time_after(device, args.warmup, args.runs, || {
+        if let Err(e) = model.forward(
+            sample.clone(),
+            t.clone(),
+            context.clone(),
+            pooled.clone(),
+            &[],
+        ) {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let dtype = if args.f16 { "f16" } else { "f32" };
+    report(args, "transformer", times, dtype, load_s);
     Ok(())
 }
 

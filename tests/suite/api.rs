@@ -243,8 +243,11 @@ fn bad_requests_are_errors() {
     let mask = image::GrayImage::new(32, 32);
     let err = pipe.generate(request("x").mask(mask)).unwrap_err();
     assert!(err.to_string().contains("init image"), "{err}");
-    let err = pipe.generate(request("x").scheduler("heun")).unwrap_err();
+    let err = pipe.generate(request("x").scheduler("dpm2")).unwrap_err();
     assert!(err.to_string().contains("unknown scheduler"), "{err}");
+    // Flow Heun is SD 3's: an SD 1.5 model refuses it by name.
+    let err = pipe.generate(request("x").scheduler("heun")).unwrap_err();
+    assert!(err.to_string().contains("does not apply"), "{err}");
     let err = pipe
         .generate(request("x").scheduler("euler").eta(0.5))
         .unwrap_err();

@@ -419,7 +419,7 @@ impl StableDiffusionPipeline {
             r.width.unwrap_or_else(|| self.default_size()),
             r.height.unwrap_or_else(|| self.default_size()),
         );
-        Ok((s.with_image_seq_len((h / f) * (w / f)), label))
+        Ok((s.with_image_seq_len((h / f).saturating_mul(w / f)), label))
     }
 
     /// The model's scheduler config with the request's flow-matching shift.

@@ -347,7 +347,9 @@ mod tests {
             (s.as_str(), schedule),
             ("euler", Some(SigmaSchedule::karras()))
         );
-        assert!(resolve_sampler("Heun", None).is_err());
+        // SD 3's flow Heun (a flow-only name: SD 1.x / XL jobs fail with the pipeline's words).
+        assert_eq!(resolve_sampler("Heun", None).unwrap().0, "heun");
+        assert!(resolve_sampler("DPM2", None).is_err());
         assert!(resolve_sampler("Euler", Some("sgm_uniform")).is_err());
     }
 

@@ -67,7 +67,7 @@ fn cases() -> Vec<(&'static str, &'static str, &'static str, Vec<u8>, u16)> {
         ("A1111 negative steps", t2i, JSON, j(json!({"prompt": "x", "steps": -1, "width": 32, "height": 32})), 400),
         ("A1111 batch 10000", t2i, JSON, j(json!({"prompt": "x", "batch_size": 100, "n_iter": 100})), 400),
         ("A1111 batch overflow", t2i, JSON, j(json!({"prompt": "x", "batch_size": i64::MAX, "n_iter": i64::MAX})), 400),
-        ("A1111 unknown sampler", t2i, JSON, j(json!({"prompt": "x", "sampler_name": "Heun"})), 400),
+        ("A1111 unknown sampler", t2i, JSON, j(json!({"prompt": "x", "sampler_name": "DPM2"})), 400),
         ("A1111 unknown schedule", t2i, JSON, j(json!({"prompt": "x", "sampler_name": "Euler", "scheduler": "SGM Uniform"})), 400),
         ("A1111 LoRA tag unknown", t2i, JSON, j(json!({"prompt": "x <lora:missing:1>", "width": 32, "height": 32})), 404),
         ("A1111 LoRA tag bad weight", t2i, JSON, j(json!({"prompt": "x <lora:tiny_unet_lora_kohya:lots>"})), 400),
