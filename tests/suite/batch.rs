@@ -116,3 +116,20 @@ fn batch_cancels_one_request_and_runs_the_others() {
     assert!(!batchable(&mixed[0], &mixed[1]));
     assert!(pipe.generate_batch(mixed).iter().all(Result::is_ok));
 }
+
+/// SD 3 requests batch only with the same T5 length (the embeddings' length), shift
+/// and skip-layer guidance; different third prompts batch.
+#[test]
+fn sd3_settings_split_batches() {
+    use stable_diffusion::pipelines::SkipLayerGuidance;
+    let r = || GenerationRequest::new("a fox").size(32, 48).steps(4);
+    assert!(batchable(&r().prompt_3("a"), &r().prompt_3("b")));
+    assert!(!batchable(&r().max_sequence_length(20), &r()));
+    assert!(!batchable(&r().shift(2.0), &r().shift(3.0)));
+    let slg = SkipLayerGuidance::new(vec![1]);
+    assert!(!batchable(&r().skip_layer_guidance(slg.clone()), &r()));
+    assert!(batchable(
+        &r().skip_layer_guidance(slg.clone()),
+        &r().skip_layer_guidance(slg)
+    ));
+}

@@ -190,13 +190,10 @@ fn bad_input_gives_a_one_line_error() {
     );
 }
 
-/// SD 3.5 Medium's real configs laid out as its diffusers folder
-/// (`configs/sd35-medium`, no weights): the transformer, VAE, both CLIP encoders and
-/// T5-XXL with diffusers' counts and the index's classes.
-#[test]
-fn inspect_reports_sd35_medium() {
+/// The `inspect` example's JSON rows for a fixture.
+fn inspect_rows(rel: &str) -> Vec<serde_json::Value> {
     let out = Command::new(example("inspect"))
-        .args([fixture("configs/sd35-medium").to_str().unwrap(), "--json"])
+        .args([fixture(rel).to_str().unwrap(), "--json"])
         .output()
         .unwrap();
     assert!(
@@ -204,10 +201,18 @@ fn inspect_reports_sd35_medium() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// SD 3.5 Medium's real configs laid out as its diffusers folder
+/// (`configs/sd35-medium`, no weights): the transformer, VAE, both CLIP encoders and
+/// T5-XXL with diffusers' counts and the index's classes.
+#[test]
+fn inspect_reports_sd35_medium() {
+    let lines = inspect_rows("configs/sd35-medium");
     let row = |c: &str| lines.iter().find(|l| l["component"] == c).unwrap().clone();
     for (component, class, params) in [
         ("transformer", "SD3Transformer2DModel", 2_243_171_520u64),
@@ -227,19 +232,7 @@ fn inspect_reports_sd35_medium() {
 
 #[test]
 fn inspect_reports_classes_and_parameter_counts() {
-    let out = Command::new(example("inspect"))
-        .args([fixture("configs/sd15").to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = inspect_rows("configs/sd15");
     let params = |c: &str| {
         lines.iter().find(|l| l["component"] == c).unwrap()["params"]
             .as_u64()
@@ -270,19 +263,7 @@ fn inspect_reports_classes_and_parameter_counts() {
     assert_eq!(unet["class"], "UNet2DConditionModel");
 
     // SDXL base 1.0's configs: diffusers' parameter counts, both text encoders.
-    let out = Command::new(example("inspect"))
-        .args([fixture("configs/sdxl").to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = inspect_rows("configs/sdxl");
     let row = |c: &str| lines.iter().find(|l| l["component"] == c).unwrap().clone();
     assert_eq!(row("unet")["params"].as_u64().unwrap(), 2_567_463_684);
     assert_eq!(row("vae")["params"].as_u64().unwrap(), 83_653_863);

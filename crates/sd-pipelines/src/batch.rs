@@ -26,6 +26,10 @@ struct BatchShape {
     sigma_schedule: String,
     eta: Option<u64>,
     tiny_decoder: bool,
+    /// SD 3: the T5 length (the embeddings' length), the shift, skip-layer guidance.
+    max_sequence_length: Option<usize>,
+    shift: Option<u64>,
+    skip_layer_guidance: String,
 }
 
 /// The shape a request batches under, or `None` when it runs alone (anything but
@@ -58,12 +62,16 @@ fn batch_shape(r: &GenerationRequest<'_>) -> Option<BatchShape> {
         sigma_schedule: format!("{:?}", r.sigma_schedule),
         eta: r.eta.map(f64::to_bits),
         tiny_decoder: r.tiny_decoder,
+        max_sequence_length: r.max_sequence_length,
+        shift: r.shift.map(f64::to_bits),
+        skip_layer_guidance: format!("{:?}", r.skip_layer_guidance),
     })
 }
 
 /// Whether `a` and `b` can run in one batch of [`StableDiffusionPipeline::generate_batch`]:
 /// both plain text to image (no init image, LoRA, control, hires fix, given noise or
-/// long-prompt windows) with the same size, steps, guidance, scheduler and decoder.
+/// long-prompt windows) with the same size, steps, guidance, scheduler and decoder
+/// (and, for SD 3, the same T5 length, shift and skip-layer guidance).
 /// Prompts, negative prompts, seeds, image counts, clip skip and SDXL
 /// micro-conditioning may differ.
 pub fn batchable(a: &GenerationRequest<'_>, b: &GenerationRequest<'_>) -> bool {

@@ -27,8 +27,8 @@ use crate::plan::{RunPlan, TaskPlan};
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput, SchedulerChoice};
 use crate::safety::SafetyChecker;
 
-/// A Stable Diffusion 1.x / 2.x / XL model that owns its parts: tokenizer, text encoder,
-/// U-Net, VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
+/// A Stable Diffusion 1.x / 2.x / XL or SD 3 / 3.5 model that owns its parts:
+/// tokenizers, text encoders, denoiser (U-Net or SD 3 transformer), VAE and scheduler. [`Self::from_pretrained`] loads one; [`Self::generate`]
 /// runs a [`GenerationRequest`] (txt2img, img2img, inpainting or outpainting, from
 /// what the request sets).
 pub struct StableDiffusionPipeline {
@@ -62,8 +62,9 @@ pub(crate) enum Task {
 }
 
 impl StableDiffusionPipeline {
-    /// Loads a model: a diffusers folder, a single-file `.safetensors` checkpoint (SD
-    /// 1.x or 2.x and 9-channel inpainting models recognised from the tensors) or,
+    /// Loads a model: a diffusers folder (SD 1.x / 2.x / XL, or SD 3 / 3.5 where it
+    /// has `transformer/`), a single-file `.safetensors` checkpoint (SD 1.x, 2.x, XL
+    /// and 9-channel inpainting models recognised from the tensors) or,
     /// with the `hub` feature, a hub repository id such as
     /// `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
     ///
@@ -244,7 +245,7 @@ impl StableDiffusionPipeline {
         &self.name
     }
 
-    /// SD 1.x or 2.x.
+    /// SD 1.x, 2.x, XL or 3.
     pub fn family(&self) -> ModelFamily {
         self.family
     }
