@@ -105,15 +105,15 @@ pub struct CommonArgs {
     /// (SD 3.5 Medium: 7,8,9).
     #[arg(long, value_delimiter = ',')]
     pub skip_layer_guidance: Option<Vec<usize>>,
-    /// Skip-layer guidance scale (diffusers' default 2.8).
-    #[arg(long, default_value_t = 2.8)]
-    pub slg_scale: f64,
-    /// Skip-layer guidance from this fraction of the steps (0.01).
-    #[arg(long, default_value_t = 0.01)]
-    pub slg_start: f64,
-    /// Skip-layer guidance until this fraction of the steps (0.2).
-    #[arg(long, default_value_t = 0.2)]
-    pub slg_stop: f64,
+    /// Skip-layer guidance scale (default: diffusers' 2.8).
+    #[arg(long)]
+    pub slg_scale: Option<f64>,
+    /// Skip-layer guidance from this fraction of the steps (default 0.01).
+    #[arg(long)]
+    pub slg_start: Option<f64>,
+    /// Skip-layer guidance until this fraction of the steps (default 0.2).
+    #[arg(long)]
+    pub slg_stop: Option<f64>,
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -396,12 +396,12 @@ pub fn request(
         r = r.shift(s);
     }
     if let Some(layers) = &args.skip_layer_guidance {
-        r = r.skip_layer_guidance(SkipLayerGuidance {
-            layers: layers.clone(),
-            scale: args.slg_scale,
-            start: args.slg_start,
-            stop: args.slg_stop,
-        });
+        r = r.skip_layer_guidance(SkipLayerGuidance::with_settings(
+            layers.clone(),
+            args.slg_scale,
+            args.slg_start,
+            args.slg_stop,
+        ));
     }
     if args.width.is_some() || args.height.is_some() {
         r = r.size(args.width.unwrap_or(side), args.height.unwrap_or(side));

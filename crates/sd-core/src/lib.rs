@@ -22,6 +22,7 @@ pub use error::CoreError;
 pub use noise::{NoiseRng, NoiseSource, RecordedNoise};
 pub use scheduler::{
     Scheduler, SchedulerRun, StepOutput, Steps, check_step_inputs, handover_index, img2img_start,
+    img2img_start_sd3,
 };
 pub use text_encoder::{
     HiddenLayer, SequenceEncoder, TextEncoder, TextEncoderOutput, check_text_encoder_inputs,

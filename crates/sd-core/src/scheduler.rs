@@ -128,14 +128,28 @@ pub trait SchedulerRun: Send {
 /// diffusers' img2img rule: with `steps` steps and `strength` in (0, 1], the first
 /// `steps - int(steps * strength)` steps are skipped.
 pub fn img2img_start(steps: usize, strength: f64) -> Result<usize, CoreError> {
+    check_strength(strength)?;
+    let init = ((steps as f64) * strength).floor() as usize;
+    Ok(steps - init.min(steps))
+}
+
+/// SD 3's img2img rule (`StableDiffusion3Img2ImgPipeline.get_timesteps`): the first
+/// `int(steps - steps * strength)` steps are skipped; it differs from
+/// [`img2img_start`] where `steps * strength` is fractional.
+pub fn img2img_start_sd3(steps: usize, strength: f64) -> Result<usize, CoreError> {
+    check_strength(strength)?;
+    let n = steps as f64;
+    Ok((n - (n * strength).min(n)).max(0.0) as usize)
+}
+
+fn check_strength(strength: f64) -> Result<(), CoreError> {
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(CoreError::InvalidArgument {
             name: "strength",
             message: format!("{strength} is outside (0, 1]"),
         });
     }
-    let init = ((steps as f64) * strength).floor() as usize;
-    Ok(steps - init.min(steps))
+    Ok(())
 }
 
 /// The checks every [`SchedulerRun::step`] and [`SchedulerRun::add_noise`] makes

@@ -22,4 +22,17 @@ pub trait PromptTokenizer {
 
     /// Padding id.
     fn pad_id(&self) -> u32;
+
+    /// `len` ids in T5's layout (no BOS): the content truncated to `len - 1`, EOS,
+    /// then padding.
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    fn encode_eos_padded(&self, text: &str, len: usize) -> Result<Vec<u32>, CoreError> {
+        let mut ids = self.content_ids(text)?;
+        ids.truncate(len.saturating_sub(1));
+        ids.push(self.eos_id());
+        ids.resize(len, self.pad_id());
+        Ok(ids)
+    }
 }

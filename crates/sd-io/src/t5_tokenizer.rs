@@ -11,6 +11,9 @@ use crate::error::IoError;
 /// `StableDiffusion3Pipeline`).
 pub const SD3_T5_MAX_LENGTH: usize = 256;
 
+/// The longest T5 sequence SD 3 takes (`max_sequence_length` at most 512).
+pub const SD3_T5_LENGTH_LIMIT: usize = 512;
+
 /// T5's tokenizer as the SD 3 pipeline calls it: `padding="max_length",
 /// truncation=True, add_special_tokens=True`, so every prompt gives `max_length`
 /// ids, `content[..max_length - 1] + [</s>]` right-padded with `<pad>`.
@@ -63,9 +66,9 @@ impl T5Tokenizer {
     /// # Errors
     /// A length of 0 or above 512.
     pub fn with_max_length(mut self, max_length: usize) -> Result<Self, IoError> {
-        if !(1..=512).contains(&max_length) {
+        if !(1..=SD3_T5_LENGTH_LIMIT).contains(&max_length) {
             return Err(IoError::Tokenizer(format!(
-                "max_sequence_length {max_length} is outside 1..=512"
+                "max_sequence_length {max_length} is outside 1..={SD3_T5_LENGTH_LIMIT}"
             )));
         }
         self.max_length = max_length;
@@ -86,11 +89,8 @@ impl T5Tokenizer {
     /// # Errors
     /// Tokenizer failures.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, IoError> {
-        let mut ids = self.content_ids(prompt)?;
-        ids.truncate(self.max_length - 1);
-        ids.push(self.eos_id);
-        ids.resize(self.max_length, self.pad_id);
-        Ok(ids)
+        sd_core::PromptTokenizer::encode_eos_padded(self, prompt, self.max_length)
+            .map_err(|e| IoError::Tokenizer(e.to_string()))
     }
 
     /// Padded length.

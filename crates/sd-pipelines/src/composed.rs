@@ -125,6 +125,23 @@ impl SkipLayerGuidance {
         }
     }
 
+    /// diffusers' defaults over `layers` with the settings given (`None`: the
+    /// default).
+    pub fn with_settings(
+        layers: Vec<usize>,
+        scale: Option<f64>,
+        start: Option<f64>,
+        stop: Option<f64>,
+    ) -> Self {
+        let d = Self::new(layers);
+        Self {
+            scale: scale.unwrap_or(d.scale),
+            start: start.unwrap_or(d.start),
+            stop: stop.unwrap_or(d.stop),
+            ..d
+        }
+    }
+
     /// Whether step `i` of `steps` gets the extra pass.
     pub fn applies(&self, i: usize, steps: usize) -> bool {
         let (i, n) = (i as f64, steps as f64);

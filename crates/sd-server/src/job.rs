@@ -100,11 +100,12 @@ impl Sd3Options {
             r = r.shift(s);
         }
         if !self.skip_layer_guidance.is_empty() {
-            let mut slg = sd_pipelines::SkipLayerGuidance::new(self.skip_layer_guidance.clone());
-            slg.scale = self.slg_scale.unwrap_or(slg.scale);
-            slg.start = self.slg_start.unwrap_or(slg.start);
-            slg.stop = self.slg_stop.unwrap_or(slg.stop);
-            r = r.skip_layer_guidance(slg);
+            r = r.skip_layer_guidance(sd_pipelines::SkipLayerGuidance::with_settings(
+                self.skip_layer_guidance.clone(),
+                self.slg_scale,
+                self.slg_start,
+                self.slg_stop,
+            ));
         }
         r
     }

@@ -144,17 +144,15 @@ impl Case {
     pub fn skip_layer_guidance(&self) -> Option<SkipLayerGuidance> {
         let c = self.call();
         let layers = c["skip_guidance_layers"].as_array()?;
-        let mut slg = SkipLayerGuidance::new(
+        Some(SkipLayerGuidance::with_settings(
             layers
                 .iter()
                 .map(|l| l.as_u64().unwrap() as usize)
                 .collect(),
-        );
-        let f = |k: &str, d: f64| c[k].as_f64().unwrap_or(d);
-        slg.scale = f("skip_layer_guidance_scale", slg.scale);
-        slg.start = f("skip_layer_guidance_start", slg.start);
-        slg.stop = f("skip_layer_guidance_stop", slg.stop);
-        Some(slg)
+            c["skip_layer_guidance_scale"].as_f64(),
+            c["skip_layer_guidance_start"].as_f64(),
+            c["skip_layer_guidance_stop"].as_f64(),
+        ))
     }
 
     /// The call's `clip_skip`.

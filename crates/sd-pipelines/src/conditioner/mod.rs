@@ -102,34 +102,27 @@ impl<'a> TextConditioner<'a> {
     /// [`CoreError::InvalidArgument`] naming the option.
     pub fn check(&self, options: &GenerationOptions) -> Result<(), CoreError> {
         if !matches!(self, Self::Sd3(_)) {
-            for (name, value) in [
-                ("prompt_3", &options.prompt_3),
-                ("negative_prompt_3", &options.negative_prompt_3),
-            ] {
-                if value.is_some() {
-                    return Err(invalid(name, "a third prompt is for SD 3's T5 encoder"));
-                }
-            }
-            if options.max_sequence_length.is_some() {
-                return Err(invalid(
-                    "max_sequence_length",
-                    "the T5 sequence length is an SD 3 setting",
-                ));
-            }
+            refuse_set(
+                &[
+                    ("prompt_3", options.prompt_3.is_some()),
+                    ("negative_prompt_3", options.negative_prompt_3.is_some()),
+                ],
+                "a third prompt is for SD 3's T5 encoder",
+            )?;
+            refuse_set(
+                &[("max_sequence_length", options.max_sequence_length.is_some())],
+                "the T5 sequence length is an SD 3 setting",
+            )?;
         }
         let layers = match self {
             Self::Clip(c) => {
-                for (name, value) in [
-                    ("prompt_2", &options.prompt_2),
-                    ("negative_prompt_2", &options.negative_prompt_2),
-                ] {
-                    if value.is_some() {
-                        return Err(invalid(
-                            name,
-                            "the model has one text encoder; a second prompt is for SDXL's second encoder",
-                        ));
-                    }
-                }
+                refuse_set(
+                    &[
+                        ("prompt_2", options.prompt_2.is_some()),
+                        ("negative_prompt_2", options.negative_prompt_2.is_some()),
+                    ],
+                    "the model has one text encoder; a second prompt is for SDXL's second encoder",
+                )?;
                 c.text_encoder.num_hidden_layers()
             }
             Self::Sdxl(x) => x.num_hidden_layers(),
@@ -150,7 +143,7 @@ impl<'a> TextConditioner<'a> {
     /// A strength outside (0, 1].
     pub fn img2img_start(&self, steps: usize, strength: f64) -> Result<usize, CoreError> {
         match self {
-            Self::Sd3(_) => sd3::img2img_start(steps, strength),
+            Self::Sd3(_) => sd_core::img2img_start_sd3(steps, strength),
             _ => sd_core::img2img_start(steps, strength),
         }
     }
@@ -193,9 +186,21 @@ pub fn token_ids(
     batch: usize,
     device: &Device,
 ) -> Result<Tensor<2, Int>, CoreError> {
-    let ids = tokenizer.encode_padded(prompt)?;
+    Ok(ids_tensor(tokenizer.encode_padded(prompt)?, batch, device))
+}
+
+/// One row of ids as `[batch, ids.len()]`.
+pub(crate) fn ids_tensor(ids: Vec<u32>, batch: usize, device: &Device) -> Tensor<2, Int> {
     let n = ids.len();
     let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
     let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
-    Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
+    if batch > 1 { t.repeat_dim(0, batch) } else { t }
+}
+
+/// The first of `options` that is set, refused with `message`.
+fn refuse_set(options: &[(&'static str, bool)], message: &str) -> Result<(), CoreError> {
+    match options.iter().find(|(_, set)| *set) {
+        Some((name, _)) => Err(invalid(name, message)),
+        None => Ok(()),
+    }
 }

@@ -9,11 +9,11 @@ use sd_core::{CoreError, HiddenLayer, PromptTokenizer, SequenceEncoder, TextEnco
 use sd_models::norm::to_dtype;
 
 use super::sdxl::{or_first, rows};
-use super::{PromptEmbeddings, token_ids};
+use super::{PromptEmbeddings, ids_tensor, token_ids};
 use crate::composed::{GenerationOptions, invalid};
 
 /// SD 3's default `max_sequence_length` (T5 tokens).
-pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 256;
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = sd_io::t5_tokenizer::SD3_T5_MAX_LENGTH;
 
 /// SD 3 / SD 3.5 conditioning.
 #[derive(Clone, Copy)]
@@ -56,7 +56,7 @@ impl Sd3Conditioner<'_> {
 
     /// Checks the options against the encoders: no A1111 windows or weighting (SD 3
     /// truncates as diffusers does), CLIP widths that fit the T5 width, a T5 length
-    /// in `1..=512`.
+    /// in `1..=SD3_T5_LENGTH_LIMIT` (512).
     pub(crate) fn check(&self, o: &GenerationOptions) -> Result<(), CoreError> {
         if o.long_prompts || o.prompt_weighting {
             return Err(invalid(
@@ -89,10 +89,11 @@ impl Sd3Conditioner<'_> {
             ));
         }
         let len = self.max_sequence_length(o);
-        if !(1..=512).contains(&len) {
+        let limit = sd_io::t5_tokenizer::SD3_T5_LENGTH_LIMIT;
+        if !(1..=limit).contains(&len) {
             return Err(invalid(
                 "max_sequence_length",
-                format!("{len} is outside 1..=512"),
+                format!("{len} is outside 1..={limit}"),
             ));
         }
         Ok(())
@@ -171,41 +172,12 @@ impl Sd3Conditioner<'_> {
         };
         let t5 = match self.t5 {
             Some((tokenizer, encoder)) => {
-                encoder.encode_sequence(t5_ids(tokenizer, texts.t5, len, batch, device)?)?
+                let ids = tokenizer.encode_eos_padded(texts.t5, len)?;
+                encoder.encode_sequence(ids_tensor(ids, batch, device))?
             }
             None => Tensor::zeros([batch, len, self.joint_attention_dim], device),
         };
         let t5 = to_dtype(t5, clip.dtype());
         Ok((Tensor::cat(vec![clip, t5], 1), Tensor::cat(pooled, 1)))
     }
-}
-
-/// `StableDiffusion3Img2ImgPipeline.get_timesteps`: `int(max(steps - min(steps *
-/// strength, steps), 0))`.
-///
-/// # Errors
-/// A strength outside (0, 1].
-pub(crate) fn img2img_start(steps: usize, strength: f64) -> Result<usize, CoreError> {
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(invalid("strength", format!("{strength} is outside (0, 1]")));
-    }
-    let n = steps as f64;
-    Ok((n - (n * strength).min(n)).max(0.0) as usize)
-}
-
-/// `len` T5 ids of `text`: the content truncated to `len - 1`, `</s>`, padding.
-fn t5_ids(
-    tokenizer: &dyn PromptTokenizer,
-    text: &str,
-    len: usize,
-    batch: usize,
-    device: &Device,
-) -> Result<Tensor<2, Int>, CoreError> {
-    let mut ids = tokenizer.content_ids(text)?;
-    ids.truncate(len - 1);
-    ids.push(tokenizer.eos_id());
-    ids.resize(len, tokenizer.pad_id());
-    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-    let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), device);
-    Ok(if batch > 1 { t.repeat_dim(0, batch) } else { t })
 }
