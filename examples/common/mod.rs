@@ -156,9 +156,18 @@ pub struct CommonArgs {
     /// Write the final latents (before decoding) to this safetensors file.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Output PNG.
+    /// Output picture: PNG (with the parameters in a text chunk), or JPEG for a
+    /// `.jpg` / `.jpeg` name.
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
+    /// Sign the pictures with C2PA content credentials (a manifest saying a trained
+    /// algorithm made them, with the model and parameters): the PEM certificate
+    /// chain, signing certificate first. Needs --c2pa-key and the `c2pa` feature.
+    #[arg(long, requires = "c2pa_key")]
+    pub c2pa_cert: Option<PathBuf>,
+    /// The PEM (PKCS#8) private key of --c2pa-cert.
+    #[arg(long, requires = "c2pa_cert")]
+    pub c2pa_key: Option<PathBuf>,
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -313,9 +322,38 @@ pub fn model_path(args: &CommonArgs) -> PathBuf {
     }
 }
 
+/// The signer of `--c2pa-cert` / `--c2pa-key` (checked by signing a probe).
+#[cfg(feature = "c2pa")]
+pub type Credentials = stable_diffusion::io::content_credentials::ContentCredentials;
+/// No signer without the `c2pa` feature.
+#[cfg(not(feature = "c2pa"))]
+pub type Credentials = std::convert::Infallible;
+
+/// The content credentials the flags ask for, if any.
+pub fn content_credentials(args: &CommonArgs) -> Result<Option<Credentials>, AnyError> {
+    let (Some(cert), Some(key)) = (&args.c2pa_cert, &args.c2pa_key) else {
+        return Ok(None);
+    };
+    #[cfg(feature = "c2pa")]
+    return Ok(Some(Credentials::from_files(cert, key)?.with_generator(
+        concat!("stable-diffusion ", env!("CARGO_CRATE_NAME"), " example"),
+        env!("CARGO_PKG_VERSION"),
+    )));
+    #[cfg(not(feature = "c2pa"))]
+    Err(format!(
+        "--c2pa-cert {} --c2pa-key {}: the examples were built without the `c2pa` feature \
+         (cargo run --release --features c2pa --example ...)",
+        cert.display(),
+        key.display()
+    )
+    .into())
+}
+
 /// The pipeline the flags describe: `--model`, `--unet`, `--vae`, `--f16`,
 /// `--lora`, `--vae-tiling`.
 pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipeline, AnyError> {
+    // Content credentials are checked before any weight is read.
+    content_credentials(args)?;
     let options = LoadOptions {
         unet_dtype: args.f16.then_some(DType::F16),
         vae_dtype: args.f16.then_some(DType::F16),
@@ -606,14 +644,26 @@ pub fn save(args: &CommonArgs, out: &Generation) -> Result<(), AnyError> {
         )?;
         safetensors::serialize_to_file([("latents", view)], None, path)?;
     }
+    let credentials = content_credentials(args)?;
     for (i, picture) in out.images.iter().enumerate() {
         let path = if i == 0 {
             args.out.clone()
         } else {
             let stem = args.out.with_extension("");
-            PathBuf::from(format!("{}-{i}.png", stem.display()))
+            let ext = args
+                .out
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("png");
+            PathBuf::from(format!("{}-{i}.{ext}", stem.display()))
         };
-        picture.save(&path)?;
+        match &credentials {
+            #[cfg(feature = "c2pa")]
+            Some(c) => picture.save_signed(&path, c)?,
+            #[cfg(not(feature = "c2pa"))]
+            Some(never) => match *never {},
+            None => picture.save(&path)?,
+        }
         eprintln!("wrote {}", path.display());
     }
     Ok(())

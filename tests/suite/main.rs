@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod batch;
 mod configs;
+mod content_credentials;
 mod controlnet;
 mod corrupt_files;
 mod demo_model;

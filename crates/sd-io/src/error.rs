@@ -135,6 +135,11 @@ pub enum IoError {
     /// A model or file layout this crate does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// C2PA content credentials could not be made, signed or read (the `c2pa`
+    /// feature): a certificate the C2PA profile refuses, a key that does not match
+    /// it, a picture the SDK cannot embed into.
+    #[error("content credentials: {0}")]
+    ContentCredentials(String),
 }
 
 impl IoError {

@@ -159,6 +159,82 @@ pub fn encode_rgb_png(
     Ok(out)
 }
 
+/// An RGB picture as JPEG bytes at `quality` (1 to 100). JPEG has no text chunk:
+/// the parameters go nowhere (C2PA content credentials can carry them).
+///
+/// # Errors
+/// [`IoError::Unsupported`] when the encoder refuses the picture.
+pub fn encode_rgb_jpeg(image: &image::RgbImage, quality: u8) -> Result<Vec<u8>, IoError> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+        .encode_image(image)
+        .map_err(|e| IoError::Unsupported(format!("JPEG encoding: {e}")))?;
+    Ok(out)
+}
+
+/// JPEG quality of pictures written as `.jpg` / `.jpeg`.
+pub const JPEG_QUALITY: u8 = 95;
+
+/// An RGB picture encoded as `format`: PNG with the `parameters` chunk, or JPEG at
+/// [`JPEG_QUALITY`].
+///
+/// # Errors
+/// As [`encode_rgb_png`] and [`encode_rgb_jpeg`].
+pub fn encode_rgb(
+    image: &image::RgbImage,
+    format: PictureFormat,
+    parameters: Option<&GenerationParameters>,
+) -> Result<Vec<u8>, IoError> {
+    match format {
+        PictureFormat::Png => encode_rgb_png(image, parameters),
+        PictureFormat::Jpeg => encode_rgb_jpeg(image, JPEG_QUALITY),
+    }
+}
+
+/// The encodings pictures are written in (and C2PA manifests embedded into).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PictureFormat {
+    /// PNG (a `caBX` chunk).
+    Png,
+    /// JPEG (APP11 segments).
+    Jpeg,
+}
+
+impl PictureFormat {
+    /// The MIME type.
+    pub fn mime(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+        }
+    }
+
+    /// The format of encoded bytes, from their signature; `None` for anything else.
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(Self::Png)
+        } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+            Some(Self::Jpeg)
+        } else {
+            None
+        }
+    }
+
+    /// The format a file name asks for: `.jpg` / `.jpeg` JPEG, anything else PNG.
+    pub fn from_path(path: impl AsRef<Path>) -> Self {
+        match path
+            .as_ref()
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("jpg" | "jpeg") => Self::Jpeg,
+            _ => Self::Png,
+        }
+    }
+}
+
 fn write_png_to<W: std::io::Write>(
     out: W,
     width: usize,

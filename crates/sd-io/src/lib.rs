@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+#[cfg(feature = "c2pa")]
+pub mod content_credentials;
 pub mod controlnet;
 pub mod depth;
 pub mod error;

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use sd_io::image::{GenerationParameters, save_rgb_png};
+use sd_io::image::{GenerationParameters, PictureFormat, encode_rgb};
 
 use crate::error::PipelineError;
 
@@ -22,13 +22,64 @@ pub struct GeneratedImage {
 }
 
 impl GeneratedImage {
-    /// Writes the picture as a PNG with the parameters in its `parameters` chunk.
+    /// Writes the picture: a PNG with the parameters in its `parameters` chunk, or
+    /// a JPEG (quality 95) when the name ends in `.jpg` / `.jpeg`.
     ///
     /// # Errors
     /// [`PipelineError::Io`] when the file cannot be written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), PipelineError> {
-        Ok(save_rgb_png(&self.image, path, Some(&self.parameters))?)
+        let path = path.as_ref();
+        write(path, &self.encode(PictureFormat::from_path(path))?)
     }
+
+    /// The picture encoded: PNG with the `parameters` chunk, or JPEG.
+    ///
+    /// # Errors
+    /// [`PipelineError::Io`] when the encoder refuses the picture.
+    pub fn encode(&self, format: PictureFormat) -> Result<Vec<u8>, PipelineError> {
+        Ok(encode_rgb(&self.image, format, Some(&self.parameters))?)
+    }
+
+    /// The picture encoded and signed with C2PA content credentials: a manifest
+    /// saying a trained algorithm created it, naming the generator, the model and
+    /// the parameters (the `c2pa` feature).
+    ///
+    /// # Errors
+    /// [`PipelineError::Io`] when encoding or signing fails.
+    #[cfg(feature = "c2pa")]
+    pub fn encode_signed(
+        &self,
+        format: PictureFormat,
+        credentials: &sd_io::content_credentials::ContentCredentials,
+    ) -> Result<Vec<u8>, PipelineError> {
+        Ok(credentials.sign(&self.encode(format)?, format, &self.parameters)?)
+    }
+
+    /// [`Self::save`] with C2PA content credentials ([`Self::encode_signed`]).
+    ///
+    /// # Errors
+    /// [`PipelineError::Io`] when encoding, signing or writing fails.
+    #[cfg(feature = "c2pa")]
+    pub fn save_signed(
+        &self,
+        path: impl AsRef<Path>,
+        credentials: &sd_io::content_credentials::ContentCredentials,
+    ) -> Result<(), PipelineError> {
+        let path = path.as_ref();
+        write(
+            path,
+            &self.encode_signed(PictureFormat::from_path(path), credentials)?,
+        )
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), PipelineError> {
+    std::fs::write(path, bytes).map_err(|e| {
+        PipelineError::Io(sd_io::IoError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    })
 }
 
 /// The result of [`crate::StableDiffusionPipeline::generate`].

@@ -85,6 +85,13 @@ pub struct Args {
     /// cpu, wgpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
+    /// C2PA content credentials on every picture: the PEM certificate chain
+    /// (signing certificate first; the `c2pa` feature). With --c2pa-key.
+    #[arg(long)]
+    pub c2pa_cert: Option<PathBuf>,
+    /// The PEM (PKCS#8) private key of --c2pa-cert.
+    #[arg(long)]
+    pub c2pa_key: Option<PathBuf>,
 }
 
 fn split<'a>(text: &'a str, flag: &str) -> Result<(&'a str, &'a str), String> {
@@ -186,6 +193,12 @@ fn config(args: Args) -> Result<ServerConfig, String> {
         cl.worker_name = args.worker_name;
     }
     c.result_ttl_secs = args.result_ttl_secs.unwrap_or(c.result_ttl_secs);
+    if args.c2pa_cert.is_some() {
+        c.c2pa_cert = args.c2pa_cert;
+    }
+    if args.c2pa_key.is_some() {
+        c.c2pa_key = args.c2pa_key;
+    }
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }
@@ -193,6 +206,7 @@ fn config(args: Args) -> Result<ServerConfig, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(args: &[&str]) -> Result<ServerConfig, String> {
         Args::try_parse_from(std::iter::once("sd-server").chain(args.iter().copied()))
@@ -258,6 +272,24 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn content_credential_flags_and_keys() {
+        let c = parse(&["--c2pa-cert", "chain.pem", "--c2pa-key", "key.pem"]).unwrap();
+        assert_eq!(c.c2pa_cert.as_deref(), Some(Path::new("chain.pem")));
+        assert_eq!(c.c2pa_key.as_deref(), Some(Path::new("key.pem")));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(
+            &file,
+            "c2pa_cert = \"certs/chain.pem\"\nc2pa_key = \"certs/key.pem\"\n",
+        )
+        .unwrap();
+        let c = ServerConfig::from_toml_file(&file).unwrap();
+        // Relative to the file, as model paths are.
+        assert_eq!(c.c2pa_cert, Some(dir.path().join("certs/chain.pem")));
+        assert_eq!(c.c2pa_key, Some(dir.path().join("certs/key.pem")));
     }
 
     #[test]

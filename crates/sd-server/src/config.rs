@@ -184,6 +184,11 @@ pub struct ServerConfig {
     pub queue: String,
     /// The shared queue's delivery settings.
     pub cluster: ClusterConfig,
+    /// A PEM certificate chain (signing certificate first) for C2PA content
+    /// credentials on every picture (the `c2pa` feature); with `c2pa_key`.
+    pub c2pa_cert: Option<PathBuf>,
+    /// The PEM (PKCS#8) private key of `c2pa_cert`.
+    pub c2pa_key: Option<PathBuf>,
 }
 
 /// How jobs are delivered through a shared (Redis) queue.
@@ -230,6 +235,8 @@ impl Default for ServerConfig {
             device: "cpu".into(),
             queue: "memory".into(),
             cluster: ClusterConfig::default(),
+            c2pa_cert: None,
+            c2pa_key: None,
         }
     }
 }
@@ -276,6 +283,8 @@ impl ServerConfig {
             m.config.as_mut().map(fix);
             m.controlnets.values_mut().for_each(fix);
         }
+        self.c2pa_cert.as_mut().map(fix);
+        self.c2pa_key.as_mut().map(fix);
         self
     }
 

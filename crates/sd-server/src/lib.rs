@@ -37,6 +37,7 @@ pub mod error;
 pub mod job;
 pub mod metrics;
 pub mod overlay;
+pub mod provenance;
 pub mod queue;
 pub mod registry;
 pub mod store;
@@ -88,6 +89,8 @@ pub struct Shared {
     /// The shared queue of an API replica (`queue = "redis://..."`); `None`: this
     /// process's own queue and generation threads.
     pub cluster: Option<Arc<cluster::api::RedisQueue>>,
+    /// Signs finished pictures with C2PA content credentials when configured.
+    pub signer: Arc<provenance::PictureSigner>,
 }
 
 impl Shared {
@@ -327,6 +330,7 @@ impl Server {
         let device = device(&config.device)?;
         let budget = config.memory_budget_mb << 20;
         let default_model = config.models.first().map_or("", |m| m.name.as_str());
+        let signer = Arc::new(provenance::PictureSigner::from_config(&config)?);
         metrics::install();
         Ok(Arc::new(Shared {
             registry: ModelRegistry::new(config.models.clone(), device, budget),
@@ -336,6 +340,7 @@ impl Server {
             options: Mutex::new(api::a1111::default_options(default_model)),
             started: Instant::now(),
             cluster,
+            signer,
             config,
         }))
     }

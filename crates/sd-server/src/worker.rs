@@ -13,6 +13,7 @@ use sd_pipelines::{ControlInput, GenerationRequest, HiresFix, PipelineError, Ste
 use crate::Shared;
 use crate::error::{ApiError, from_pipeline};
 use crate::job::{JobImage, JobSpec};
+use crate::provenance::PictureSigner;
 use crate::registry::LoadedModel;
 use crate::store::JobHandle;
 
@@ -88,16 +89,28 @@ pub(crate) fn run_batch(shared: &Shared, batch: Vec<Arc<JobHandle>>) {
     let steps: usize = running.iter().map(|j| j.progress().step).max().unwrap_or(0);
     crate::metrics::batch(&model_name, running.len(), steps, seconds);
     for (job, result) in running.iter().zip(results) {
-        finish(job, result);
+        finish(job, result, &shared.signer);
     }
 }
 
-fn finish(job: &Arc<JobHandle>, result: Result<sd_pipelines::Generation, PipelineError>) {
+fn finish(
+    job: &Arc<JobHandle>,
+    result: Result<sd_pipelines::Generation, PipelineError>,
+    signer: &PictureSigner,
+) {
     let result = match result {
         Ok(generation) => generation
             .images
             .into_iter()
-            .map(|g| job_image(&job.spec, g.image, g.parameters, g.nsfw_content_detected))
+            .map(|g| {
+                job_image(
+                    &job.spec,
+                    g.image,
+                    g.parameters,
+                    g.nsfw_content_detected,
+                    signer,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Arc::new),
         Err(e) => match from_pipeline(&e) {
@@ -206,9 +219,10 @@ fn request_for<'m>(
     let every = shared.config.preview_every;
     let watcher = job.clone();
     let pipeline = &model.pipeline;
+    let signer = shared.signer.clone();
     Ok(r.on_step(move |info: &StepInfo<'_>| {
         if watcher.interrupt_requested() {
-            watcher.set_partial(partial_images(pipeline, info, &watcher.spec));
+            watcher.set_partial(partial_images(pipeline, info, &watcher.spec, &signer));
             return false;
         }
         let done = info.step + 1;
@@ -222,12 +236,13 @@ fn request_for<'m>(
 
 /// A picture of a job as clients get it: pasted over the original (A1111's
 /// inpainting), its parameters naming the model as clients know it and giving the
-/// final size, encoded as PNG.
+/// final size, encoded as PNG (signed when the server has content credentials).
 fn job_image(
     spec: &JobSpec,
     image: image::RgbImage,
     mut parameters: sd_io::image::GenerationParameters,
     nsfw_content_detected: Option<bool>,
+    signer: &PictureSigner,
 ) -> Result<JobImage, ApiError> {
     let image = match &spec.overlay {
         Some(o) => o.apply(&image),
@@ -238,6 +253,7 @@ fn job_image(
     parameters.height = image.height() as usize;
     let png = sd_io::image::encode_rgb_png(&image, Some(&parameters))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let png = signer.sign_png(png, &parameters)?;
     Ok(JobImage {
         png,
         parameters,
@@ -251,6 +267,7 @@ fn partial_images(
     pipeline: &sd_pipelines::StableDiffusionPipeline,
     info: &StepInfo<'_>,
     spec: &JobSpec,
+    signer: &PictureSigner,
 ) -> Vec<JobImage> {
     let Ok(images) = pipeline
         .composed(pipeline.scheduler())
@@ -279,7 +296,7 @@ fn partial_images(
                 height: 0,
                 model: String::new(),
             };
-            job_image(spec, image, parameters, None).ok()
+            job_image(spec, image, parameters, None, signer).ok()
         })
         .collect()
 }

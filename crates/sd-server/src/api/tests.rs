@@ -39,6 +39,7 @@ fn shared() -> Arc<Shared> {
         options: Mutex::new(super::a1111::default_options("tiny")),
         started: Instant::now(),
         cluster: None,
+        signer: Default::default(),
         config,
     })
 }
