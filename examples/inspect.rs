@@ -155,7 +155,86 @@ fn inspect_dir(path: &Path) -> Result<Vec<Row>, IoError> {
     Ok(rows)
 }
 
+/// An SD 3 / 3.5 original single file: the MMDiT (its config read from the
+/// tensors, its parameters counted as diffusers builds it), the VAE and whichever
+/// text encoders it holds.
+fn inspect_sd3_file(path: &Path, prefix: &str) -> Result<Vec<Row>, IoError> {
+    use stable_diffusion::io::sd3_single_file::{
+        self as sd3, CLIP_G_PREFIX, CLIP_L_PREFIX, T5XXL_PREFIX,
+    };
+    let source = WeightSource::open(path)?;
+    let (stored, dtypes, bytes) = weight_summary(&source, prefix);
+    // The parameters as diffusers counts them (the `pos_embed` buffer is stored too);
+    // a config the tensors cannot tell (no `ln_q`, heads not 64 wide) is said.
+    let (params, class) = match stable_diffusion::io::Sd3SingleFile::open(path) {
+        Ok(file) => {
+            let c = file.transformer_config();
+            let n = SD3Transformer2DModel::new(c, &Device::flex())
+                .map_err(|source| IoError::Config {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .num_params() as u64;
+            let x = if c.dual_attention_layers.is_empty() {
+                ""
+            } else {
+                ", MMDiT-X"
+            };
+            (
+                n,
+                format!("SD3Transformer2DModel ({} blocks{x})", c.num_layers),
+            )
+        }
+        Err(e) => (stored, format!("SD3Transformer2DModel (stored; {e})")),
+    };
+    let mut rows = vec![Row {
+        component: "transformer",
+        class,
+        params,
+        dtypes,
+        bytes,
+        source: format!(
+            "{} ({}*)",
+            path.display(),
+            if prefix.is_empty() {
+                ""
+            } else {
+                sd3::MMDIT_PREFIX
+            }
+        ),
+    }];
+    for (component, class, p) in [
+        ("vae", "AutoencoderKL", VAE_PREFIX),
+        ("text_encoder", "CLIPTextModelWithProjection", CLIP_L_PREFIX),
+        (
+            "text_encoder_2",
+            "CLIPTextModelWithProjection",
+            CLIP_G_PREFIX,
+        ),
+        ("text_encoder_3", "T5EncoderModel", T5XXL_PREFIX),
+    ] {
+        let (params, dtypes, bytes) = weight_summary(&source, p);
+        if params > 0 {
+            rows.push(Row {
+                component,
+                class: class.to_string(),
+                params,
+                dtypes,
+                bytes,
+                source: format!("{} ({p}*)", path.display()),
+            });
+        }
+    }
+    Ok(rows)
+}
+
 fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
+    if path.extension().is_some_and(|e| e == "safetensors")
+        && let Some(prefix) =
+            stable_diffusion::io::sd3_single_file::mmdit_prefix(&WeightSource::open(path)?)
+    {
+        return inspect_sd3_file(path, prefix);
+    }
     let ckpt = SingleFile::open(path)?;
     let source = ckpt.source();
     let mut rows = Vec::new();

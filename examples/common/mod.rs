@@ -77,6 +77,16 @@ pub struct CommonArgs {
     /// Take the VAE from this folder (a pipeline folder or a `vae/` folder).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// For a single-file --model: a diffusers folder whose configs, tokenizers and
+    /// scheduler describe it (diffusers' `from_single_file(config=...)`); SD 3's T5
+    /// tokenizer comes from here, and components the file lacks too.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// For a single-file SD 3 / 3.5 --model without its text encoders: their files
+    /// (ComfyUI's clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors),
+    /// recognised from their tensors. Repeatable.
+    #[arg(long = "text-encoder")]
+    pub text_encoders: Vec<PathBuf>,
     /// What to draw.
     #[arg(long, default_value = "a red circle on a white background, top left")]
     pub prompt: String,
@@ -368,6 +378,8 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
             _ => None,
         },
         safety_checker: args.no_safety_checker.then_some(false),
+        config: args.config.clone(),
+        text_encoder_files: args.text_encoders.clone(),
         ..Default::default()
     };
     // A folder, a file, or (with the `hub` feature) a hub repository id.

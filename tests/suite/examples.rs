@@ -230,6 +230,44 @@ fn inspect_reports_sd35_medium() {
     }
 }
 
+/// SD 3 single files: the MMDiT-X file's transformer counted from the config its
+/// tensors give (the folder model's count), the components `tiny-sd3.safetensors`
+/// holds, and a config the tensors cannot tell said rather than guessed.
+#[test]
+fn inspect_reports_sd3_single_files() {
+    let rows = inspect_rows("tiny-sd35-mmditx.safetensors");
+    let config = stable_diffusion::io::sd3::read_sd3_transformer_config(&fixture(
+        "tiny-sd35-transformer/config.json",
+    ))
+    .unwrap();
+    let params = stable_diffusion::models::SD3Transformer2DModel::new(
+        &config,
+        &stable_diffusion::burn::prelude::Device::flex(),
+    )
+    .unwrap()
+    .num_params() as u64;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        rows[0]["class"],
+        "SD3Transformer2DModel (3 blocks, MMDiT-X)"
+    );
+    assert_eq!(rows[0]["params"].as_u64(), Some(params));
+    let rows = inspect_rows("tiny-sd3.safetensors");
+    let components: Vec<_> = rows
+        .iter()
+        .map(|r| r["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(components, ["transformer", "vae", "text_encoder_3"]);
+    assert!(
+        rows[0]["class"]
+            .as_str()
+            .unwrap()
+            .contains("give a config folder"),
+        "{}",
+        rows[0]["class"]
+    );
+}
+
 #[test]
 fn inspect_reports_classes_and_parameter_counts() {
     let lines = inspect_rows("configs/sd15");

@@ -23,6 +23,7 @@ mod pipelines;
 mod safety_checker;
 mod schedulers;
 mod sd3;
+mod sd3_single_file;
 mod sdxl;
 mod server;
 mod taesd;

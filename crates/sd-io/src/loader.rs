@@ -20,10 +20,12 @@ pub struct KeyMapping<'a> {
     /// Stored keys that may stay unused without an error (known buffers such as
     /// `text_model.embeddings.position_ids`).
     pub ignorable: Box<dyn Fn(&str) -> bool + 'a>,
-    /// For fused stored tensors (OpenCLIP's `in_proj_weight` holds q, k and v): maps a
-    /// stored key to `(part, parts)` when the parameter is rows
-    /// `[part * n / parts, (part + 1) * n / parts)` of its first axis. `key_of` then
-    /// returns `"{stored key}#{part}"`.
+    /// For fused stored tensors (OpenCLIP's `in_proj_weight` holds q, k and v): the
+    /// parameter is rows `[part * n / parts, (part + 1) * n / parts)` of the stored
+    /// tensor's first axis when `key_of` returns `"{stored key}#{part}"` (this many
+    /// parts) or `"{stored key}#{part}/{parts}"`. `"{stored key}#swap"`: the stored
+    /// tensor's two halves along its first axis in the other order (the original
+    /// SD 3 MMDiT's shift / scale where diffusers has scale / shift).
     pub fused_parts: usize,
     /// Stored keys holding the transpose of the parameter (OpenCLIP's
     /// `text_projection`, used as `x @ P`, is `[in, out]` where PyTorch linears
@@ -31,14 +33,33 @@ pub struct KeyMapping<'a> {
     pub transposed: Box<dyn Fn(&str) -> bool + 'a>,
 }
 
-/// Splits `"{key}#{part}"` (a part of a fused tensor) into the stored key and part.
-fn split_part(key: &str) -> (&str, Option<usize>) {
-    match key.rsplit_once('#') {
-        Some((k, p)) => match p.parse() {
-            Ok(part) => (k, Some(part)),
-            Err(_) => (key, None),
-        },
-        None => (key, None),
+/// Which part of a stored tensor a parameter is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// All of it.
+    Whole,
+    /// Rows `part` of `parts` equal slices of the first axis.
+    Rows { part: usize, parts: usize },
+    /// The two halves of the first axis swapped.
+    SwappedHalves,
+}
+
+/// Splits `"{key}#{part}"`, `"{key}#{part}/{parts}"` or `"{key}#swap"` into the
+/// stored key and the part.
+fn split_part(key: &str, default_parts: usize) -> (&str, Part) {
+    let Some((k, p)) = key.rsplit_once('#') else {
+        return (key, Part::Whole);
+    };
+    if p == "swap" {
+        return (k, Part::SwappedHalves);
+    }
+    let (part, parts) = match p.split_once('/') {
+        Some((a, b)) => (a.parse().ok(), b.parse().ok()),
+        None => (p.parse().ok(), Some(default_parts.max(1))),
+    };
+    match (part, parts) {
+        (Some(part), Some(parts)) if part < parts => (k, Part::Rows { part, parts }),
+        _ => (key, Part::Whole),
     }
 }
 
@@ -137,7 +158,7 @@ impl ModuleMapper for Binder<'_, '_> {
             return param;
         }
         let full_key = (self.mapping.key_of)(&self.path.join("."));
-        let (key, part) = split_part(&full_key);
+        let (key, part) = split_part(&full_key, self.mapping.fused_parts);
         let key = key.to_string();
         let expected: Vec<usize> = param.lazy_shape().iter().copied().collect();
         let Some(stored) = self.source.get(&key) else {
@@ -150,16 +171,23 @@ impl ModuleMapper for Binder<'_, '_> {
             stored_shape.reverse();
         }
         let rows = match part {
-            Some(p)
-                if !stored_shape.is_empty()
-                    && stored_shape[0] % self.mapping.fused_parts.max(1) == 0 =>
+            Part::Rows { part, parts }
+                if !stored_shape.is_empty() && stored_shape[0] % parts == 0 =>
             {
-                let n = stored_shape[0] / self.mapping.fused_parts.max(1);
+                let n = stored_shape[0] / parts;
                 stored_shape[0] = n;
-                Some((p * n, n))
+                Some((part * n, n))
             }
             _ => None,
         };
+        let swapped = part == Part::SwappedHalves;
+        if swapped && stored_shape.first().is_none_or(|n| n % 2 != 0) {
+            self.report.mismatched.push(format!(
+                "{full_key}: shape {stored_shape:?} in the file has no two equal halves"
+            ));
+            self.used.insert(key);
+            return param;
+        }
         if !stored.is_float() {
             self.report.mismatched.push(format!(
                 "{key}: dtype {:?} in the file, a float expected",
@@ -176,6 +204,7 @@ impl ModuleMapper for Binder<'_, '_> {
             self.used.insert(key);
             return param;
         }
+        let half = expected.first().copied().unwrap_or(0) / 2;
         let read = match rows {
             Some((start, n)) => self
                 .source
@@ -197,6 +226,14 @@ impl ModuleMapper for Binder<'_, '_> {
         let tensor = Tensor::<D>::from_data(data, (&device, self.dtype));
         let tensor = if transposed {
             tensor.transpose()
+        } else if swapped {
+            Tensor::cat(
+                vec![
+                    tensor.clone().narrow(0, half, half),
+                    tensor.narrow(0, 0, half),
+                ],
+                0,
+            )
         } else {
             tensor
         };
@@ -259,7 +296,27 @@ pub fn load_module<M: Module>(
 
 #[cfg(test)]
 mod tests {
-    use super::shape_fits;
+    use super::{Part, shape_fits, split_part};
+
+    #[test]
+    fn part_suffixes() {
+        assert_eq!(
+            split_part("a.qkv.weight#1", 3),
+            ("a.qkv.weight", Part::Rows { part: 1, parts: 3 })
+        );
+        assert_eq!(
+            split_part("a.qkv.weight#2/4", 3),
+            ("a.qkv.weight", Part::Rows { part: 2, parts: 4 })
+        );
+        assert_eq!(
+            split_part("a.mod.bias#swap", 1),
+            ("a.mod.bias", Part::SwappedHalves)
+        );
+        assert_eq!(split_part("a.weight", 3), ("a.weight", Part::Whole));
+        // Not a part: the key as it is.
+        assert_eq!(split_part("a#b", 3), ("a#b", Part::Whole));
+        assert_eq!(split_part("a#3/3", 3), ("a#3/3", Part::Whole));
+    }
 
     #[test]
     fn conv_1x1_weights_fit_linear_layers() {

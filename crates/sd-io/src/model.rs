@@ -403,8 +403,9 @@ pub const SDXL_TEXT_ENCODER_2_PREFIX: &str = "conditioner.embedders.1.model.";
 /// Prefix of the SDXL refiner's only text encoder (OpenCLIP bigG) in its single file.
 pub const SDXL_REFINER_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.model.";
 
-/// A `CLIPTextModelWithProjection` config, whatever its `architectures` say.
-fn with_projection(mut c: ClipTextConfig) -> ClipTextConfig {
+/// A `CLIPTextModelWithProjection` config where it has a `projection_dim`, whatever
+/// its `architectures` say.
+pub fn with_projection(mut c: ClipTextConfig) -> ClipTextConfig {
     if c.text_projection_dim().is_none() && c.projection_dim.is_some() {
         c.architectures = vec!["CLIPTextModelWithProjection".into()];
     }

@@ -47,6 +47,7 @@ pub mod img2img;
 pub mod inpaint;
 pub mod interpolate;
 pub mod load;
+mod load_sd3;
 pub mod memory;
 pub mod outpaint;
 pub mod output;

@@ -142,6 +142,11 @@ pub struct LoadOptions {
     /// from this diffusers folder's configs instead of recognising SD 1.5 / 2.1 from
     /// the tensors (diffusers' `from_single_file(..., config=DIR)`).
     pub config: Option<PathBuf>,
+    /// Text encoder weights in files of their own, for a single-file SD 3 / 3.5
+    /// checkpoint that does not hold them (ComfyUI's `clip_l.safetensors`,
+    /// `clip_g.safetensors`, `t5xxl_fp16.safetensors`), each recognised from its
+    /// tensors (CLIP by its width, T5).
+    pub text_encoder_files: Vec<PathBuf>,
     /// When the VAE works in tiles (default: above 1024x1024 pixels).
     pub vae_tiling: VaeTiling,
     /// A tiny autoencoder (TAESD's diffusers folder, `madebyollin/taesd`) for
@@ -206,7 +211,7 @@ fn component_dir(dir: &Path, component: &str) -> PathBuf {
     }
 }
 
-fn model_name(path: &Path) -> String {
+pub(crate) fn model_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default()
@@ -226,6 +231,8 @@ pub(crate) fn load_path(
     }
     let mut loaded = if path.is_dir() {
         load_dir(path, device, options)?
+    } else if crate::load_sd3::is_sd3_single_file(path) {
+        crate::load_sd3::load_sd3_single_file(path, device, options)?
     } else {
         load_single_file(path, device, options)?
     };
@@ -265,7 +272,7 @@ pub(crate) fn load_path(
 
 /// The VAE's load options: `vae_dtype` unless its config asks for the f32 upcast
 /// (`force_upcast`, true unless it says false, as diffusers' default).
-fn vae_options(options: &LoadOptions, config: &AutoencoderKLConfig) -> ComponentOptions {
+pub(crate) fn vae_options(options: &LoadOptions, config: &AutoencoderKLConfig) -> ComponentOptions {
     let dtype = match options.vae_dtype {
         Some(d) if d != DType::F32 && config.force_upcast != Some(false) => None,
         d => d,
@@ -276,7 +283,7 @@ fn vae_options(options: &LoadOptions, config: &AutoencoderKLConfig) -> Component
     }
 }
 
-fn unet_options(options: &LoadOptions) -> ComponentOptions {
+pub(crate) fn unet_options(options: &LoadOptions) -> ComponentOptions {
     ComponentOptions {
         dtype: options.unet_dtype,
         variant: options.variant.clone(),

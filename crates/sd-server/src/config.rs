@@ -39,6 +39,11 @@ pub struct ModelConfig {
     /// (diffusers' `from_single_file(config=...)`).
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// For a single-file SD 3 / 3.5 checkpoint without its text encoders: their
+    /// files (ComfyUI's `clip_l.safetensors`, `clip_g.safetensors`,
+    /// `t5xxl_fp16.safetensors`), recognised from their tensors.
+    #[serde(default)]
+    pub text_encoders: Vec<PathBuf>,
     /// Weights' precision: `f32` (default), `f16` or `bf16` (U-Net and VAE).
     #[serde(default)]
     pub dtype: Option<String>,
@@ -78,6 +83,7 @@ impl ModelConfig {
             tiny_vae: None,
             depth_model: None,
             config: None,
+            text_encoders: Vec::new(),
             dtype: None,
             memory_mb: None,
             preload: false,
@@ -281,6 +287,7 @@ impl ServerConfig {
             m.lora_dir.as_mut().map(fix);
             m.tiny_vae.as_mut().map(fix);
             m.config.as_mut().map(fix);
+            m.text_encoders.iter_mut().for_each(fix);
             m.controlnets.values_mut().for_each(fix);
         }
         self.c2pa_cert.as_mut().map(fix);

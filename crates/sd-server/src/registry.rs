@@ -293,6 +293,7 @@ fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel
         tiny_vae: config.tiny_vae.clone(),
         controlnets: config.controlnets.values().cloned().collect(),
         config: config.config.clone(),
+        text_encoder_files: config.text_encoders.clone(),
         unet_dtype: dtype,
         vae_dtype: dtype,
         watermark: config.watermark,
