@@ -238,3 +238,40 @@ fn sd3_single_file_generates_as_diffusers() {
         .to_string();
     assert!(err.contains("not a CLIP"), "{err}");
 }
+
+/// SD 3 LoRAs (`gen/ref_sd3_lora.py`): a random LoRA on every kind of transformer
+/// layer (attention, feed-forwards, modulations incl. the swapped ones, context
+/// embedder, output) and on CLIP-L, in diffusers' layout (`transformer.` /
+/// `text_encoder.`, PEFT factors, alpha in the metadata) and in kohya's SD 3 layout
+/// (original fused `qkv` modules, `lora_te1_`), merged at load and given per
+/// request: each gives diffusers' `load_lora_weights` picture.
+#[test]
+fn sd3_loras_match_diffusers() {
+    use stable_diffusion::pipelines::LoraSpec;
+    let device = Device::flex();
+    let case = common::Case::open("index_sd3_lora.json", "sd3_lora/txt2img_lora");
+    let files = ["tiny_sd3_lora_diffusers", "tiny_sd3_lora_kohya"]
+        .map(|f| fixture(&format!("lora/{f}.safetensors")));
+    for file in &files {
+        let options = LoadOptions {
+            loras: vec![LoraSpec {
+                path: file.clone(),
+                strength: 1.0,
+            }],
+            ..LoadOptions::default()
+        };
+        let pipe = StableDiffusionPipeline::from_pretrained(fixture("tiny-sd3"), &device, &options)
+            .unwrap();
+        let generation = case.generate(&pipe, |r| r);
+        case.check_latents(&generation.latents, 1e-3);
+        case.check_image(generation.images[0].image.as_raw(), 1.0);
+    }
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd3"),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let generation = case.generate(&pipe, |r| r.lora(files[1].clone(), 1.0));
+    case.check_image(generation.images[0].image.as_raw(), 1.0);
+}

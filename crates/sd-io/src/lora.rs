@@ -120,6 +120,9 @@ fn unsupported(path: &Path, what: String) -> IoError {
 fn parse_diffusers(key: &str) -> Option<(LoraComponent, String, Role)> {
     let (component, rest) = if let Some(r) = key.strip_prefix("unet.") {
         (LoraComponent::Unet, r)
+    } else if let Some(r) = key.strip_prefix("transformer.") {
+        // SD 3's denoiser (`StableDiffusion3Pipeline.save_lora_weights`).
+        (LoraComponent::Unet, r)
     } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
         (LoraComponent::TextEncoder2, r)
     } else if let Some(r) = key.strip_prefix("text_encoder.") {
@@ -256,10 +259,14 @@ impl LoraFile {
             && let Ok(json) = serde_json::from_str::<serde_json::Value>(meta)
         {
             for component in LoraComponent::ALL {
-                let prefix = component.diffusers_prefix();
-                if let Some(a) = json
-                    .get(format!("{prefix}.lora_alpha"))
-                    .and_then(|v| v.as_f64())
+                let prefixes: &[&str] = match component {
+                    // SD 3's files name the denoiser `transformer`.
+                    LoraComponent::Unet => &["unet", "transformer"],
+                    c => &[c.diffusers_prefix()],
+                };
+                if let Some(a) = prefixes
+                    .iter()
+                    .find_map(|p| json.get(format!("{p}.lora_alpha")).and_then(|v| v.as_f64()))
                 {
                     default_alpha.insert(component, a as f32);
                 }
@@ -303,7 +310,10 @@ impl LoraFile {
     /// [`Self::weights_for`] where a module may also go by another name:
     /// `alias(diffusers key of the weight)` gives it in the original (LDM) naming,
     /// e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight`, as kohya's SDXL
-    /// LoRAs spell the U-Net (`lora_unet_input_blocks_4_1_..._to_k`).
+    /// LoRAs spell the U-Net (`lora_unet_input_blocks_4_1_..._to_k`). An alias may
+    /// end in `#{part}/{parts}`: the weight is that row slice of a fused original
+    /// module (SD 3's `qkv`), and takes the same rows of the layer's up factor; or in
+    /// `#swap`: the original orders the two halves of the rows the other way.
     pub fn weights_for_aliased<M: Module>(
         &self,
         component: LoraComponent,
@@ -311,18 +321,27 @@ impl LoraFile {
         alias: impl Fn(&str) -> Option<String>,
     ) -> Result<LoraWeights, IoError> {
         let weights = adaptable_weights(model);
-        // Module name as the file spells it -> (burn weight path, weight shape).
-        let mut by_name = BTreeMap::new();
+        // Module name as the file spells it -> the weights it adapts: (burn weight
+        // path, weight shape, which rows of the layer's delta).
+        let mut by_name: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        let spell = |name: &str| match self.format {
+            LoraFormat::Kohya => name.replace('.', "_"),
+            LoraFormat::Diffusers => name.to_string(),
+        };
         for (path, shape) in &weights {
             let key = sd_models::diffusers_key(path);
             let module = key.strip_suffix(".weight").unwrap_or(&key).to_string();
+            let target = |rows| Target {
+                path: path.clone(),
+                shape: shape.clone(),
+                rows,
+            };
             if let Some(other) = alias(&key) {
-                let other = other.strip_suffix(".weight").unwrap_or(&other);
-                let other = match self.format {
-                    LoraFormat::Kohya => other.replace('.', "_"),
-                    LoraFormat::Diffusers => other.to_string(),
-                };
-                by_name.insert(other, (path.clone(), shape.clone()));
+                let (other, rows) = split_rows(&other);
+                let other = other.strip_suffix(".weight").unwrap_or(other);
+                let targets = by_name.entry(spell(other)).or_default();
+                targets.retain(|t| t.path != *path);
+                targets.push(target(rows));
             }
             if component != LoraComponent::Unet
                 && self.format == LoraFormat::Diffusers
@@ -330,13 +349,9 @@ impl LoraFile {
             {
                 // transformers 5's CLIPTextModel has no `text_model.` level, so the
                 // files PEFT makes from it name `encoder.layers.0.self_attn.q_proj`.
-                by_name.insert(short.to_string(), (path.clone(), shape.clone()));
+                by_name.insert(short.to_string(), vec![target(Rows::All)]);
             }
-            let name = match self.format {
-                LoraFormat::Kohya => module.replace('.', "_"),
-                LoraFormat::Diffusers => module,
-            };
-            by_name.insert(name, (path.clone(), shape.clone()));
+            by_name.insert(spell(&module), vec![target(Rows::All)]);
         }
         let mut out = LoraWeights::default();
         let mut unknown = Vec::new();
@@ -344,12 +359,14 @@ impl LoraFile {
             if *c != component {
                 continue;
             }
-            let Some((path, shape)) = by_name.get(module) else {
+            let Some(targets) = by_name.get(module) else {
                 unknown.push(module.clone());
                 continue;
             };
-            let layer = self.read_layer(component, module, raw, shape)?;
-            out.layers.insert(path.clone(), layer);
+            for t in targets {
+                let layer = self.read_layer(component, module, raw, &t.shape, t.rows)?;
+                out.layers.insert(t.path.clone(), layer);
+            }
         }
         if !unknown.is_empty() {
             return Err(IoError::Lora {
@@ -366,6 +383,7 @@ impl LoraFile {
         module: &str,
         raw: &RawLayer,
         weight_shape: &[usize],
+        rows: Rows,
     ) -> Result<LoraLayer, IoError> {
         let mismatch = |reason: String| IoError::Lora {
             path: self.path.clone(),
@@ -390,7 +408,11 @@ impl LoraFile {
         let rank = down_shape[0];
         let down_fan_in: usize = down_shape[1..].iter().product();
         let up_rank: usize = up_shape[1..].iter().product();
-        if up_shape[0] != fan_out || down_fan_in != fan_in || up_rank != rank {
+        let up_rows = match rows {
+            Rows::Part { parts, .. } => up_shape[0] / parts.max(1),
+            _ => up_shape[0],
+        };
+        if up_rows != fan_out || down_fan_in != fan_in || up_rank != rank {
             return Err(mismatch(format!(
                 "down {down_shape:?} and up {up_shape:?} do not make a [{fan_out}, {fan_in}] \
                  delta"
@@ -403,7 +425,7 @@ impl LoraFile {
                 .map_err(|e| unsupported(&self.path, format!("`{key}`: {e:?}")))
         };
         let down = read(down_key, down_shape)?;
-        let up = read(up_key, up_shape)?;
+        let up = rows.take(read(up_key, up_shape)?, rank);
         let alpha = match &raw.alpha {
             Some(k) => {
                 let v = read(k, self.source.get(k).unwrap().shape.clone())?;
@@ -419,6 +441,58 @@ impl LoraFile {
             fan_out,
             alpha,
         })
+    }
+}
+
+/// A weight a LoRA layer adapts.
+struct Target {
+    path: String,
+    shape: Vec<usize>,
+    rows: Rows,
+}
+
+/// Which rows of a layer's delta (its up factor's rows) a weight takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    All,
+    /// Rows `part` of `parts` equal slices (a fused original module).
+    Part {
+        part: usize,
+        parts: usize,
+    },
+    /// The two halves swapped.
+    Swapped,
+}
+
+impl Rows {
+    /// The rows of an up factor `[n, rank]` (row-major) this weight takes.
+    fn take(self, up: Vec<f32>, rank: usize) -> Vec<f32> {
+        let row = rank.max(1);
+        match self {
+            Rows::All => up,
+            Rows::Part { part, parts } => {
+                let n = up.len() / row / parts.max(1) * row;
+                up[part * n..(part + 1) * n].to_vec()
+            }
+            Rows::Swapped => {
+                let half = up.len() / row / 2 * row;
+                [&up[half..], &up[..half]].concat()
+            }
+        }
+    }
+}
+
+/// Splits an alias's `#{part}/{parts}` or `#swap` suffix off.
+fn split_rows(alias: &str) -> (&str, Rows) {
+    let Some((name, suffix)) = alias.rsplit_once('#') else {
+        return (alias, Rows::All);
+    };
+    if suffix == "swap" {
+        return (name, Rows::Swapped);
+    }
+    match suffix.split_once('/').map(|(a, b)| (a.parse(), b.parse())) {
+        Some((Ok(part), Ok(parts))) if part < parts => (name, Rows::Part { part, parts }),
+        _ => (alias, Rows::All),
     }
 }
 

@@ -460,7 +460,20 @@ pub(crate) fn apply_lora_file<'a>(
         mut text_encoder_2,
     } = t;
     let strength = lora.strength;
-    if file.has(LoraComponent::Unet) {
+    if file.has(LoraComponent::Unet)
+        && let DenoiserModel::Sd3 { model, config } = denoiser.as_ref()
+    {
+        // SD 3's transformer: diffusers' names, or the original MMDiT's (kohya's
+        // `lora_unet_joint_blocks_0_x_block_attn_qkv`, q/k/v rows of the fused qkv).
+        let last = config.num_layers.saturating_sub(1);
+        let alias = |k: &str| Some(sd_io::sd3_single_file::mmdit_key(k, last));
+        let w = file.weights_for_aliased(LoraComponent::Unet, model, alias)?;
+        let merged = DenoiserModel::Sd3 {
+            model: apply_lora(model.clone(), &[(&w, strength)], LoraMode::Merge)?,
+            config: config.clone(),
+        };
+        denoiser = Cow::Owned(merged);
+    } else if file.has(LoraComponent::Unet) {
         let (unet, unet_config) = denoiser.require_unet("a LoRA")?;
         let ldm = sd_io::ldm::LdmKeyMap::unet(unet_config);
         let alias = |k: &str| {
