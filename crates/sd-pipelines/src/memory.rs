@@ -1,7 +1,7 @@
 //! A request's memory, estimated before anything is allocated, so that a request
 //! that cannot fit is refused with the figures instead of meeting the OOM killer.
 
-use sd_models::{AutoencoderKLConfig, UNet2DConditionConfig};
+use sd_models::{AutoencoderKLConfig, SD3Transformer2DConfig, UNet2DConditionConfig};
 
 /// The sizes a memory estimate needs.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +32,25 @@ const UNET_ACTIVATIONS: u64 = 34;
 /// activation (256 channels at 512x512).
 const VAE_ACTIVATIONS: u64 = 4;
 
+/// Live SD 3 transformer activations per token, in units of its width: a joint
+/// block's inputs (image and text), the norm outputs, q, k and v, the attention
+/// output and its projection, the residuals and the 4x-wide feed-forward hidden
+/// state with its activation. Attention on the CPU is flash attention (memory
+/// linear in the tokens). An upper estimate from the block structure.
+const SD3_ACTIVATIONS: u64 = 20;
+
+/// Latent positions of a run (`H/f x W/f`).
+fn latent_positions(vae: &AutoencoderKLConfig, shape: &RunShape) -> u64 {
+    let f = 1u64 << vae.block_out_channels.len().saturating_sub(1).min(16);
+    let (h, w) = (shape.height as u64, shape.width as u64);
+    (h / f).max(1).saturating_mul((w / f).max(1))
+}
+
+/// Images through the denoiser at once (the unconditional half doubles them).
+fn denoiser_batch(shape: &RunShape) -> u64 {
+    (shape.batch as u64).saturating_mul(if shape.guidance { 2 } else { 1 })
+}
+
 /// Bytes a run of `shape` needs beyond the weights: the larger of the U-Net's and
 /// the VAE decoder's activations, plus the output images.
 pub fn estimate_bytes(
@@ -39,21 +58,48 @@ pub fn estimate_bytes(
     vae: &AutoencoderKLConfig,
     shape: RunShape,
 ) -> u64 {
-    let f = 1u64 << vae.block_out_channels.len().saturating_sub(1).min(16);
-    let (h, w) = (shape.height as u64, shape.width as u64);
-    let latent = (h / f).max(1).saturating_mul((w / f).max(1));
-    let unet_batch = (shape.batch as u64).saturating_mul(if shape.guidance { 2 } else { 1 });
     let c0 = unet.block_out_channels.first().copied().unwrap_or(0) as u64;
     let unet_bytes = [
         UNET_ACTIVATIONS,
         c0,
-        latent,
-        unet_batch,
+        latent_positions(vae, &shape),
+        denoiser_batch(&shape),
         shape.unet_bytes as u64,
     ]
     .into_iter()
     .fold(1u64, u64::saturating_mul);
+    decoder_and_images(vae, shape, unet_bytes)
+}
 
+/// [`estimate_bytes`] for SD 3's transformer: its activations over the image's
+/// patches and `text_tokens` text tokens (77 CLIP + the T5 length), width
+/// `heads x head_dim`.
+pub fn estimate_bytes_sd3(
+    transformer: &SD3Transformer2DConfig,
+    text_tokens: usize,
+    vae: &AutoencoderKLConfig,
+    shape: RunShape,
+) -> u64 {
+    let p = (transformer.patch_size as u64).max(1);
+    let tokens = (latent_positions(vae, &shape) / (p * p)).saturating_add(text_tokens as u64);
+    let width = (transformer.num_attention_heads as u64)
+        .saturating_mul(transformer.attention_head_dim as u64);
+    let transformer_bytes = [
+        SD3_ACTIVATIONS,
+        width,
+        tokens,
+        denoiser_batch(&shape),
+        shape.unet_bytes as u64,
+    ]
+    .into_iter()
+    .fold(1u64, u64::saturating_mul);
+    decoder_and_images(vae, shape, transformer_bytes)
+}
+
+/// The larger of the denoiser's and the VAE decoder's activations, plus the output
+/// images.
+fn decoder_and_images(vae: &AutoencoderKLConfig, shape: RunShape, denoiser_bytes: u64) -> u64 {
+    let (h, w) = (shape.height as u64, shape.width as u64);
     let full = h.saturating_mul(w);
     let pixels = match shape.vae_tile {
         Some(t) => (t as u64).saturating_mul(t as u64).min(full),
@@ -75,7 +121,7 @@ pub fn estimate_bytes(
     let images = [shape.batch as u64, 3 * 4 * 3, full]
         .into_iter()
         .fold(1u64, u64::saturating_mul);
-    unet_bytes.max(vae_bytes).saturating_add(images)
+    denoiser_bytes.max(vae_bytes).saturating_add(images)
 }
 
 /// The memory the system can still hand out (Linux `MemAvailable`); `None` where it
@@ -112,6 +158,36 @@ mod tests {
         };
         let gib = estimate_bytes(&unet, &vae, shape) as f64 / (1u64 << 30) as f64;
         assert!((0.3..3.0).contains(&gib), "{gib} GiB");
+    }
+
+    /// SD 3.5 Medium at 1024x1024 with guidance: 4096 patches + 333 text tokens,
+    /// 1536 wide, two images through the transformer: about 1 GiB, under the VAE's
+    /// untiled decode (about 4 GiB), which sets the estimate.
+    #[test]
+    fn sd35_medium_1024_is_estimated() {
+        let transformer = SD3Transformer2DConfig::from_json(include_str!(
+            "../../../tests/fixtures/configs/sd3/sd3.5-medium-transformer/config.json"
+        ))
+        .expect("config");
+        let vae = AutoencoderKLConfig::from_json(sd_io::sd3_single_file::builtin_configs::SD3_VAE)
+            .expect("config");
+        let shape = RunShape {
+            batch: 1,
+            guidance: true,
+            height: 1024,
+            width: 1024,
+            vae_tile: None,
+            unet_bytes: 4,
+        };
+        let gib =
+            estimate_bytes_sd3(&transformer, 77 + 256, &vae, shape) as f64 / (1u64 << 30) as f64;
+        eprintln!("SD 3.5 Medium 1024x1024 CFG: {gib:.2} GiB");
+        assert!((1.0..8.0).contains(&gib), "{gib} GiB");
+        let bigger = RunShape { batch: 4, ..shape };
+        assert!(
+            estimate_bytes_sd3(&transformer, 333, &vae, bigger)
+                > estimate_bytes_sd3(&transformer, 333, &vae, shape)
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::interpolate::Endpoints;
 use crate::load::{
     LoadOptions, Loaded, LoraSpec, LoraTargets, ModelFamily, ModelSource, apply_lora_file,
 };
-use crate::memory::{RunShape, available_bytes, estimate_bytes};
+use crate::memory::{RunShape, available_bytes, estimate_bytes, estimate_bytes_sd3};
 use crate::output::{GeneratedImage, Generation};
 use crate::plan::{RunPlan, TaskPlan};
 use crate::request::{AdapterInput, ControlInput, GenerationRequest, ImageInput, SchedulerChoice};
@@ -537,11 +537,15 @@ impl StableDiffusionPipeline {
                 2
             },
         };
-        // The estimate models the U-Net's activations; SD 3 runs are not estimated.
-        let Some(unet_config) = self.denoiser.unet_config() else {
-            return Ok(());
+        let needed = match &self.denoiser {
+            DenoiserModel::UNet { config, .. } => estimate_bytes(config, &self.vae_config, shape),
+            DenoiserModel::Sd3 { config, .. } => {
+                let t5 = o
+                    .max_sequence_length
+                    .unwrap_or(crate::conditioner::DEFAULT_MAX_SEQUENCE_LENGTH);
+                estimate_bytes_sd3(config, 77 + t5, &self.vae_config, shape)
+            }
         };
-        let needed = estimate_bytes(unet_config, &self.vae_config, shape);
         if needed > available {
             return Err(PipelineError::OutOfMemory {
                 what: format!("{} image(s) of {}x{}", o.batch_size, o.width, o.height),
