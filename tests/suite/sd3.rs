@@ -351,5 +351,5 @@ fn sd3_folder_loads_and_generates_as_diffusers() {
         case.check_image(picture.image.as_raw(), 1.0);
         checked += 1;
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 9);
 }

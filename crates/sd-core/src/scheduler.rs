@@ -56,6 +56,12 @@ pub trait SchedulerRun: Send {
         self.len() == 0
     }
 
+    /// Denoiser calls per step (diffusers' `scheduler.order`): 2 for Heun, whose
+    /// timesteps list holds each step but the first twice; 1 otherwise.
+    fn order(&self) -> usize {
+        1
+    }
+
     /// The timesteps the denoiser is called with, one per step (may be fractional).
     fn timesteps(&self) -> &[f64];
 

@@ -432,7 +432,7 @@ impl StableDiffusion<'_> {
         strength: f64,
     ) -> Result<(Box<dyn SchedulerRun>, usize), CoreError> {
         let mut run = self.scheduler.start(steps)?;
-        let start = self.conditioner.img2img_start(run.len(), strength)?;
+        let start = self.conditioner.img2img_start_in(run.as_ref(), strength)?;
         if start >= run.len() {
             return Err(invalid(
                 "strength",

@@ -87,7 +87,10 @@ impl StableDiffusionPipeline {
         let task = task_plan(r)?;
         let size = self.task_size(r, &options)?;
         if let TaskPlan::Img2Img { strength } | TaskPlan::Inpaint { strength } = task
-            && self.conditioner().img2img_start(run.len(), strength)? >= run.len()
+            && self
+                .conditioner()
+                .img2img_start_in(run.as_ref(), strength)?
+                >= run.len()
         {
             return Err(PipelineError::request(
                 "strength",
@@ -101,7 +104,11 @@ impl StableDiffusionPipeline {
                 let (w, ht) = h.target_size(size.0, size.1)?;
                 self.check_size_factor(w, ht)?;
                 let second = scheduler.start(&h.second_pass_steps(&options.steps))?;
-                if self.conditioner().img2img_start(second.len(), h.strength)? >= second.len() {
+                if self
+                    .conditioner()
+                    .img2img_start_in(second.as_ref(), h.strength)?
+                    >= second.len()
+                {
                     return Err(PipelineError::request(
                         "hires_fix",
                         format!("strength {} leaves no step to run", h.strength),

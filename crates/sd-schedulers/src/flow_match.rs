@@ -446,6 +446,13 @@ impl FlowRun {
 impl SchedulerRun for FlowRun {
     crate::schedule::run_skeleton!();
 
+    fn order(&self) -> usize {
+        match self.method {
+            FlowMethod::Euler => 1,
+            FlowMethod::Heun => 2,
+        }
+    }
+
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }

@@ -148,6 +148,21 @@ impl<'a> TextConditioner<'a> {
         }
     }
 
+    /// [`Self::img2img_start`] as an index into `run`'s timesteps: diffusers counts
+    /// `t_start` in steps and multiplies it by the scheduler's order (Heun's list
+    /// holds each step but the first twice: `2 N - 1` entries for `N` steps).
+    ///
+    /// # Errors
+    /// A strength outside (0, 1].
+    pub fn img2img_start_in(
+        &self,
+        run: &dyn sd_core::SchedulerRun,
+        strength: f64,
+    ) -> Result<usize, CoreError> {
+        let order = run.order().max(1);
+        Ok(self.img2img_start(run.len().div_ceil(order), strength)? * order)
+    }
+
     /// The width of the prompt embeddings' features (`d`).
     pub fn hidden_size(&self) -> usize {
         match self {
