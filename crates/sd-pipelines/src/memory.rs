@@ -165,9 +165,15 @@ mod tests {
     /// untiled decode (about 4 GiB), which sets the estimate.
     #[test]
     fn sd35_medium_1024_is_estimated() {
-        let transformer = SD3Transformer2DConfig::from_json(include_str!(
-            "../../../tests/fixtures/configs/sd3/sd3.5-medium-transformer/config.json"
-        ))
+        // stabilityai/stable-diffusion-3.5-medium's transformer/config.json.
+        let transformer = SD3Transformer2DConfig::from_json(
+            r#"{"attention_head_dim": 64, "caption_projection_dim": 1536,
+                "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24,
+                "num_layers": 24, "out_channels": 16, "patch_size": 2,
+                "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+                "qk_norm": "rms_norm", "sample_size": 128}"#,
+        )
         .expect("config");
         let vae = AutoencoderKLConfig::from_json(sd_io::sd3_single_file::builtin_configs::SD3_VAE)
             .expect("config");
