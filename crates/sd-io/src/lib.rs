@@ -6,6 +6,7 @@ pub mod content_credentials;
 pub mod controlnet;
 pub mod depth;
 pub mod error;
+pub mod gguf;
 pub mod image;
 pub mod ldm;
 pub mod loader;
