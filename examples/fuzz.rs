@@ -115,6 +115,11 @@ fn main() -> std::process::ExitCode {
             },
         ));
     }
+    if want("gguf") {
+        tally(run("gguf (mutated)", n, t::mutation(), |m| {
+            t::gguf(&f, &m.apply(&f.gguf))
+        }));
+    }
     if want("png") {
         tally(run(
             "png metadata (mutated)",

@@ -1,6 +1,6 @@
 //! The short version of the fuzz run (`examples/fuzz.rs` runs 100,000 inputs per
 //! target; here a fixed seed keeps CI deterministic): property-based inputs to the safetensors reader, config parsing, LoRA
-//! files, PNG metadata and request validation; none may panic.
+//! files, GGUF files, PNG metadata and request validation; none may panic.
 
 use std::sync::OnceLock;
 
@@ -43,6 +43,15 @@ proptest! {
         let f = fixtures();
         let valid = if kohya { &f.lora_kohya } else { &f.lora_diffusers };
         t::lora(f, &m.apply(valid));
+    }
+
+    #[test]
+    fn gguf_reader_never_panics(m in t::mutation(), raw in proptest::collection::vec(any::<u8>(), 0..96)) {
+        let f = fixtures();
+        t::gguf(f, &m.apply(&f.gguf));
+        let mut headed = b"GGUF\x03\0\0\0".to_vec();
+        headed.extend_from_slice(&raw);
+        t::gguf(f, &headed);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub struct Fixtures {
     pub lora_kohya: Vec<u8>,
     pub lora_diffusers: Vec<u8>,
     pub png: Vec<u8>,
+    pub gguf: Vec<u8>,
     pub configs: Vec<String>,
     pub scratch: tempfile::TempDir,
 }
@@ -56,6 +57,7 @@ pub fn fixtures(root: &Path) -> Fixtures {
         lora_kohya: lora("tiny_unet_lora_kohya.safetensors", 6),
         lora_diffusers: lora("tiny_unet_lora_diffusers.safetensors", 4),
         png: read(png_path),
+        gguf: read(root.join("gguf/types.gguf")),
         configs: vec![
             text(model.join("unet/config.json")),
             text(model.join("vae/config.json")),
@@ -288,6 +290,17 @@ pub fn lora(f: &Fixtures, bytes: &[u8]) {
         && let Ok(w) = file.weights_for(LoraComponent::TextEncoder, te)
     {
         let _ = apply_lora(te.clone(), &[(&w, 0.5)], LoraMode::Merge);
+    }
+}
+
+/// Opens arbitrary bytes as a GGUF file and dequantises every tensor it lists.
+pub fn gguf(f: &Fixtures, bytes: &[u8]) {
+    let path = write(f.scratch.path(), "fuzz.gguf", bytes);
+    let Ok(file) = stable_diffusion::io::gguf::GgufFile::open(&path) else {
+        return;
+    };
+    for name in file.tensors().keys() {
+        let _ = file.dequantize(name);
     }
 }
 

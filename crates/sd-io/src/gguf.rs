@@ -318,7 +318,7 @@ fn parse(data: &[u8]) -> Result<Parsed, String> {
         let (elems, block_bytes) = dtype.block();
         let bytes = numel
             .filter(|n| n % elems == 0)
-            .map(|n| n / elems * block_bytes)
+            .and_then(|n| (n / elems).checked_mul(block_bytes))
             .ok_or_else(|| {
                 format!("tensor `{name}`: shape {shape:?} is not whole {dtype:?} blocks")
             })?;
