@@ -667,9 +667,7 @@ impl SingleFile {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<AutoencoderKL, IoError> {
-        let model = AutoencoderKL::new(&self.vae, device).map_err(config_err(&self.path))?;
-        let mapping = KeyMapping::ldm(LdmKeyMap::vae(&self.vae), ldm::VAE_PREFIX);
-        load_module(model, &self.source, &mapping, options.load(), "vae")
+        ldm_vae(&self.source, &self.path, &self.vae, device, options)
     }
 
     /// Builds the CLIP text encoder and loads `cond_stage_model.transformer.*`
@@ -732,6 +730,20 @@ impl SingleFile {
             "text_encoder",
         )
     }
+}
+
+/// Builds a VAE from `config` and loads it from `first_stage_model.*` (LDM naming)
+/// of a single file's `source`.
+pub(crate) fn ldm_vae(
+    source: &WeightSource,
+    path: &Path,
+    config: &AutoencoderKLConfig,
+    device: &Device,
+    options: &ComponentOptions,
+) -> Result<AutoencoderKL, IoError> {
+    let model = AutoencoderKL::new(config, device).map_err(config_err(path))?;
+    let mapping = KeyMapping::ldm(LdmKeyMap::vae(config), ldm::VAE_PREFIX);
+    load_module(model, source, &mapping, options.load(), "vae")
 }
 
 pub(crate) fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {

@@ -21,7 +21,7 @@ use sd_models::{
 };
 
 use crate::error::IoError;
-use crate::ldm::{LdmKeyMap, VAE_PREFIX};
+use crate::ldm::VAE_PREFIX;
 use crate::loader::{KeyMapping, load_module};
 use crate::model::{ComponentOptions, DiffusersDir, config_err, open_checkpoint, with_projection};
 use crate::weights::WeightSource;
@@ -403,9 +403,7 @@ impl Sd3SingleFile {
         device: &Device,
         options: &ComponentOptions,
     ) -> Result<AutoencoderKL, IoError> {
-        let model = AutoencoderKL::new(&self.vae, device).map_err(config_err(&self.path))?;
-        let mapping = KeyMapping::ldm(LdmKeyMap::vae(&self.vae), VAE_PREFIX);
-        load_module(model, &self.source, &mapping, options.load(), "vae")
+        crate::model::ldm_vae(&self.source, &self.path, &self.vae, device, options)
     }
 
     /// CLIP-L (`index` 0) or CLIP-G (1) from `text_encoders.*`, with `config`;

@@ -102,10 +102,10 @@ pub(crate) fn load_sd3_single_file(
     let (clip_l, clip_g) = (clip(0)?, clip(1)?);
     let t5 = t5_encoder(&file, &encoders, configs.as_ref(), device, &f32_opts)?;
     let vae = match (file.has_vae(), &configs) {
-        (false, Some(dir)) if dir.has("vae") => (
-            dir.vae(device, &vae_options(options, &dir.vae_config()?))?,
-            dir.vae_config()?,
-        ),
+        (false, Some(dir)) if dir.has("vae") => {
+            let config = dir.vae_config()?;
+            (dir.vae(device, &vae_options(options, &config))?, config)
+        }
         _ => (
             file.vae(device, &vae_options(options, file.vae_config()))?,
             file.vae_config().clone(),
