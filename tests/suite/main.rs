@@ -15,6 +15,7 @@ mod examples;
 mod fast_paths;
 mod fuzz;
 mod fuzz_targets;
+mod gguf_models;
 mod hub;
 mod lora;
 mod models;

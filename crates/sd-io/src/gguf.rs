@@ -69,6 +69,30 @@ impl GgmlType {
         })
     }
 
+    /// Whether the type is a block quantisation (not F32, F16 or BF16).
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
+    /// ggml's name of the type (`Q4_K`, `F16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
+        }
+    }
+
     /// (elements, bytes) of one block.
     pub fn block(self) -> (usize, usize) {
         match self {
@@ -103,6 +127,39 @@ pub enum GgufValue {
     String(String),
     /// An array.
     Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// The value as text: strings as they are, numbers and booleans printed, arrays
+    /// as `[a, b]`.
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Uint(v) => v.to_string(),
+            Self::Int(v) => v.to_string(),
+            Self::Float(v) => v.to_string(),
+            Self::Bool(v) => v.to_string(),
+            Self::String(v) => v.clone(),
+            Self::Array(items) => {
+                let items: Vec<String> = items.iter().map(Self::to_text).collect();
+                format!("[{}]", items.join(", "))
+            }
+        }
+    }
+
+    /// An array of non-negative integers (a shape), if the value is one.
+    pub fn as_dims(&self) -> Option<Vec<usize>> {
+        let Self::Array(items) = self else {
+            return None;
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Self::Uint(d) => usize::try_from(*d).ok(),
+                Self::Int(d) => usize::try_from(*d).ok(),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// One tensor of a GGUF file.
@@ -265,13 +322,14 @@ impl GgufFile {
     }
 }
 
-type Parsed = (
+pub(crate) type Parsed = (
     u32,
     BTreeMap<String, GgufValue>,
     BTreeMap<String, GgufTensor>,
 );
 
-fn parse(data: &[u8]) -> Result<Parsed, String> {
+/// Parses a GGUF file's bytes: version, metadata, tensor table (absolute offsets).
+pub(crate) fn parse(data: &[u8]) -> Result<Parsed, String> {
     let mut c = Cursor { data, at: 0 };
     if c.take(4).ok() != Some(b"GGUF".as_slice()) {
         return Err("not a GGUF file (no `GGUF` magic)".into());
@@ -344,7 +402,8 @@ fn half(b: &[u8], at: usize) -> f32 {
 }
 
 /// ggml's `dequantize_row_*` for `dtype` over whole blocks.
-fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
+/// Dequantises whole blocks of `dtype` from `bytes` into `out` (its length in elements).
+pub(crate) fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let (elems, size) = dtype.block();
     for (b, y) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(elems)) {
         match dtype {

@@ -249,6 +249,13 @@ impl LdmKeyMap {
         m
     }
 
+    /// The same map under another component prefix (`""` for a U-Net stored alone,
+    /// as ComfyUI-GGUF files keep it).
+    pub fn with_root(mut self, root: &str) -> Self {
+        self.root = root.into();
+        self
+    }
+
     /// Maps a diffusers key to the full single-file key (with the component prefix).
     pub fn map(&self, key: &str) -> String {
         let found = self

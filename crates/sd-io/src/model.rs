@@ -402,6 +402,47 @@ pub const SDXL_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.transformer.
 pub const SDXL_TEXT_ENCODER_2_PREFIX: &str = "conditioner.embedders.1.model.";
 /// Prefix of the SDXL refiner's only text encoder (OpenCLIP bigG) in its single file.
 pub const SDXL_REFINER_TEXT_ENCODER_PREFIX: &str = "conditioner.embedders.0.model.";
+/// Prefix of SDXL's second text encoder as stable-diffusion.cpp renames it in the
+/// files it converts (transformers names, `in_proj` fused or split into q, k, v).
+pub const SD_CPP_TEXT_ENCODER_2_PREFIX: &str = "cond_stage_model.1.transformer.";
+
+/// Where a single file keeps its components: the original (LDM / SGM) prefixes,
+/// stable-diffusion.cpp's renamed text encoders, or a U-Net stored alone (no prefix,
+/// as ComfyUI-GGUF files keep it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    unet: &'static str,
+    text_encoder: &'static str,
+    text_encoder_2: &'static str,
+}
+
+impl Layout {
+    fn of(source: &WeightSource) -> Self {
+        let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+        let unet = if source.get("input_blocks.0.0.weight").is_some() && !has(ldm::UNET_PREFIX) {
+            ""
+        } else {
+            ldm::UNET_PREFIX
+        };
+        let text_encoder = if has(SDXL_TEXT_ENCODER_PREFIX) {
+            SDXL_TEXT_ENCODER_PREFIX
+        } else {
+            ldm::TEXT_ENCODER_PREFIX
+        };
+        let text_encoder_2 = if has(SD_CPP_TEXT_ENCODER_2_PREFIX) {
+            SD_CPP_TEXT_ENCODER_2_PREFIX
+        } else if has(SDXL_REFINER_TEXT_ENCODER_PREFIX) && !has(SDXL_TEXT_ENCODER_PREFIX) {
+            SDXL_REFINER_TEXT_ENCODER_PREFIX
+        } else {
+            SDXL_TEXT_ENCODER_2_PREFIX
+        };
+        Self {
+            unet,
+            text_encoder,
+            text_encoder_2,
+        }
+    }
+}
 
 /// A `CLIPTextModelWithProjection` config where it has a `projection_dim`, whatever
 /// its `architectures` say.
@@ -412,9 +453,11 @@ pub fn with_projection(mut c: ClipTextConfig) -> ClipTextConfig {
     c
 }
 
-/// A single-file original (CompVis / LDM) checkpoint: `.safetensors` with
+/// A single-file original (CompVis / LDM) checkpoint, `.safetensors` or GGUF, with
 /// `model.diffusion_model.*`, `first_stage_model.*` and
-/// `cond_stage_model.transformer.*` keys.
+/// `cond_stage_model.transformer.*` keys; also stable-diffusion.cpp's GGUF files
+/// (its renamed SDXL / SD 2.x text encoders) and a U-Net stored alone (ComfyUI-GGUF:
+/// no prefix), whose text encoders and VAE come from elsewhere.
 #[derive(Debug)]
 pub struct SingleFile {
     path: PathBuf,
@@ -424,9 +467,8 @@ pub struct SingleFile {
     text_encoder: ClipTextConfig,
     /// SDXL's second text encoder.
     text_encoder_2: Option<ClipTextConfig>,
-    /// Where the second text encoder's tensors are: [`SDXL_TEXT_ENCODER_2_PREFIX`], or
-    /// [`SDXL_REFINER_TEXT_ENCODER_PREFIX`] for the refiner, which has no first one.
-    text_encoder_2_prefix: &'static str,
+    /// Where each component's tensors are.
+    layout: Layout,
 }
 
 impl SingleFile {
@@ -438,117 +480,132 @@ impl SingleFile {
     ) -> Result<Self, IoError> {
         let dir = DiffusersDir::open(config_dir)?;
         let path = path.as_ref();
+        let source = open_checkpoint(path)?;
+        let mut layout = Layout::of(&source);
         if !dir.has("text_encoder") && dir.has("text_encoder_2") {
             // The refiner's folder: its single file has the one encoder under
             // `conditioner.embedders.0.model.`.
             let te2 = dir.text_encoder_2_config()?;
+            layout.text_encoder_2 = SDXL_REFINER_TEXT_ENCODER_PREFIX;
             return Ok(Self {
                 path: path.to_path_buf(),
-                source: open_checkpoint(path)?,
+                source,
                 unet: dir.unet_config()?,
                 vae: dir.vae_config()?,
                 text_encoder: te2.clone(),
                 text_encoder_2: Some(te2),
-                text_encoder_2_prefix: SDXL_REFINER_TEXT_ENCODER_PREFIX,
+                layout,
             });
         }
-        let mut file = Self::with_configs(
-            path,
-            dir.unet_config()?,
-            dir.vae_config()?,
-            dir.text_encoder_config()?,
-        )?;
-        if dir.has("text_encoder_2") {
-            file.text_encoder_2 = Some(dir.text_encoder_2_config()?);
-        }
-        Ok(file)
+        Ok(Self {
+            path: path.to_path_buf(),
+            source,
+            unet: dir.unet_config()?,
+            vae: dir.vae_config()?,
+            text_encoder: dir.text_encoder_config()?,
+            text_encoder_2: if dir.has("text_encoder_2") {
+                Some(dir.text_encoder_2_config()?)
+            } else {
+                None
+            },
+            layout,
+        })
     }
 
     /// Opens a checkpoint, recognising SD 1.x, SD 2.x, SDXL base or the SDXL refiner
     /// from its tensors and using the built-in configs of SD 1.5, SD 2.1, SDXL base 1.0
     /// or the SDXL refiner 1.0; an inpainting checkpoint (a 9-channel
-    /// `input_blocks.0.0` convolution) gets a 9-channel U-Net.
+    /// `input_blocks.0.0` convolution) gets a 9-channel U-Net. A U-Net stored alone is
+    /// recognised from its own tensors (SDXL's `label_emb`, its width).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
         let path = path.as_ref();
         let source = open_checkpoint(path)?;
-        use builtin_configs::*;
+        let layout = Layout::of(&source);
+        let u = layout.unet;
         let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
-        if has("conditioner.embedders.") {
-            let parse = |t: &str| ClipTextConfig::from_json(t).expect("built-in config");
-            let te2 = with_projection(parse(SDXL_TEXT_ENCODER_2));
-            let vae = AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config");
-            let (unet, text_encoder, prefix) = if has(SDXL_TEXT_ENCODER_PREFIX) {
-                (
-                    SDXL_UNET,
-                    parse(SDXL_TEXT_ENCODER),
-                    SDXL_TEXT_ENCODER_2_PREFIX,
-                )
-            } else if has(SDXL_REFINER_TEXT_ENCODER_PREFIX) {
-                (
-                    SDXL_REFINER_UNET,
-                    te2.clone(),
-                    SDXL_REFINER_TEXT_ENCODER_PREFIX,
-                )
+        let label_emb = source.get(&format!("{u}label_emb.0.0.weight"));
+        if has("conditioner.embedders.") || has(SD_CPP_TEXT_ENCODER_2_PREFIX) || label_emb.is_some()
+        {
+            let refiner = if has("conditioner.embedders.") || has(SD_CPP_TEXT_ENCODER_2_PREFIX) {
+                if !has(SDXL_TEXT_ENCODER_PREFIX)
+                    && !has(SDXL_REFINER_TEXT_ENCODER_PREFIX)
+                    && !has(SD_CPP_TEXT_ENCODER_2_PREFIX)
+                {
+                    return Err(IoError::Unsupported(format!(
+                        "{}: an SGM checkpoint (`conditioner.embedders.*`) with neither SDXL's \
+                         CLIP ViT-L (`{SDXL_TEXT_ENCODER_PREFIX}`) nor the refiner's OpenCLIP \
+                         (`{SDXL_REFINER_TEXT_ENCODER_PREFIX}`)",
+                        path.display()
+                    )));
+                }
+                layout.text_encoder_2 == SDXL_REFINER_TEXT_ENCODER_PREFIX
             } else {
-                return Err(IoError::Unsupported(format!(
-                    "{}: an SGM checkpoint (`conditioner.embedders.*`) with neither SDXL's \
-                     CLIP ViT-L (`{SDXL_TEXT_ENCODER_PREFIX}`) nor the refiner's OpenCLIP \
-                     (`{SDXL_REFINER_TEXT_ENCODER_PREFIX}`)",
-                    path.display()
-                )));
+                // A U-Net alone: the refiner's time embedding takes 5 time ids (2560).
+                label_emb.and_then(|t| t.shape.get(1)) == Some(&2560)
             };
-            return Ok(Self {
-                path: path.to_path_buf(),
-                unet: UNet2DConditionConfig::from_json(unet).expect("built-in config"),
-                vae,
-                text_encoder,
-                text_encoder_2: Some(te2),
-                text_encoder_2_prefix: prefix,
-                source,
-            });
+            return Ok(Self::sdxl(path, source, layout, refiner));
         }
         let is_sd2 = source
-            .get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+            .get(&format!(
+                "{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+            ))
             .is_some_and(|t| t.shape.get(1) == Some(&1024));
-        let (u, v, t) = if is_sd2 {
+        use builtin_configs::*;
+        let (un, v, t) = if is_sd2 {
             (SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER)
         } else {
             (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER)
         };
-        let mut unet = UNet2DConditionConfig::from_json(u).expect("built-in config");
-        if let Some(conv_in) = source.get("model.diffusion_model.input_blocks.0.0.weight")
+        let mut unet = UNet2DConditionConfig::from_json(un).expect("built-in config");
+        if let Some(conv_in) = source.get(&format!("{u}input_blocks.0.0.weight"))
             && let Some(&c) = conv_in.shape.get(1)
         {
             unet.in_channels = c;
         }
-        let vae = AutoencoderKLConfig::from_json(v).expect("built-in config");
-        let text = ClipTextConfig::from_json(t).expect("built-in config");
         Ok(Self {
             path: path.to_path_buf(),
             source,
             unet,
-            vae,
-            text_encoder: text,
+            vae: AutoencoderKLConfig::from_json(v).expect("built-in config"),
+            text_encoder: ClipTextConfig::from_json(t).expect("built-in config"),
             text_encoder_2: None,
-            text_encoder_2_prefix: SDXL_TEXT_ENCODER_2_PREFIX,
+            layout,
         })
     }
 
-    fn with_configs(
-        path: &Path,
-        unet: UNet2DConditionConfig,
-        vae: AutoencoderKLConfig,
-        text_encoder: ClipTextConfig,
-    ) -> Result<Self, IoError> {
-        Ok(Self {
+    /// SDXL base or refiner with the built-in configs.
+    fn sdxl(path: &Path, source: WeightSource, mut layout: Layout, refiner: bool) -> Self {
+        use builtin_configs::*;
+        let parse = |t: &str| ClipTextConfig::from_json(t).expect("built-in config");
+        let te2 = with_projection(parse(SDXL_TEXT_ENCODER_2));
+        let (unet, text_encoder) = if refiner {
+            layout.text_encoder_2 = SDXL_REFINER_TEXT_ENCODER_PREFIX;
+            (SDXL_REFINER_UNET, te2.clone())
+        } else {
+            (SDXL_UNET, parse(SDXL_TEXT_ENCODER))
+        };
+        Self {
             path: path.to_path_buf(),
-            source: open_checkpoint(path)?,
-            unet,
-            vae,
+            unet: UNet2DConditionConfig::from_json(unet).expect("built-in config"),
+            vae: AutoencoderKLConfig::from_json(SDXL_VAE).expect("built-in config"),
             text_encoder,
-            text_encoder_2: None,
-            text_encoder_2_prefix: SDXL_TEXT_ENCODER_2_PREFIX,
-        })
+            text_encoder_2: Some(te2),
+            layout,
+            source,
+        }
+    }
+
+    /// Whether the file holds text encoders (a U-Net stored alone does not: its
+    /// encoders come from the model's folder).
+    pub fn has_text_encoders(&self) -> bool {
+        let has = |k: &str| self.source.tensors().keys().any(|t| t.starts_with(k));
+        has("cond_stage_model.") || has("conditioner.embedders.")
+    }
+
+    /// Whether the file holds the VAE (`first_stage_model.*`).
+    pub fn has_vae(&self) -> bool {
+        let p = ldm::VAE_PREFIX;
+        self.source.tensors().keys().any(|t| t.starts_with(p))
     }
 
     /// Whether the checkpoint is SDXL (text encoders under `conditioner.*`), base or
@@ -562,7 +619,7 @@ impl SingleFile {
     /// by [`text_encoder_2`](Self::text_encoder_2) only; [`text_encoder`](Self::text_encoder)
     /// is an error.
     pub fn text_encoder_2_only(&self) -> bool {
-        self.text_encoder_2_prefix == SDXL_REFINER_TEXT_ENCODER_PREFIX
+        self.layout.text_encoder_2 == SDXL_REFINER_TEXT_ENCODER_PREFIX
     }
 
     /// SDXL's second text encoder config, when the checkpoint is SDXL.
@@ -588,8 +645,18 @@ impl SingleFile {
             )));
         };
         let model = ClipTextModel::new(config, device).map_err(config_err(&self.path))?;
-        let p = self.text_encoder_2_prefix;
+        let p = self.layout.text_encoder_2;
         let layers = config.num_hidden_layers;
+        if self.has_under(&format!("{p}text_model.")) {
+            let mapping = hf_clip_mapping(&self.source, p, config);
+            return load_module(
+                model,
+                &self.source,
+                &mapping,
+                options.load(),
+                "text_encoder_2",
+            );
+        }
         let mapping = KeyMapping {
             key_of: Box::new(move |path: &str| match path {
                 "text_projection.weight" => format!("{p}text_projection"),
@@ -656,7 +723,12 @@ impl SingleFile {
     ) -> Result<UNet2DConditionModel, IoError> {
         let model =
             UNet2DConditionModel::new(&self.unet, device).map_err(config_err(&self.path))?;
-        let mapping = KeyMapping::ldm(LdmKeyMap::unet(&self.unet), ldm::UNET_PREFIX);
+        let map = LdmKeyMap::unet(&self.unet).with_root(self.layout.unet);
+        let mut mapping = KeyMapping::ldm(map, self.layout.unet);
+        if self.layout.unet.is_empty() {
+            // Alone in its file: every key is the U-Net's.
+            mapping.ignorable = Box::new(|_| false);
+        }
         load_module(model, &self.source, &mapping, options.load(), "unet")
     }
 
@@ -699,29 +771,7 @@ impl SingleFile {
         }
         let model =
             ClipTextModel::new(&self.text_encoder, device).map_err(config_err(&self.path))?;
-        let root = if self.is_sdxl() {
-            SDXL_TEXT_ENCODER_PREFIX
-        } else {
-            ldm::TEXT_ENCODER_PREFIX
-        };
-        let prefixed = self
-            .source
-            .tensors()
-            .keys()
-            .any(|k| k.starts_with(&format!("{root}text_model.")));
-        let mapping = KeyMapping {
-            key_of: Box::new(move |p: &str| {
-                if prefixed {
-                    format!("{root}{p}")
-                } else {
-                    format!("{root}{}", p.strip_prefix("text_model.").unwrap_or(p))
-                }
-            }),
-            prefix: root.into(),
-            ignorable: Box::new(|k| k.ends_with("embeddings.position_ids")),
-            fused_parts: 1,
-            transposed: Box::new(|_| false),
-        };
+        let mapping = hf_clip_mapping(&self.source, self.layout.text_encoder, &self.text_encoder);
         load_module(
             model,
             &self.source,
@@ -729,6 +779,74 @@ impl SingleFile {
             options.load(),
             "text_encoder",
         )
+    }
+}
+
+impl SingleFile {
+    fn has_under(&self, prefix: &str) -> bool {
+        self.source.tensors().keys().any(|k| k.starts_with(prefix))
+    }
+}
+
+/// The keys of a CLIP text encoder stored in transformers' names under `root`
+/// (`text_model.` after it or not), as the original files keep CLIP ViT-L and
+/// stable-diffusion.cpp keeps every encoder: q, k, v apart or fused into
+/// `self_attn.in_proj` (parts `#0`..`#2`); a projection stored as OpenCLIP's
+/// `text_model.text_projection` (`x @ proj`) is read transposed. Layers past the
+/// config's (SD 2.x uses 23 of 24), `logit_scale`, position ids and a projection the
+/// model has no use for may stay unused.
+fn hf_clip_mapping(
+    source: &WeightSource,
+    root: &'static str,
+    config: &ClipTextConfig,
+) -> KeyMapping<'static> {
+    let under = |p: &str| source.tensors().keys().any(|k| k.starts_with(p));
+    let inner = if under(&format!("{root}text_model.")) {
+        "text_model."
+    } else {
+        ""
+    };
+    let fused = source
+        .get(&format!(
+            "{root}{inner}encoder.layers.0.self_attn.in_proj.weight"
+        ))
+        .is_some();
+    let open_clip_projection = format!("{root}text_model.text_projection");
+    let projection_key = open_clip_projection.clone();
+    let has_open_clip_projection = source.get(&open_clip_projection).is_some();
+    let wants_projection = config.text_projection_dim().is_some();
+    let layers = config.num_hidden_layers;
+    let layer_prefix = format!("{root}{inner}encoder.layers.");
+    KeyMapping {
+        key_of: Box::new(move |path: &str| {
+            if path == "text_projection.weight" && has_open_clip_projection {
+                return projection_key.clone();
+            }
+            let rest = path.strip_prefix("text_model.").unwrap_or(path);
+            let key = format!("{root}{inner}{rest}");
+            if !fused {
+                return key;
+            }
+            for (i, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                let from = format!(".self_attn.{proj}.");
+                if key.contains(&from) {
+                    return format!("{}#{i}", key.replace(&from, ".self_attn.in_proj."));
+                }
+            }
+            key
+        }),
+        prefix: root.into(),
+        ignorable: Box::new(move |k| {
+            k.ends_with("position_ids")
+                || k.ends_with("logit_scale")
+                || (!wants_projection && k == open_clip_projection)
+                || k.strip_prefix(&layer_prefix)
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i >= layers)
+        }),
+        fused_parts: if fused { 3 } else { 1 },
+        transposed: Box::new(move |k| k == format!("{root}text_model.text_projection")),
     }
 }
 
@@ -746,11 +864,12 @@ pub(crate) fn ldm_vae(
     load_module(model, source, &mapping, options.load(), "vae")
 }
 
+/// Opens a single-file checkpoint (`.safetensors` or GGUF, told by its bytes).
 pub(crate) fn open_checkpoint(path: &Path) -> Result<WeightSource, IoError> {
     let name = path.to_string_lossy();
     if name.ends_with(".ckpt") || name.ends_with(".pt") || name.ends_with(".bin") {
         return Err(IoError::Unsupported(format!(
-            "{name}: only .safetensors checkpoints are read (pickle files can run code); convert it first"
+            "{name}: only .safetensors and GGUF checkpoints are read (pickle files can run code); convert it first"
         )));
     }
     if !path.is_file() {

@@ -234,19 +234,7 @@ fn sample_size_of_table(
 
 /// Element `index` (row-major) of a stored float tensor, read alone.
 fn stored_value(source: &WeightSource, key: &str, index: usize) -> Option<f64> {
-    let t = source.get(key)?;
-    let bytes = source.bytes(key)?;
-    let width = match t.dtype {
-        safetensors::Dtype::F32 => 4,
-        safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
-        _ => return None,
-    };
-    let b = bytes.get(index * width..(index + 1) * width)?;
-    Some(match t.dtype {
-        safetensors::Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        safetensors::Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-    })
+    source.read_value(key, index).map(f64::from)
 }
 
 /// The block numbers of `joint_blocks.N{suffix}` keys, ascending.

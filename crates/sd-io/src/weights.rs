@@ -1,5 +1,5 @@
-//! Memory-mapped safetensors files (single or sharded) and conversion of their
-//! tensors to the model's float type.
+//! Memory-mapped weight files (safetensors, single or sharded, and GGUF) and
+//! conversion of their tensors to the model's float type.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,14 +11,22 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::IoError;
+use crate::gguf::{self, GgmlType};
+
+/// The metadata key under which ComfyUI-GGUF's converter records a tensor's shape
+/// before it flattened the tensor to rows of 256 for quantisation.
+const COMFY_ORIG_SHAPE: &str = "comfy.gguf.orig_shape.";
 
 /// Dtype and shape of one stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTensor {
-    /// The on-disk dtype.
+    /// The on-disk dtype (a GGUF tensor's float type; `U8` for its quantised types,
+    /// which [`ggml`](Self::ggml) names).
     pub dtype: Dtype,
-    /// The shape.
+    /// The shape (for a GGUF tensor in PyTorch order, as the model has it).
     pub shape: Vec<usize>,
+    /// The ggml type of a tensor read from a GGUF file.
+    pub ggml: Option<GgmlType>,
     file: usize,
     start: usize,
     end: usize,
@@ -26,16 +34,23 @@ pub struct StoredTensor {
 
 impl StoredTensor {
     /// Whether the tensor holds floats this crate converts (f16, bf16, f32, f64).
+    /// GGUF tensors of every type read count as floats: they are dequantised.
     pub fn is_float(&self) -> bool {
-        matches!(
-            self.dtype,
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
-        )
+        self.ggml.is_some()
+            || matches!(
+                self.dtype,
+                Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+            )
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Whether the stored values are ggml blocks (read by dequantising).
+    pub fn is_quantized(&self) -> bool {
+        self.ggml.is_some_and(GgmlType::is_quantized)
     }
 }
 
@@ -78,9 +93,73 @@ fn map_file(path: &Path) -> Result<(Mmap, safetensors::tensor::Metadata, usize),
     Ok((mmap, metadata, 8 + n))
 }
 
+/// Whether the file starts with GGUF's magic bytes.
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Maps a GGUF file as file `index`, adding its tensors (shapes restored from
+/// ComfyUI-GGUF's `comfy.gguf.orig_shape.*` records) and its metadata as text.
+fn map_gguf(
+    path: &Path,
+    index: usize,
+    tensors: &mut BTreeMap<String, StoredTensor>,
+    header: &mut BTreeMap<String, String>,
+) -> Result<Mmap, IoError> {
+    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
+    // SAFETY: as `map_file`: a read-only mapping of a file not changed while loading.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
+    let bad = |m: String| IoError::Unsupported(format!("{}: {m}", path.display()));
+    let (_, metadata, table) = gguf::parse(&mmap).map_err(bad)?;
+    for (name, t) in table {
+        let mut shape = t.shape;
+        if let Some(orig) = metadata
+            .get(&format!("{COMFY_ORIG_SHAPE}{name}"))
+            .and_then(gguf::GgufValue::as_dims)
+        {
+            if orig.iter().product::<usize>() != shape.iter().product::<usize>() {
+                return Err(bad(format!(
+                    "`{COMFY_ORIG_SHAPE}{name}` records {orig:?} for a tensor of shape {shape:?}"
+                )));
+            }
+            shape = orig;
+        }
+        let dtype = match t.dtype {
+            GgmlType::F32 => Dtype::F32,
+            GgmlType::F16 => Dtype::F16,
+            GgmlType::BF16 => Dtype::BF16,
+            _ => Dtype::U8,
+        };
+        let stored = StoredTensor {
+            dtype,
+            shape,
+            ggml: Some(t.dtype),
+            file: index,
+            start: t.offset,
+            end: t.offset + t.bytes,
+        };
+        if tensors.insert(name.clone(), stored).is_some() {
+            return Err(bad(format!(
+                "tensor `{name}` appears in more than one file"
+            )));
+        }
+    }
+    for (key, value) in metadata {
+        if !key.starts_with(COMFY_ORIG_SHAPE) {
+            header.insert(key, value.to_text());
+        }
+    }
+    Ok(mmap)
+}
+
 impl WeightSource {
-    /// Opens one `.safetensors` file, or a sharded set through its
-    /// `*.safetensors.index.json`.
+    /// Opens one `.safetensors` or GGUF file (recognised by its magic bytes), or a
+    /// sharded safetensors set through its `*.safetensors.index.json`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
         let path = path.as_ref();
         if path.to_string_lossy().ends_with(".index.json") {
@@ -129,6 +208,15 @@ impl WeightSource {
         let mut tensors = BTreeMap::new();
         let mut header = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
+            if is_gguf(path) {
+                let mmap = map_gguf(path, i, &mut tensors, &mut header)?;
+                files.push(MappedFile {
+                    path: path.clone(),
+                    mmap,
+                    data_start: 0,
+                });
+                continue;
+            }
             let (mmap, metadata, data_start) = map_file(path)?;
             if let Some(m) = metadata.metadata() {
                 header.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -137,6 +225,7 @@ impl WeightSource {
                 let stored = StoredTensor {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
+                    ggml: None,
                     file: i,
                     start: data_start + info.data_offsets.0,
                     end: data_start + info.data_offsets.1,
@@ -251,9 +340,21 @@ impl WeightSource {
                 start + count
             )));
         }
+        if t.is_quantized() {
+            // A row need not be whole blocks (ComfyUI-GGUF flattens tensors to rows
+            // of 256 before quantising): dequantise all, keep the rows.
+            let row = t.numel() / rows.max(1);
+            let mut values = Decoded::F32(dequantized(t, bytes));
+            if let Decoded::F32(v) = &mut values {
+                v.drain((start + count) * row..);
+                v.drain(..start * row);
+            }
+            self.release(t);
+            return Ok(values.into_data(dtype, shape));
+        }
         let row_bytes = bytes.len() / rows.max(1);
         let bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
-        let data = convert(bytes, t.dtype, key, dtype, shape);
+        let data = convert(bytes, t, key, dtype, shape);
         self.release(t);
         data
     }
@@ -267,27 +368,65 @@ impl WeightSource {
         shape: Vec<usize>,
     ) -> Result<TensorData, IoError> {
         let (t, bytes) = self.stored(key)?;
-        let data = convert(bytes, t.dtype, key, dtype, shape);
+        let data = convert(bytes, t, key, dtype, shape);
         self.release(t);
         data
     }
+
+    /// Element `index` (row-major) of a float tensor, read alone (a GGUF block is
+    /// dequantised for it); `None` for an unknown key, an index out of range or a
+    /// tensor that is not a float.
+    pub fn read_value(&self, key: &str, index: usize) -> Option<f32> {
+        let (t, bytes) = self.stored(key).ok()?;
+        if index >= t.numel() {
+            return None;
+        }
+        if let Some(ty) = t.ggml.filter(|g| g.is_quantized()) {
+            let (elems, block_bytes) = ty.block();
+            let block = index / elems;
+            let b = bytes.get(block * block_bytes..(block + 1) * block_bytes)?;
+            let mut out = vec![0f32; elems];
+            gguf::dequantize(ty, b, &mut out);
+            return Some(out[index % elems]);
+        }
+        let width = match t.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F64 => 8,
+            _ => return None,
+        };
+        let b = bytes.get(index * width..(index + 1) * width)?;
+        decode_f64_capable(b, t.dtype).map(|d| d.into_f32()[0])
+    }
+}
+
+/// A quantised GGUF tensor's values as f32.
+fn dequantized(t: &StoredTensor, bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; t.numel()];
+    if let Some(ty) = t.ggml {
+        gguf::dequantize(ty, bytes, &mut out);
+    }
+    out
 }
 
 fn convert(
     bytes: &[u8],
-    stored: Dtype,
+    stored: &StoredTensor,
     key: &str,
     dtype: DType,
     shape: Vec<usize>,
 ) -> Result<TensorData, IoError> {
-    let values = decode_f64_capable(bytes, stored).ok_or_else(|| {
-        IoError::Unsupported(format!("tensor `{key}` has dtype {stored:?}, not a float"))
-    })?;
-    Ok(match dtype {
-        DType::F16 => TensorData::new(values.map_to(f16::from_f32), shape),
-        DType::BF16 => TensorData::new(values.map_to(bf16::from_f32), shape),
-        _ => TensorData::new(values.into_f32(), shape),
-    })
+    let values = if stored.is_quantized() {
+        Decoded::F32(dequantized(stored, bytes))
+    } else {
+        decode_f64_capable(bytes, stored.dtype).ok_or_else(|| {
+            IoError::Unsupported(format!(
+                "tensor `{key}` has dtype {:?}, not a float",
+                stored.dtype
+            ))
+        })?
+    };
+    Ok(values.into_data(dtype, shape))
 }
 
 /// Float values decoded from bytes, kept in the narrowest type that holds them.
@@ -298,6 +437,15 @@ enum Decoded {
 }
 
 impl Decoded {
+    /// The values converted to `dtype` (F16, BF16, else F32) with `shape`.
+    fn into_data(self, dtype: DType, shape: Vec<usize>) -> TensorData {
+        match dtype {
+            DType::F16 => TensorData::new(self.map_to(f16::from_f32), shape),
+            DType::BF16 => TensorData::new(self.map_to(bf16::from_f32), shape),
+            _ => TensorData::new(self.into_f32(), shape),
+        }
+    }
+
     fn into_f32(self) -> Vec<f32> {
         match self {
             Decoded::F32(v) => v,

@@ -21,7 +21,8 @@ use crate::error::PipelineError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// A diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-    /// `tokenizer/`, `scheduler/`) or a single-file `.safetensors` checkpoint.
+    /// `tokenizer/`, `scheduler/`) or a single-file checkpoint (`.safetensors`, or
+    /// GGUF as stable-diffusion.cpp and ComfyUI-GGUF write it).
     Path(PathBuf),
     /// A Hugging Face hub repository id (`owner/name`), downloaded with the `hub`
     /// feature.
@@ -49,7 +50,8 @@ impl ModelSource {
                     && p.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             })
-            && !text.ends_with(".safetensors");
+            && !text.ends_with(".safetensors")
+            && !text.ends_with(".gguf");
         if is_repo {
             Self::Hub {
                 repo: text.to_string(),
@@ -385,21 +387,48 @@ fn load_single_file(
     } else {
         ModelFamily::Sd1
     };
-    let text_encoders = match tokenizer_2 {
-        Some(tokenizer_2) => TextEncoders::Sdxl {
-            first: if ckpt.text_encoder_2_only() {
-                None
-            } else {
-                Some((first()?, ckpt.text_encoder(device, &f32_opts)?))
+    let alone = |what: &str| PipelineError::Source {
+        source_name: path.display().to_string(),
+        message: format!(
+            "the file holds the U-Net alone (as ComfyUI-GGUF files do): give the model's \
+             diffusers folder as LoadOptions::config (`--config DIR`) for its {what}"
+        ),
+    };
+    let configs = options
+        .config
+        .as_deref()
+        .map(DiffusersDir::open)
+        .transpose()?;
+    let text_encoders = if !ckpt.has_text_encoders() {
+        let dir = configs.as_ref().ok_or_else(|| alone("text encoders"))?;
+        TextEncoders::from_dir(dir, device, &f32_opts)?
+    } else {
+        match tokenizer_2 {
+            Some(tokenizer_2) => TextEncoders::Sdxl {
+                first: if ckpt.text_encoder_2_only() {
+                    None
+                } else {
+                    Some((first()?, ckpt.text_encoder(device, &f32_opts)?))
+                },
+                tokenizer_2,
+                text_encoder_2: ckpt.text_encoder_2(device, &f32_opts)?,
+                force_zeros_for_empty_prompt: force_zeros,
             },
-            tokenizer_2,
-            text_encoder_2: ckpt.text_encoder_2(device, &f32_opts)?,
-            force_zeros_for_empty_prompt: force_zeros,
-        },
-        None => TextEncoders::Clip {
-            tokenizer: first()?,
-            text_encoder: ckpt.text_encoder(device, &f32_opts)?,
-        },
+            None => TextEncoders::Clip {
+                tokenizer: first()?,
+                text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+            },
+        }
+    };
+    let vae_opts = vae_options(options, ckpt.vae_config());
+    let vae = if ckpt.has_vae() {
+        ckpt.vae(device, &vae_opts)?
+    } else if let Some(dir) = &options.vae {
+        // Read here and again by `load_path`'s override: a VAE is small.
+        vae_from_dir(&component_dir(dir, "vae"), device, &vae_opts)?
+    } else {
+        let dir = configs.as_ref().ok_or_else(|| alone("VAE"))?;
+        dir.vae(device, &vae_opts)?
     };
     Ok(Loaded {
         text_encoders,
@@ -407,7 +436,7 @@ fn load_single_file(
             model: ckpt.unet(device, &unet_options(options))?,
             config: ckpt.unet_config().clone(),
         },
-        vae: ckpt.vae(device, &vae_options(options, ckpt.vae_config()))?,
+        vae,
         vae_config: ckpt.vae_config().clone(),
         scheduler_config: SchedulerConfig::from_json(&scheduler)?,
         family,

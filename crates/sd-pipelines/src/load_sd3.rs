@@ -22,7 +22,8 @@ use crate::load::{LoadOptions, Loaded, ModelFamily, model_name, unet_options, va
 
 /// Whether `path` is a single file holding an SD 3 MMDiT.
 pub(crate) fn is_sd3_single_file(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "safetensors")
+    path.extension()
+        .is_some_and(|e| e == "safetensors" || e == "gguf")
         && WeightSource::open(path).is_ok_and(|s| sd3_single_file::is_sd3_checkpoint(&s))
 }
 

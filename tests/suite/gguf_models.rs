@@ -1,0 +1,245 @@
+//! GGUF checkpoints (issue 28) in the layouts users download, made from the tiny
+//! models by `tests/fixtures/gen/gguf_models.py`: stable-diffusion.cpp's (every
+//! component in one file, original names, or its renamed SDXL text encoders with
+//! `in_proj` fused or split) and ComfyUI-GGUF's (the denoiser alone, no prefix,
+//! tensors flattened to rows of 256 with `comfy.gguf.orig_shape.*`). Each component
+//! equals the safetensors original within its type's rounding (a key mapped to the
+//! wrong tensor, a wrong reshape or a missed transpose is off by the tensor's whole
+//! range), and the owning pipeline generates from each file a picture close to the
+//! original's.
+
+use crate::common;
+
+use common::fixture;
+use stable_diffusion::burn::module::Module;
+use stable_diffusion::burn::prelude::*;
+use stable_diffusion::io::save::module_tensors;
+use stable_diffusion::io::{ComponentOptions, Sd3SingleFile, SingleFile};
+use stable_diffusion::models::diffusers_key;
+use stable_diffusion::pipelines::{LoadOptions, ModelFamily, StableDiffusionPipeline};
+
+fn gguf(name: &str) -> std::path::PathBuf {
+    fixture(&format!("gguf/{name}"))
+}
+
+/// Every float parameter by its diffusers name.
+fn parameters<M: Module>(m: &M) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<_> = module_tensors(m, &|p| diffusers_key(p), &|_, s| s)
+        .into_iter()
+        .map(|t| (t.key, t.values))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Each parameter of `got` within `rel` of the largest magnitude of `want`'s (a
+/// block quantisation's error is a fraction of its block's range).
+fn assert_within<M: Module>(what: &str, got: &M, want: &M, rel: f32) {
+    let (got, want) = (parameters(got), parameters(want));
+    assert_eq!(got.len(), want.len(), "{what}: parameter count");
+    for ((kg, g), (kw, w)) in got.iter().zip(&want) {
+        assert_eq!(kg, kw, "{what}");
+        let range = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= rel * range + 1e-3,
+            "{what}: {kg} off by {err} (range {range})"
+        );
+    }
+}
+
+/// PSNR in dB of two 8-bit pictures.
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
+}
+
+/// The same case generated from `file` and from `original` (both with `config`).
+fn psnr_of_pictures(
+    case: &common::Case,
+    file: &std::path::Path,
+    original: &std::path::Path,
+    config: &str,
+) -> f64 {
+    let device = Device::flex();
+    let options = LoadOptions {
+        config: Some(fixture(config)),
+        ..LoadOptions::default()
+    };
+    let picture = |path: &std::path::Path| {
+        let pipe = StableDiffusionPipeline::from_pretrained(path, &device, &options)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        case.generate(&pipe, |r| r).images[0].image.as_raw().clone()
+    };
+    psnr(&picture(file), &picture(original))
+}
+
+/// stable-diffusion.cpp's Q8_0 SD 1.5 file: U-Net, VAE and CLIP within Q8_0's
+/// rounding of the original single file's, and the pipeline's picture close to it.
+#[test]
+fn sdcpp_sd15_gguf_loads_every_component() {
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let file =
+        SingleFile::open_with_configs(gguf("tiny-sd15-sdcpp-q8_0.gguf"), fixture("tiny-sd15"))
+            .unwrap();
+    let original =
+        SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15"))
+            .unwrap();
+    assert!(file.has_text_encoders() && file.has_vae());
+    let q8 = 1.0 / 100.0;
+    assert_within(
+        "unet",
+        &file.unet(&device, &opts).unwrap(),
+        &original.unet(&device, &opts).unwrap(),
+        q8,
+    );
+    assert_within(
+        "vae",
+        &file.vae(&device, &opts).unwrap(),
+        &original.vae(&device, &opts).unwrap(),
+        q8,
+    );
+    assert_within(
+        "text_encoder",
+        &file.text_encoder(&device, &opts).unwrap(),
+        &original.text_encoder(&device, &opts).unwrap(),
+        q8,
+    );
+    let case = common::Case::open("index.json", "pipelines/txt2img_euler_10");
+    let db = psnr_of_pictures(
+        &case,
+        &gguf("tiny-sd15-sdcpp-q8_0.gguf"),
+        &fixture("tiny-sd15.safetensors"),
+        "tiny-sd15",
+    );
+    assert!(db > 30.0, "Q8_0 picture PSNR {db:.1} dB");
+}
+
+/// stable-diffusion.cpp's renamed SDXL encoders: CLIP ViT-L under
+/// `cond_stage_model.transformer.`, OpenCLIP bigG in transformers' names under
+/// `cond_stage_model.1.transformer.` with the fused `in_proj` and OpenCLIP's
+/// `text_projection` (read transposed), in Q4_0; and an older file with q, k, v
+/// apart.
+#[test]
+fn sdcpp_sdxl_gguf_reads_the_renamed_text_encoders() {
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let original =
+        SingleFile::open_with_configs(fixture("tiny-sdxl.safetensors"), fixture("tiny-sdxl"))
+            .unwrap();
+    let file =
+        SingleFile::open_with_configs(gguf("tiny-sdxl-sdcpp-q4_0.gguf"), fixture("tiny-sdxl"))
+            .unwrap();
+    assert!(file.is_sdxl() && !file.text_encoder_2_only());
+    let q4 = 1.0 / 7.0;
+    assert_within(
+        "text_encoder",
+        &file.text_encoder(&device, &opts).unwrap(),
+        &original.text_encoder(&device, &opts).unwrap(),
+        q4,
+    );
+    let te2 = original.text_encoder_2(&device, &opts).unwrap();
+    assert_within(
+        "text_encoder_2 (fused in_proj)",
+        &file.text_encoder_2(&device, &opts).unwrap(),
+        &te2,
+        q4,
+    );
+    assert_within(
+        "unet",
+        &file.unet(&device, &opts).unwrap(),
+        &original.unet(&device, &opts).unwrap(),
+        q4,
+    );
+    let split = SingleFile::open_with_configs(
+        gguf("tiny-sdxl-sdcpp-clip-g-split.gguf"),
+        fixture("tiny-sdxl"),
+    )
+    .unwrap();
+    assert_within(
+        "text_encoder_2 (q, k, v apart)",
+        &split.text_encoder_2(&device, &opts).unwrap(),
+        &te2,
+        q4,
+    );
+    // Recognised as SDXL without a config folder too.
+    let file = SingleFile::open(gguf("tiny-sdxl-sdcpp-q4_0.gguf")).unwrap();
+    assert!(file.is_sdxl() && !file.text_encoder_2_only());
+}
+
+/// ComfyUI-GGUF's U-Net alone in Q4_K, flattened tensors restored to their shapes;
+/// the pipeline takes the text encoders and VAE from the config folder, and without
+/// one says so.
+#[test]
+fn comfy_unet_gguf_loads_with_the_folder_around_it() {
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let path = gguf("tiny-sd15-unet-comfy-q4_k.gguf");
+    let file = SingleFile::open_with_configs(&path, fixture("tiny-sd15")).unwrap();
+    assert!(!file.has_text_encoders() && !file.has_vae());
+    let original =
+        SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15"))
+            .unwrap();
+    assert_within(
+        "unet",
+        &file.unet(&device, &opts).unwrap(),
+        &original.unet(&device, &opts).unwrap(),
+        1.0 / 7.0,
+    );
+    let case = common::Case::open("index.json", "pipelines/txt2img_euler_10");
+    let db = psnr_of_pictures(&case, &path, &fixture("tiny-sd15.safetensors"), "tiny-sd15");
+    assert!(db > 20.0, "Q4_K picture PSNR {db:.1} dB");
+    let err = StableDiffusionPipeline::from_pretrained(&path, &device, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("U-Net alone") && err.contains("--config"),
+        "{err}"
+    );
+}
+
+/// ComfyUI-GGUF's SD 3 MMDiT alone in Q8_0: its config read from the tensors (the
+/// position table's side from its quantised values) equals the folder's, and the
+/// pipeline generates with the rest from the folder.
+#[test]
+fn comfy_sd3_gguf_loads_with_the_folder_around_it() {
+    let device = Device::flex();
+    let path = gguf("tiny-sd3-comfy-q8_0.gguf");
+    let folder = fixture("tiny-sd3");
+    let file = Sd3SingleFile::open_with_configs(&path, &folder).unwrap();
+    let original =
+        Sd3SingleFile::open_with_configs(fixture("tiny-sd3.safetensors"), &folder).unwrap();
+    assert_eq!(file.transformer_config(), original.transformer_config());
+    let opts = ComponentOptions::default();
+    assert_within(
+        "transformer",
+        &file.transformer(&device, &opts).unwrap(),
+        &original.transformer(&device, &opts).unwrap(),
+        1.0 / 100.0,
+    );
+    let case = common::Case::open("index_sd3_pipelines.json", "sd3_pipelines/txt2img_euler");
+    let options = LoadOptions {
+        config: Some(folder.clone()),
+        ..LoadOptions::default()
+    };
+    let pipe = StableDiffusionPipeline::from_pretrained(&path, &device, &options).unwrap();
+    assert_eq!(pipe.family(), ModelFamily::Sd3);
+    let got = case.generate(&pipe, |r| r).images[0].image.as_raw().clone();
+    let want = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd3.safetensors"),
+        &device,
+        &options,
+    )
+    .unwrap();
+    let want = case.generate(&want, |r| r).images[0].image.as_raw().clone();
+    let db = psnr(&got, &want);
+    assert!(db > 30.0, "Q8_0 SD 3 picture PSNR {db:.1} dB");
+}
