@@ -6,7 +6,8 @@
 //! ```
 //!
 //! PATH is a diffusers folder, a folder of configs only (the parameters are counted
-//! from the models the configs build), or a single-file `.safetensors` checkpoint.
+//! from the models the configs build), or a single-file checkpoint: `.safetensors`,
+//! or GGUF as stable-diffusion.cpp and ComfyUI-GGUF write it (ggml types shown).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -52,8 +53,8 @@ fn weight_summary(source: &WeightSource, prefix: &str) -> (u64, Vec<String>, u64
             if !key.ends_with("position_ids") {
                 params += t.numel() as u64;
             }
-            bytes += (t.numel() * t.dtype.bitsize() / 8) as u64;
-            dtypes.insert(format!("{:?}", t.dtype).to_lowercase());
+            bytes += t.stored_bytes() as u64;
+            dtypes.insert(t.type_name());
         }
     }
     (params, dtypes.into_iter().collect(), bytes)
@@ -229,7 +230,9 @@ fn inspect_sd3_file(path: &Path, prefix: &str) -> Result<Vec<Row>, IoError> {
 }
 
 fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
-    if path.extension().is_some_and(|e| e == "safetensors")
+    if path
+        .extension()
+        .is_some_and(|e| e == "safetensors" || e == "gguf")
         && let Some(prefix) =
             stable_diffusion::io::sd3_single_file::mmdit_prefix(&WeightSource::open(path)?)
     {
@@ -238,8 +241,14 @@ fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
     let ckpt = SingleFile::open(path)?;
     let source = ckpt.source();
     let mut rows = Vec::new();
+    // A U-Net alone (ComfyUI-GGUF) has no prefix.
+    let unet_prefix = if source.get("input_blocks.0.0.weight").is_some() {
+        ""
+    } else {
+        UNET_PREFIX
+    };
     for (component, class, prefix) in [
-        ("unet", "UNet2DConditionModel", UNET_PREFIX),
+        ("unet", "UNet2DConditionModel", unet_prefix),
         ("vae", "AutoencoderKL", VAE_PREFIX),
         ("text_encoder", "CLIPTextModel", TEXT_ENCODER_PREFIX),
         (
@@ -256,6 +265,11 @@ fn inspect_file(path: &Path) -> Result<Vec<Row>, IoError> {
             "text_encoder_2",
             "OpenCLIP bigG (SDXL)",
             stable_diffusion::io::model::SDXL_TEXT_ENCODER_2_PREFIX,
+        ),
+        (
+            "text_encoder_2",
+            "CLIPTextModelWithProjection (SDXL, stable-diffusion.cpp names)",
+            stable_diffusion::io::model::SD_CPP_TEXT_ENCODER_2_PREFIX,
         ),
         (
             "text_encoder_2",

@@ -268,6 +268,24 @@ fn inspect_reports_sd3_single_files() {
     );
 }
 
+/// GGUF files: stable-diffusion.cpp's (components by their prefixes, its renamed
+/// SDXL encoder) and ComfyUI-GGUF's U-Net alone, with the ggml types stored.
+#[test]
+fn inspect_reports_gguf_files() {
+    let rows = inspect_rows("gguf/tiny-sdxl-sdcpp-q4_0.gguf");
+    let components: Vec<_> = rows
+        .iter()
+        .map(|r| r["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(components, ["unet", "vae", "text_encoder", "text_encoder_2"]);
+    assert!(rows[0]["dtypes"].to_string().contains("q4_0"), "{rows:?}");
+    let rows = inspect_rows("gguf/tiny-sd15-unet-comfy-q4_k.gguf");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["component"], "unet");
+    assert_eq!(rows[0]["params"].as_u64(), Some(1_388_548));
+    assert!(rows[0]["dtypes"].to_string().contains("q4_k"), "{rows:?}");
+}
+
 #[test]
 fn inspect_reports_classes_and_parameter_counts() {
     let lines = inspect_rows("configs/sd15");

@@ -48,6 +48,20 @@ impl StoredTensor {
         self.shape.iter().product()
     }
 
+    /// Bytes of the stored data.
+    pub fn stored_bytes(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The stored type's name: ggml's for a GGUF tensor (`q4_k`), else the
+    /// safetensors dtype (`f16`).
+    pub fn type_name(&self) -> String {
+        match self.ggml {
+            Some(g) => g.name().to_lowercase(),
+            None => format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+
     /// Whether the stored values are ggml blocks (read by dequantising).
     pub fn is_quantized(&self) -> bool {
         self.ggml.is_some_and(GgmlType::is_quantized)
