@@ -277,7 +277,10 @@ fn inspect_reports_gguf_files() {
         .iter()
         .map(|r| r["component"].as_str().unwrap())
         .collect();
-    assert_eq!(components, ["unet", "vae", "text_encoder", "text_encoder_2"]);
+    assert_eq!(
+        components,
+        ["unet", "vae", "text_encoder", "text_encoder_2"]
+    );
     assert!(rows[0]["dtypes"].to_string().contains("q4_0"), "{rows:?}");
     let rows = inspect_rows("gguf/tiny-sd15-unet-comfy-q4_k.gguf");
     assert_eq!(rows.len(), 1, "{rows:?}");

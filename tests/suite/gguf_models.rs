@@ -243,3 +243,86 @@ fn comfy_sd3_gguf_loads_with_the_folder_around_it() {
     let db = psnr(&got, &want);
     assert!(db > 30.0, "Q8_0 SD 3 picture PSNR {db:.1} dB");
 }
+
+/// Runs the `convert` example.
+fn convert(src: &std::path::Path, dtype: &str, out: &std::path::Path) {
+    let status = std::process::Command::new(crate::examples::example("convert"))
+        .args([src.to_str().unwrap(), "--type", dtype, "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+/// GGUF out: the `convert` example writes a single file (names kept) and a diffusers
+/// folder (renamed to the original names, VAE attention as 1x1 convolutions, the
+/// second encoder under stable-diffusion.cpp's names) as GGUF; each loads back
+/// within its type's rounding of the source, and the picture stays close.
+#[test]
+fn converted_files_load_back() {
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let tmp = tempfile::tempdir().unwrap();
+    let sd15 = tmp.path().join("sd15-q8_0.gguf");
+    convert(&fixture("tiny-sd15.safetensors"), "q8_0", &sd15);
+    let file = SingleFile::open_with_configs(&sd15, fixture("tiny-sd15")).unwrap();
+    let original =
+        SingleFile::open_with_configs(fixture("tiny-sd15.safetensors"), fixture("tiny-sd15"))
+            .unwrap();
+    assert_within(
+        "unet",
+        &file.unet(&device, &opts).unwrap(),
+        &original.unet(&device, &opts).unwrap(),
+        1.0 / 100.0,
+    );
+    let case = common::Case::open("index.json", "pipelines/txt2img_euler_10");
+    let db = psnr_of_pictures(&case, &sd15, &fixture("tiny-sd15.safetensors"), "tiny-sd15");
+    assert!(db > 30.0, "converted Q8_0 picture PSNR {db:.1} dB");
+
+    let sdxl = tmp.path().join("sdxl-q4_0.gguf");
+    convert(&fixture("tiny-sdxl"), "q4_0", &sdxl);
+    let file = SingleFile::open_with_configs(&sdxl, fixture("tiny-sdxl")).unwrap();
+    let dir = stable_diffusion::io::DiffusersDir::open(fixture("tiny-sdxl")).unwrap();
+    let q4 = 1.0 / 7.0;
+    assert_within(
+        "unet",
+        &file.unet(&device, &opts).unwrap(),
+        &dir.unet(&device, &opts).unwrap(),
+        q4,
+    );
+    assert_within(
+        "vae",
+        &file.vae(&device, &opts).unwrap(),
+        &dir.vae(&device, &opts).unwrap(),
+        q4,
+    );
+    assert_within(
+        "text_encoder",
+        &file.text_encoder(&device, &opts).unwrap(),
+        &dir.text_encoder(&device, &opts).unwrap(),
+        q4,
+    );
+    assert_within(
+        "text_encoder_2",
+        &file.text_encoder_2(&device, &opts).unwrap(),
+        &dir.text_encoder_2(&device, &opts).unwrap(),
+        q4,
+    );
+    // K-quants are read, not yet written.
+    let out = std::process::Command::new(crate::examples::example("convert"))
+        .args([
+            fixture("tiny-sd15.safetensors").to_str().unwrap(),
+            "--type",
+            "q4_k",
+        ])
+        .arg("--out")
+        .arg(tmp.path().join("x.gguf"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writing Q4_K"));
+}

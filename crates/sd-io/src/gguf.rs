@@ -69,6 +69,47 @@ impl GgmlType {
         })
     }
 
+    /// ggml's numeric id of the type.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// The type named as ggml and stable-diffusion.cpp name it (`q4_k`, `Q8_0`,
+    /// `f16`; any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let all = [
+            Self::F32,
+            Self::F16,
+            Self::BF16,
+            Self::Q8_0,
+            Self::Q4_0,
+            Self::Q4_1,
+            Self::Q5_0,
+            Self::Q5_1,
+            Self::Q2K,
+            Self::Q3K,
+            Self::Q4K,
+            Self::Q5K,
+            Self::Q6K,
+        ];
+        all.into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
     /// Whether the type is a block quantisation (not F32, F16 or BF16).
     pub fn is_quantized(self) -> bool {
         !matches!(self, Self::F32 | Self::F16 | Self::BF16)
@@ -307,6 +348,12 @@ impl GgufFile {
         &self.tensors
     }
 
+    /// A tensor's stored bytes.
+    pub fn raw(&self, name: &str) -> Option<&[u8]> {
+        let t = self.tensors.get(name)?;
+        self.map.get(t.offset..t.offset + t.bytes)
+    }
+
     /// A tensor's values as f32, row-major in its PyTorch shape.
     ///
     /// # Errors
@@ -401,8 +448,7 @@ fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// ggml's `dequantize_row_*` for `dtype` over whole blocks.
-/// Dequantises whole blocks of `dtype` from `bytes` into `out` (its length in elements).
+/// Dequantises (ggml's `dequantize_row_*`) whole blocks of `dtype` from `bytes` into `out` (its length in elements).
 pub(crate) fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let (elems, size) = dtype.block();
     for (b, y) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(elems)) {

@@ -7,6 +7,8 @@ pub mod controlnet;
 pub mod depth;
 pub mod error;
 pub mod gguf;
+pub mod gguf_convert;
+pub mod gguf_write;
 pub mod image;
 pub mod ldm;
 pub mod loader;

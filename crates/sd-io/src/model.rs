@@ -822,8 +822,10 @@ fn hf_clip_mapping(
             if path == "text_projection.weight" && has_open_clip_projection {
                 return projection_key.clone();
             }
-            let rest = path.strip_prefix("text_model.").unwrap_or(path);
-            let key = format!("{root}{inner}{rest}");
+            let key = match path.strip_prefix("text_model.") {
+                Some(rest) => format!("{root}{inner}{rest}"),
+                None => format!("{root}{path}"),
+            };
             if !fused {
                 return key;
             }
