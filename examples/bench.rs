@@ -28,7 +28,7 @@ use std::time::Instant;
 use clap::Parser;
 use stable_diffusion::burn::module::Module;
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::burn::tensor::{DType, FloatDType};
+use stable_diffusion::burn::tensor::DType;
 use stable_diffusion::core::{Autoencoder, HiddenLayer, NoiseRng, Steps};
 use stable_diffusion::io::model::{read_text_encoder_config, read_unet_config, read_vae_config};
 use stable_diffusion::io::{ClipTokenizer, ComponentOptions, DiffusersDir};
@@ -282,7 +282,7 @@ fn run(args: Args) -> Result<(), common::AnyError> {
     let dtype_name = if args.f16 { "f16" } else { "f32" };
     let want = |c: &str| args.component == "all" || args.component == c;
     let d = DiffusersDir::open(&dir)?;
-    let cast = |dt: Option<DType>| dt.map(|d| common::Cast(FloatDType::from(d)));
+    let cast = |dt: Option<DType>| dt.map(stable_diffusion::io::CastParameters::new);
 
     let load_unet = || -> Result<UNet2DConditionModel, common::AnyError> {
         Ok(if real {
@@ -630,7 +630,7 @@ fn sd3_transformer(
             let config = read_sd3_transformer_config(&tdir.join("config.json"))?;
             let m = SD3Transformer2DModel::new(&config, device)?;
             match half {
-                Some(d) => m.map(&mut common::Cast(FloatDType::from(d))),
+                Some(d) => m.map(&mut stable_diffusion::io::CastParameters::new(d)),
                 None => m,
             }
         })

@@ -71,7 +71,7 @@ fn run(args: Args) -> Result<(), AnyError> {
             let config = read_depth_anything_config(config)?;
             let model = DepthAnythingForDepthEstimation::new(&config, &device)?;
             let model = match options.dtype {
-                Some(dtype) => model.map(&mut common::Cast(dtype.into())),
+                Some(dtype) => model.map(&mut stable_diffusion::io::CastParameters::new(dtype)),
                 None => model,
             };
             DepthEstimator::new(model, DepthImageProcessorConfig::default(), &device)

@@ -691,17 +691,3 @@ pub fn exit(result: Result<(), AnyError>) -> std::process::ExitCode {
         }
     }
 }
-
-/// Casts every float parameter of a module to a dtype (`module.map(&mut Cast(..))`):
-/// random-weight models built from configs, in f16 for timing.
-pub struct Cast(pub stable_diffusion::burn::tensor::FloatDType);
-
-impl stable_diffusion::burn::module::ModuleMapper for Cast {
-    fn map_float<const D: usize>(
-        &mut self,
-        param: stable_diffusion::burn::module::Param<Tensor<D>>,
-    ) -> stable_diffusion::burn::module::Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(move |t| t.cast(dtype))
-    }
-}

@@ -355,6 +355,59 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
     check_vae("flex", &device, &vae, "reference/vae.safetensors");
 }
 
+/// Half precision on the CPU is weight-only (issue 28): the weights of linear and
+/// convolution layers are stored f16 or bf16, everything else f32, and the U-Net
+/// computes in f32 (its kernels widen the weights as they read them), so it gives
+/// exactly what the f32 U-Net gives from the same (f16-representable) values; a
+/// graph through burn's ops (`CastParameters` on a model built elsewhere) agrees.
+#[test]
+fn half_weights_compute_in_f32_on_the_cpu() {
+    let device = Device::flex();
+    let dir = tiny();
+    let fp16 = |dtype| ComponentOptions {
+        dtype,
+        variant: Some("fp16".into()),
+    };
+    let full = dir.unet(&device, &fp16(None)).unwrap();
+    let r = Reference::open("reference/unet.safetensors");
+    let sample = r.tensor::<4>("sample", &device);
+    let ctx = r.tensor::<3>("encoder_hidden_states", &device);
+    let t = r.tensor::<1>("timestep_t500_float", &device);
+    let want = full
+        .forward(sample.clone(), t.clone(), ctx.clone())
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let unet = dir.unet(&device, &fp16(Some(dtype))).unwrap();
+        assert_eq!(unet.conv_in.weight.val().dtype(), dtype);
+        assert_eq!(
+            unet.conv_in.bias.as_ref().unwrap().val().dtype(),
+            DType::F32
+        );
+        assert_eq!(unet.dtype(), DType::F32, "computes in f32");
+        let out = unet
+            .forward(sample.clone(), t.clone(), ctx.clone())
+            .unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        if dtype == DType::F16 {
+            // f16 holds the fp16 file's values exactly.
+            let d = max_abs_diff(&out, &want);
+            assert!(d < 1e-5, "weight-only f16 vs f32: {d}");
+        } else {
+            assert_close("bf16 weights", &out, &r.floats("out_t500"), 5e-2);
+        }
+    }
+    // The same policy for a model built from its config and cast.
+    let config = dir.unet_config().unwrap();
+    let built = UNet2DConditionModel::new(&config, &device)
+        .unwrap()
+        .map(&mut stable_diffusion::io::CastParameters::new(DType::F16));
+    assert_eq!(built.dtype(), DType::F32);
+    assert_eq!(built.conv_in.weight.val().dtype(), DType::F16);
+}
+
 /// Text encoder, U-Net and VAE with f16 parameters, on every device whose backend
 /// has f16 (flex always; wgpu where the adapter has `shader-f16`), against the f32
 /// references within the fixtures README's f16 tolerance (5e-2).

@@ -107,6 +107,11 @@ impl<'a> KeyMapping<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// Float dtype the parameters get (`F32`, `F16` or `BF16`), whatever the file holds.
+    /// On burn's CPU backend `F16` / `BF16` go to the weight matrices of linear and
+    /// convolution layers only, the rest staying f32: the model then computes in f32,
+    /// its kernels widening the half-precision weights as they read them (half the
+    /// memory of the weights at f32 speed; burn's f16 ops on the CPU are several
+    /// times slower). Elsewhere every parameter gets it and the model computes in it.
     pub dtype: DType,
 }
 
@@ -121,6 +126,8 @@ struct Binder<'s, 'm> {
     mapping: &'s KeyMapping<'m>,
     dtype: DType,
     path: Vec<String>,
+    /// The container type of each module entered (`Struct:Linear`).
+    containers: Vec<String>,
     used: BTreeSet<String>,
     report: WeightsReport,
     error: Option<IoError>,
@@ -144,13 +151,68 @@ fn shape_fits(stored: &[usize], expected: &[usize]) -> bool {
         && stored.iter().product::<usize>() == expected.iter().product::<usize>()
 }
 
+impl Binder<'_, '_> {
+    fn param_dtype(&self, rank: usize, device: &Device) -> DType {
+        param_dtype(self.dtype, rank, self.containers.last(), device)
+    }
+}
+
+/// The dtype a parameter of rank `rank` in a module of `container` type gets when a
+/// model is asked for `dtype` ([`LoadOptions::dtype`]): half precision on the CPU
+/// backend for the weights of linear and convolution layers only, f32 for the rest.
+fn param_dtype(dtype: DType, rank: usize, container: Option<&String>, device: &Device) -> DType {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    if !half || !sd_kernels::is_host(device) {
+        return dtype;
+    }
+    let matrix =
+        rank >= 2 && container.is_some_and(|c| c == "Struct:Linear" || c == "Struct:Conv2d");
+    if matrix { dtype } else { DType::F32 }
+}
+
+/// Casts a module's float parameters as loading in `dtype` would
+/// ([`LoadOptions::dtype`]: on the CPU backend, half precision for linear and
+/// convolution weights only): `model.map(&mut CastParameters::new(DType::F16))`.
+#[derive(Debug, Clone)]
+pub struct CastParameters {
+    dtype: DType,
+    containers: Vec<String>,
+}
+
+impl CastParameters {
+    /// A cast to `dtype` (`F32`, `F16` or `BF16`).
+    pub fn new(dtype: DType) -> Self {
+        Self {
+            dtype,
+            containers: Vec::new(),
+        }
+    }
+}
+
+impl ModuleMapper for CastParameters {
+    fn enter_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.containers.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = param_dtype(self.dtype, D, self.containers.last(), &param.lazy_device());
+        param.map(move |t| t.cast(dtype))
+    }
+}
+
 impl ModuleMapper for Binder<'_, '_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.path.pop();
+        self.containers.pop();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -205,14 +267,11 @@ impl ModuleMapper for Binder<'_, '_> {
             return param;
         }
         let half = expected.first().copied().unwrap_or(0) / 2;
+        let dtype = self.param_dtype(D, &param.lazy_device());
         let read = match rows {
-            Some((start, n)) => self
-                .source
-                .read_float_rows(&key, self.dtype, expected, start, n),
-            None if transposed => self
-                .source
-                .read_float(&key, self.dtype, stored.shape.clone()),
-            None => self.source.read_float(&key, self.dtype, expected),
+            Some((start, n)) => self.source.read_float_rows(&key, dtype, expected, start, n),
+            None if transposed => self.source.read_float(&key, dtype, stored.shape.clone()),
+            None => self.source.read_float(&key, dtype, expected),
         };
         let data = match read {
             Ok(d) => d,
@@ -223,7 +282,7 @@ impl ModuleMapper for Binder<'_, '_> {
         };
         self.used.insert(key);
         let device = param.lazy_device();
-        let tensor = Tensor::<D>::from_data(data, (&device, self.dtype));
+        let tensor = Tensor::<D>::from_data(data, (&device, dtype));
         let tensor = if transposed {
             tensor.transpose()
         } else if swapped {
@@ -260,6 +319,7 @@ pub fn load_module<M: Module>(
         mapping,
         dtype: options.dtype,
         path: Vec::new(),
+        containers: Vec::new(),
         used: BTreeSet::new(),
         report: WeightsReport::default(),
         error: None,

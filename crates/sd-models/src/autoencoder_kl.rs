@@ -326,7 +326,7 @@ impl AutoencoderKL {
 
     /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.encoder.conv_in.weight.val().dtype()
+        crate::norm::compute_dtype_conv(&self.encoder.conv_in)
     }
 
     /// Encoder moments `quant_conv(encoder(x))`, tiled as [`Self::tiling`] says for

@@ -222,7 +222,7 @@ impl AutoencoderTiny {
     /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> burn::tensor::DType {
         match self.decoder.layers.first() {
-            Some(TinyLayer::Conv(c)) => c.weight.dtype(),
+            Some(TinyLayer::Conv(c)) => crate::norm::compute_dtype_conv(c),
             _ => burn::tensor::DType::F32,
         }
     }

@@ -111,7 +111,7 @@ pub struct ControlNetModel {
 impl ControlNetModel {
     /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.conv_in.weight.val().dtype()
+        crate::norm::compute_dtype_conv(&self.conv_in)
     }
 
     /// Builds the model from a config (weights initialised at random, to be

@@ -313,7 +313,7 @@ impl DepthAnythingForDepthEstimation {
         let [_, _, h, w] = pixel_values.dims();
         let p = self.patch_size();
         let (ph, pw) = (h / p, w / p);
-        let dtype = self.head.conv3.weight.val().dtype();
+        let dtype = crate::norm::compute_dtype_conv(&self.head.conv3);
         let features = self.backbone.forward(to_dtype(pixel_values, dtype));
         let fused = self.neck.forward(features, ph, pw);
         to_f32(

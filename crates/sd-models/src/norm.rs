@@ -139,3 +139,22 @@ pub fn layer_norm_plain<const D: usize>(x: Tensor<D>, epsilon: f64) -> Tensor<D>
     let variance = centered.clone().powi_scalar(2).mean_dim(D - 1);
     to_dtype(centered * (variance + epsilon).sqrt().recip(), dtype)
 }
+
+/// The dtype a model whose first layer is `conv` computes in: its bias's (weight
+/// matrices may be stored narrower than the model computes, as half-precision
+/// weights on the CPU are), else its weight's.
+pub(crate) fn compute_dtype_conv(conv: &burn::nn::conv::Conv2d) -> burn::tensor::DType {
+    conv.bias
+        .as_ref()
+        .map(|b| b.val().dtype())
+        .unwrap_or_else(|| conv.weight.val().dtype())
+}
+
+/// [`compute_dtype_conv`] for a linear layer.
+pub(crate) fn compute_dtype_linear(linear: &burn::nn::Linear) -> burn::tensor::DType {
+    linear
+        .bias
+        .as_ref()
+        .map(|b| b.val().dtype())
+        .unwrap_or_else(|| linear.weight.val().dtype())
+}

@@ -88,7 +88,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
         // The time embedding is a bias per image and channel of conv1's output.
         let t = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => Some(proj.forward(silu(temb))),
+            (Some(proj), Some(temb)) => Some(sd_kernels::ops::linear_forward(proj, silu(temb))),
             _ => None,
         };
         let h = conv_forward_add(&self.conv1, self.norm1.forward_silu(x.clone()), t, None);

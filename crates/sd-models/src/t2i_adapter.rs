@@ -114,7 +114,7 @@ pub struct T2IAdapter {
 impl T2IAdapter {
     /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.adapter.body[0].resnets[0].block1.weight.val().dtype()
+        crate::norm::compute_dtype_conv(&self.adapter.body[0].resnets[0].block1)
     }
 
     /// Builds the adapter from a config (weights to be loaded).

@@ -189,7 +189,7 @@ impl SD3Transformer2DModel {
 
     /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.proj_out.weight.val().dtype()
+        crate::norm::compute_dtype_linear(&self.proj_out)
     }
 
     /// Latent channels in.

@@ -46,7 +46,7 @@ impl UNet2DConditionModel {
     /// The dtype its weights are stored and computed in (f32, or f16 / bf16 as
     /// loaded); inputs are cast to it and outputs back.
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.conv_in.weight.val().dtype()
+        crate::norm::compute_dtype_conv(&self.conv_in)
     }
 
     /// Builds the model from a config (weights lazily initialised at random, to be

@@ -122,7 +122,9 @@ impl LoraSpec {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Float dtype of the U-Net (`F32` when `None`; `F16`/`BF16` halve its memory).
-    /// The text encoder stays f32.
+    /// On the CPU backend only the weights of linear and convolution layers take it
+    /// and the U-Net computes in f32 at f32 speed (see [`sd_io::LoadOptions::dtype`]);
+    /// on GPUs it computes in that dtype. The text encoder stays f32.
     pub unet_dtype: Option<DType>,
     /// Float dtype of the VAE (`F32` when `None`). A VAE whose config does not say
     /// `force_upcast: false` stays f32, as diffusers upcasts it in f16 pipelines (the

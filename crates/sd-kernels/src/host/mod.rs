@@ -88,6 +88,98 @@ pub(crate) fn with_view<const D: usize, R>(
     }))
 }
 
+/// Calls `f` with an f32 view of a weight of the CPU backend: f32 weights in place
+/// (as [`with_view`]), f16 and bf16 ones widened into a pooled scratch buffer with
+/// the same strides (the span they cover, converted in parallel), so the kernels
+/// compute in f32 from half-precision storage. `None` for other dtypes, devices or
+/// negative strides.
+pub(crate) fn with_weight_view<const D: usize, R>(
+    w: &Tensor<D>,
+    f: impl FnOnce(HostView<'_>) -> R,
+) -> Option<R> {
+    use burn_dispatch::{BackendTensor, DispatchTensorKind};
+    if w.dtype() == DType::F32 {
+        return with_view(w, f);
+    }
+    let bridge = w.clone().into_bridge();
+    let (_, dispatch) = bridge.as_parts();
+    let DispatchTensorKind::Flex(BackendTensor::Float(t)) = &dispatch.kind else {
+        return None;
+    };
+    let layout = t.layout();
+    if layout.strides().iter().any(|s| *s < 0) {
+        return None;
+    }
+    let dims = w.dims();
+    let span = if dims.contains(&0) {
+        0
+    } else {
+        1 + dims
+            .iter()
+            .zip(layout.strides())
+            .map(|(d, s)| (d - 1) * *s as usize)
+            .sum::<usize>()
+    };
+    let start = layout.start_offset();
+    let mut buf = take_scratch(span);
+    match t.dtype() {
+        DType::F16 => widen(&t.storage::<half::f16>()[start..start + span], &mut buf),
+        DType::BF16 => widen(&t.storage::<half::bf16>()[start..start + span], &mut buf),
+        _ => {
+            give_scratch(buf);
+            return None;
+        }
+    }
+    let r = f(HostView {
+        data: &buf,
+        strides: layout.strides().to_vec(),
+    });
+    give_scratch(buf);
+    Some(r)
+}
+
+/// [`with_weight_view`] for several weights at once.
+pub(crate) fn with_weight_views<const D: usize, R>(
+    tensors: &[Tensor<D>],
+    f: impl FnOnce(&[HostView<'_>]) -> R,
+) -> Option<R> {
+    fn nest<const D: usize, R>(
+        tensors: &[Tensor<D>],
+        held: Vec<HostView<'_>>,
+        f: &mut dyn FnMut(&[HostView<'_>]) -> R,
+    ) -> Option<R> {
+        match tensors.split_first() {
+            None => Some(f(&held)),
+            Some((t, rest)) => with_weight_view(t, move |v| {
+                let mut all = Vec::with_capacity(held.len() + 1);
+                all.extend(held);
+                all.push(v);
+                nest(rest, all, f)
+            })
+            .flatten(),
+        }
+    }
+    let mut f = Some(f);
+    nest(tensors, Vec::new(), &mut |views: &[HostView<'_>]| {
+        (f.take().expect("called once"))(views)
+    })
+}
+
+/// Half-precision values to f32, in parallel chunks (`half`'s conversion uses the
+/// CPU's F16C instructions where it has them).
+fn widen<T>(src: &[T], dst: &mut [f32])
+where
+    T: Copy + Send + Sync,
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
+}
+
 /// Whether `x` alone references its storage (so it can be overwritten in place
 /// without a copy), and `x` back.
 pub(crate) fn is_unique<const D: usize>(x: Tensor<D>) -> (bool, Tensor<D>) {

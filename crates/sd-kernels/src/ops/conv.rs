@@ -34,7 +34,7 @@ pub fn conv_forward_add(
     {
         return y;
     }
-    let mut y = conv.forward(x);
+    let mut y = burn_conv(conv, x);
     if let Some(t) = image_bias {
         let [b, c] = t.dims();
         y = y + t.reshape([b, c, 1, 1]);
@@ -45,6 +45,21 @@ pub fn conv_forward_add(
     }
 }
 
+/// burn's `conv.forward(x)`, its parameters cast to `x`'s dtype where stored
+/// narrower (half-precision weights under f32 activations).
+fn burn_conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let dtype = x.dtype();
+    if conv.weight.val().dtype() == dtype
+        && conv.bias.as_ref().is_none_or(|b| b.val().dtype() == dtype)
+    {
+        return conv.forward(x);
+    }
+    let mut cast = conv.clone();
+    cast.weight = cast.weight.map(|w| w.cast(dtype));
+    cast.bias = cast.bias.map(|b| b.map(|b| b.cast(dtype)));
+    cast.forward(x)
+}
+
 #[cfg(feature = "flex")]
 fn host_conv(
     conv: &Conv2d,
@@ -53,7 +68,7 @@ fn host_conv(
     residual: Option<&Tensor<4>>,
 ) -> Option<Tensor<4>> {
     use crate::host::conv::{ConvAdd, ConvShape, conv2d_add};
-    use crate::host::with_view;
+    use crate::host::{with_view, with_weight_view};
     let padding = match conv.padding {
         PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
         PaddingConfig2d::Valid => [0; 4],
@@ -121,7 +136,7 @@ fn host_conv(
             })
         })
     };
-    let out = with_view(&weight, |wv| {
+    let out = with_weight_view(&weight, |wv| {
         if !wv.is_contiguous(&[c_out, c_in, kh, kw]) {
             return None;
         }

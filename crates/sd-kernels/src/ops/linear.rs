@@ -18,7 +18,27 @@ pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D
     if let Some(mut ys) = host_linears(&[linear], &x, &[], false) {
         return ys.pop().expect("one output");
     }
-    linear.forward(x)
+    burn_linear(linear, x)
+}
+
+/// burn's `linear.forward(x)`, its parameters cast to `x`'s dtype where stored
+/// narrower (half-precision weights under f32 activations).
+fn burn_linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let weight = linear.weight.val();
+    if weight.dtype() == dtype
+        && linear
+            .bias
+            .as_ref()
+            .is_none_or(|b| b.val().dtype() == dtype)
+    {
+        return linear.forward(x);
+    }
+    burn::tensor::module::linear(
+        x,
+        weight.cast(dtype),
+        linear.bias.as_ref().map(|b| b.val().cast(dtype)),
+    )
 }
 
 /// `linear.forward(x) + residual`, the residual add folded into the product on the
@@ -35,7 +55,7 @@ pub fn linear_forward_residual<const D: usize>(
     if let Some(mut ys) = host_linears(&[linear], &x, std::slice::from_ref(&residual), false) {
         return ys.pop().expect("one output");
     }
-    linear.forward(x) + residual
+    burn_linear(linear, x) + residual
 }
 
 /// `[linear.forward(x) for linear in linears]`: on the CPU backend one pass over all
@@ -90,7 +110,7 @@ pub(crate) fn host_linears<const D: usize>(
 ) -> Option<Vec<Tensor<D>>> {
     use crate::host::linear::{Matrix, linear_geglu, linear_many};
     use crate::host::panel_gemm::StreamPart;
-    use crate::host::with_views;
+    use crate::host::{with_views, with_weight_views};
     if !(D == 2 || D == 3)
         || !crate::host::applies(x)
         || residuals.iter().any(|r| !crate::host::applies(r))
@@ -106,9 +126,12 @@ pub(crate) fn host_linears<const D: usize>(
         .collect();
     let dims = x.dims();
     let d_in = dims[D - 1];
-    let f32_only = weights.iter().all(|w| w.dtype() == DType::F32)
+    // Half-precision weights are widened as they are read; biases are f32.
+    let f32_compute = weights
+        .iter()
+        .all(|w| matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16))
         && biases.iter().flatten().all(|b| b.dtype() == DType::F32);
-    if !f32_only || weights.iter().any(|w| w.dims()[0] != d_in) {
+    if !f32_compute || weights.iter().any(|w| w.dims()[0] != d_in) {
         return None;
     }
     // Biases are a few KB: copied rather than viewed.
@@ -131,7 +154,7 @@ pub(crate) fn host_linears<const D: usize>(
     let operands: Vec<Tensor<D>> = std::iter::once(x.clone())
         .chain(residuals.iter().cloned())
         .collect();
-    let outs = with_views(&weights, |ws| {
+    let outs = with_weight_views(&weights, |ws| {
         with_views(&operands, |views| {
             let (xv, rvs) = views.split_first().expect("the input is first");
             let contiguous = rvs.iter().zip(&d_outs).all(|(rv, &d_out)| {
