@@ -326,3 +326,45 @@ fn converted_files_load_back() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("writing Q4_K"));
 }
+
+/// A T5 encoder GGUF in llama.cpp's names (the T5-XXL files ComfyUI users keep beside
+/// SD 3 checkpoints) is recognised as T5 and loads within Q8_0's rounding of the
+/// folder's encoder; the SD 3 pipeline takes it as a text encoder file.
+#[test]
+fn llama_cpp_t5_gguf_loads_as_text_encoder_3() {
+    use stable_diffusion::io::sd3_single_file::{
+        TextEncoderFile, recognise_text_encoder_file, t5_encoder_from_file,
+    };
+    let device = Device::flex();
+    let opts = ComponentOptions::default();
+    let path = gguf("tiny-t5-q8_0.gguf");
+    let source = stable_diffusion::io::WeightSource::open(&path).unwrap();
+    assert_eq!(
+        recognise_text_encoder_file(&source),
+        Some(TextEncoderFile::T5)
+    );
+    let config =
+        stable_diffusion::io::sd3::read_t5_config(&fixture("tiny-sd3/text_encoder_3/config.json"))
+            .unwrap();
+    let from_gguf = t5_encoder_from_file(&path, &config, &device, &opts).unwrap();
+    let from_dir = t5_encoder_from_file(
+        fixture("tiny-sd3/text_encoder_3/model.safetensors"),
+        &config,
+        &device,
+        &opts,
+    )
+    .unwrap();
+    assert_within("t5", &from_gguf, &from_dir, 1.0 / 100.0);
+    let options = LoadOptions {
+        config: Some(fixture("tiny-sd3")),
+        text_encoder_files: vec![path],
+        ..LoadOptions::default()
+    };
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        fixture("tiny-sd3.safetensors"),
+        &device,
+        &options,
+    )
+    .unwrap();
+    assert!(pipe.text_encoders().text_encoder_3().is_some());
+}

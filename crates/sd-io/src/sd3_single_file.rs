@@ -482,13 +482,59 @@ fn load_t5(
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
     let model = T5EncoderModel::new(config, device).map_err(config_err(&path))?;
+    let llama_cpp = source
+        .get(&format!("{prefix}{LLAMA_CPP_T5_MARKER}"))
+        .is_some();
     let mapping = KeyMapping {
-        key_of: Box::new(move |p: &str| format!("{prefix}{}", sd_models::t5::t5_key(p))),
+        key_of: Box::new(move |p: &str| {
+            let key = sd_models::t5::t5_key(p);
+            if llama_cpp {
+                format!("{prefix}{}", llama_cpp_t5_key(&key))
+            } else {
+                format!("{prefix}{key}")
+            }
+        }),
         prefix: prefix.into(),
         ignorable: Box::new(move |k| k == format!("{prefix}encoder.embed_tokens.weight")),
         ..KeyMapping::t5()
     };
     load_module(model, source, &mapping, options.load(), "text_encoder_3")
+}
+
+/// A tensor every T5 encoder GGUF file in llama.cpp's names has.
+const LLAMA_CPP_T5_MARKER: &str = "enc.blk.0.attn_q.weight";
+
+/// The name llama.cpp's `convert_hf_to_gguf.py` gives a transformers T5 encoder key
+/// (the T5-XXL GGUF files ComfyUI users keep: `enc.blk.N.attn_q`, `ffn_gate`,
+/// `token_embd`...); other keys come back unchanged.
+pub fn llama_cpp_t5_key(key: &str) -> String {
+    match key {
+        "shared.weight" => return "token_embd.weight".into(),
+        "encoder.final_layer_norm.weight" => return "enc.output_norm.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = key.strip_prefix("encoder.block.") else {
+        return key.to_string();
+    };
+    let Some((i, tail)) = rest.split_once('.') else {
+        return key.to_string();
+    };
+    let leaf = match tail {
+        "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b.weight",
+        "layer.0.SelfAttention.q.weight" => "attn_q.weight",
+        "layer.0.SelfAttention.k.weight" => "attn_k.weight",
+        "layer.0.SelfAttention.v.weight" => "attn_v.weight",
+        "layer.0.SelfAttention.o.weight" => "attn_o.weight",
+        "layer.0.layer_norm.weight" => "attn_norm.weight",
+        "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate.weight",
+        "layer.1.DenseReluDense.wi_1.weight" | "layer.1.DenseReluDense.wi.weight" => {
+            "ffn_up.weight"
+        }
+        "layer.1.DenseReluDense.wo.weight" => "ffn_down.weight",
+        "layer.1.layer_norm.weight" => "ffn_norm.weight",
+        _ => return key.to_string(),
+    };
+    format!("enc.blk.{i}.{leaf}")
 }
 
 /// Which text encoder a file of its own holds.
@@ -509,9 +555,11 @@ pub fn recognise_text_encoder_file(source: &WeightSource) -> Option<TextEncoderF
     if let Some(t) = source.get("text_model.embeddings.token_embedding.weight") {
         return t.shape.get(1).map(|&width| TextEncoderFile::Clip { width });
     }
-    source
+    let t5 = source
         .get("encoder.block.0.layer.0.SelfAttention.q.weight")
-        .map(|_| TextEncoderFile::T5)
+        .is_some()
+        || source.get(LLAMA_CPP_T5_MARKER).is_some();
+    t5.then_some(TextEncoderFile::T5)
 }
 
 /// A CLIP text encoder (with its projection where `config` has one) from a file of
@@ -529,7 +577,8 @@ pub fn clip_text_encoder_from_file(
     load_clip(&source, "", config, device, options, "text_encoder")
 }
 
-/// A T5 encoder from a file of its own in transformers naming.
+/// A T5 encoder from a file of its own in transformers naming, or GGUF in
+/// llama.cpp's ([`llama_cpp_t5_key`]).
 ///
 /// # Errors
 /// An unreadable file, missing or mismatched keys.
