@@ -368,3 +368,31 @@ fn llama_cpp_t5_gguf_loads_as_text_encoder_3() {
     .unwrap();
     assert!(pipe.text_encoders().text_encoder_3().is_some());
 }
+
+/// The quality example converts the model to each type, generates, and prints one
+/// table row per type with its PSNR against f32 (docs/quantization.md's table).
+#[test]
+fn quantization_quality_prints_a_row_per_type() {
+    let out = std::process::Command::new(crate::examples::example("quantization_quality"))
+        .args(["--model", fixture("tiny-sd15").to_str().unwrap()])
+        .args(["--types", "q8_0,q4_0", "--steps", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| q")).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in rows {
+        let db: f64 = row
+            .rsplit('|')
+            .nth(1)
+            .and_then(|c| c.trim().strip_suffix(" dB"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{row}"));
+        assert!(db > 25.0, "{row}");
+    }
+}
