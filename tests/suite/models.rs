@@ -261,10 +261,14 @@ fn tiled_vae_matches_diffusers() {
             &r.floats("moments"),
             t,
         );
-        // The default (auto) leaves images this small whole.
-        let whole = vae.clone().with_tiling(VaeTiling::default());
-        let untiled = whole.decode(r.tensor::<4>("latents", &device)).unwrap();
-        assert!(max_abs_diff(&untiled, &r.floats("decoded")) > 1e-3);
+        // The default (auto) leaves images this small whole: a policy of the model,
+        // not of the device, checked once (a whole decode on lavapipe compiles its
+        // own shaders for another ~20 s of CI).
+        if name == "flex" {
+            let whole = vae.clone().with_tiling(VaeTiling::default());
+            let untiled = whole.decode(r.tensor::<4>("latents", &device)).unwrap();
+            assert!(max_abs_diff(&untiled, &r.floats("decoded")) > 1e-3);
+        }
     }
 }
 
