@@ -186,7 +186,9 @@ pub struct CommonArgs {
     #[arg(long)]
     pub lora: Vec<String>,
     /// Run the U-Net in f16; the VAE too when its config says `force_upcast: false`
-    /// (SDXL's fp16-fix VAE, e.g. `--vae sdxl-vae-fp16-fix`), else it stays f32.
+    /// (SDXL's fp16-fix VAE, e.g. `--vae sdxl-vae-fp16-fix`), else it stays f32. On
+    /// the CPU the weights are stored f16 and computed in f32: half the memory at f32
+    /// speed.
     #[arg(long)]
     pub f16: bool,
     /// Encode prompts longer than 77 tokens in 75-token windows (A1111 style).
