@@ -20,6 +20,7 @@ use stable_diffusion::burn::prelude::*;
 use stable_diffusion::io::DiffusersDir;
 use stable_diffusion::io::gguf::{GgmlType, GgufValue};
 use stable_diffusion::io::gguf_convert::{ConvertInput, convert_to_gguf};
+use stable_diffusion::io::image::psnr;
 use stable_diffusion::prelude::{GenerationRequest, LoadOptions, StableDiffusionPipeline};
 
 #[derive(Parser)]
@@ -76,16 +77,6 @@ fn picture(
     Ok((latents, g.images[0].image.as_raw().clone()))
 }
 
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum::<f64>()
-        / a.len().max(1) as f64;
-    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
-}
-
 fn run(args: &Args) -> Result<(), AnyError> {
     let device = Device::flex();
     let (want_latents, want_rgb) = picture(&args.model, args, &device)?;
@@ -113,7 +104,7 @@ fn run(args: &Args) -> Result<(), AnyError> {
         println!(
             "| {name} | {:.1} | {max:.4} | {rms:.5} | {:.1} dB |",
             report.bytes_out as f64 / 1e6,
-            psnr(&rgb, &want_rgb)
+            psnr(&rgb, &want_rgb).ok_or("pictures of different sizes")?
         );
         std::fs::remove_file(&out)?;
     }

@@ -13,29 +13,20 @@ use crate::common;
 use common::fixture;
 use stable_diffusion::burn::module::Module;
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::io::save::module_tensors;
 use stable_diffusion::io::{ComponentOptions, Sd3SingleFile, SingleFile};
-use stable_diffusion::models::diffusers_key;
 use stable_diffusion::pipelines::{LoadOptions, ModelFamily, StableDiffusionPipeline};
 
 fn gguf(name: &str) -> std::path::PathBuf {
     fixture(&format!("gguf/{name}"))
 }
 
-/// Every float parameter by its diffusers name.
-fn parameters<M: Module>(m: &M) -> Vec<(String, Vec<f32>)> {
-    let mut v: Vec<_> = module_tensors(m, &|p| diffusers_key(p), &|_, s| s)
-        .into_iter()
-        .map(|t| (t.key, t.values))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 /// Each parameter of `got` within `rel` of the largest magnitude of `want`'s (a
 /// block quantisation's error is a fraction of its block's range).
 fn assert_within<M: Module>(what: &str, got: &M, want: &M, rel: f32) {
-    let (got, want) = (parameters(got), parameters(want));
+    let (got, want) = (
+        common::module_parameters(got),
+        common::module_parameters(want),
+    );
     assert_eq!(got.len(), want.len(), "{what}: parameter count");
     for ((kg, g), (kw, w)) in got.iter().zip(&want) {
         assert_eq!(kg, kw, "{what}");
@@ -48,16 +39,9 @@ fn assert_within<M: Module>(what: &str, got: &M, want: &M, rel: f32) {
     }
 }
 
-/// PSNR in dB of two 8-bit pictures.
+/// PSNR in dB of two pictures of one size.
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
+    stable_diffusion::io::image::psnr(a, b).expect("pictures of one size")
 }
 
 /// The same case generated from `file` and from `original` (both with `config`).
@@ -245,12 +229,17 @@ fn comfy_sd3_gguf_loads_with_the_folder_around_it() {
 }
 
 /// Runs the `convert` example.
-fn convert(src: &std::path::Path, dtype: &str, out: &std::path::Path) {
-    let status = std::process::Command::new(crate::examples::example("convert"))
+fn run_convert(src: &std::path::Path, dtype: &str, out: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(crate::examples::example("convert"))
         .args([src.to_str().unwrap(), "--type", dtype, "--out"])
         .arg(out)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the `convert` example, which must succeed.
+fn convert(src: &std::path::Path, dtype: &str, out: &std::path::Path) {
+    let status = run_convert(src, dtype, out);
     assert!(
         status.status.success(),
         "{}",
@@ -313,16 +302,11 @@ fn converted_files_load_back() {
         q4,
     );
     // K-quants are read, not yet written.
-    let out = std::process::Command::new(crate::examples::example("convert"))
-        .args([
-            fixture("tiny-sd15.safetensors").to_str().unwrap(),
-            "--type",
-            "q4_k",
-        ])
-        .arg("--out")
-        .arg(tmp.path().join("x.gguf"))
-        .output()
-        .unwrap();
+    let out = run_convert(
+        &fixture("tiny-sd15.safetensors"),
+        "q4_k",
+        &tmp.path().join("x.gguf"),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("writing Q4_K"));
 }

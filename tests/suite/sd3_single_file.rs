@@ -10,27 +10,15 @@ use crate::common;
 
 use common::{Reference, assert_close, fixture};
 use stable_diffusion::burn::prelude::*;
-use stable_diffusion::io::save::module_tensors;
 use stable_diffusion::io::sd3::read_sd3_transformer_config;
 use stable_diffusion::io::sd3_single_file::{
     CLIP_G_PREFIX, CLIP_L_PREFIX, TextEncoderFile, recognise_text_encoder_file,
 };
 use stable_diffusion::io::{ComponentOptions, DiffusersDir, Sd3SingleFile, WeightSource};
-use stable_diffusion::models::diffusers_key;
 use stable_diffusion::pipelines::{LoadOptions, ModelFamily, StableDiffusionPipeline};
 
-/// Every float parameter, keyed by its diffusers name.
-fn parameters<M: stable_diffusion::burn::module::Module>(m: &M) -> Vec<(String, Vec<f32>)> {
-    let mut v: Vec<_> = module_tensors(m, &|p| diffusers_key(p), &|_, s| s)
-        .into_iter()
-        .map(|t| (t.key, t.values))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 fn assert_same<M: stable_diffusion::burn::module::Module>(what: &str, a: &M, b: &M) {
-    let (a, b) = (parameters(a), parameters(b));
+    let (a, b) = (common::module_parameters(a), common::module_parameters(b));
     assert_eq!(a.len(), b.len(), "{what}: parameter count");
     for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
         assert_eq!(ka, kb, "{what}");

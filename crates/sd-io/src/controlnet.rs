@@ -95,7 +95,7 @@ pub fn controlnet_config_from_file(path: &Path) -> Result<ControlNetConfig, IoEr
 
 /// `control_model.` when the file holds it, `""` for a ControlNet saved alone.
 fn original_root(path: &Path, source: &WeightSource) -> Result<&'static str, IoError> {
-    let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+    let has = |k: &str| source.has_prefix(k);
     if has(&format!("{CONTROLNET_PREFIX}input_hint_block.")) {
         Ok(CONTROLNET_PREFIX)
     } else if has("input_hint_block.") {

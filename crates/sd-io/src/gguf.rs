@@ -49,24 +49,26 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type this reader knows.
+    pub const ALL: [Self; 13] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
     /// The type of ggml's numeric id, if this reader knows it.
     pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|t| t.id() == id)
     }
 
     /// ggml's numeric id of the type.
@@ -91,22 +93,8 @@ impl GgmlType {
     /// The type named as ggml and stable-diffusion.cpp name it (`q4_k`, `Q8_0`,
     /// `f16`; any case).
     pub fn from_name(name: &str) -> Option<Self> {
-        let all = [
-            Self::F32,
-            Self::F16,
-            Self::BF16,
-            Self::Q8_0,
-            Self::Q4_0,
-            Self::Q4_1,
-            Self::Q5_0,
-            Self::Q5_1,
-            Self::Q2K,
-            Self::Q3K,
-            Self::Q4K,
-            Self::Q5K,
-            Self::Q6K,
-        ];
-        all.into_iter()
+        Self::ALL
+            .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 

@@ -236,13 +236,13 @@ pub fn convert_to_gguf(
             .entry(dtype.name().to_lowercase())
             .or_default() += 1;
         report.bytes_in += stored.stored_bytes() as u64;
-        let (elems, size) = dtype.block();
-        report.bytes_out += (stored.numel() / elems * size) as u64;
-        plan.push(TensorPlan {
+        let t = TensorPlan {
             name: e.name.clone(),
             shape: e.shape.clone(),
             dtype,
-        });
+        };
+        report.bytes_out += t.bytes() as u64;
+        plan.push(t);
     }
     let by_name: BTreeMap<&str, &ConvertEntry> =
         entries.iter().map(|e| (e.name.as_str(), e)).collect();

@@ -178,7 +178,8 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
-    fn bytes(&self) -> usize {
+    /// Bytes of the tensor's data in its type.
+    pub fn bytes(&self) -> usize {
         let (elems, size) = self.dtype.block();
         self.shape.iter().product::<usize>() / elems * size
     }

@@ -546,6 +546,22 @@ pub fn save_gif(
     Ok(())
 }
 
+/// PSNR in dB of two 8-bit pictures of the same size (any channel layout, as
+/// long as both share it); `None` when their lengths differ or they are empty.
+/// Identical pictures give a finite ~168 dB (the error is floored at 1e-12).
+pub fn psnr(a: &[u8], b: &[u8]) -> Option<f64> {
+    if a.len() != b.len() || a.is_empty() {
+        return None;
+    }
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    Some(10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10())
+}
+
 #[cfg(test)]
 mod animation_tests {
     use super::save_gif;

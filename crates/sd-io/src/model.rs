@@ -196,10 +196,7 @@ pub fn text_encoder_from_dir(
         config.architectures = vec!["CLIPTextModelWithProjection".into()];
     }
     let model = ClipTextModel::new(&config, device).map_err(config_err(&path))?;
-    let prefixed = source
-        .tensors()
-        .keys()
-        .any(|k| k.starts_with("text_model."));
+    let prefixed = source.has_prefix("text_model.");
     let mapping = if prefixed {
         KeyMapping::diffusers()
     } else {
@@ -418,7 +415,7 @@ struct Layout {
 
 impl Layout {
     fn of(source: &WeightSource) -> Self {
-        let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+        let has = |k: &str| source.has_prefix(k);
         let unet = if source.get("input_blocks.0.0.weight").is_some() && !has(ldm::UNET_PREFIX) {
             ""
         } else {
@@ -522,7 +519,7 @@ impl SingleFile {
         let source = open_checkpoint(path)?;
         let layout = Layout::of(&source);
         let u = layout.unet;
-        let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+        let has = |k: &str| source.has_prefix(k);
         let label_emb = source.get(&format!("{u}label_emb.0.0.weight"));
         if has("conditioner.embedders.") || has(SD_CPP_TEXT_ENCODER_2_PREFIX) || label_emb.is_some()
         {
@@ -598,14 +595,13 @@ impl SingleFile {
     /// Whether the file holds text encoders (a U-Net stored alone does not: its
     /// encoders come from the model's folder).
     pub fn has_text_encoders(&self) -> bool {
-        let has = |k: &str| self.source.tensors().keys().any(|t| t.starts_with(k));
-        has("cond_stage_model.") || has("conditioner.embedders.")
+        self.source.has_prefix("cond_stage_model.")
+            || self.source.has_prefix("conditioner.embedders.")
     }
 
     /// Whether the file holds the VAE (`first_stage_model.*`).
     pub fn has_vae(&self) -> bool {
-        let p = ldm::VAE_PREFIX;
-        self.source.tensors().keys().any(|t| t.starts_with(p))
+        self.source.has_prefix(ldm::VAE_PREFIX)
     }
 
     /// Whether the checkpoint is SDXL (text encoders under `conditioner.*`), base or
@@ -647,7 +643,7 @@ impl SingleFile {
         let model = ClipTextModel::new(config, device).map_err(config_err(&self.path))?;
         let p = self.layout.text_encoder_2;
         let layers = config.num_hidden_layers;
-        if self.has_under(&format!("{p}text_model.")) {
+        if self.source.has_prefix(&format!("{p}text_model.")) {
             let mapping = hf_clip_mapping(&self.source, p, config);
             return load_module(
                 model,
@@ -761,12 +757,7 @@ impl SingleFile {
                 self.path.display()
             )));
         }
-        if self
-            .source
-            .tensors()
-            .keys()
-            .any(|k| k.starts_with(ldm::OPEN_CLIP_PREFIX))
-        {
+        if self.source.has_prefix(ldm::OPEN_CLIP_PREFIX) {
             return self.open_clip_text_encoder(device, options);
         }
         let model =
@@ -782,12 +773,6 @@ impl SingleFile {
     }
 }
 
-impl SingleFile {
-    fn has_under(&self, prefix: &str) -> bool {
-        self.source.tensors().keys().any(|k| k.starts_with(prefix))
-    }
-}
-
 /// The keys of a CLIP text encoder stored in transformers' names under `root`
 /// (`text_model.` after it or not), as the original files keep CLIP ViT-L and
 /// stable-diffusion.cpp keeps every encoder: q, k, v apart or fused into
@@ -800,8 +785,7 @@ fn hf_clip_mapping(
     root: &'static str,
     config: &ClipTextConfig,
 ) -> KeyMapping<'static> {
-    let under = |p: &str| source.tensors().keys().any(|k| k.starts_with(p));
-    let inner = if under(&format!("{root}text_model.")) {
+    let inner = if source.has_prefix(&format!("{root}text_model.")) {
         "text_model."
     } else {
         ""
@@ -813,6 +797,7 @@ fn hf_clip_mapping(
         .is_some();
     let open_clip_projection = format!("{root}text_model.text_projection");
     let projection_key = open_clip_projection.clone();
+    let transposed_key = open_clip_projection.clone();
     let has_open_clip_projection = source.get(&open_clip_projection).is_some();
     let wants_projection = config.text_projection_dim().is_some();
     let layers = config.num_hidden_layers;
@@ -848,7 +833,7 @@ fn hf_clip_mapping(
                     .is_some_and(|i| i >= layers)
         }),
         fused_parts: if fused { 3 } else { 1 },
-        transposed: Box::new(move |k| k == format!("{root}text_model.text_projection")),
+        transposed: Box::new(move |k| k == transposed_key),
     }
 }
 

@@ -226,15 +226,10 @@ fn sample_size_of_table(
     hidden: usize,
     side: usize,
 ) -> Option<usize> {
-    let sin = stored_value(source, key, hidden)?;
-    let cos = stored_value(source, key, hidden + hidden / 4)?;
+    let sin = f64::from(source.read_value(key, hidden)?);
+    let cos = f64::from(source.read_value(key, hidden + hidden / 4)?);
     let base = (sin.atan2(cos) * side as f64).round();
     (base >= 1.0).then_some(base as usize)
-}
-
-/// Element `index` (row-major) of a stored float tensor, read alone.
-fn stored_value(source: &WeightSource, key: &str, index: usize) -> Option<f64> {
-    source.read_value(key, index).map(f64::from)
 }
 
 /// The block numbers of `joint_blocks.N{suffix}` keys, ascending.

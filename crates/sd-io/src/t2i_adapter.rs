@@ -37,7 +37,7 @@ pub fn t2i_adapter_from_path(
         return t2i_adapter_from_dir(path, device, options);
     }
     let source = open_checkpoint(path)?;
-    let has = |k: &str| source.tensors().keys().any(|t| t.starts_with(k));
+    let has = |k: &str| source.has_prefix(k);
     let (config, mapping) = if has("adapter.") {
         let config = match config {
             Some(c) => c.clone(),
@@ -111,9 +111,7 @@ fn original_mapping(config: &T2IAdapterConfig) -> Option<KeyMapping<'static>> {
 fn infer_config(path: &Path, source: &WeightSource) -> Result<T2IAdapterConfig, IoError> {
     let shape = |k: &str| source.get(k).map(|t| t.shape.clone());
     let count = |prefix: &dyn Fn(usize) -> String| {
-        (0..)
-            .take_while(|&i| source.tensors().keys().any(|k| k.starts_with(&prefix(i))))
-            .count()
+        (0..).take_while(|&i| source.has_prefix(&prefix(i))).count()
     };
     let light = shape("body.0.body.0.block1.weight").is_some();
     let (adapter_type, channels, num_res_blocks, input) = if light {

@@ -95,41 +95,36 @@ impl std::fmt::Debug for WeightSource {
     }
 }
 
-fn map_file(path: &Path) -> Result<(Mmap, safetensors::tensor::Metadata, usize), IoError> {
+fn map_file(path: &Path) -> Result<Mmap, IoError> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
     // SAFETY: the mapping is read-only; as with every memory-mapped loader, the file
     // must not be truncated by another process while the model loads.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
-    let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| IoError::Safetensors {
+    unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))
+}
+
+/// A mapped safetensors file's header and where its data starts.
+fn safetensors_header(
+    path: &Path,
+    mmap: &Mmap,
+) -> Result<(safetensors::tensor::Metadata, usize), IoError> {
+    let (n, metadata) = SafeTensors::read_metadata(mmap).map_err(|e| IoError::Safetensors {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    Ok((mmap, metadata, 8 + n))
+    Ok((metadata, 8 + n))
 }
 
-/// Whether the file starts with GGUF's magic bytes.
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
-}
-
-/// Maps a GGUF file as file `index`, adding its tensors (shapes restored from
-/// ComfyUI-GGUF's `comfy.gguf.orig_shape.*` records) and its metadata as text.
-fn map_gguf(
+/// Adds the tensors of a mapped GGUF file, file `index` (shapes restored from
+/// ComfyUI-GGUF's `comfy.gguf.orig_shape.*` records), and its metadata as text.
+fn add_gguf(
     path: &Path,
+    mmap: &Mmap,
     index: usize,
     tensors: &mut BTreeMap<String, StoredTensor>,
     header: &mut BTreeMap<String, String>,
-) -> Result<Mmap, IoError> {
-    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
-    // SAFETY: as `map_file`: a read-only mapping of a file not changed while loading.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
+) -> Result<(), IoError> {
     let bad = |m: String| IoError::Unsupported(format!("{}: {m}", path.display()));
-    let (_, metadata, table) = gguf::parse(&mmap).map_err(bad)?;
+    let (_, metadata, table) = gguf::parse(mmap).map_err(bad)?;
     for (name, t) in table {
         let mut shape = t.shape;
         if let Some(orig) = metadata
@@ -168,7 +163,7 @@ fn map_gguf(
             header.insert(key, value.to_text());
         }
     }
-    Ok(mmap)
+    Ok(())
 }
 
 impl WeightSource {
@@ -222,8 +217,10 @@ impl WeightSource {
         let mut tensors = BTreeMap::new();
         let mut header = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
-            if is_gguf(path) {
-                let mmap = map_gguf(path, i, &mut tensors, &mut header)?;
+            let mmap = map_file(path)?;
+            // GGUF is told by its magic bytes.
+            if mmap.starts_with(b"GGUF") {
+                add_gguf(path, &mmap, i, &mut tensors, &mut header)?;
                 files.push(MappedFile {
                     path: path.clone(),
                     mmap,
@@ -231,7 +228,7 @@ impl WeightSource {
                 });
                 continue;
             }
-            let (mmap, metadata, data_start) = map_file(path)?;
+            let (metadata, data_start) = safetensors_header(path, &mmap)?;
             if let Some(m) = metadata.metadata() {
                 header.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
@@ -277,6 +274,17 @@ impl WeightSource {
     /// Every tensor, by key.
     pub fn tensors(&self) -> &BTreeMap<String, StoredTensor> {
         &self.tensors
+    }
+
+    /// Whether any tensor's key starts with `prefix` (a component's tensors present).
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.tensors
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix))
     }
 
     /// One tensor's dtype and shape.
@@ -358,13 +366,11 @@ impl WeightSource {
             // A row need not be whole blocks (ComfyUI-GGUF flattens tensors to rows
             // of 256 before quantising): dequantise all, keep the rows.
             let row = t.numel() / rows.max(1);
-            let mut values = Decoded::F32(dequantized(t, bytes));
-            if let Decoded::F32(v) = &mut values {
-                v.drain((start + count) * row..);
-                v.drain(..start * row);
-            }
+            let mut values = dequantized(t, bytes);
+            values.truncate((start + count) * row);
+            values.drain(..start * row);
             self.release(t);
-            return Ok(values.into_data(dtype, shape));
+            return Ok(Decoded::F32(values).into_data(dtype, shape));
         }
         let row_bytes = bytes.len() / rows.max(1);
         let bytes = &bytes[start * row_bytes..(start + count) * row_bytes];

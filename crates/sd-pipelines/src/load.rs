@@ -341,14 +341,18 @@ fn load_single_file(
     options: &LoadOptions,
 ) -> Result<Loaded, PipelineError> {
     let f32_opts = ComponentOptions::default();
+    let configs = options
+        .config
+        .as_deref()
+        .map(DiffusersDir::open)
+        .transpose()?;
     // The first tokenizer is read only where there is a first encoder (the refiner's
     // file has the second alone, and its config folder no `tokenizer/`).
     type FirstTokenizer<'a> = Box<dyn FnOnce() -> Result<ClipTokenizer, PipelineError> + 'a>;
     let (ckpt, first, tokenizer_2, scheduler, force_zeros): (_, FirstTokenizer<'_>, _, _, _) =
-        match &options.config {
-            Some(dir) => {
-                let configs = DiffusersDir::open(dir)?;
-                let ckpt = SingleFile::open_with_configs(path, dir)?;
+        match &configs {
+            Some(configs) => {
+                let ckpt = SingleFile::open_with_configs(path, configs.root())?;
                 let tokenizer_2 = if ckpt.is_sdxl() {
                     Some(configs.tokenizer_2()?)
                 } else {
@@ -396,11 +400,6 @@ fn load_single_file(
              diffusers folder as LoadOptions::config (`--config DIR`) for its {what}"
         ),
     };
-    let configs = options
-        .config
-        .as_deref()
-        .map(DiffusersDir::open)
-        .transpose()?;
     let text_encoders = if !ckpt.has_text_encoders() {
         let dir = configs.as_ref().ok_or_else(|| alone("text encoders"))?;
         TextEncoders::from_dir(dir, device, &f32_opts)?

@@ -209,3 +209,19 @@ impl LoadedPipeline {
         }
     }
 }
+
+/// Every float parameter of a module, keyed by its diffusers name, in key order.
+pub fn module_parameters<M: stable_diffusion::burn::module::Module>(
+    m: &M,
+) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<_> = stable_diffusion::io::save::module_tensors(
+        m,
+        &|p| stable_diffusion::models::diffusers_key(p),
+        &|_, s| s,
+    )
+    .into_iter()
+    .map(|t| (t.key, t.values))
+    .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

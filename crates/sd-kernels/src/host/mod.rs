@@ -143,26 +143,7 @@ pub(crate) fn with_weight_views<const D: usize, R>(
     tensors: &[Tensor<D>],
     f: impl FnOnce(&[HostView<'_>]) -> R,
 ) -> Option<R> {
-    fn nest<const D: usize, R>(
-        tensors: &[Tensor<D>],
-        held: Vec<HostView<'_>>,
-        f: &mut dyn FnMut(&[HostView<'_>]) -> R,
-    ) -> Option<R> {
-        match tensors.split_first() {
-            None => Some(f(&held)),
-            Some((t, rest)) => with_weight_view(t, move |v| {
-                let mut all = Vec::with_capacity(held.len() + 1);
-                all.extend(held);
-                all.push(v);
-                nest(rest, all, f)
-            })
-            .flatten(),
-        }
-    }
-    let mut f = Some(f);
-    nest(tensors, Vec::new(), &mut |views: &[HostView<'_>]| {
-        (f.take().expect("called once"))(views)
-    })
+    nested_views(tensors, true, f)
 }
 
 /// Half-precision values to f32, in parallel chunks (`half`'s conversion uses the
@@ -198,25 +179,42 @@ pub(crate) fn with_views<const D: usize, R>(
     tensors: &[Tensor<D>],
     f: impl FnOnce(&[HostView<'_>]) -> R,
 ) -> Option<R> {
+    nested_views(tensors, false, f)
+}
+
+/// The views of `tensors` held together for `f`: through [`with_weight_view`]
+/// (half-precision weights widened) when `widen`, else [`with_view`].
+fn nested_views<const D: usize, R>(
+    tensors: &[Tensor<D>],
+    widen: bool,
+    f: impl FnOnce(&[HostView<'_>]) -> R,
+) -> Option<R> {
     fn nest<const D: usize, R>(
         tensors: &[Tensor<D>],
+        widen: bool,
         held: Vec<HostView<'_>>,
         f: &mut dyn FnMut(&[HostView<'_>]) -> R,
     ) -> Option<R> {
-        match tensors.split_first() {
-            None => Some(f(&held)),
-            Some((t, rest)) => with_view(t, move |v| {
-                // The views so far and this one, at the shorter of their lifetimes.
-                let mut all = Vec::with_capacity(held.len() + 1);
-                all.extend(held);
-                all.push(v);
-                nest(rest, all, f)
-            })
-            .flatten(),
+        let Some((t, rest)) = tensors.split_first() else {
+            return Some(f(&held));
+        };
+        let next = move |v: HostView<'_>| {
+            // The views so far and this one, at the shorter of their lifetimes.
+            let mut all = Vec::with_capacity(held.len() + 1);
+            all.extend(held);
+            all.push(v);
+            nest(rest, widen, all, f)
+        };
+        if widen {
+            with_weight_view(t, next).flatten()
+        } else {
+            with_view(t, next).flatten()
         }
     }
     let mut f = Some(f);
-    nest(tensors, Vec::new(), &mut |views: &[HostView<'_>]| {
+    nest(tensors, widen, Vec::new(), &mut |views: &[HostView<
+        '_,
+    >]| {
         (f.take().expect("called once"))(views)
     })
 }
