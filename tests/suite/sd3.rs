@@ -287,11 +287,23 @@ impl Sd3Parts {
 /// clip skip, no T5 (zeros), no guidance with a 20-token T5, skip-layer guidance on
 /// the MMDiT-X transformer, Heun, DPM++ 2M on flow sigmas. The prompt embeddings,
 /// pooled embeddings, final latents and pictures match.
+///
+/// On wgpu (Mesa's lavapipe in CI, the slowest device) only `WGPU_CASES` run: they
+/// take every op the encoders, both transformers, the VAE and the inpainting blend
+/// use; the other cases vary schedulers and prompts, which the CPU run covers.
 #[test]
 fn sd3_pipelines_match_diffusers() {
+    const WGPU_CASES: [&str; 3] = [
+        "sd3_pipelines/txt2img_euler",
+        "sd3_pipelines/skip_layer_guidance_mmditx",
+        "sd3_pipelines/inpaint_strength_07",
+    ];
     for (name, device) in devices() {
         let t = tol(name, 1e-3, 1e-2);
         for case in common::Case::all("index_sd3_pipelines.json", "") {
+            if name == "wgpu" && !WGPU_CASES.contains(&case.name.as_str()) {
+                continue;
+            }
             let opts = &case.params()["options"];
             let parts = Sd3Parts::load(&device, opts["transformer"].as_str());
             let config = SchedulerConfig::from_json(&case.scheduler_config()).unwrap();
