@@ -68,7 +68,8 @@ struct Args {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// U-Net (and text encoder) in f16.
+    /// Half-precision weights: the U-Net and text encoder components, and every
+    /// component of `picture` (on the CPU the weights alone, computing in f32).
     #[arg(long)]
     f16: bool,
     /// One JSON object per line.
@@ -467,6 +468,8 @@ fn picture(args: &Args, device: &Device, dir: &std::path::Path) -> Result<(), co
     };
     let options = LoadOptions {
         unet_dtype: args.f16.then_some(DType::F16),
+        text_encoder_dtype: args.f16.then_some(DType::F16),
+        vae_dtype: args.f16.then_some(DType::F16),
         tiny_vae: args.tiny_vae.clone(),
         loras: args.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
         vae_tiling: common::vae_tiling(&args.vae_tiling)?,

@@ -185,10 +185,11 @@ pub struct CommonArgs {
     /// (default 1.0); repeatable. Merged into the weights at load.
     #[arg(long)]
     pub lora: Vec<String>,
-    /// Run the U-Net in f16; the VAE too when its config says `force_upcast: false`
-    /// (SDXL's fp16-fix VAE, e.g. `--vae sdxl-vae-fp16-fix`), else it stays f32. On
-    /// the CPU the weights are stored f16 and computed in f32: half the memory at f32
-    /// speed.
+    /// Half-precision weights. On the CPU every component's linear and convolution
+    /// weights are stored f16 and computed in f32: half the memory at f32 speed. On
+    /// GPUs the U-Net and text encoders run in f16 (T5 stays f32), the VAE too when
+    /// its config says `force_upcast: false` (SDXL's fp16-fix VAE, e.g. `--vae
+    /// sdxl-vae-fp16-fix`), else it stays f32.
     #[arg(long)]
     pub f16: bool,
     /// Encode prompts longer than 77 tokens in 75-token windows (A1111 style).
@@ -368,6 +369,7 @@ pub fn load(args: &CommonArgs, device: &Device) -> Result<StableDiffusionPipelin
     content_credentials(args)?;
     let options = LoadOptions {
         unet_dtype: args.f16.then_some(DType::F16),
+        text_encoder_dtype: args.f16.then_some(DType::F16),
         vae_dtype: args.f16.then_some(DType::F16),
         unet: args.unet.clone(),
         vae: args.vae.clone(),

@@ -394,17 +394,34 @@ fn scheduler_indices_past_the_end_are_errors() {
     }
 }
 
+/// Half-precision weights for every component on the CPU: the linear and convolution
+/// weights are stored f16 (the VAE's too, though its config asks diffusers for the
+/// f32 upcast: on the CPU it computes in f32) and the picture stays the f32 one's.
 #[test]
-fn an_f16_unet_loads_and_runs() {
+fn half_precision_weights_on_the_cpu_keep_the_picture() {
+    use stable_diffusion::models::parameter_bytes;
     let device = Device::flex();
     let options = LoadOptions {
         unet_dtype: Some(DType::F16),
+        text_encoder_dtype: Some(DType::F16),
+        vae_dtype: Some(DType::F16),
         ..Default::default()
     };
-    let pipe =
+    let half =
         StableDiffusionPipeline::from_pretrained(fixture("tiny-sd15"), &device, &options).unwrap();
-    let out = pipe.generate(request("a boat")).unwrap();
-    assert_eq!(out.images[0].image.dimensions(), (32, 32));
+    let full = tiny(&device);
+    let encoder =
+        |p: &StableDiffusionPipeline| parameter_bytes(p.text_encoders().text_encoder().unwrap());
+    // The tiny text encoder is mostly its (f32) token embeddings.
+    let (h, f) = (encoder(&half), encoder(&full));
+    assert!(h < f, "text encoder: {h} bytes in f16, {f} in f32");
+    let (h, f) = (parameter_bytes(half.vae()), parameter_bytes(full.vae()));
+    assert!(h * 10 < f * 7, "VAE: {h} bytes in f16, {f} in f32");
+    let picture = |p: &StableDiffusionPipeline| p.generate(request("a boat")).unwrap().images;
+    let (h, f) = (picture(&half), picture(&full));
+    assert_eq!(h[0].image.dimensions(), (32, 32));
+    let psnr = stable_diffusion::io::image::psnr(h[0].image.as_raw(), f[0].image.as_raw());
+    assert!(psnr.is_none_or(|db| db > 35.0), "{psnr:?} dB");
 }
 
 #[test]

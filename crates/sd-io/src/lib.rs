@@ -27,7 +27,7 @@ pub mod watermark;
 pub mod weights;
 
 pub use error::{IoError, WeightsReport};
-pub use loader::{CastParameters, KeyMapping, LoadOptions, load_module};
+pub use loader::{CastParameters, KeyMapping, LoadOptions, half_weights_only, load_module};
 pub use lora::{LoraComponent, LoraFile, LoraFormat, LoraToSave, save_lora};
 pub use model::{ComponentOptions, DiffusersDir, SingleFile};
 pub use noise::{read_recorded_noise, recorded_noise_tensors};

@@ -157,12 +157,20 @@ impl Binder<'_, '_> {
     }
 }
 
+/// Whether half-precision weights loaded on `device` are weights only: the CPU
+/// backend keeps the linear and convolution weights in f16 / bf16 and computes in f32
+/// (its kernels widen the weights as they read them), so no activation can overflow
+/// f16 there; on GPUs a model loaded in half precision computes in it.
+pub fn half_weights_only(device: &Device) -> bool {
+    sd_kernels::is_host(device)
+}
+
 /// The dtype a parameter of rank `rank` in a module of `container` type gets when a
 /// model is asked for `dtype` ([`LoadOptions::dtype`]): half precision on the CPU
 /// backend for the weights of linear and convolution layers only, f32 for the rest.
 fn param_dtype(dtype: DType, rank: usize, container: Option<&String>, device: &Device) -> DType {
     let half = matches!(dtype, DType::F16 | DType::BF16);
-    if !half || !sd_kernels::is_host(device) {
+    if !half || !half_weights_only(device) {
         return dtype;
     }
     let matrix =

@@ -17,6 +17,7 @@ pub mod error;
 pub mod joint_transformer_block;
 pub mod lora;
 pub mod norm;
+pub mod parameters;
 pub mod resnet;
 pub mod safety_checker;
 pub mod t2i_adapter;
@@ -39,6 +40,7 @@ pub use config::{
 pub use controlnet::ControlNetModel;
 pub use depth_anything::DepthAnythingForDepthEstimation;
 pub use error::ConfigError;
+pub use parameters::parameter_bytes;
 pub use safety_checker::{SafetyCheck, StableDiffusionSafetyChecker};
 pub use t2i_adapter::T2IAdapter;
 pub use t5::T5EncoderModel;

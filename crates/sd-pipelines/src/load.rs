@@ -124,12 +124,18 @@ pub struct LoadOptions {
     /// Float dtype of the U-Net (`F32` when `None`; `F16`/`BF16` halve its memory).
     /// On the CPU backend only the weights of linear and convolution layers take it
     /// and the U-Net computes in f32 at f32 speed (see [`sd_io::LoadOptions::dtype`]);
-    /// on GPUs it computes in that dtype. The text encoder stays f32.
+    /// on GPUs it computes in that dtype.
     pub unet_dtype: Option<DType>,
-    /// Float dtype of the VAE (`F32` when `None`). A VAE whose config does not say
-    /// `force_upcast: false` stays f32, as diffusers upcasts it in f16 pipelines (the
-    /// SD 1.5 and SDXL VAEs overflow in f16); one that does (SDXL's fp16-fix VAE,
-    /// `madebyollin/sdxl-vae-fp16-fix`) runs in this dtype, halving its memory.
+    /// Float dtype of the text encoders (`F32` when `None`), as `unet_dtype`: on the
+    /// CPU backend the weights alone, computing in f32. On GPUs T5 (SD 3) takes `F16`
+    /// as f32, since its activations overflow f16 (`BF16` works).
+    pub text_encoder_dtype: Option<DType>,
+    /// Float dtype of the VAE (`F32` when `None`). On GPUs, a VAE whose config does
+    /// not say `force_upcast: false` stays f32, as diffusers upcasts it in f16
+    /// pipelines (the SD 1.5 and SDXL VAEs overflow in f16); one that does (SDXL's
+    /// fp16-fix VAE, `madebyollin/sdxl-vae-fp16-fix`) runs in this dtype. On the CPU
+    /// backend only the weights take it (the VAE computes in f32, nothing overflows),
+    /// so every VAE halves its memory there.
     pub vae_dtype: Option<DType>,
     /// Weight variant to read from a diffusers folder (`"fp16"`: `*.fp16.safetensors`).
     pub variant: Option<String>,
@@ -256,7 +262,7 @@ pub(crate) fn load_path(
         loaded.vae_config = sd_io::model::read_vae_config(&dir.join("config.json"))?;
         let opts = ComponentOptions {
             variant: None,
-            ..vae_options(options, &loaded.vae_config)
+            ..vae_options(options, &loaded.vae_config, device)
         };
         loaded.vae = vae_from_dir(&dir, device, &opts)?;
     }
@@ -274,11 +280,22 @@ pub(crate) fn load_path(
     Ok(loaded)
 }
 
-/// The VAE's load options: `vae_dtype` unless its config asks for the f32 upcast
-/// (`force_upcast`, true unless it says false, as diffusers' default).
-pub(crate) fn vae_options(options: &LoadOptions, config: &AutoencoderKLConfig) -> ComponentOptions {
+/// The VAE's load options: `vae_dtype`, unless the VAE computes in it (GPUs) and its
+/// config asks for the f32 upcast (`force_upcast`, true unless it says false, as
+/// diffusers' default).
+pub(crate) fn vae_options(
+    options: &LoadOptions,
+    config: &AutoencoderKLConfig,
+    device: &Device,
+) -> ComponentOptions {
     let dtype = match options.vae_dtype {
-        Some(d) if d != DType::F32 && config.force_upcast != Some(false) => None,
+        Some(d)
+            if d != DType::F32
+                && config.force_upcast != Some(false)
+                && !sd_io::half_weights_only(device) =>
+        {
+            None
+        }
         d => d,
     };
     ComponentOptions {
@@ -294,13 +311,32 @@ pub(crate) fn unet_options(options: &LoadOptions) -> ComponentOptions {
     }
 }
 
+/// The text encoders' load options (`text_encoder_dtype`); T5 takes them through
+/// [`t5_options`].
+pub(crate) fn text_encoder_options(options: &LoadOptions) -> ComponentOptions {
+    ComponentOptions {
+        dtype: options.text_encoder_dtype,
+        variant: options.variant.clone(),
+    }
+}
+
+/// T5's load options from the text encoders' (`options`): `F16` becomes f32 where
+/// the model would compute in it (GPUs), as T5's feed-forward activations overflow
+/// f16; on the CPU backend only the weights take it.
+pub(crate) fn t5_options(options: &ComponentOptions, device: &Device) -> ComponentOptions {
+    let dtype = match options.dtype {
+        Some(DType::F16) if !sd_io::half_weights_only(device) => None,
+        d => d,
+    };
+    ComponentOptions {
+        dtype,
+        variant: options.variant.clone(),
+    }
+}
+
 fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded, PipelineError> {
     let model = DiffusersDir::open(dir)?;
-    let f32_opts = ComponentOptions {
-        dtype: None,
-        variant: options.variant.clone(),
-    };
-    let text_encoders = TextEncoders::from_dir(&model, device, &f32_opts)?;
+    let text_encoders = TextEncoders::from_dir(&model, device, &text_encoder_options(options))?;
     let family = match &text_encoders {
         TextEncoders::Sd3 { .. } => ModelFamily::Sd3,
         TextEncoders::Sdxl { .. } => ModelFamily::Sdxl,
@@ -323,7 +359,7 @@ fn load_dir(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Loaded
     Ok(Loaded {
         text_encoders,
         denoiser,
-        vae: model.vae(device, &vae_options(options, &model.vae_config()?))?,
+        vae: model.vae(device, &vae_options(options, &model.vae_config()?, device))?,
         vae_config: model.vae_config()?,
         scheduler_config: SchedulerConfig::from_json(&model.scheduler_config_text()?)?,
         family,
@@ -340,7 +376,7 @@ fn load_single_file(
     device: &Device,
     options: &LoadOptions,
 ) -> Result<Loaded, PipelineError> {
-    let f32_opts = ComponentOptions::default();
+    let te_opts = text_encoder_options(options);
     let configs = options
         .config
         .as_deref()
@@ -402,26 +438,26 @@ fn load_single_file(
     };
     let text_encoders = if !ckpt.has_text_encoders() {
         let dir = configs.as_ref().ok_or_else(|| alone("text encoders"))?;
-        TextEncoders::from_dir(dir, device, &f32_opts)?
+        TextEncoders::from_dir(dir, device, &te_opts)?
     } else {
         match tokenizer_2 {
             Some(tokenizer_2) => TextEncoders::Sdxl {
                 first: if ckpt.text_encoder_2_only() {
                     None
                 } else {
-                    Some((first()?, ckpt.text_encoder(device, &f32_opts)?))
+                    Some((first()?, ckpt.text_encoder(device, &te_opts)?))
                 },
                 tokenizer_2,
-                text_encoder_2: ckpt.text_encoder_2(device, &f32_opts)?,
+                text_encoder_2: ckpt.text_encoder_2(device, &te_opts)?,
                 force_zeros_for_empty_prompt: force_zeros,
             },
             None => TextEncoders::Clip {
                 tokenizer: first()?,
-                text_encoder: ckpt.text_encoder(device, &f32_opts)?,
+                text_encoder: ckpt.text_encoder(device, &te_opts)?,
             },
         }
     };
-    let vae_opts = vae_options(options, ckpt.vae_config());
+    let vae_opts = vae_options(options, ckpt.vae_config(), device);
     let vae = if ckpt.has_vae() {
         ckpt.vae(device, &vae_opts)?
     } else if let Some(dir) = &options.vae {

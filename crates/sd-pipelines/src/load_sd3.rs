@@ -18,7 +18,10 @@ use sd_schedulers::SchedulerConfig;
 use crate::conditioner::TextEncoders;
 use crate::denoiser_model::DenoiserModel;
 use crate::error::PipelineError;
-use crate::load::{LoadOptions, Loaded, ModelFamily, model_name, unet_options, vae_options};
+use crate::load::{
+    LoadOptions, Loaded, ModelFamily, model_name, t5_options, text_encoder_options, unet_options,
+    vae_options,
+};
 
 /// Whether `path` is a single file holding an SD 3 MMDiT.
 pub(crate) fn is_sd3_single_file(path: &Path) -> bool {
@@ -74,20 +77,20 @@ pub(crate) fn load_sd3_single_file(
         None => Sd3SingleFile::open(path)?,
     };
     let encoders = EncoderFiles::recognise(&options.text_encoder_files)?;
-    let f32_opts = ComponentOptions::default();
+    let te_opts = text_encoder_options(options);
     let clip = |i: usize| -> Result<(ClipTokenizer, ClipTextModel), PipelineError> {
         let (tokenizer, config) = clip_tokenizer_and_config(configs.as_ref(), i)?;
-        let model = match file.clip_text_encoder(i, &config, device, &f32_opts)? {
+        let model = match file.clip_text_encoder(i, &config, device, &te_opts)? {
             Some(m) => m,
             None => match (encoders.clip(config.hidden_size), &configs) {
                 (Some(p), _) => {
-                    sd3_single_file::clip_text_encoder_from_file(p, &config, device, &f32_opts)?
+                    sd3_single_file::clip_text_encoder_from_file(p, &config, device, &te_opts)?
                 }
                 (None, Some(dir)) if i == 0 && dir.has("text_encoder") => {
-                    dir.text_encoder(device, &f32_opts)?
+                    dir.text_encoder(device, &te_opts)?
                 }
                 (None, Some(dir)) if i == 1 && dir.has("text_encoder_2") => {
-                    dir.text_encoder_2(device, &f32_opts)?
+                    dir.text_encoder_2(device, &te_opts)?
                 }
                 _ => {
                     return Err(missing_encoder(
@@ -101,14 +104,18 @@ pub(crate) fn load_sd3_single_file(
         Ok((tokenizer, model))
     };
     let (clip_l, clip_g) = (clip(0)?, clip(1)?);
-    let t5 = t5_encoder(&file, &encoders, configs.as_ref(), device, &f32_opts)?;
+    let t5_opts = t5_options(&te_opts, device);
+    let t5 = t5_encoder(&file, &encoders, configs.as_ref(), device, &t5_opts)?;
     let vae = match (file.has_vae(), &configs) {
         (false, Some(dir)) if dir.has("vae") => {
             let config = dir.vae_config()?;
-            (dir.vae(device, &vae_options(options, &config))?, config)
+            (
+                dir.vae(device, &vae_options(options, &config, device))?,
+                config,
+            )
         }
         _ => (
-            file.vae(device, &vae_options(options, file.vae_config()))?,
+            file.vae(device, &vae_options(options, file.vae_config(), device))?,
             file.vae_config().clone(),
         ),
     };

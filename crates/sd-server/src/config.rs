@@ -44,7 +44,8 @@ pub struct ModelConfig {
     /// `t5xxl_fp16.safetensors`), recognised from their tensors.
     #[serde(default)]
     pub text_encoders: Vec<PathBuf>,
-    /// Weights' precision: `f32` (default), `f16` or `bf16` (U-Net and VAE).
+    /// Weights' precision: `f32` (default), `f16` or `bf16`, for every component
+    /// as `LoadOptions`' `unet_dtype`, `text_encoder_dtype` and `vae_dtype` say.
     #[serde(default)]
     pub dtype: Option<String>,
     /// Memory the model takes once loaded, in MiB; estimated from its weight files

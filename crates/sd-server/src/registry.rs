@@ -295,6 +295,7 @@ fn load(config: &ModelConfig, device: &Device, bytes: u64) -> Result<LoadedModel
         config: config.config.clone(),
         text_encoder_files: config.text_encoders.clone(),
         unet_dtype: dtype,
+        text_encoder_dtype: dtype,
         vae_dtype: dtype,
         watermark: config.watermark,
         safety_checker: config.safety_checker,

@@ -91,7 +91,8 @@ impl TextEncoders {
         let transformer =
             sd_io::sd3::read_sd3_transformer_config(&dir.root().join("transformer/config.json"))?;
         let t5 = if dir.has("text_encoder_3") {
-            Some((dir.tokenizer_3()?, dir.text_encoder_3(device, options)?))
+            let t5 = crate::load::t5_options(options, device);
+            Some((dir.tokenizer_3()?, dir.text_encoder_3(device, &t5)?))
         } else {
             None
         };
