@@ -106,6 +106,89 @@ fn sdcpp_sd15_gguf_loads_every_component() {
     assert!(db > 30.0, "Q8_0 picture PSNR {db:.1} dB");
 }
 
+/// On the CPU, GGUF's Q8_0 and Q4_0 linear weights stay 8-bit (9 bits a value with
+/// their scales, against 32 expanded) and compute exactly as their expanded values:
+/// the final latents of the two loads agree to f32 rounding.
+#[test]
+fn quantized_weights_stay_compressed_on_the_cpu() {
+    use stable_diffusion::models::parameter_bytes;
+    let device = Device::flex();
+    for (file, config, case) in [
+        (
+            "tiny-sd15-sdcpp-q8_0.gguf",
+            "tiny-sd15",
+            "pipelines/txt2img_euler_10",
+        ),
+        (
+            "tiny-sdxl-sdcpp-q4_0.gguf",
+            "tiny-sdxl",
+            "sdxl/pipelines/txt2img_euler_7_g5",
+        ),
+    ] {
+        let load = |dequantize_weights| {
+            let options = LoadOptions {
+                config: Some(fixture(config)),
+                dequantize_weights,
+                ..LoadOptions::default()
+            };
+            StableDiffusionPipeline::from_pretrained(gguf(file), &device, &options).unwrap()
+        };
+        let (kept, expanded) = (load(false), load(true));
+        let bytes = |p: &StableDiffusionPipeline| parameter_bytes(p.unet().unwrap());
+        assert!(
+            bytes(&kept) * 10 < bytes(&expanded) * 8,
+            "{file}: {} bytes kept, {} expanded",
+            bytes(&kept),
+            bytes(&expanded)
+        );
+        let index = if case.starts_with("sdxl") {
+            "index_sdxl.json"
+        } else {
+            "index.json"
+        };
+        let case = common::Case::open(index, case);
+        let latents = |p: &StableDiffusionPipeline| case.generate(p, |r| r).latents;
+        let (a, b) = (latents(&kept), latents(&expanded));
+        let d = (a.clone() - b.clone()).abs().max().into_scalar::<f32>();
+        let scale = b.abs().max().into_scalar::<f32>();
+        assert!(
+            d <= 1e-4 * scale,
+            "{file}: latents differ by {d} (of {scale})"
+        );
+        if config != "tiny-sd15" {
+            continue;
+        }
+        // A LoRA applies on top of the 8-bit weights, per use (from a request).
+        let lora = fixture("lora/tiny_unet_lora_kohya.safetensors");
+        let with_lora =
+            |p: &StableDiffusionPipeline| case.generate(p, |r| r.lora(lora.clone(), 1.0)).latents;
+        let (c, e) = (with_lora(&kept), with_lora(&expanded));
+        let d = (c.clone() - e).abs().max().into_scalar::<f32>();
+        assert!(
+            d <= 1e-4 * scale,
+            "{file} with a LoRA: latents differ by {d}"
+        );
+        let changed = (c.clone() - a).abs().max().into_scalar::<f32>();
+        assert!(
+            changed > 1e-3 * scale,
+            "the LoRA changes the result ({changed})"
+        );
+        // Merged at load: the merged weights are f16.
+        let options = LoadOptions {
+            config: Some(fixture(config)),
+            loras: vec![stable_diffusion::pipelines::LoraSpec {
+                path: lora.clone(),
+                strength: 1.0,
+            }],
+            ..LoadOptions::default()
+        };
+        let merged = StableDiffusionPipeline::from_pretrained(gguf(file), &device, &options);
+        let m = latents(&merged.unwrap());
+        let d = (m - c).abs().max().into_scalar::<f32>();
+        assert!(d <= 1e-2 * scale, "{file} with a LoRA merged at load: {d}");
+    }
+}
+
 /// stable-diffusion.cpp's renamed SDXL encoders: CLIP ViT-L under
 /// `cond_stage_model.transformer.`, OpenCLIP bigG in transformers' names under
 /// `cond_stage_model.1.transformer.` with the fused `in_proj` and OpenCLIP's

@@ -317,6 +317,7 @@ fn fp16_variant_runs_in_f16_within_tolerance() {
     let opts = ComponentOptions {
         dtype: Some(DType::F16),
         variant: Some("fp16".into()),
+        ..Default::default()
     };
     let dir = tiny();
     assert!(
@@ -371,6 +372,7 @@ fn half_weights_compute_in_f32_on_the_cpu() {
     let fp16 = |dtype| ComponentOptions {
         dtype,
         variant: Some("fp16".into()),
+        ..Default::default()
     };
     let full = dir.unet(&device, &fp16(None)).unwrap();
     let r = Reference::open("reference/unet.safetensors");
@@ -420,6 +422,7 @@ fn f16_components_match_within_the_f16_tolerance() {
     let opts = ComponentOptions {
         dtype: Some(DType::F16),
         variant: Some("fp16".into()),
+        ..Default::default()
     };
     for (name, device) in devices() {
         if !device.supports_dtype(DType::F16) {
@@ -487,6 +490,7 @@ fn f16_file_loads_as_f32_when_asked() {
     let opts = ComponentOptions {
         dtype: Some(DType::F32),
         variant: Some("fp16".into()),
+        ..Default::default()
     };
     let unet = tiny().unet(&device, &opts).unwrap();
     assert_eq!(

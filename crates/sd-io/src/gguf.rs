@@ -436,6 +436,41 @@ fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The blocks of a type whose values are small integers times one scale per 32
+/// (Q8_0, Q5_0, Q4_0) as 8-bit values, in order, and their scales: what burn's
+/// quantized tensors hold ([`crate::WeightSource::read_blocks`]). `None` for other
+/// types (offsets, as Q4_1's, or sub-block scales, as the K-quants').
+pub(crate) fn to_i8_blocks(dtype: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>)> {
+    if !matches!(dtype, GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_0) {
+        return None;
+    }
+    let (elems, size) = dtype.block();
+    let blocks = bytes.len() / size;
+    let mut values = vec![0i8; blocks * elems];
+    let mut scales = Vec::with_capacity(blocks);
+    let mut y = [0f32; 32];
+    for (b, v) in bytes.chunks_exact(size).zip(values.chunks_exact_mut(elems)) {
+        let d = half(b, 0);
+        scales.push(d);
+        match dtype {
+            GgmlType::Q8_0 => {
+                for (j, v) in v.iter_mut().enumerate() {
+                    *v = b[2 + j] as i8;
+                }
+            }
+            _ => {
+                // The integers back from the dequantised values (exact: small
+                // integers times a power-of-two-free f16 scale round-trip in f32).
+                dequantize(dtype, b, &mut y);
+                for (v, y) in v.iter_mut().zip(&y) {
+                    *v = if d == 0.0 { 0 } else { (y / d).round() as i8 };
+                }
+            }
+        }
+    }
+    Some((values, scales))
+}
+
 /// Dequantises (ggml's `dequantize_row_*`) whole blocks of `dtype` from `bytes` into `out` (its length in elements).
 pub(crate) fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let (elems, size) = dtype.block();

@@ -113,11 +113,19 @@ pub struct LoadOptions {
     /// memory of the weights at f32 speed; burn's f16 ops on the CPU are several
     /// times slower). Elsewhere every parameter gets it and the model computes in it.
     pub dtype: DType,
+    /// Expand every GGUF weight to `dtype`. Otherwise, on burn's CPU backend, the
+    /// weights of linear layers stored as Q8_0, Q5_0 or Q4_0 stay compressed: 8-bit
+    /// values and an f32 scale per 32 (9 bits a value against f16's 16), which the
+    /// kernels dequantise as they read them, exactly.
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self {
+            dtype: DType::F32,
+            dequantize: false,
+        }
     }
 }
 
@@ -125,6 +133,7 @@ struct Binder<'s, 'm> {
     source: &'s WeightSource,
     mapping: &'s KeyMapping<'m>,
     dtype: DType,
+    dequantize: bool,
     path: Vec<String>,
     /// The container type of each module entered (`Struct:Linear`).
     containers: Vec<String>,
@@ -154,6 +163,53 @@ fn shape_fits(stored: &[usize], expected: &[usize]) -> bool {
 impl Binder<'_, '_> {
     fn param_dtype(&self, rank: usize, device: &Device) -> DType {
         param_dtype(self.dtype, rank, self.containers.last(), device)
+    }
+
+    /// A linear layer's `[d_out, d_in]` weight (rows `rows` of the stored tensor, or
+    /// all) kept in 8 bits where [`LoadOptions::dequantize`] allows it: as the layer's
+    /// `[d_in, d_out]` (burn's layout after its load mapper) with blocks of 32 rows.
+    fn read_quantized(
+        &self,
+        key: &str,
+        rank: usize,
+        rows: Option<(usize, usize)>,
+        expected: &[usize],
+        device: &Device,
+    ) -> Result<Option<TensorData>, IoError> {
+        let linear = rank == 2 && self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        let &[d_out, d_in] = expected else {
+            return Ok(None);
+        };
+        if self.dequantize || !linear || !half_weights_only(device) || d_in % 32 != 0 {
+            return Ok(None);
+        }
+        let (start, count) = rows.unwrap_or((0, d_out));
+        if count != d_out {
+            return Ok(None);
+        }
+        let Some((values, scales)) = self.source.read_blocks(key, start, count)? else {
+            return Ok(None);
+        };
+        if values.len() != d_out * d_in {
+            return Ok(None);
+        }
+        let blocks = d_in / 32;
+        let mut t_values = vec![0i8; values.len()];
+        let mut t_scales = vec![0f32; scales.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                t_values[i * d_out + o] = values[o * d_in + i];
+            }
+            for j in 0..blocks {
+                t_scales[j * d_out + o] = scales[o * blocks + j];
+            }
+        }
+        Ok(Some(sd_kernels::quantized_weight_data(
+            t_values,
+            &t_scales,
+            [d_in, d_out],
+            32,
+        )))
     }
 }
 
@@ -275,7 +331,27 @@ impl ModuleMapper for Binder<'_, '_> {
             return param;
         }
         let half = expected.first().copied().unwrap_or(0) / 2;
-        let dtype = self.param_dtype(D, &param.lazy_device());
+        let device = param.lazy_device();
+        if !swapped && !transposed {
+            match self.read_quantized(&key, D, rows, &expected, &device) {
+                Ok(Some(data)) => {
+                    self.used.insert(key);
+                    // The load mapper (a transpose to `[d_in, d_out]`) runs on a free
+                    // broadcast; the 8-bit data is laid out as its result already.
+                    let id = param.id;
+                    let dims: [usize; D] = std::array::from_fn(|i| expected[i]);
+                    let placeholder = Tensor::<D>::zeros([1; D], &device).expand(dims);
+                    let quantized = Tensor::<D>::from_data(data, &device);
+                    return param.transform_for_load(placeholder, id).map(|_| quantized);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.error = Some(e);
+                    return param;
+                }
+            }
+        }
+        let dtype = self.param_dtype(D, &device);
         let read = match rows {
             Some((start, n)) => self.source.read_float_rows(&key, dtype, expected, start, n),
             None if transposed => self.source.read_float(&key, dtype, stored.shape.clone()),
@@ -289,7 +365,6 @@ impl ModuleMapper for Binder<'_, '_> {
             }
         };
         self.used.insert(key);
-        let device = param.lazy_device();
         let tensor = Tensor::<D>::from_data(data, (&device, dtype));
         let tensor = if transposed {
             tensor.transpose()
@@ -326,6 +401,7 @@ pub fn load_module<M: Module>(
         source,
         mapping,
         dtype: options.dtype,
+        dequantize: options.dequantize,
         path: Vec::new(),
         containers: Vec::new(),
         used: BTreeSet::new(),

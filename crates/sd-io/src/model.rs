@@ -22,12 +22,16 @@ pub struct ComponentOptions {
     pub dtype: Option<DType>,
     /// Weight variant to prefer (`"fp16"` picks `*.fp16.safetensors`).
     pub variant: Option<String>,
+    /// Expand GGUF's Q8_0 / Q5_0 / Q4_0 weights to `dtype` rather than keep them
+    /// compressed on the CPU ([`LoadOptions::dequantize`]).
+    pub dequantize: bool,
 }
 
 impl ComponentOptions {
     pub(crate) fn load(&self) -> LoadOptions {
         LoadOptions {
             dtype: self.dtype.unwrap_or(DType::F32),
+            dequantize: self.dequantize,
         }
     }
 }

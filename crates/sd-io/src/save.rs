@@ -136,6 +136,13 @@ pub fn module_tensors<M: Module>(
             if path.contains(".lora.factors.") {
                 return;
             }
+            // An 8-bit weight is dequantised before the save mapper's transpose
+            // (burn re-quantises a transposed block-quantized tensor).
+            let param = if matches!(param.val().dtype(), DType::QFloat(_)) {
+                param.clone().map(|t| t.dequantize())
+            } else {
+                param.clone()
+            };
             let tensor = param.transform_for_save().val();
             let data = tensor.cast(DType::F32).into_data().convert::<f32>();
             let shape = data.shape().to_vec();

@@ -393,6 +393,37 @@ impl WeightSource {
         data
     }
 
+    /// Rows `start..start + count` of a GGUF matrix stored as small integers times
+    /// a scale per 32 values of a row (Q8_0, Q5_0, Q4_0), as 8-bit values
+    /// (`[count, cols]`, row-major) and their scales (`[count, cols / 32]`), for the
+    /// weight to stay compressed in memory (`sd_kernels::quantized_weight_data`). `None`
+    /// for other types, or rows that are not whole blocks.
+    ///
+    /// # Errors
+    /// An unknown key or data outside the file.
+    pub fn read_blocks(
+        &self,
+        key: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, IoError> {
+        let (t, bytes) = self.stored(key)?;
+        let Some(ty) = t.ggml else {
+            return Ok(None);
+        };
+        let rows = *t.shape.first().unwrap_or(&0);
+        let (elems, block_bytes) = ty.block();
+        let cols = t.numel() / rows.max(1);
+        if rows == 0 || start + count > rows || cols % elems != 0 {
+            return Ok(None);
+        }
+        let row_bytes = cols / elems * block_bytes;
+        let rows_bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
+        let blocks = gguf::to_i8_blocks(ty, rows_bytes);
+        self.release(t);
+        Ok(blocks)
+    }
+
     /// Element `index` (row-major) of a float tensor, read alone (a GGUF block is
     /// dequantised for it); `None` for an unknown key, an index out of range or a
     /// tensor that is not a float.

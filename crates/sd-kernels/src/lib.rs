@@ -41,6 +41,38 @@ pub mod internals {
     pub use crate::host::winograd::conv3x3;
 }
 
+/// The data of a weight matrix kept in 8 bits (`Tensor::from_data` makes it a
+/// tensor): burn's quantized tensor of logical shape `[rows, cols]` holding `values` (row-major, one `i8` each) and an f32 scale per
+/// block of `block` rows of one column (`scales`: `[rows / block, cols]`,
+/// row-major), so that value `(r, c)` is `values[r * cols + c] * scales[(r / block)
+/// * cols + c]`. The CPU kernels dequantise it as they read it; everywhere else
+/// burn's ops take it (dequantising). This is how GGUF's Q8_0, Q5_0 and Q4_0 blocks
+/// (32 values of a row with one scale) stay compressed in memory, as a linear
+/// layer's `[d_in, d_out]` weight.
+///
+/// # Panics
+/// When `values` or `scales` do not have the lengths the shape says, or `block`
+/// does not divide `rows`.
+pub fn quantized_weight_data(
+    values: Vec<i8>,
+    scales: &[f32],
+    [rows, cols]: [usize; 2],
+    block: u8,
+) -> burn::tensor::TensorData {
+    use burn::tensor::TensorData;
+    use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+    assert!(
+        block > 0 && rows % usize::from(block) == 0,
+        "block {block} for {rows} rows"
+    );
+    assert_eq!(scales.len(), rows / usize::from(block) * cols, "scales");
+    let scheme = QuantScheme::default()
+        .with_value(QuantValue::Q8F)
+        .with_store(QuantStore::Native)
+        .per_block([block, 1], ScaleDtype::F32);
+    TensorData::quantized(values, [rows, cols], scheme, scales, None)
+}
+
 /// Whether `device` is burn's CPU backend without autodiff, where the hand-written
 /// kernels run (always `false` without the `flex` feature).
 pub fn is_host(device: &burn::prelude::Device) -> bool {

@@ -175,6 +175,12 @@ impl Reparameterization for LoraDelta {
     const NAME: &'static str = "lora";
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
+        // An 8-bit base weight (a GGUF file's) is dequantised for each use.
+        let base = if matches!(base.dtype(), DType::QFloat(_)) {
+            base.dequantize()
+        } else {
+            base
+        };
         let delta = delta_for::<D>(self.delta(), base.shape());
         let delta = if delta.dtype() != base.dtype() {
             delta.cast(base.dtype())
@@ -349,11 +355,14 @@ impl ModuleMapper for Merge<'_> {
         };
         param.map(|w| {
             let w_dtype = w.dtype();
-            let merged = delta.apply(w.cast(DType::F32));
-            if w_dtype != DType::F32 {
-                merged.cast(w_dtype)
-            } else {
-                merged
+            let merged = delta.apply(sd_kernels::ops::to_f32(w));
+            match w_dtype {
+                DType::F32 => merged,
+                // The sum of an 8-bit weight (a GGUF file's) and the delta is no
+                // longer 8-bit: it is kept in f16 (on the CPU, where weights stay
+                // 8-bit, the kernels compute in f32 from it).
+                DType::QFloat(_) => merged.cast(DType::F16),
+                d => merged.cast(d),
             }
         })
     }
@@ -524,7 +533,7 @@ pub fn extract_lora<M: Module>(module: &M, config: &LoraConfig) -> LoraWeights {
     let mut e = Extract::default();
     module.visit(&mut e);
     let read = |t: Tensor<2>| {
-        t.cast(DType::F32)
+        sd_kernels::ops::to_f32(t)
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()

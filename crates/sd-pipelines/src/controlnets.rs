@@ -64,7 +64,7 @@ impl StableDiffusionPipeline {
         let (path, name) = resolve_component(source, hub)?;
         let options = sd_io::ComponentOptions {
             dtype: Some(self.denoiser.dtype()),
-            variant: None,
+            ..Default::default()
         };
         Ok((name, read(&path, &self.device, &options)?))
     }

@@ -137,6 +137,11 @@ pub struct LoadOptions {
     /// backend only the weights take it (the VAE computes in f32, nothing overflows),
     /// so every VAE halves its memory there.
     pub vae_dtype: Option<DType>,
+    /// Expand GGUF weights stored as Q8_0, Q5_0 or Q4_0 to the components' dtypes.
+    /// Otherwise, on the CPU backend, linear layers keep them compressed (8-bit
+    /// values and a scale per 32: 9 bits a weight) and compute with them exactly
+    /// ([`sd_io::LoadOptions::dequantize`]); other GGUF types are expanded anyway.
+    pub dequantize_weights: bool,
     /// Weight variant to read from a diffusers folder (`"fp16"`: `*.fp16.safetensors`).
     pub variant: Option<String>,
     /// Take the U-Net from this folder (a pipeline folder or a `unet/` folder), e.g.
@@ -301,6 +306,7 @@ pub(crate) fn vae_options(
     ComponentOptions {
         dtype,
         variant: options.variant.clone(),
+        dequantize: options.dequantize_weights,
     }
 }
 
@@ -308,6 +314,7 @@ pub(crate) fn unet_options(options: &LoadOptions) -> ComponentOptions {
     ComponentOptions {
         dtype: options.unet_dtype,
         variant: options.variant.clone(),
+        dequantize: options.dequantize_weights,
     }
 }
 
@@ -317,6 +324,7 @@ pub(crate) fn text_encoder_options(options: &LoadOptions) -> ComponentOptions {
     ComponentOptions {
         dtype: options.text_encoder_dtype,
         variant: options.variant.clone(),
+        dequantize: options.dequantize_weights,
     }
 }
 
@@ -331,6 +339,7 @@ pub(crate) fn t5_options(options: &ComponentOptions, device: &Device) -> Compone
     ComponentOptions {
         dtype,
         variant: options.variant.clone(),
+        dequantize: options.dequantize,
     }
 }
 

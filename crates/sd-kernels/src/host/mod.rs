@@ -36,6 +36,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod linear;
 pub mod panel_gemm;
+mod quantized;
 
 pub mod winograd;
 
@@ -91,8 +92,9 @@ pub(crate) fn with_view<const D: usize, R>(
 /// Calls `f` with an f32 view of a weight of the CPU backend: f32 weights in place
 /// (as [`with_view`]), f16 and bf16 ones widened into a pooled scratch buffer with
 /// the same strides (the span they cover, converted in parallel), so the kernels
-/// compute in f32 from half-precision storage. `None` for other dtypes, devices or
-/// negative strides.
+/// compute in f32 from half-precision storage; 8-bit matrices (see
+/// [`crate::quantized_weight_data`]) dequantised there. `None` for other dtypes, devices
+/// or negative strides.
 pub(crate) fn with_weight_view<const D: usize, R>(
     w: &Tensor<D>,
     f: impl FnOnce(HostView<'_>) -> R,
@@ -103,6 +105,16 @@ pub(crate) fn with_weight_view<const D: usize, R>(
     }
     let bridge = w.clone().into_bridge();
     let (_, dispatch) = bridge.as_parts();
+    if let DispatchTensorKind::Flex(BackendTensor::Quantized(q)) = &dispatch.kind {
+        let dims = w.dims();
+        let buf = quantized::dequantize_rows(q, w.dtype(), &dims)?;
+        let r = f(HostView {
+            data: &buf,
+            strides: vec![dims[1] as isize, 1],
+        });
+        give_scratch(buf);
+        return Some(r);
+    }
     let DispatchTensorKind::Flex(BackendTensor::Float(t)) = &dispatch.kind else {
         return None;
     };

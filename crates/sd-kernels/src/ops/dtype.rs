@@ -3,17 +3,19 @@
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
-/// `x` in f32 (no cast when it already is).
+/// `x` in f32 (no cast when it already is; a quantized tensor dequantised).
 pub fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(FloatDType::F32)
-    }
+    to_dtype(x, DType::F32)
 }
 
-/// `x` in `dtype` (no cast when it already is).
+/// `x` in `dtype` (no cast when it already is; a quantized tensor, such as a weight
+/// kept in 8 bits, dequantised first).
 pub fn to_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    let x = if matches!(x.dtype(), DType::QFloat(_)) {
+        x.dequantize()
+    } else {
+        x
+    };
     if x.dtype() == dtype {
         x
     } else {

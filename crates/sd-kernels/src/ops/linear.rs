@@ -36,7 +36,7 @@ fn burn_linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     }
     burn::tensor::module::linear(
         x,
-        weight.cast(dtype),
+        super::dtype::to_dtype(weight, dtype),
         linear.bias.as_ref().map(|b| b.val().cast(dtype)),
     )
 }
@@ -126,11 +126,13 @@ pub(crate) fn host_linears<const D: usize>(
         .collect();
     let dims = x.dims();
     let d_in = dims[D - 1];
-    // Half-precision weights are widened as they are read; biases are f32.
-    let f32_compute = weights
-        .iter()
-        .all(|w| matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16))
-        && biases.iter().flatten().all(|b| b.dtype() == DType::F32);
+    // Half-precision and 8-bit weights are widened as they are read; biases are f32.
+    let f32_compute = weights.iter().all(|w| {
+        matches!(
+            w.dtype(),
+            DType::F32 | DType::F16 | DType::BF16 | DType::QFloat(_)
+        )
+    }) && biases.iter().flatten().all(|b| b.dtype() == DType::F32);
     if !f32_compute || weights.iter().any(|w| w.dims()[0] != d_in) {
         return None;
     }
