@@ -91,11 +91,17 @@ impl ResnetBlock2D {
             (Some(proj), Some(temb)) => Some(sd_kernels::ops::linear_forward(proj, silu(temb))),
             _ => None,
         };
-        let h = conv_forward_add(&self.conv1, self.norm1.forward_silu(x.clone()), t, None);
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => conv_forward(c, x),
-            None => x,
+        // With a shortcut conv, it runs first so that `x` is then used once, and the
+        // norm can write over it (one activation fewer alive at the VAE's 512x512
+        // blocks: 134 MB at 128 channels).
+        let (h, shortcut) = match &self.conv_shortcut {
+            Some(c) => {
+                let shortcut = conv_forward(c, x.clone());
+                (self.norm1.forward_silu(x), shortcut)
+            }
+            None => (self.norm1.forward_silu(x.clone()), x),
         };
+        let h = conv_forward_add(&self.conv1, h, t, None);
         let h = self.norm2.forward_silu(h);
         if self.output_scale_factor == 1.0 {
             // The shortcut added as conv2's output is written.
