@@ -110,7 +110,7 @@ pub(crate) fn with_weight_view<const D: usize, R>(
         let buf = quantized::dequantize_rows(q, w.dtype(), &dims)?;
         let r = f(HostView {
             data: &buf,
-            strides: vec![dims[1] as isize, 1],
+            strides: vec![1, dims[0] as isize],
         });
         give_scratch(buf);
         return Some(r);

@@ -11,9 +11,10 @@ use super::take_scratch;
 
 /// The f32 values of a `[rows, cols]` quantized matrix whose blocks are `[b, 1]`
 /// (`b` rows of one column share a scale, as [`crate::quantized_weight_data`] lays
-/// them out),
-/// row-major in a pooled scratch buffer (give it back with `give_scratch`). `None`
-/// for other block shapes, two-level scales or non-contiguous values.
+/// them out), column-major (strides `[1, rows]`: a linear layer's `[d_in, d_out]`
+/// weight laid out as PyTorch's `[d_out, d_in]`, as the f32 and f16 weights are) in
+/// a pooled scratch buffer (give it back with `give_scratch`). `None` for other
+/// block shapes, two-level scales or non-contiguous values.
 pub(crate) fn dequantize_rows(q: &FlexQTensor, dtype: DType, dims: &[usize]) -> Option<Vec<f32>> {
     let DType::QFloat(scheme) = dtype else {
         return None;
@@ -33,14 +34,20 @@ pub(crate) fn dequantize_rows(q: &FlexQTensor, dtype: DType, dims: &[usize]) -> 
     if values.len() != rows * cols || scales.len() != rows / b * cols {
         return None;
     }
+    // Tiles of `TILE` columns: each row of the tile is read as one short run and
+    // written into `TILE` column streams.
+    const TILE: usize = 16;
     let mut buf = take_scratch(rows * cols);
-    buf.par_chunks_mut(b * cols)
-        .zip(values.par_chunks(b * cols))
-        .zip(scales.par_chunks(cols))
-        .for_each(|((out, v), s)| {
-            for (out_row, v_row) in out.chunks_mut(cols).zip(v.chunks(cols)) {
-                for ((o, &x), &scale) in out_row.iter_mut().zip(v_row).zip(s) {
-                    *o = f32::from(x) * scale;
+    buf.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tile, out)| {
+            let c0 = tile * TILE;
+            let width = out.len() / rows;
+            for r in 0..rows {
+                let v = &values[r * cols + c0..r * cols + c0 + width];
+                let s = &scales[(r / b) * cols + c0..(r / b) * cols + c0 + width];
+                for (j, (&x, &scale)) in v.iter().zip(s).enumerate() {
+                    out[j * rows + r] = f32::from(x) * scale;
                 }
             }
         });
@@ -83,7 +90,10 @@ mod tests {
             panic!("a quantized flex tensor");
         };
         let ours = super::dequantize_rows(q, dtype, &[64, 24]).unwrap();
-        assert_eq!(&ours[..expected.len()], &expected[..]);
+        for (i, e) in expected.iter().enumerate() {
+            let (r, c) = (i / 24, i % 24);
+            assert_eq!(ours[c * 64 + r], *e, "({r}, {c})");
+        }
     }
 
     #[test]
