@@ -36,4 +36,4 @@ pub use sd3_single_file::Sd3SingleFile;
 pub use t5_tokenizer::T5Tokenizer;
 pub use tokenizer::ClipTokenizer;
 pub use watermark::DwtDctWatermark;
-pub use weights::WeightSource;
+pub use weights::{Int8Rows, WeightSource};

@@ -187,7 +187,9 @@ impl Binder<'_, '_> {
         if count != d_out {
             return Ok(None);
         }
-        let Some((values, scales)) = self.source.read_blocks(key, start, count)? else {
+        let Some(crate::weights::Int8Rows { values, scales }) =
+            self.source.read_blocks(key, start, count)?
+        else {
             return Ok(None);
         };
         if values.len() != d_out * d_in {

@@ -74,6 +74,17 @@ struct MappedFile {
     data_start: usize,
 }
 
+/// Rows of a block-quantised matrix as 8-bit values and a scale per 32 values of a
+/// row ([`WeightSource::read_blocks`]): value `(r, c)` is `values[r * cols + c] *
+/// scales[r * cols / 32 + c / 32]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Rows {
+    /// `[rows, cols]`, row-major.
+    pub values: Vec<i8>,
+    /// `[rows, cols / 32]`, row-major.
+    pub scales: Vec<f32>,
+}
+
 /// One or more safetensors files seen as one set of named tensors, memory-mapped:
 /// reading a tensor converts it straight from the mapping, so the file is never
 /// copied into RAM as a whole.
@@ -394,10 +405,10 @@ impl WeightSource {
     }
 
     /// Rows `start..start + count` of a GGUF matrix stored as small integers times
-    /// a scale per 32 values of a row (Q8_0, Q5_0, Q4_0), as 8-bit values
-    /// (`[count, cols]`, row-major) and their scales (`[count, cols / 32]`), for the
-    /// weight to stay compressed in memory (`sd_kernels::quantized_weight_data`). `None`
-    /// for other types, or rows that are not whole blocks.
+    /// a scale per 32 values of a row (Q8_0, Q5_0, Q4_0), as 8-bit values and their
+    /// scales, for the weight to stay compressed in memory
+    /// (`sd_kernels::quantized_weight_data`). `None` for other types, or rows that
+    /// are not whole blocks.
     ///
     /// # Errors
     /// An unknown key or data outside the file.
@@ -406,7 +417,7 @@ impl WeightSource {
         key: &str,
         start: usize,
         count: usize,
-    ) -> Result<Option<(Vec<i8>, Vec<f32>)>, IoError> {
+    ) -> Result<Option<Int8Rows>, IoError> {
         let (t, bytes) = self.stored(key)?;
         let Some(ty) = t.ggml else {
             return Ok(None);
@@ -421,7 +432,7 @@ impl WeightSource {
         let rows_bytes = &bytes[start * row_bytes..(start + count) * row_bytes];
         let blocks = gguf::to_i8_blocks(ty, rows_bytes);
         self.release(t);
-        Ok(blocks)
+        Ok(blocks.map(|(values, scales)| Int8Rows { values, scales }))
     }
 
     /// Element `index` (row-major) of a float tensor, read alone (a GGUF block is
