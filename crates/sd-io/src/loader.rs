@@ -165,6 +165,35 @@ impl Binder<'_, '_> {
         param_dtype(self.dtype, rank, self.containers.last(), device)
     }
 
+    /// `param` bound to its 8-bit weight where [`Self::read_quantized`] gives one
+    /// (`Ok`, also with a read error recorded), else back unchanged (`Err`).
+    fn bind_quantized<const D: usize>(
+        &mut self,
+        param: Param<Tensor<D>>,
+        key: &str,
+        rows: Option<(usize, usize)>,
+        expected: &[usize],
+    ) -> Result<Param<Tensor<D>>, Param<Tensor<D>>> {
+        let device = param.lazy_device();
+        match self.read_quantized(key, D, rows, expected, &device) {
+            Ok(Some(data)) => {
+                self.used.insert(key.to_string());
+                // The load mapper (a transpose to `[d_in, d_out]`) runs on a free
+                // broadcast; the 8-bit data is laid out as its result already.
+                let id = param.id;
+                let dims: [usize; D] = std::array::from_fn(|i| expected[i]);
+                let placeholder = Tensor::<D>::zeros([1; D], &device).expand(dims);
+                let quantized = Tensor::<D>::from_data(data, &device);
+                Ok(param.transform_for_load(placeholder, id).map(|_| quantized))
+            }
+            Ok(None) => Err(param),
+            Err(e) => {
+                self.error = Some(e);
+                Ok(param)
+            }
+        }
+    }
+
     /// A linear layer's `[d_out, d_in]` weight (rows `rows` of the stored tensor, or
     /// all) kept in 8 bits where [`LoadOptions::dequantize`] allows it: as the layer's
     /// `[d_in, d_out]` (burn's layout after its load mapper) with blocks of 32 rows.
@@ -334,25 +363,14 @@ impl ModuleMapper for Binder<'_, '_> {
         }
         let half = expected.first().copied().unwrap_or(0) / 2;
         let device = param.lazy_device();
-        if !swapped && !transposed {
-            match self.read_quantized(&key, D, rows, &expected, &device) {
-                Ok(Some(data)) => {
-                    self.used.insert(key);
-                    // The load mapper (a transpose to `[d_in, d_out]`) runs on a free
-                    // broadcast; the 8-bit data is laid out as its result already.
-                    let id = param.id;
-                    let dims: [usize; D] = std::array::from_fn(|i| expected[i]);
-                    let placeholder = Tensor::<D>::zeros([1; D], &device).expand(dims);
-                    let quantized = Tensor::<D>::from_data(data, &device);
-                    return param.transform_for_load(placeholder, id).map(|_| quantized);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.error = Some(e);
-                    return param;
-                }
+        let param = if swapped || transposed {
+            param
+        } else {
+            match self.bind_quantized(param, &key, rows, &expected) {
+                Ok(bound) => return bound,
+                Err(param) => param,
             }
-        }
+        };
         let dtype = self.param_dtype(D, &device);
         let read = match rows {
             Some((start, n)) => self.source.read_float_rows(&key, dtype, expected, start, n),
