@@ -176,11 +176,7 @@ impl Reparameterization for LoraDelta {
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
         // An 8-bit base weight (a GGUF file's) is dequantised for each use.
-        let base = if matches!(base.dtype(), DType::QFloat(_)) {
-            base.dequantize()
-        } else {
-            base
-        };
+        let base = sd_kernels::ops::dequantized(base);
         let delta = delta_for::<D>(self.delta(), base.shape());
         let delta = if delta.dtype() != base.dtype() {
             delta.cast(base.dtype())

@@ -303,26 +303,24 @@ pub(crate) fn vae_options(
         }
         d => d,
     };
-    ComponentOptions {
-        dtype,
-        variant: options.variant.clone(),
-        dequantize: options.dequantize_weights,
-    }
+    component_options(options, dtype)
 }
 
 pub(crate) fn unet_options(options: &LoadOptions) -> ComponentOptions {
-    ComponentOptions {
-        dtype: options.unet_dtype,
-        variant: options.variant.clone(),
-        dequantize: options.dequantize_weights,
-    }
+    component_options(options, options.unet_dtype)
 }
 
 /// The text encoders' load options (`text_encoder_dtype`); T5 takes them through
 /// [`t5_options`].
 pub(crate) fn text_encoder_options(options: &LoadOptions) -> ComponentOptions {
+    component_options(options, options.text_encoder_dtype)
+}
+
+/// A component's load options: `dtype`, and what every component shares (the
+/// weight variant, whether GGUF weights are expanded).
+fn component_options(options: &LoadOptions, dtype: Option<DType>) -> ComponentOptions {
     ComponentOptions {
-        dtype: options.text_encoder_dtype,
+        dtype,
         variant: options.variant.clone(),
         dequantize: options.dequantize_weights,
     }
@@ -338,8 +336,7 @@ pub(crate) fn t5_options(options: &ComponentOptions, device: &Device) -> Compone
     };
     ComponentOptions {
         dtype,
-        variant: options.variant.clone(),
-        dequantize: options.dequantize,
+        ..options.clone()
     }
 }
 

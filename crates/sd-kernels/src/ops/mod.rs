@@ -25,6 +25,6 @@ pub use attention::{
     biased_attention, merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads,
 };
 pub use conv::{conv_forward, conv_forward_add};
-pub use dtype::{to_dtype, to_f32};
+pub use dtype::{dequantized, to_dtype, to_f32};
 pub use linear::{geglu_forward, linear_forward, linear_forward_many, linear_forward_residual};
 pub use norm::{group_norm, rms_norm};
