@@ -86,3 +86,13 @@ pub fn is_host(device: &burn::prelude::Device) -> bool {
         false
     }
 }
+
+/// Frees the CPU kernels' pooled scratch buffers (up to 256 MB: widened
+/// half-precision weights, Winograd transforms) so that the memory serves the next
+/// stage. The pipeline calls it between denoising and decoding: the U-Net's buffers
+/// are of no use to the VAE, and a picture's memory peaks in its decoder. The next
+/// kernel call allocates afresh. Nothing to do without the `flex` feature.
+pub fn release_scratch() {
+    #[cfg(feature = "flex")]
+    host::release_scratch();
+}

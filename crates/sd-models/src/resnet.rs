@@ -3,14 +3,13 @@
 use burn::nn::Linear;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use crate::attention::linear;
 use crate::norm::GroupNorm;
 
-pub use sd_kernels::ops::{conv_forward, conv_forward_add};
+pub use sd_kernels::ops::{conv_forward, conv_forward_add, upsample_conv_forward};
 
 /// A `k x k` convolution with symmetric "same" padding.
 pub(crate) fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv2d {
@@ -164,11 +163,6 @@ impl Upsample2D {
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);
-        let x = Interpolate2dConfig::new()
-            .with_output_size(Some(size))
-            .with_mode(InterpolateMode::Nearest)
-            .init()
-            .forward(x);
-        conv_forward(&self.conv, x)
+        upsample_conv_forward(&self.conv, x, size)
     }
 }

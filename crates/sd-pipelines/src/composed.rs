@@ -353,6 +353,9 @@ impl StableDiffusion<'_> {
 
     /// The decoder's output, around `[-1, 1]`.
     fn decode_raw(&self, latents: Tensor<4>) -> Result<Tensor<4>, CoreError> {
+        // The denoiser's pooled kernel scratch (up to 256 MB) would sit idle through
+        // the decode, where a picture's memory peaks.
+        sd_kernels::release_scratch();
         let vae = self.decoder.unwrap_or(self.vae);
         vae.decode(vae.unscale_latents(latents))
     }

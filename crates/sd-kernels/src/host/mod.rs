@@ -356,8 +356,37 @@ pub(crate) fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && is_host(&x.device())
 }
 
-/// The tensor's values as an owned, contiguous `Vec<f32>` (no copy when the tensor is
-/// contiguous and not shared).
+/// `f` over the values of `x` in place when `x` alone references them, contiguously
+/// from the start of its buffer; else over a contiguous copy. The values of burn's
+/// own CPU outputs sit in 64-byte aligned buffers that `into_vec` cannot take over
+/// as a `Vec<f32>`, so it copies them (268 MB at a VAE decoder's 512x512 level).
+///
+/// # Shapes
+/// - any; output the same
+pub(crate) fn map_in_place<const D: usize>(x: Tensor<D>, f: impl FnOnce(&mut [f32])) -> Tensor<D> {
+    use burn::tensor::kind::BridgeTensor;
+    use burn_dispatch::{BackendTensor, DispatchTensorKind};
+    let (dims, device) = (x.dims(), x.device());
+    let len: usize = dims.iter().product();
+    let (_, mut dispatch) = x.into_bridge().into_parts();
+    if let DispatchTensorKind::Flex(BackendTensor::Float(t)) = &mut dispatch.kind
+        && t.dtype() == DType::F32
+        && t.layout().is_contiguous()
+        && t.layout().start_offset() == 0
+        && let Some(values) = t.try_storage_mut::<f32>()
+        && values.len() >= len
+    {
+        f(&mut values[..len]);
+        return Tensor::from_bridge(BridgeTensor::float(dispatch));
+    }
+    let mut values = into_vec(Tensor::<D>::from_bridge(BridgeTensor::float(dispatch)));
+    f(&mut values);
+    from_vec(values, dims, &device)
+}
+
+/// The tensor's values as an owned, contiguous `Vec<f32>` (no copy only when the
+/// tensor is contiguous, not shared and in a buffer allocated as a `Vec<f32>`, as
+/// [`from_vec`] makes; see [`map_in_place`]).
 pub(crate) fn into_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
     let data = x.into_data();
     match data.try_into_vec::<f32>() {
@@ -378,23 +407,32 @@ pub(crate) fn from_vec<const D: usize>(
 /// Scratch buffers kept between kernel calls. Fresh allocations of tens of MB cost
 /// a page fault per 4 KiB on first touch (zeroing included), which measured as much
 /// as the arithmetic of a Winograd convolution; reusing mapped buffers avoids it.
-/// At most [`POOL_BUFFERS`] buffers are kept; contents are stale, never zeroed.
+/// At most [`POOL_BUFFERS`] buffers and [`POOL_BYTES`] are kept; contents are stale,
+/// never zeroed.
 static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
-/// Buffers the scratch pool keeps.
+/// Buffers the scratch pool keeps (a Winograd convolution of a half-precision
+/// weight holds four at once: the widened weight and its `U`, `V`, `M`).
 const POOL_BUFFERS: usize = 4;
 
-/// A scratch buffer of `len` floats (stale contents), from the pool when one is free.
+/// Bytes the scratch pool keeps: the largest widened weight of SD 1.5 / SDXL (a 3x3
+/// conv of 2560 to 1280 channels, 118 MB in f32) with a Winograd convolution's
+/// three 32 MB buffers. Buffers grown without bound (4 of up to 188 MB each, kept
+/// from the U-Net while the VAE decoded) were ~0.5 GB of a 512x512 picture's peak.
+const POOL_BYTES: usize = 256 << 20;
+
+/// A scratch buffer of `len` floats (stale contents): the smallest pooled buffer
+/// that is large enough, else a fresh one of exactly `len` (pooled buffers are not
+/// grown: a grown `Vec` keeps up to twice what it holds).
 pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
-    let mut v = {
+    let pooled = {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // The smallest buffer that is large enough, else the largest.
-        let pick = (0..pool.len())
+        (0..pool.len())
             .filter(|&i| pool[i].capacity() >= len)
             .min_by_key(|&i| pool[i].capacity())
-            .or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
-        pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+            .map(|i| pool.swap_remove(i))
     };
+    let mut v = pooled.unwrap_or_else(|| Vec::with_capacity(len));
     if v.len() < len {
         v.resize(len, 0.0);
     }
@@ -402,10 +440,42 @@ pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
     v
 }
 
-/// Returns a buffer from [`take_scratch`] to the pool (dropped when the pool is full).
+/// Drops every pooled buffer ([`crate::release_scratch`]).
+pub(crate) fn release_scratch() {
+    let drained = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(drained);
+}
+
+/// Returns a buffer from [`take_scratch`] to the pool; past [`POOL_BUFFERS`] or
+/// [`POOL_BYTES`] the smallest buffers are dropped first (the large ones cost the
+/// most to fault in again), then the largest while the bytes are still over.
 pub(crate) fn give_scratch(v: Vec<f32>) {
+    let bytes = |b: &Vec<f32>| b.capacity() * size_of::<f32>();
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < POOL_BUFFERS {
-        pool.push(v);
+    pool.push(v);
+    pool.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+    pool.truncate(POOL_BUFFERS);
+    while pool.iter().map(bytes).sum::<usize>() > POOL_BYTES {
+        pool.remove(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::prelude::*;
+
+    use super::map_in_place;
+
+    /// A tensor alone over its values is changed in place; a shared one is copied
+    /// first, and its other reference keeps the old values.
+    #[test]
+    fn maps_in_place_only_what_is_not_shared() {
+        let device = Device::flex();
+        let x = Tensor::<2>::ones([3, 4], &device) * 2.0;
+        let y = map_in_place(x, |v| v.iter_mut().for_each(|v| *v += 1.0));
+        assert_eq!(y.to_data().to_vec::<f32>().unwrap(), vec![3.0; 12]);
+        let z = map_in_place(y.clone(), |v| v.iter_mut().for_each(|v| *v = 0.0));
+        assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![3.0; 12]);
+        assert_eq!(z.into_data().to_vec::<f32>().unwrap(), vec![0.0; 12]);
     }
 }

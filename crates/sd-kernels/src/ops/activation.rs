@@ -10,10 +10,7 @@ use burn::tensor::activation::sigmoid;
 pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
     if crate::host::applies(&x) {
-        let (dims, device) = (x.dims(), x.device());
-        let mut values = crate::host::into_vec(x);
-        crate::host::activation::quick_gelu(&mut values);
-        return crate::host::from_vec(values, dims, &device);
+        return crate::host::map_in_place(x, crate::host::activation::quick_gelu);
     }
     x.clone() * sigmoid(x * 1.702)
 }
@@ -25,10 +22,7 @@ pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
     if crate::host::applies(&x) {
-        let (dims, device) = (x.dims(), x.device());
-        let mut values = crate::host::into_vec(x);
-        crate::host::activation::gelu(&mut values);
-        return crate::host::from_vec(values, dims, &device);
+        return crate::host::map_in_place(x, crate::host::activation::gelu);
     }
     burn::tensor::activation::gelu(x)
 }

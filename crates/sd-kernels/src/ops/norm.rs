@@ -56,9 +56,9 @@ pub fn group_norm<const D: usize>(
                 return crate::host::from_vec(out, dims, &device);
             }
         }
-        let mut values = crate::host::into_vec(x);
-        crate::host::group_norm::group_norm(&mut values, &params);
-        return crate::host::from_vec(values, dims, &device);
+        return crate::host::map_in_place(x, |values| {
+            crate::host::group_norm::group_norm(values, &params)
+        });
     }
     let y = group_norm_generic(x, weight, bias, groups, epsilon);
     if silu { silu_op(y) } else { y }
