@@ -254,14 +254,17 @@ pub fn half_weights_only(device: &Device) -> bool {
 
 /// The dtype a parameter of rank `rank` in a module of `container` type gets when a
 /// model is asked for `dtype` ([`LoadOptions::dtype`]): half precision on the CPU
-/// backend for the weights of linear and convolution layers only, f32 for the rest.
+/// backend for the weights of linear and convolution layers and embedding tables only
+/// (the models cast the rows they look up), f32 for the rest.
 fn param_dtype(dtype: DType, rank: usize, container: Option<&String>, device: &Device) -> DType {
     let half = matches!(dtype, DType::F16 | DType::BF16);
     if !half || !half_weights_only(device) {
         return dtype;
     }
-    let matrix =
-        rank >= 2 && container.is_some_and(|c| c == "Struct:Linear" || c == "Struct:Conv2d");
+    let matrix = rank >= 2
+        && container.is_some_and(|c| {
+            c == "Struct:Linear" || c == "Struct:Conv2d" || c == "Struct:Embedding"
+        });
     if matrix { dtype } else { DType::F32 }
 }
 

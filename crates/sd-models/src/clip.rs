@@ -131,14 +131,10 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// The dtype its weights are stored and computed in.
+    /// The dtype it computes in: its weights' (on the CPU backend half-precision
+    /// weights compute in f32, as its norms are stored).
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.text_model
-            .embeddings
-            .token_embedding
-            .weight
-            .val()
-            .dtype()
+        self.text_model.final_layer_norm.weight.val().dtype()
     }
 
     /// Builds the model from a config.
@@ -194,8 +190,9 @@ impl ClipTextModel {
         let device = input_ids.device();
         let emb = &self.text_model.embeddings;
         let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
-        let mut x =
-            emb.token_embedding.forward(input_ids) + emb.position_embedding.forward(positions);
+        // Half-precision tables on the CPU give rows to compute with in f32.
+        let x = emb.token_embedding.forward(input_ids) + emb.position_embedding.forward(positions);
+        let mut x = crate::norm::to_dtype(x, self.dtype());
         let mut states = vec![x.clone()];
         for layer in self.text_model.encoder.layers.iter().take(n_layers) {
             x = self.layer_forward(layer, x);

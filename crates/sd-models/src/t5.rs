@@ -222,9 +222,10 @@ impl T5EncoderModel {
         })
     }
 
-    /// The dtype its weights are stored and computed in.
+    /// The dtype it computes in: its weights' (on the CPU backend half-precision
+    /// weights compute in f32, as its norms are stored).
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.shared.weight.val().dtype()
+        self.encoder.final_layer_norm.weight.val().dtype()
     }
 
     /// Model width (`d_model`).
@@ -277,7 +278,8 @@ impl T5EncoderModel {
             ));
         }
         let device = input_ids.device();
-        let mut x = self.shared.forward(input_ids);
+        // A half-precision table on the CPU gives rows to compute with in f32.
+        let mut x = crate::norm::to_dtype(self.shared.forward(input_ids), self.dtype());
         let bias = crate::norm::to_dtype(self.position_bias(b, seq, &device), x.dtype());
         for block in &self.encoder.block {
             x = block.forward(x, bias.clone());
