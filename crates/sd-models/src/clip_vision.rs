@@ -111,7 +111,11 @@ impl ClipVisionTransformer {
         let [_, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let class = e.class_embedding.val().reshape([1, 1, d]).repeat_dim(0, b);
-        let positions = e.position_embedding.weight.val().reshape([1, gh * gw + 1, d]);
+        let positions = e
+            .position_embedding
+            .weight
+            .val()
+            .reshape([1, gh * gw + 1, d]);
         let positions = crate::norm::to_dtype(positions, patches.dtype());
         let mut x = Tensor::cat(vec![class, patches], 1) + positions;
         x = self.pre_layrnorm.forward(x);
