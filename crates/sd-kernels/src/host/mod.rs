@@ -473,9 +473,9 @@ mod tests {
         let device = Device::flex();
         let x = Tensor::<2>::ones([3, 4], &device) * 2.0;
         let y = map_in_place(x, |v| v.iter_mut().for_each(|v| *v += 1.0));
-        assert_eq!(y.to_data().to_vec::<f32>().unwrap(), vec![3.0; 12]);
+        assert_eq!(y.to_data().try_to_vec::<f32>().unwrap(), vec![3.0; 12]);
         let z = map_in_place(y.clone(), |v| v.iter_mut().for_each(|v| *v = 0.0));
-        assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![3.0; 12]);
-        assert_eq!(z.into_data().to_vec::<f32>().unwrap(), vec![0.0; 12]);
+        assert_eq!(y.into_data().try_to_vec::<f32>().unwrap(), vec![3.0; 12]);
+        assert_eq!(z.into_data().try_to_vec::<f32>().unwrap(), vec![0.0; 12]);
     }
 }
