@@ -87,7 +87,7 @@ pub(crate) fn upsample_conv_in_bands(
     size: [usize; 2],
     band: usize,
 ) -> Tensor<4> {
-    let [b, _, h, w] = x.dims();
+    let [b, c, h, w] = x.dims();
     let c_out = conv.weight.dims()[0];
     let oh = size[0];
     let mut out = output_for(&x, [b, c_out, oh, size[1]]);
@@ -95,12 +95,12 @@ pub(crate) fn upsample_conv_in_bands(
         let o1 = (o0 + band).min(oh);
         let (i0, i1) = ((o0 / 2).saturating_sub(1), (o1 / 2 + 1).min(h));
         let rows = upsample_nearest(
-            x.clone().slice([0..b, 0..x.dims()[1], i0..i1, 0..w]),
+            x.clone().slice([0..b, 0..c, i0..i1, 0..w]),
             [2 * (i1 - i0), size[1]],
         );
         // The upsampled rows o0 - 1 ..= o1 that exist, from the band's first row 2 * i0.
         let (u0, u1) = (o0.saturating_sub(1), (o1 + 1).min(oh));
-        let rows = rows.slice([0..b, 0..x.dims()[1], u0 - 2 * i0..u1 - 2 * i0, 0..size[1]]);
+        let rows = rows.slice([0..b, 0..c, u0 - 2 * i0..u1 - 2 * i0, 0..size[1]]);
         let y = conv_forward(conv, rows);
         let skip = o0 - u0;
         out = out.slice_assign(
@@ -116,9 +116,9 @@ pub(crate) fn upsample_conv_in_bands(
 /// burn's `empty` there copies its buffer once to align it, which for a moment holds
 /// twice the output (512 MB at a VAE decoder's 512x512 level).
 fn output_for(x: &Tensor<4>, shape: [usize; 4]) -> Tensor<4> {
-    if x.dtype() == burn::tensor::DType::F32 && crate::is_host(&x.device()) {
-        let values = vec![0.0f32; shape.iter().product()];
-        return Tensor::from_data(burn::tensor::TensorData::new(values, shape), &x.device());
+    #[cfg(feature = "flex")]
+    if crate::host::applies(x) {
+        return crate::host::from_vec(vec![0.0; shape.iter().product()], shape, &x.device());
     }
     Tensor::empty(shape, (&x.device(), x.dtype()))
 }
